@@ -1,0 +1,137 @@
+"""Activation statistics for importance scores.
+
+Forward pre-hooks on every nn.Linear accumulate, per input channel, the sum of
+squares of the activations and the token count (no activations are kept), so
+calibration streams over any number of batches in constant memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ChannelObserver", "CalibrationStats", "calibrate", "observe_linears", "run_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChannelObserver:
+    """Running per-input-channel sum of squares and token count of one layer's input."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.sum_sq: Tensor | None = None
+        self.tokens = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        """Add the activations ``x`` (..., in_features) of one forward call."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected activations with {self.in_features} features, got shape {tuple(x.shape)}")
+        flat = x.detach().reshape(-1, self.in_features).float()
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("activations contain NaN or Inf; check the model and calibration inputs")
+        sq = flat.square().sum(0)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq.to(self.sum_sq.device)
+        self.tokens += flat.shape[0]
+
+    def act_norm(self) -> Tensor:
+        """L2 norm of each input channel over all tokens seen."""
+        if self.sum_sq is None:
+            raise ValueError("the observer has seen no activations")
+        return self.sum_sq.sqrt()
+
+
+@dataclass
+class CalibrationStats:
+    """Per-layer activation statistics, by module name."""
+
+    observers: dict[str, ChannelObserver] = field(default_factory=dict)
+    batches: int = 0
+
+    def __contains__(self, name: str) -> bool:
+        obs = self.observers.get(name)
+        return obs is not None and obs.tokens > 0
+
+    def names(self) -> list[str]:
+        return [n for n in self.observers if n in self]
+
+    def act_norm(self, name: str) -> Tensor:
+        """Per-input-channel L2 norm of the activations of the linear ``name``."""
+        if name not in self.observers:
+            raise KeyError(f"no calibration statistics for layer {name!r}; known: {sorted(self.observers)[:8]}...")
+        if self.observers[name].tokens == 0:
+            raise KeyError(f"layer {name!r} was never called during calibration")
+        return self.observers[name].act_norm()
+
+    def tokens(self, name: str) -> int:
+        return self.observers[name].tokens if name in self.observers else 0
+
+
+@contextlib.contextmanager
+def observe_linears(
+    model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None
+) -> Iterator[dict[str, ChannelObserver]]:
+    """Attach a ChannelObserver to every (selected) nn.Linear; hooks are always removed."""
+    observers: dict[str, ChannelObserver] = {}
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or (filter_fn is not None and not filter_fn(name, module)):
+                continue
+            obs = observers[name] = ChannelObserver(module.in_features)
+            handles.append(module.register_forward_pre_hook(lambda _m, args, obs=obs: obs.add_batch(args[0])))
+        yield observers
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_batch(model: nn.Module, batch) -> object:
+    """Call ``model`` on a batch: a dict as **kwargs, a tuple/list as *args, else the one argument."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run ``model`` on each batch under no_grad and collect input statistics of every nn.Linear.
+
+    Args:
+        model: any nn.Module; it is not changed (hooks are removed afterwards).
+        batches: an iterable of inputs (dict -> **kwargs, tuple -> *args, else one argument).
+        filter_fn: ``(name, module) -> bool`` selecting the linears to observe.
+        progress: show a tqdm progress bar.
+    Returns:
+        CalibrationStats with ``act_norm(name)`` per observed layer.
+    """
+    from tqdm.auto import tqdm
+
+    stats = CalibrationStats()
+    with observe_linears(model, filter_fn) as observers, torch.no_grad():
+        if not observers:
+            raise ValueError("the model has no nn.Linear layers to calibrate (or filter_fn selected none)")
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress, leave=False):
+            run_batch(model, batch)
+            stats.batches += 1
+    if stats.batches == 0:
+        raise ValueError("calibrate() got no batches: pass at least one calibration batch")
+    stats.observers = observers
+    unseen = [n for n, o in observers.items() if o.tokens == 0]
+    if unseen:
+        logger.warning("%d linear layers were never called during calibration: %s", len(unseen), unseen[:5])
+    logger.info("calibrated %d linear layers on %d batches", len(observers) - len(unseen), stats.batches)
+    return stats

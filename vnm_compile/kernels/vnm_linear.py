@@ -1,0 +1,100 @@
+"""vnm::linear — y = x @ W^T + b with W in the V:N:M compressed format.
+
+This file holds the op's contract: the torch.library definition, its fake
+(meta) implementation for torch.compile/export tracing, and the plain PyTorch
+reference used on CPU, by tests and by benchmarks. The Triton kernels
+register the CUDA implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..format import VNMWeight, decompress
+from ..masks import block_rows
+from ..pattern import VNMPattern
+
+__all__ = ["vnm_linear", "vnm_linear_reference", "OP"]
+
+_LIB = "vnm"
+
+
+@torch.library.custom_op(f"{_LIB}::linear", mutates_args=())
+def _linear_op(
+    x: Tensor,
+    values: Tensor,
+    columns: Tensor,
+    meta: Tensor,
+    row_index: Tensor | None,
+    bias: Tensor | None,
+    v: int,
+    n: int,
+    m: int,
+    out_features: int,
+) -> Tensor:
+    return _reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+
+
+@_linear_op.register_fake
+def _(x, values, columns, meta, row_index, bias, v, n, m, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+OP = torch.ops.vnm.linear.default
+
+
+def _pattern_for(v: int, n: int, m: int) -> VNMPattern:
+    # Block rows of N:4 storage are 64 while the pattern's v is irrelevant.
+    return VNMPattern(v, n, m)
+
+
+def _reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features):
+    pattern = _pattern_for(v, n, m)
+    if block_rows(pattern) != v:
+        pattern = VNMPattern(1, n, m)  # only N:4 has block_rows != v
+    dense = decompress(values, columns, meta, row_index, pattern, (out_features, x.shape[-1]))
+    out_dtype = x.dtype
+    # Accumulate in float32 (float64 for float64 inputs), as the kernels do.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.nn.functional.linear(x.to(acc), dense.to(acc), None if bias is None else bias.to(acc))
+    return y.to(out_dtype)
+
+
+def vnm_linear_reference(x: Tensor, w: VNMWeight, bias: Tensor | None = None) -> Tensor:
+    """Plain PyTorch: decompress and multiply in float32."""
+    return _reference_from_tensors(
+        x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features
+    )
+
+
+def check_inputs(x: Tensor, w: VNMWeight, bias: Tensor | None) -> None:
+    """Clear errors for inputs the op cannot take."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w, VNMWeight):
+        raise TypeError(f"w must be a VNMWeight, got {type(w).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point (fp16, bf16 or fp32), got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features in its last dim, the weight expects {w.in_features}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
+    if bias is not None:
+        if bias.shape != (w.out_features,):
+            raise ValueError(f"bias must have shape ({w.out_features},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+
+
+def vnm_linear(x: Tensor, w: VNMWeight, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w.to_dense(), bias)`` computed from the compressed weight.
+
+    x: (..., in_features), fp16/bf16/fp32. On CUDA the Triton kernels run; on
+    CPU the reference path (or, with TRITON_INTERPRET=1, the Triton kernels
+    under the interpreter).
+    """
+    check_inputs(x, w, bias)
+    return _linear_op(
+        x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features
+    )

@@ -1,0 +1,251 @@
+"""VNMConfig and sparsify_: one call that prunes every eligible linear in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .calibration.importance import SCORES, importance
+from .calibration.observer import CalibrationStats
+from .masks import vnm_mask
+from .pattern import VNMPattern, as_pattern
+from .state import LinearSparsity, get_sparsity, set_sparsity
+
+__all__ = ["VNMConfig", "LayerReport", "SparsifyReport", "sparsify_", "eligible_linears", "matches_ignore"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IGNORE = ("lm_head", "classifier")
+
+
+@dataclass(frozen=True)
+class VNMConfig:
+    """How to sparsify a model.
+
+    Args:
+        pattern: the V:N:M pattern ("64:2:5", or "2:4" for the N:4 baseline).
+        score: importance score, "abs", "wanda" or "ria" (the latter two need calibration stats).
+        alpha: RIA's exponent on the activation norm.
+        permute: search V:N:M channel permutations (paper section 4.2) before pruning.
+        permute_rounds: alternating assignment rounds of the permutation search.
+        ignore: module names (exact, dotted suffix or glob) left dense.
+        min_numel: linears with fewer weights than this are left dense.
+    """
+
+    pattern: VNMPattern | str = "64:2:5"
+    score: str = "ria"
+    alpha: float = 0.5
+    permute: bool = True
+    permute_rounds: int = 2
+    ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
+    min_numel: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", as_pattern(self.pattern))
+        if isinstance(self.ignore, str):
+            raise ValueError("VNMConfig.ignore must be a list of names, not a single string")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.score not in SCORES:
+            raise ValueError(f"VNMConfig.score must be one of {SCORES}, got {self.score!r}")
+        if not self.alpha >= 0:
+            raise ValueError(f"VNMConfig.alpha must be >= 0, got {self.alpha}")
+        if self.permute_rounds < 0:
+            raise ValueError(f"VNMConfig.permute_rounds must be >= 0, got {self.permute_rounds}")
+        if self.min_numel < 0:
+            raise ValueError(f"VNMConfig.min_numel must be >= 0, got {self.min_numel}")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["pattern"] = str(self.pattern)
+        d["ignore"] = list(self.ignore)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> VNMConfig:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    pattern: VNMPattern | None = None
+    density: float = 1.0
+    importance_kept: float | None = None
+    permuted: bool = False
+    skipped: str | None = None
+
+
+@dataclass
+class SparsifyReport:
+    """Per-linear outcome of sparsify_: pattern and importance kept, or why it was skipped."""
+
+    config: VNMConfig
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def sparsified(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.skipped is None]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.skipped is not None]
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def mean_importance_kept(self) -> float:
+        kept = [r.importance_kept for r in self.sparsified if r.importance_kept is not None]
+        return sum(kept) / len(kept) if kept else float("nan")
+
+    def summary(self) -> str:
+        n_params = sum(r.shape[0] * r.shape[1] for r in self.sparsified)
+        kept = sum(r.shape[0] * r.shape[1] * r.density for r in self.sparsified)
+        return (
+            f"{len(self.sparsified)} linears sparsified at {self.config.pattern} "
+            f"({n_params - kept:,.0f} of {n_params:,} weights zeroed), {len(self.skipped)} left dense; "
+            f"mean importance kept {self.mean_importance_kept():.3f}"
+        )
+
+    def table(self) -> str:
+        head = f"{'layer':<48} {'shape':>12} {'pattern':>9} {'density':>8} {'kept':>6}  note"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            if r.skipped is not None:
+                lines.append(f"{r.name:<48} {shape:>12} {'dense':>9} {1.0:>8.3f} {'':>6}  {r.skipped}")
+            else:
+                kept = "" if r.importance_kept is None else f"{r.importance_kept:.3f}"
+                note = "permuted" if r.permuted else ""
+                lines.append(f"{r.name:<48} {shape:>12} {str(r.pattern):>9} {r.density:>8.3f} {kept:>6}  {note}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table() + "\n" + self.summary()
+
+
+def matches_ignore(name: str, ignore: tuple[str, ...]) -> bool:
+    """A module name matches an ignore entry exactly, as a dotted suffix, or as a glob."""
+    for pat in ignore:
+        if name == pat or name.endswith("." + pat) or fnmatch.fnmatchcase(name, pat):
+            return True
+    return False
+
+
+def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """Split the model's nn.Linear layers into eligible ones and skipped ones (with reasons)."""
+    eligible: dict[str, nn.Linear] = {}
+    skipped: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if id(module) in seen:
+            continue  # a shared module is sparsified once, under its first name
+        seen.add(id(module))
+        if matches_ignore(name, config.ignore):
+            skipped[name] = "ignored by name"
+        elif not module.weight.is_floating_point():
+            skipped[name] = f"non-float weight ({module.weight.dtype})"
+        elif module.weight.numel() < config.min_numel:
+            skipped[name] = f"too small ({module.weight.numel()} < min_numel={config.min_numel})"
+        elif get_sparsity(module) is not None:
+            skipped[name] = "already sparsified"
+        else:
+            eligible[name] = module
+    return eligible, skipped
+
+
+def _act_norm(stats: CalibrationStats | None, name: str, config: VNMConfig) -> torch.Tensor | None:
+    if config.score == "abs":
+        return None
+    if stats is None:
+        raise ValueError(
+            f"score {config.score!r} needs calibration statistics: pass stats=calibrate(model, batches), or use score='abs'"
+        )
+    return stats.act_norm(name) if name in stats else None
+
+
+def _permutations(scores: torch.Tensor, config: VNMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not config.permute or config.permute_rounds == 0 or config.pattern.is_nm:
+        return None, None
+    from .calibration.permutation import find_permutation
+
+    return find_permutation(scores, config.pattern, rounds=config.permute_rounds)
+
+
+@torch.no_grad()
+def sparsify_(
+    model: nn.Module, config: VNMConfig | None = None, stats: CalibrationStats | None = None, *, progress: bool = True
+) -> SparsifyReport:
+    """Prune every eligible nn.Linear of ``model`` **in place** to ``config.pattern``.
+
+    Each weight is multiplied by its V:N:M mask; the mask and permutations are
+    recorded (``vnm_compile.get_sparsity(module)``) so torch.compile's "vnm"
+    backend, export and recovery training find them. The model's function is
+    that of the masked weights: permutations only choose the mask.
+
+    Returns:
+        SparsifyReport listing every linear with its pattern or the reason it was left dense.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or VNMConfig()
+    eligible, skipped = eligible_linears(model, config)
+    if not eligible and not skipped:
+        raise ValueError("the model has no nn.Linear layers to sparsify")
+    report = SparsifyReport(config)
+    reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in _linears(model)}
+    for name, why in skipped.items():
+        reports[name].skipped = why
+    for name, module in tqdm(eligible.items(), desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
+        norm = _act_norm(stats, name, config)
+        if config.score != "abs" and norm is None:
+            reports[name].skipped = "no calibration data (layer never called during calibrate)"
+            continue
+        scores = importance(module.weight, config.score, norm, config.alpha)
+        in_perm, out_perm = _permutations(scores, config)
+        permuted = scores
+        if out_perm is not None:
+            permuted = permuted[out_perm]
+        if in_perm is not None:
+            permuted = permuted[:, in_perm]
+        mask_p = vnm_mask(permuted, config.pattern)
+        mask = _unpermute(mask_p, in_perm, out_perm)
+        total = float(scores.sum())
+        kept = float((scores * mask).sum()) / total if total > 0 else 1.0
+        module.weight.mul_(mask.to(module.weight.dtype))
+        set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
+        r = reports[name]
+        r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
+        r.permuted = in_perm is not None or out_perm is not None
+    report.layers = list(reports.values())
+    logger.info("%s", report.summary())
+    return report
+
+
+def _linears(model: nn.Module):
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in seen:
+            seen.add(id(module))
+            yield name, module
+
+
+def _unpermute(mask_p: torch.Tensor, in_perm, out_perm) -> torch.Tensor:
+    """Mask in original coordinates from one in permuted coordinates (mask[out_perm][:, in_perm] == mask_p)."""
+    if in_perm is None and out_perm is None:
+        return mask_p
+    rows = out_perm if out_perm is not None else torch.arange(mask_p.shape[0], device=mask_p.device)
+    cols = in_perm if in_perm is not None else torch.arange(mask_p.shape[1], device=mask_p.device)
+    mask = torch.empty_like(mask_p)
+    mask[rows.unsqueeze(1), cols.unsqueeze(0)] = mask_p
+    return mask
