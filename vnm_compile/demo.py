@@ -71,9 +71,7 @@ def run_demo(
                 density = sum(r.density * r.shape[0] * r.shape[1] for r in report.sparsified) / max(
                     1, sum(r.shape[0] * r.shape[1] for r in report.sparsified)
                 )
-                results.append(
-                    DemoResult(pattern, score, perm, density, report.mean_importance_kept(), cos, seconds)
-                )
+                results.append(DemoResult(pattern, score, perm, density, report.mean_importance_kept(), cos, seconds))
                 logger.info("%s", report.summary())
     return results
 

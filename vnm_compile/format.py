@@ -128,7 +128,9 @@ class VNMWeight:
         if not weight.is_floating_point():
             raise ValueError(f"weight must be floating point, got {weight.dtype}")
         if not isinstance(mask, Tensor) or mask.shape != weight.shape:
-            raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {getattr(mask, 'shape', None)}")
+            raise ValueError(
+                f"mask must have the weight's shape {tuple(weight.shape)}, got {getattr(mask, 'shape', None)}"
+            )
         rows, cols = weight.shape
         in_perm = check_permutation(in_perm, cols, "in_perm")
         out_perm = check_permutation(out_perm, rows, "out_perm")

@@ -77,20 +77,21 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     rows_p, cols_p = _padded((rows, cols), v, p.m)
     s = scores.float()
     if (rows_p, cols_p) != (rows, cols):
-        # Padded entries score -inf: never kept over a real entry.
-        padded = torch.full((rows_p, cols_p), float("-inf"), dtype=s.dtype, device=s.device)
-        padded[:rows, :cols] = s
-        s = padded
-    blocks = s.view(rows_p // v, v, cols_p // p.m, p.m)  # (B, V, G, M), no copy
+        s = torch.nn.functional.pad(s, (0, cols_p - cols, 0, rows_p - rows))  # zeros add nothing to norms
+    groups = cols_p // p.m
+    blocks = s.view(rows_p // v, v, groups, p.m)  # (B, V, G, M), no copy
 
-    # 1. Column choice by L1 norm; padded columns (norm -inf) rank last.
-    real_col = (torch.arange(cols_p, device=s.device) < cols).view(1, -1, p.m)
-    col_norm = blocks.abs().sum(1).masked_fill(~real_col, -1.0)  # (B, G, M)
+    # 1. Column choice by L1 norm; padded columns rank below every real one.
+    col_id = torch.arange(cols_p, device=s.device).view(1, groups, p.m)
+    col_norm = blocks.abs().sum(1).masked_fill(col_id >= cols, -1.0)  # (B, G, M)
     kept_cols = _stable_topk_indices(col_norm, KEPT_COLUMNS)  # (B, G, 4)
 
-    # 2. Per row, the n largest scores among the kept columns.
+    # 2. Per row, the n largest scores among the kept columns (padded columns never win).
+    padded_kept = (kept_cols + col_id[..., :1]) >= cols  # (B, G, 4)
     kept_cols = kept_cols.unsqueeze(1).expand(-1, v, -1, -1)  # (B, V, G, 4)
     cand = torch.gather(blocks, 3, kept_cols)
+    if bool(padded_kept.any()):
+        cand = cand.masked_fill(padded_kept.unsqueeze(1), float("-inf"))
     kept_pos = torch.gather(kept_cols, 3, torch.topk(cand, p.n, dim=-1).indices)  # (B, V, G, n)
 
     mask = torch.zeros((rows_p, cols_p), dtype=torch.bool, device=s.device)

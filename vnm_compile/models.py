@@ -34,7 +34,9 @@ def tokenize(tokenizer, texts: list[str], max_length: int = 128, device: str | t
 
 def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 128, device="cpu") -> list[dict]:
     """Tokenized batches (dicts of input_ids / attention_mask / token_type_ids)."""
-    return [tokenize(tokenizer, texts[i : i + batch_size], max_length, device) for i in range(0, len(texts), batch_size)]
+    return [
+        tokenize(tokenizer, texts[i : i + batch_size], max_length, device) for i in range(0, len(texts), batch_size)
+    ]
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

@@ -34,9 +34,7 @@ class VNMPattern:
         if self.n < 1:
             raise ValueError(f"VNMPattern.n must be >= 1, got n={self.n}")
         if self.n >= KEPT_COLUMNS:
-            raise ValueError(
-                f"VNMPattern.n must be < {KEPT_COLUMNS} (n of the 4 kept columns per row), got n={self.n}"
-            )
+            raise ValueError(f"VNMPattern.n must be < {KEPT_COLUMNS} (n of the 4 kept columns per row), got n={self.n}")
         if self.m < KEPT_COLUMNS:
             raise ValueError(f"VNMPattern.m must be >= {KEPT_COLUMNS}, got m={self.m}")
 

