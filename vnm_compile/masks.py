@@ -70,8 +70,6 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     _check_2d(scores, "scores")
     if not scores.is_floating_point():
         scores = scores.float()
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores contain NaN or Inf")
     rows, cols = scores.shape
     v = block_rows(p)
     rows_p, cols_p = _padded((rows, cols), v, p.m)
@@ -83,16 +81,17 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
 
     # 1. Column choice by L1 norm; padded columns rank below every real one.
     col_id = torch.arange(cols_p, device=s.device).view(1, groups, p.m)
-    col_norm = blocks.abs().sum(1).masked_fill(col_id >= cols, -1.0)  # (B, G, M)
+    col_norm = blocks.abs().sum(1)  # (B, G, M): V times smaller than scores, cheap to check
+    if not bool(torch.isfinite(col_norm).all()):
+        raise ValueError("scores contain NaN or Inf (or overflow float32 when summed)")
+    col_norm = col_norm.masked_fill(col_id >= cols, -1.0)
     kept_cols = _stable_topk_indices(col_norm, KEPT_COLUMNS)  # (B, G, 4)
+    candidate = torch.zeros(col_norm.shape, dtype=torch.bool, device=s.device).scatter_(2, kept_cols, True)
+    candidate &= col_id < cols
 
-    # 2. Per row, the n largest scores among the kept columns (padded columns never win).
-    padded_kept = (kept_cols + col_id[..., :1]) >= cols  # (B, G, 4)
-    kept_cols = kept_cols.unsqueeze(1).expand(-1, v, -1, -1)  # (B, V, G, 4)
-    cand = torch.gather(blocks, 3, kept_cols)
-    if bool(padded_kept.any()):
-        cand = cand.masked_fill(padded_kept.unsqueeze(1), float("-inf"))
-    kept_pos = torch.gather(kept_cols, 3, torch.topk(cand, p.n, dim=-1).indices)  # (B, V, G, n)
+    # 2. Per row, the n largest scores among the kept columns (others and padding never win).
+    cand = blocks.masked_fill(~candidate.unsqueeze(1), float("-inf"))
+    kept_pos = torch.topk(cand, p.n, dim=-1).indices  # (B, V, G, n)
 
     mask = torch.zeros((rows_p, cols_p), dtype=torch.bool, device=s.device)
     mask.view(blocks.shape).scatter_(3, kept_pos, True)
