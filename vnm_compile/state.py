@@ -16,7 +16,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .format import VNMWeight
 from .pattern import VNMPattern
 
-__all__ = ["LinearSparsity", "ATTR", "get_sparsity", "set_sparsity", "clear_sparsity"]
+__all__ = [
+    "LinearSparsity",
+    "ATTR",
+    "get_sparsity",
+    "set_sparsity",
+    "clear_sparsity",
+    "sparsity_state_dict",
+    "load_sparsity_",
+]
 
 ATTR = "vnm_sparsity"
 _BY_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -58,3 +66,59 @@ def clear_sparsity(module: nn.Module) -> None:
     if state is not None:
         delattr(module, ATTR)
         _BY_WEIGHT.pop(module.weight, None)
+
+
+def sparsity_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every recorded linear's mask, permutations and pattern as plain tensors (safetensors-friendly).
+
+    Keys: ``<module>.vnm_mask`` (bool), ``<module>.vnm_in_perm`` / ``.vnm_out_perm`` (int64, when
+    present) and ``<module>.vnm_pattern`` (int64 [v, n, m]). Save it beside the model's own
+    state_dict; ``load_sparsity_`` restores it.
+    """
+    import torch
+
+    out: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        state = getattr(module, ATTR, None)
+        if state is None:
+            continue
+        out[f"{name}.vnm_mask"] = state.mask
+        out[f"{name}.vnm_pattern"] = torch.tensor([state.pattern.v, state.pattern.n, state.pattern.m])
+        if state.in_perm is not None:
+            out[f"{name}.vnm_in_perm"] = state.in_perm
+        if state.out_perm is not None:
+            out[f"{name}.vnm_out_perm"] = state.out_perm
+    return out
+
+
+def load_sparsity_(model: nn.Module, state_dict: dict[str, Tensor], *, apply_mask: bool = True) -> list[str]:
+    """Restore what sparsity_state_dict saved onto ``model`` **in place**; returns the module names restored.
+
+    With ``apply_mask`` the weights are multiplied by their masks (a no-op for weights saved after
+    sparsify_). Unknown module names or shape mismatches raise ValueError.
+    """
+    import torch
+
+    from .masks import is_vnm
+
+    modules = dict(model.named_modules())
+    names = sorted({k.rsplit(".vnm_", 1)[0] for k in state_dict if ".vnm_" in k})
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"sparsity state names {name!r}, which is not an nn.Linear of this model")
+        mask = state_dict[f"{name}.vnm_mask"].to(device=module.weight.device, dtype=torch.bool)
+        if mask.shape != module.weight.shape:
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}"
+            )
+        pattern = VNMPattern(*(int(x) for x in state_dict[f"{name}.vnm_pattern"].tolist()))
+        in_perm = state_dict.get(f"{name}.vnm_in_perm")
+        out_perm = state_dict.get(f"{name}.vnm_out_perm")
+        if not is_vnm(mask, pattern, in_perm, out_perm):
+            raise ValueError(f"saved mask for {name!r} does not obey {pattern}")
+        if apply_mask:
+            with torch.no_grad():
+                module.weight.mul_(mask.to(module.weight.dtype))
+        set_sparsity(module, LinearSparsity(pattern, mask, in_perm, out_perm))
+    return names
