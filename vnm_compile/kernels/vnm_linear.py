@@ -2,11 +2,16 @@
 
 This file holds the op's contract: the torch.library definition, its fake
 (meta) implementation for torch.compile/export tracing, and the plain PyTorch
-reference used on CPU, by tests and by benchmarks. The Triton kernels
-register the CUDA implementation.
+reference used on CPU, by tests and by benchmarks. The op's
+implementation dispatches: CUDA tensors -> the Triton kernels
+(vnm_triton.py); CPU tensors -> the reference, unless TRITON_INTERPRET=1 is
+set at call time, then the Triton kernels run under the interpreter.
+n != 2 and float64 always take the reference path.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
@@ -14,8 +19,12 @@ from torch import Tensor
 from ..format import VNMWeight, decompress
 from ..masks import block_rows
 from ..pattern import VNMPattern
+from .vnm_triton import HAS_TRITON, interpret_mode, vnm_linear_triton
 
-__all__ = ["vnm_linear", "vnm_linear_reference", "OP"]
+__all__ = ["vnm_linear", "vnm_linear_reference", "OP", "uses_triton"]
+
+log = logging.getLogger(__name__)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LIB = "vnm"
 
@@ -33,7 +42,18 @@ def _linear_op(
     m: int,
     out_features: int,
 ) -> Tensor:
+    if uses_triton(x, n):
+        return vnm_linear_triton(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+    if x.is_cuda:
+        log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", n, x.dtype)
     return _reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+
+
+def uses_triton(x: Tensor, n: int) -> bool:
+    """Whether vnm::linear runs the Triton kernels for this input (decided at call time)."""
+    if not HAS_TRITON or n != 2 or x.dtype not in _KERNEL_DTYPES:
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and interpret_mode())
 
 
 @_linear_op.register_fake
@@ -77,7 +97,9 @@ def check_inputs(x: Tensor, w: VNMWeight, bias: Tensor | None) -> None:
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point (fp16, bf16 or fp32), got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != w.in_features:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features in its last dim, the weight expects {w.in_features}")
+        raise ValueError(
+            f"x has {x.shape[-1] if x.dim() else 0} features in its last dim, the weight expects {w.in_features}"
+        )
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
     if bias is not None:

@@ -1,0 +1,55 @@
+"""Dense cuBLAS vs cuSPARSELt 2:4 vs V:N:M (Triton) linear layers, one run under CUDA graphs.
+
+    python benchmarks/bench_linear.py --grid default   # ~5 min on an H100
+    python benchmarks/bench_linear.py --grid quick     # one shape, a minute
+
+Writes benchmarks/results/<gpu>/linear.json, linear.md, linear.png and
+speedups.json (see vnm_compile/kernels/benchmark.py). Same as `vnm bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from vnm_compile.kernels.benchmark import GRIDS, run_benchmark, write_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
+    parser.add_argument("--out", type=Path, default=None, help="folder (default benchmarks/results/<gpu>)")
+    parser.add_argument("--configs", action="store_true", help="time every kernel config at Llama-2-7B shapes instead")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+
+    import torch
+
+    from vnm_compile.kernels.dispatch import gpu_slug
+
+    if not torch.cuda.is_available():
+        print("bench_linear needs a CUDA GPU", file=sys.stderr)
+        return 1
+    if args.configs:
+        import json
+
+        from vnm_compile.kernels.benchmark import LLAMA2_7B, config_report
+
+        rows = config_report([s[:2] for s in LLAMA2_7B], [1, 16, 2048], ["64:2:5", "64:2:8", "64:2:16"])
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "configs.json").write_text(json.dumps(rows, indent=1))
+        return 0
+    results = run_benchmark(GRIDS[args.grid])
+    out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
+    for p in write_results(results, out):
+        print(f"wrote {p}")
+    print(Path(out, "linear.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""vnm::linear kernels: Triton (interpreted on CPU, compiled on GPU) and the reference path.
+
+Three-way check (flash-attention style): the kernel's max error against a
+float64 reference must stay within 2x the error of PyTorch's own F.linear
+at the same precision (+1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vnm_compile.format import VNMWeight
+from vnm_compile.kernels import prefer_sparse, vnm_linear, vnm_linear_reference
+from vnm_compile.kernels.dispatch import sparse_speedup
+from vnm_compile.kernels.vnm_linear import uses_triton
+from vnm_compile.kernels.vnm_triton import KernelConfig, candidate_configs, vnm_linear_triton
+from vnm_compile.masks import vnm_mask
+from vnm_compile.pattern import VNMPattern
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_weight(rows, cols, pattern, *, permute=False, dtype=torch.float32, device="cpu", seed=0):
+    """A random VNMWeight (mask from random scores, optionally in permuted coordinates) and its dense twin."""
+    g = torch.Generator().manual_seed(seed)
+    p = VNMPattern.parse(pattern)
+    w = torch.randn(rows, cols, generator=g)
+    in_perm = out_perm = None
+    if permute:
+        in_perm, out_perm = torch.randperm(cols, generator=g), torch.randperm(rows, generator=g)
+        mp = vnm_mask(w[out_perm][:, in_perm].abs(), p)
+        mask = torch.empty_like(mp)
+        mask[out_perm[:, None], in_perm[None, :]] = mp
+    else:
+        mask = vnm_mask(w.abs(), p)
+    vw = VNMWeight.from_dense(w, mask, p, in_perm=in_perm, out_perm=out_perm).to(device=device, dtype=dtype)
+    return vw, vw.to_dense()
+
+
+def three_way(y, x, dense, bias):
+    """(kernel max error, PyTorch-at-this-precision max error) vs float64."""
+    ref = F.linear(x.double(), dense.double(), None if bias is None else bias.double())
+    pt = F.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    assert not torch.isnan(y).any(), "output has NaN (unwritten or bad)"
+    return (y.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
+
+
+def check(y, x, dense, bias):
+    err, err_pt = three_way(y, x, dense, bias)
+    assert err <= 2 * err_pt + 1e-5, f"kernel error {err:.3g} vs PyTorch {err_pt:.3g}"
+
+
+# (rows, cols, pattern): primes, non-multiples of V and M, one row, tiny.
+SHAPES = [
+    (37, 101, "16:2:5"),
+    (1, 29, "32:2:7"),
+    (67, 131, "64:2:8"),
+    (131, 47, "128:2:16"),
+    (33, 50, "2:4"),
+    (5, 9, "16:2:6"),
+]
+
+
+@pytest.mark.parametrize("rows,cols,pattern", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_kernel_interpreted_matches_fp64(monkeypatch, rows, cols, pattern, tokens):
+    """Every launch path (FMA decode, tensor-core dot) under the interpreter, outputs poisoned first."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dtype = DTYPES[(rows + tokens) % 3]
+    permute = (rows + cols + tokens) % 2 == 0
+    vw, dense = make_weight(rows, cols, pattern, permute=permute, dtype=dtype, seed=rows + tokens)
+    x = torch.randn(tokens, cols, dtype=dtype)
+    bias = torch.randn(rows, dtype=dtype) if tokens != 7 else None
+    out = torch.full((tokens, rows), float("nan"), dtype=dtype)
+    y = vnm_linear_triton(
+        x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, vw.pattern.m, rows, out=out
+    )
+    assert y.data_ptr() == out.data_ptr()
+    check(y, x, dense, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["fma", "dot"])
+def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
+    """Both kernels forced, odd token count, permutations and bias, 64:2:5 with a partial last chunk."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(71, 83, "64:2:5", permute=True, dtype=dtype, seed=3)
+    tokens = 3 if kind == "fma" else 19  # the FMA kernel runs one program per token (slow to interpret)
+    x = torch.randn(tokens, 83, dtype=dtype)
+    bias = torch.randn(71, dtype=dtype)
+    cfg = KernelConfig("fma", 32, 8) if kind == "fma" else KernelConfig("dot", 16, 8, 16)
+    out = torch.full((tokens, 71), float("nan"), dtype=dtype)
+    y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 64, 2, 5, 71, out=out, config=cfg)
+    check(y, x, dense, bias)
+
+
+def test_300_tokens_3d_noncontiguous(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(40, 61, "32:2:7", permute=True, dtype=torch.float16, seed=5)
+    base = torch.randn(3, 100, 2 * 61, dtype=torch.float16)
+    x = base[..., ::2]  # (3, 100, 61), not contiguous
+    assert not x.is_contiguous()
+    bias = torch.randn(40, dtype=torch.float16)
+    assert uses_triton(x, 2)
+    y = vnm_linear(x, vw, bias)
+    assert y.shape == (3, 100, 40) and y.dtype == torch.float16
+    check(y.reshape(300, 40), x.reshape(300, 61), dense, bias)
+
+
+def test_transposed_view_input(monkeypatch):
+    """x given as a transposed (feature-major) view: strides go to the kernel, no copy needed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(20, 45, "16:2:5", dtype=torch.bfloat16, seed=6)
+    x = torch.randn(45, 9, dtype=torch.bfloat16).t()
+    check(vnm_linear(x, vw), x, dense, None)
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """CPU without TRITON_INTERPRET: the plain PyTorch reference (what model-level tests use)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vw, dense = make_weight(50, 70, "64:2:8", permute=True, dtype=torch.bfloat16, seed=7)
+    x = torch.randn(2, 5, 70, dtype=torch.bfloat16)
+    bias = torch.randn(50, dtype=torch.bfloat16)
+    assert not uses_triton(x, 2)
+    y = vnm_linear(x, vw, bias)
+    check(y.reshape(10, 50), x.reshape(10, 70), dense, bias)
+    torch.testing.assert_close(y, vnm_linear_reference(x, vw, bias), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pattern", ["16:1:6", "32:3:5"])
+def test_other_n_falls_back_to_reference(monkeypatch, pattern):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(21, 40, pattern, dtype=torch.float32, seed=8)
+    x = torch.randn(4, 40)
+    assert not uses_triton(x, vw.pattern.n)
+    check(vnm_linear(x, vw), x, dense, None)
+
+
+def test_float64_takes_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(9, 13, "16:2:5", dtype=torch.float64, seed=9)
+    x = torch.randn(3, 13, dtype=torch.float64)
+    torch.testing.assert_close(vnm_linear(x, vw), F.linear(x, dense))
+
+
+def test_empty_tokens(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, _ = make_weight(9, 13, "16:2:5", seed=10)
+    assert vnm_linear(torch.randn(0, 13), vw).shape == (0, 9)
+
+
+def test_bad_inputs():
+    vw, _ = make_weight(9, 13, "16:2:5", seed=11)
+    with pytest.raises(ValueError, match="features"):
+        vnm_linear(torch.randn(2, 12), vw)
+    with pytest.raises(TypeError, match="floating point"):
+        vnm_linear(torch.ones(2, 13, dtype=torch.int32), vw)
+    with pytest.raises(ValueError, match="bias"):
+        vnm_linear(torch.randn(2, 13), vw, torch.randn(8))
+    with pytest.raises(ValueError, match="on meta"):
+        vnm_linear(torch.randn(2, 13, device="meta"), vw)
+    with pytest.raises(TypeError, match="VNMWeight"):
+        vnm_linear(torch.randn(2, 13), torch.randn(9, 13))
+    with pytest.raises(ValueError, match="n = 2"):
+        vnm_linear_triton(torch.randn(2, 13), vw.values, vw.columns, vw.meta, None, None, 16, 1, 5, 9)
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_opcheck(monkeypatch, interpret):
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vw, _ = make_weight(19, 23, "16:2:5", permute=True, dtype=torch.float16, seed=12)
+    x = torch.randn(3, 23, dtype=torch.float16)
+    bias = torch.randn(19, dtype=torch.float16)
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19)
+    torch.library.opcheck(torch.ops.vnm.linear.default, args)
+
+
+def test_candidate_configs_fit():
+    for v in (1, 5, 16, 24, 64, 128):
+        for t in (1, 3, 16, 40, 300, 8192):
+            cands = candidate_configs(v, t)
+            assert cands and all(c.fits(v, t) for c in cands)
+    assert any(c.kind == "fma" for c in candidate_configs(64, 1))
+    assert all(c.kind == "dot" for c in candidate_configs(64, 2048))
+
+
+def _table(tmp_path, speedup_16: float):
+    rec = lambda t, us: {  # noqa: E731
+        "out_features": 4096, "in_features": 4096, "tokens": t, "dense_us": 10.0, "vnm_us": {"64:2:8": us},
+    }  # fmt: skip
+    path = tmp_path / "linear.json"
+    path.write_text(json.dumps({"records": [rec(1, 4.0), rec(16, 10.0 / speedup_16), rec(2048, 20.0)]}))
+    return json.loads(path.read_text()), path
+
+
+def test_sparse_speedup_lookup(tmp_path):
+    table, _ = _table(tmp_path, 1.5)
+    p = VNMPattern.parse("64:2:8")
+    assert sparse_speedup(table, 4096, 4096, p, 1) == pytest.approx(2.5)
+    assert sparse_speedup(table, 4000, 4200, p, 12) == pytest.approx(1.5)  # nearest shape and tokens
+    assert sparse_speedup(table, 4096, 4096, p, 8192) == pytest.approx(0.5)
+    # unmeasured pattern: nearest measured one
+    assert sparse_speedup(table, 4096, 4096, VNMPattern.parse("32:2:8"), 1) == pytest.approx(2.5)
+    assert sparse_speedup({"records": []}, 1, 1, p, 1) is None
+
+
+def test_prefer_sparse_without_table_or_gpu():
+    assert prefer_sparse(4096, 4096, "64:2:8", 1, "cpu") is True
+
+
+# ----------------------------------------------------------------------------- GPU
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 16, 33, 300, 2048])
+@pytest.mark.parametrize(
+    "rows,cols,pattern", [(4096, 4096, "64:2:8"), (331, 1031, "16:2:5"), (517, 999, "128:2:16"), (130, 258, "2:4")]
+)
+def test_gpu_matches_fp64(rows, cols, pattern, tokens, dtype):
+    vw, dense = make_weight(rows, cols, pattern, permute=rows % 2 == 1, dtype=dtype, device="cuda", seed=tokens)
+    x = torch.randn(tokens, cols, dtype=dtype, device="cuda")
+    bias = torch.randn(rows, dtype=dtype, device="cuda")
+    out = torch.full((tokens, rows), float("nan"), dtype=dtype, device="cuda")
+    y = vnm_linear_triton(
+        x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, vw.pattern.m, rows, out=out
+    )
+    check(y, x, dense, bias)
+    check(vnm_linear(x, vw, bias), x, dense, bias)
+
+
+@gpu
+def test_gpu_every_config():
+    """Every autotune candidate computes the same function (not only the one autotune picks)."""
+    from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
+
+    vw, dense = make_weight(256, 1000, "128:2:8", permute=True, dtype=torch.float16, device="cuda", seed=1)
+    for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS:
+        for tokens in (1, 37):
+            x = torch.randn(tokens, 1000, dtype=torch.float16, device="cuda")
+            out = torch.full((tokens, 256), float("nan"), dtype=torch.float16, device="cuda")
+            vnm_linear_triton(
+                x, vw.values, vw.columns, vw.meta, vw.row_index, None, 128, 2, 8, 256, out=out, config=cfg
+            )
+            check(out, x, dense, None)
+
+
+@gpu
+def test_gpu_opcheck_and_compile():
+    vw, dense = make_weight(96, 200, "32:2:6", dtype=torch.float16, device="cuda", seed=2)
+    x = torch.randn(5, 200, dtype=torch.float16, device="cuda")
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 32, 2, 6, 96)
+    torch.library.opcheck(torch.ops.vnm.linear.default, args)
+    compiled = torch.compile(lambda x: vnm_linear(x, vw), fullgraph=True)
+    check(compiled(x), x, dense, None)
+
+
+@gpu
+def test_gpu_cusparselt_baseline():
+    from vnm_compile.kernels import CSLTLinear, cusparselt_available
+
+    if not cusparselt_available():
+        pytest.skip("no cuSPARSELt")
+    vw, dense = make_weight(256, 512, "2:4", dtype=torch.float16, device="cuda", seed=4)
+    bias = torch.randn(256, dtype=torch.float16, device="cuda")
+    c = CSLTLinear(dense, bias)
+    x = torch.randn(64, 512, dtype=torch.float16, device="cuda")
+    check(c.linear(x), x, dense, bias)

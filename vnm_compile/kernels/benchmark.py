@@ -1,0 +1,412 @@
+"""Linear-layer benchmark: dense cuBLAS vs cuSPARSELt 2:4 vs V:N:M (Triton), one run, CUDA graphs.
+
+Every timing is the median over many replays of one CUDA graph that calls
+the op once per weight copy; enough copies are made that the weights of one
+replay exceed 3x the L2 cache, so decode numbers measure HBM streaming and
+not the cache. Results: linear.json (all numbers + environment + command),
+linear.md (tables, targets), linear.png (speed-up vs tokens), speedups.json
+(pattern -> speed-up, read by select_pattern). Used by
+benchmarks/bench_linear.py and ``vnm bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..format import VNMWeight
+from ..masks import vnm_mask
+from ..pattern import VNMPattern
+from .cusparselt import CSLTLinear, cusparselt_available
+from .dispatch import gpu_slug
+from .vnm_linear import vnm_linear
+
+__all__ = ["GRIDS", "BenchGrid", "run_benchmark", "write_results"]
+
+log = logging.getLogger(__name__)
+
+LLAMA2_7B = [(4096, 4096, "llama2-7b qkvo"), (11008, 4096, "llama2-7b gate/up"), (4096, 11008, "llama2-7b down")]
+LLAMA2_13B = [(5120, 5120, "llama2-13b qkvo"), (13824, 5120, "llama2-13b gate/up"), (5120, 13824, "llama2-13b down")]
+VIT = [
+    (768, 768, "vit-b qkvo"), (3072, 768, "vit-b fc1"), (768, 3072, "vit-b fc2"),
+    (1024, 1024, "vit-l qkvo"), (4096, 1024, "vit-l fc1"), (1024, 4096, "vit-l fc2"),
+    (1280, 1280, "vit-h qkvo"), (5120, 1280, "vit-h fc1"), (1280, 5120, "vit-h fc2"),
+]  # fmt: skip
+SWEEP_PATTERNS = [f"{v}:2:{m}" for v in (16, 32, 64, 128) for m in (5, 6, 8, 10, 12, 16)]
+
+
+@dataclass
+class BenchGrid:
+    """What to measure: (shapes x tokens x patterns) plus a (V, M) sweep at one shape."""
+
+    shapes: list[tuple[int, int, str]]
+    tokens: list[int]
+    patterns: list[str]
+    sweep_shape: tuple[int, int, str] | None = None
+    sweep_tokens: list[int] = field(default_factory=list)
+    sweep_patterns: list[str] = field(default_factory=list)
+    extra_shapes: list[tuple[int, int, str]] = field(default_factory=list)
+    extra_tokens: list[int] = field(default_factory=list)
+
+
+GRIDS = {
+    "quick": BenchGrid([LLAMA2_7B[0]], [1, 16, 2048], ["64:2:5", "64:2:8"]),
+    "default": BenchGrid(
+        LLAMA2_7B,
+        [1, 16, 2048, 8192],
+        ["64:2:5", "64:2:8", "64:2:16"],
+        sweep_shape=LLAMA2_7B[0],
+        sweep_tokens=[1, 16, 2048],
+        sweep_patterns=SWEEP_PATTERNS,
+        extra_shapes=LLAMA2_13B + VIT[2::3] + VIT[1::3],
+        extra_tokens=[16, 2048],
+    ),  # fmt: skip
+    "full": BenchGrid(
+        LLAMA2_7B + LLAMA2_13B + VIT,
+        [1, 4, 16, 32, 128, 512, 2048, 8192],
+        ["64:2:5", "64:2:8", "64:2:16"],
+        sweep_shape=LLAMA2_7B[0],
+        sweep_tokens=[1, 16, 2048, 8192],
+        sweep_patterns=SWEEP_PATTERNS,
+    ),  # fmt: skip
+}
+
+# Issue 4 targets (H100, fp16, Llama-2-7B shapes): (tokens, pattern) -> minimum speed-up vs dense.
+TARGETS = {
+    (1, "64:2:8"): 2.8, (1, "64:2:5"): 1.8,
+    (16, "64:2:8"): 2.4, (16, "64:2:5"): 1.6,
+    (2048, "64:2:8"): 1.6, (2048, "64:2:16"): 2.8, (2048, "64:2:5"): 1.1,
+    (8192, "64:2:8"): 1.6, (8192, "64:2:16"): 2.8, (8192, "64:2:5"): 1.1,
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- timing
+def _copies(bytes_per_call: int, device: torch.device, cap: int = 48) -> int:
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(cap, math.ceil(3 * l2 / max(bytes_per_call, 1))))
+
+
+def time_graph(calls: Sequence[Callable[[], object]], replays: int = 30) -> float:
+    """Median microseconds per call: one CUDA graph runs every call once; replayed ``replays`` times."""
+    for c in calls:  # warm-up outside the capture (compiles, autotunes, cuSPARSELt search)
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:  # one eager pass on the side stream, as torch.cuda.graphs recommends
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for s, e in zip(starts, ends, strict=True):
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    del graph
+    return 1000.0 * times[len(times) // 2] / len(calls)
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """HBM bandwidth (bytes/s, read + write) of a large device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    src.random_()
+    us = time_graph([lambda dst=dst, src=src: dst.copy_(src)], replays=10)
+    return 2 * (1 << 30) / (us * 1e-6)
+
+
+# --------------------------------------------------------------------------- weights
+def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, torch.Tensor]:
+    mask = vnm_mask(weight.abs().float(), pattern)
+    return VNMWeight.from_dense(weight, mask, pattern), mask
+
+
+def _clone_vnm(w: VNMWeight) -> VNMWeight:
+    return VNMWeight(
+        w.values.clone(), w.columns.clone(), w.meta.clone(),
+        None if w.row_index is None else w.row_index.clone(), w.pattern, w.shape,
+    )  # fmt: skip
+
+
+def _time_case(out_f: int, in_f: int, tokens: int, patterns: Sequence[str], device, dtype, with_cslt: bool) -> dict:
+    """One (shape, tokens) row: dense, cuSPARSELt 2:4 and every pattern."""
+    gen = torch.Generator(device=device).manual_seed(out_f * 7 + in_f * 13 + tokens)
+    weight = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen) / math.sqrt(in_f)
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
+    rec: dict = {"out_features": out_f, "in_features": in_f, "tokens": tokens, "vnm_us": {}, "vnm_bytes": {}}
+
+    dense_bytes = weight.numel() * weight.element_size()
+    ws = [weight] + [weight.clone() for _ in range(_copies(dense_bytes, device) - 1)]
+    rec["dense_us"] = time_graph([lambda w=w: F.linear(x, w) for w in ws])
+    rec["dense_bytes"] = dense_bytes
+    del ws
+
+    rec["cslt_us"] = None
+    if with_cslt:
+        try:
+            w24, _ = _random_vnm(weight, VNMPattern.parse("2:4"))
+            c = CSLTLinear(w24.to_dense())
+            x_fm = x.t().contiguous()  # cuSPARSELt's fast layout: feature-major activations
+            cs = [c] + [CSLTLinear(w24.to_dense()) for _ in range(_copies(dense_bytes * 9 // 16, device, cap=8) - 1)]
+            rec["cslt_us"] = time_graph([lambda c=c: c.feature_major(x_fm) for c in cs])
+            del cs
+        except RuntimeError as err:  # e.g. cuSPARSELt refuses 1 token
+            log.info("cuSPARSELt %dx%d, %d tokens: %s", out_f, in_f, tokens, str(err).splitlines()[0])
+
+    for p in patterns:
+        w, mask = _random_vnm(weight, VNMPattern.parse(p))
+        y = vnm_linear(x, w)
+        ref = F.linear(x.float(), (weight * mask).float())
+        rel = ((y.float() - ref).norm() / ref.norm()).item()
+        if not rel < 2e-2:
+            raise RuntimeError(f"V:N:M {p} {out_f}x{in_f} {tokens} tokens: relative error {rel:.3g}")
+        copies = [w] + [_clone_vnm(w) for _ in range(_copies(w.nbytes, device) - 1)]
+        rec["vnm_us"][p] = time_graph([lambda w=w: vnm_linear(x, w) for w in copies])
+        rec["vnm_bytes"][p] = w.nbytes
+        del copies
+    return rec
+
+
+# --------------------------------------------------------------------------- run
+def run_benchmark(
+    grid: BenchGrid, device: torch.device | str | None = None, dtype=torch.float16, progress=True
+) -> dict:
+    """Measure the grid; returns the JSON-able results dict."""
+    import triton
+    from tqdm import tqdm
+
+    device = torch.device(device or "cuda")
+    with_cslt = cusparselt_available(device)
+    cases = [(o, i, name, t, grid.patterns, "main") for (o, i, name) in grid.shapes for t in grid.tokens]
+    if grid.sweep_shape is not None:
+        o, i, name = grid.sweep_shape
+        cases += [(o, i, name, t, grid.sweep_patterns, "sweep") for t in grid.sweep_tokens]
+    cases += [(o, i, name, t, grid.patterns, "extra") for (o, i, name) in grid.extra_shapes for t in grid.extra_tokens]
+
+    bw = measure_bandwidth(device)
+    t_start = time.time()
+    records = []
+    for o, i, name, t, pats, part in tqdm(cases, disable=not progress, desc="bench_linear"):
+        rec = _time_case(o, i, t, pats, device, dtype, with_cslt and part != "sweep")
+        rec.update(name=name, part=part)
+        records.append(rec)
+        log.info("%s %dx%d t=%d dense %.1fus %s", name, o, i, t, rec["dense_us"], rec["vnm_us"])
+        torch.cuda.empty_cache()
+    return {
+        "meta": {
+            "gpu": torch.cuda.get_device_name(device),
+            "gpu_slug": gpu_slug(device),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "dtype": str(dtype).replace("torch.", ""),
+            "command": " ".join(sys.argv),
+            "measured_copy_bandwidth_GBps": bw / 1e9,
+            "timing": "median of 30 CUDA-graph replays; each replay calls the op once per weight copy "
+            "(copies > 3x L2) and the time is divided by the copies",
+            "cslt_layout": "feature-major activations (in, tokens), algorithm searched per token count",
+            "seconds": time.time() - t_start,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        },
+        "records": records,
+    }
+
+
+def _speedups_for_sweep(results: dict) -> dict[str, float]:
+    """pattern -> geometric mean speed-up over the sweep's token counts (what select_pattern reads)."""
+    per: dict[str, list[float]] = {}
+    for r in results["records"]:
+        if r["part"] != "sweep":
+            continue
+        for p, us in r["vnm_us"].items():
+            per.setdefault(p, []).append(r["dense_us"] / us)
+    return {p: round(math.exp(sum(map(math.log, s)) / len(s)), 4) for p, s in per.items()}
+
+
+def _md(results: dict) -> str:
+    meta = results["meta"]
+    bw = meta["measured_copy_bandwidth_GBps"] * 1e9
+    lines = [
+        f"# Linear-layer benchmark on {meta['gpu']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['dtype']}, {meta['date_utc']} UTC.",
+        f"Command: `{meta['command']}`",
+        f"Timing: {meta['timing']}. Measured copy bandwidth {bw / 1e9:.0f} GB/s (read + write).",
+        f"cuSPARSELt 2:4: {meta['cslt_layout']}.",
+        "",
+        "Speed-up = dense cuBLAS time / time (same run). %floor (tokens <= 32) = compressed bytes at the measured",
+        "copy bandwidth / time. %M/4 (tokens >= 512) = (dense time x 4/M) / time.",
+        "",
+        "| layer | out x in | tokens | dense us | 2:4 cuSPARSELt | pattern | V:N:M us | speed-up | % bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["records"]:
+        if r["part"] == "sweep":
+            continue
+        cs = f"{r['dense_us'] / r['cslt_us']:.2f}x" if r.get("cslt_us") else "n/a"
+        for p, us in r["vnm_us"].items():
+            pat = VNMPattern.parse(p)
+            if r["tokens"] <= 32:
+                io = (r["tokens"] * (r["in_features"] + r["out_features"])) * 2
+                bound = f"{100 * (r['vnm_bytes'][p] + io) / bw * 1e6 / us:.0f}% floor"
+            elif r["tokens"] >= 512:
+                bound = f"{100 * r['dense_us'] * 4 / pat.m / us:.0f}% M/4"
+            else:
+                bound = ""
+            lines.append(
+                f"| {r['name']} | {r['out_features']}x{r['in_features']} | {r['tokens']} | {r['dense_us']:.1f} | {cs} "
+                f"| {p} | {us:.1f} | {r['dense_us'] / us:.2f}x | {bound} |"
+            )
+    lines += [
+        "",
+        "## Targets (issue 4, Llama-2-7B shapes)",
+        "",
+        "| tokens | pattern | target | measured (per shape) | met |",
+        "|---|---|---|---|---|",
+    ]
+    for (t, p), tgt in TARGETS.items():
+        got = [
+            r["dense_us"] / r["vnm_us"][p]
+            for r in results["records"]
+            if r["part"] == "main" and r["tokens"] == t and p in r["vnm_us"] and r["name"].startswith("llama2-7b")
+        ]
+        if got:
+            lines.append(
+                f"| {t} | {p} | {tgt}x | {', '.join(f'{g:.2f}x' for g in got)} | {'yes' if min(got) >= tgt else 'no'} |"
+            )
+    m16 = [r for r in results["records"] if r["part"] == "main" and r["tokens"] == 16 and r.get("cslt_us")]
+    if m16:
+        lines += ["", "16 tokens, V:N:M vs cuSPARSELt 2:4 (time ratio cslt / vnm, > 1 = V:N:M faster):", ""]
+        for r in m16:
+            lines.append(
+                f"- {r['name']}: " + ", ".join(f"{p} {r['cslt_us'] / us:.2f}" for p, us in r["vnm_us"].items())
+            )
+    sweep = [r for r in results["records"] if r["part"] == "sweep"]
+    if sweep:
+        pats = list(sweep[0]["vnm_us"])
+        lines += [
+            "",
+            f"## (V, M) sweep at {sweep[0]['out_features']}x{sweep[0]['in_features']} (speed-up vs dense)",
+            "",
+        ]
+        lines.append("| pattern | " + " | ".join(f"{r['tokens']} tok" for r in sweep) + " | geomean |")
+        lines.append("|---" * (len(sweep) + 2) + "|")
+        sp = _speedups_for_sweep(results)
+        for p in pats:
+            lines.append(
+                f"| {p} | " + " | ".join(f"{r['dense_us'] / r['vnm_us'][p]:.2f}x" for r in sweep) + f" | {sp[p]:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in results["records"] if r["part"] == "main"]
+    names = sorted({r["name"] for r in main}, key=[r["name"] for r in main].index)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        rs = sorted((r for r in main if r["name"] == name), key=lambda r: r["tokens"])
+        toks = [r["tokens"] for r in rs]
+        for p in rs[0]["vnm_us"]:
+            ax.plot(toks, [r["dense_us"] / r["vnm_us"][p] for r in rs], marker="o", label=f"V:N:M {p}")
+        cs = [(r["tokens"], r["dense_us"] / r["cslt_us"]) for r in rs if r.get("cslt_us")]
+        if cs:
+            ax.plot(*zip(*cs, strict=True), marker="s", linestyle="--", label="cuSPARSELt 2:4")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speed-up vs dense cuBLAS")
+        ax.set_title(f"{name} ({rs[0]['out_features']}x{rs[0]['in_features']})")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['meta']['gpu']}, {results['meta']['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: dict, out_dir: Path) -> list[Path]:
+    """Write linear.json, linear.md, linear.png and speedups.json into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "linear.json", out_dir / "linear.md", out_dir / "speedups.json"]
+    paths[0].write_text(json.dumps(results, indent=1))
+    paths[1].write_text(_md(results))
+    speedups = _speedups_for_sweep(results)
+    if not speedups:  # no sweep: use the main grid's records
+        per: dict[str, list[float]] = {}
+        for r in results["records"]:
+            for p, us in r["vnm_us"].items():
+                per.setdefault(p, []).append(r["dense_us"] / us)
+        speedups = {p: round(math.exp(sum(map(math.log, s)) / len(s)), 4) for p, s in per.items()}
+    paths[2].write_text(json.dumps(speedups, indent=1, sort_keys=True))
+    try:
+        _plot(results, out_dir / "linear.png")
+        paths.append(out_dir / "linear.png")
+    except ImportError:
+        log.warning("matplotlib missing: no linear.png")
+    return paths
+
+
+def config_report(
+    shapes: Sequence[tuple[int, int]], tokens: Sequence[int], patterns: Sequence[str], device=None, dtype=torch.float16
+) -> list[dict]:
+    """Time every autotune candidate (not only the winner) next to dense: for tuning the config lists."""
+    from .vnm_triton import candidate_configs, vnm_linear_triton
+
+    device = torch.device(device or "cuda")
+    rows = []
+    for out_f, in_f in shapes:
+        weight = torch.randn(out_f, in_f, device=device, dtype=dtype) / math.sqrt(in_f)
+        for t in tokens:
+            x = torch.randn(t, in_f, device=device, dtype=dtype)
+            dense_bytes = weight.numel() * weight.element_size()
+            ws = [weight] + [weight.clone() for _ in range(_copies(dense_bytes, device) - 1)]
+            dense_us = time_graph([lambda w=w, x=x: F.linear(x, w) for w in ws])
+            del ws
+            for p in patterns:
+                w, _ = _random_vnm(weight, VNMPattern.parse(p))
+                copies = [w] + [_clone_vnm(w) for _ in range(_copies(w.nbytes, device) - 1)]
+                for cfg in candidate_configs(w.block_rows, t):
+
+                    def call(w, cfg=cfg, x=x, out_f=out_f):
+                        return vnm_linear_triton(
+                            x, w.values, w.columns, w.meta, w.row_index, None, w.block_rows, 2, w.pattern.m, out_f,
+                            config=cfg,
+                        )  # fmt: skip
+
+                    try:
+                        us = time_graph([lambda w=w: call(w) for w in copies])
+                    except Exception as err:  # noqa: BLE001 - a config may not compile or launch here; report it
+                        log.warning("%s failed: %s", cfg, err)
+                        us = float("nan")
+                    rows.append(
+                        {"out": out_f, "in": in_f, "tokens": t, "pattern": p, "config": str(cfg), "us": us,
+                         "dense_us": dense_us, "speedup": dense_us / us, "GBps": w.nbytes / us / 1e3}
+                    )  # fmt: skip
+                    print(f"{out_f}x{in_f} t={t} {p} {cfg}: {us:.1f}us dense {dense_us:.1f}us -> {dense_us / us:.2f}x")
+                del copies
+    return rows

@@ -1,0 +1,491 @@
+"""Triton kernels for vnm::linear: y = x @ W^T + b, W in the V:N:M format (n = 2).
+
+Both kernels read the compressed tensors of format.py directly:
+values (Rp, 2G) contiguous per row, meta (Rp, ceil(G/8)) int32 words of
+8 groups x 4 bits, columns (B, G, 4) absolute input columns (the input
+permutation is folded in), row_index (Rp,) optional output permutation
+(folded into the store). No extra launch for permutations or bias.
+
+- ``_fma_kernel`` (decode, few tokens): one program = BLOCK_R rows of one
+  V-block x one token. Streams contiguous values, expands the metadata words
+  in registers, gathers x at the block's 4 columns per group once and picks
+  each row's two inputs with selects; fp32 elementwise accumulation, one
+  reduction at the end. Memory-bound: the goal is the compressed bytes at
+  HBM bandwidth.
+- ``_dot_kernel`` (tensor cores): one program = BLOCK_R rows of one V-block x
+  BLOCK_T tokens. Per chunk of GC groups it rebuilds the dense
+  (BLOCK_R x 4GC) weight tile over the kept columns from values + metadata
+  in registers, gathers x at those 4GC absolute columns (token-major x, lanes
+  along the columns) and runs tl.dot: 4/M of a dense GEMM's MACs.
+
+Loop bounds are runtime ints when compiled (one binary serves every shape)
+and constexpr under TRITON_INTERPRET=1 (Triton 3.6's interpreter cannot loop
+to a runtime bound).
+
+References: VENOM (Castro et al., SC'23) for the format; the Triton
+matmul tutorial (03-matrix-multiplication.py) for the tile loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional on CPU-only installs; the reference path needs none.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "KernelConfig", "interpret_mode", "vnm_linear_triton", "clear_autotune_cache"]
+
+log = logging.getLogger(__name__)
+
+GROUPS_PER_WORD = 8  # n = 2: 8 groups x 4 bits per int32 metadata word
+
+
+def interpret_mode() -> bool:
+    """True when TRITON_INTERPRET=1 is set now (checked at call time)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------- kernels
+def _fma_kernel(
+    # pointers
+    x_ptr,  # (T, K) activations, any strides
+    val_ptr,  # (Rp, 2G) kept values, contiguous per row
+    col_ptr,  # (B, G, 4) absolute input columns, int16/int32, contiguous
+    meta_ptr,  # (Rp, W) int32, 8 groups x 4 bits per word
+    ridx_ptr,  # (Rp,) int32 destination row (-1 = padding) or dummy
+    bias_ptr,  # (OUT,) or dummy
+    y_ptr,  # (T, OUT) output
+    # sizes
+    OUT,
+    G,
+    NUM_CHUNKS,  # ceil(G / GC), runtime when compiled
+    V,  # rows per column block
+    # strides
+    stride_xt,
+    stride_xk,
+    stride_vr,
+    stride_mr,
+    stride_yt,
+    # constexprs
+    CHUNKS_CONST: tl.constexpr,  # NUM_CHUNKS under the interpreter, None when compiled
+    GC: tl.constexpr,  # groups per chunk (multiple of 8)
+    BLOCK_R: tl.constexpr,  # rows per program (divides V)
+    EVEN_G: tl.constexpr,  # G % GC == 0: no masks in the loop
+    HAS_RIDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    t = tl.program_id(1)
+    r0 = pid_r * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    blk = r0 // V
+    gg = tl.arange(0, GC)
+    jj = tl.arange(0, 2 * GC)
+    ww = tl.arange(0, GC // 8)
+    shifts = 4 * tl.arange(0, 8)
+    n_words = (G + 7) // 8
+
+    acc = tl.zeros((BLOCK_R, GC), dtype=tl.float32)
+    x_row = x_ptr + t * stride_xt
+    val_rows = val_ptr + rows.to(tl.int64)[:, None] * stride_vr
+    meta_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mr
+    col_blk = col_ptr + blk.to(tl.int64) * G * 4
+    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):
+        g0 = i * GC
+        g = g0 + gg
+        # 1. values of the chunk: (BLOCK_R, 2GC) contiguous per row -> two (BLOCK_R, GC) slots
+        if EVEN_G:
+            vals = tl.load(val_rows + (2 * g0 + jj)[None, :])
+            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
+        else:
+            vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
+            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
+        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
+        # 2. metadata: 4 bits per (row, group) = two 2-bit positions among the block's 4 columns
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
+        p0 = codes & 3
+        p1 = (codes >> 2) & 3
+        # 3. x at the block's 4 columns of each group, gathered once for all BLOCK_R rows
+        cptr = col_blk + g * 4
+        if EVEN_G:
+            c0 = tl.load(cptr + 0).to(tl.int64)
+            c1 = tl.load(cptr + 1).to(tl.int64)
+            c2 = tl.load(cptr + 2).to(tl.int64)
+            c3 = tl.load(cptr + 3).to(tl.int64)
+        else:
+            gm = g < G
+            c0 = tl.load(cptr + 0, mask=gm, other=0).to(tl.int64)
+            c1 = tl.load(cptr + 1, mask=gm, other=0).to(tl.int64)
+            c2 = tl.load(cptr + 2, mask=gm, other=0).to(tl.int64)
+            c3 = tl.load(cptr + 3, mask=gm, other=0).to(tl.int64)
+        xa = tl.load(x_row + c0 * stride_xk).to(tl.float32)[None, :]
+        xb = tl.load(x_row + c1 * stride_xk).to(tl.float32)[None, :]
+        xc = tl.load(x_row + c2 * stride_xk).to(tl.float32)[None, :]
+        xd = tl.load(x_row + c3 * stride_xk).to(tl.float32)[None, :]
+        # 4. each row picks its two inputs (2-bit select tree) and accumulates elementwise
+        xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
+        xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
+        acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+
+    y = tl.sum(acc, axis=1)
+    if HAS_RIDX:
+        dest = tl.load(ridx_ptr + rows)
+        ok = (dest >= 0) & (dest < OUT)
+    else:
+        dest = rows
+        ok = rows < OUT
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _dot_kernel(
+    # pointers (as in _fma_kernel)
+    x_ptr,
+    val_ptr,
+    col_ptr,
+    meta_ptr,
+    ridx_ptr,
+    bias_ptr,
+    y_ptr,
+    # sizes
+    T,
+    OUT,
+    G,
+    NUM_CHUNKS,
+    V,
+    # strides
+    stride_xt,
+    stride_xk,
+    stride_vr,
+    stride_mr,
+    stride_yt,
+    # constexprs
+    CHUNKS_CONST: tl.constexpr,
+    GC: tl.constexpr,  # groups per chunk: the dot's K is 4 * GC
+    BLOCK_R: tl.constexpr,  # weight rows per program (divides V, >= 16)
+    BLOCK_T: tl.constexpr,  # tokens per program (>= 16)
+    EVEN_G: tl.constexpr,
+    HAS_RIDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IN_PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+    DOT_UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, run the dot in fp32 (exact products)
+):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    r0 = pid_r * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    blk = r0 // V
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    jj = tl.arange(0, 2 * GC)
+    kk = tl.arange(0, 4 * GC)
+    ww = tl.arange(0, GC // 8)
+    cc = tl.arange(0, 4)
+    shifts = 4 * tl.arange(0, 8)
+    n_words = (G + 7) // 8
+
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    x_rows = x_ptr + toks.to(tl.int64)[:, None] * stride_xt
+    val_rows = val_ptr + rows.to(tl.int64)[:, None] * stride_vr
+    meta_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mr
+    col_blk = col_ptr + blk.to(tl.int64) * G * 4
+    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):
+        g0 = i * GC
+        # 1. gathered activations (BLOCK_T, 4GC): lanes run along the columns of one token row
+        if EVEN_G:
+            cols = tl.load(col_blk + g0 * 4 + kk).to(tl.int64)
+            vals = tl.load(val_rows + (2 * g0 + jj)[None, :])
+            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
+        else:
+            cols = tl.load(col_blk + g0 * 4 + kk, mask=g0 * 4 + kk < 4 * G, other=0).to(tl.int64)
+            vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
+            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
+        xg = tl.load(x_rows + cols[None, :] * stride_xk, mask=tmask[:, None], other=0.0)
+        # 2. the dense (BLOCK_R, 4GC) weight tile over the kept columns
+        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
+        p0 = (codes & 3)[:, :, None]
+        p1 = ((codes >> 2) & 3)[:, :, None]
+        w4 = tl.where(p0 == cc[None, None, :], v0[:, :, None], 0.0) + tl.where(
+            p1 == cc[None, None, :], v1[:, :, None], 0.0
+        )
+        w4 = tl.reshape(w4, (BLOCK_R, 4 * GC)).to(xg.dtype)
+        # 3. tensor cores
+        if DOT_UPCAST:
+            acc = tl.dot(xg.to(tl.float32), tl.trans(w4).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xg, tl.trans(w4), acc, input_precision=IN_PREC)
+
+    if HAS_RIDX:
+        dest = tl.load(ridx_ptr + rows)
+        ok = (dest >= 0) & (dest < OUT)
+    else:
+        dest = rows
+        ok = rows < OUT
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * stride_yt + dest[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & ok[None, :])
+
+
+_KERNEL_FNS = {"fma": _fma_kernel, "dot": _dot_kernel}
+_NO_SPECIALIZE = {"fma": ["OUT", "G", "NUM_CHUNKS", "V"], "dot": ["T", "OUT", "G", "NUM_CHUNKS", "V"]}
+_BUILT: dict[tuple[str, bool], object] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+def _kernel(kind: str, interpret: bool):
+    """The jitted (or interpreted) kernel; both variants come from the same Python function."""
+    key = (kind, interpret)
+    if key not in _BUILT:
+        with _BUILD_LOCK:
+            if interpret:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                _BUILT[key] = InterpretedFunction(_KERNEL_FNS[kind])
+            else:
+                from triton.runtime.jit import JITFunction
+
+                # Sizes vary per layer: no specialisation on their values (one binary per config).
+                _BUILT[key] = JITFunction(_KERNEL_FNS[kind], do_not_specialize=_NO_SPECIALIZE[kind])
+    return _BUILT[key]
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration: kernel kind and its tile sizes."""
+
+    kind: str  # "fma" or "dot"
+    block_r: int
+    gc: int  # groups per chunk
+    block_t: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def fits(self, v: int, tokens: int) -> bool:
+        if v % self.block_r:
+            return False
+        if self.kind == "dot":
+            return self.block_r >= 16 and self.block_t >= 16
+        return True
+
+
+# Why these: decode wants many programs with >= 4 KB of values in flight each
+# (BLOCK_R x 2GC x 2 B) and no cross-thread reduction inside the loop; prefill
+# wants the largest V-block tile as the shared-columns dimension (64/128 rows)
+# and 64-256 tokens so each gathered x tile feeds enough MACs. Few configs:
+# every one compiles once per dtype/flag set (shapes are runtime ints).
+_FMA_CONFIGS = [
+    KernelConfig("fma", 8, 64, num_warps=4),
+    KernelConfig("fma", 16, 64, num_warps=4),
+    KernelConfig("fma", 4, 128, num_warps=4),
+    KernelConfig("fma", 8, 128, num_warps=8),
+]
+_SMALL_DOT_CONFIGS = [
+    KernelConfig("dot", 16, 16, 16, num_warps=4),
+    KernelConfig("dot", 32, 16, 16, num_warps=4),
+    KernelConfig("dot", 32, 32, 32, num_warps=4),
+    KernelConfig("dot", 64, 16, 64, num_warps=4),
+]
+_PREFILL_CONFIGS = [
+    KernelConfig("dot", 64, 16, 128, num_warps=4, num_stages=3),
+    KernelConfig("dot", 64, 16, 128, num_warps=8, num_stages=2),
+    KernelConfig("dot", 64, 32, 128, num_warps=8, num_stages=2),
+    KernelConfig("dot", 64, 16, 256, num_warps=8, num_stages=2),
+    KernelConfig("dot", 128, 16, 128, num_warps=8, num_stages=2),
+]
+
+
+def _pow2_divisor(v: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and v % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _token_bucket(tokens: int) -> int:
+    return 1 << max(0, (tokens - 1).bit_length())
+
+
+def candidate_configs(v: int, tokens: int) -> list[KernelConfig]:
+    """Configs worth timing for V = v rows per block and this many tokens."""
+    cands: list[KernelConfig] = []
+    if tokens <= 4:
+        cands += _FMA_CONFIGS
+    if tokens <= 64:
+        cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
+    if tokens > 32:
+        cands += _PREFILL_CONFIGS
+    cands = [c for c in cands if c.fits(v, tokens)]
+    if not cands:  # V with a small power-of-two factor: per-token FMA kernel always fits
+        cands = [KernelConfig("fma", _pow2_divisor(v, 16), 64)]
+    return cands
+
+
+def _interpret_config(v: int, tokens: int) -> KernelConfig:
+    """Interpreter: fewest programs (each program costs Python time)."""
+    br = _pow2_divisor(v, 64)
+    if br >= 16 and tokens > 2:
+        return KernelConfig("dot", br, 16, 16 if tokens <= 16 else 32)
+    return KernelConfig("fma", _pow2_divisor(v, 32), 32)
+
+
+# --------------------------------------------------------------------------- launch
+def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret: bool) -> None:
+    tokens, _ = x2.shape
+    rows_p, slots = values.shape
+    groups = slots // 2
+    chunks = -(-groups // cfg.gc)
+    dummy = values  # never read when the HAS_* flag is off
+    common = dict(
+        CHUNKS_CONST=chunks if interpret else None,
+        GC=cfg.gc,
+        BLOCK_R=cfg.block_r,
+        EVEN_G=groups % cfg.gc == 0,
+        HAS_RIDX=row_index is not None,
+        HAS_BIAS=bias is not None,
+    )
+    launch_opts = {} if interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ptrs = (
+        x2,
+        values,
+        columns,
+        meta,
+        row_index if row_index is not None else dummy,
+        bias if bias is not None else dummy,
+        y,
+    )
+    strides = (x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0))
+    if cfg.kind == "fma":
+        grid = (rows_p // cfg.block_r, tokens)
+        _kernel("fma", interpret)[grid](*ptrs, y.shape[1], groups, chunks, v, *strides, **common, **launch_opts)
+    else:
+        grid = (triton.cdiv(tokens, cfg.block_t), rows_p // cfg.block_r)
+        prec = "ieee" if x2.dtype == torch.float32 else "tf32"
+        _kernel("dot", interpret)[grid](
+            *ptrs, tokens, y.shape[1], groups, chunks, v, *strides, **common, BLOCK_T=cfg.block_t, IN_PREC=prec,
+            DOT_UPCAST=interpret and x2.dtype == torch.bfloat16,
+            **launch_opts,
+        )  # fmt: skip
+
+
+_AUTOTUNE_CACHE: dict[tuple, KernelConfig] = {}
+
+
+def clear_autotune_cache() -> None:
+    _AUTOTUNE_CACHE.clear()
+
+
+def autotune_cache() -> dict[tuple, KernelConfig]:
+    """The chosen config per (device, dtype, shape, V, token bucket, flags) key."""
+    return dict(_AUTOTUNE_CACHE)
+
+
+def _choose(key: tuple, cands: list[KernelConfig], run) -> KernelConfig:
+    """Time each candidate once per key (median of a short do_bench) and cache the winner."""
+    if key in _AUTOTUNE_CACHE:
+        return _AUTOTUNE_CACHE[key]
+    if len(cands) == 1 or torch.cuda.is_current_stream_capturing() or os.environ.get("VNM_AUTOTUNE") == "0":
+        return cands[0]  # never benchmark inside a CUDA-graph capture; VNM_AUTOTUNE=0: first candidate
+    best, best_ms = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
+        except (RuntimeError, triton.runtime.errors.OutOfResources) as err:  # e.g. too much shared memory
+            log.debug("config %s failed: %s", cfg, err)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    log.info("vnm autotune %s -> %s (%.4f ms)", key, best, best_ms)
+    _AUTOTUNE_CACHE[key] = best
+    return best
+
+
+def vnm_linear_triton(
+    x: Tensor,
+    values: Tensor,
+    columns: Tensor,
+    meta: Tensor,
+    row_index: Tensor | None,
+    bias: Tensor | None,
+    v: int,
+    n: int,
+    m: int,
+    out_features: int,
+    *,
+    out: Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """Launch the Triton kernels (compiled on CUDA, interpreted under TRITON_INTERPRET=1).
+
+    ``out`` (tokens, out_features) may be passed to check that every element
+    is written; ``config`` forces a launch configuration (tests, benchmarks).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("vnm_linear_triton needs triton")
+    if n != 2:
+        raise ValueError(f"the Triton kernels support n = 2 only, got n={n}")
+    interpret = interpret_mode() and not x.is_cuda
+    if not x.is_cuda and not interpret:
+        raise ValueError("vnm_linear_triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    tokens = x2.shape[0]
+    values = values.contiguous()
+    columns = columns.contiguous()
+    meta = meta.contiguous()
+    if row_index is not None:
+        row_index = row_index.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if out is None:
+        out = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
+    if tokens == 0 or out_features == 0:
+        return out.reshape(*x.shape[:-1], out_features)
+    if k == 0 or values.shape[1] == 0:
+        out.zero_()
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], out_features)
+
+    target = out
+    if interpret and out.dtype == torch.bfloat16:
+        # The interpreter rounds fp32 -> bf16 toward zero (GPUs round to nearest even):
+        # store fp32 (NaN-poisoned, so unwritten elements still show) and let torch round.
+        target = torch.full(out.shape, float("nan"), dtype=torch.float32)
+
+    def run(cfg: KernelConfig) -> None:
+        _launch(cfg, x2, values, columns, meta, row_index, bias, target, v, interpret)
+
+    if config is None:
+        if interpret:
+            config = _interpret_config(v, tokens)
+        else:
+            key = (
+                x.device.index, x.dtype, values.dtype, values.shape[0], values.shape[1], v,
+                _token_bucket(tokens), row_index is not None, bias is not None,
+            )  # fmt: skip
+            config = _choose(key, candidate_configs(v, tokens), run)
+    elif not config.fits(v, tokens):
+        raise ValueError(f"config {config} does not fit V={v}")
+    run(config)
+    if target is not out:
+        out.copy_(target)
+    return out.reshape(*x.shape[:-1], out_features)
