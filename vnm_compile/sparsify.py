@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -79,6 +80,7 @@ class LayerReport:
     importance_kept: float | None = None
     permuted: bool = False
     skipped: str | None = None
+    shares_input_perm: tuple[str, ...] = ()  # other layers reading the same tensor (one shared in_perm)
 
 
 @dataclass
@@ -125,6 +127,8 @@ class SparsifyReport:
             else:
                 kept = "" if r.importance_kept is None else f"{r.importance_kept:.3f}"
                 note = "permuted" if r.permuted else ""
+                if r.shares_input_perm:
+                    note += f" (input perm shared by {len(r.shares_input_perm) + 1})"
                 lines.append(f"{r.name:<48} {shape:>12} {str(r.pattern):>9} {r.density:>8.3f} {kept:>6}  {note}")
         return "\n".join(lines)
 
@@ -171,17 +175,69 @@ def _act_norm(stats: CalibrationStats | None, name: str, config: VNMConfig) -> t
     return stats.act_norm(name) if name in stats else None
 
 
-def _permutations(scores: torch.Tensor, config: VNMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if not config.permute or config.permute_rounds == 0 or config.pattern.is_nm:
-        return None, None
-    from .calibration.permutation import find_permutation
+Perms = tuple[torch.Tensor | None, torch.Tensor | None]
 
-    return find_permutation(scores, config.pattern, rounds=config.permute_rounds)
+
+def _permutations(scores: dict[str, torch.Tensor], config: VNMConfig) -> dict[str, Perms]:
+    """(in_perm, out_perm) per layer of one unit; layers of a unit share in_perm. None = identity."""
+    if not config.permute or config.permute_rounds == 0 or config.pattern.is_nm or not scores:
+        return {name: (None, None) for name in scores}
+    from .calibration.permutation import find_permutation, find_shared_permutation
+
+    if len(scores) == 1:
+        ((name, s),) = scores.items()
+        in_perm, out_perm = find_permutation(s, config.pattern, rounds=config.permute_rounds)
+        return {name: (_none_if_identity(in_perm), _none_if_identity(out_perm))}
+    in_perm, out_perms = find_shared_permutation(list(scores.values()), config.pattern, rounds=config.permute_rounds)
+    return {name: (_none_if_identity(in_perm), _none_if_identity(o)) for name, o in zip(scores, out_perms, strict=True)}
+
+
+def _none_if_identity(perm: torch.Tensor) -> torch.Tensor | None:
+    return None if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)) else perm
+
+
+def _permutation_units(
+    names: list[str], config: VNMConfig, stats: CalibrationStats | None, groups: Sequence[Sequence[str]] | None
+) -> list[list[str]]:
+    """Split the eligible linears into units that share one input permutation, in model order.
+
+    Groups come from ``groups`` if given, else from ``stats.input_groups`` (traced by
+    calibrate()); without either, every layer gets its own input permutation.
+    """
+    if not config.permute or config.pattern.is_nm:
+        return [[n] for n in names]
+    if groups is None:
+        groups = getattr(stats, "input_groups", None)
+        if groups is None:
+            logger.info(
+                "permute=True without calibration stats: input permutations are per layer; pass "
+                "groups=find_input_groups(model, batch) to share them across layers that read the same tensor"
+            )
+            groups = []
+    unit_of: dict[str, list[str]] = {}
+    eligible = set(names)
+    for group in groups:
+        members = [n for n in group if n in eligible and n not in unit_of]
+        for n in members:
+            unit_of[n] = members
+    units, done = [], set()
+    for n in names:
+        if n in done:
+            continue
+        unit = unit_of.get(n, [n])
+        done.update(unit)
+        units.append(unit)
+    return units
 
 
 @torch.no_grad()
 def sparsify_(
-    model: nn.Module, config: VNMConfig | None = None, stats: CalibrationStats | None = None, *, progress: bool = True
+    model: nn.Module,
+    config: VNMConfig | None = None,
+    stats: CalibrationStats | None = None,
+    *,
+    groups: Sequence[Sequence[str]] | None = None,
+    progress: bool = True,
 ) -> SparsifyReport:
     """Prune every eligible nn.Linear of ``model`` **in place** to ``config.pattern``.
 
@@ -189,6 +245,11 @@ def sparsify_(
     recorded (``vnm_compile.get_sparsity(module)``) so torch.compile's "vnm"
     backend, export and recovery training find them. The model's function is
     that of the masked weights: permutations only choose the mask.
+
+    With ``config.permute``, linears that read the same tensor share one input
+    permutation: the groups are those traced by ``calibrate()`` (in ``stats``),
+    or ``groups`` (e.g. ``find_input_groups(model, batch)``) when given; with
+    neither (score="abs" without stats), input permutations are per layer.
 
     Returns:
         SparsifyReport listing every linear with its pattern or the reason it was left dense.
@@ -203,30 +264,41 @@ def sparsify_(
     reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in _linears(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
-    for name, module in tqdm(eligible.items(), desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
-        norm = _act_norm(stats, name, config)
-        if config.score != "abs" and norm is None:
-            reports[name].skipped = "no calibration data (layer never called during calibrate)"
-            continue
-        scores = importance(module.weight, config.score, norm, config.alpha)
-        in_perm, out_perm = _permutations(scores, config)
-        permuted = scores
-        if out_perm is not None:
-            permuted = permuted[out_perm]
-        if in_perm is not None:
-            permuted = permuted[:, in_perm]
-        mask_p = vnm_mask(permuted, config.pattern)
-        mask = _unpermute(mask_p, in_perm, out_perm)
-        total = float(scores.sum())
-        kept = float((scores * mask).sum()) / total if total > 0 else 1.0
-        module.weight.mul_(mask.to(module.weight.dtype))
-        set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
-        r = reports[name]
-        r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
-        r.permuted = in_perm is not None or out_perm is not None
+    units = _permutation_units(list(eligible), config, stats, groups)
+    for unit in tqdm(units, desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
+        scores = {}
+        for name in unit:
+            norm = _act_norm(stats, name, config)
+            if config.score != "abs" and norm is None:
+                reports[name].skipped = "no calibration data (layer never called during calibrate)"
+                continue
+            scores[name] = importance(eligible[name].weight, config.score, norm, config.alpha)
+        perms = _permutations(scores, config)
+        for name, s in scores.items():
+            _prune_layer(eligible[name], s, perms[name], config, reports[name])
+            if len(scores) > 1 and perms[name][0] is not None:
+                reports[name].shares_input_perm = tuple(n for n in scores if n != name)
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report
+
+
+def _prune_layer(module: nn.Linear, scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerReport) -> None:
+    """Mask ``module.weight`` in place (mask chosen in permuted coordinates, stored in original ones)."""
+    in_perm, out_perm = perms
+    permuted = scores
+    if out_perm is not None:
+        permuted = permuted[out_perm]
+    if in_perm is not None:
+        permuted = permuted[:, in_perm]
+    mask_p = vnm_mask(permuted, config.pattern)
+    mask = _unpermute(mask_p, in_perm, out_perm)
+    total = float(scores.sum())
+    kept = float((scores * mask).sum()) / total if total > 0 else 1.0
+    module.weight.mul_(mask.to(module.weight.dtype))
+    set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
+    r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
+    r.permuted = in_perm is not None or out_perm is not None
 
 
 def _linears(model: nn.Module):

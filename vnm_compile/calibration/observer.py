@@ -52,6 +52,8 @@ class CalibrationStats:
 
     observers: dict[str, ChannelObserver] = field(default_factory=dict)
     batches: int = 0
+    # Linears that read the same input tensor (traced during calibrate(); see groups.py).
+    input_groups: list[tuple[str, ...]] = field(default_factory=list)
 
     def __contains__(self, name: str) -> bool:
         obs = self.observers.get(name)
@@ -119,8 +121,10 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
+    from .groups import InputGroupRecorder
+
     stats = CalibrationStats()
-    with observe_linears(model, filter_fn) as observers, torch.no_grad():
+    with observe_linears(model, filter_fn) as observers, InputGroupRecorder(model, filter_fn) as rec, torch.no_grad():
         if not observers:
             raise ValueError("the model has no nn.Linear layers to calibrate (or filter_fn selected none)")
         total = len(batches) if hasattr(batches, "__len__") else None
@@ -130,6 +134,7 @@ def calibrate(
     if stats.batches == 0:
         raise ValueError("calibrate() got no batches: pass at least one calibration batch")
     stats.observers = observers
+    stats.input_groups = rec.groups()
     unseen = [n for n, o in observers.items() if o.tokens == 0]
     if unseen:
         logger.warning("%d linear layers were never called during calibration: %s", len(unseen), unseen[:5])
