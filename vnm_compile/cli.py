@@ -32,8 +32,39 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_demo)
 
 
+def _select(args: argparse.Namespace) -> int:
+    from .calibration.selection import load_speedups, sift_patterns
+
+    result = sift_patterns(load_speedups(args.speedups), args.threshold)
+    print(
+        f"vnm select: {len(result.candidates)} measured patterns from {args.speedups}, threshold {args.threshold:g}x\n"
+    )
+    print(result.table())
+    print(
+        f"\n1. speed-up >= {args.threshold:g}: {', '.join(map(str, result.fast_enough)) or 'none'}"
+        f"\n2. smallest M per V:    {', '.join(map(str, result.smallest_m)) or 'none'}"
+    )
+    if result.pick is None:
+        best = max(result.candidates.items(), key=lambda kv: kv[1], default=None)
+        fastest = f"; the fastest measured is {best[0]} at {best[1]:.3f}x" if best else ""
+        print(f"3. no pattern reaches speed-up {args.threshold:g}{fastest}")
+        return 1
+    print(f"3. largest mask diversity: {result.pick} (speed-up {result.candidates[result.pick]:.3f}x)")
+    print(f"\npick: {result.pick}")
+    return 0
+
+
+def _add_select(sub) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("select", help="choose V:N:M from measured speed-ups (paper section 4.1)")
+    p.add_argument("--speedups", type=Path, required=True, help='JSON {"64:2:5": 1.8, ...} (vnm bench writes one)')
+    p.add_argument("--threshold", type=float, required=True, help="the speed-up over dense you need")
+    p.set_defaults(func=_select)
+
+
 # Each sub-command module contributes one `_add_*` function here.
-_SUBCOMMANDS = [_add_demo]
+_SUBCOMMANDS = [_add_demo, _add_select]
 
 
 def build_parser() -> argparse.ArgumentParser:
