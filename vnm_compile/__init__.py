@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from . import backend as _backend  # noqa: F401  (registers the "vnm" torch.compile backend)
 from .calibration import CalibrationStats, ChannelObserver, calibrate, importance
 from .format import VNMWeight
 from .masks import is_vnm, vnm_mask

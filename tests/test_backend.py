@@ -1,0 +1,200 @@
+"""The "vnm" torch.compile backend end to end on a small model: options, registration, report,
+the user's model left unchanged, recompiles under changing shapes, gradients, inductor."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import vnm_compile
+from vnm_compile import VNMConfig, get_sparsity, sparsify_
+from vnm_compile.backend import CompileReport, clear_reports, last_report, register, reports, vnm_backend
+from vnm_compile.kernels.vnm_linear import OP
+
+
+@pytest.fixture(autouse=True)
+def _reference_op_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU op -> plain PyTorch reference
+    torch._dynamo.reset()
+    clear_reports()
+
+
+class Block(nn.Module):
+    def __init__(self, d=64, f=144):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, f)
+        self.fc2 = nn.Linear(f, d)
+        self.out = nn.Linear(d, 24)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+        return self.out(x)
+
+
+def eager_abs(model, pattern, **cfg):
+    ref = copy.deepcopy(model)
+    sparsify_(ref, VNMConfig(pattern, score="abs", permute=False, **cfg), progress=False)
+    return ref
+
+
+def count_vnm(gm):
+    return sum(n.target is OP for n in gm.graph.nodes)
+
+
+def compile_fast(model, **options):
+    return torch.compile(model, backend="vnm", options={"inductor": False, **options}, fullgraph=True)
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"patern": "2:4"}, ValueError, r"unknown vnm backend option\(s\) \['patern'\]"),
+        ({"pattern": "3:4:5:6"}, ValueError, "not of the form"),
+        ({"pattern": "64:2:3"}, ValueError, "m must be >= 4"),
+        ({"pattern": "2:4", "score": "magnitude"}, ValueError, "'score' must be one of"),
+        ({"pattern": "2:4", "score": "ria"}, ValueError, "needs 'calibration'"),
+        ({"pattern": "2:4", "score": "wanda", "calibration": torch.randn(2, 64)}, TypeError, "list of batches"),
+        ({"pattern": "2:4", "score": "wanda", "calibration": []}, ValueError, "empty list"),
+        ({"ignore": "fc1"}, TypeError, "'ignore' must be a list"),
+        ({"min_numel": -1}, ValueError, "'min_numel' must be an int >= 0"),
+        ({"strict": "yes"}, TypeError, "'strict' must be True or False"),
+        ({"inductor": 1}, TypeError, "'inductor' must be True or False"),
+    ],
+)
+def test_bad_options_give_clear_errors(options, error, match):
+    with pytest.raises(error, match=match):
+        vnm_backend(torch.fx.symbolic_trace(Block()), [torch.randn(2, 64)], options=options)
+    # through torch.compile the same message surfaces (wrapped by Dynamo)
+    with pytest.raises(Exception, match=match):
+        torch.compile(Block(), backend="vnm", options=options)(torch.randn(2, 64))
+
+
+def test_registered_on_import_and_through_the_entry_point(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from torch._dynamo.backends import registry
+
+    assert registry.lookup_backend("vnm") is vnm_backend
+    # The entry-point path: lookup_backend loads vnm_compile.backend (whose import calls register())
+    # and then registers what it loaded; register() must defer instead of causing a duplicate.
+    monkeypatch.delitem(registry._COMPILER_FNS, "vnm")
+    ep = EntryPoint(name="vnm", value="vnm_compile.backend:vnm_backend", group="torch_dynamo_backends")
+    monkeypatch.setitem(registry._BACKENDS, "vnm", ep)
+    register()
+    assert "vnm" not in registry._COMPILER_FNS
+    assert registry.lookup_backend("vnm") is vnm_backend
+    register()  # idempotent once registered
+
+
+def test_compile_prunes_a_copy_matches_eager_sparsified_and_reports(caplog):
+    torch.manual_seed(0)
+    model = Block().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = eager_abs(model, "64:2:8", ignore=("out",), min_numel=0)
+    compiled = compile_fast(model, pattern="64:2:8", score="abs", ignore=["out"], min_numel=0)
+    x = torch.randn(3, 11, 64)
+    with caplog.at_level(logging.INFO, logger="vnm_compile.backend"), torch.no_grad():
+        got = compiled(x)
+    torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-5)  # float32 reference op: rounding only
+    # the user's model is untouched: weights, state, output
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(get_sparsity(m) is None for m in model.modules())
+    # the report, from Python and in the log
+    report = last_report()
+    assert isinstance(report, CompileReport) and reports() == [report]
+    assert [r.name for r in report.lowered] == ["fc1", "fc2"]
+    assert all(str(r.pattern) == "64:2:8" and r.origin == "compile (abs)" for r in report.lowered)
+    assert report["out"].reason == "ignored by name" and not report["out"].lowered
+    # 2/8 of the values plus indices, rows padded 144 -> 192 for V = 64
+    assert report["fc1"].sparse_bytes < report["fc1"].dense_bytes / 2
+    assert "2 linears lowered to vnm::linear" in caplog.text and "1 left dense" in caplog.text
+    assert "fc1" in report.table() and "ignored by name" in str(report)
+
+
+def test_recorded_state_without_pattern_and_strict(monkeypatch):
+    torch.manual_seed(1)
+    model = Block().eval()
+    sparsify_(model, VNMConfig("2:4", score="abs", permute=False, ignore=(), min_numel=2000), progress=False)
+    compiled = compile_fast(model)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    report = last_report()
+    assert {r.name: r.lowered for r in report.layers} == {"fc1": True, "fc2": True, "out": False}
+    assert report["out"].reason == "no V:N:M state and no pattern option"
+    # strict: a layer the dispatcher would leave dense is an error
+    import vnm_compile.kernels as kernels
+
+    monkeypatch.setattr(kernels, "prefer_sparse", lambda *a: False, raising=False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="strict=True.*fc1"):
+        compile_fast(model, strict=True)(x)
+
+
+def test_changing_shapes_do_not_recompile_per_size():
+    torch.manual_seed(2)
+    model = Block().eval()
+    ref = eager_abs(model, "64:2:5", ignore=(), min_numel=0)
+    compiled = compile_fast(model, pattern="64:2:5", min_numel=0, ignore=[])
+
+    def run(sizes):
+        with torch.no_grad():
+            for batch, seq in sizes:
+                x = torch.randn(batch, seq, 64)
+                torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    # automatic dynamic: the first sizes static, then a graph dynamic in sequence (and batch) length
+    run([(2, 5), (2, 9), (3, 17)])
+    graphs = len(reports())
+    assert graphs <= 3, [r.summary() for r in reports()]
+    run([(2, 33), (4, 2), (2, 64), (5, 7), (3, 100), (6, 3)])  # six new sizes: no new graph
+    assert len(reports()) == graphs
+    assert all(len(r.lowered) == 3 for r in reports())
+
+
+def test_mark_dynamic_compiles_once():
+    model = Block().eval()
+    compiled = compile_fast(model, pattern="64:2:5", min_numel=0)
+    with torch.no_grad():
+        for seq in (7, 19, 3):
+            x = torch.randn(2, seq, 64)
+            torch._dynamo.mark_dynamic(x, 1)
+            compiled(x)
+    assert len(reports()) == 1
+
+
+def test_gradients_flow_to_dense_neighbours():
+    torch.manual_seed(3)
+    model = Block()
+    ref = eager_abs(model, "64:2:8", ignore=("out",), min_numel=0)
+    compiled = compile_fast(model, pattern="64:2:8", ignore=["out"], min_numel=0)
+    x = torch.randn(2, 6, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    compiled(x).square().sum().backward()
+    ref(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.norm.weight.grad, ref.norm.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.fc1.bias.grad, ref.fc1.bias.grad, rtol=1e-5, atol=1e-5)
+    assert model.fc1.weight.grad is None  # the compressed weight is a constant of the compiled graph
+
+
+def test_inductor_end_to_end_on_a_tiny_model():
+    """The one inductor (C++ codegen) test: slow on CPU, so one tiny model, one dynamic graph, no grad."""
+    torch.manual_seed(4)
+    model = Block(d=32, f=80).eval()
+    ref = eager_abs(model, "16:2:8", ignore=(), min_numel=0)
+    compiled = torch.compile(model, backend="vnm", options={"pattern": "16:2:8", "min_numel": 0, "ignore": []})
+    with torch.no_grad():
+        for seq in (5, 12):
+            x = torch.randn(2, seq, 32)
+            torch._dynamo.mark_dynamic(x, 1)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert len(reports()) == 1 and len(reports()[0].lowered) == 3
+
+
+def test_public_names():
+    assert vnm_compile.backend.vnm_backend is vnm_backend

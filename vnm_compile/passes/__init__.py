@@ -1,0 +1,49 @@
+"""FX passes of the "vnm" torch.compile backend, in the order they run.
+
+Each pass is ``pass_(gm, ctx) -> bool`` (True when it changed the graph) and
+reads/writes the shared CompileContext (options, linear sites, report).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch import fx
+
+from .context import CompileContext, CompileOptions, CompileReport, LayerCompileReport, LinearSite
+from .find_linears import find_linears
+from .fold_permutations import fold_permutations, permutation_nodes
+from .lower_linears import lower_linears
+from .prune_linears import prune_linears
+
+__all__ = [
+    "PASSES",
+    "run_passes",
+    "find_linears",
+    "prune_linears",
+    "fold_permutations",
+    "lower_linears",
+    "permutation_nodes",
+    "CompileContext",
+    "CompileOptions",
+    "CompileReport",
+    "LayerCompileReport",
+    "LinearSite",
+]
+
+logger = logging.getLogger(__name__)
+
+Pass = Callable[[fx.GraphModule, CompileContext], bool]
+
+# 1. find linears and decide which can be lowered; 2. prune those without recorded state;
+# 3. compress with permutations folded in; 4. rewrite to vnm.linear.
+PASSES: list[Pass] = [find_linears, prune_linears, fold_permutations, lower_linears]
+
+
+def run_passes(gm: fx.GraphModule, ctx: CompileContext, passes: list[Pass] | None = None) -> bool:
+    """Run ``passes`` (default PASSES) in order; True if any changed the graph."""
+    changed = False
+    for p in PASSES if passes is None else passes:
+        changed |= bool(p(gm, ctx))
+    return changed

@@ -1,0 +1,244 @@
+"""What the backend's passes share: the validated options, one record per linear call
+site found in the graph, and the compile report they fill in.
+
+Not a pass itself: the passes read and write a CompileContext in order
+(see ``passes/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from ..calibration.importance import SCORES
+from ..calibration.observer import CalibrationStats
+from ..format import VNMWeight
+from ..pattern import VNMPattern, as_pattern
+from ..sparsify import DEFAULT_IGNORE, VNMConfig
+from ..state import LinearSparsity
+
+__all__ = ["CompileOptions", "LinearSite", "LayerCompileReport", "CompileReport", "CompileContext", "USER_CHOICES"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MIN_NUMEL = VNMConfig.min_numel
+
+# Reasons for leaving a layer dense that the user chose; every other reason is an
+# error under ``strict=True``.
+USER_CHOICES = ("ignored by name", "too small", "no V:N:M state and no pattern option")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of ``torch.compile(model, backend="vnm", options={...})``.
+
+    Args:
+        pattern: prune linears that carry no recorded V:N:M state to this pattern
+            ("64:2:5", "2:4"); None lowers only already-sparsified linears.
+        score: importance for compile-time pruning: "abs", or "wanda"/"ria" with ``calibration``.
+        calibration: calibration batches (each as the model is called: dict -> kwargs, tuple -> args,
+            else the single argument), run through the captured graph; or a CalibrationStats.
+        alpha: RIA's exponent on the activation norm.
+        ignore: layer names (exact, dotted suffix or glob, as in VNMConfig) left dense. Default:
+            VNMConfig's ("lm_head", "classifier") for compile-time pruning; layers sparsify_ recorded are lowered.
+        min_numel: linears with fewer weights are left dense. Default: VNMConfig's (4096) for
+            compile-time pruning; layers sparsify_ recorded are lowered at any size.
+        strict: raise instead of leaving an eligible layer dense.
+        inductor: hand the rewritten graph to inductor (False: run the FX graph as is).
+    """
+
+    pattern: VNMPattern | str | None = None
+    score: str = "abs"
+    calibration: Any = None
+    alpha: float = 0.5
+    ignore: tuple[str, ...] | None = None
+    min_numel: int | None = None
+    strict: bool = False
+    inductor: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pattern is not None:
+            object.__setattr__(self, "pattern", as_pattern(self.pattern))
+        if self.score not in SCORES:
+            raise ValueError(f"vnm backend option 'score' must be one of {SCORES}, got {self.score!r}")
+        if self.score != "abs" and self.pattern is not None and self.calibration is None:
+            raise ValueError(
+                f"vnm backend option score={self.score!r} needs 'calibration' (a list of batches or a "
+                "CalibrationStats); use score='abs' to prune without calibration"
+            )
+        cal = self.calibration
+        if cal is not None and not isinstance(cal, CalibrationStats):
+            if isinstance(cal, (Tensor, dict, str, bytes)) or not isinstance(cal, Sequence):
+                raise TypeError(
+                    "vnm backend option 'calibration' must be a list of batches or a CalibrationStats, "
+                    f"got {type(cal).__name__}"
+                )
+            if len(cal) == 0:
+                raise ValueError("vnm backend option 'calibration' is an empty list of batches")
+            object.__setattr__(self, "calibration", tuple(cal))
+        if self.ignore is not None:
+            if isinstance(self.ignore, str) or not isinstance(self.ignore, (list, tuple, set, frozenset)):
+                raise TypeError(f"vnm backend option 'ignore' must be a list of layer names, got {self.ignore!r}")
+            object.__setattr__(self, "ignore", tuple(self.ignore))
+            if not all(isinstance(n, str) for n in self.ignore):
+                raise TypeError(f"vnm backend option 'ignore' must hold strings, got {self.ignore!r}")
+        m = self.min_numel
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
+            raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
+            raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")
+        for name in ("strict", "inductor"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"vnm backend option {name!r} must be True or False, got {getattr(self, name)!r}")
+
+    def ignore_for(self, recorded: bool) -> tuple[str, ...]:
+        """The ignore list for a layer with (``recorded``) or without sparsify_ state."""
+        if self.ignore is not None:
+            return self.ignore
+        return () if recorded else DEFAULT_IGNORE
+
+    def min_numel_for(self, recorded: bool) -> int:
+        if self.min_numel is not None:
+            return self.min_numel
+        return 0 if recorded else DEFAULT_MIN_NUMEL
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> CompileOptions:
+        """Validate a user's options dict; unknown keys are rejected by name."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown vnm backend option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+
+@dataclass
+class LinearSite:
+    """One nn.Linear weight in the graph and every call of it (a shared weight may be called twice)."""
+
+    name: str
+    weight: Tensor
+    nodes: list[fx.Node]
+    state: LinearSparsity | None = None
+    origin: str = ""  # "recorded" (sparsify_) or "compile (<score>)"
+    dense_reason: str | None = None
+    tokens: int = 1
+    compressed: VNMWeight | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.weight.shape[0]), int(self.weight.shape[1]))
+
+
+@dataclass
+class LayerCompileReport:
+    name: str
+    shape: tuple[int, int]
+    calls: int
+    lowered: bool
+    pattern: VNMPattern | None = None
+    origin: str = ""
+    permuted: bool = False
+    reason: str | None = None
+    dense_bytes: int = 0
+    sparse_bytes: int = 0
+
+
+@dataclass
+class CompileReport:
+    """Which linears one backend call lowered to vnm::linear (with which pattern) and which stayed dense, and why."""
+
+    layers: list[LayerCompileReport] = field(default_factory=list)
+    graph_id: int = 0
+
+    @property
+    def lowered(self) -> list[LayerCompileReport]:
+        return [r for r in self.layers if r.lowered]
+
+    @property
+    def dense(self) -> list[LayerCompileReport]:
+        return [r for r in self.layers if not r.lowered]
+
+    def __getitem__(self, name: str) -> LayerCompileReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(f"no linear named {name!r} in this compile report; known: {[r.name for r in self.layers][:8]}")
+
+    def summary(self) -> str:
+        dense = sum(r.dense_bytes for r in self.lowered)
+        sparse = sum(r.sparse_bytes for r in self.lowered)
+        ratio = f" ({dense / sparse:.2f}x fewer weight bytes)" if sparse else ""
+        return f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}, {len(self.dense)} left dense"
+
+    def table(self) -> str:
+        head = f"{'layer':<48} {'shape':>12} {'calls':>5} {'pattern':>9}  {'origin / reason'}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            if r.lowered:
+                note = r.origin + (", permuted" if r.permuted else "")
+                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {note}")
+            else:
+                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'dense':>9}  {r.reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table() + "\n" + self.summary()
+
+
+@dataclass
+class CompileContext:
+    """State shared by the passes of one backend call."""
+
+    options: CompileOptions
+    example_inputs: list[Any]
+    sites: list[LinearSite] = field(default_factory=list)
+
+    def to_lower(self) -> list[LinearSite]:
+        return [s for s in self.sites if s.dense_reason is None]
+
+    def keep_dense(self, site: LinearSite, reason: str) -> None:
+        """Leave ``site`` dense for ``reason``; under strict, raise unless the user chose it."""
+        if self.options.strict and not reason.startswith(USER_CHOICES):
+            raise RuntimeError(
+                f"vnm backend (strict=True): linear {site.name!r} {site.shape} would stay dense: {reason}"
+            )
+        site.dense_reason = reason
+        logger.debug("%s stays dense: %s", site.name, reason)
+
+    def report(self, graph_id: int = 0) -> CompileReport:
+        layers = []
+        for s in self.sites:
+            r = LayerCompileReport(s.name, s.shape, len(s.nodes), s.dense_reason is None, reason=s.dense_reason)
+            r.dense_bytes = s.weight.numel() * s.weight.element_size()
+            if r.lowered and s.state is not None:
+                r.pattern, r.origin = s.state.pattern, s.origin
+                r.permuted = s.state.in_perm is not None or s.state.out_perm is not None
+                if s.compressed is not None:
+                    r.sparse_bytes = s.compressed.nbytes
+            layers.append(r)
+        return CompileReport(layers, graph_id)
+
+
+def placeholder_source(node: fx.Node):
+    """The Dynamo Source a graph input was read from (``L['x']``, ``L['self']...weight``), or None."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return source if source is not None else getattr(node, "_dynamo_source", None)
+
+
+def source_name(source) -> str | None:
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else name  # a method in older torch
+
+
+def is_dtype_supported(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -1,0 +1,162 @@
+"""Find the linear layers in the graph Dynamo hands over and decide which can be lowered.
+
+In current PyTorch Dynamo lifts parameters to graph inputs, so a linear's
+weight is a placeholder whose example input is the model's real Parameter: the
+V:N:M state recorded by sparsify_ is looked up by that Parameter's identity,
+and the layer's name is read from the placeholder's source
+(``L['self']._modules['layers']._modules['0']._parameters['weight']`` ->
+``layers.0``). Older graphs that keep parameters as ``get_attr`` are handled too.
+The pass only annotates (``ctx.sites``); it does not change the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+from torch import Tensor, fx
+
+from ..sparsify import matches_ignore
+from ..state import get_sparsity
+from .context import CompileContext, LinearSite, is_dtype_supported, placeholder_source, source_name
+
+__all__ = ["find_linears", "is_linear", "LINEAR_TARGETS"]
+
+logger = logging.getLogger(__name__)
+
+# What nn.Linear / F.linear become in a Dynamo graph (torch IR) or after decomposition (aten).
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+_KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]|\.([A-Za-z_]\w*)")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+def module_name_from_source(source: str) -> str:
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0``."""
+    parts = [a or b or c for a, b, c in _KEY.findall(source)]
+    parts = [p for p in parts if p not in _CONTAINERS]
+    if parts and parts[0] in ("self",):
+        parts = parts[1:]
+    elif len(parts) > 1:
+        parts = parts[1:]  # the local or global variable holding the model
+    if parts and parts[-1] == "weight":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def module_name_from_placeholder(name: str) -> str:
+    """Fallback on the placeholder's mangled name: ``l_self_modules_fc_parameters_weight_`` -> ``fc``."""
+    name = name.strip("_")
+    for prefix in ("l_self_modules_", "L_self_modules_", "l_self_", "L_self_"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    name = name.replace("_parameters_weight", "").replace("_modules_", ".")
+    return name
+
+
+def _weight_of(gm: fx.GraphModule, node, inputs: dict[fx.Node, object]) -> tuple[Tensor | None, str | None]:
+    """The weight tensor behind a linear's weight argument and the layer's name, if it is a parameter."""
+    if not isinstance(node, fx.Node):
+        return None, None
+    if node.op == "placeholder":
+        value = inputs.get(node)
+        source = source_name(placeholder_source(node))
+        name = module_name_from_source(source) if isinstance(source, str) else module_name_from_placeholder(node.name)
+        return (value if isinstance(value, Tensor) else None), name
+    if node.op == "get_attr":
+        value = gm
+        for attr in str(node.target).split("."):
+            value = getattr(value, attr, None)
+        name = str(node.target).removesuffix(".weight").removesuffix("weight").rstrip(".")
+        return (value if isinstance(value, Tensor) else None), name
+    return None, None
+
+
+def _tokens(x) -> int:
+    """Rows the linear multiplies (product of the input's leading dims), from its fake value's size hints."""
+    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+    if not isinstance(val, Tensor) or val.dim() < 1:
+        return 1
+    dims = []
+    for d in val.shape[:-1]:
+        if isinstance(d, torch.SymInt):
+            hint = getattr(d.node, "hint", None)
+            d = hint if isinstance(hint, int) else 1
+        dims.append(int(d))
+    return max(1, math.prod(dims))
+
+
+def _prefer_sparse(site: LinearSite, device: torch.device, pattern) -> bool:
+    from .. import kernels
+
+    decide = getattr(kernels, "prefer_sparse", None)
+    if decide is None:  # the dispatcher's heuristic has not landed: lower everything eligible
+        return True
+    return bool(decide(site.shape[0], site.shape[1], pattern, site.tokens, device))
+
+
+def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
+    """Record every linear call as a LinearSite in ``ctx.sites``, with the reason if it must stay dense."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, ctx.example_inputs, strict=False))
+    by_weight: dict[int, LinearSite] = {}
+    opts = ctx.options
+    for node in gm.graph.nodes:
+        if not is_linear(node):
+            continue
+        weight, name = _weight_of(gm, _arg(node, 1, "weight"), inputs)
+        if weight is None:
+            site = LinearSite(name or node.name, torch.empty(0, 0), [node])
+            ctx.sites.append(site)
+            ctx.keep_dense(site, "weight is computed in the graph, not a parameter")
+            continue
+        if id(weight) in by_weight:  # the same weight called again (weight sharing)
+            by_weight[id(weight)].nodes.append(node)
+            continue
+        site = by_weight[id(weight)] = LinearSite(name, weight, [node], tokens=_tokens(_arg(node, 0, "input")))
+        ctx.sites.append(site)
+        _decide(site, opts, ctx)
+    logger.debug("find_linears: %d linear layers, %d to lower", len(ctx.sites), len(ctx.to_lower()))
+    return False
+
+
+def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
+    weight = site.weight
+    recorded = get_sparsity(weight) is not None
+    if matches_ignore(site.name, opts.ignore_for(recorded)):
+        return ctx.keep_dense(site, "ignored by name")
+    if weight.dim() != 2:
+        return ctx.keep_dense(site, f"unsupported weight shape {tuple(weight.shape)}")
+    if not recorded and opts.pattern is None:
+        return ctx.keep_dense(site, "no V:N:M state and no pattern option")
+    min_numel = opts.min_numel_for(recorded)
+    if weight.numel() < min_numel:
+        return ctx.keep_dense(site, f"too small ({weight.numel()} < min_numel={min_numel})")
+    if not weight.is_floating_point():
+        return ctx.keep_dense(site, f"non-float weight ({weight.dtype})")
+    if not is_dtype_supported(weight.dtype):
+        return ctx.keep_dense(site, f"unsupported dtype {weight.dtype} (vnm::linear takes fp16, bf16, fp32)")
+    site.state = get_sparsity(weight)
+    if site.state is not None:
+        site.origin = "recorded"
+        if tuple(site.state.mask.shape) != site.shape:
+            return ctx.keep_dense(site, f"recorded mask {tuple(site.state.mask.shape)} does not fit the weight")
+    pattern = site.state.pattern if site.state is not None else opts.pattern
+    if not _prefer_sparse(site, weight.device, pattern):
+        return ctx.keep_dense(
+            site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {weight.device.type}"
+        )
+    return None
