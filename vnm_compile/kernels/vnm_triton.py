@@ -71,7 +71,7 @@ def _fma_kernel(
     # sizes
     OUT,
     G,
-    NUM_CHUNKS,  # ceil(G / GC), runtime when compiled
+    NUM_CHUNKS,  # full chunks G // GC (runtime when compiled)
     V,  # rows per column block
     # strides
     stride_xt,
@@ -84,6 +84,7 @@ def _fma_kernel(
     GC: tl.constexpr,  # groups per chunk (multiple of 8)
     BLOCK_R: tl.constexpr,  # rows per program (divides V)
     EVEN_G: tl.constexpr,  # G % GC == 0: no masks in the loop
+    VAL_ALIGN: tl.constexpr,  # power of two dividing the values row stride (vector width hint)
     HAS_RIDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
@@ -100,42 +101,60 @@ def _fma_kernel(
 
     acc = tl.zeros((BLOCK_R, GC), dtype=tl.float32)
     x_row = x_ptr + t * stride_xt
-    val_rows = val_ptr + rows.to(tl.int64)[:, None] * stride_vr
+    val_rows = val_ptr + tl.multiple_of(rows.to(tl.int64) * stride_vr, VAL_ALIGN)[:, None]
     meta_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mr
     col_blk = col_ptr + blk.to(tl.int64) * G * 4
-    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):
-        g0 = i * GC
-        g = g0 + gg
-        # 1. values of the chunk: (BLOCK_R, 2GC) contiguous per row -> two (BLOCK_R, GC) slots
-        if EVEN_G:
-            vals = tl.load(val_rows + (2 * g0 + jj)[None, :])
-            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
-        else:
-            vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
-            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
+
+    # Full chunks run unmasked (16-byte vector loads); a partial last chunk runs once after the loop.
+    n_full = G // GC
+    # Software pipelining by hand: chunk i+1's values, metadata and column indices are in
+    # flight while chunk i computes, so each program keeps HBM and L2 loads outstanding.
+    # Prologue: chunk 0, masked (G may be smaller than GC; then the loop does not run).
+    cpt = col_blk + gg * 4
+    gm = gg < G
+    vals = tl.load(val_rows + jj[None, :], mask=(jj < 2 * G)[None, :], other=0.0)
+    words = tl.load(meta_rows + ww[None, :], mask=(ww < n_words)[None, :], other=0)
+    c0 = tl.load(cpt + 0, mask=gm, other=0)
+    c1 = tl.load(cpt + 1, mask=gm, other=0)
+    c2 = tl.load(cpt + 2, mask=gm, other=0)
+    c3 = tl.load(cpt + 3, mask=gm, other=0)
+    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):  # = n_full
+        # 1. x at the current chunk's 4 columns per group (gathered once for all BLOCK_R rows)
+        xa = tl.load(x_row + c0.to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        xb = tl.load(x_row + c1.to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        xc = tl.load(x_row + c2.to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        xd = tl.load(x_row + c3.to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        # 2. prefetch the next full chunk (the last iteration re-reads its own chunk: cache hits)
+        g0 = (i + 1 - (i + 1) // n_full) * GC
+        vals_n = tl.load(val_rows + (2 * g0 + jj)[None, :])
+        words_n = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
+        cpt = col_blk + (g0 + gg) * 4
+        c0n, c1n, c2n, c3n = tl.load(cpt + 0), tl.load(cpt + 1), tl.load(cpt + 2), tl.load(cpt + 3)
+        # 3. values (BLOCK_R, 2GC) -> two slots; metadata 4 bits per (row, group) -> two 2-bit positions
         v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        # 2. metadata: 4 bits per (row, group) = two 2-bit positions among the block's 4 columns
         codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
         p0 = codes & 3
         p1 = (codes >> 2) & 3
-        # 3. x at the block's 4 columns of each group, gathered once for all BLOCK_R rows
-        cptr = col_blk + g * 4
-        if EVEN_G:
-            c0 = tl.load(cptr + 0).to(tl.int64)
-            c1 = tl.load(cptr + 1).to(tl.int64)
-            c2 = tl.load(cptr + 2).to(tl.int64)
-            c3 = tl.load(cptr + 3).to(tl.int64)
-        else:
-            gm = g < G
-            c0 = tl.load(cptr + 0, mask=gm, other=0).to(tl.int64)
-            c1 = tl.load(cptr + 1, mask=gm, other=0).to(tl.int64)
-            c2 = tl.load(cptr + 2, mask=gm, other=0).to(tl.int64)
-            c3 = tl.load(cptr + 3, mask=gm, other=0).to(tl.int64)
-        xa = tl.load(x_row + c0 * stride_xk).to(tl.float32)[None, :]
-        xb = tl.load(x_row + c1 * stride_xk).to(tl.float32)[None, :]
-        xc = tl.load(x_row + c2 * stride_xk).to(tl.float32)[None, :]
-        xd = tl.load(x_row + c3 * stride_xk).to(tl.float32)[None, :]
         # 4. each row picks its two inputs (2-bit select tree) and accumulates elementwise
+        xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
+        xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
+        acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+        vals, words, c0, c1, c2, c3 = vals_n, words_n, c0n, c1n, c2n, c3n
+
+    if not EVEN_G:  # the partial last chunk, masked
+        g0 = n_full * GC
+        cpt = col_blk + (g0 + gg) * 4
+        gm = g0 + gg < G
+        vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
+        words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
+        xa = tl.load(x_row + tl.load(cpt + 0, mask=gm, other=0).to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        xb = tl.load(x_row + tl.load(cpt + 1, mask=gm, other=0).to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        xc = tl.load(x_row + tl.load(cpt + 2, mask=gm, other=0).to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        xd = tl.load(x_row + tl.load(cpt + 3, mask=gm, other=0).to(tl.int64) * stride_xk).to(tl.float32)[None, :]
+        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
+        p0 = codes & 3
+        p1 = (codes >> 2) & 3
         xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
         xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
         acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
@@ -179,6 +198,7 @@ def _dot_kernel(
     BLOCK_R: tl.constexpr,  # weight rows per program (divides V, >= 16)
     BLOCK_T: tl.constexpr,  # tokens per program (>= 16)
     EVEN_G: tl.constexpr,
+    VAL_ALIGN: tl.constexpr,
     HAS_RIDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IN_PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
@@ -198,14 +218,16 @@ def _dot_kernel(
     shifts = 4 * tl.arange(0, 8)
     n_words = (G + 7) // 8
 
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    x_rows = x_ptr + toks.to(tl.int64)[:, None] * stride_xt
-    val_rows = val_ptr + rows.to(tl.int64)[:, None] * stride_vr
+    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    x_toks = x_ptr + toks.to(tl.int64)[None, :] * stride_xt
+    val_rows = val_ptr + tl.multiple_of(rows.to(tl.int64) * stride_vr, VAL_ALIGN)[:, None]
     meta_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mr
     col_blk = col_ptr + blk.to(tl.int64) * G * 4
     for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):
         g0 = i * GC
-        # 1. gathered activations (BLOCK_T, 4GC): lanes run along the columns of one token row
+        # 1. gathered activations as (4GC, BLOCK_T): with the columns on dim 0, Triton puts the
+        #    lanes along the columns of one token row (one or two cache lines per warp load);
+        #    the (BLOCK_T, 4GC) orientation put them along tokens (32 lines per load, ~20x slower).
         if EVEN_G:
             cols = tl.load(col_blk + g0 * 4 + kk).to(tl.int64)
             vals = tl.load(val_rows + (2 * g0 + jj)[None, :])
@@ -214,7 +236,7 @@ def _dot_kernel(
             cols = tl.load(col_blk + g0 * 4 + kk, mask=g0 * 4 + kk < 4 * G, other=0).to(tl.int64)
             vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
             words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
-        xg = tl.load(x_rows + cols[None, :] * stride_xk, mask=tmask[:, None], other=0.0)
+        xg = tl.load(x_toks + cols[:, None] * stride_xk, mask=tmask[None, :], other=0.0)
         # 2. the dense (BLOCK_R, 4GC) weight tile over the kept columns
         v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
         codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
@@ -224,11 +246,11 @@ def _dot_kernel(
             p1 == cc[None, None, :], v1[:, :, None], 0.0
         )
         w4 = tl.reshape(w4, (BLOCK_R, 4 * GC)).to(xg.dtype)
-        # 3. tensor cores
+        # 3. tensor cores: acc (BLOCK_R, BLOCK_T) += w4 @ xg
         if DOT_UPCAST:
-            acc = tl.dot(xg.to(tl.float32), tl.trans(w4).to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(w4.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(xg, tl.trans(w4), acc, input_precision=IN_PREC)
+            acc = tl.dot(w4, xg, acc, input_precision=IN_PREC)
 
     if HAS_RIDX:
         dest = tl.load(ridx_ptr + rows)
@@ -237,9 +259,9 @@ def _dot_kernel(
         dest = rows
         ok = rows < OUT
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * stride_yt + dest[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & ok[None, :])
+        acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + toks.to(tl.int64)[None, :] * stride_yt + dest[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & tmask[None, :])
 
 
 _KERNEL_FNS = {"fma": _fma_kernel, "dot": _dot_kernel}
@@ -357,6 +379,7 @@ def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bia
         GC=cfg.gc,
         BLOCK_R=cfg.block_r,
         EVEN_G=groups % cfg.gc == 0,
+        VAL_ALIGN=_pow2_divisor(values.stride(0), 16),
         HAS_RIDX=row_index is not None,
         HAS_BIAS=bias is not None,
     )
@@ -373,7 +396,10 @@ def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bia
     strides = (x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0))
     if cfg.kind == "fma":
         grid = (rows_p // cfg.block_r, tokens)
-        _kernel("fma", interpret)[grid](*ptrs, y.shape[1], groups, chunks, v, *strides, **common, **launch_opts)
+        n_full = groups // cfg.gc  # the FMA kernel loops over full chunks, then one masked tail
+        if interpret:
+            common["CHUNKS_CONST"] = n_full
+        _kernel("fma", interpret)[grid](*ptrs, y.shape[1], groups, n_full, v, *strides, **common, **launch_opts)
     else:
         grid = (triton.cdiv(tokens, cfg.block_t), rows_p // cfg.block_r)
         prec = "ieee" if x2.dtype == torch.float32 else "tf32"
