@@ -18,12 +18,14 @@ from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import prefer_sparse, vnm_linear, vnm_linear_reference
 from vnm_compile.kernels.dispatch import sparse_speedup
 from vnm_compile.kernels.vnm_linear import uses_triton
-from vnm_compile.kernels.vnm_triton import KernelConfig, candidate_configs, vnm_linear_triton
+from vnm_compile.kernels.vnm_triton import KernelConfig, candidate_configs, interpreter_ready, vnm_linear_triton
 from vnm_compile.masks import vnm_mask
 from vnm_compile.pattern import VNMPattern
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Triton's interpreter needs TRITON_INTERPRET=1 before triton is imported (CI sets it for the whole run).
+interp = pytest.mark.skipif(not interpreter_ready(), reason="run with TRITON_INTERPRET=1 set before triton loads")
 
 
 def make_weight(rows, cols, pattern, *, permute=False, dtype=torch.float32, device="cpu", seed=0):
@@ -74,6 +76,7 @@ SHAPES = [
 ]
 
 
+@interp
 @pytest.mark.parametrize("rows,cols,pattern", SHAPES)
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 def test_kernel_interpreted_matches_fp64(monkeypatch, rows, cols, pattern, tokens):
@@ -92,8 +95,9 @@ def test_kernel_interpreted_matches_fp64(monkeypatch, rows, cols, pattern, token
     check(y, x, dense, bias)
 
 
+@interp
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["fma", "dot"])
+@pytest.mark.parametrize("kind", ["fma", "dot", "dot_fm"])
 def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
     """Both kernels forced, odd token count, permutations and bias, 64:2:5 with a partial last chunk."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -101,12 +105,17 @@ def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
     tokens = 3 if kind == "fma" else 19  # the FMA kernel runs one program per token (slow to interpret)
     x = torch.randn(tokens, 83, dtype=dtype)
     bias = torch.randn(71, dtype=dtype)
-    cfg = KernelConfig("fma", 32, 8) if kind == "fma" else KernelConfig("dot", 16, 8, 16)
+    cfg = {
+        "fma": KernelConfig("fma", 32, 8),
+        "dot": KernelConfig("dot", 16, 8, 16),
+        "dot_fm": KernelConfig("dot", 32, 8, 16, fm=True),  # feature-major copy of x
+    }[kind]
     out = torch.full((tokens, 71), float("nan"), dtype=dtype)
     y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 64, 2, 5, 71, out=out, config=cfg)
     check(y, x, dense, bias)
 
 
+@interp
 def test_300_tokens_3d_noncontiguous(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     vw, dense = make_weight(40, 61, "32:2:7", permute=True, dtype=torch.float16, seed=5)
@@ -120,6 +129,7 @@ def test_300_tokens_3d_noncontiguous(monkeypatch):
     check(y.reshape(300, 40), x.reshape(300, 61), dense, bias)
 
 
+@interp
 def test_transposed_view_input(monkeypatch):
     """x given as a transposed (feature-major) view: strides go to the kernel, no copy needed."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -178,7 +188,7 @@ def test_bad_inputs():
         vnm_linear_triton(torch.randn(2, 13), vw.values, vw.columns, vw.meta, None, None, 16, 1, 5, 9)
 
 
-@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("interpret", [False, pytest.param(True, marks=interp)])
 def test_opcheck(monkeypatch, interpret):
     if interpret:
         monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..format import VNMWeight, decompress
 from ..masks import block_rows
 from ..pattern import VNMPattern
-from .vnm_triton import HAS_TRITON, interpret_mode, vnm_linear_triton
+from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
 __all__ = ["vnm_linear", "vnm_linear_reference", "OP", "uses_triton"]
 
@@ -53,7 +53,14 @@ def uses_triton(x: Tensor, n: int) -> bool:
     """Whether vnm::linear runs the Triton kernels for this input (decided at call time)."""
     if not HAS_TRITON or n != 2 or x.dtype not in _KERNEL_DTYPES:
         return False
-    return x.is_cuda or (x.device.type == "cpu" and interpret_mode())
+    if x.is_cuda:
+        return True
+    if x.device.type != "cpu" or not interpret_mode():
+        return False
+    if not interpreter_ready():
+        log.warning("TRITON_INTERPRET=1 was set after triton was imported: using the reference path")
+        return False
+    return True
 
 
 @_linear_op.register_fake

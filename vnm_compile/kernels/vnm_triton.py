@@ -46,7 +46,14 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "KernelConfig", "interpret_mode", "vnm_linear_triton", "clear_autotune_cache"]
+__all__ = [
+    "HAS_TRITON",
+    "KernelConfig",
+    "interpret_mode",
+    "interpreter_ready",
+    "vnm_linear_triton",
+    "clear_autotune_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,19 @@ GROUPS_PER_WORD = 8  # n = 2: 8 groups x 4 bits per int32 metadata word
 def interpret_mode() -> bool:
     """True when TRITON_INTERPRET=1 is set now (checked at call time)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_ready() -> bool:
+    """Whether Triton's interpreter can run our kernels in this process.
+
+    Triton builds its own library functions (tl.sum, ...) for the interpreter only
+    when TRITON_INTERPRET=1 was set when triton was first imported.
+    """
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -184,7 +204,7 @@ def _dot_kernel(
     T,
     OUT,
     G,
-    NUM_CHUNKS,
+    NUM_CHUNKS,  # full chunks G // GC
     V,
     # strides
     stride_xt,
@@ -197,6 +217,7 @@ def _dot_kernel(
     GC: tl.constexpr,  # groups per chunk: the dot's K is 4 * GC
     BLOCK_R: tl.constexpr,  # weight rows per program (divides V, >= 16)
     BLOCK_T: tl.constexpr,  # tokens per program (>= 16)
+    EVEN_T: tl.constexpr,  # T % BLOCK_T == 0: no token masks on the gathers
     EVEN_G: tl.constexpr,
     VAL_ALIGN: tl.constexpr,
     HAS_RIDX: tl.constexpr,
@@ -219,25 +240,32 @@ def _dot_kernel(
     n_words = (G + 7) // 8
 
     acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    # Gathered activations are (4GC, BLOCK_T) tiles: x[toks, cols]. Token-major x: with the
+    # columns on dim 0 Triton puts the lanes along the columns of one token row (the
+    # (BLOCK_T, 4GC) orientation put them along tokens: 32 lines per load, ~20x slower).
+    # Feature-major x (stride_xt == 1, the prefill configs): 16-byte loads along tokens.
     x_toks = x_ptr + toks.to(tl.int64)[None, :] * stride_xt
     val_rows = val_ptr + tl.multiple_of(rows.to(tl.int64) * stride_vr, VAL_ALIGN)[:, None]
     meta_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mr
     col_blk = col_ptr + blk.to(tl.int64) * G * 4
-    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):
-        g0 = i * GC
-        # 1. gathered activations as (4GC, BLOCK_T): with the columns on dim 0, Triton puts the
-        #    lanes along the columns of one token row (one or two cache lines per warp load);
-        #    the (BLOCK_T, 4GC) orientation put them along tokens (32 lines per load, ~20x slower).
-        if EVEN_G:
-            cols = tl.load(col_blk + g0 * 4 + kk).to(tl.int64)
-            vals = tl.load(val_rows + (2 * g0 + jj)[None, :])
-            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
+    n_full = G // GC
+    # Prologue: chunk 0 (masked: G may be smaller than GC). Then each iteration gathers x for
+    # chunk i (its column indices arrived one iteration earlier) and prefetches chunk i+1.
+    cols = tl.load(col_blk + kk, mask=kk < 4 * G, other=0)
+    vals = tl.load(val_rows + jj[None, :], mask=(jj < 2 * G)[None, :], other=0.0)
+    words = tl.load(meta_rows + ww[None, :], mask=(ww < n_words)[None, :], other=0)
+    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):  # = n_full
+        # 1. x gathered at the chunk's 4GC absolute columns
+        if EVEN_T:  # no token mask: 16-byte vector loads along tokens when x is feature-major
+            xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk)
         else:
-            cols = tl.load(col_blk + g0 * 4 + kk, mask=g0 * 4 + kk < 4 * G, other=0).to(tl.int64)
-            vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
-            words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
-        xg = tl.load(x_toks + cols[:, None] * stride_xk, mask=tmask[None, :], other=0.0)
-        # 2. the dense (BLOCK_R, 4GC) weight tile over the kept columns
+            xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk, mask=tmask[None, :], other=0.0)
+        # 2. prefetch the next full chunk (the last iteration re-reads its own: cache hits)
+        g0 = (i + 1 - (i + 1) // n_full) * GC
+        cols_n = tl.load(col_blk + g0 * 4 + kk)
+        vals_n = tl.load(val_rows + (2 * g0 + jj)[None, :])
+        words_n = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
+        # 3. the dense (BLOCK_R, 4GC) weight tile over the kept columns
         v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
         codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
         p0 = (codes & 3)[:, :, None]
@@ -246,7 +274,30 @@ def _dot_kernel(
             p1 == cc[None, None, :], v1[:, :, None], 0.0
         )
         w4 = tl.reshape(w4, (BLOCK_R, 4 * GC)).to(xg.dtype)
-        # 3. tensor cores: acc (BLOCK_R, BLOCK_T) += w4 @ xg
+        # 4. tensor cores: acc (BLOCK_R, BLOCK_T) += w4 @ xg
+        if DOT_UPCAST:
+            acc = tl.dot(w4.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w4, xg, acc, input_precision=IN_PREC)
+        cols, vals, words = cols_n, vals_n, words_n
+
+    if not EVEN_G:  # the partial last chunk, masked
+        g0 = n_full * GC
+        cols = tl.load(col_blk + g0 * 4 + kk, mask=g0 * 4 + kk < 4 * G, other=0)
+        vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
+        words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
+        if EVEN_T:  # no token mask: 16-byte vector loads along tokens when x is feature-major
+            xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk)
+        else:
+            xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk, mask=tmask[None, :], other=0.0)
+        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
+        p0 = (codes & 3)[:, :, None]
+        p1 = ((codes >> 2) & 3)[:, :, None]
+        w4 = tl.where(p0 == cc[None, None, :], v0[:, :, None], 0.0) + tl.where(
+            p1 == cc[None, None, :], v1[:, :, None], 0.0
+        )
+        w4 = tl.reshape(w4, (BLOCK_R, 4 * GC)).to(xg.dtype)
         if DOT_UPCAST:
             acc = tl.dot(w4.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -298,6 +349,7 @@ class KernelConfig:
     block_t: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    fm: bool = False  # dot only: transpose x to feature-major first (coalesced 16-byte gathers)
 
     def fits(self, v: int, tokens: int) -> bool:
         if v % self.block_r:
@@ -313,23 +365,27 @@ class KernelConfig:
 # and 64-256 tokens so each gathered x tile feeds enough MACs. Few configs:
 # every one compiles once per dtype/flag set (shapes are runtime ints).
 _FMA_CONFIGS = [
-    KernelConfig("fma", 8, 64, num_warps=4),
-    KernelConfig("fma", 16, 64, num_warps=4),
     KernelConfig("fma", 4, 128, num_warps=4),
-    KernelConfig("fma", 8, 128, num_warps=8),
+    KernelConfig("fma", 2, 256, num_warps=4),
+    KernelConfig("fma", 4, 256, num_warps=4),
+    KernelConfig("fma", 8, 64, num_warps=4),
+    KernelConfig("fma", 4, 64, num_warps=2),
 ]
 _SMALL_DOT_CONFIGS = [
-    KernelConfig("dot", 16, 16, 16, num_warps=4),
-    KernelConfig("dot", 32, 16, 16, num_warps=4),
-    KernelConfig("dot", 32, 32, 32, num_warps=4),
-    KernelConfig("dot", 64, 16, 64, num_warps=4),
+    KernelConfig("dot", 16, 32, 16, num_warps=4),
+    KernelConfig("dot", 32, 32, 16, num_warps=4),
+    KernelConfig("dot", 16, 32, 16, num_warps=4, fm=True),
+    KernelConfig("dot", 64, 32, 16, num_warps=4, fm=True),
+    KernelConfig("dot", 32, 32, 32, num_warps=4, fm=True),
+    KernelConfig("dot", 64, 16, 64, num_warps=4, fm=True),
 ]
 _PREFILL_CONFIGS = [
-    KernelConfig("dot", 64, 16, 128, num_warps=4, num_stages=3),
-    KernelConfig("dot", 64, 16, 128, num_warps=8, num_stages=2),
-    KernelConfig("dot", 64, 32, 128, num_warps=8, num_stages=2),
-    KernelConfig("dot", 64, 16, 256, num_warps=8, num_stages=2),
-    KernelConfig("dot", 128, 16, 128, num_warps=8, num_stages=2),
+    KernelConfig("dot", 64, 16, 128, num_warps=4, num_stages=3, fm=True),
+    KernelConfig("dot", 64, 32, 128, num_warps=8, num_stages=2, fm=True),
+    KernelConfig("dot", 64, 16, 256, num_warps=8, num_stages=2, fm=True),
+    KernelConfig("dot", 64, 32, 256, num_warps=8, num_stages=2, fm=True),
+    KernelConfig("dot", 128, 16, 128, num_warps=8, num_stages=2, fm=True),
+    KernelConfig("dot", 128, 16, 256, num_warps=8, num_stages=2, fm=True),
 ]
 
 
@@ -372,10 +428,14 @@ def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bia
     tokens, _ = x2.shape
     rows_p, slots = values.shape
     groups = slots // 2
-    chunks = -(-groups // cfg.gc)
+    n_full = groups // cfg.gc  # both kernels loop over full chunks, then one masked tail
+    if cfg.fm and x2.stride(0) != 1 and tokens > 1:
+        # Feature-major copy of x (one transpose launch, T x K x 2 bytes each way): the gathers
+        # then read 16-byte runs of tokens per kept column instead of scattered elements.
+        x2 = x2.t().contiguous().t()
     dummy = values  # never read when the HAS_* flag is off
     common = dict(
-        CHUNKS_CONST=chunks if interpret else None,
+        CHUNKS_CONST=n_full if interpret else None,
         GC=cfg.gc,
         BLOCK_R=cfg.block_r,
         EVEN_G=groups % cfg.gc == 0,
@@ -396,15 +456,13 @@ def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bia
     strides = (x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0))
     if cfg.kind == "fma":
         grid = (rows_p // cfg.block_r, tokens)
-        n_full = groups // cfg.gc  # the FMA kernel loops over full chunks, then one masked tail
-        if interpret:
-            common["CHUNKS_CONST"] = n_full
         _kernel("fma", interpret)[grid](*ptrs, y.shape[1], groups, n_full, v, *strides, **common, **launch_opts)
     else:
         grid = (triton.cdiv(tokens, cfg.block_t), rows_p // cfg.block_r)
         prec = "ieee" if x2.dtype == torch.float32 else "tf32"
         _kernel("dot", interpret)[grid](
-            *ptrs, tokens, y.shape[1], groups, chunks, v, *strides, **common, BLOCK_T=cfg.block_t, IN_PREC=prec,
+            *ptrs, tokens, y.shape[1], groups, n_full, v, *strides, **common, BLOCK_T=cfg.block_t, IN_PREC=prec,
+            EVEN_T=tokens % cfg.block_t == 0,
             DOT_UPCAST=interpret and x2.dtype == torch.bfloat16,
             **launch_opts,
         )  # fmt: skip
