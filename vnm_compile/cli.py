@@ -63,8 +63,14 @@ def _add_select(sub) -> None:
     p.set_defaults(func=_select)
 
 
+def _add_export(sub) -> None:
+    from .export.cli import add_export_parser  # light: the handlers import onnx/tensorrt
+
+    add_export_parser(sub)
+
+
 # Each sub-command module contributes one `_add_*` function here.
-_SUBCOMMANDS = [_add_demo, _add_select]
+_SUBCOMMANDS = [_add_demo, _add_select, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

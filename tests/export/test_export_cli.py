@@ -1,0 +1,71 @@
+"""`vnm export onnx|tensorrt`: argument handling, output, and the TensorRT error path.
+
+The real command sparsifies and exports the bundled MiniLM (tens of seconds on CPU);
+here the model preparation is swapped for a tiny BERT so the command's own code
+(export, summary table, onnxruntime check) runs in a few seconds. The MiniLM export
+itself is tested in test_export_onnx.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from vnm_compile import VNMConfig, sparsify_
+from vnm_compile.cli import build_parser, main
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert(args):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+    )
+    model = transformers.BertModel(config).eval()
+    report = sparsify_(model, VNMConfig(args.pattern, score="abs", permute=args.permute), progress=False)
+    ids = torch.randint(0, 97, (2, 7))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    check_ids = torch.randint(0, 97, (3, 11))
+    check = {"input_ids": check_ids, "attention_mask": torch.ones_like(check_ids)}
+    return model, example, check, report
+
+
+def test_export_onnx_command(tmp_path, monkeypatch, capsys):
+    from vnm_compile.export import cli as export_cli
+
+    monkeypatch.setattr(export_cli, "_prepare_minilm", _tiny_bert)
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "onnx", "--pattern", "16:2:5", "--score", "abs", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file()
+    assert "VNMLinear nodes                    7" in text  # q, k, v, attention out, intermediate, output, pooler
+    diff = float(text.split("max |diff|")[1].split()[0])
+    assert diff < 1e-4
+
+
+def test_export_arguments():
+    args = build_parser().parse_args(["export", "onnx", "--out", "m.onnx"])
+    assert (args.pattern, args.score, args.opset, args.permute) == ("64:2:5", "ria", 18, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "onnx"])  # --out is required
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "tflite", "--out", "m"])
+
+
+def test_export_tensorrt_without_tensorrt_fails_fast(tmp_path, monkeypatch, capsys):
+    from vnm_compile.export import cli as export_cli
+
+    def must_not_run(args):
+        raise AssertionError("the model must not be prepared when TensorRT is missing")
+
+    monkeypatch.setattr(export_cli, "_prepare_minilm", must_not_run)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main(["export", "tensorrt", "--out", str(tmp_path / "m.engine")]) == 1
+    assert "pip install 'tensorrt>=10.8'" in capsys.readouterr().err
+    assert not (tmp_path / "m.engine").exists()

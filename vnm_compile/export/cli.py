@@ -1,0 +1,120 @@
+"""`vnm export onnx|tensorrt`: sparsify the bundled MiniLM and export it.
+
+Heavy imports (transformers, onnx, tensorrt) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_export_parser"]
+
+
+def _prepare_minilm(args: argparse.Namespace):
+    """(sparsified model, tokenizer, export example batch, held-out check batch, report)."""
+    from ..calibration import calibrate
+    from ..data import calibration_and_eval_texts
+    from ..models import load_minilm, text_batches
+    from ..sparsify import VNMConfig, sparsify_
+
+    model, tokenizer = load_minilm()
+    calib_texts, eval_texts = calibration_and_eval_texts(args.calibration, 8)
+    stats = None
+    if args.score != "abs":
+        stats = calibrate(model, text_batches(tokenizer, calib_texts), progress=not args.no_progress)
+    config = VNMConfig(args.pattern, score=args.score, permute=args.permute)
+    report = sparsify_(model, config, stats, progress=not args.no_progress)
+    example = text_batches(tokenizer, eval_texts[:2])[0]
+    check = text_batches(tokenizer, eval_texts[2:8], batch_size=6)[0]
+    return model, example, check, report
+
+
+def _dense_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .onnx import onnx_summary, to_onnx
+
+    model, example, check, report = _prepare_minilm(args)
+    path = to_onnx(model, example, args.out, opset=args.opset)
+    summary = onnx_summary(path)
+    dense = _dense_bytes(model)
+    print(report.summary())
+    print(f"{'file':<34} {str(path)}")
+    print(f"{'VNMLinear nodes':<34} {summary['vnm_nodes']}")
+    print(f"{'file size':<34} {summary['file_bytes'] / 1e6:9.2f} MB")
+    print(f"{'dense parameters (fp32)':<34} {dense / 1e6:9.2f} MB")
+    print(f"{'V:N:M layer tensors in the file':<34} {summary['vnm_initializer_bytes'] / 1e6:9.2f} MB")
+    if not args.no_check:
+        err = _onnxruntime_error(model, path, check)
+        if err is None:
+            print("onnxruntime not installed: file not run (pip install onnxruntime)")
+        else:
+            print(f"{'onnxruntime vs PyTorch, max |diff|':<34} {err:.3g} (6 held-out docstrings)")
+    return 0
+
+
+def _onnxruntime_error(model, path: Path, batch: dict) -> float | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import torch
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {k: batch[k].cpu().numpy() for k in names})[0]
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    return float((torch.from_numpy(got) - ref.cpu()).abs().max())
+
+
+def _export_tensorrt(args: argparse.Namespace) -> int:
+    from .tensorrt import require_tensorrt, to_tensorrt
+
+    try:
+        require_tensorrt()  # fail before the slow steps
+    except (ImportError, RuntimeError) as e:
+        print(f"vnm export tensorrt: {e}", file=sys.stderr)
+        return 1
+    import torch
+
+    model, example, _, report = _prepare_minilm(args)
+    model = model.to("cuda", torch.float16 if args.fp16 else torch.float32)
+    example = {k: v.to("cuda") for k, v in example.items()}
+    path = to_tensorrt(model, example, args.out, opset=args.opset, fp16=args.fp16, onnx_path=args.onnx)
+    print(report.summary())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pattern", default="64:2:5", help="V:N:M pattern (default 64:2:5)")
+    p.add_argument("--score", choices=["abs", "wanda", "ria"], default="ria", help="importance score (default ria)")
+    p.add_argument("--calibration", type=int, default=64, help="calibration paragraphs for wanda/ria (default 64)")
+    p.add_argument("--permute", action="store_true", help="search channel permutations (slower)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23, default 18)")
+    p.add_argument("--out", type=Path, required=True, help="file to write")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_export_parser(sub) -> None:
+    """The `export` sub-command with its `onnx` and `tensorrt` targets."""
+    p = sub.add_parser("export", help="sparsify the bundled MiniLM and export it to ONNX or a TensorRT engine")
+    targets = p.add_subparsers(dest="target", required=True)
+    onnx_p = targets.add_parser(
+        "onnx", help="ONNX file with one VNMLinear node per sparse linear (runs in onnxruntime)"
+    )
+    _common(onnx_p)
+    onnx_p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    onnx_p.set_defaults(func=_export_onnx)
+    trt_p = targets.add_parser(
+        "tensorrt", help="TensorRT engine with the V:N:M plugin (needs TensorRT >= 10.8 and a GPU)"
+    )
+    _common(trt_p)
+    trt_p.add_argument("--fp16", action="store_true", help="export in float16 and let TensorRT use fp16 kernels")
+    trt_p.add_argument("--onnx", type=Path, default=None, help="also keep the intermediate ONNX file here")
+    trt_p.set_defaults(func=_export_tensorrt)
