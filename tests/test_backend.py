@@ -167,6 +167,30 @@ def test_mark_dynamic_compiles_once():
     assert len(reports()) == 1
 
 
+@pytest.mark.parametrize("inductor", [False])
+def test_one_graph_serves_other_modules_and_updated_weights(inductor):
+    """Dynamo reuses a graph for every instance of a class (parameters are inputs, not guarded by
+    identity): the compressed weights baked into the graph must follow the weights it is called with."""
+    torch.manual_seed(5)
+    blocks = [Block().eval() for _ in range(3)]
+    for b in blocks:
+        b.compile(backend="vnm", options={"pattern": "64:2:8", "min_numel": 0, "ignore": [], "inductor": inductor})
+    refs = [eager_abs(b, "64:2:8", ignore=(), min_numel=0) for b in blocks]
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        for b, r in zip(blocks, refs, strict=True):
+            torch.testing.assert_close(b(x), r(x), rtol=1e-5, atol=1e-5)
+        graphs = len(reports())
+        for b, r in zip(blocks, refs, strict=True):  # second round: no more lowering
+            torch.testing.assert_close(b(x), r(x), rtol=1e-5, atol=1e-5)
+        assert len(reports()) == graphs
+        # an in-place update (same Parameter object, new version) is lowered again
+        blocks[0].fc1.weight.mul_(-2.0)
+        ref = eager_abs(blocks[0], "64:2:8", ignore=(), min_numel=0)
+        torch.testing.assert_close(blocks[0](x), ref(x), rtol=1e-5, atol=1e-5)
+        assert len(reports()) == graphs + 1
+
+
 def test_gradients_flow_to_dense_neighbours():
     torch.manual_seed(3)
     model = Block()
@@ -193,7 +217,15 @@ def test_inductor_end_to_end_on_a_tiny_model():
             x = torch.randn(2, seq, 32)
             torch._dynamo.mark_dynamic(x, 1)
             torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
-    assert len(reports()) == 1 and len(reports()[0].lowered) == 3
+        assert len(reports()) == 1 and len(reports()[0].lowered) == 3
+        # new weight values: the graph is lowered and inductor-compiled again, still dynamic
+        model.fc2.weight.mul_(0.5)
+        ref = eager_abs(model, "16:2:8", ignore=(), min_numel=0)
+        for seq in (4, 9):
+            x = torch.randn(2, seq, 32)  # same guards: the weight check, not Dynamo, triggers it
+            torch._dynamo.mark_dynamic(x, 1)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert len(reports()) == 2
 
 
 def test_public_names():

@@ -11,6 +11,7 @@ Every call's CompileReport is logged and kept (``last_report()``, ``reports()``)
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import logging
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 from torch import fx
 
 from .passes import CompileContext, CompileOptions, CompileReport, run_passes
+from .passes.context import placeholder_source
 
 __all__ = ["vnm_backend", "CompileOptions", "CompileReport", "last_report", "reports", "clear_reports", "register"]
 
@@ -47,18 +49,102 @@ def vnm_backend(
     """
     mode = kwargs.pop("mode", None)
     opts = CompileOptions.from_dict({**(options or {}), **kwargs})
-    ctx = CompileContext(opts, list(example_inputs))
+    inputs = list(example_inputs)
+    pristine = _Snapshot(gm)
+    fn, ctx = _lower_and_compile(gm, inputs, opts, mode)
+    watched = sorted({s.input_index for s in ctx.to_lower() if s.compressed is not None and s.input_index is not None})
+    if not watched:
+        return fn
+    return _WeightGuard(fn, watched, inputs, pristine, opts, mode)
+
+
+def _lower_and_compile(
+    gm: fx.GraphModule, inputs: list[Any], opts: CompileOptions, mode: str | None
+) -> tuple[Callable[..., Any], CompileContext]:
+    ctx = CompileContext(opts, inputs)
     run_passes(gm, ctx)
     report = ctx.report(next(_GRAPH_IDS))
     _REPORTS.append(report)
     logger.info("%s", report.summary())
     logger.debug("\n%s", report.table())
     if not opts.inductor:
-        return gm.forward
+        return gm.forward, ctx
     from torch._inductor.compile_fx import compile_fx
 
     patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, inputs, config_patches=patches), ctx
+
+
+class _Snapshot:
+    """The captured graph before the passes (plus its inputs' sources), to lower it again for other weights."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.root = gm
+        self.graph = copy.deepcopy(gm.graph)
+        # Dynamo's tracing context (its fake mode and shape environment): compiling again inside it
+        # keeps the sizes the first compile treated as dynamic symbolic.
+        self.tracing = torch._guards.TracingContext.try_get()
+        self.sources = [placeholder_source(n) for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def fresh(self) -> fx.GraphModule:
+        gm = fx.GraphModule(self.root, copy.deepcopy(self.graph))
+        for node, source in zip((n for n in gm.graph.nodes if n.op == "placeholder"), self.sources, strict=False):
+            node._dynamo_source = source
+        return gm
+
+
+def _version(t: Any) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
+
+
+class _WeightGuard:
+    """The compiled graph holds compressed copies of the weights it was compiled with.
+
+    Dynamo reuses one graph for every module instance running the same code (parameters are
+    graph inputs, not guarded by identity), and in-place updates keep the Parameter object. So
+    each call checks that the lowered weights are the same tensors at the same version; if not,
+    the pristine graph is lowered again for the weights it was called with (kept per weight set).
+    """
+
+    MAX_VARIANTS = 16
+
+    def __init__(self, fn, watched: list[int], inputs: list[Any], pristine: _Snapshot, opts, mode) -> None:
+        self.watched = watched
+        self.inputs = inputs
+        self.pristine = pristine
+        self.opts = opts
+        self.mode = mode
+        self.variants: list[tuple[tuple[tuple[Any, int], ...], Callable[..., Any]]] = [(self._key(inputs), fn)]
+
+    def _key(self, args) -> tuple[tuple[Any, int], ...]:
+        return tuple((args[i], _version(args[i])) for i in self.watched)
+
+    def _matches(self, key, args) -> bool:
+        return all(args[i] is w and _version(args[i]) == v for i, (w, v) in zip(self.watched, key, strict=True))
+
+    def __call__(self, *args: Any) -> Any:
+        for key, fn in self.variants:
+            if self._matches(key, args):
+                return fn(*args)
+        return self._recompile(args)(*args)
+
+    def _recompile(self, args) -> Callable[..., Any]:
+        logger.info(
+            "vnm: the lowered weights differ from the compiled ones (another module or an in-place update): lowering again"
+        )
+        inputs = list(self.inputs)
+        for i in self.watched:
+            inputs[i] = args[i]
+        with torch._guards.tracing(self.pristine.tracing):
+            fn, _ = _lower_and_compile(self.pristine.fresh(), inputs, self.opts, self.mode)
+        self.variants.append((self._key(args), fn))
+        if len(self.variants) > self.MAX_VARIANTS:
+            logger.warning("vnm: more than %d weight sets seen by one graph; dropping the oldest", self.MAX_VARIANTS)
+            self.variants.pop(0)
+        return fn
 
 
 def last_report() -> CompileReport | None:

@@ -130,6 +130,7 @@ class LinearSite:
     dense_reason: str | None = None
     tokens: int = 1
     compressed: VNMWeight | None = None
+    input_index: int | None = None  # the weight's position among the graph inputs (lifted parameters)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -127,6 +127,9 @@ def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             by_weight[id(weight)].nodes.append(node)
             continue
         site = by_weight[id(weight)] = LinearSite(name, weight, [node], tokens=_tokens(_arg(node, 0, "input")))
+        w_node = _arg(node, 1, "weight")
+        if w_node in inputs:
+            site.input_index = placeholders.index(w_node)
         ctx.sites.append(site)
         _decide(site, opts, ctx)
     logger.debug("find_linears: %d linear layers, %d to lower", len(ctx.sites), len(ctx.to_lower()))
