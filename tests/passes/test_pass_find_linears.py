@@ -33,10 +33,10 @@ def test_decisions_and_reasons(h, toy):
     assert why["up"] is None and ctx.sites[0].origin == "recorded"
     assert why["down"] == "ignored by name"
     assert why["tiny"] == "no V:N:M state and no pattern option"  # the first reason that applies
-    why = {s.name: s.dense_reason for s in h.context(gm, inputs, pattern="2:4", min_numel=500).sites}
-    assert why["tiny"] == "too small (320 < min_numel=500)"
     assert why["head"] == "no V:N:M state and no pattern option"
     assert why["shared"] is None  # 40 x 40 = 1600 >= 1000: sparsify_ recorded it
+    why = {s.name: s.dense_reason for s in h.context(gm, inputs, pattern="2:4", min_numel=500).sites}
+    assert why["tiny"] == "too small (320 < min_numel=500)"
 
 
 def test_defaults_follow_vnmconfig_for_compile_time_pruning(h):
