@@ -261,7 +261,8 @@ def to_onnx(
             UserWarning,
             stacklevel=2,
         )
-    if dynamic_shapes is None and dynamic:
+    default_axes = dynamic_shapes is None and dynamic
+    if default_axes:
         dynamic_shapes = _default_dynamic_shapes(args, kwargs)
 
     # 2. torch.export, then ONNX with vnm::linear translated into the custom node.
@@ -282,7 +283,7 @@ def to_onnx(
     proto = onnx_program.model_proto
 
     # 3. Function body, axis names, checks, save.
-    if dynamic_shapes is not None and dynamic:
+    if default_axes:
         _name_dynamic_axes(proto)
     n_nodes = _attach_function(proto, opset)
     if n_nodes != len(swapped):

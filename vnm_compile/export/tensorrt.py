@@ -329,8 +329,12 @@ def register_torch_tensorrt_converter() -> None:
     @dynamo_tensorrt_converter(OP, supports_dynamic_shapes=True)
     def _convert_vnm_linear(ctx, target, args, kwargs, name):
         x, values, columns, meta, row_index, bias, v, n, m, out_features = args
+        # Frozen buffers may arrive as numpy arrays; TensorRT has no int16 (columns -> int32).
+        values, columns, meta, row_index, bias = (
+            torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in (values, columns, meta, row_index, bias)
+        )
         if isinstance(columns, torch.Tensor):
-            columns = columns.to(torch.int32)  # TensorRT has no int16
+            columns = columns.to(torch.int32)
         has_row_index, has_bias = int(row_index is not None), int(bias is not None)
         if row_index is None:
             row_index = torch.zeros(1, dtype=torch.int32)

@@ -60,7 +60,7 @@ def register_plugin() -> str:
     ) -> trtp.TensorDesc:
         # Y: x's shape with the last axis out_features, x's dtype.
         dims = [x.shape_expr[i] for i in range(x.ndim - 1)] + [out_features]
-        return trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(dims)), dtype=x.dtype)
+        return trtp.from_shape_expr(tuple(dims), dtype=x.dtype)
 
     @trtp.autotune(PLUGIN_ID)
     def _combinations(x, values, columns, meta, row_index, bias, outputs) -> list:
