@@ -144,3 +144,57 @@ def test_torch_tensorrt_compile_matches_pytorch():
     compiled = compile_with_torch_tensorrt(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+def test_plugin_signature_matches_the_onnx_node(monkeypatch):
+    """Register the plugin against a stand-in tensorrt.plugin module (runs without TensorRT): the
+    description's inputs/attributes must be the VNMLinear node's, which is how the ONNX parser maps them."""
+    import inspect
+    import types
+
+    from vnm_compile.export.onnx_function import ATTRIBUTES, INPUTS
+    from vnm_compile.export.tensorrt_plugin import PLUGIN_ID, register_plugin
+
+    registered: dict[str, object] = {}
+
+    def decorator(kind):
+        def make(plugin_id):
+            def wrap(fn):
+                registered[kind] = (plugin_id, fn)
+                return fn
+
+            return wrap
+
+        return make
+
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.TensorDesc = type("TensorDesc", (), {})
+    trtp.register, trtp.autotune, trtp.impl = decorator("register"), decorator("autotune"), decorator("impl")
+    trtp.AutoTuneCombination = lambda spec: spec
+    trtp.from_shape_expr = lambda shape, dtype: (shape, dtype)
+    trt = types.ModuleType("tensorrt")
+    trt.plugin, trt.__version__ = trtp, "10.8.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    register_plugin.cache_clear()
+    try:
+        assert register_plugin() == PLUGIN_ID
+    finally:
+        register_plugin.cache_clear()
+
+    assert {pid for pid, _ in registered.values()} == {PLUGIN_ID}
+    params = inspect.signature(registered["register"][1]).parameters
+    tensors = [n for n, p in params.items() if p.annotation is trtp.TensorDesc]
+    attrs = [n for n, p in params.items() if p.annotation is int]
+    assert tensors == ["x", *INPUTS[1:]]  # the node's inputs, in order (X is x here)
+    assert attrs == list(PLUGIN_ATTRIBUTES) and set(ATTRIBUTES) <= set(attrs)
+    impl_params = list(inspect.signature(registered["impl"][1]).parameters)
+    assert impl_params[:6] == tensors and impl_params[-2:] == ["outputs", "stream"]
+    assert set(impl_params[6:-2]) <= set(attrs)
+    combos = registered["autotune"][1](*([None] * 7))
+    assert len(combos) == 1 and len(combos[0].split(",")) == 7  # 6 inputs + 1 output
+
+    # Output description: x's leading axes, out_features last, x's dtype.
+    x = types.SimpleNamespace(ndim=3, shape_expr=["B", "S", 67], dtype="half")
+    shape, dtype = registered["register"][1](x, *([None] * 5), 64, 2, 5, 131, 67, 1, 0)
+    assert shape == ("B", "S", 131) and dtype == "half"
