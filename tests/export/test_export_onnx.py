@@ -126,6 +126,10 @@ def test_export_leaves_model_unchanged(minilm):
     layers = sparse_linears(model)
     assert len(layers) == 37
     assert all(type(m) is nn.Linear and get_sparsity(m) is not None for m in layers.values())
+    assert all(get_sparsity(m.weight) is get_sparsity(m) for m in layers.values())
+    keys = set(model.state_dict())
+    assert "encoder.layer.0.attention.self.query.weight" in keys
+    assert not any(k.endswith((".values", ".columns", ".meta")) for k in keys)
 
 
 # --------------------------------------------------------------------------- tiny Llama
@@ -204,8 +208,9 @@ def test_bfloat16_exports_compressed(tmp_path):
 
 @pytest.mark.parametrize("opset", [23])  # 18, the default, is used everywhere else
 def test_opsets(tmp_path, opset):
-    model = _mlp(torch.float32, permute=False)
+    model = _mlp(torch.float32, permute=False).train()
     path = to_onnx(model, torch.randn(2, 3, 67), tmp_path / "mlp.onnx", opset=opset)
+    assert model.training  # the export ran on an eval() copy
     assert onnx_summary(path)["opsets"] == {"ai.onnx": opset, DOMAIN: 1}
     x = torch.randn(5, 2, 67)
     got = _session(path).run(None, {"input": x.numpy()})[0]
