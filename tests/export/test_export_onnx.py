@@ -218,6 +218,20 @@ def test_opsets(tmp_path, opset):
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_onnxruntime_folds_the_rebuild_into_a_dense_matmul(tmp_path):
+    """The function body depends on initializers only: onnxruntime's basic constant folding
+    leaves plain MatMuls (dense speed at run time; the file itself stays compressed)."""
+    model = _mlp(torch.float32, permute=True)
+    path = to_onnx(model, torch.randn(2, 3, 67), tmp_path / "mlp.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = {nd.op_type for nd in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "MatMul" in ops
+    assert not ops & {OP_TYPE, "ScatterElements", "GatherElements", "BitwiseAnd", "ConstantOfShape"}
+
+
 # --------------------------------------------------------------------------- the function body alone
 
 
