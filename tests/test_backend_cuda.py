@@ -1,0 +1,125 @@
+"""The "vnm" backend on a CUDA GPU with the Triton kernels: fp16, inductor, fullgraph.
+Skipped without a GPU (CI has none); run on the GPU machine."""
+
+import copy
+
+import pytest
+import torch
+
+from vnm_compile import VNMConfig, sparsify_
+from vnm_compile.backend import clear_reports, reports
+from vnm_compile.kernels.vnm_linear import OP
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    clear_reports()
+
+
+def eager_abs(model, pattern, **cfg):
+    ref = copy.deepcopy(model)
+    sparsify_(ref, VNMConfig(pattern, score="abs", permute=False, **cfg), progress=False)
+    return ref
+
+
+def assert_three_way(got, eager, exact, dtype):
+    """The compiled (Triton, fp32 accumulation) error vs float64 is within twice the eager fp16
+    (cuBLAS, fp32 accumulation) error plus one output rounding: same precision, other summation order."""
+    eps = torch.finfo(dtype).eps
+    err_c = (got.double() - exact).abs().max().item()
+    err_e = (eager.double() - exact).abs().max().item()
+    assert err_c <= 2 * err_e + eps * exact.abs().max().item(), (err_c, err_e)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d=256, f=688):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.fc1 = torch.nn.Linear(d, f)
+        self.fc2 = torch.nn.Linear(f, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.silu(self.fc1(self.norm(x))))
+
+
+@pytest.mark.parametrize("pattern", ["64:2:8", "64:2:5", "2:4"])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_block_fp16_inductor_matches_eager_sparsified(pattern, tokens):
+    torch.manual_seed(0)
+    model = Block().cuda().half().eval()
+    ref = eager_abs(model, pattern, ignore=(), min_numel=0)
+    compiled = torch.compile(model, backend="vnm", options={"pattern": pattern, "min_numel": 0, "ignore": []})
+    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        got, eager, exact = compiled(x), ref(x), ref.double()(x.double())
+    assert_three_way(got, eager, exact, torch.half)
+    assert len(reports()[-1].lowered) == 2
+
+
+def test_tiny_llama_fp16_fullgraph_inductor_prefill_and_decode():
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg).cuda().half().eval()
+    ref = eager_abs(model, "64:2:5")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from vnm_compile.backend import vnm_backend
+
+        fn = vnm_backend(gm, example_inputs, options={"pattern": "64:2:5"})
+        graphs.append(gm)
+        return fn
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    caches = [StaticCache(config=cfg, max_cache_len=64) for _ in range(3)]
+    with torch.no_grad():
+        ids = torch.randint(0, 256, (2, 11), device="cuda")
+        pos = torch.arange(11, device="cuda")
+        for _step in range(3):
+            kw = {"cache_position": pos, "use_cache": True}
+            got = compiled(input_ids=ids, past_key_values=caches[0], **kw).logits
+            eager = ref(input_ids=ids, past_key_values=caches[1], **kw).logits
+            exact = ref.double()(input_ids=ids, past_key_values=caches[2], **kw).logits
+            ref.half()
+            assert_three_way(got, eager, exact, torch.half)
+            ids, pos = eager[:, -1:].argmax(-1), pos[-1:] + 1
+    # 7 linears a layer; k/v (128 x 256 = 32768) are above min_numel: all lowered, lm_head ignored
+    assert len(reports()[-1].lowered) == 14
+    assert sum(n.target is OP for n in graphs[-1].graph.nodes) == 14
+
+
+def test_tiny_deit_fp16_fullgraph_no_inductor():
+    from transformers import DeiTConfig, DeiTModel
+
+    torch.manual_seed(0)
+    cfg = DeiTConfig(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, image_size=64, patch_size=16
+    )
+    model = DeiTModel(cfg).cuda().half().eval()
+    ref = eager_abs(model, "64:2:8")
+    compiled = torch.compile(model, backend="vnm", options={"pattern": "64:2:8", "inductor": False}, fullgraph=True)
+    with torch.no_grad():
+        for batch in (3, 8):
+            x = torch.randn(batch, 3, 64, 64, device="cuda", dtype=torch.half)
+            got = compiled(pixel_values=x).last_hidden_state
+            eager = ref(pixel_values=x).last_hidden_state
+            exact = ref.double()(pixel_values=x.double()).last_hidden_state
+            ref.half()
+            assert_three_way(got, eager, exact, torch.half)
+    assert all(len(r.lowered) == 2 * 6 + 1 for r in reports())  # 6 linears a layer + pooler
