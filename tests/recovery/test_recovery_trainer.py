@@ -154,3 +154,22 @@ def test_errors():
         recover_(tiny(), data(), progress=False)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         recover_(tiny(), data(), teacher=tiny(1, False), checkpoint_every=2, progress=False)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_KW))
+def test_merged_model_lowers_with_vnm_backend(method):
+    import vnm_compile.backend as backend
+
+    model = tiny(0)
+    recover_(model, data(), method=method, steps=5, lr=1e-2, teacher=tiny(0, sparse=False), train_mode=False,
+             progress=False, **METHOD_KW[method])  # fmt: skip
+    model.eval()
+    x = torch.randn(9, 21)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        backend.clear_reports()
+        got = torch.compile(model, backend="vnm", options={"inductor": False})(x)
+    report = backend.last_report()
+    assert len(report.lowered) == 3, report.table()
+    torch.testing.assert_close(got, expected)
