@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
     parser.add_argument("--out", type=Path, default=None, help="folder (default benchmarks/results/<gpu>)")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="only rewrite .md/.png/speedups from a linear.json"
+    )
     parser.add_argument("--configs", action="store_true", help="time every kernel config at Llama-2-7B shapes instead")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -30,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from vnm_compile.kernels.dispatch import gpu_slug
 
+    if args.from_json:
+        import json
+
+        results = json.loads(args.from_json.read_text())
+        for p in write_results(results, args.out or args.from_json.parent):
+            print(f"wrote {p}")
+        return 0
     if not torch.cuda.is_available():
         print("bench_linear needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -43,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "configs.json").write_text(json.dumps(rows, indent=1))
         return 0
-    results = run_benchmark(GRIDS[args.grid])
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
+    results = run_benchmark(GRIDS[args.grid], checkpoint=out / "linear.json")
     for p in write_results(results, out):
         print(f"wrote {p}")
     print(Path(out, "linear.md").read_text())

@@ -97,7 +97,7 @@ def test_kernel_interpreted_matches_fp64(monkeypatch, rows, cols, pattern, token
 
 @interp
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["fma", "dot", "dot_fm"])
+@pytest.mark.parametrize("kind", ["fma", "dot", "dot_fm", "dot_split"])
 def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
     """Both kernels forced, odd token count, permutations and bias, 64:2:5 with a partial last chunk."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -109,6 +109,7 @@ def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
         "fma": KernelConfig("fma", 32, 8),
         "dot": KernelConfig("dot", 16, 8, 16),
         "dot_fm": KernelConfig("dot", 32, 8, 16, fm=True),  # feature-major copy of x
+        "dot_split": KernelConfig("dot", 16, 8, 16, split_k=4),  # 2 full chunks -> 2 splits + tail
     }[kind]
     out = torch.full((tokens, 71), float("nan"), dtype=dtype)
     y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 64, 2, 5, 71, out=out, config=cfg)
@@ -258,15 +259,16 @@ def test_gpu_every_config():
     """Every autotune candidate computes the same function (not only the one autotune picks)."""
     from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
 
-    vw, dense = make_weight(256, 1000, "128:2:8", permute=True, dtype=torch.float16, device="cuda", seed=1)
+    # 2056 columns: 257 groups = 8 full chunks of 32 + a 1-group tail (split-K 4 and 8 apply)
+    vw, dense = make_weight(256, 2056, "128:2:8", permute=True, dtype=torch.float16, device="cuda", seed=1)
+    bias = torch.randn(256, dtype=torch.float16, device="cuda")
     for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS:
-        for tokens in (1, 37):
-            x = torch.randn(tokens, 1000, dtype=torch.float16, device="cuda")
+        for tokens in (1, 37, 256):
+            x = torch.randn(tokens, 2056, dtype=torch.float16, device="cuda")
             out = torch.full((tokens, 256), float("nan"), dtype=torch.float16, device="cuda")
-            vnm_linear_triton(
-                x, vw.values, vw.columns, vw.meta, vw.row_index, None, 128, 2, 8, 256, out=out, config=cfg
-            )
-            check(out, x, dense, None)
+            w = vw
+            vnm_linear_triton(x, w.values, w.columns, w.meta, w.row_index, bias, 128, 2, 8, 256, out=out, config=cfg)
+            check(out, x, dense, bias)
 
 
 @gpu
