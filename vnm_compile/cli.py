@@ -16,6 +16,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("mean cosine of sentence embeddings to the dense model on held-out docstrings (1.0 = identical)\n")
     results = run_demo(
         patterns=tuple(args.patterns), scores=tuple(args.scores), n_calibration=args.calibration, n_eval=args.eval,
+        permute=(False,) if args.no_permute else (False, True), permute_scores=tuple(args.permute_scores),
         progress=not args.no_progress,
     )  # fmt: skip
     print(format_results(results))
@@ -24,10 +25,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="prune the bundled MiniLM model end to end and print a quality table")
-    p.add_argument("--patterns", nargs="+", default=["64:2:5", "2:4"], help="patterns to try (default: 64:2:5 2:4)")
+    p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "2:4"], help="patterns to try")
     p.add_argument("--scores", nargs="+", default=["abs", "ria"], choices=["abs", "wanda", "ria"])
     p.add_argument("--calibration", type=int, default=256, help="calibration paragraphs (default 256)")
     p.add_argument("--eval", type=int, default=256, help="held-out evaluation paragraphs (default 256)")
+    p.add_argument("--permute-scores", nargs="+", default=["ria"], choices=["abs", "wanda", "ria"],
+                   help="scores also run with channel permutation (default: ria)")  # fmt: skip
+    p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation runs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_demo)
 

@@ -45,11 +45,15 @@ def run_demo(
     patterns: tuple[str, ...] = ("64:2:5", "2:4"),
     scores: tuple[str, ...] = ("abs", "ria"),
     permute: tuple[bool, ...] = (False,),
+    permute_scores: tuple[str, ...] | None = None,
     n_calibration: int = 256,
     n_eval: int = 256,
     progress: bool = True,
 ) -> list[DemoResult]:
-    """Prune MiniLM at each (pattern, score, permute) and measure embedding cosine to the dense model."""
+    """Prune MiniLM at each (pattern, score, permute) and measure embedding cosine to the dense model.
+
+    ``permute_scores`` limits the permuted runs to these scores (None: every score).
+    """
     model, tokenizer = load_minilm()
     calib_texts, eval_texts = calibration_and_eval_texts(n_calibration, n_eval)
     calib = text_batches(tokenizer, calib_texts)
@@ -63,6 +67,8 @@ def run_demo(
             for perm in permute:
                 if perm and VNMConfig(pattern).pattern.is_nm:
                     continue  # N:4 has no column choice to permute for
+                if perm and permute_scores is not None and score not in permute_scores:
+                    continue
                 start = time.perf_counter()
                 pruned = copy.deepcopy(model)
                 report = sparsify_(pruned, VNMConfig(pattern, score=score, permute=perm), stats, progress=progress)
