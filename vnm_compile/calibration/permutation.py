@@ -70,10 +70,15 @@ logger = logging.getLogger(__name__)
 # margin, well above float32 summation noise of the kept importance, so that
 # ``(p * vnm_mask(p)).sum() >= unpermuted`` also holds when summed in float32.
 _REL_TOL = 1e-5
-# Elements per chunk of the cost-matrix computations (bounds peak memory).
-_CHUNK = 1 << 24
-# Largest LSA of the input step (groups x groups); bigger layers are split into random chunks.
-_LSA_GROUPS = 512
+# Elements per chunk of the cost-matrix computations: bounds peak memory and keeps each chunk in
+# the CPU's L2/L3 cache (the hinge sums are memory-bound).
+_CHUNK = 1 << 22
+# Element operations of one input-step position (chunks x groups x rows); sets the LSA chunk size.
+_INPUT_BUDGET = 1 << 28
+_MIN_LSA_GROUPS = 16
+# Output step: above this many elements per position (blocks^2 x groups x M) the row gain is
+# linearised (one matrix product) instead of taking each row's top n per group exactly.
+_OUTPUT_BUDGET = 1 << 25
 
 
 def kept_importance(
@@ -202,79 +207,127 @@ def _better(new: list[float], old: list[float]) -> bool:
     return no_loss and sum(new) > sum(old) * (1 + _REL_TOL)
 
 
-def _block_column_norms(mats: list[Tensor], p: VNMPattern, out_perms: list[Tensor]) -> Tensor:
-    """(row blocks of all layers, in) column L1 norms per V-row block, each layer normalised by its total."""
+def _stacked_rows(mats: list[Tensor], p: VNMPattern, out_perms: list[Tensor]) -> Tensor:
+    """Rows of all layers in their current order, each layer zero-padded to whole V-row blocks and
+    divided by its total importance, with one extra all-zero column (index ``in``) for padding."""
     v = block_rows(p)
-    norms = []
+    parts = []
     for s, o in zip(mats, out_perms, strict=True):
-        q = _pad_to(s[o], v, 1)
         total = float(s.sum())
-        norms.append(q.view(-1, v, q.shape[1]).sum(1) / (total if total > 0 else 1.0))
-    return torch.cat(norms)
+        q = _pad_to(s[o], v, 1) / (total if total > 0 else 1.0)
+        parts.append(q)
+    stacked = torch.cat(parts)
+    return torch.cat([stacked, stacked.new_zeros(stacked.shape[0], 1)], 1)
 
 
 def _input_step(mats: list[Tensor], p: VNMPattern, in_perm: Tensor, out_perms: list[Tensor], seed: int) -> Tensor:
     """One sweep over the M slot positions, re-seating one channel per group by LSA each time.
 
-    For large layers the groups are split at random into chunks of at most
-    ``_LSA_GROUPS`` and each chunk is solved on its own (a channel moves only
-    within its chunk at one position; chunks are redrawn at every position).
+    For large layers the groups are split at random into chunks (redrawn at
+    every position) so that one position costs about ``_INPUT_BUDGET``
+    element operations; a channel then moves only within its chunk.
     """
     m = p.m
-    c = _block_column_norms(mats, p, out_perms)  # (Bt, C)
-    cols = c.shape[1]
+    v = block_rows(p)
+    s = _stacked_rows(mats, p, out_perms)  # (Rt, C + 1)
+    cols = s.shape[1] - 1
+    c = s.view(-1, v, cols + 1).sum(1)  # (Bt, C + 1) column L1 norms per V-row block
     groups = -(-cols // m)
+    chunk = max(_MIN_LSA_GROUPS, _INPUT_BUDGET // max(1, groups * s.shape[0]))
     perm = in_perm.clone()
     gen = torch.Generator().manual_seed(seed)
     for pos in range(m):
-        # 1. Groups that have a channel in slot `pos` (the last group may be partial).
+        # 1. Groups that have a channel in slot `pos` (the last group may be partial), shuffled.
+        members = torch.full((groups * m,), cols, dtype=torch.long, device=perm.device)  # `cols` = padding
+        members[:cols] = perm
+        members = members.view(groups, m)
         g_all = torch.arange(groups)
         g_all = g_all[g_all * m + pos < cols]
         if g_all.numel() < 2:
             continue
-        g_all = g_all[torch.randperm(g_all.numel(), generator=gen)]
-        members = torch.full((groups * m,), -1, dtype=torch.long, device=perm.device)
-        members[:cols] = perm
-        members = members.view(groups, m)
-        n_chunks = -(-g_all.numel() // _LSA_GROUPS)
-        for g_idx in g_all.tensor_split(n_chunks):
-            g_idx = g_idx.to(perm.device)
-            slots = g_idx * m + pos
+        g_all = g_all[torch.randperm(g_all.numel(), generator=gen)].to(perm.device)
+        # 2. Equal chunks of K groups (plus one shorter remainder), solved as a batch.
+        n_chunks = -(-g_all.numel() // chunk)
+        k = -(-g_all.numel() // n_chunks)
+        full = (g_all.numel() // k) * k
+        for g_idx in (g_all[:full].view(-1, k), g_all[full:].view(1, -1)):
+            if g_idx.shape[1] < 2:
+                continue
+            slots = g_idx * m + pos  # (Bc, K)
             moving = perm[slots]  # channels taken out, one per group
-            # 2. t4[b, g]: 4th largest column norm among the group's other members (0 if fewer than 4).
-            rest = members[g_idx][:, [k for k in range(m) if k != pos]]  # (Gp, M-1), -1 = padding
-            rest_norm = torch.where(rest >= 0, c[:, rest.clamp_min(0)], torch.zeros((), device=c.device))
-            if rest.shape[1] >= KEPT_COLUMNS:
-                t4 = rest_norm.topk(KEPT_COLUMNS, dim=-1).values[..., -1]  # (Bt, Gp)
-            else:
-                t4 = torch.zeros(rest_norm.shape[:2], device=c.device)
-            # 3. Re-seat: gain[j, g] = sum_b max(0, c[b, j] - t4[b, g]), maximised by LSA.
-            gain = _pairwise_gain(c[:, moving], t4)
-            rows, assigned = linear_sum_assignment(gain.cpu().double().numpy(), maximize=True)
-            new = torch.empty_like(moving)
-            new[torch.as_tensor(assigned, device=perm.device)] = moving[torch.as_tensor(rows, device=perm.device)]
-            perm[slots] = new
+            rest = members[g_idx][..., [i for i in range(m) if i != pos]]  # (Bc, K, M-1)
+            gain = _input_gain(s, c, rest, moving, p)  # (Bc, K, K)
+            # 3. Re-seat them: maximise the importance kept, with everyone else fixed.
+            for b, cost in enumerate(gain.cpu().double().numpy()):
+                rows, assigned = linear_sum_assignment(cost, maximize=True)
+                perm[slots[b, assigned]] = moving[b, rows]
     return perm
 
 
-def _pairwise_gain(x: Tensor, t4: Tensor) -> Tensor:
-    """gain[j, g] = sum_b max(0, x[b, j] - t4[b, g]), computed in chunks of j."""
-    bt, n = x.shape
-    out = torch.empty(n, t4.shape[1], dtype=torch.float32, device=x.device)
-    step = max(1, _CHUNK // max(1, bt * t4.shape[1]))
-    xt = x.t().contiguous()  # (n, Bt)
-    for j in range(0, n, step):
-        out[j : j + step] = (xt[j : j + step, :, None] - t4[None]).clamp_min_(0).sum(1)
-    return out
+def _input_gain(s: Tensor, c: Tensor, rest: Tensor, moving: Tensor, p: VNMPattern) -> Tensor:
+    """gain[i, j, g]: importance kept by group g of batch i (over all row blocks) when channel
+    ``moving[i, j]`` joins the members ``rest[i, g]``, under S_{V:N:M}.
+
+    Per row block b, the group keeps the 4 columns of largest norm: the rest's
+    top 4 (a1..a4), or a1..a3 and j when c[b, j] > t4[b, g]. With j in, a row
+    keeps sum(top n of its 3 values on a1..a3) + max(0, S[r, j] - (n-th of them)).
+    Batched over independent problems (dim 0) so that small chunks cost few torch calls.
+    """
+    v, n = block_rows(p), p.n
+    rows = s.shape[0]
+    nb = c.shape[0]
+    bc, k = moving.shape
+    # 1. The rest's 4 strongest columns per row block, strongest first, and the 4th norm t4.
+    top = c[:, rest].topk(KEPT_COLUMNS, dim=-1)  # (Bt, Bc, K, 4)
+    t4 = top.values[..., -1]  # (Bt, Bc, K)
+    kept_cols = torch.gather(rest.expand(nb, -1, -1, -1), 3, top.indices)  # column ids
+    index = kept_cols.view(nb, 1, -1).expand(-1, v, -1)
+    vals = torch.gather(s.view(nb, v, -1), 2, index).view(nb, v, bc, k, KEPT_COLUMNS)
+    # 2. Without j: top n of the 4 per row, summed per block.
+    base = sum(_sorted_desc(vals.unbind(-1))[:n]).sum(1)  # (Bt, Bc, K)
+    # 3. With j replacing a4: top n of a1..a3 plus the hinge on the n-th of them.
+    top3 = _sorted_desc(vals[..., : KEPT_COLUMNS - 1].unbind(-1))[:n]
+    u_sum = sum(top3).sum(1)  # (Bt, Bc, K)
+    u_n = top3[-1].reshape(rows, bc, 1, k)
+    y = s[:, moving]  # (R, Bc, Kj)
+    enter = c[:, moving][..., None] > t4[:, :, None, :]  # (Bt, Bc, Kj, Kg)
+    gain = torch.empty(bc, k, k, dtype=torch.float32, device=s.device)
+    step = max(1, _CHUNK // max(1, rows * k * k))
+    for i in range(0, bc, step):
+        sl = slice(i, i + step)
+        # (R, Bc', Kj, Kg) summed over the V rows of each block; the reduced dims stay contiguous.
+        hinge = (y[:, sl, :, None] - u_n[:, sl]).clamp_min_(0).view(nb, v, -1).sum(1).view(nb, -1, k, k)
+        with_j = torch.where(enter[:, sl], u_sum[:, sl, None, :] + hinge, base[:, sl, None, :])
+        gain[sl] = with_j.sum(0)
+    return gain
+
+
+def _sorted_desc(x: tuple[Tensor, ...]) -> list[Tensor]:
+    """Element-wise sort of 3 or 4 same-shaped tensors, largest first (min/max network: topk
+    over a last dim of 3 or 4 is much slower on CPU)."""
+    if len(x) == 3:
+        a, b, c = x
+        hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+        return [torch.maximum(hi, c), torch.maximum(lo, torch.minimum(hi, c)), torch.minimum(lo, c)]
+    if len(x) == 4:
+        a, b, c, d = x
+        hi1, lo1, hi2, lo2 = torch.maximum(a, b), torch.minimum(a, b), torch.maximum(c, d), torch.minimum(c, d)
+        mid_hi, mid_lo = torch.minimum(hi1, hi2), torch.maximum(lo1, lo2)
+        return [
+            torch.maximum(hi1, hi2),
+            torch.maximum(mid_hi, mid_lo),
+            torch.minimum(mid_hi, mid_lo),
+            torch.minimum(lo1, lo2),
+        ]
+    return list(torch.stack(x, -1).sort(-1, descending=True).values.unbind(-1))
 
 
 def _output_step(s: Tensor, p: VNMPattern, in_perm: Tensor, out_perm: Tensor) -> Tensor:
     """One sweep over the V slot positions, re-seating one row per row block by LSA each time.
 
-    The gain of row r in block b is the sum of r's scores in the 4 columns per
-    group that the block's other rows select (column-norm proxy, linearised:
-    a row that would change the block's selection is credited with the old
-    one, a lower bound). One matrix product per position.
+    The gain of row r in block b is what r keeps with the 4 columns per group
+    that the block's other rows select (``_output_gain``); a row that would
+    change the block's selection is credited with the old one.
     """
     v, m = block_rows(p), p.m
     rows = s.shape[0]
@@ -295,11 +348,25 @@ def _output_step(s: Tensor, p: VNMPattern, in_perm: Tensor, out_perm: Tensor) ->
         moving = perm[slots]
         rest = block_norm[b_idx] - q3[moving]  # (Bp, G, M)
         # Zero-padded columns have norm 0 and are never preferred over a real column with norm > 0.
-        sel = torch.zeros_like(rest).scatter_(2, rest.topk(KEPT_COLUMNS, dim=-1).indices, 1.0)
-        gain = q3[moving].flatten(1) @ sel.flatten(1).t()  # (Bp rows, Bp blocks)
+        sel = rest.topk(KEPT_COLUMNS, dim=-1).indices  # (Bp, G, 4): the block's columns without the row
+        gain = _output_gain(q3[moving], sel, p.n)  # (Bp rows, Bp blocks)
         r_ix, assigned = linear_sum_assignment(gain.cpu().double().numpy(), maximize=True)
         new = torch.empty_like(moving)
         new[torch.as_tensor(assigned, device=perm.device)] = moving[torch.as_tensor(r_ix, device=perm.device)]
         perm[slots] = new
         block_norm[b_idx] = rest + q3[new]
     return perm
+
+
+def _output_gain(rows: Tensor, sel: Tensor, n: int) -> Tensor:
+    """gain[r, b]: importance row r keeps in block b with the block's column choice ``sel[b]``.
+
+    Exact per row (top n of its scores on the 4 chosen columns of each group) when
+    small enough; otherwise linearised as the sum of its scores on those columns.
+    """
+    k, b = rows.shape[0], sel.shape[0]
+    if k * b * rows.shape[1] * rows.shape[2] > _OUTPUT_BUDGET:
+        onehot = torch.zeros(b, *rows.shape[1:], device=rows.device).scatter_(2, sel, 1.0)
+        return rows.flatten(1) @ onehot.flatten(1).t()
+    vals = torch.gather(rows[:, None].expand(-1, b, -1, -1), 3, sel[None].expand(k, -1, -1, -1))
+    return sum(_sorted_desc(vals.unbind(-1))[:n]).sum(-1)
