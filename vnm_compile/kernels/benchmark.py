@@ -30,6 +30,7 @@ from ..pattern import VNMPattern
 from .cusparselt import CSLTLinear, cusparselt_available
 from .dispatch import gpu_slug
 from .vnm_linear import vnm_linear
+from .vnm_triton import autotune_cache
 
 __all__ = ["GRIDS", "BenchGrid", "run_benchmark", "write_results"]
 
@@ -231,6 +232,10 @@ def run_benchmark(
         log.info("%s %dx%d t=%d dense %.1fus %s", name, o, i, t, rec["dense_us"], rec["vnm_us"])
         torch.cuda.empty_cache()
         meta.update(seconds=time.time() - t_start, date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+        meta["autotune"] = {
+            f"values {k[3]}x{k[4]} V={k[5]} tokens<={k[6]} {str(k[1]).replace('torch.', '')}": str(c)
+            for k, c in autotune_cache().items()
+        }
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(json.dumps({"meta": meta, "records": records}, indent=1))

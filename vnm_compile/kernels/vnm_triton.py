@@ -445,6 +445,10 @@ _PREFILL_CONFIGS = [
     KernelConfig("dot", 64, 32, 256, num_warps=8, num_stages=2, fm=True),
     KernelConfig("dot", 128, 16, 128, num_warps=8, num_stages=2, fm=True),
     KernelConfig("dot", 128, 16, 256, num_warps=8, num_stages=2, fm=True),
+    # V = 16 / 32: the shared-columns tile is at most V rows
+    KernelConfig("dot", 32, 32, 128, num_warps=4, num_stages=3, fm=True),
+    KernelConfig("dot", 32, 16, 256, num_warps=4, num_stages=3, fm=True),
+    KernelConfig("dot", 16, 32, 128, num_warps=4, num_stages=3, fm=True),
 ]
 
 
@@ -562,11 +566,12 @@ def _choose(key: tuple, cands: list[KernelConfig], run) -> KernelConfig:
     best, best_ms = cands[0], float("inf")
     for cfg in cands:
         try:
-            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
+            # do_bench flushes L2 before each run, so decode configs are timed streaming from HBM
+            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=40, return_mode="median")
         except (RuntimeError, ValueError, triton.compiler.errors.CompilationError) as err:  # e.g. out of resources
             log.debug("config %s failed: %s", cfg, err)
             continue
-        if ms < best_ms:
+        if ms < 0.97 * best_ms:  # earlier candidates are the heuristic favourites: switch only on a clear win
             best, best_ms = cfg, ms
     log.info("vnm autotune %s -> %s (%.4f ms)", key, best, best_ms)
     _AUTOTUNE_CACHE[key] = best
