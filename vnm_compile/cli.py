@@ -73,8 +73,37 @@ def _add_export(sub) -> None:
     add_export_parser(sub)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("vnm bench needs a CUDA GPU", file=sys.stderr)
+        return 1
+    from .kernels.benchmark import GRIDS, run_benchmark, write_results
+    from .kernels.dispatch import gpu_slug
+
+    out = args.out or Path.home() / ".cache" / "vnm_compile" / gpu_slug()
+    results = run_benchmark(GRIDS[args.grid], progress=not args.no_progress, checkpoint=out / "linear.json")
+    for p in write_results(results, out):
+        print(f"wrote {p}")
+    print(Path(out, "linear.md").read_text())
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("bench", help="time dense vs cuSPARSELt 2:4 vs V:N:M linear layers on this GPU")
+    p.add_argument("--grid", choices=["quick", "default", "full"], default="default", help="what to measure")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default ~/.cache/vnm_compile/<gpu>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_bench)
+
+
 # Each sub-command module contributes one `_add_*` function here.
-_SUBCOMMANDS = [_add_demo, _add_select, _add_export]
+_SUBCOMMANDS = [_add_demo, _add_bench, _add_select, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
