@@ -8,41 +8,46 @@ computes with them.
 
 Algorithm (alternating assignment, every step a scipy linear sum assignment):
 
-1. Start from the identity; this is also the fallback.
+1. Start from the identity; it is also what is returned when nothing helps.
 2. Input step (P_o fixed): the columns sit in groups of M slots. For each slot
    position p = 0..M-1, take the channel in slot p out of every group and
-   re-seat these G channels, one per group, by an LSA of size G x G. The gain
-   of putting channel j back into group g is measured on the **column-norm
-   proxy**: per V-row block b, the block keeps the 4 columns of largest L1
-   norm c[b, j], so adding j to the group's M-1 other members adds
-   max(0, c[b, j] - t4[b, g]) to the kept column norm, where t4 is the 4th
-   largest norm among those members. Summed over row blocks this is the exact
-   change of the proxy "sum over blocks of the 4 largest column norms", so
-   every LSA move never lowers the proxy (keeping everyone in place is one of
-   its solutions). The proxy ignores the final n-of-4 choice per row.
+   re-seat these channels, one per group, by an LSA. With the other M-1
+   members of a group fixed, the importance the group keeps with channel j is
+   computed exactly under S_{V:N:M}: per V-row block, j enters the 4 kept
+   columns when its column norm beats the 4th best of the others (t4), and
+   then each row keeps the top n of its 3 remaining values plus
+   max(0, S[r, j] - the n-th of them). So each LSA maximises the true kept
+   importance over one channel per group, everyone else fixed (leaving all in
+   place is one of its solutions).
 3. Output step (P_i fixed): the same with rows and V-row blocks: for slot
    position q = 0..V-1, the row in slot q leaves every block and the rows are
-   re-seated by a (row blocks x row blocks) LSA whose cost is, per group,
-   the column norm the block loses (its M-4 smallest column norms with the row
-   added). Again exact for the proxy.
-4. After every step the true kept importance of S_{V:N:M} is evaluated; the
-   step is kept only if it increased it (otherwise it is undone), and the
-   search stops early when a round changes nothing. A last check with
-   ``vnm_mask`` returns the identity if the result is not better, so the
-   result never keeps less than the unpermuted matrix.
+   re-seated by an LSA whose gain is what a row keeps (top n per group) on the
+   4 columns per group that the block's other rows choose; for very large
+   layers this gain is linearised to a matrix product (the row's scores on
+   those columns).
+4. After every step the true kept importance (``vnm_mask``) is evaluated; the
+   step is kept only if it gains more than a relative 1e-5 (otherwise it is
+   undone), and the search stops early when a round changes nothing. Hence
+   the result never keeps less than the unpermuted matrix.
 
-Why this decomposition: an LSA of all C channels against C group slots would be
-11008 x 11008 for an MLP layer and needs a cost that depends on the other
-members of each group; removing one member per group makes the G x G problem
-exact for the proxy and cheap (G = C / M), at the price of moving at most one
-channel per group per position (M positions per round let every channel move).
+Approximations, and why: an LSA of all C channels against C group slots would
+be 11008 x 11008 for an MLP layer and its cost depends on the other members of
+each group, so it is not linear. Taking one member out of each group makes the
+G x G problem exact (G = C / M), at the price of moving one channel per group
+per position (M positions per round let every channel move). Cost per
+position is G x G x rows (the per-row hinge sums); above ``_INPUT_BUDGET`` the
+groups are split into random chunks of K groups, redrawn at every position,
+and a channel moves only within its chunk (K = 29 for 4096 x 11008 at M = 5;
+MiniLM's layers are solved whole). The output step ignores that the incoming
+row may change its block's column choice (it is credited with the old one).
 
-Cost (4096 x 11008 at 64:2:5): 2 rounds x (5 input LSAs of 2202 x 2202 + 64
-output LSAs of 64 x 64); see benchmarks/bench_permutation.py.
+Cost: 4096 x 11008, 2 rounds, about a minute on 2 CPU cores (64:2:5 and 64:2:8;
+benchmarks/bench_permutation.py).
 
 Layers that read the same tensor share P_i: ``find_shared_permutation`` runs
-the input step on the column norms of all of them stacked (each layer
-normalised by its total importance) and the output step per layer.
+the input step on all of them stacked (each layer's scores divided by its
+total importance, its rows padded to whole V-row blocks) and the output step
+per layer; a shared step is kept only if no layer loses.
 
 References: Zhao et al., "Beyond 2:4: exploring V:N:M sparsity for efficient
 transformer inference on GPUs", arXiv 2410.16135, section 4.2; Zhang et al.,
