@@ -22,6 +22,18 @@ Loop bounds are runtime ints when compiled (one binary serves every shape)
 and constexpr under TRITON_INTERPRET=1 (Triton 3.6's interpreter cannot loop
 to a runtime bound).
 
+Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3, fp16, CUDA graphs,
+weights streamed from HBM): 1 token 64:2:8 2.1-2.5x over cuBLAS (57-69 % of the
+compressed-bytes floor), 64:2:5 1.4-1.6x; 16 tokens 0.7-1.0x (64:2:8); prefill
+0.25-0.7x, i.e. slower than dense, so prefer_sparse() keeps those layers dense.
+Where the prefill time goes (4096x4096, 2048 tokens, 64:2:8, diagnostic variants):
+torch's x.t().contiguous() took 64 us (replaced by _transpose_kernel); rebuilding
+the tile from values + metadata adds ~75 us over loading a pre-expanded tile; and
+even gather-free, pre-expanded tiles run this loop at ~half of cuBLAS's rate on the
+reduced K (93 us vs 51 us), because a V = 64 block caps the weight tile at 64 rows.
+Next steps: wgmma on 128-row tiles spanning two V-blocks with separate B tiles,
+a warp-specialised tile builder, and split-K for the FMA decode path.
+
 References: VENOM (Castro et al., SC'23) for the format; the Triton
 matmul tutorial (03-matrix-multiplication.py) for the tile loop.
 """
