@@ -17,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(
         patterns=tuple(args.patterns), scores=tuple(args.scores), n_calibration=args.calibration, n_eval=args.eval,
         permute=(False,) if args.no_permute else (False, True), permute_scores=tuple(args.permute_scores),
-        progress=not args.no_progress,
+        progress=not args.no_progress, recover_steps=args.recover_steps,
     )  # fmt: skip
     print(format_results(results))
     return 0
@@ -32,6 +32,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--permute-scores", nargs="+", default=["ria"], choices=["abs", "wanda", "ria"],
                    help="scores also run with channel permutation (default: ria)")  # fmt: skip
     p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation runs")
+    p.add_argument("--recover-steps", type=int, default=30,
+                   help="recovery-training steps for the best V:N:M row (default 30; 0 skips it)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_demo)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,10 +49,12 @@ def run_demo(
     n_calibration: int = 256,
     n_eval: int = 256,
     progress: bool = True,
+    recover_steps: int = 0,
 ) -> list[DemoResult]:
     """Prune MiniLM at each (pattern, score, permute) and measure embedding cosine to the dense model.
 
     ``permute_scores`` limits the permuted runs to these scores (None: every score).
+    ``recover_steps`` > 0 adds a row: the best V:N:M row after that many recovery-training steps.
     """
     model, tokenizer = load_minilm()
     calib_texts, eval_texts = calibration_and_eval_texts(n_calibration, n_eval)
@@ -79,7 +81,33 @@ def run_demo(
                 )
                 results.append(DemoResult(pattern, score, perm, density, report.mean_importance_kept(), cos, seconds))
                 logger.info("%s", report.summary())
+    if recover_steps > 0:
+        recovered = _recovery_row(
+            model, tokenizer, calib_texts, held_out, dense, stats, results, recover_steps, progress
+        )
+        if recovered is not None:
+            results.append(recovered)
     return results
+
+
+def _recovery_row(model, tokenizer, texts, held_out, dense, stats, results, steps: int, progress: bool):
+    """The best V:N:M row re-pruned, then ``steps`` of fixed-mask distillation (every layer's hidden states)."""
+    from .recovery import DistillLoss, RecoveryConfig, length_bucketed_batches, recover_
+
+    vnm = [r for r in results if not VNMConfig(r.pattern).pattern.is_nm]
+    if not vnm:
+        return None
+    best = max(vnm, key=lambda r: r.cosine)
+    start = time.perf_counter()
+    student = copy.deepcopy(model)
+    sparsify_(student, VNMConfig(best.pattern, score=best.score, permute=best.permute), stats, progress=False)
+    student.embeddings.requires_grad_(False)  # dense and equal to the teacher's: nothing to recover there
+    config = RecoveryConfig(method="fixed", steps=steps, train_mode=False)
+    loss = DistillLoss(model, hidden="all", cache=True)  # batches repeat: the teacher runs once per batch
+    recover_(student, length_bucketed_batches(tokenizer, texts, 16), config, loss=loss, progress=progress)
+    cos = _cosine(embed(student, held_out), dense)
+    note = f"+ {steps} recovery steps (fixed masks, distillation)"
+    return replace(best, cosine=cos, seconds=time.perf_counter() - start, note=note)
 
 
 def format_results(results: list[DemoResult]) -> str:
