@@ -97,7 +97,7 @@ def test_kernel_interpreted_matches_fp64(monkeypatch, rows, cols, pattern, token
 
 @interp
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["fma", "fmat", "dot", "dot_fm", "dot_split"])
+@pytest.mark.parametrize("kind", ["fma", "dot", "dot_fm", "dot_split"])
 def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
     """Both kernels forced, odd token count, permutations and bias, 64:2:5 with a partial last chunk."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -107,7 +107,6 @@ def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
     bias = torch.randn(71, dtype=dtype)
     cfg = {
         "fma": KernelConfig("fma", 32, 8),
-        "fmat": KernelConfig("fmat", 16, 8, 8),  # 19 tokens: 3 token tiles, the last partial
         "dot": KernelConfig("dot", 16, 8, 16),
         "dot_fm": KernelConfig("dot", 32, 8, 16, fm=True),  # feature-major copy of x
         "dot_split": KernelConfig("dot", 16, 8, 16, split_k=4),  # 2 full chunks -> 2 splits + tail
@@ -258,12 +257,12 @@ def test_gpu_matches_fp64(rows, cols, pattern, tokens, dtype):
 @gpu
 def test_gpu_every_config():
     """Every autotune candidate computes the same function (not only the one autotune picks)."""
-    from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _FMAT_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
+    from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
 
     # 2056 columns: 257 groups = 8 full chunks of 32 + a 1-group tail (split-K 4 and 8 apply)
     vw, dense = make_weight(256, 2056, "128:2:8", permute=True, dtype=torch.float16, device="cuda", seed=1)
     bias = torch.randn(256, dtype=torch.float16, device="cuda")
-    for cfg in _FMA_CONFIGS + _FMAT_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS:
+    for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS:
         for tokens in (1, 37, 256):
             x = torch.randn(tokens, 2056, dtype=torch.float16, device="cuda")
             out = torch.full((tokens, 256), float("nan"), dtype=torch.float16, device="cuda")

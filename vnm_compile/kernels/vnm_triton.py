@@ -12,8 +12,6 @@ permutation is folded in), row_index (Rp,) optional output permutation
   each row's two inputs with selects; fp32 elementwise accumulation, one
   reduction at the end. Memory-bound: the goal is the compressed bytes at
   HBM bandwidth.
-- ``_fmat_kernel``: the same for BLOCK_T tokens per program (2-64 tokens):
-  the chunk is decoded once and applied to every token with FMAs.
 - ``_dot_kernel`` (tensor cores): one program = BLOCK_R rows of one V-block x
   BLOCK_T tokens. Per chunk of GC groups it rebuilds the dense
   (BLOCK_R x 4GC) weight tile over the kept columns from values + metadata
@@ -205,136 +203,6 @@ def _fma_kernel(
     tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _fmat_kernel(
-    # _fma_kernel for BLOCK_T tokens at once: each weight chunk is decoded once and
-    # accumulated into a (BLOCK_T, BLOCK_R, GC) fp32 tile (few tokens, no tensor cores).
-    # pointers
-    x_ptr,  # (T, K) activations, any strides
-    val_ptr,  # (Rp, 2G) kept values, contiguous per row
-    col_ptr,  # (B, G, 4) absolute input columns, int16/int32, contiguous
-    meta_ptr,  # (Rp, W) int32, 8 groups x 4 bits per word
-    ridx_ptr,  # (Rp,) int32 destination row (-1 = padding) or dummy
-    bias_ptr,  # (OUT,) or dummy
-    y_ptr,  # (T, OUT) output
-    # sizes
-    T,
-    OUT,
-    G,
-    NUM_CHUNKS,  # full chunks G // GC (runtime when compiled)
-    V,  # rows per column block
-    # strides
-    stride_xt,
-    stride_xk,
-    stride_vr,
-    stride_mr,
-    stride_yt,
-    # constexprs
-    CHUNKS_CONST: tl.constexpr,  # NUM_CHUNKS under the interpreter, None when compiled
-    GC: tl.constexpr,  # groups per chunk (multiple of 8)
-    BLOCK_R: tl.constexpr,  # rows per program (divides V)
-    BLOCK_T: tl.constexpr,  # tokens per program: the weight chunk is decoded once for all of them
-    EVEN_G: tl.constexpr,  # G % GC == 0: no masks in the loop
-    VAL_ALIGN: tl.constexpr,  # power of two dividing the values row stride (vector width hint)
-    HAS_RIDX: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = toks < T
-    r0 = pid_r * BLOCK_R
-    rows = r0 + tl.arange(0, BLOCK_R)
-    blk = r0 // V
-    gg = tl.arange(0, GC)
-    jj = tl.arange(0, 2 * GC)
-    ww = tl.arange(0, GC // 8)
-    shifts = 4 * tl.arange(0, 8)
-    n_words = (G + 7) // 8
-
-    acc = tl.zeros((BLOCK_T, BLOCK_R, GC), dtype=tl.float32)
-    x_row = x_ptr + toks.to(tl.int64)[:, None] * stride_xt
-    val_rows = val_ptr + tl.multiple_of(rows.to(tl.int64) * stride_vr, VAL_ALIGN)[:, None]
-    meta_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mr
-    col_blk = col_ptr + blk.to(tl.int64) * G * 4
-
-    # Full chunks run unmasked (16-byte vector loads); a partial last chunk runs once after the loop.
-    n_full = G // GC
-    # Software pipelining by hand: chunk i+1's values, metadata and column indices are in
-    # flight while chunk i computes, so each program keeps HBM and L2 loads outstanding.
-    # Prologue: chunk 0, masked (G may be smaller than GC; then the loop does not run).
-    cpt = col_blk + gg * 4
-    gm = gg < G
-    vals = tl.load(val_rows + jj[None, :], mask=(jj < 2 * G)[None, :], other=0.0)
-    words = tl.load(meta_rows + ww[None, :], mask=(ww < n_words)[None, :], other=0)
-    c0 = tl.load(cpt + 0, mask=gm, other=0)
-    c1 = tl.load(cpt + 1, mask=gm, other=0)
-    c2 = tl.load(cpt + 2, mask=gm, other=0)
-    c3 = tl.load(cpt + 3, mask=gm, other=0)
-    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):  # = n_full
-        # 1. x at the current chunk's 4 columns per group (gathered once for all BLOCK_R rows)
-        xa = tl.load(x_row + c0.to(tl.int64)[None, :] * stride_xk, mask=tmask[:, None], other=0.0)
-        xa = xa.to(tl.float32)[:, None, :]
-        xb = tl.load(x_row + c1.to(tl.int64)[None, :] * stride_xk, mask=tmask[:, None], other=0.0)
-        xb = xb.to(tl.float32)[:, None, :]
-        xc = tl.load(x_row + c2.to(tl.int64)[None, :] * stride_xk, mask=tmask[:, None], other=0.0)
-        xc = xc.to(tl.float32)[:, None, :]
-        xd = tl.load(x_row + c3.to(tl.int64)[None, :] * stride_xk, mask=tmask[:, None], other=0.0)
-        xd = xd.to(tl.float32)[:, None, :]
-        # 2. prefetch the next full chunk (the last iteration re-reads its own chunk: cache hits)
-        g0 = (i + 1 - (i + 1) // n_full) * GC
-        vals_n = tl.load(val_rows + (2 * g0 + jj)[None, :])
-        words_n = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
-        cpt = col_blk + (g0 + gg) * 4
-        c0n, c1n, c2n, c3n = tl.load(cpt + 0), tl.load(cpt + 1), tl.load(cpt + 2), tl.load(cpt + 3)
-        # 3. values (BLOCK_R, 2GC) -> two slots; metadata 4 bits per (row, group) -> two 2-bit positions
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
-        p0 = codes & 3
-        p1 = (codes >> 2) & 3
-        # 4. each row picks its two inputs (2-bit select tree) and accumulates elementwise
-        h0, l0 = ((p0 & 2) != 0)[None, :, :], ((p0 & 1) != 0)[None, :, :]
-        h1, l1 = ((p1 & 2) != 0)[None, :, :], ((p1 & 1) != 0)[None, :, :]
-        xs0 = tl.where(h0, tl.where(l0, xd, xc), tl.where(l0, xb, xa))
-        xs1 = tl.where(h1, tl.where(l1, xd, xc), tl.where(l1, xb, xa))
-        acc += v0.to(tl.float32)[None, :, :] * xs0 + v1.to(tl.float32)[None, :, :] * xs1
-        vals, words, c0, c1, c2, c3 = vals_n, words_n, c0n, c1n, c2n, c3n
-
-    if not EVEN_G:  # the partial last chunk, masked
-        g0 = n_full * GC
-        cpt = col_blk + (g0 + gg) * 4
-        gm = g0 + gg < G
-        vals = tl.load(val_rows + (2 * g0 + jj)[None, :], mask=(2 * g0 + jj < 2 * G)[None, :], other=0.0)
-        words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
-        c0 = tl.load(cpt + 0, mask=gm, other=0).to(tl.int64)
-        xa = tl.load(x_row + c0[None, :] * stride_xk, mask=tmask[:, None], other=0.0).to(tl.float32)[:, None, :]
-        c1 = tl.load(cpt + 1, mask=gm, other=0).to(tl.int64)
-        xb = tl.load(x_row + c1[None, :] * stride_xk, mask=tmask[:, None], other=0.0).to(tl.float32)[:, None, :]
-        c2 = tl.load(cpt + 2, mask=gm, other=0).to(tl.int64)
-        xc = tl.load(x_row + c2[None, :] * stride_xk, mask=tmask[:, None], other=0.0).to(tl.float32)[:, None, :]
-        c3 = tl.load(cpt + 3, mask=gm, other=0).to(tl.int64)
-        xd = tl.load(x_row + c3[None, :] * stride_xk, mask=tmask[:, None], other=0.0).to(tl.float32)[:, None, :]
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
-        p0 = codes & 3
-        p1 = (codes >> 2) & 3
-        h0, l0 = ((p0 & 2) != 0)[None, :, :], ((p0 & 1) != 0)[None, :, :]
-        h1, l1 = ((p1 & 2) != 0)[None, :, :], ((p1 & 1) != 0)[None, :, :]
-        xs0 = tl.where(h0, tl.where(l0, xd, xc), tl.where(l0, xb, xa))
-        xs1 = tl.where(h1, tl.where(l1, xd, xc), tl.where(l1, xb, xa))
-        acc += v0.to(tl.float32)[None, :, :] * xs0 + v1.to(tl.float32)[None, :, :] * xs1
-
-    y = tl.sum(acc, axis=2)  # (BLOCK_T, BLOCK_R)
-    if HAS_RIDX:
-        dest = tl.load(ridx_ptr + rows)
-        ok = (dest >= 0) & (dest < OUT)
-    else:
-        dest = rows
-        ok = rows < OUT
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * stride_yt + dest[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & ok[None, :])
-
-
 def _dot_kernel(
     # pointers (as in _fma_kernel)
     x_ptr,
@@ -511,16 +379,9 @@ def _transpose_kernel(
     tl.store(y_ptr + k.to(tl.int64)[None, :] * T + t[:, None], tile, mask=mask)
 
 
-_KERNEL_FNS = {
-    "fma": _fma_kernel,
-    "fmat": _fmat_kernel,
-    "dot": _dot_kernel,
-    "reduce": _splitk_reduce_kernel,
-    "transpose": _transpose_kernel,
-}
+_KERNEL_FNS = {"fma": _fma_kernel, "dot": _dot_kernel, "reduce": _splitk_reduce_kernel, "transpose": _transpose_kernel}
 _NO_SPECIALIZE = {
     "fma": ["OUT", "G", "NUM_CHUNKS", "V"],
-    "fmat": ["T", "OUT", "G", "NUM_CHUNKS", "V"],
     "dot": ["T", "OUT", "G", "NUM_CHUNKS", "NSPLIT", "V"],
     "reduce": ["N", "OUT"],
     "transpose": ["T", "K"],
@@ -551,7 +412,7 @@ def _kernel(kind: str, interpret: bool):
 class KernelConfig:
     """One launch configuration: kernel kind and its tile sizes."""
 
-    kind: str  # "fma", "fmat" or "dot"
+    kind: str  # "fma" or "dot"
     block_r: int
     gc: int  # groups per chunk
     block_t: int = 1
@@ -579,13 +440,6 @@ _FMA_CONFIGS = [
     KernelConfig("fma", 4, 256, num_warps=4),
     KernelConfig("fma", 8, 64, num_warps=4),
     KernelConfig("fma", 4, 64, num_warps=2),
-]
-_FMAT_CONFIGS = [
-    KernelConfig("fmat", 4, 32, 16, num_warps=4),
-    KernelConfig("fmat", 2, 64, 16, num_warps=4),
-    KernelConfig("fmat", 8, 32, 8, num_warps=4),
-    KernelConfig("fmat", 4, 64, 4, num_warps=4),
-    KernelConfig("fmat", 4, 32, 32, num_warps=8),
 ]
 _SMALL_DOT_CONFIGS = [
     KernelConfig("dot", 32, 64, 16, num_warps=4),
@@ -626,8 +480,6 @@ def candidate_configs(v: int, tokens: int) -> list[KernelConfig]:
     cands: list[KernelConfig] = []
     if tokens <= 4:
         cands += _FMA_CONFIGS
-    if 2 <= tokens <= 64:
-        cands += [c for c in _FMAT_CONFIGS if c.block_t <= max(4, _token_bucket(tokens))]
     if tokens <= 64:
         cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
     if tokens > 32:
@@ -683,11 +535,6 @@ def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bia
     if cfg.kind == "fma":
         grid = (rows_p // cfg.block_r, tokens)
         _kernel("fma", interpret)[grid](*ptrs, y.shape[1], groups, n_full, v, *strides, **common, **launch_opts)
-    elif cfg.kind == "fmat":
-        grid = (rows_p // cfg.block_r, triton.cdiv(tokens, cfg.block_t))
-        _kernel("fmat", interpret)[grid](
-            *ptrs, tokens, y.shape[1], groups, n_full, v, *strides, **common, BLOCK_T=cfg.block_t, **launch_opts
-        )
     else:
         # split-K: the largest divisor of the full-chunk count up to cfg.split_k (uniform splits)
         nsplit = max(d for d in range(1, max(1, min(cfg.split_k, n_full)) + 1) if n_full % d == 0)
