@@ -33,6 +33,15 @@ from vnm_compile.models import embed, load_minilm
 from vnm_compile.recovery import DistillLoss, RecoveryConfig, length_bucketed_batches, recover_
 
 
+def merged_is_vnm(linear: torch.nn.Linear) -> bool:
+    """The merged weight is a plain Parameter whose non-zeros obey the pattern in the recorded permutations."""
+    state = get_sparsity(linear.weight)  # indexed by the merged Parameter itself
+    if state is None:
+        return get_sparsity(linear) is None  # a layer that was never sparsified
+    nonzero = linear.weight.detach() != 0
+    return bool((nonzero <= state.mask).all()) and is_vnm(nonzero, state.pattern, state.in_perm, state.out_perm)
+
+
 def nn_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of rows whose nearest other row (cosine; rows are unit vectors) is the same in a and b."""
 
@@ -107,11 +116,7 @@ def main() -> int:
         t0 = time.perf_counter()
         res = recover_(student, train, config, loss=loss, teacher=dense, stats=stats, eval_fn=evaluate)
         seconds = time.perf_counter() - t0
-        ok = all(
-            is_vnm(m.weight != 0, get_sparsity(m.weight).pattern)
-            for m in student.modules()
-            if isinstance(m, torch.nn.Linear) and get_sparsity(m) is not None
-        )
+        ok = all(merged_is_vnm(m) for m in student.modules() if isinstance(m, torch.nn.Linear))
         final = res.final_eval
         runs.append({
             "method": method, "lr": config.peak_lr, "steps": args.steps, "train_seconds": round(res.seconds, 1),
