@@ -131,3 +131,19 @@ def test_update_masks_ria_needs_stats():
     model = sparse_tiny()
     with pytest.raises(ValueError, match="calibration statistics"):
         update_masks_(model, score="ria")
+
+
+def test_zeros_stay_zero_under_autocast():
+    model = sparse_tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with fix_masks_(model, opt):
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(torch.randn(16, 23)).float().square().mean()
+            loss.backward()
+            opt.step()
+    for m in linears(model):
+        assert m.weight.dtype == torch.float32
+        assert (m.weight[~get_sparsity(m).mask] == 0).all()
+        assert (m.weight[get_sparsity(m).mask] != 0).all()
