@@ -32,8 +32,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--permute-scores", nargs="+", default=["ria"], choices=["abs", "wanda", "ria"],
                    help="scores also run with channel permutation (default: ria)")  # fmt: skip
     p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation runs")
-    p.add_argument("--recover-steps", type=int, default=30,
-                   help="recovery-training steps for the best V:N:M row (default 30; 0 skips it)")  # fmt: skip
+    p.add_argument("--recover-steps", type=int, default=20,
+                   help="recovery-training steps for the best V:N:M row (default 20; 0 skips it)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_demo)
 

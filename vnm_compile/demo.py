@@ -64,6 +64,7 @@ def run_demo(
     dense = embed(model, held_out)
     stats = calibrate(model, calib, progress=progress)
     results = []
+    best_vnm = None  # (row, pruned model) with the highest cosine among V:N:M rows, for the recovery row
     for pattern in patterns:
         for score in scores:
             for perm in permute:
@@ -81,26 +82,21 @@ def run_demo(
                 )
                 results.append(DemoResult(pattern, score, perm, density, report.mean_importance_kept(), cos, seconds))
                 logger.info("%s", report.summary())
-    if recover_steps > 0:
-        recovered = _recovery_row(
-            model, tokenizer, calib_texts, held_out, dense, stats, results, recover_steps, progress
+                is_best = best_vnm is None or cos > best_vnm[0].cosine
+                if recover_steps > 0 and not VNMConfig(pattern).pattern.is_nm and is_best:
+                    best_vnm = (results[-1], pruned)
+    if best_vnm is not None:
+        results.append(
+            _recovery_row(model, tokenizer, calib_texts, held_out, dense, *best_vnm, recover_steps, progress)
         )
-        if recovered is not None:
-            results.append(recovered)
     return results
 
 
-def _recovery_row(model, tokenizer, texts, held_out, dense, stats, results, steps: int, progress: bool):
-    """The best V:N:M row re-pruned, then ``steps`` of fixed-mask distillation (every layer's hidden states)."""
+def _recovery_row(model, tokenizer, texts, held_out, dense, best, student, steps: int, progress: bool) -> DemoResult:
+    """The best V:N:M row's pruned model after ``steps`` of fixed-mask distillation (every layer's hidden states)."""
     from .recovery import DistillLoss, RecoveryConfig, length_bucketed_batches, recover_
 
-    vnm = [r for r in results if not VNMConfig(r.pattern).pattern.is_nm]
-    if not vnm:
-        return None
-    best = max(vnm, key=lambda r: r.cosine)
     start = time.perf_counter()
-    student = copy.deepcopy(model)
-    sparsify_(student, VNMConfig(best.pattern, score=best.score, permute=best.permute), stats, progress=False)
     student.embeddings.requires_grad_(False)  # dense and equal to the teacher's: nothing to recover there
     config = RecoveryConfig(method="fixed", steps=steps, train_mode=False)
     loss = DistillLoss(model, hidden="all", cache=True)  # batches repeat: the teacher runs once per batch
