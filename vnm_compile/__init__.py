@@ -13,7 +13,7 @@ from .format import VNMWeight
 from .masks import is_vnm, vnm_mask
 from .pattern import VNMPattern, mask_diversity
 from .sparsify import LayerReport, SparsifyReport, VNMConfig, sparsify_
-from .state import LinearSparsity, get_sparsity
+from .state import LinearSparsity, get_sparsity, load_sparsity_, sparsity_state_dict
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,8 @@ __all__ = [
     "LayerReport",
     "LinearSparsity",
     "get_sparsity",
+    "sparsity_state_dict",
+    "load_sparsity_",
     "mask_diversity",
     "select_pattern",
     "find_permutation",
