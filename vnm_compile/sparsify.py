@@ -15,7 +15,7 @@ from .calibration.importance import SCORES, importance
 from .calibration.observer import CalibrationStats
 from .masks import vnm_mask
 from .pattern import VNMPattern, as_pattern
-from .state import LinearSparsity, get_sparsity, set_sparsity
+from .state import LinearSparsity, get_sparsity, set_sparsity, unique_linears
 
 __all__ = ["VNMConfig", "LayerReport", "SparsifyReport", "sparsify_", "eligible_linears", "matches_ignore"]
 
@@ -145,13 +145,7 @@ def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.
     """Split the model's nn.Linear layers into eligible ones and skipped ones (with reasons)."""
     eligible: dict[str, nn.Linear] = {}
     skipped: dict[str, str] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if id(module) in seen:
-            continue  # a shared module is sparsified once, under its first name
-        seen.add(id(module))
+    for name, module in unique_linears(model):  # a shared module is sparsified once, under its first name
         if matches_ignore(name, config.ignore):
             skipped[name] = "ignored by name"
         elif not module.weight.is_floating_point():
@@ -261,7 +255,7 @@ def sparsify_(
     if not eligible and not skipped:
         raise ValueError("the model has no nn.Linear layers to sparsify")
     report = SparsifyReport(config)
-    reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in _linears(model)}
+    reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in unique_linears(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
     units = _permutation_units(list(eligible), config, stats, groups)
@@ -299,14 +293,6 @@ def _prune_layer(module: nn.Linear, scores: torch.Tensor, perms: Perms, config: 
     set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
     r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
     r.permuted = in_perm is not None or out_perm is not None
-
-
-def _linears(model: nn.Module):
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module) not in seen:
-            seen.add(id(module))
-            yield name, module
 
 
 def _unpermute(mask_p: torch.Tensor, in_perm, out_perm) -> torch.Tensor:

@@ -8,6 +8,7 @@ backend.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -24,6 +25,8 @@ __all__ = [
     "clear_sparsity",
     "sparsity_state_dict",
     "load_sparsity_",
+    "unique_linears",
+    "sparse_linears",
 ]
 
 ATTR = "vnm_sparsity"
@@ -66,6 +69,23 @@ def clear_sparsity(module: nn.Module) -> None:
     if state is not None:
         delattr(module, ATTR)
         _BY_WEIGHT.pop(module.weight, None)
+
+
+def unique_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """Every nn.Linear of ``model`` once, under its first name (a shared module is listed once)."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in seen:
+            seen.add(id(module))
+            yield name, module
+
+
+def sparse_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The nn.Linear modules with a recorded V:N:M state, by first name.
+
+    Reads the attribute only: a parametrized weight (recovery training) is not evaluated.
+    """
+    return {name: m for name, m in unique_linears(model) if getattr(m, ATTR, None) is not None}
 
 
 def sparsity_state_dict(model: nn.Module) -> dict[str, Tensor]:

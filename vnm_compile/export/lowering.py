@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..format import VNMWeight
 from ..kernels.vnm_linear import vnm_linear
-from ..state import ATTR, get_sparsity
+from ..state import ATTR, get_sparsity, sparse_linears
 
 __all__ = ["VNMLinearExport", "sparse_linears", "lowered_copy"]
 
@@ -53,17 +53,6 @@ class VNMLinearExport(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}"
-
-
-def sparse_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The nn.Linear modules of ``model`` that carry a recorded V:N:M state (first name of shared ones)."""
-    found: dict[str, nn.Linear] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module) not in seen and get_sparsity(module) is not None:
-            seen.add(id(module))
-            found[name] = module
-    return found
 
 
 def _compress(name: str, module: nn.Linear) -> VNMWeight:

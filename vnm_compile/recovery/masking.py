@@ -31,7 +31,7 @@ from ..calibration.importance import importance
 from ..calibration.observer import CalibrationStats
 from ..masks import vnm_mask
 from ..sparsify import _unpermute
-from ..state import ATTR, LinearSparsity, set_sparsity
+from ..state import ATTR, LinearSparsity, set_sparsity, sparse_linears
 
 __all__ = [
     "sparse_linears",
@@ -63,17 +63,6 @@ def _recovery_parametrized(module: nn.Module) -> bool:
 def sparsity_of(module: nn.Module) -> LinearSparsity | None:
     """The recorded V:N:M state of ``module``, read without evaluating a parametrized weight."""
     return getattr(module, ATTR, None)
-
-
-def sparse_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of ``model`` with a recorded V:N:M state, by its first name."""
-    out: dict[str, nn.Linear] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module) not in seen and sparsity_of(module) is not None:
-            seen.add(id(module))
-            out[name] = module
-    return out
 
 
 def dense_weight(module: nn.Linear) -> Tensor:
