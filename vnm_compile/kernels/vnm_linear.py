@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..format import VNMWeight, decompress
-from ..masks import block_rows
 from ..pattern import VNMPattern
 from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
@@ -71,15 +70,9 @@ def _(x, values, columns, meta, row_index, bias, v, n, m, out_features):
 OP = torch.ops.vnm.linear.default
 
 
-def _pattern_for(v: int, n: int, m: int) -> VNMPattern:
-    # Block rows of N:4 storage are 64 while the pattern's v is irrelevant.
-    return VNMPattern(v, n, m)
-
-
 def _reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features):
-    pattern = _pattern_for(v, n, m)
-    if block_rows(pattern) != v:
-        pattern = VNMPattern(1, n, m)  # only N:4 has block_rows != v
+    # decompress reads only block_rows(pattern) and n: for N:4 storage that is 64 whatever v says.
+    pattern = VNMPattern(v, n, m)
     dense = decompress(values, columns, meta, row_index, pattern, (out_features, x.shape[-1]))
     out_dtype = x.dtype
     # Accumulate in float32 (float64 for float64 inputs), as the kernels do.
