@@ -1,11 +1,16 @@
 """Is the sparse kernel faster than dense here? Answered from the measured benchmark table.
 
+Two questions: prefer_sparse (at one token count) and sparse_token_limit (up
+to how many tokens; the compiler's runtime switch vnm::hybrid_linear takes
+the dense path above it, so one dynamic-shape graph serves both decode and
+prefill).
+
 The table is benchmarks/results/<gpu>/linear.json written by bench_linear.py
 (``vnm bench``). It is looked up, in order, at ``$VNM_BENCH_RESULTS`` (a
 linear.json file or a folder holding <gpu>/linear.json), in
 ``~/.cache/vnm_compile/<gpu>/linear.json`` and in the source tree's
-benchmarks/results/<gpu>/linear.json. Without a table for the device the
-answer is True (sparse), as the issue asks.
+benchmarks/results/<gpu>/linear.json. Without a table for the device (or off
+CUDA) the answer is sparse: True / no limit (None).
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ import torch
 
 from ..pattern import VNMPattern, as_pattern
 
-__all__ = ["gpu_slug", "load_table", "prefer_sparse", "sparse_speedup", "results_dir"]
+__all__ = [
+    "gpu_slug",
+    "load_table",
+    "prefer_sparse",
+    "sparse_speedup",
+    "sparse_token_limit",
+    "token_limit",
+    "results_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,53 +85,106 @@ def _log_dist(a: float, b: float) -> float:
     return abs(math.log(max(a, 1)) - math.log(max(b, 1)))
 
 
-def sparse_speedup(table: dict, out_features: int, in_features: int, pattern: VNMPattern, tokens: int) -> float | None:
-    """Measured dense / V:N:M time at the nearest measured shape, token count and pattern."""
+def _pattern_dist(measured: str, pattern: VNMPattern) -> float:
+    q = VNMPattern.parse(measured)
+    return abs(math.log(q.m / pattern.m)) * 10 + abs(math.log(max(q.v, 1) / max(pattern.v, 1)))
+
+
+def _speedups_by_tokens(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> dict[int, float]:
+    """Measured dense / V:N:M time per measured token count, at the nearest measured shape.
+
+    The one lookup behind sparse_speedup and sparse_token_limit: 1. the
+    measured shape nearest in log-distance (out + in); 2. at each token count
+    measured there, the timings of every record at that point (a later
+    record overrides an earlier one for the same pattern); 3. the pattern
+    itself if measured there, else the nearest (M first, then V).
+    """
     recs = [r for r in table.get("records", []) if r.get("vnm_us")]
     if not recs:
-        return None
-    key = str(pattern)
-
-    def pat_dist(p: str) -> float:
-        q = VNMPattern.parse(p)
-        return abs(math.log(q.m / pattern.m)) * 10 + abs(math.log(max(q.v, 1) / max(pattern.v, 1)))
-
-    best = min(
-        recs,
-        key=lambda r: (
-            _log_dist(r["out_features"], out_features) + _log_dist(r["in_features"], in_features),
-            _log_dist(r["tokens"], tokens),
-        ),
+        return {}
+    near = min(
+        recs, key=lambda r: _log_dist(r["out_features"], out_features) + _log_dist(r["in_features"], in_features)
     )
-    # all records at that shape / token count, nearest pattern among them
-    same = [
-        r for r in recs
-        if (r["out_features"], r["in_features"], r["tokens"]) == (best["out_features"], best["in_features"], best["tokens"])
-    ]  # fmt: skip
-    timings = {}
-    for r in same:
-        timings.update({p: (r["dense_us"], us) for p, us in r["vnm_us"].items() if us})
-    if not timings:
+    shape = (near["out_features"], near["in_features"])
+    timings: dict[int, dict[str, tuple[float, float]]] = {}
+    for r in recs:
+        if (r["out_features"], r["in_features"]) == shape:
+            point = timings.setdefault(int(r["tokens"]), {})
+            point.update({p: (r["dense_us"], us) for p, us in r["vnm_us"].items() if us})
+    key = str(pattern)
+    speedups = {}
+    for tokens, point in sorted(timings.items()):
+        if point:
+            dense_us, vnm_us = (
+                point[key] if key in point else point[min(point, key=lambda p: _pattern_dist(p, pattern))]
+            )
+            speedups[tokens] = dense_us / vnm_us
+    return speedups
+
+
+def sparse_speedup(table: dict, out_features: int, in_features: int, pattern: VNMPattern, tokens: int) -> float | None:
+    """Measured dense / V:N:M time at the nearest measured shape, token count and pattern."""
+    speedups = _speedups_by_tokens(table, out_features, in_features, pattern)
+    if not speedups:
         return None
-    p = key if key in timings else min(timings, key=pat_dist)
-    dense_us, vnm_us = timings[p]
-    return dense_us / vnm_us
+    return speedups[min(speedups, key=lambda t: _log_dist(t, tokens))]
+
+
+def token_limit(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> int | None:
+    """The largest measured token count T up to which V:N:M beats dense at every measured count.
+
+    At the nearest measured shape and pattern (as sparse_speedup). Token
+    counts between two measured points are judged by the lower one: the limit
+    is the last winning measured point, so with wins at 1 and 16 tokens and a
+    loss at 2048 the limit is 16 (17-2047 tokens run dense). 0 when sparse
+    loses at the smallest measured count; None when it wins at every measured
+    count (no limit: the trend is assumed to hold beyond the largest) or the
+    table has nothing for this layer.
+    """
+    speedups = _speedups_by_tokens(table, out_features, in_features, pattern)
+    if not speedups:
+        return None
+    limit = 0
+    for tokens, speedup in speedups.items():  # ascending token counts
+        if speedup <= 1.0:
+            return limit
+        limit = tokens
+    return None
+
+
+def _device_table(device: torch.device) -> dict | None:
+    """The benchmark table that decides for ``device``: None off CUDA or without a measured table."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return load_table(device)
 
 
 def prefer_sparse(
     out_features: int, in_features: int, pattern: VNMPattern | str, tokens: int, device: torch.device | str
 ) -> bool:
-    """True when the V:N:M kernel is expected to beat dense cuBLAS for this layer.
+    """True when the V:N:M kernel is expected to beat dense cuBLAS for this layer at ``tokens``.
 
     From the measured table for the device when one exists (nearest measured
     shape / tokens / pattern, speed-up > 1); otherwise True.
     """
-    pattern = as_pattern(pattern)
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return True
-    table = load_table(device)
+    table = _device_table(torch.device(device))
     if table is None:
         return True
-    s = sparse_speedup(table, out_features, in_features, pattern, tokens)
+    s = sparse_speedup(table, out_features, in_features, as_pattern(pattern), tokens)
     return True if s is None else s > 1.0
+
+
+def sparse_token_limit(
+    out_features: int, in_features: int, pattern: VNMPattern | str, device: torch.device | str
+) -> int | None:
+    """Up to how many tokens (rows of x) the V:N:M kernel is expected to beat dense for this layer.
+
+    See token_limit (nearest measured shape and pattern; between measured
+    points the lower one decides). None means no limit: no table for the
+    device, not CUDA (as prefer_sparse answers True there), or sparse wins at
+    every measured count. 0 means sparse never wins.
+    """
+    table = _device_table(torch.device(device))
+    if table is None:
+        return None
+    return token_limit(table, out_features, in_features, as_pattern(pattern))
