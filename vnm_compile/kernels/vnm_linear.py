@@ -7,6 +7,12 @@ implementation dispatches: CUDA tensors -> the Triton kernels
 (vnm_triton.py); CPU tensors -> the reference, unless TRITON_INTERPRET=1 is
 set at call time, then the Triton kernels run under the interpreter.
 n != 2 and float64 always take the reference path.
+
+``torch.ops.vnm.hybrid_linear`` (what the compiler lowers to when the
+measured table says sparse wins only up to some token count, see
+dispatch.sparse_token_limit) takes the model's masked dense weight as well:
+above ``max_sparse_tokens`` rows of x it runs ``F.linear`` on it, otherwise
+exactly what vnm::linear runs. The switch happens inside the op at run time.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..format import VNMWeight, decompress
 from ..pattern import VNMPattern
 from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
-__all__ = ["vnm_linear", "vnm_linear_reference", "OP", "uses_triton"]
+__all__ = ["vnm_linear", "vnm_linear_reference", "OP", "HYBRID_OP", "uses_triton"]
 
 log = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,6 +47,11 @@ def _linear_op(
     m: int,
     out_features: int,
 ) -> Tensor:
+    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+
+
+def _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features) -> Tensor:
+    """vnm::linear's implementation (also hybrid_linear's sparse branch)."""
     if uses_triton(x, n):
         return vnm_linear_triton(x, values, columns, meta, row_index, bias, v, n, m, out_features)
     if x.is_cuda:
@@ -68,6 +79,38 @@ def _(x, values, columns, meta, row_index, bias, v, n, m, out_features):
 
 
 OP = torch.ops.vnm.linear.default
+
+
+@torch.library.custom_op(f"{_LIB}::hybrid_linear", mutates_args=())
+def _hybrid_linear_op(
+    x: Tensor,
+    dense_weight: Tensor,
+    values: Tensor,
+    columns: Tensor,
+    meta: Tensor,
+    row_index: Tensor | None,
+    bias: Tensor | None,
+    v: int,
+    n: int,
+    m: int,
+    out_features: int,
+    max_sparse_tokens: int,
+) -> Tensor:
+    # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
+    # without a guard (and a recompile) per size. dense_weight is the masked weight in original
+    # row/column order, so both branches compute the same function up to rounding.
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if tokens > max_sparse_tokens:
+        return torch.nn.functional.linear(x, dense_weight, bias)
+    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+
+
+@_hybrid_linear_op.register_fake
+def _(x, dense_weight, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+HYBRID_OP = torch.ops.vnm.hybrid_linear.default
 
 
 def _reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features):
