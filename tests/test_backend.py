@@ -62,6 +62,7 @@ def compile_fast(model, **options):
         ({"min_numel": -1}, ValueError, "'min_numel' must be an int >= 0"),
         ({"strict": "yes"}, TypeError, "'strict' must be True or False"),
         ({"inductor": 1}, TypeError, "'inductor' must be True or False"),
+        ({"dense_fallback": "no"}, TypeError, "'dense_fallback' must be True or False"),
     ],
 )
 def test_bad_options_give_clear_errors(options, error, match):
@@ -128,11 +129,16 @@ def test_recorded_state_without_pattern_and_strict(monkeypatch):
     assert report["out"].reason == "no V:N:M state and no pattern option"
     # strict: a layer the dispatcher would leave dense is an error
     import vnm_compile.kernels as kernels
+    from vnm_compile.kernels import dispatch
 
-    monkeypatch.setattr(kernels, "prefer_sparse", lambda *a: False, raising=False)
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a: 0)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="strict=True.*fc1"):
         compile_fast(model, strict=True)(x)
+    monkeypatch.setattr(kernels, "prefer_sparse", lambda *a: False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="strict=True.*fc1"):
+        compile_fast(model, strict=True, dense_fallback=False)(x)
 
 
 def test_changing_shapes_do_not_recompile_per_size():

@@ -19,10 +19,12 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     import vnm_compile.kernels as kernels
+    from vnm_compile.kernels import dispatch
 
-    # These tests check the Triton path's numbers: lower every eligible layer, whatever the
-    # measured speed table says about these small shapes.
-    monkeypatch.setattr(kernels, "prefer_sparse", lambda *args: True, raising=False)
+    # These tests check the Triton path's numbers: lower every eligible layer to vnm::linear,
+    # whatever the measured speed table says about these small shapes.
+    monkeypatch.setattr(kernels, "prefer_sparse", lambda *args: True)
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *args: None)
     torch._dynamo.reset()
     clear_reports()
 

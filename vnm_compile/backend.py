@@ -3,8 +3,11 @@
 Dynamo hands over an FX graph whose inputs include the model's Parameters; the
 passes (``vnm_compile.passes.PASSES``) find the linears, prune the ones that
 carry no V:N:M state when a pattern is given, fold permutations into the
-compressed weights and replace each with ``torch.ops.vnm.linear``. The rest of
-the graph goes to inductor (or runs as is with ``inductor=False``).
+compressed weights and replace each with ``torch.ops.vnm.linear``, or with
+``torch.ops.vnm.hybrid_linear`` where the measured speed table says sparse
+wins only up to some token count (dense above it, switched at run time;
+option ``dense_fallback``). The rest of the graph goes to inductor (or runs as
+is with ``inductor=False``).
 Every call's CompileReport is logged and kept (``last_report()``, ``reports()``).
 """
 
@@ -43,7 +46,7 @@ def vnm_backend(
         gm: the graph Dynamo captured (parameters arrive as inputs).
         example_inputs: its example inputs (the real Parameters among them).
         options: see CompileOptions (pattern, score, calibration, alpha, ignore, min_numel,
-            strict, inductor); keyword arguments are accepted as options too.
+            strict, inductor, dense_fallback); keyword arguments are accepted as options too.
     Returns:
         The compiled callable.
     """
@@ -167,6 +170,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.vnm = (v, n, m, out_features, x.shape[-1], bias is not None)
 
 
+def _input_grads(ctx, grad, dense, bias_index: int, has_bias: bool):
+    """grad w.r.t. x (input 0) and bias (input ``bias_index``) of y = x @ dense^T + bias."""
+    grad_x = grad @ dense.to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_b = grad.reshape(-1, dense.shape[0]).sum(0) if has_bias and ctx.needs_input_grad[bias_index] else None
+    return grad_x, grad_b
+
+
 def _backward(ctx, grad):
     """Gradients for x and bias (the compressed weight is a constant of the compiled graph)."""
     from .format import decompress
@@ -179,20 +189,38 @@ def _backward(ctx, grad):
     if block_rows(pattern) != v:
         pattern = VNMPattern(1, n, m)  # as the op's reference: only N:4 storage has block_rows != v
     dense = decompress(values, columns, meta, row_index, pattern, (out_features, in_features))
-    grad_x = grad @ dense.to(grad.dtype) if ctx.needs_input_grad[0] else None
-    grad_b = grad.reshape(-1, out_features).sum(0) if has_bias and ctx.needs_input_grad[5] else None
+    grad_x, grad_b = _input_grads(ctx, grad, dense, 5, has_bias)
     return grad_x, None, None, None, None, grad_b, None, None, None, None
 
 
+def _setup_hybrid_context(ctx, inputs, output) -> None:
+    # (x, dense_weight, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens)
+    ctx.save_for_backward(inputs[1])
+    ctx.vnm = inputs[6] is not None
+
+
+def _hybrid_backward(ctx, grad):
+    """hybrid_linear: gradients for x and bias from the masked dense weight (both branches compute
+    x @ W^T + b with the same W); none for the weights, which are frozen."""
+    (dense,) = ctx.saved_tensors
+    grad_x, grad_b = _input_grads(ctx, grad, dense, 6, ctx.vnm)
+    return grad_x, None, None, None, None, None, grad_b, None, None, None, None, None
+
+
 def _ensure_autograd() -> None:
-    """Let graphs that run with grad enabled (trainable neighbours) differentiate through vnm.linear w.r.t. x/bias.
+    """Let graphs that run with grad enabled (trainable neighbours) differentiate through vnm.linear and
+    vnm.hybrid_linear w.r.t. x/bias.
 
-    Registered only when the op has no autograd formula of its own.
+    Registered only when an op has no autograd formula of its own.
     """
-    from .kernels.vnm_linear import _linear_op as op
+    from .kernels.vnm_linear import _hybrid_linear_op, _linear_op
 
-    if getattr(op, "_backward_fn", None) is None:
-        op.register_autograd(_backward, setup_context=_setup_context)
+    for op, backward, setup in (
+        (_linear_op, _backward, _setup_context),
+        (_hybrid_linear_op, _hybrid_backward, _setup_hybrid_context),
+    ):
+        if getattr(op, "_backward_fn", None) is None:
+            op.register_autograd(backward, setup_context=setup)
 
 
 def register() -> None:

@@ -80,7 +80,8 @@ def test_non_float_computed_and_float64_weights_stay_dense(h):
         h.context(gm, inputs, pattern="2:4", min_numel=0, strict=True)
 
 
-def test_dispatcher_preference_is_honoured_and_reported(h, toy, monkeypatch):
+def test_dispatcher_preference_without_dense_fallback(h, toy, monkeypatch):
+    """dense_fallback=False: the example's token count decides once per graph (prefer_sparse)."""
     import vnm_compile.kernels as kernels
 
     calls = []
@@ -89,19 +90,72 @@ def test_dispatcher_preference_is_honoured_and_reported(h, toy, monkeypatch):
         calls.append((out_features, in_features, str(pattern), tokens, torch.device(device).type))
         return out_features != 40
 
-    monkeypatch.setattr(kernels, "prefer_sparse", prefer_sparse, raising=False)
+    monkeypatch.setattr(kernels, "prefer_sparse", prefer_sparse)
     gm, inputs = h.capture(toy, torch.randn(7, 48))
-    ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[])
+    opts = dict(pattern="16:2:5", min_numel=0, ignore=[], dense_fallback=False)
+    ctx = h.context(gm, inputs, **opts)
     assert (80, 48, "16:2:5", 7, "cpu") in calls
     why = {s.name: s.dense_reason for s in ctx.sites}
     assert why["up"] is None and why["tiny"] is None
     assert why["down"] == "the kernel dispatcher prefers dense at 7 tokens on cpu"
+    assert all(s.max_sparse_tokens is None for s in ctx.sites)
     with pytest.raises(RuntimeError, match="dispatcher prefers dense"):
-        h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[], strict=True)
+        h.context(gm, inputs, **opts, strict=True)
     # user choices are not errors under strict
-    monkeypatch.setattr(kernels, "prefer_sparse", lambda *a: True, raising=False)
-    ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=1000, ignore=["head"], strict=True)
+    monkeypatch.setattr(kernels, "prefer_sparse", lambda *a: True)
+    ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=1000, ignore=["head"], strict=True, dense_fallback=False)
     assert {s.name for s in ctx.to_lower()} == {"up", "down", "shared"}
+
+
+@pytest.fixture
+def limits(monkeypatch):
+    """sparse_token_limit answered per output size (a dict filled by the test), recording its calls."""
+    from vnm_compile.kernels import dispatch
+
+    table: dict[int, int | None] = {}
+    calls = []
+
+    def sparse_token_limit(out_features, in_features, pattern, device):
+        calls.append((out_features, in_features, str(pattern), torch.device(device).type))
+        return table.get(out_features)
+
+    monkeypatch.setattr(dispatch, "sparse_token_limit", sparse_token_limit)
+    return table, calls
+
+
+def test_token_limit_gives_sparse_dense_or_hybrid(h, toy, limits):
+    table, calls = limits
+    table.update({80: 0, 40: 16})  # up: never sparse; down/head/shared: sparse up to 16 tokens; tiny: no limit
+    x = torch.randn(3, 5, 48)
+    torch._dynamo.mark_dynamic(x, 1)
+    gm, inputs = h.capture(toy, x)
+    ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[])
+    assert (80, 48, "16:2:5", "cpu") in calls and (8, 40, "16:2:5", "cpu") in calls
+    by_name = {s.name: s for s in ctx.sites}
+    assert by_name["up"].dense_reason == "the kernel dispatcher prefers dense at every measured token count on cpu"
+    assert {n: s.max_sparse_tokens for n, s in by_name.items() if s.dense_reason is None} == {
+        "down": 16, "shared": 16, "head": 16, "tiny": None,
+    }  # fmt: skip
+    report = ctx.report()
+    assert report["up"].mode == "dense" and report["tiny"].mode == "sparse"
+    assert report["down"].mode == "hybrid (sparse up to 16 tokens)"
+    assert "hybrid (sparse up to 16 tokens)" in report.table()
+    assert "3 of them as vnm::hybrid_linear" in report.summary()
+    with pytest.raises(RuntimeError, match="strict=True.*'up'.*every measured token count"):
+        h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[], strict=True)
+
+
+def test_static_token_counts_resolve_the_switch_at_compile_time(h, toy, limits):
+    table, _ = limits
+    table.update({80: 15, 40: 14})
+    gm, inputs = h.capture(toy, torch.randn(3, 5, 48))  # 15 tokens, static
+    ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[])
+    why = {s.name: s.dense_reason for s in ctx.sites}
+    assert why["up"] is None and ctx.sites[0].max_sparse_tokens is None  # 15 <= 15: plain vnm::linear
+    assert why["down"] == "the kernel dispatcher prefers dense at 15 tokens on cpu (sparse up to 14)"
+    # dense_fallback=False ignores the limit (and asks prefer_sparse, True off CUDA)
+    ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[], dense_fallback=False)
+    assert all(s.dense_reason is None and s.max_sparse_tokens is None for s in ctx.sites)
 
 
 def test_get_attr_graphs_are_handled(toy):

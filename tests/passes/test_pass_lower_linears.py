@@ -74,3 +74,30 @@ def test_low_precision_matches_eager_within_its_own_rounding(h, toy, dtype):
         err_c = (g.double() - t).abs().max().item()
         err_e = (e.double() - t).abs().max().item()
         assert err_c <= 2 * err_e + eps * t.abs().max().item(), (err_c, err_e)
+
+
+def test_sites_with_a_token_limit_become_hybrid_linear(h, toy, monkeypatch):
+    from vnm_compile import VNMConfig, sparsify_
+    from vnm_compile.kernels import dispatch
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP
+
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda out_features, *a: 16 if out_features == 40 else None)
+    sparsify_(toy, VNMConfig("16:2:5", score="abs", permute=True, ignore=("head",), min_numel=0), progress=False)
+    x = torch.randn(3, 7, 48)
+    torch._dynamo.mark_dynamic(x, 1)
+    gm, inputs, ctx = lowered(h, toy, x, pattern="16:2:5", min_numel=0, ignore=[])
+    # down and shared (x2) are recorded (masked in place); head is pruned here (its weight is not masked)
+    hybrid = [n for n in gm.graph.nodes if n.target is HYBRID_OP]
+    assert len(hybrid) == 4 and h.count_vnm(gm) == 2 and h.count_linear(gm) == 0  # up and tiny: vnm.linear
+    for n in hybrid:
+        assert n.args[-1] == 16 and n.args[1].op in ("placeholder", "get_attr")
+        assert n.meta["example_value"].shape[-1] == n.args[-2]
+    by_weight = {n.args[1].op for n in hybrid}
+    assert by_weight == {"placeholder", "get_attr"}  # model's masked Parameter / head's masked copy
+    dense_buffers = [name for name, _ in gm.named_buffers() if name.endswith("_dense")]
+    assert len(dense_buffers) == 1
+    # the reference: the recorded layers as sparsify_ left them, head pruned by ABS as the backend does
+    ref = h.abs_sparsified(toy, "16:2:5", ignore=["up", "down", "shared", "tiny"], min_numel=0)
+    with torch.no_grad():  # 21 tokens: the dense branch of down/shared/head (the backend tests run both)
+        for a, b in zip(gm(*inputs), ref(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,10 @@ class CompileOptions:
             compile-time pruning; layers sparsify_ recorded are lowered at any size.
         strict: raise instead of leaving an eligible layer dense.
         inductor: hand the rewritten graph to inductor (False: run the FX graph as is).
+        dense_fallback: where the measured table says V:N:M beats dense only up to some token
+            count T (kernels.dispatch.sparse_token_limit), lower to vnm::hybrid_linear, which runs
+            dense above T tokens at run time (one graph for decode and prefill); False: decide once
+            per graph from the example's token count (dense or vnm::linear).
     """
 
     pattern: VNMPattern | str | None = None
@@ -60,6 +64,7 @@ class CompileOptions:
     min_numel: int | None = None
     strict: bool = False
     inductor: bool = True
+    dense_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -92,7 +97,7 @@ class CompileOptions:
             raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")
-        for name in ("strict", "inductor"):
+        for name in ("strict", "inductor", "dense_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"vnm backend option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -131,6 +136,7 @@ class LinearSite:
     tokens: int = 1
     compressed: VNMWeight | None = None
     input_index: int | None = None  # the weight's position among the graph inputs (lifted parameters)
+    max_sparse_tokens: int | None = None  # lowered to vnm::hybrid_linear: dense above this many tokens
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -149,6 +155,16 @@ class LayerCompileReport:
     reason: str | None = None
     dense_bytes: int = 0
     sparse_bytes: int = 0
+    max_sparse_tokens: int | None = None
+
+    @property
+    def mode(self) -> str:
+        """How the layer runs: "sparse" (vnm::linear), "dense", or "hybrid (sparse up to T tokens)"."""
+        if not self.lowered:
+            return "dense"
+        if self.max_sparse_tokens is None:
+            return "sparse"
+        return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)"
 
 
 @dataclass
@@ -176,18 +192,23 @@ class CompileReport:
         dense = sum(r.dense_bytes for r in self.lowered)
         sparse = sum(r.sparse_bytes for r in self.lowered)
         ratio = f" ({dense / sparse:.2f}x fewer weight bytes)" if sparse else ""
-        return f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}, {len(self.dense)} left dense"
+        hybrid = sum(r.max_sparse_tokens is not None for r in self.lowered)
+        hybrid_note = f", {hybrid} of them as vnm::hybrid_linear (dense above a token limit)" if hybrid else ""
+        return (
+            f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}, "
+            f"{len(self.dense)} left dense"
+        )
 
     def table(self) -> str:
-        head = f"{'layer':<48} {'shape':>12} {'calls':>5} {'pattern':>9}  {'origin / reason'}"
+        head = f"{'layer':<48} {'shape':>12} {'calls':>5} {'pattern':>9}  {'mode':<34} {'origin / reason'}"
         lines = [head, "-" * len(head)]
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             if r.lowered:
                 note = r.origin + (", permuted" if r.permuted else "")
-                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {note}")
+                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {r.mode:<34} {note}")
             else:
-                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'dense':>9}  {r.reason}")
+                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'-':>9}  {r.mode:<34} {r.reason}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -218,6 +239,7 @@ class CompileContext:
         layers = []
         for s in self.sites:
             r = LayerCompileReport(s.name, s.shape, len(s.nodes), s.dense_reason is None, reason=s.dense_reason)
+            r.max_sparse_tokens = s.max_sparse_tokens if r.lowered else None
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

@@ -7,6 +7,15 @@ and the layer's name is read from the placeholder's source
 (``L['self']._modules['layers']._modules['0']._parameters['weight']`` ->
 ``layers.0``). Older graphs that keep parameters as ``get_attr`` are handled too.
 The pass only annotates (``ctx.sites``); it does not change the graph.
+
+Dense or sparse is decided from the measured speed table (kernels.dispatch).
+With ``dense_fallback`` (the default) the question is up to how many tokens
+V:N:M wins (sparse_token_limit): never -> dense; always (or no table, or not
+CUDA) -> vnm::linear; up to T -> vnm::hybrid_linear, which switches at run
+time, so one dynamic-shape graph serves decode and prefill. Where every call's
+token count is static in the graph (Dynamo specialised it; another size
+recompiles) the switch is resolved here instead. Without ``dense_fallback``
+the example's token count decides once per graph (prefer_sparse).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import re
 
 import torch
 from torch import Tensor, fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..sparsify import matches_ignore
 from ..state import get_sparsity
@@ -85,10 +95,15 @@ def _weight_of(gm: fx.GraphModule, node, inputs: dict[fx.Node, object]) -> tuple
     return None, None
 
 
+def _example(x):
+    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+    return val if isinstance(val, Tensor) and val.dim() >= 1 else None
+
+
 def _tokens(x) -> int:
     """Rows the linear multiplies (product of the input's leading dims), from its fake value's size hints."""
-    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
-    if not isinstance(val, Tensor) or val.dim() < 1:
+    val = _example(x)
+    if val is None:
         return 1
     dims = []
     for d in val.shape[:-1]:
@@ -99,13 +114,22 @@ def _tokens(x) -> int:
     return max(1, math.prod(dims))
 
 
-def _prefer_sparse(site: LinearSite, device: torch.device, pattern) -> bool:
-    from .. import kernels
+def _static_tokens(x) -> int | None:
+    """The linear's token count when the graph fixes it (no symbolic leading dim), else None."""
+    val = _example(x)
+    if val is None or not all(is_concrete_int(d) for d in val.shape[:-1]):
+        return None
+    return max(1, math.prod(int(d) for d in val.shape[:-1]))
 
-    decide = getattr(kernels, "prefer_sparse", None)
-    if decide is None:  # the dispatcher's heuristic has not landed: lower everything eligible
-        return True
-    return bool(decide(site.shape[0], site.shape[1], pattern, site.tokens, device))
+
+def _sparse_limit(site: LinearSite, device: torch.device, pattern, dense_fallback: bool) -> int | None:
+    """Up to how many tokens the layer runs sparse: None = always, 0 = never (from kernels.dispatch)."""
+    from .. import kernels
+    from ..kernels import dispatch
+
+    if dense_fallback:
+        return dispatch.sparse_token_limit(site.shape[0], site.shape[1], pattern, device)
+    return None if kernels.prefer_sparse(site.shape[0], site.shape[1], pattern, site.tokens, device) else 0
 
 
 def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
@@ -132,6 +156,8 @@ def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             site.input_index = placeholders.index(w_node)
         ctx.sites.append(site)
         _decide(site, opts, ctx)
+    for site in ctx.to_lower():  # after every call of a shared weight is known
+        _dispatch(site, opts, ctx)
     logger.debug("find_linears: %d linear layers, %d to lower", len(ctx.sites), len(ctx.to_lower()))
     return False
 
@@ -157,9 +183,28 @@ def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
         site.origin = "recorded"
         if tuple(site.state.mask.shape) != site.shape:
             return ctx.keep_dense(site, f"recorded mask {tuple(site.state.mask.shape)} does not fit the weight")
+    return None
+
+
+def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
+    """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table."""
+    device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
-    if not _prefer_sparse(site, weight.device, pattern):
+    limit = _sparse_limit(site, device, pattern, opts.dense_fallback)
+    if limit is None:
+        return None
+    if not opts.dense_fallback:
+        return ctx.keep_dense(site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}")
+    if limit <= 0:
         return ctx.keep_dense(
-            site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {weight.device.type}"
+            site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}"
         )
+    static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
+    if None not in static and min(static) > limit:
+        return ctx.keep_dense(
+            site,
+            f"the kernel dispatcher prefers dense at {max(static)} tokens on {device.type} (sparse up to {limit})",
+        )
+    if None in static or max(static) > limit:
+        site.max_sparse_tokens = int(limit)
     return None

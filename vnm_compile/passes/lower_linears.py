@@ -4,6 +4,12 @@ The compressed tensors (values, columns, meta, row_index) become buffers of
 the GraphModule read through ``get_attr`` (inductor treats them as parameters
 of the compiled graph);
 the original weight placeholder may stay behind as an unused graph input.
+
+A site with a token limit (``site.max_sparse_tokens``, set by find_linears)
+becomes ``torch.ops.vnm.hybrid_linear`` instead, whose dense branch reads the
+linear's own weight node: the model's masked Parameter, no extra memory.
+Only a weight with nonzeros outside its mask (compile-time pruning leaves the
+model's weights untouched) gets a masked dense copy as a buffer.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ import logging
 import torch
 from torch import fx
 
-from ..kernels.vnm_linear import OP
-from .context import CompileContext
+from ..kernels.vnm_linear import HYBRID_OP, OP
+from .context import CompileContext, LinearSite
 
 __all__ = ["lower_linears"]
 
@@ -46,8 +52,29 @@ def _fresh_prefix(gm: fx.GraphModule) -> int:
     return index
 
 
+def _dense_weight(gm: fx.GraphModule, graph: fx.Graph, site: LinearSite, prefix: str) -> fx.Node | torch.Tensor:
+    """The masked weight for hybrid_linear's dense branch: the graph's weight node when it is masked already."""
+    node = site.nodes[0]
+    weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    with torch.no_grad():
+        w = site.weight.detach()
+        mask = site.state.mask.to(device=w.device, dtype=torch.bool)
+        if not w.masked_fill(mask, 0).any():
+            return weight_node
+        masked = w * mask
+    logger.info(
+        "%s: the weight has nonzeros outside its V:N:M mask; hybrid_linear keeps a masked dense copy (%d bytes)",
+        site.name,
+        masked.numel() * masked.element_size(),
+    )
+    return _constant(gm, graph, f"{prefix}_dense", masked)
+
+
 def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
-    """Rewrite linear -> vnm.linear for every site with a compressed weight; True if the graph changed."""
+    """Rewrite linear -> vnm.linear (or vnm.hybrid_linear) for every site with a compressed weight.
+
+    Returns True if the graph changed.
+    """
     graph = gm.graph
     lowered = 0
     index = _fresh_prefix(gm)
@@ -58,8 +85,10 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         prefix = f"{_PREFIX}{index}"
         index += 1
         first = site.nodes[0]
+        hybrid = site.max_sparse_tokens is not None
         with graph.inserting_before(first):
             tensors = {k: _constant(gm, graph, f"{prefix}_{k}", t) for k, t in w.tensors().items()}
+            dense = _dense_weight(gm, graph, site, prefix) if hybrid else None
         for node in site.nodes:
             x = node.args[0] if node.args else node.kwargs["input"]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -75,8 +104,10 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
                 w.pattern.m,
                 w.out_features,
             )
+            if hybrid:
+                args = (x, dense, *args[1:], site.max_sparse_tokens)
             with graph.inserting_before(node):
-                new = graph.call_function(OP, args)
+                new = graph.call_function(HYBRID_OP if hybrid else OP, args)
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -84,5 +115,5 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     if lowered:
         graph.lint()
         gm.recompile()
-    logger.debug("lower_linears: %d linear calls replaced with vnm.linear", lowered)
+    logger.debug("lower_linears: %d linear calls replaced with vnm.linear / vnm.hybrid_linear", lowered)
     return lowered > 0
