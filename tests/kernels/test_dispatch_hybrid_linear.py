@@ -84,8 +84,24 @@ def test_no_bias_and_half_precision():
 
 @pytest.mark.parametrize("limit", [2, 100])
 def test_opcheck(limit):
+    import vnm_compile.backend  # noqa: F401  (registers the autograd formula that opcheck checks)
+
     vw, dense = masked_weight(40, 70, "16:2:5", seed=4)
-    x = torch.randn(3, 70)
-    bias = torch.randn(40)
+    x = torch.randn(3, 70, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
     args = (x, dense, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 40, limit)
     torch.library.opcheck(HYBRID_OP, args)
+
+
+@pytest.mark.parametrize("limit", [4, 5])
+def test_gradients_for_x_and_bias(limit):
+    import vnm_compile.backend  # noqa: F401  (registers the autograd formula)
+
+    vw, dense = masked_weight(40, 70, "32:2:8", seed=5)
+    x = torch.randn(5, 70, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    weight = dense.double().requires_grad_()  # the model's Parameter: frozen, gets no gradient
+    vw64 = vw.to(dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x, b: hybrid(x, weight, vw64, b, limit), (x, bias))
+    hybrid(x, weight, vw64, bias, limit).sum().backward()
+    assert weight.grad is None
