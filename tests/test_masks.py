@@ -51,6 +51,38 @@ def test_other_n(pattern):
     assert is_vnm(mask, p)
 
 
+@pytest.mark.parametrize("pattern", ["16:2:5", "8:1:7", "32:3:6", "4:2:16", "2:4"])
+def test_ties_and_negative_scores_match_loop_reference(pattern):
+    # Few distinct values: norms and row scores tie often; ties go to the lower column.
+    # Negative scores take the abs() path for the norms; zeros include -0.0.
+    p = VNMPattern.parse(pattern)
+    g = torch.Generator().manual_seed(7)
+    for shape in [(37, 53), (70, 33)]:
+        rounded = torch.randint(0, 4, shape, generator=g).float() / 4
+        signed = torch.randint(-2, 3, shape, generator=g).float()
+        signed[signed == 0] = -0.0
+        for scores in (rounded, signed):
+            mask = vnm_mask(scores, p)
+            assert torch.equal(mask, loop_reference(scores, p)), (p, shape)
+            assert is_vnm(mask, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_score_dtypes(dtype):
+    # Low-precision norms are summed in float32; float64 is compared in float64.
+    p = VNMPattern(16, 2, 5)
+    scores = (torch.rand(45, 71, generator=torch.Generator().manual_seed(2)) * 100).to(dtype)
+    mask = vnm_mask(scores, p)
+    reference = scores.double() if dtype == torch.float64 else scores.float()
+    assert torch.equal(mask, loop_reference(reference, p))
+
+
+def test_non_contiguous_scores():
+    p = VNMPattern(16, 2, 5)
+    scores = torch.rand(53, 40, generator=torch.Generator().manual_seed(4)).t()
+    assert torch.equal(vnm_mask(scores, p), loop_reference(scores, p))
+
+
 def test_density_on_divisible_shape():
     p = VNMPattern(64, 2, 8)
     mask = vnm_mask(torch.rand(128, 256), p)

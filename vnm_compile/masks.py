@@ -1,7 +1,8 @@
 """S_{V:N:M}: choosing and checking V:N:M masks (DESIGN.md, "The format").
 
-Everything is vectorised over blocks: a (rows, cols) matrix is zero-padded to
-multiples of (V, M) and viewed as (row_blocks, V, groups, M).
+Everything is vectorised over blocks: the whole V x M blocks of a (rows, cols)
+matrix are viewed in place as (row_blocks, V, groups, M); only its ragged
+edges (rows/columns not divisible by V/M) are zero-padded copies.
 """
 
 from __future__ import annotations
@@ -63,39 +64,84 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     Steps (the paper's S_{V:N:M}):
       1. per V x M block keep the 4 columns with the largest L1 norm of scores;
       2. per row keep the n largest scores among those 4 columns.
-    Rows/columns not divisible by V/M are padded; padded columns are chosen
-    last, so a partial block keeps real columns first.
+    Ties go to the lower column in both steps. Rows/columns not divisible by
+    V/M are padded; padded columns are chosen last, so a partial block keeps
+    real columns first.
+
+    Scores are compared in their own dtype (integers as float32); L1 norms of
+    half/bfloat16 scores are summed in float32.
     """
     p = as_pattern(pattern)
     _check_2d(scores, "scores")
-    if not scores.is_floating_point():
-        scores = scores.float()
-    rows, cols = scores.shape
-    v = block_rows(p)
-    rows_p, cols_p = _padded((rows, cols), v, p.m)
-    s = scores.float()
-    if (rows_p, cols_p) != (rows, cols):
-        s = torch.nn.functional.pad(s, (0, cols_p - cols, 0, rows_p - rows))  # zeros add nothing to norms
-    groups = cols_p // p.m
-    blocks = s.view(rows_p // v, v, groups, p.m)  # (B, V, G, M), no copy
+    s = (scores if scores.is_floating_point() else scores.float()).contiguous()
+    rows, cols = s.shape
+    v, m = block_rows(p), p.m
+    mask = torch.zeros((rows, cols), dtype=torch.bool, device=s.device)
+    if s.numel() == 0:
+        return mask
+    # Non-negative scores (every importance measure) need no abs() copy for the norms.
+    nonneg = bool(s.min() >= 0)
+    # The whole V x M blocks are used in place; only the (thin) ragged edges are padded copies.
+    r0, c0 = rows - rows % v, cols - cols % m
+    if r0 and c0:
+        _mask_whole_blocks(s[:r0, :c0], mask[:r0, :c0], p, v, nonneg)
+    if r0 and c0 < cols:  # last column group, all whole row blocks
+        edge = torch.nn.functional.pad(s[:r0, c0:], (0, c0 + m - cols))
+        _mask_whole_blocks(edge, mask[:r0, c0:], p, v, nonneg, pad_cols=c0 + m - cols)
+    if r0 < rows:  # last row block, all columns
+        cols_p = -(-cols // m) * m
+        edge = torch.nn.functional.pad(s[r0:], (0, cols_p - cols, 0, r0 + v - rows))
+        _mask_whole_blocks(edge, mask[r0:], p, v, nonneg, pad_cols=cols_p - cols)
+    return mask
+
+
+def _mask_whole_blocks(x: Tensor, out: Tensor, p: VNMPattern, v: int, nonneg: bool, pad_cols: int = 0) -> None:
+    """S_{V:N:M} of ``x`` (rows a multiple of v, columns of m) written into the zeros ``out``.
+
+    ``out`` may be smaller than ``x``: the rows/columns of ``x`` past it are zero
+    padding owned by the caller (the last ``pad_cols`` columns are overwritten with -inf).
+    Works on (B, V, G, M) views of ``x``: the large temporaries are the kept
+    columns' scores (B, V, 4, G) and two byte tensors of about that shape (plus
+    abs(x) when some score is negative).
+    """
+    rows, cols = x.shape
+    nb, groups = rows // v, cols // p.m
+    blocks = x.view(nb, v, groups, p.m)
 
     # 1. Column choice by L1 norm; padded columns rank below every real one.
-    col_id = torch.arange(cols_p, device=s.device).view(1, groups, p.m)
-    col_norm = blocks.abs().sum(1)  # (B, G, M): V times smaller than scores, cheap to check
+    norm_dtype = torch.float32 if x.element_size() < 4 else x.dtype
+    col_norm = (blocks if nonneg else blocks.abs()).sum(1, dtype=norm_dtype)  # (B, G, M)
     if not bool(torch.isfinite(col_norm).all()):
-        raise ValueError("scores contain NaN or Inf (or overflow float32 when summed)")
-    col_norm = col_norm.masked_fill(col_id >= cols, -1.0)
-    kept_cols = _stable_topk_indices(col_norm, KEPT_COLUMNS)  # (B, G, 4)
-    candidate = torch.zeros(col_norm.shape, dtype=torch.bool, device=s.device).scatter_(2, kept_cols, True)
-    candidate &= col_id < cols
+        raise ValueError("scores contain NaN or Inf (or their column sums overflow)")
+    col_norm.abs_()  # a column of -0.0 sums to -0.0 without abs() first; make it +0.0
+    if pad_cols:
+        col_norm.view(nb, -1)[:, cols - pad_cols :] = -1.0
+        x[:, cols - pad_cols :] = float("-inf")  # never among a row's n largest
+    kept = _stable_topk_indices(col_norm, KEPT_COLUMNS).sort(dim=-1).values  # (B, G, 4), ascending
+    # Absolute column of slot i of group g, laid out (B, 1, 4 * G) so that every
+    # step below runs along the contiguous G axis; shared by the V rows of a block.
+    first_col = torch.arange(0, cols, p.m, device=x.device).view(1, groups, 1)
+    index = (kept + first_col).transpose(1, 2).reshape(nb, 1, -1).expand(-1, v, -1)
 
-    # 2. Per row, the n largest scores among the kept columns (others and padding never win).
-    cand = blocks.masked_fill(~candidate.unsqueeze(1), float("-inf"))
-    kept_pos = torch.topk(cand, p.n, dim=-1).indices  # (B, V, G, n)
-
-    mask = torch.zeros((rows_p, cols_p), dtype=torch.bool, device=s.device)
-    mask.view(blocks.shape).scatter_(3, kept_pos, True)
-    return mask[:rows, :cols].contiguous()
+    # 2. Per row and group, keep slot i when fewer than n of the other 3 slots beat it:
+    #    a higher score beats, an equal score beats only from a lower slot (lower column).
+    vals = x.view(nb, v, cols).gather(2, index).view(nb, v, KEPT_COLUMNS, groups)
+    # rank = number of slots beating slot i; start from "every lower slot beats slot i".
+    rank = torch.arange(KEPT_COLUMNS, dtype=torch.uint8, device=x.device)
+    rank = rank.view(1, 1, -1, 1).repeat(nb, v, 1, groups)
+    later_wins = torch.empty((nb, v, KEPT_COLUMNS - 1, groups), dtype=torch.bool, device=x.device)
+    for k in range(1, KEPT_COLUMNS):
+        wins = torch.gt(vals[:, :, k:], vals[:, :, :-k], out=later_wins[:, :, k - 1 :]).view(torch.uint8)
+        rank[:, :, :-k] += wins  # slot i + k beats slot i
+        rank[:, :, k:] -= wins  # slot i does not beat slot i + k
+    keep = rank.lt_(p.n).view(torch.bool)  # in place: 0/1 bytes
+    out_rows, out_cols = out.shape
+    if (out_rows, out_cols) == (rows, cols):
+        out.view(nb, v, cols).scatter_(2, index, keep.view(nb, v, -1))
+    else:
+        padded = torch.zeros((rows, cols), dtype=torch.bool, device=x.device)
+        padded.view(nb, v, cols).scatter_(2, index, keep.view(nb, v, -1))
+        out.copy_(padded[:out_rows, :out_cols])
 
 
 def is_vnm(
