@@ -68,8 +68,8 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     V/M are padded; padded columns are chosen last, so a partial block keeps
     real columns first.
 
-    Scores are compared in their own dtype (integers as float32); L1 norms of
-    half/bfloat16 scores are summed in float32.
+    Scores are compared in their own dtype (integers as float32, float64 in
+    float64); L1 norms of half/bfloat16 scores are summed in float32.
     """
     p = as_pattern(pattern)
     _check_2d(scores, "scores")
