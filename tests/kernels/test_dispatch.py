@@ -56,6 +56,15 @@ def test_token_limit_rules():
     assert token_limit({"records": [rec(8, 8, 1, 1.0, p64_2_8=None)]}, 8, 8, P("64:2:8")) is None
 
 
+def test_a_win_needs_the_margin():
+    # 1.05x at 16 tokens is within timing noise / kernel-bucket changes: not a win, the limit stays at 1
+    table = {"records": [rec(64, 64, 1, 10.0, p64_2_8=5.0), rec(64, 64, 16, 10.0, p64_2_8=10 / 1.05)]}
+    assert dispatch.MIN_SPEEDUP > 1.05
+    assert token_limit(table, 64, 64, P("64:2:8")) == 1
+    table["records"][1]["vnm_us"]["64:2:8"] = 10 / (dispatch.MIN_SPEEDUP + 0.01)
+    assert token_limit(table, 64, 64, P("64:2:8")) is None
+
+
 def test_token_limit_nearest_shape_and_pattern():
     # nearest shape in log distance: 1100x1900 -> 1000x2000, 5000x9000 -> 8000x8000
     assert token_limit(TABLE, 1100, 1900, P("64:2:8")) == 16

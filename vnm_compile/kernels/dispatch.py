@@ -130,6 +130,12 @@ def sparse_speedup(table: dict, out_features: int, in_features: int, pattern: VN
     return speedups[min(speedups, key=lambda t: _log_dist(t, tokens))]
 
 
+# A measured point counts as a win only at this speed-up or more. Between measured points the
+# kernel choice changes (autotune buckets), and a 1.02-1.04x win at 16 tokens measured as a
+# 0.93x loss at 7 tokens end to end (H100, benchmarks/results/nvidia-h100-80gb-hbm3/dynamic_min_speedup_1.0.md).
+MIN_SPEEDUP = 1.1
+
+
 def token_limit(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> int | None:
     """The largest measured token count T up to which V:N:M beats dense at every measured count.
 
@@ -146,7 +152,7 @@ def token_limit(table: dict, out_features: int, in_features: int, pattern: VNMPa
         return None
     limit = 0
     for tokens, speedup in speedups.items():  # ascending token counts
-        if speedup <= 1.0:
+        if speedup < MIN_SPEEDUP:
             return limit
         limit = tokens
     return None
@@ -165,13 +171,13 @@ def prefer_sparse(
     """True when the V:N:M kernel is expected to beat dense cuBLAS for this layer at ``tokens``.
 
     From the measured table for the device when one exists (nearest measured
-    shape / tokens / pattern, speed-up > 1); otherwise True.
+    shape / tokens / pattern, speed-up >= MIN_SPEEDUP); otherwise True.
     """
     table = _device_table(torch.device(device))
     if table is None:
         return True
     s = sparse_speedup(table, out_features, in_features, as_pattern(pattern), tokens)
-    return True if s is None else s > 1.0
+    return True if s is None else s >= MIN_SPEEDUP
 
 
 def sparse_token_limit(
