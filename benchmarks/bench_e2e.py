@@ -259,7 +259,8 @@ def _md(result: dict) -> str:
         f"DeiT-base shapes, {cfg['deit_layers']} of 12 layers, batch {cfg['deit_batch']}, 224 px, fp16. "
         "All compiled fullgraph in inductor's default mode; median of CUDA-graph replays. Decode times "
         "exclude the StaticCache write-counter reset each replay needs (timed alone, subtracted). "
-        "The dispatcher's speed table (prefer_sparse) decides which linears stay dense.",
+        "The dispatcher's measured table (kernels.dispatch.sparse_token_limit) decides per linear: sparse, "
+        "dense, or sparse up to a token count; each case is compiled for its fixed token count.",
         "",
         "| model | phase | batch | variant | ms | speed-up vs dense | target | compile s | linears lowered / dense |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
