@@ -97,7 +97,8 @@ def test_dispatcher_preference_without_dense_fallback(h, toy, monkeypatch):
     assert (80, 48, "16:2:5", 7, "cpu") in calls
     why = {s.name: s.dense_reason for s in ctx.sites}
     assert why["up"] is None and why["tiny"] is None
-    assert why["down"] == "the kernel dispatcher prefers dense at 7 tokens on cpu"
+    # a weight the pattern option would prune at compile time stays unpruned when kept dense
+    assert why["down"] == "the kernel dispatcher prefers dense at 7 tokens on cpu; not pruned"
     assert all(s.max_sparse_tokens is None for s in ctx.sites)
     with pytest.raises(RuntimeError, match="dispatcher prefers dense"):
         h.context(gm, inputs, **opts, strict=True)
@@ -132,7 +133,9 @@ def test_token_limit_gives_sparse_dense_or_hybrid(h, toy, limits):
     ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[])
     assert (80, 48, "16:2:5", "cpu") in calls and (8, 40, "16:2:5", "cpu") in calls
     by_name = {s.name: s for s in ctx.sites}
-    assert by_name["up"].dense_reason == "the kernel dispatcher prefers dense at every measured token count on cpu"
+    assert by_name["up"].dense_reason == (
+        "the kernel dispatcher prefers dense at every measured token count on cpu; not pruned"
+    )
     assert {n: s.max_sparse_tokens for n, s in by_name.items() if s.dense_reason is None} == {
         "down": 16, "shared": 16, "head": 16, "tiny": None,
     }  # fmt: skip
@@ -152,7 +155,7 @@ def test_static_token_counts_resolve_the_switch_at_compile_time(h, toy, limits):
     ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[])
     why = {s.name: s.dense_reason for s in ctx.sites}
     assert why["up"] is None and ctx.sites[0].max_sparse_tokens is None  # 15 <= 15: plain vnm::linear
-    assert why["down"] == "the kernel dispatcher prefers dense at 15 tokens on cpu (sparse up to 14)"
+    assert why["down"] == "the kernel dispatcher prefers dense at 15 tokens on cpu (sparse up to 14); not pruned"
     # dense_fallback=False ignores the limit (and asks prefer_sparse, True off CUDA)
     ctx = h.context(gm, inputs, pattern="16:2:5", min_numel=0, ignore=[], dense_fallback=False)
     assert all(s.dense_reason is None and s.max_sparse_tokens is None for s in ctx.sites)
@@ -185,3 +188,15 @@ def test_get_attr_graphs_are_handled(toy):
 )
 def test_module_name_from_source(source, name):
     assert module_name_from_source(source) == name
+
+
+def test_a_recorded_layer_kept_dense_stays_pruned(h, toy, limits):
+    """sparsify_ masked the weight in place: kept dense, it still computes the pruned layer (no 'not pruned')."""
+    table, _ = limits
+    table.update({80: 0})
+    sparsify_(toy, VNMConfig("16:2:5", score="abs", permute=False, ignore=(), min_numel=0), progress=False)
+    gm, inputs = h.capture(toy, torch.randn(3, 48))
+    ctx = h.context(gm, inputs, min_numel=0, ignore=[])
+    why = {s.name: s.dense_reason for s in ctx.sites}
+    assert why["up"] == "the kernel dispatcher prefers dense at every measured token count on cpu"
+    assert ctx.sites[0].weight.count_nonzero() < ctx.sites[0].weight.numel()  # the weight the graph keeps is masked

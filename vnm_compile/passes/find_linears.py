@@ -187,23 +187,32 @@ def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
 
 
 def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
-    """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table."""
+    """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table.
+
+    A layer kept dense here runs its weight as it is: a weight pruned in place
+    (sparsify_) stays pruned, but one the ``pattern`` option would have pruned at
+    compile time is left unpruned, and the reason says so.
+    """
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
     limit = _sparse_limit(site, device, pattern, opts.dense_fallback)
     if limit is None:
         return None
+    unpruned = "" if site.state is not None else "; not pruned"
     if not opts.dense_fallback:
-        return ctx.keep_dense(site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}")
+        return ctx.keep_dense(
+            site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}{unpruned}"
+        )
     if limit <= 0:
         return ctx.keep_dense(
-            site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}"
+            site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}{unpruned}"
         )
     static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
     if None not in static and min(static) > limit:
         return ctx.keep_dense(
             site,
-            f"the kernel dispatcher prefers dense at {max(static)} tokens on {device.type} (sparse up to {limit})",
+            f"the kernel dispatcher prefers dense at {max(static)} tokens on {device.type} "
+            f"(sparse up to {limit}){unpruned}",
         )
     if None in static or max(static) > limit:
         site.max_sparse_tokens = int(limit)
