@@ -31,8 +31,19 @@ torch's x.t().contiguous() took 64 us (replaced by _transpose_kernel); rebuildin
 the tile from values + metadata adds ~75 us over loading a pre-expanded tile; and
 even gather-free, pre-expanded tiles run this loop at ~half of cuBLAS's rate on the
 reduced K (93 us vs 51 us), because a V = 64 block caps the weight tile at 64 rows.
+Tried later and not kept (H100, side-by-side timings under CUDA graphs, Llama-2-7B
+shapes, 64:2:5 and 64:2:8): (1) a rebuild without reshape/split (values read as int32
+pairs, metadata indexed per group, four tl.dot of K = GC, one per slot) that left the
+loads to Triton's pipeliner: 1.2-2x slower at 1, 16 and 2048 tokens, although its
+loop has fewer instructions: the hand prefetch of the next chunk matters more;
+(2) sweeps of 50 FMA and 30 small-dot configs: the autotuned lists below come within
+0-11 % of the best per shape; (3) split-K for the FMA kernel (fp32 partials plus the
+reduce launch): slower everywhere (1.10-2.21x vs 1.44-2.38x over cuBLAS at 1 token);
+(4) programmatic dependent launch (griddepcontrol.wait after the first weight chunk):
+between -14 % and +11 % per case, no consistent gain.
 Next steps: wgmma on 128-row tiles spanning two V-blocks with separate B tiles,
-a warp-specialised tile builder, and split-K for the FMA decode path.
+a warp-specialised tile builder, weights laid out so one thread holds several rows
+of a group (x gathered once for them).
 
 References: VENOM (Castro et al., SC'23) for the format; the Triton
 matmul tutorial (03-matrix-multiplication.py) for the tile loop.
