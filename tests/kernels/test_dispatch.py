@@ -124,9 +124,17 @@ def test_device_table_as_a_json_path(fake_gpu, monkeypatch):
     assert sparse_token_limit(1000, 2000, "64:2:8", "cuda") == 16
 
 
-def test_no_table_means_sparse(monkeypatch, tmp_path):
+def test_an_unmeasured_gpu_runs_sparse_only_at_decode(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(dispatch.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dispatch, "gpu_slug", lambda device=None: "no-such-gpu-measured")
+    monkeypatch.setattr(dispatch, "results_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr(dispatch.Path, "home", lambda: tmp_path)
+    monkeypatch.setattr(dispatch, "_WARNED", set())
     monkeypatch.setenv("VNM_BENCH_RESULTS", str(tmp_path))
-    assert sparse_token_limit(1000, 2000, "64:2:8", "cuda") is None
-    assert prefer_sparse(1000, 2000, "64:2:8", 4096, "cuda") is True
+    with caplog.at_level("WARNING", logger=dispatch.__name__):
+        assert sparse_token_limit(1000, 2000, "64:2:8", "cuda") == dispatch.UNMEASURED_TOKEN_LIMIT == 1
+    assert "vnm bench" in caplog.text
+    assert prefer_sparse(1000, 2000, "64:2:8", 1, "cuda") is True
+    assert prefer_sparse(1000, 2000, "64:2:8", 4096, "cuda") is False
+    # off CUDA it stays sparse (the CPU reference / interpreter are for correctness)
+    assert sparse_token_limit(1000, 2000, "64:2:8", "cpu") is None

@@ -9,8 +9,10 @@ The table is benchmarks/results/<gpu>/linear.json written by bench_linear.py
 (``vnm bench``). It is looked up, in order, at ``$VNM_BENCH_RESULTS`` (a
 linear.json file or a folder holding <gpu>/linear.json), in
 ``~/.cache/vnm_compile/<gpu>/linear.json`` and in the source tree's
-benchmarks/results/<gpu>/linear.json. Without a table for the device (or off
-CUDA) the answer is sparse: True / no limit (None).
+benchmarks/results/<gpu>/linear.json. Off CUDA the answer is sparse (True / no
+limit): the CPU reference and the interpreter are for correctness, not speed.
+On a CUDA device without a table the answer is sparse up to
+UNMEASURED_TOKEN_LIMIT tokens only (run ``vnm bench`` on that GPU to go further).
 """
 
 from __future__ import annotations
@@ -158,11 +160,31 @@ def token_limit(table: dict, out_features: int, in_features: int, pattern: VNMPa
     return None
 
 
+# On a GPU with no measured table: sparse up to this many tokens. On the H100 and H200 the
+# decode kernel beat cuBLAS at 1 token at every measured shape and M >= 5 and lost from 16
+# tokens up at M <= 8 (benchmarks/results/), so 1 token is the only safe default.
+UNMEASURED_TOKEN_LIMIT = 1
+_WARNED: set[str] = set()
+
+
+def _on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 def _device_table(device: torch.device) -> dict | None:
-    """The benchmark table that decides for ``device``: None off CUDA or without a measured table."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return load_table(device)
+    """The benchmark table that decides for ``device`` (a CUDA device), or None."""
+    table = load_table(device)
+    if table is None:
+        slug = gpu_slug(device)
+        if slug not in _WARNED:
+            _WARNED.add(slug)
+            log.warning(
+                "no benchmark table for %s: V:N:M kernels only up to %d token(s), dense above; "
+                "run `vnm bench` on this GPU (or set VNM_BENCH_RESULTS) to measure where they win",
+                slug,
+                UNMEASURED_TOKEN_LIMIT,
+            )
+    return table
 
 
 def prefer_sparse(
@@ -171,11 +193,15 @@ def prefer_sparse(
     """True when the V:N:M kernel is expected to beat dense cuBLAS for this layer at ``tokens``.
 
     From the measured table for the device when one exists (nearest measured
-    shape / tokens / pattern, speed-up >= MIN_SPEEDUP); otherwise True.
+    shape / tokens / pattern, speed-up >= MIN_SPEEDUP); on a CUDA device
+    without one, tokens <= UNMEASURED_TOKEN_LIMIT; off CUDA True.
     """
-    table = _device_table(torch.device(device))
-    if table is None:
+    device = torch.device(device)
+    if not _on_cuda(device):
         return True
+    table = _device_table(device)
+    if table is None:
+        return tokens <= UNMEASURED_TOKEN_LIMIT
     s = sparse_speedup(table, out_features, in_features, as_pattern(pattern), tokens)
     return True if s is None else s >= MIN_SPEEDUP
 
@@ -186,11 +212,15 @@ def sparse_token_limit(
     """Up to how many tokens (rows of x) the V:N:M kernel is expected to beat dense for this layer.
 
     See token_limit (nearest measured shape and pattern; between measured
-    points the lower one decides). None means no limit: no table for the
-    device, not CUDA (as prefer_sparse answers True there), or sparse wins at
-    every measured count. 0 means sparse never wins.
+    points the lower one decides). None means no limit: not CUDA (as
+    prefer_sparse answers True there), or sparse wins at every measured count.
+    0 means sparse never wins. A CUDA device without a table gets
+    UNMEASURED_TOKEN_LIMIT.
     """
-    table = _device_table(torch.device(device))
-    if table is None:
+    device = torch.device(device)
+    if not _on_cuda(device):
         return None
+    table = _device_table(device)
+    if table is None:
+        return UNMEASURED_TOKEN_LIMIT
     return token_limit(table, out_features, in_features, as_pattern(pattern))
