@@ -196,14 +196,14 @@ def _backward(ctx, grad):
 def _setup_hybrid_context(ctx, inputs, output) -> None:
     # (x, dense_weight, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens)
     ctx.save_for_backward(inputs[1])
-    ctx.vnm = inputs[6] is not None
+    ctx.has_bias = inputs[6] is not None
 
 
 def _hybrid_backward(ctx, grad):
     """hybrid_linear: gradients for x and bias from the masked dense weight (both branches compute
     x @ W^T + b with the same W); none for the weights, which are frozen."""
     (dense,) = ctx.saved_tensors
-    grad_x, grad_b = _input_grads(ctx, grad, dense, 6, ctx.vnm)
+    grad_x, grad_b = _input_grads(ctx, grad, dense, 6, ctx.has_bias)
     return grad_x, None, None, None, None, None, grad_b, None, None, None, None, None
 
 

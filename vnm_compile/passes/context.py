@@ -193,7 +193,11 @@ class CompileReport:
         sparse = sum(r.sparse_bytes for r in self.lowered)
         ratio = f" ({dense / sparse:.2f}x fewer weight bytes)" if sparse else ""
         hybrid = sum(r.max_sparse_tokens is not None for r in self.lowered)
-        hybrid_note = f", {hybrid} of them as vnm::hybrid_linear (dense above a token limit)" if hybrid else ""
+        hybrid_note = (
+            f", {hybrid} of them as vnm::hybrid_linear (dense above a token limit; their dense weights stay in memory)"
+            if hybrid
+            else ""
+        )
         return (
             f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}, "
             f"{len(self.dense)} left dense"
