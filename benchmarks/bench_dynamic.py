@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
     import triton
-    from transformers import LlamaConfig, LlamaModel
+    from bench_e2e import build_llama
 
     import vnm_compile
     from vnm_compile import VNMConfig, sparsify_
@@ -50,13 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-        num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=4096,
-    )  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaModel(cfg).half().eval()
+    # the same Llama-2-7B-shaped stack (and seed) as bench_e2e.py
+    model = build_llama(argparse.Namespace(smoke=False, device="cuda", dtype=torch.float16, llama_layers=args.layers))
+    cfg = model.config
     report = sparsify_(model, VNMConfig(args.pattern, score="abs", permute=False), progress=False)
     log.info("%s", report.summary())
     dense = torch.compile(model, backend="inductor", dynamic=True, fullgraph=True)
