@@ -56,7 +56,12 @@ def _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_featu
         return vnm_linear_triton(x, values, columns, meta, row_index, bias, v, n, m, out_features)
     if x.is_cuda:
         log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", n, x.dtype)
-    return _reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+    return _owned(_reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features))
+
+
+def _owned(y: Tensor) -> Tensor:
+    """A custom op's output must not be a view (autograd forbids in-place ops on such outputs)."""
+    return y.clone() if y._base is not None else y
 
 
 def uses_triton(x: Tensor, n: int) -> bool:
@@ -101,7 +106,7 @@ def _hybrid_linear_op(
     # row/column order, so both branches compute the same function up to rounding.
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > max_sparse_tokens:
-        return torch.nn.functional.linear(x, dense_weight, bias)
+        return _owned(torch.nn.functional.linear(x, dense_weight, bias))
     return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features)
 
 

@@ -640,15 +640,19 @@ def vnm_linear_triton(
         row_index = row_index.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    result = None  # the tensor returned: allocated in x's leading shape, so it is not a view
     if out is None:
-        out = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
+        result = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+        out = result.view(tokens, out_features)
+    if result is None:
+        result = out.reshape(*x.shape[:-1], out_features)
     if tokens == 0 or out_features == 0:
-        return out.reshape(*x.shape[:-1], out_features)
+        return result
     if k == 0 or values.shape[1] == 0:
         out.zero_()
         if bias is not None:
             out += bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], out_features)
+        return result
 
     target = out
     if interpret and out.dtype == torch.bfloat16:
@@ -673,4 +677,4 @@ def vnm_linear_triton(
     run(config)
     if target is not out:
         out.copy_(target)
-    return out.reshape(*x.shape[:-1], out_features)
+    return result
