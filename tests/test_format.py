@@ -115,3 +115,48 @@ def test_to_casts_values_only():
     half = vw.to(torch.float16)
     assert half.values.dtype == torch.float16 and half.columns.dtype == vw.columns.dtype
     assert torch.equal(half.to_dense(), vw.to_dense().half())
+
+
+def _random_weight(rows, cols, pattern, *, perm: bool, seed: int) -> VNMWeight:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    p = VNMPattern.parse(pattern)
+    in_perm = torch.randperm(cols, generator=g) if perm else None
+    out_perm = torch.randperm(rows, generator=g) if perm else None
+    mask = permuted_mask(w.abs(), p, in_perm, out_perm) if perm else vnm_mask(w.abs(), p)
+    return VNMWeight.from_dense(w, mask, p, in_perm=in_perm, out_perm=out_perm)
+
+
+@pytest.mark.parametrize("pattern", ["16:2:5", "64:2:8", "2:4"])
+@pytest.mark.parametrize("perms", [(False, False, False), (True, False, True), (False, True, False)])
+def test_cat_rows_equals_concatenated_dense(pattern, perms):
+    """Stacked weights compute torch.cat of the parts: awkward row counts (padding rows in the middle),
+    permuted and unpermuted parts mixed; the row_index is dropped only when nothing needs it."""
+    from vnm_compile.format import cat_rows
+
+    v = VNMPattern.parse(pattern)
+    block = 64 if v.is_nm else v.v
+    rows = (37, 3 * block, 11)
+    parts = [_random_weight(r, 45, pattern, perm=p, seed=i) for i, (r, p) in enumerate(zip(rows, perms, strict=True))]
+    fused = cat_rows(parts)
+    assert fused.shape == (sum(rows), 45)
+    assert torch.equal(fused.to_dense(), torch.cat([w.to_dense() for w in parts]))
+    full = [_random_weight(2 * block, 45, pattern, perm=False, seed=10 + i) for i in range(3)]
+    plain = cat_rows(full)
+    assert plain.row_index is None and torch.equal(plain.to_dense(), torch.cat([w.to_dense() for w in full]))
+
+
+def test_cat_rows_rejects_mismatched_weights():
+    from vnm_compile.format import cat_rows
+
+    a = _random_weight(16, 40, "16:2:5", perm=False, seed=0)
+    with pytest.raises(ValueError, match="same pattern"):
+        cat_rows([a, _random_weight(16, 40, "16:2:8", perm=False, seed=1)])
+    with pytest.raises(ValueError, match="same pattern"):
+        cat_rows([a, _random_weight(16, 45, "16:2:5", perm=False, seed=1)])
+    with pytest.raises(ValueError, match="same pattern"):
+        cat_rows([a, a.to(torch.float16)])
+    with pytest.raises(TypeError, match="non-empty list"):
+        cat_rows([])
+    with pytest.raises(TypeError, match="non-empty list"):
+        cat_rows([a, a.values])

@@ -28,7 +28,7 @@ from torch import Tensor
 from .masks import block_rows, check_permutation, is_vnm
 from .pattern import KEPT_COLUMNS, VNMPattern, as_pattern
 
-__all__ = ["VNMWeight", "decompress", "groups_per_word"]
+__all__ = ["VNMWeight", "cat_rows", "decompress", "groups_per_word"]
 
 
 def groups_per_word(n: int) -> int:
@@ -254,3 +254,52 @@ class VNMWeight:
             f"VNMWeight(pattern={self.pattern}, shape={self.shape}, dtype={self.dtype}, "
             f"device={self.device}, nbytes={self.nbytes}, permuted_rows={self.row_index is not None})"
         )
+
+
+def _cat_key(w: VNMWeight) -> tuple:
+    return (str(w.pattern), w.in_features, w.dtype, w.device, w.columns.dtype)
+
+
+def cat_rows(weights: list[VNMWeight] | tuple[VNMWeight, ...]) -> VNMWeight:
+    """One VNMWeight computing ``torch.cat([w.to_dense() for w in weights])``: the weights stacked along
+    their output rows, for one kernel launch over sibling linears that read the same input.
+
+    Every weight needs the same pattern, in_features, dtype and device. Row blocks stay whole
+    (each weight's padded rows are a multiple of V), so values, meta and columns concatenate as
+    they are; the result has a row_index (each weight's stored rows shifted to its output slice,
+    padding rows -1) unless no weight has padding rows or a permutation.
+    """
+    weights = list(weights)
+    if not weights or not all(isinstance(w, VNMWeight) for w in weights):
+        raise TypeError(f"cat_rows needs a non-empty list of VNMWeights, got {weights!r}")
+    first = weights[0]
+    for w in weights[1:]:
+        if _cat_key(w) != _cat_key(first):
+            raise ValueError(
+                "cat_rows needs the same pattern, in_features, dtype, device and index dtype: "
+                f"{_cat_key(first)} vs {_cat_key(w)}"
+            )
+    total = sum(w.out_features for w in weights)
+    plain = all(w.row_index is None and w.values.shape[0] == w.out_features for w in weights[:-1])
+    plain = plain and weights[-1].row_index is None
+    row_index = None
+    if not plain:
+        parts, offset = [], 0
+        for w in weights:
+            if w.row_index is None:
+                local = torch.arange(w.values.shape[0], dtype=torch.int32, device=w.device)
+                local = torch.where(local < w.out_features, local, torch.full_like(local, -1))
+            else:
+                local = w.row_index.to(torch.int32)
+            ok = (local >= 0) & (local < w.out_features)
+            parts.append(torch.where(ok, local + offset, torch.full_like(local, -1)))
+            offset += w.out_features
+        row_index = torch.cat(parts)
+    return VNMWeight(
+        torch.cat([w.values for w in weights]),
+        torch.cat([w.columns for w in weights]),
+        torch.cat([w.meta for w in weights]),
+        row_index,
+        first.pattern,
+        (total, first.in_features),
+    )
