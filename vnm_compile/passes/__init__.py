@@ -14,6 +14,7 @@ from torch import fx
 from .context import CompileContext, CompileOptions, CompileReport, LayerCompileReport, LinearSite
 from .find_linears import find_linears
 from .fold_permutations import fold_permutations, permutation_nodes
+from .fuse_siblings import fuse_siblings
 from .lower_linears import lower_linears
 from .prune_linears import prune_linears
 
@@ -24,6 +25,7 @@ __all__ = [
     "prune_linears",
     "fold_permutations",
     "lower_linears",
+    "fuse_siblings",
     "permutation_nodes",
     "CompileContext",
     "CompileOptions",
@@ -37,8 +39,9 @@ logger = logging.getLogger(__name__)
 Pass = Callable[[fx.GraphModule, CompileContext], bool]
 
 # 1. find linears and decide which can be lowered; 2. prune those without recorded state;
-# 3. compress with permutations folded in; 4. rewrite to vnm.linear.
-PASSES: list[Pass] = [find_linears, prune_linears, fold_permutations, lower_linears]
+# 3. compress with permutations folded in; 4. rewrite to vnm.linear; 5. one launch for siblings
+# that read the same input (q/k/v, gate/up).
+PASSES: list[Pass] = [find_linears, prune_linears, fold_permutations, lower_linears, fuse_siblings]
 
 
 def run_passes(gm: fx.GraphModule, ctx: CompileContext, passes: list[Pass] | None = None) -> bool:

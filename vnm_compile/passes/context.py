@@ -54,6 +54,8 @@ class CompileOptions:
             count T (kernels.dispatch.sparse_token_limit), lower to vnm::hybrid_linear, which runs
             dense above T tokens at run time (one graph for decode and prefill); False: decide once
             per graph from the example's token count (dense or vnm::linear).
+        fuse_siblings: run sibling V:N:M linears that read the same input (q/k/v, gate/up) as one
+            vnm::linear launch on their stacked weights (passes/fuse_siblings.py).
     """
 
     pattern: VNMPattern | str | None = None
@@ -65,6 +67,7 @@ class CompileOptions:
     strict: bool = False
     inductor: bool = True
     dense_fallback: bool = True
+    fuse_siblings: bool = True
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -97,7 +100,7 @@ class CompileOptions:
             raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")
-        for name in ("strict", "inductor", "dense_fallback"):
+        for name in ("strict", "inductor", "dense_fallback", "fuse_siblings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"vnm backend option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -137,6 +140,7 @@ class LinearSite:
     compressed: VNMWeight | None = None
     input_index: int | None = None  # the weight's position among the graph inputs (lifted parameters)
     max_sparse_tokens: int | None = None  # lowered to vnm::hybrid_linear: dense above this many tokens
+    fused_with: tuple[str, ...] = ()  # the layers sharing its vnm::linear launch (itself included)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -156,14 +160,16 @@ class LayerCompileReport:
     dense_bytes: int = 0
     sparse_bytes: int = 0
     max_sparse_tokens: int | None = None
+    fused_with: tuple[str, ...] = ()
 
     @property
     def mode(self) -> str:
-        """How the layer runs: "sparse" (vnm::linear), "dense", or "hybrid (sparse up to T tokens)"."""
+        """How the layer runs: "sparse" (vnm::linear), "sparse, fused x3" (one launch with two
+        siblings), "dense", or "hybrid (sparse up to T tokens)"."""
         if not self.lowered:
             return "dense"
         if self.max_sparse_tokens is None:
-            return "sparse"
+            return f"sparse, fused x{len(self.fused_with)}" if self.fused_with else "sparse"
         return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)"
 
 
@@ -198,8 +204,12 @@ class CompileReport:
             if hybrid
             else ""
         )
+        fused = [r for r in self.lowered if r.fused_with]
+        groups = len({r.fused_with for r in fused})
+        fused_note = f", {len(fused)} of them in {groups} fused launches (siblings on one input)" if fused else ""
         return (
-            f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}, "
+            f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}"
+            f"{fused_note}, "
             f"{len(self.dense)} left dense"
         )
 
@@ -244,6 +254,7 @@ class CompileContext:
         for s in self.sites:
             r = LayerCompileReport(s.name, s.shape, len(s.nodes), s.dense_reason is None, reason=s.dense_reason)
             r.max_sparse_tokens = s.max_sparse_tokens if r.lowered else None
+            r.fused_with = s.fused_with if r.lowered else ()
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

@@ -23,7 +23,7 @@ from ..format import VNMWeight
 from ..state import LinearSparsity
 from .context import CompileContext
 
-__all__ = ["fold_permutations", "permutation_nodes", "PERMUTATION_TARGETS"]
+__all__ = ["fold_permutations", "permutation_nodes", "PERMUTATION_TARGETS", "compress", "rebind"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ def compress(weight: torch.Tensor, state: LinearSparsity) -> VNMWeight:
         packed = state.compress(weight.detach())
     _COMPRESSED[weight] = (weight._version, state, packed)
     return packed
+
+
+def rebind(weight: torch.Tensor, state: LinearSparsity, old: VNMWeight, new: VNMWeight) -> None:
+    """Cache ``new`` (the same compressed weight, e.g. views into a fused copy) in place of ``old``."""
+    hit = _COMPRESSED.get(weight)
+    if hit is not None and hit[1] is state and hit[2] is old:
+        _COMPRESSED[weight] = (hit[0], state, new)
 
 
 def fold_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:

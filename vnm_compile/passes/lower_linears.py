@@ -22,11 +22,12 @@ from torch import fx
 from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
 
-__all__ = ["lower_linears"]
+__all__ = ["lower_linears", "LAYER_META"]
 
 logger = logging.getLogger(__name__)
 
 _PREFIX = "_vnm"
+LAYER_META = "vnm_layer"  # node.meta key: the layer name(s) a vnm op computes
 
 
 def _constant(gm: fx.GraphModule, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
@@ -109,6 +110,7 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             with graph.inserting_before(node):
                 new = graph.call_function(HYBRID_OP if hybrid else OP, args)
             new.meta = dict(node.meta)
+            new.meta[LAYER_META] = site.name
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             lowered += 1

@@ -1,0 +1,217 @@
+"""Fuse sibling V:N:M linears (the same input, the same pattern) into one vnm::linear launch.
+
+At decode each vnm::linear is a short memory-bound kernel (7-16 us on an H100
+for Llama-2-7B shapes) of which a fixed part is launch and ramp-up. q/k/v read
+the same activation, as do gate/up: one launch over their compressed weights
+stacked along the output rows (``format.cat_rows``) does the same work with one
+fixed cost instead of three. Each layer's output becomes a column slice of the
+fused output (``torch.split``: views, no copy); biases are concatenated in the
+graph (``torch.cat`` of the bias inputs, so they stay trainable and current).
+
+A group is fused only when nothing can tell the difference:
+
+- every member is a plain vnm::linear (hybrid layers keep their own dense
+  fallback weights and are not fused) on compressed buffers of this graph,
+  with the same x node, pattern, dtypes, and all or none with a bias defined
+  before the first member;
+- no output is a graph output and no user would break on a strided slice:
+  ``view`` must not merge the output features with another dim (checked on the
+  view's recorded output shape), and no in-place op or ``as_strided`` uses it.
+
+Memory: the members' compressed tensors are dropped from the graph, and the
+compression cache (fold_permutations) is pointed at views into the fused
+tensors, so the weights are held once; a recompile that fuses the same members
+again reuses the fused tensors.
+
+Option ``fuse_siblings`` (default True) turns the pass off.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..format import VNMWeight, cat_rows
+from ..kernels.vnm_linear import OP
+from .context import CompileContext, LinearSite
+from .fold_permutations import rebind
+from .lower_linears import _PREFIX, LAYER_META, _constant, _fresh_prefix
+
+__all__ = ["fuse_siblings"]
+
+logger = logging.getLogger(__name__)
+
+# first member's compressed weight -> (the members' compressed weights, their fused weight)
+_FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+_VIEW_TARGETS = (torch.Tensor.view, torch.ops.aten.view.default)
+_INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.Tensor.as_strided, torch.as_strided)
+
+
+def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = getattr(gm, node.target, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _group_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """What siblings must share, or None when ``node`` cannot be fused at all."""
+    if len(node.args) != 10 or node.kwargs or node.meta.get(LAYER_META) is None:
+        return None
+    x, values, columns, meta, row_index, bias, v, n, m, out_features = node.args
+    tensors = [_attr(gm, a) for a in (values, columns, meta)]
+    if any(t is None for t in tensors) or (row_index is not None and _attr(gm, row_index) is None):
+        return None
+    if (bias is not None and not isinstance(bias, fx.Node)) or not _slices_ok(node, out_features):
+        return None
+    vals, cols, _ = tensors
+    return (x, v, n, m, vals.dtype, vals.device, vals.shape[1], cols.dtype, bias is None)
+
+
+def _slices_ok(node: fx.Node, out_features: int) -> bool:
+    """Whether every user of ``node`` accepts a column slice of a wider output in its place."""
+    for user in node.users:
+        if user.op == "output":
+            return False  # the caller would get a strided tensor where eager returns a contiguous one
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if user.target in _INPLACE or (isinstance(name, str) and (name.endswith("_") or name == "as_strided")):
+            return False
+        if (user.op == "call_method" and user.target == "view") or user.target in _VIEW_TARGETS:
+            value = user.meta.get("example_value")
+            if not isinstance(value, torch.Tensor) or not _splits_features(value.shape, out_features):
+                return False
+    return True
+
+
+def _splits_features(shape, out_features: int) -> bool:
+    """A view of a (..., out_features) column slice is legal iff trailing dims of the result hold
+    exactly the output features (the leading dims are reshaped among themselves)."""
+    prod = 1
+    for d in reversed(shape):
+        if not isinstance(d, int):
+            return False
+        prod *= d
+        if prod >= out_features:
+            return prod == out_features
+    return False
+
+
+def _fusible(members: list[fx.Node], order: dict[fx.Node, int], sites: dict[str, LinearSite], gm) -> list[fx.Node]:
+    """The members that can share one launch, in graph order: each with its own weight, compressed
+    by this compile, and a bias defined before the first member."""
+    members = sorted(members, key=order.__getitem__)
+    first = order[members[0]]
+    kept, seen = [], set()
+    for node in members:
+        site = sites.get(node.meta[LAYER_META])
+        bias = node.args[5]
+        if site is None or site.compressed is None or site.compressed.values is not _attr(gm, node.args[1]):
+            continue
+        if id(site) in seen or (bias is not None and order.get(bias, first) >= first):
+            continue
+        seen.add(id(site))
+        kept.append(node)
+    return kept if len(kept) > 1 else []
+
+
+def _fused_weight(members: list[VNMWeight]) -> VNMWeight:
+    hit = _FUSED.get(members[0])
+    if hit is not None and len(hit[0]) == len(members) and all(a is b for a, b in zip(hit[0], members, strict=True)):
+        return hit[1]
+    return cat_rows(members)
+
+
+def _share_storage(sites: list[LinearSite], fused: VNMWeight) -> None:
+    """Point the compression cache at views into ``fused`` (the weights held once) and remember the fusion."""
+    views, row0 = [], 0
+    v = fused.block_rows
+    for site in sites:
+        w = site.compressed
+        rows = w.values.shape[0]
+        view = VNMWeight(
+            fused.values[row0 : row0 + rows],
+            fused.columns[row0 // v : (row0 + rows) // v],
+            fused.meta[row0 : row0 + rows],
+            w.row_index,
+            w.pattern,
+            w.shape,
+        )
+        row0 += rows
+        if site.state is not None:
+            rebind(site.weight, site.state, w, view)
+        site.compressed = view
+        views.append(view)
+    _FUSED[views[0]] = (tuple(views), fused)
+
+
+def fuse_siblings(gm: fx.GraphModule, ctx: CompileContext) -> bool:
+    """Replace groups of sibling vnm::linear calls with one call on stacked weights. True if the graph changed."""
+    if not ctx.options.fuse_siblings:
+        return False
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups: dict[tuple, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is OP:
+            key = _group_key(gm, node)
+            if key is not None:
+                groups.setdefault(key, []).append(node)
+    sites = {s.name: s for s in ctx.sites}
+    index = _fresh_prefix(gm)
+    launches = 0
+    for candidates in groups.values():
+        members = _fusible(candidates, order, sites, gm)
+        if members:
+            _fuse(gm, members, [sites[node.meta[LAYER_META]] for node in members], f"_vnm{index}")
+            index += 1
+            launches += 1
+    if launches:
+        _drop_unused_buffers(gm)
+        graph.lint()
+        gm.recompile()
+    logger.debug("fuse_siblings: %d fused launches", launches)
+    return launches > 0
+
+
+def _fuse(gm: fx.GraphModule, members: list[fx.Node], sites: list[LinearSite], prefix: str) -> None:
+    graph = gm.graph
+    names = tuple(site.name for site in sites)
+    fused = _fused_weight([site.compressed for site in sites])
+    _share_storage(sites, fused)
+    for site in sites:
+        site.fused_with = names
+    first = members[0]
+    x, _, _, _, _, _, v, n, m, _ = first.args
+    sizes = [int(node.args[9]) for node in members]
+    with graph.inserting_before(first):
+        tensors = {k: _constant(gm, graph, f"{prefix}_{k}", t) for k, t in fused.tensors().items()}
+        biases = [node.args[5] for node in members]
+        bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
+        args = (x, tensors["values"], tensors["columns"], tensors["meta"], tensors.get("row_index"), bias)
+        call = graph.call_function(OP, (*args, v, n, m, sum(sizes)))
+        call.meta[LAYER_META] = "+".join(names)
+        parts = graph.call_function(torch.split, (call, sizes, -1))
+        outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+    for node, out in zip(members, outs, strict=True):
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    logger.info("fused %s into one vnm::linear launch (%d output features)", ", ".join(names), sum(sizes))
+
+
+def _drop_unused_buffers(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes left without users and the buffers no node reads any more."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and str(node.target).startswith(_PREFIX):
+            graph.erase_node(node)
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    sources = getattr(gm, "_param_name_to_source", None)
+    for name in [b for b, _ in gm.named_buffers() if b.startswith(_PREFIX) and b not in read]:
+        delattr(gm, name)
+        if isinstance(sources, dict):
+            sources.pop(name, None)
