@@ -16,6 +16,8 @@ count scales.
 Every variant is compiled with fullgraph=True in inductor's default mode and timed under CUDA
 graphs (triton.testing.do_bench_cudagraph, median). Sparse variants prune at compile time
 (options={"pattern": ..., "score": "abs"}): timing does not depend on which weights are kept.
+V:N:M variants run q/k/v and gate/up as one launch each (the fuse_siblings pass); at decode
+batch 1 the "separate" variants (fuse_siblings=False) time the same kernels unfused.
 Writes e2e.json, e2e.md and e2e.png to --out (default benchmarks/results/<gpu>/).
 """
 
@@ -33,6 +35,9 @@ from pathlib import Path
 log = logging.getLogger("bench_e2e")
 
 VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4")
+# Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
+# same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
+SEPARATE = ("64:2:8 separate", "64:2:5 separate")
 
 
 def _versions() -> dict:
@@ -54,7 +59,8 @@ def _compile(model, variant: str, smoke: bool = False):
 
     if variant == "dense":
         return torch.compile(model, backend="eager" if smoke else "inductor", fullgraph=True, dynamic=False)
-    options = {"pattern": variant, "score": "abs", "inductor": not smoke}
+    pattern, *flags = variant.split()
+    options = {"pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags}
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
 
 
@@ -197,7 +203,7 @@ def run_cases(args) -> list[dict]:
     for name, phase, batch, make in cases:
         model = models[name]
         call, tokens = make(args, model, batch)
-        for variant in VARIANTS:
+        for variant in VARIANTS + (SEPARATE if (phase, batch) == ("decode", 1) else ()):
             rec = {"model": name, "phase": phase, "batch": batch, "tokens": tokens, "variant": variant}
             if time.perf_counter() - args.t0 > args.budget_s:
                 rec["skipped"] = "time budget"
@@ -260,7 +266,9 @@ def _md(result: dict) -> str:
         "All compiled fullgraph in inductor's default mode; median of CUDA-graph replays. Decode times "
         "exclude the StaticCache write-counter reset each replay needs (timed alone, subtracted). "
         "The dispatcher's measured table (kernels.dispatch.sparse_token_limit) decides per linear: sparse, "
-        "dense, or sparse up to a token count; each case is compiled for its fixed token count.",
+        "dense, or sparse up to a token count; each case is compiled for its fixed token count. "
+        'V:N:M variants fuse q/k/v and gate/up into one launch each; "separate" variants do not '
+        "(fuse_siblings=False).",
         "",
         "| model | phase | batch | variant | ms | speed-up vs dense | target | compile s | linears lowered / dense |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
