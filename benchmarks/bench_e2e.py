@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py                      # the set, ~4 min on an H100
     python benchmarks/bench_e2e.py --llama-layers 32    # the whole 7B stack (long compiles)
+    python benchmarks/bench_e2e.py --llama-layers 32 --models llama --decode-batches 1 --prefill 0
 
 Models (random fp16 weights, shapes from transformers configs):
 - a Llama-2-7B-shaped decoder (LlamaConfig: hidden 4096, MLP 11008, 32 heads), run as
@@ -192,13 +193,14 @@ def run_cases(args) -> list[dict]:
     if "deit" in args.models:
         models["deit"] = build_deit(args)
     cases = []
-    if "llama" in models:
+    if "llama" in models and args.decode_batches:
         cases.append(("llama", "decode", args.decode_batches[0], llama_decode))
     if "deit" in models:
         cases.append(("deit", "forward", args.deit_batch, deit_forward))
     if "llama" in models:
         cases += [("llama", "decode", b, llama_decode) for b in args.decode_batches[1:]]
-        cases.append(("llama", "prefill", 1, llama_prefill))
+        if args.prefill > 0:
+            cases.append(("llama", "prefill", 1, llama_prefill))
     records: list[dict] = []
     for name, phase, batch, make in cases:
         model = models[name]
@@ -352,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-layers", type=int, default=2)
     parser.add_argument("--deit-layers", type=int, default=4)
     parser.add_argument("--kv-len", type=int, default=1024, help="tokens already in the KV cache when decoding")
-    parser.add_argument("--prefill", type=int, default=2048)
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prefill", type=int, default=2048, help="prefill tokens (0: no prefill case)")
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16], help="none: no decode case")
     parser.add_argument("--deit-batch", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip cases that would start after this")
     parser.add_argument("--models", nargs="+", default=["llama", "deit"], choices=["llama", "deit"])

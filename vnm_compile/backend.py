@@ -194,17 +194,18 @@ def _backward(ctx, grad):
 
 
 def _setup_hybrid_context(ctx, inputs, output) -> None:
-    # (x, dense_weight, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens)
-    ctx.save_for_backward(inputs[1])
+    # (x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens)
+    ctx.save_for_backward(*inputs[1])
     ctx.has_bias = inputs[6] is not None
 
 
 def _hybrid_backward(ctx, grad):
-    """hybrid_linear: gradients for x and bias from the masked dense weight (both branches compute
-    x @ W^T + b with the same W); none for the weights, which are frozen."""
-    (dense,) = ctx.saved_tensors
+    """hybrid_linear: gradients for x and bias from the masked dense weights (both branches compute
+    x @ W^T + b with the same W, the weights stacked); none for the weights, which are frozen."""
+    weights = ctx.saved_tensors
+    dense = weights[0] if len(weights) == 1 else torch.cat(weights)
     grad_x, grad_b = _input_grads(ctx, grad, dense, 6, ctx.has_bias)
-    return grad_x, None, None, None, None, None, grad_b, None, None, None, None, None
+    return grad_x, [None] * len(weights), None, None, None, None, grad_b, None, None, None, None, None
 
 
 def _ensure_autograd() -> None:

@@ -28,8 +28,9 @@ def masked_weight(rows, cols, pattern, *, seed, dtype=torch.float32):
 
 
 def hybrid(x, dense_weight, vw, bias, limit):
+    weights = dense_weight if isinstance(dense_weight, list) else [dense_weight]
     return HYBRID_OP(
-        x, dense_weight, vw.values, vw.columns, vw.meta, vw.row_index, bias,
+        x, weights, vw.values, vw.columns, vw.meta, vw.row_index, bias,
         vw.block_rows, vw.pattern.n, vw.pattern.m, vw.out_features, limit,
     )  # fmt: skip
 
@@ -89,7 +90,7 @@ def test_opcheck(limit):
     vw, dense = masked_weight(40, 70, "16:2:5", seed=4)
     x = torch.randn(3, 70, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
-    args = (x, dense, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 40, limit)
+    args = (x, [dense], vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 40, limit)
     torch.library.opcheck(HYBRID_OP, args)
 
 
@@ -105,3 +106,43 @@ def test_gradients_for_x_and_bias(limit):
     torch.autograd.gradcheck(lambda x, b: hybrid(x, weight, vw64, b, limit), (x, bias))
     hybrid(x, weight, vw64, bias, limit).sum().backward()
     assert weight.grad is None
+
+
+def stacked(parts):
+    """Sibling layers as the fuse_siblings pass stacks them: one VNMWeight, the dense weights as a list."""
+    from vnm_compile.format import cat_rows
+
+    return cat_rows([vw for vw, _ in parts]), [dense for _, dense in parts]
+
+
+@pytest.mark.parametrize("limit", [0, 100])
+def test_stacked_siblings_both_branches(limit):
+    """A fused launch: the dense branch writes each weight's column slice of one output."""
+    parts = [masked_weight(rows, 70, "16:2:5", seed=10 + rows) for rows in (23, 32, 9)]
+    vw, denses = stacked(parts)
+    bias = torch.randn(64)
+    x = torch.randn(2, 3, 70)
+    y = hybrid(x, denses, vw, bias, limit)
+    ref = F.linear(x.double(), torch.cat(denses).double(), bias.double())
+    assert y.shape == (2, 3, 64) and y._base is None
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y = hybrid(x, denses, vw, None, limit)
+    torch.testing.assert_close(y.double(), F.linear(x.double(), torch.cat(denses).double()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        hybrid(x, denses[:2], vw, None, 0)
+
+
+@pytest.mark.parametrize("limit", [2, 100])
+def test_stacked_siblings_opcheck_and_gradients(limit):
+    import vnm_compile.backend  # noqa: F401  (registers the autograd formula)
+
+    parts = [masked_weight(rows, 70, "16:2:5", seed=20 + rows) for rows in (16, 9)]
+    vw, denses = stacked(parts)
+    x = torch.randn(3, 70, requires_grad=True)
+    bias = torch.randn(25, requires_grad=True)
+    args = (x, denses, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 25, limit)
+    torch.library.opcheck(HYBRID_OP, args)
+    x64 = torch.randn(3, 70, dtype=torch.float64, requires_grad=True)
+    b64 = torch.randn(25, dtype=torch.float64, requires_grad=True)
+    d64, vw64 = [d.double() for d in denses], vw.to(dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x, b: hybrid(x, d64, vw64, b, limit), (x64, b64))

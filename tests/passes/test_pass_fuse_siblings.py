@@ -181,6 +181,36 @@ def test_fused_launch_under_the_triton_interpreter(monkeypatch):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pruned", ["recorded", "at compile time"])
+def test_hybrid_siblings_share_one_launch_in_a_dynamic_graph(monkeypatch, h, pruned):
+    """vnm.hybrid_linear siblings (sparse up to 4 tokens, dense above) fuse too: one dynamic graph runs
+    the stacked compressed weight at 3 tokens and one GEMM per member weight at 10, no recompile.
+    The dense weights are the model's masked Parameters (recorded) or masked copies (compile-time ABS)."""
+    from transformers import LlamaModel
+
+    from vnm_compile.kernels import dispatch
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP
+
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a: 4)
+    model, ref, options = _llama(), _llama(), {}
+    if pruned == "at compile time":
+        torch.manual_seed(1)
+        model = LlamaModel(_llama().config).eval()
+        ref = h.abs_sparsified(model, "16:2:8")
+        options = {"pattern": "16:2:8", "min_numel": 0}
+    torch._dynamo.reset()
+    rec = Recorder(**options)
+    compiled = torch.compile(model, backend=rec, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for seq in (3, 10, 2, 7):  # batch 1: 3 and 2 tokens sparse, 10 and 7 dense
+            ids = torch.randint(0, 100, (1, seq))
+            torch.testing.assert_close(compiled(ids).last_hidden_state, ref(ids).last_hidden_state, **TOL)
+    assert len(rec.graphs) == 1
+    nodes = [n for n in rec.graphs[0].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    assert len(nodes) == 8 and sum(len(n.args[1]) for n in nodes) == 14  # one dense weight per layer
+    assert rec.report["layers.1.mlp.up_proj"].mode == "hybrid (sparse up to 4 tokens), fused x2"
+
+
 def test_fuse_siblings_option_is_validated():
     with pytest.raises(TypeError, match="fuse_siblings"):
         vnm_backend(None, [], options={"fuse_siblings": "yes"})

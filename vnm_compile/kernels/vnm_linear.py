@@ -10,8 +10,9 @@ n != 2 and float64 always take the reference path.
 
 ``torch.ops.vnm.hybrid_linear`` (what the compiler lowers to when the
 measured table says sparse wins only up to some token count, see
-dispatch.sparse_token_limit) takes the model's masked dense weight as well:
-above ``max_sparse_tokens`` rows of x it runs ``F.linear`` on it, otherwise
+dispatch.sparse_token_limit) takes the model's masked dense weights as well
+(one, or one per sibling for a fused launch, stacked along the output rows):
+above ``max_sparse_tokens`` rows of x it runs dense GEMMs on them, otherwise
 exactly what vnm::linear runs. The switch happens inside the op at run time.
 """
 
@@ -89,7 +90,7 @@ OP = torch.ops.vnm.linear.default
 @torch.library.custom_op(f"{_LIB}::hybrid_linear", mutates_args=())
 def _hybrid_linear_op(
     x: Tensor,
-    dense_weight: Tensor,
+    dense_weights: list[Tensor],
     values: Tensor,
     columns: Tensor,
     meta: Tensor,
@@ -102,16 +103,37 @@ def _hybrid_linear_op(
     max_sparse_tokens: int,
 ) -> Tensor:
     # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
-    # without a guard (and a recompile) per size. dense_weight is the masked weight in original
-    # row/column order, so both branches compute the same function up to rounding.
+    # without a guard (and a recompile) per size. dense_weights are the masked weights in original
+    # row/column order whose rows stacked are the compressed weight's rows (several for a fused
+    # launch of sibling linears), so both branches compute the same function up to rounding.
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > max_sparse_tokens:
-        return _owned(torch.nn.functional.linear(x, dense_weight, bias))
+        return _dense_linear(x, dense_weights, bias, out_features)
     return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features)
 
 
+def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_features: int) -> Tensor:
+    """x @ cat(weights)^T + bias; several weights write column slices of one output (no concatenation)."""
+    if len(weights) == 1:
+        return _owned(torch.nn.functional.linear(x, weights[0], bias))
+    if sum(w.shape[0] for w in weights) != out_features:
+        raise ValueError(f"hybrid_linear: dense weights have {[w.shape[0] for w in weights]} rows, not {out_features}")
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x.new_empty((*x.shape[:-1], out_features))
+    out2 = out.view(-1, out_features)
+    start = 0
+    for w in weights:
+        stop = start + w.shape[0]
+        if bias is None:
+            torch.mm(x2, w.t(), out=out2[:, start:stop])
+        else:
+            torch.addmm(bias[start:stop], x2, w.t(), out=out2[:, start:stop])
+        start = stop
+    return out
+
+
 @_hybrid_linear_op.register_fake
-def _(x, dense_weight, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens):
+def _(x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens):
     return x.new_empty((*x.shape[:-1], out_features))
 
 

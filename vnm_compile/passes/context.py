@@ -164,13 +164,14 @@ class LayerCompileReport:
 
     @property
     def mode(self) -> str:
-        """How the layer runs: "sparse" (vnm::linear), "sparse, fused x3" (one launch with two
-        siblings), "dense", or "hybrid (sparse up to T tokens)"."""
+        """How the layer runs: "sparse" (vnm::linear), "dense", or "hybrid (sparse up to T tokens)";
+        ", fused x3" appended when it shares one launch with two siblings."""
         if not self.lowered:
             return "dense"
+        fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         if self.max_sparse_tokens is None:
-            return f"sparse, fused x{len(self.fused_with)}" if self.fused_with else "sparse"
-        return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)"
+            return "sparse" + fused
+        return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)" + fused
 
 
 @dataclass
@@ -214,15 +215,15 @@ class CompileReport:
         )
 
     def table(self) -> str:
-        head = f"{'layer':<48} {'shape':>12} {'calls':>5} {'pattern':>9}  {'mode':<34} {'origin / reason'}"
+        head = f"{'layer':<48} {'shape':>12} {'calls':>5} {'pattern':>9}  {'mode':<44} {'origin / reason'}"
         lines = [head, "-" * len(head)]
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             if r.lowered:
                 note = r.origin + (", permuted" if r.permuted else "")
-                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {r.mode:<34} {note}")
+                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {r.mode:<44} {note}")
             else:
-                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'-':>9}  {r.mode:<34} {r.reason}")
+                lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'-':>9}  {r.mode:<44} {r.reason}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -10,10 +10,11 @@ graph (``torch.cat`` of the bias inputs, so they stay trainable and current).
 
 A group is fused only when nothing can tell the difference:
 
-- every member is a plain vnm::linear (hybrid layers keep their own dense
-  fallback weights and are not fused) on compressed buffers of this graph,
-  with the same x node, pattern, dtypes, and all or none with a bias defined
-  before the first member;
+- every member is a vnm::linear on compressed buffers of this graph, or
+  every member a vnm::hybrid_linear with the same token limit (its dense
+  branch then runs one GEMM per member weight into the column slices of one
+  output), with the same x node, pattern, dtypes, and all or none with a
+  bias defined before the first member;
 - no output is a graph output and no user would break on a strided slice:
   ``view`` must not merge the output features with another dim (checked on the
   view's recorded output shape), and no in-place op or ``as_strided`` uses it.
@@ -36,7 +37,7 @@ from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..format import VNMWeight, cat_rows
-from ..kernels.vnm_linear import OP
+from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
 from .fold_permutations import rebind
 from .lower_linears import _PREFIX, LAYER_META, _constant, _fresh_prefix
@@ -59,18 +60,32 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _sparse_args(node: fx.Node) -> tuple:
+    """(x, values, columns, meta, row_index, bias, v, n, m, out_features) of vnm.linear or vnm.hybrid_linear."""
+    if node.target is HYBRID_OP:
+        x, _dense, *rest, _limit = node.args
+        return (x, *rest)
+    return tuple(node.args)
+
+
 def _group_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """What siblings must share, or None when ``node`` cannot be fused at all."""
-    if len(node.args) != 10 or node.kwargs or node.meta.get(LAYER_META) is None:
+    hybrid = node.target is HYBRID_OP
+    if len(node.args) != (12 if hybrid else 10) or node.kwargs or node.meta.get(LAYER_META) is None:
         return None
-    x, values, columns, meta, row_index, bias, v, n, m, out_features = node.args
+    x, values, columns, meta, row_index, bias, v, n, m, out_features = _sparse_args(node)
     tensors = [_attr(gm, a) for a in (values, columns, meta)]
     if any(t is None for t in tensors) or (row_index is not None and _attr(gm, row_index) is None):
         return None
     if (bias is not None and not isinstance(bias, fx.Node)) or not _slices_ok(node, out_features):
         return None
+    limit = None
+    if hybrid:  # the dense weights: the model's Parameters (graph inputs) or masked copies (get_attr)
+        if not all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") for w in node.args[1]):
+            return None
+        limit = node.args[11]
     vals, cols, _ = tensors
-    return (x, v, n, m, vals.dtype, vals.device, vals.shape[1], cols.dtype, bias is None)
+    return (node.target, limit, x, v, n, m, vals.dtype, vals.device, vals.shape[1], cols.dtype, bias is None)
 
 
 def _slices_ok(node: fx.Node, out_features: int) -> bool:
@@ -109,8 +124,8 @@ def _fusible(members: list[fx.Node], order: dict[fx.Node, int], sites: dict[str,
     kept, seen = [], set()
     for node in members:
         site = sites.get(node.meta[LAYER_META])
-        bias = node.args[5]
-        if site is None or site.compressed is None or site.compressed.values is not _attr(gm, node.args[1]):
+        bias = _sparse_args(node)[5]
+        if site is None or site.compressed is None or site.compressed.values is not _attr(gm, _sparse_args(node)[1]):
             continue
         if id(site) in seen or (bias is not None and order.get(bias, first) >= first):
             continue
@@ -157,7 +172,7 @@ def fuse_siblings(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     order = {node: i for i, node in enumerate(graph.nodes)}
     groups: dict[tuple, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is OP:
+        if node.op == "call_function" and node.target in (OP, HYBRID_OP):
             key = _group_key(gm, node)
             if key is not None:
                 groups.setdefault(key, []).append(node)
@@ -186,14 +201,21 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], sites: list[LinearSite], p
     for site in sites:
         site.fused_with = names
     first = members[0]
-    x, _, _, _, _, _, v, n, m, _ = first.args
-    sizes = [int(node.args[9]) for node in members]
+    x, _, _, _, _, _, v, n, m, _ = _sparse_args(first)
+    sizes = [int(_sparse_args(node)[9]) for node in members]
     with graph.inserting_before(first):
         tensors = {k: _constant(gm, graph, f"{prefix}_{k}", t) for k, t in fused.tensors().items()}
-        biases = [node.args[5] for node in members]
+        biases = [_sparse_args(node)[5] for node in members]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
         args = (x, tensors["values"], tensors["columns"], tensors["meta"], tensors.get("row_index"), bias)
-        call = graph.call_function(OP, (*args, v, n, m, sum(sizes)))
+        args = (*args, v, n, m, sum(sizes))
+        if first.target is HYBRID_OP:
+            # the dense branch's weights, one per member in row order; a masked copy (get_attr) may be
+            # defined after the first member: read it again here
+            dense = [w if w.op == "placeholder" else graph.get_attr(w.target) for node in members for w in node.args[1]]
+            call = graph.call_function(HYBRID_OP, (x, dense, *args[1:], first.args[11]))
+        else:
+            call = graph.call_function(OP, args)
         call.meta[LAYER_META] = "+".join(names)
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]

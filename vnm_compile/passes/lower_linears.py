@@ -106,7 +106,7 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
                 w.out_features,
             )
             if hybrid:
-                args = (x, dense, *args[1:], site.max_sparse_tokens)
+                args = (x, [dense], *args[1:], site.max_sparse_tokens)
             with graph.inserting_before(node):
                 new = graph.call_function(HYBRID_OP if hybrid else OP, args)
             new.meta = dict(node.meta)
