@@ -2,7 +2,8 @@
 
     python benchmarks/bench_e2e.py                      # the set, ~4 min on an H100
     python benchmarks/bench_e2e.py --llama-layers 32    # the whole 7B stack (long compiles)
-    python benchmarks/bench_e2e.py --llama-layers 32 --models llama --decode-batches 1 --prefill 0
+    python benchmarks/bench_e2e.py --llama-layers 32 --models llama --decode-batches 1 --prefill 0 \
+        --variants dense 64:2:8 64:2:5 --no-separate           # decode only, the whole stack
 
 Models (random fp16 weights, shapes from transformers configs):
 - a Llama-2-7B-shaped decoder (LlamaConfig: hidden 4096, MLP 11008, 32 heads), run as
@@ -205,7 +206,7 @@ def run_cases(args) -> list[dict]:
     for name, phase, batch, make in cases:
         model = models[name]
         call, tokens = make(args, model, batch)
-        for variant in VARIANTS + (SEPARATE if (phase, batch) == ("decode", 1) else ()):
+        for variant in args.variants + (SEPARATE if (phase, batch) == ("decode", 1) and args.separate else ()):
             rec = {"model": name, "phase": phase, "batch": batch, "tokens": tokens, "variant": variant}
             if time.perf_counter() - args.t0 > args.budget_s:
                 rec["skipped"] = "time budget"
@@ -359,11 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deit-batch", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip cases that would start after this")
     parser.add_argument("--models", nargs="+", default=["llama", "deit"], choices=["llama", "deit"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="dense comes first")
+    parser.add_argument(
+        "--no-separate", dest="separate", action="store_false", help="skip the unfused variants at decode batch 1"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU, no inductor: checks the code paths"
     )
     args = parser.parse_args(argv)
+    args.variants = ("dense", *[v for v in args.variants if v != "dense"])  # speed-ups need the dense time
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     args.t0 = time.perf_counter()
 
