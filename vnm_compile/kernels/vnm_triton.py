@@ -40,7 +40,12 @@ loop has fewer instructions: the hand prefetch of the next chunk matters more;
 0-11 % of the best per shape; (3) split-K for the FMA kernel (fp32 partials plus the
 reduce launch): slower everywhere (1.10-2.21x vs 1.44-2.38x over cuBLAS at 1 token);
 (4) programmatic dependent launch (griddepcontrol.wait after the first weight chunk):
-between -14 % and +11 % per case, no consistent gain.
+between -14 % and +11 % per case, no consistent gain; (5) a multi-token CUDA-core kernel
+(BLOCK_T tokens per program, the chunk decoded once, x gathered once for all tokens, fp32
+(T, R, GC) accumulators, split-K, 15 configs): 1.14-1.37x faster than these kernels at 8
+tokens but still slower than cuBLAS except 64:2:8 11008x4096 (1.13x) and 4096x11008 (1.04x),
+and slower than these kernels at 16 and 32 tokens (only 45-57 % of its loop is FFMA: layout
+conversions); not kept.
 Next steps: wgmma on 128-row tiles spanning two V-blocks with separate B tiles,
 a warp-specialised tile builder, weights laid out so one thread holds several rows
 of a group (x gathered once for them).
