@@ -20,6 +20,9 @@ graphs (triton.testing.do_bench_cudagraph, median). Sparse variants prune at com
 (options={"pattern": ..., "score": "abs"}): timing does not depend on which weights are kept.
 V:N:M variants run q/k/v and gate/up as one launch each (the fuse_siblings pass); at decode
 batch 1 the "separate" variants (fuse_siblings=False) time the same kernels unfused.
+"2:4 cuSPARSELt" is PyTorch's 2:4 path: the same layers pruned 2:4 (ABS) in a copy of the model,
+run by torch._cslt_sparse_mm (algorithm searched per case) inside dense inductor; "2:4" is the
+vnm backend's Triton kernel on N:4 storage.
 Writes e2e.json, e2e.md and e2e.png to --out (default benchmarks/results/<gpu>/).
 """
 
@@ -36,7 +39,8 @@ from pathlib import Path
 
 log = logging.getLogger("bench_e2e")
 
-VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4")
+CSLT = "2:4 cuSPARSELt"
+VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
 SEPARATE = ("64:2:8 separate", "64:2:5 separate")
@@ -64,6 +68,50 @@ def _compile(model, variant: str, smoke: bool = False):
     pattern, *flags = variant.split()
     options = {"pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags}
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
+
+
+def _cslt_model(model, tokens: int):
+    """A copy of ``model`` whose linears the vnm variants prune (VNMConfig defaults) are 2:4-pruned
+    (ABS) and run cuSPARSELt (torch._cslt_sparse_mm, feature-major activations, the algorithm
+    searched for this token count), compiled by inductor like the dense model."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from vnm_compile import VNMConfig, sparsify_
+    from vnm_compile.state import get_sparsity
+
+    class CSLT(nn.Module):
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.register_buffer("compressed", torch._cslt_compress(linear.weight.detach().contiguous()))
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+            x_fm = torch.randn(self.in_features, tokens, device=linear.weight.device, dtype=linear.weight.dtype)
+            self.alg_id = int(torch._cslt_sparse_mm_search(self.compressed, x_fm, bias=self.bias))
+            x = x_fm.t()[: min(tokens, 64)]  # a check that the layout is right: equal to F.linear
+            want = nn.functional.linear(
+                x.float(), linear.weight.float(), None if self.bias is None else self.bias.float()
+            )
+            err = ((self(x).float() - want).norm() / want.norm()).item()
+            if not err < 1e-2:
+                raise RuntimeError(f"cuSPARSELt output differs from F.linear (rel. error {err:.2e})")
+
+        def forward(self, x):
+            x_fm = x.reshape(-1, self.in_features).t().contiguous()
+            y = torch._cslt_sparse_mm(self.compressed, x_fm, bias=self.bias, alg_id=self.alg_id)
+            return y.t().reshape(*x.shape[:-1], self.out_features)
+
+    sparse = copy.deepcopy(model)
+    sparsify_(sparse, VNMConfig("2:4", score="abs", permute=False), progress=False)
+    swapped = 0
+    for module in list(sparse.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and get_sparsity(child.weight) is not None:
+                setattr(module, name, CSLT(child))
+                swapped += 1
+    return sparse, swapped
 
 
 def _time(fn, smoke: bool = False) -> tuple[float, float]:
@@ -213,14 +261,40 @@ def run_cases(args) -> list[dict]:
                 records.append(rec)
                 continue
             _cleanup()
-            compiled = _compile(model, variant, args.smoke)
+            if variant == CSLT:
+                from vnm_compile.kernels.cusparselt import cusparselt_available
+
+                if args.smoke or not cusparselt_available():
+                    rec["skipped"] = "no cuSPARSELt here"
+                    records.append(rec)
+                    continue
+                try:
+                    cslt, swapped = _cslt_model(model, tokens)
+                except RuntimeError as err:  # e.g. cuSPARSELt refuses this token count
+                    rec["skipped"] = f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"
+                    log.warning("%s", rec)
+                    records.append(rec)
+                    continue
+                compiled = _compile(cslt, "dense", args.smoke)
+            else:
+                compiled = _compile(model, variant, args.smoke)
             with torch_no_grad():
-                compile_s, ms = _time(lambda compiled=compiled, call=call: call(compiled), args.smoke)
+                try:
+                    compile_s, ms = _time(lambda compiled=compiled, call=call: call(compiled), args.smoke)
+                except RuntimeError as err:
+                    if variant != CSLT:
+                        raise
+                    rec["skipped"] = f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"
+                    log.warning("%s", rec)
+                    records.append(rec)
+                    continue
                 overhead = getattr(call, "overhead", None)
                 if overhead is not None:
                     rec["overhead_ms"] = _time(overhead, args.smoke)[1]
                     ms -= rec["overhead_ms"]
-            lowered, dense = _lowered() if variant != "dense" else (0, 0)
+            lowered, dense = _lowered() if variant not in ("dense", CSLT) else (0, 0)
+            if variant == CSLT:
+                lowered = swapped
             rec.update(ms=ms, compile_s=compile_s, lowered=lowered, dense_linears=dense)
             log.warning("%s", rec)
             records.append(rec)
