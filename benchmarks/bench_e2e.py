@@ -94,14 +94,19 @@ def _cslt_model(model, tokens: int):
             want = nn.functional.linear(
                 x.float(), linear.weight.float(), None if self.bias is None else self.bias.float()
             )
-            err = ((self(x).float() - want).norm() / want.norm()).item()
-            if not err < 1e-2:
+            got = self(x)
+            err = ((got.float() - want).norm() / want.norm()).item()
+            if not err < 1e-2 or not got.is_contiguous():
                 raise RuntimeError(f"cuSPARSELt output differs from F.linear (rel. error {err:.2e})")
 
         def forward(self, x):
+            # cuSPARSELt wants feature-major activations and returns (out, tokens): two transposes.
+            # The output is made token-major again: left as the transposed view, SDPA saw column-major
+            # q/k/v and fell back to its fp32 math path (2x slower prefill, measured); and
+            # transpose_result=True failed in cuSPARSELt's search at 12672 tokens (H100, torch 2.11).
             x_fm = x.reshape(-1, self.in_features).t().contiguous()
             y = torch._cslt_sparse_mm(self.compressed, x_fm, bias=self.bias, alg_id=self.alg_id)
-            return y.t().reshape(*x.shape[:-1], self.out_features)
+            return y.t().contiguous().view(*x.shape[:-1], self.out_features)
 
     sparse = copy.deepcopy(model)
     sparsify_(sparse, VNMConfig("2:4", score="abs", permute=False), progress=False)
