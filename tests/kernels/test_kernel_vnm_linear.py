@@ -116,6 +116,36 @@ def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
     check(y, x, dense, bias)
 
 
+def _wide_case(device):
+    """in_features > 32767: the column indices are int32 (two 8-byte words per group in the FMA kernel)."""
+    vw, dense = make_weight(19, 32801, "16:2:5", permute=True, seed=4)
+    assert vw.columns.dtype == torch.int32
+    vw, dense = vw.to(device=device), dense.to(device)
+    x = torch.randn(2, 32801, device=device)
+    bias = torch.randn(19, device=device)
+    return vw, dense, x, bias
+
+
+@interp
+@pytest.mark.parametrize("kind", ["fma", "dot"])
+def test_int32_columns(monkeypatch, kind):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense, x, bias = _wide_case("cpu")
+    cfg = KernelConfig("fma", 16, 512) if kind == "fma" else KernelConfig("dot", 16, 512, 16)
+    out = torch.full((2, 19), float("nan"))
+    y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg)
+    check(y, x, dense, bias)
+
+
+@gpu
+def test_gpu_int32_columns():
+    vw, dense, x, bias = _wide_case("cuda")
+    for cfg in (KernelConfig("fma", 4, 128), KernelConfig("dot", 16, 32, 16)):
+        out = torch.full((2, 19), float("nan"), device="cuda")
+        y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg)
+        check(y, x, dense, bias)
+
+
 @interp
 def test_300_tokens_3d_noncontiguous(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
