@@ -10,7 +10,8 @@ graph (``torch.cat`` of the bias inputs, so they stay trainable and current).
 
 A group is fused only when nothing can tell the difference:
 
-- every member is a vnm::linear on compressed buffers of this graph, or
+- every member is a vnm::linear on compressed buffers of this graph (of a
+  weight called once: a shared weight keeps its own launches), or
   every member a vnm::hybrid_linear with the same token limit (its dense
   branch then runs one GEMM per member weight into the column slices of one
   output), with the same x node, pattern, dtypes, and all or none with a
@@ -117,8 +118,9 @@ def _splits_features(shape, out_features: int) -> bool:
 
 
 def _fusible(members: list[fx.Node], order: dict[fx.Node, int], sites: dict[str, LinearSite], gm) -> list[fx.Node]:
-    """The members that can share one launch, in graph order: each with its own weight, compressed
-    by this compile, and a bias defined before the first member."""
+    """The members that can share one launch, in graph order: each with a weight of its own called
+    once (a shared weight's other calls would keep its unfused buffers alive: the weight held twice),
+    compressed by this compile, and a bias defined before the first member."""
     members = sorted(members, key=order.__getitem__)
     first = order[members[0]]
     kept, seen = [], set()
@@ -127,7 +129,7 @@ def _fusible(members: list[fx.Node], order: dict[fx.Node, int], sites: dict[str,
         bias = _sparse_args(node)[5]
         if site is None or site.compressed is None or site.compressed.values is not _attr(gm, _sparse_args(node)[1]):
             continue
-        if id(site) in seen or (bias is not None and order.get(bias, first) >= first):
+        if len(site.nodes) != 1 or id(site) in seen or (bias is not None and order.get(bias, first) >= first):
             continue
         seen.add(id(site))
         kept.append(node)
