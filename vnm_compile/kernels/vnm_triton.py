@@ -53,7 +53,7 @@ tokens but still slower than cuBLAS except 64:2:8 11008x4096 (1.13x) and 4096x11
 and slower than these kernels at 16 and 32 tokens (only 45-57 % of its loop is FFMA: layout
 conversions); not kept; (6) the FMA kernel reading values as int32 (v0, v1) pairs instead of
 reshape + split (7-16 % fewer loop instructions, no barrier in the loop for some configs):
-+4-7 % at 64:2:5 but -5 % to +6 % at 64:2:8 in one side-by-side run at 1 token; not kept.
+-1 % to +7 % at 64:2:5 and -5 % to +6 % at 64:2:8 in one side-by-side run at 1 token; not kept.
 Next steps: wgmma on 128-row tiles spanning two V-blocks with separate B tiles,
 a warp-specialised tile builder, weights laid out so one thread holds several rows
 of a group (x gathered once for them).
