@@ -37,3 +37,38 @@ def test_load_rejects_mismatch():
     sd["0.vnm_mask"] = torch.ones(80, 64, dtype=torch.bool)
     with pytest.raises(ValueError, match="does not obey"):
         load_sparsity_(nn.Sequential(nn.Linear(64, 80)), sd)
+
+
+def _sparse_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
+    sparsify_(model, VNMConfig("16:2:5", score="abs", permute=False, min_numel=0), progress=False)
+    return model
+
+
+def test_deepcopy_keeps_the_state_visible_from_the_weights(monkeypatch):
+    """The compiler sees weights only: a deep-copied model's weights must map to (copied) states."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from vnm_compile.backend import last_report
+
+    model = _sparse_mlp()
+    clone = copy.deepcopy(model)
+    for i in (0, 2):
+        state, copied = get_sparsity(model[i].weight), get_sparsity(clone[i].weight)
+        assert copied is not None and copied is not state and torch.equal(copied.mask, state.mask)
+        assert copied.mask.data_ptr() != state.mask.data_ptr()
+    torch._dynamo.reset()
+    x = torch.randn(3, 64)
+    compiled = torch.compile(clone, backend="vnm", options={"inductor": False})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(last_report().lowered) == 2
+
+
+def test_pickle_round_trip_keeps_the_state(tmp_path):
+    model = _sparse_mlp()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for i in (0, 2):
+        assert torch.equal(get_sparsity(loaded[i]).mask, get_sparsity(model[i]).mask)
+        assert get_sparsity(loaded[i].weight) is get_sparsity(loaded[i])

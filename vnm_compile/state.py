@@ -8,6 +8,8 @@ backend.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,10 +50,37 @@ class LinearSparsity:
         """The weight in the kernels' compressed format, permutations folded in."""
         return VNMWeight.from_dense(weight, self.mask, self.pattern, in_perm=self.in_perm, out_perm=self.out_perm)
 
+    # copy.deepcopy(model) copies the module's _parameters before this attribute (set later), so the
+    # copied weight is already in ``memo``: index the copied state under it, or the compiler, which
+    # sees weights only, would find no state in a deep-copied model.
+    def __deepcopy__(self, memo: dict) -> LinearSparsity:
+        new = LinearSparsity(
+            self.pattern,
+            copy.deepcopy(self.mask, memo),
+            copy.deepcopy(self.in_perm, memo),
+            copy.deepcopy(self.out_perm, memo),
+            self.score,
+        )
+        memo[id(self)] = new
+        ref = self.__dict__.get("_weight")
+        old = ref() if ref is not None else None
+        copied = memo.get(id(old)) if old is not None else None
+        if isinstance(copied, Tensor):
+            _index(copied, new)
+        return new
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_weight"}  # a weakref does not pickle
+
+
+def _index(weight: Tensor, state: LinearSparsity) -> None:
+    _BY_WEIGHT[weight] = state
+    state.__dict__["_weight"] = weakref.ref(weight)
+
 
 def set_sparsity(module: nn.Linear, state: LinearSparsity) -> None:
     setattr(module, ATTR, state)
-    _BY_WEIGHT[module.weight] = state
+    _index(module.weight, state)
 
 
 def get_sparsity(obj: nn.Module | Tensor) -> LinearSparsity | None:
@@ -59,7 +88,7 @@ def get_sparsity(obj: nn.Module | Tensor) -> LinearSparsity | None:
     if isinstance(obj, nn.Module):
         state = getattr(obj, ATTR, None)
         if state is not None and getattr(obj, "weight", None) is not None:
-            _BY_WEIGHT[obj.weight] = state  # re-index after deepcopy / parameter swap
+            _index(obj.weight, state)  # re-index after a parameter swap
         return state
     return _BY_WEIGHT.get(obj)
 
