@@ -664,11 +664,10 @@ def vnm_linear_triton(
         row_index = row_index.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    result = None  # the tensor returned: allocated in x's leading shape, so it is not a view
-    if out is None:
+    if out is None:  # allocated in x's leading shape: the tensor returned is not a view
         result = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
         out = result.view(tokens, out_features)
-    if result is None:
+    else:
         result = out.reshape(*x.shape[:-1], out_features)
     if tokens == 0 or out_features == 0:
         return result
