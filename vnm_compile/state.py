@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
@@ -54,13 +54,7 @@ class LinearSparsity:
     # copied weight is already in ``memo``: index the copied state under it, or the compiler, which
     # sees weights only, would find no state in a deep-copied model.
     def __deepcopy__(self, memo: dict) -> LinearSparsity:
-        new = LinearSparsity(
-            self.pattern,
-            copy.deepcopy(self.mask, memo),
-            copy.deepcopy(self.in_perm, memo),
-            copy.deepcopy(self.out_perm, memo),
-            self.score,
-        )
+        new = LinearSparsity(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
         memo[id(self)] = new
         ref = self.__dict__.get("_weight")
         old = ref() if ref is not None else None
