@@ -235,6 +235,12 @@ def deit_forward(args, model, batch: int):
     return (lambda c: c(pixel_values=x)), tokens
 
 
+def _skipped(rec: dict, reason: str) -> dict:
+    rec["skipped"] = reason
+    log.warning("%s", rec)
+    return rec
+
+
 def run_cases(args) -> list[dict]:
     """Every case x every variant, the issue's targets first (decode batch 1, DeiT), within --budget-s.
 
@@ -262,23 +268,19 @@ def run_cases(args) -> list[dict]:
         for variant in args.variants + (SEPARATE if (phase, batch) == ("decode", 1) and args.separate else ()):
             rec = {"model": name, "phase": phase, "batch": batch, "tokens": tokens, "variant": variant}
             if time.perf_counter() - args.t0 > args.budget_s:
-                rec["skipped"] = "time budget"
-                records.append(rec)
+                records.append(_skipped(rec, "time budget"))
                 continue
             _cleanup()
             if variant == CSLT:
                 from vnm_compile.kernels.cusparselt import cusparselt_available
 
                 if args.smoke or not cusparselt_available():
-                    rec["skipped"] = "no cuSPARSELt here"
-                    records.append(rec)
+                    records.append(_skipped(rec, "no cuSPARSELt here"))
                     continue
                 try:
                     cslt, swapped = _cslt_model(model, tokens)
                 except RuntimeError as err:  # e.g. cuSPARSELt refuses this token count
-                    rec["skipped"] = f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"
-                    log.warning("%s", rec)
-                    records.append(rec)
+                    records.append(_skipped(rec, f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"))
                     continue
                 compiled = _compile(cslt, "dense", args.smoke)
             else:
@@ -289,9 +291,7 @@ def run_cases(args) -> list[dict]:
                 except RuntimeError as err:
                     if variant != CSLT:
                         raise
-                    rec["skipped"] = f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"
-                    log.warning("%s", rec)
-                    records.append(rec)
+                    records.append(_skipped(rec, f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"))
                     continue
                 overhead = getattr(call, "overhead", None)
                 if overhead is not None:
