@@ -97,9 +97,9 @@ def test_kernel_interpreted_matches_fp64(monkeypatch, rows, cols, pattern, token
 
 @interp
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["fma", "dot", "dot_fm", "dot_split"])
+@pytest.mark.parametrize("kind", ["fma", "dot", "dot_fm", "dot_split", "gather"])
 def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
-    """Both kernels forced, odd token count, permutations and bias, 64:2:5 with a partial last chunk."""
+    """Every kernel forced, odd token count, permutations and bias, 64:2:5 with a partial last chunk."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     vw, dense = make_weight(71, 83, "64:2:5", permute=True, dtype=dtype, seed=3)
     tokens = 3 if kind == "fma" else 19  # the FMA kernel runs one program per token (slow to interpret)
@@ -110,6 +110,7 @@ def test_each_kernel_each_dtype(monkeypatch, dtype, kind):
         "dot": KernelConfig("dot", 16, 8, 16),
         "dot_fm": KernelConfig("dot", 32, 8, 16, fm=True),  # feature-major copy of x
         "dot_split": KernelConfig("dot", 16, 8, 16, split_k=4),  # 2 full chunks -> 2 splits + tail
+        "gather": KernelConfig("gather", 16, 4, 16),  # 68 kept columns per block: 4 K steps of 16 + a tail
     }[kind]
     out = torch.full((tokens, 71), float("nan"), dtype=dtype)
     y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 64, 2, 5, 71, out=out, config=cfg)
@@ -127,11 +128,15 @@ def _wide_case(device):
 
 
 @interp
-@pytest.mark.parametrize("kind", ["fma", "dot"])
+@pytest.mark.parametrize("kind", ["fma", "dot", "gather"])
 def test_int32_columns(monkeypatch, kind):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     vw, dense, x, bias = _wide_case("cpu")
-    cfg = KernelConfig("fma", 16, 512) if kind == "fma" else KernelConfig("dot", 16, 512, 16)
+    cfg = {
+        "fma": KernelConfig("fma", 16, 512),
+        "dot": KernelConfig("dot", 16, 512, 16),
+        "gather": KernelConfig("gather", 16, 256, 16),
+    }[kind]
     out = torch.full((2, 19), float("nan"))
     y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg)
     check(y, x, dense, bias)
@@ -140,10 +145,28 @@ def test_int32_columns(monkeypatch, kind):
 @gpu
 def test_gpu_int32_columns():
     vw, dense, x, bias = _wide_case("cuda")
-    for cfg in (KernelConfig("fma", 4, 128), KernelConfig("dot", 16, 32, 16)):
+    for cfg in (KernelConfig("fma", 4, 128), KernelConfig("dot", 16, 32, 16), KernelConfig("gather", 16, 16, 128)):
         out = torch.full((2, 19), float("nan"), device="cuda")
         y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg)
         check(y, x, dense, bias)
+
+
+@interp
+@pytest.mark.parametrize("pattern,cols,tokens", [("64:2:8", 128, 40), ("128:2:16", 300, 16), ("32:2:4", 24, 77)])
+def test_gather_kernel_tiles(monkeypatch, pattern, cols, tokens):
+    """The expand + gather GEMM path: K steps that divide the kept columns exactly (no tail),
+    fewer kept columns than one K step (tail only), tokens not a multiple of the token tile
+    (padded x^T), several row tiles per V-block, an output permutation (row_index)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(150, cols, pattern, permute=True, dtype=torch.float16, seed=cols)
+    x = torch.randn(tokens, cols, dtype=torch.float16)
+    bias = torch.randn(150, dtype=torch.float16)
+    p = vw.pattern
+    cfg = KernelConfig("gather", 16, 4, 32)
+    out = torch.full((tokens, 150), float("nan"), dtype=torch.float16)
+    y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, p.m, 150, out=out,
+                          config=cfg)  # fmt: skip
+    check(y, x, dense, bias)
 
 
 @interp
@@ -238,7 +261,8 @@ def test_candidate_configs_fit():
             cands = candidate_configs(v, t)
             assert cands and all(c.fits(v, t) for c in cands)
     assert any(c.kind == "fma" for c in candidate_configs(64, 1))
-    assert all(c.kind == "dot" for c in candidate_configs(64, 2048))
+    assert {c.kind for c in candidate_configs(64, 2048)} == {"dot", "gather"}
+    assert all(c.kind != "gather" for c in candidate_configs(64, 64))  # the weight rebuild costs too much there
 
 
 def _table(tmp_path, speedup_16: float):
@@ -287,12 +311,12 @@ def test_gpu_matches_fp64(rows, cols, pattern, tokens, dtype):
 @gpu
 def test_gpu_every_config():
     """Every autotune candidate computes the same function (not only the one autotune picks)."""
-    from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
+    from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _GATHER_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
 
     # 2056 columns: 257 groups = 8 full chunks of 32 + a 1-group tail (split-K 4 and 8 apply)
     vw, dense = make_weight(256, 2056, "128:2:8", permute=True, dtype=torch.float16, device="cuda", seed=1)
     bias = torch.randn(256, dtype=torch.float16, device="cuda")
-    for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS:
+    for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS + _GATHER_CONFIGS:
         for tokens in (1, 37, 256):
             x = torch.randn(tokens, 2056, dtype=torch.float16, device="cuda")
             out = torch.full((tokens, 256), float("nan"), dtype=torch.float16, device="cuda")

@@ -1,6 +1,6 @@
 """Triton kernels for vnm::linear: y = x @ W^T + b, W in the V:N:M format (n = 2).
 
-Both kernels read the compressed tensors of format.py directly:
+The kernels read the compressed tensors of format.py directly:
 values (Rp, 2G) contiguous per row, meta (Rp, ceil(G/8)) int32 words of
 8 groups x 4 bits, columns (B, G, 4) absolute input columns (the input
 permutation is folded in), row_index (Rp,) optional output permutation
@@ -18,45 +18,58 @@ permutation is folded in), row_index (Rp,) optional output permutation
   decode shapes incl. the fused q/k/v and gate/up ones, side by side);
   what remains is mostly address arithmetic and the shared-memory layout
   conversion that broadcasts x to the rows.
-- ``_dot_kernel`` (tensor cores): one program = BLOCK_R rows of one V-block x
-  BLOCK_T tokens. Per chunk of GC groups it rebuilds the dense
+- ``_dot_kernel`` (tensor cores, from 2 tokens): one program = BLOCK_R rows of one
+  V-block x BLOCK_T tokens. Per chunk of GC groups it rebuilds the dense
   (BLOCK_R x 4GC) weight tile over the kept columns from values + metadata
-  in registers, gathers x at those 4GC absolute columns (token-major x, lanes
-  along the columns) and runs tl.dot: 4/M of a dense GEMM's MACs.
+  in registers (``_dense_tile``), gathers x at those 4GC absolute columns
+  (token-major x, lanes along the columns) and runs tl.dot: 4/M of a dense
+  GEMM's MACs.
+- ``_expand_kernel`` + ``_gather_kernel`` (many tokens): the whole weight is
+  rebuilt once per call into the dense weights over each block's kept columns
+  (Rp, 4G) (a workspace, 4/M of the dense weight's bytes), x is copied
+  feature-major (``_transpose_kernel``, tokens padded to whole tiles), and a
+  GEMM gathers rows of x^T at each block's kept columns: Triton pipelines the
+  gathers and the weight tiles as 16-byte cp.async copies into wgmma. The
+  output width stays specialised so the stores are 16-byte vectors (2-byte
+  scalars before: the whole op took 1.2-1.9x longer at 2048-12672 tokens).
 
 Loop bounds are runtime ints when compiled (one binary serves every shape)
 and constexpr under TRITON_INTERPRET=1 (Triton 3.6's interpreter cannot loop
 to a runtime bound).
 
-Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3, fp16, CUDA graphs,
-weights streamed from HBM): 1 token 64:2:8 2.1-2.5x over cuBLAS (57-69 % of the
-compressed-bytes floor), 64:2:5 1.4-1.6x; 16 tokens 0.7-1.0x (64:2:8); prefill
-0.25-0.7x, i.e. slower than dense, so prefer_sparse() keeps those layers dense.
-Where the prefill time goes (4096x4096, 2048 tokens, 64:2:8, diagnostic variants):
-torch's x.t().contiguous() took 64 us (replaced by _transpose_kernel); rebuilding
-the tile from values + metadata adds ~75 us over loading a pre-expanded tile; and
-even gather-free, pre-expanded tiles run this loop at ~half of cuBLAS's rate on the
-reduced K (93 us vs 51 us), because a V = 64 block caps the weight tile at 64 rows.
-Tried later and not kept (H100, side-by-side timings under CUDA graphs, Llama-2-7B
-shapes, 64:2:5 and 64:2:8): (1) a rebuild without reshape/split (values read as int32
-pairs, metadata indexed per group, four tl.dot of K = GC, one per slot) that left the
-loads to Triton's pipeliner: 1.2-2x slower at 1, 16 and 2048 tokens, although its
-loop has fewer instructions: the hand prefetch of the next chunk matters more;
-(2) sweeps of 50 FMA and 30 small-dot configs: the autotuned lists below come within
-0-11 % of the best per shape; (3) split-K for the FMA kernel (fp32 partials plus the
-reduce launch): slower everywhere (1.10-2.21x vs 1.44-2.38x over cuBLAS at 1 token);
-(4) programmatic dependent launch (griddepcontrol.wait after the first weight chunk):
-between -14 % and +11 % per case, no consistent gain; (5) a multi-token CUDA-core kernel
-(BLOCK_T tokens per program, the chunk decoded once, x gathered once for all tokens, fp32
-(T, R, GC) accumulators, split-K, 15 configs): 1.14-1.37x faster than these kernels at 8
-tokens but still slower than cuBLAS except 64:2:8 11008x4096 (1.13x) and 4096x11008 (1.04x),
-and slower than these kernels at 16 and 32 tokens (only 45-57 % of its loop is FFMA: layout
-conversions); not kept; (6) the FMA kernel reading values as int32 (v0, v1) pairs instead of
-reshape + split (7-16 % fewer loop instructions, no barrier in the loop for some configs):
--1 % to +7 % at 64:2:5 and -5 % to +6 % at 64:2:8 in one side-by-side run at 1 token; not kept.
-Next steps: wgmma on 128-row tiles spanning two V-blocks with separate B tiles,
-a warp-specialised tile builder, weights laid out so one thread holds several rows
-of a group (x gathered once for them).
+Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/linear.md, fp16, CUDA
+graphs, weights streamed from HBM), speed-up over cuBLAS at Llama-2-7B shapes:
+1 token 64:2:8 2.2-2.5x (57-70 % of the compressed-bytes floor), 64:2:5 1.4-1.6x;
+16 tokens 64:2:8 0.8-1.0x, 64:2:16 1.4-1.7x; 2048-8192 tokens (expand + gather)
+64:2:16 1.2-1.5x, 64:2:8 0.7-0.8x, 64:2:5 0.4-0.6x (the previous prefill kernel,
+``_dot_kernel`` with feature-major x: 0.6-0.7x, 0.4x and 0.25-0.28x). Where the
+speed-up is below 1, prefer_sparse() keeps the layer dense.
+Why prefill stays below the M/4 bound (4096x4096, 2048 tokens, 64:2:8, ncu): the
+gather GEMM moves ~820 MB through L2 for 34 GFLOP (every 64-row block gathers its own
+x rows: a V = 64 block caps the tile that shares one gather at 64 rows), ~2x the
+traffic of cuBLAS's 128x256 tiles on the reduced K; 128-row tiles (V = 128) are
+25-40 % faster on the same weights (128:2:8 0.94x, 128:2:16 1.57x at 2048 tokens).
+Without sparse tensor cores (not reachable from Triton) the 2:4 half of each
+block's kept columns is multiplied as zeros.
+Tried and not kept (H100, side by side under CUDA graphs, Llama-2-7B shapes, 64:2:5
+and 64:2:8): (1) a rebuild without reshape/split (values read as int32 pairs,
+metadata indexed per group, four tl.dot of K = GC, one per slot) that left the loads
+to Triton's pipeliner: 1.2-2x slower at 1, 16 and 2048 tokens; (2) sweeps of 50 FMA
+and 30 small-dot configs: the autotuned lists below come within 0-11 % of the best
+per shape; (3) split-K for the FMA kernel (fp32 partials plus the reduce launch):
+slower everywhere; (4) programmatic dependent launch: between -14 % and +11 % per
+case; (5) a multi-token CUDA-core kernel (BLOCK_T tokens per program, the chunk
+decoded once): 1.14-1.37x faster than these kernels at 8 tokens but still slower than
+cuBLAS except on two shapes, and slower at 16 and 32 tokens; (6) the FMA kernel
+reading values as int32 (v0, v1) pairs: -5 % to +7 %, no consistent gain; (7) the
+small-dot kernel on feature-major x at 8-32 tokens (the transpose launch included):
+0.2-0.8x of cuBLAS, slower than token-major in 50 of 54 cases; (8) gather GEMM
+variants: 256-token tiles 15-40 % slower (except at M = 5), a TMA descriptor for the
+weight tile +-5 %, 4 stages or 128-column K steps slower.
+Next steps: a mid-token (8-64) kernel that decodes the weights once per call at
+full bandwidth; V = 128 patterns where prefill matters; a feature-major x produced
+by the previous op (fused transpose); weights laid out so one thread holds several
+rows of a group (x gathered once for them) for decode.
 
 References: VENOM (Castro et al., SC'23) for the format; the Triton
 matmul tutorial (03-matrix-multiplication.py) for the tile loop.
@@ -115,6 +128,24 @@ def interpreter_ready() -> bool:
 
 
 # --------------------------------------------------------------------------- kernels
+def _dense_tile(vals, words, BLOCK_R: tl.constexpr, GC: tl.constexpr):
+    """(BLOCK_R, 2GC) kept values + (BLOCK_R, GC/8) metadata words -> the (BLOCK_R, 4GC)
+    dense tile over the block's kept columns (each group: its two values at their
+    2-bit positions, zeros at the other two)."""
+    cc = tl.arange(0, 4)
+    shifts = 4 * tl.arange(0, 8)
+    v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
+    codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
+    p0 = (codes & 3)[:, :, None]
+    p1 = ((codes >> 2) & 3)[:, :, None]
+    w4 = tl.where(p0 == cc[None, None, :], v0[:, :, None], 0.0) + tl.where(p1 == cc[None, None, :], v1[:, :, None], 0.0)
+    return tl.reshape(w4, (BLOCK_R, 4 * GC))
+
+
+if HAS_TRITON:  # a device function: jitted (or interpreted, under TRITON_INTERPRET=1) like tl.sum
+    _dense_tile = triton.jit(_dense_tile)
+
+
 def _fma_kernel(
     # pointers
     x_ptr,  # (T, K) activations, any strides
@@ -282,8 +313,6 @@ def _dot_kernel(
     jj = tl.arange(0, 2 * GC)
     kk = tl.arange(0, 4 * GC)
     ww = tl.arange(0, GC // 8)
-    cc = tl.arange(0, 4)
-    shifts = 4 * tl.arange(0, 8)
     n_words = (G + 7) // 8
 
     acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
@@ -314,14 +343,7 @@ def _dot_kernel(
         vals_n = tl.load(val_rows + (2 * g0 + jj)[None, :])
         words_n = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
         # 3. the dense (BLOCK_R, 4GC) weight tile over the kept columns
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
-        p0 = (codes & 3)[:, :, None]
-        p1 = ((codes >> 2) & 3)[:, :, None]
-        w4 = tl.where(p0 == cc[None, None, :], v0[:, :, None], 0.0) + tl.where(
-            p1 == cc[None, None, :], v1[:, :, None], 0.0
-        )
-        w4 = tl.reshape(w4, (BLOCK_R, 4 * GC)).to(xg.dtype)
+        w4 = _dense_tile(vals, words, BLOCK_R, GC).to(xg.dtype)
         # 4. tensor cores: acc (BLOCK_R, BLOCK_T) += w4 @ xg
         if DOT_UPCAST:
             acc = tl.dot(w4.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
@@ -339,14 +361,7 @@ def _dot_kernel(
             xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk)
         else:
             xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk, mask=tmask[None, :], other=0.0)
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
-        p0 = (codes & 3)[:, :, None]
-        p1 = ((codes >> 2) & 3)[:, :, None]
-        w4 = tl.where(p0 == cc[None, None, :], v0[:, :, None], 0.0) + tl.where(
-            p1 == cc[None, None, :], v1[:, :, None], 0.0
-        )
-        w4 = tl.reshape(w4, (BLOCK_R, 4 * GC)).to(xg.dtype)
+        w4 = _dense_tile(vals, words, BLOCK_R, GC).to(xg.dtype)
         if DOT_UPCAST:
             acc = tl.dot(w4.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -366,6 +381,109 @@ def _dot_kernel(
             acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + toks.to(tl.int64)[None, :] * stride_yt + dest[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & tmask[None, :])
+
+
+def _expand_kernel(
+    val_ptr,  # (Rp, 2G) kept values
+    meta_ptr,  # (Rp, W) int32 metadata words
+    wc_ptr,  # (Rp, 4G) out: dense weights over each block's 4 kept columns per group
+    G,
+    stride_vr,
+    stride_mr,
+    stride_wr,
+    GC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g0 = tl.program_id(1) * GC
+    jj = 2 * g0 + tl.arange(0, 2 * GC)
+    ww = g0 // 8 + tl.arange(0, GC // 8)
+    kk = 4 * g0 + tl.arange(0, 4 * GC)
+    rows64 = rows.to(tl.int64)[:, None]
+    vals = tl.load(val_ptr + rows64 * stride_vr + jj[None, :], mask=(jj < 2 * G)[None, :], other=0.0)
+    words = tl.load(meta_ptr + rows64 * stride_mr + ww[None, :], mask=(ww < (G + 7) // 8)[None, :], other=0)
+    w4 = _dense_tile(vals, words, BLOCK_R, GC).to(wc_ptr.dtype.element_ty)
+    tl.store(wc_ptr + rows64 * stride_wr + kk[None, :], w4, mask=(kk < 4 * G)[None, :])
+
+
+def _gather_kernel(
+    xt_ptr,  # (K, TP) feature-major x, TP = tokens padded to a multiple of BLOCK_T
+    wc_ptr,  # (Rp, K4) from _expand_kernel, K4 = 4G
+    col_ptr,  # (B, G, 4) absolute input columns, read flat per block: (B, K4)
+    ridx_ptr,
+    bias_ptr,
+    y_ptr,
+    T,
+    OUT,
+    K4,
+    NUM_K,  # full BLOCK_K steps: K4 // BLOCK_K (runtime when compiled)
+    V,
+    stride_xk,  # = TP: specialised on divisibility by 16 (16-byte cp.async gathers)
+    stride_wr,
+    stride_yt,
+    K_CONST: tl.constexpr,  # NUM_K under the interpreter, None when compiled
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_R: tl.constexpr,  # row tiles per program group (all their token tiles run together)
+    EVEN_K: tl.constexpr,
+    HAS_RIDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    # Grouped program order: GROUP_R row tiles x every token tile, so concurrent programs
+    # share weight tiles and gathered activation rows in L2.
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(T, BLOCK_T)
+    n_r = tl.num_programs(0) // n_t
+    per_group = GROUP_R * n_t
+    first_r = (pid // per_group) * GROUP_R
+    group_size = tl.minimum(n_r - first_r, GROUP_R)
+    pid_r = first_r + (pid % per_group) % group_size
+    pid_t = (pid % per_group) // group_size
+    r0 = pid_r * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # < TP: the padded tokens are read, never stored
+    kk = tl.arange(0, BLOCK_K)
+    col_blk = col_ptr + (r0 // V).to(tl.int64) * K4
+    w_rows = wc_ptr + rows.to(tl.int64)[:, None] * stride_wr
+    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    # Plain loads: Triton's pipeliner turns the gathers (rows of x^T at the kept columns) and the
+    # weight tiles into multi-stage cp.async copies feeding wgmma on Hopper. The column indices
+    # are loaded one step ahead, at the end of the previous step: loaded at the top of the step,
+    # the pipeliner put a synchronous index load right before each gather's copy (ncu showed
+    # long-scoreboard stalls dominating); this order alone changed the time by < 3 % (H100).
+    last = (NUM_K if K_CONST is None else K_CONST) - 1
+    cols = tl.load(col_blk + kk, mask=kk < K4, other=0)  # step 0
+    for i in range(0, NUM_K if K_CONST is None else K_CONST):
+        xg = tl.load(xt_ptr + cols.to(tl.int64)[:, None] * stride_xk + toks[None, :])
+        w = tl.load(w_rows + (i * BLOCK_K + kk)[None, :])
+        if DOT_UPCAST:
+            acc = tl.dot(w.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xg, acc, input_precision=IN_PREC)
+        cols = tl.load(col_blk + tl.minimum(i + 1, last) * BLOCK_K + kk)
+    if not EVEN_K:
+        k0 = (K4 // BLOCK_K) * BLOCK_K
+        km = k0 + kk < K4
+        cols = tl.load(col_blk + k0 + kk, mask=km, other=0).to(tl.int64)
+        xg = tl.load(xt_ptr + cols[:, None] * stride_xk + toks[None, :], mask=km[:, None], other=0.0)
+        w = tl.load(w_rows + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
+        if DOT_UPCAST:
+            acc = tl.dot(w.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xg, acc, input_precision=IN_PREC)
+    if HAS_RIDX:
+        dest = tl.load(ridx_ptr + rows)
+        ok = (dest >= 0) & (dest < OUT)
+    else:
+        dest = rows
+        ok = rows < OUT
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + toks.to(tl.int64)[None, :] * stride_yt + dest[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & (toks < T)[None, :])
 
 
 def _splitk_reduce_kernel(
@@ -393,11 +511,13 @@ def _splitk_reduce_kernel(
 
 def _transpose_kernel(
     x_ptr,  # (T, K) any strides
-    y_ptr,  # (K, T) contiguous: feature-major copy
+    y_ptr,  # (K, TP) feature-major copy, TP >= T (columns T..TP-1 are padding: zeros)
     T,
+    TP,
     K,
     stride_xt,
     stride_xk,
+    stride_yk,
     BT: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -405,17 +525,34 @@ def _transpose_kernel(
     # a tiled copy with both sides coalesced (Triton converts the layout in shared memory).
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     k = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (t < T)[:, None] & (k < K)[None, :]
-    tile = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xt + k.to(tl.int64)[None, :] * stride_xk, mask=mask)
-    tl.store(y_ptr + k.to(tl.int64)[None, :] * T + t[:, None], tile, mask=mask)
+    kmask = (k < K)[None, :]
+    tile = tl.load(
+        x_ptr + t.to(tl.int64)[:, None] * stride_xt + k.to(tl.int64)[None, :] * stride_xk,
+        mask=(t < T)[:, None] & kmask,
+        other=0.0,
+    )
+    tl.store(y_ptr + k.to(tl.int64)[None, :] * stride_yk + t[:, None], tile, mask=(t < TP)[:, None] & kmask)
 
 
-_KERNEL_FNS = {"fma": _fma_kernel, "dot": _dot_kernel, "reduce": _splitk_reduce_kernel, "transpose": _transpose_kernel}
+_KERNEL_FNS = {
+    "fma": _fma_kernel,
+    "dot": _dot_kernel,
+    "expand": _expand_kernel,
+    "gather": _gather_kernel,
+    "reduce": _splitk_reduce_kernel,
+    "transpose": _transpose_kernel,
+}
+# Sizes vary per layer: no specialisation on their values where it buys nothing (one binary per
+# config). Strides and the output width stay specialised: Triton then knows their divisibility by
+# 16, which vectorises the gathers (16-byte cp.async) and the output stores (masked on OUT: without
+# it the gather kernel stored 2-byte scalars, 64 stores per thread instead of 8).
 _NO_SPECIALIZE = {
     "fma": ["OUT", "G", "NUM_CHUNKS", "V"],
-    "dot": ["T", "OUT", "G", "NUM_CHUNKS", "NSPLIT", "V"],
+    "dot": ["T", "G", "NUM_CHUNKS", "NSPLIT", "V"],
+    "expand": ["G"],
+    "gather": ["NUM_K", "V"],
     "reduce": ["N", "OUT"],
-    "transpose": ["T", "K"],
+    "transpose": [],  # sizes specialised: divisibility by 16 aligns its masked stores (3-4x faster)
 }
 _BUILT: dict[tuple[str, bool], object] = {}
 _BUILD_LOCK = threading.Lock()
@@ -433,7 +570,6 @@ def _kernel(kind: str, interpret: bool):
             else:
                 from triton.runtime.jit import JITFunction
 
-                # Sizes vary per layer: no specialisation on their values (one binary per config).
                 _BUILT[key] = JITFunction(_KERNEL_FNS[kind], do_not_specialize=_NO_SPECIALIZE[kind])
     return _BUILT[key]
 
@@ -443,9 +579,9 @@ def _kernel(kind: str, interpret: bool):
 class KernelConfig:
     """One launch configuration: kernel kind and its tile sizes."""
 
-    kind: str  # "fma" or "dot"
+    kind: str  # "fma", "dot" or "gather"
     block_r: int
-    gc: int  # groups per chunk
+    gc: int  # groups per chunk (gather: its K step is 4 * gc kept columns)
     block_t: int = 1
     num_warps: int = 4
     num_stages: int = 2
@@ -455,7 +591,7 @@ class KernelConfig:
     def fits(self, v: int, tokens: int) -> bool:
         if v % self.block_r:
             return False
-        if self.kind == "dot":
+        if self.kind in ("dot", "gather"):
             return self.block_r >= 16 and self.block_t >= 16
         return True
 
@@ -493,6 +629,20 @@ _PREFILL_CONFIGS = [
     KernelConfig("dot", 32, 16, 256, num_warps=4, num_stages=3, fm=True),
     KernelConfig("dot", 16, 32, 128, num_warps=4, num_stages=3, fm=True),
 ]
+# Expand + gather GEMM (many tokens): the whole weight is rebuilt once per call, so these pay
+# off from a few hundred tokens. Picked from a sweep of 14 tile/stage/grouping variants
+# (H100, Llama-2-7B and DeiT-base shapes, 2048-12672 tokens): 128 tokens x 64 kept columns
+# per step with 3 stages won at V = 64; 256-token tiles were 15-40 % slower; a TMA
+# descriptor for the weight tile changed nothing (+-5 %); 128-row tiles (V = 128) were 25-40 %
+# faster than 64-row ones on the same weights (half the gathered activation traffic).
+_GATHER_CONFIGS = [
+    KernelConfig("gather", 128, 16, 128, num_warps=8, num_stages=3),
+    KernelConfig("gather", 64, 16, 128, num_warps=4, num_stages=3),
+    KernelConfig("gather", 64, 8, 128, num_warps=4, num_stages=4),
+    KernelConfig("gather", 64, 8, 256, num_warps=8, num_stages=4),  # won at M = 5 in the sweep
+    KernelConfig("gather", 32, 16, 128, num_warps=4, num_stages=3),
+    KernelConfig("gather", 16, 16, 128, num_warps=4, num_stages=3),
+]
 
 
 def _pow2_divisor(v: int, cap: int) -> int:
@@ -515,6 +665,8 @@ def candidate_configs(v: int, tokens: int) -> list[KernelConfig]:
         cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
     if tokens > 32:
         cands += _PREFILL_CONFIGS
+    if tokens > 128:
+        cands += _GATHER_CONFIGS
     cands = [c for c in cands if c.fits(v, tokens)]
     if not cands:  # V with a small power-of-two factor: per-token FMA kernel always fits
         cands = [KernelConfig("fma", _pow2_divisor(v, 16), 64)]
@@ -524,24 +676,65 @@ def candidate_configs(v: int, tokens: int) -> list[KernelConfig]:
 def _interpret_config(v: int, tokens: int) -> KernelConfig:
     """Interpreter: fewest programs (each program costs Python time)."""
     br = _pow2_divisor(v, 64)
+    if br >= 16 and tokens > 32:
+        return KernelConfig("gather", br, 4, 32)
     if br >= 16 and tokens > 2:
         return KernelConfig("dot", br, 16, 16 if tokens <= 16 else 32)
     return KernelConfig("fma", _pow2_divisor(v, 32), 32)
 
 
 # --------------------------------------------------------------------------- launch
+def _feature_major(x2: Tensor, padded_tokens: int, interpret: bool) -> Tensor:
+    """x (T, K) -> (K, padded_tokens) contiguous copy, zeros past T (one transpose launch)."""
+    tokens, k = x2.shape
+    xt = torch.empty((k, padded_tokens), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(padded_tokens, 64), triton.cdiv(k, 64))
+    _kernel("transpose", interpret)[grid](
+        x2, xt, tokens, padded_tokens, k, x2.stride(0), x2.stride(1), xt.stride(0), BT=64, BK=64
+    )
+    return xt
+
+
+def _launch_gather(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret) -> None:
+    """Rebuild the dense weights over the kept columns once (expand), then a gather GEMM."""
+    tokens, _ = x2.shape
+    rows_p, slots = values.shape
+    groups = slots // 2
+    # Feature-major x padded to whole token tiles: every gathered row is BLOCK_T contiguous
+    # tokens with a 16-byte-aligned stride, so the token dimension needs no mask.
+    xt = _feature_major(x2, triton.cdiv(tokens, cfg.block_t) * cfg.block_t, interpret)
+    wc = torch.empty((rows_p, 4 * groups), dtype=x2.dtype, device=x2.device)
+    expand_r = _pow2_divisor(rows_p, 32)
+    _kernel("expand", interpret)[(rows_p // expand_r, triton.cdiv(groups, 32))](
+        values, meta, wc, groups, values.stride(0), meta.stride(0), wc.stride(0), GC=32, BLOCK_R=expand_r
+    )
+    block_k = 4 * cfg.gc
+    n_k = wc.shape[1] // block_k
+    dummy = values
+    grid = (triton.cdiv(tokens, cfg.block_t) * (rows_p // cfg.block_r),)
+    launch_opts = {} if interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _kernel("gather", interpret)[grid](
+        xt, wc, columns, row_index if row_index is not None else dummy, bias if bias is not None else dummy, y,
+        tokens, y.shape[1], wc.shape[1], n_k, v, xt.stride(0), wc.stride(0), y.stride(0),
+        K_CONST=n_k if interpret else None, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, BLOCK_K=block_k, GROUP_R=8,
+        EVEN_K=wc.shape[1] % block_k == 0, HAS_RIDX=row_index is not None, HAS_BIAS=bias is not None,
+        IN_PREC="ieee" if x2.dtype == torch.float32 else "tf32", DOT_UPCAST=interpret and x2.dtype == torch.bfloat16,
+        **launch_opts,
+    )  # fmt: skip
+
+
 def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret: bool) -> None:
     tokens, _ = x2.shape
     rows_p, slots = values.shape
     groups = slots // 2
     n_full = groups // cfg.gc  # both kernels loop over full chunks, then one masked tail
+    if cfg.kind == "gather":
+        _launch_gather(cfg, x2, values, columns, meta, row_index, bias, y, v, interpret)
+        return
     if cfg.fm and x2.stride(0) != 1 and tokens > 1:
         # Feature-major copy of x (one transpose launch, T x K x 2 bytes each way): the gathers
         # then read 16-byte runs of tokens per kept column instead of scattered elements.
-        xt = torch.empty((x2.shape[1], tokens), dtype=x2.dtype, device=x2.device)
-        grid_t = (triton.cdiv(tokens, 64), triton.cdiv(x2.shape[1], 64))
-        _kernel("transpose", interpret)[grid_t](x2, xt, tokens, x2.shape[1], x2.stride(0), x2.stride(1), BT=64, BK=64)
-        x2 = xt.t()
+        x2 = _feature_major(x2, tokens, interpret).t()
     dummy = values  # never read when the HAS_* flag is off
     common = dict(
         CHUNKS_CONST=n_full if interpret else None,
