@@ -165,7 +165,7 @@ def clear_reports() -> None:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, values, columns, meta, row_index, bias, v, n, m, out_features = inputs
+    x, values, columns, meta, row_index, bias, v, n, m, out_features = inputs[:10]  # (expanded: not needed)
     ctx.save_for_backward(values, columns, meta, row_index)
     ctx.vnm = (v, n, m, out_features, x.shape[-1], bias is not None)
 
@@ -190,11 +190,12 @@ def _backward(ctx, grad):
         pattern = VNMPattern(1, n, m)  # as the op's reference: only N:4 storage has block_rows != v
     dense = decompress(values, columns, meta, row_index, pattern, (out_features, in_features))
     grad_x, grad_b = _input_grads(ctx, grad, dense, 5, has_bias)
-    return grad_x, None, None, None, None, grad_b, None, None, None, None
+    # One entry per argument actually passed (the dispatcher drops a trailing expanded=None).
+    return (grad_x, None, None, None, None, grad_b) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 def _setup_hybrid_context(ctx, inputs, output) -> None:
-    # (x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens)
+    # (x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded)
     ctx.save_for_backward(*inputs[1])
     ctx.has_bias = inputs[6] is not None
 
@@ -205,7 +206,7 @@ def _hybrid_backward(ctx, grad):
     weights = ctx.saved_tensors
     dense = weights[0] if len(weights) == 1 else torch.cat(weights)
     grad_x, grad_b = _input_grads(ctx, grad, dense, 6, ctx.has_bias)
-    return grad_x, [None] * len(weights), None, None, None, None, grad_b, None, None, None, None, None
+    return (grad_x, [None] * len(weights), None, None, None, None, grad_b) + (None,) * (len(ctx.needs_input_grad) - 7)
 
 
 def _ensure_autograd() -> None:

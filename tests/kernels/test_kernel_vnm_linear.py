@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels import prefer_sparse, vnm_linear, vnm_linear_reference
+from vnm_compile.kernels import expand_weights, prefer_sparse, vnm_linear, vnm_linear_reference
 from vnm_compile.kernels.dispatch import sparse_speedup
 from vnm_compile.kernels.vnm_linear import uses_triton
 from vnm_compile.kernels.vnm_triton import KernelConfig, candidate_configs, interpreter_ready, vnm_linear_triton
@@ -169,6 +169,65 @@ def test_gather_kernel_tiles(monkeypatch, pattern, cols, tokens):
     check(y, x, dense, bias)
 
 
+def _check_expanded(e, vw, dense):
+    """y[:, original row of r] = sum_j e[r, j] * x[:, column j of r's block] must equal x @ W^T (float64):
+    the expanded weights hold each row's values at its block's kept columns, zeros elsewhere."""
+    rows_p = vw.values.shape[0]
+    assert e.shape == (rows_p, 2 * vw.values.shape[1])
+    cols = vw.columns.long()[torch.arange(rows_p) // vw.block_rows].reshape(rows_p, -1)  # (Rp, 4G)
+    x = torch.randn(5, dense.shape[1], dtype=torch.float64)
+    y_rows = (e.double()[None] * x[:, cols]).sum(-1)  # (5, Rp)
+    dest = vw.row_index.long() if vw.row_index is not None else torch.arange(rows_p)
+    ok = (dest >= 0) & (dest < dense.shape[0])
+    y = torch.zeros(5, dense.shape[0], dtype=torch.float64)
+    y[:, dest[ok]] = y_rows[:, ok]
+    torch.testing.assert_close(y, x @ dense.double().t())
+    assert (e.double()[~ok] == 0).all()
+
+
+@pytest.mark.parametrize("pattern,permute", [("64:2:8", True), ("16:2:5", False), ("2:4", True)])
+def test_expand_weights_reference(monkeypatch, pattern, permute):
+    """The CPU reference of expand_weights (no interpreter) against the dense weight it came from."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vw, dense = make_weight(70, 45, pattern, permute=permute, dtype=torch.float16, seed=8)
+    e = expand_weights(vw)
+    assert e.stride(0) % 64 == 0  # rows 16-byte aligned
+    _check_expanded(e, vw, dense)
+    assert expand_weights(vw, torch.float32).dtype == torch.float32
+
+
+@interp
+@pytest.mark.parametrize("tokens", [2, 9, 40, 130])
+def test_expanded_weights_gather(monkeypatch, tokens):
+    """vnm_linear with the expanded weights held by the caller: the interpreted expand kernel equals
+    the reference, and the gather GEMM on them (forced, and the interpreter's default) is correct."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(100, 77, "32:2:6", permute=True, dtype=torch.float16, seed=tokens)
+    e = expand_weights(vw)
+    _check_expanded(e, vw, dense)
+    x = torch.randn(tokens, 77, dtype=torch.float16)
+    bias = torch.randn(100, dtype=torch.float16)
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 32, 2, 6, 100)
+    for cfg in (KernelConfig("gather", 16, 4, 16), KernelConfig("gather", 32, 8, 32)):
+        out = torch.full((tokens, 100), float("nan"), dtype=torch.float16)
+        check(vnm_linear_triton(*args, out=out, config=cfg, expanded=e), x, dense, bias)
+    check(vnm_linear(x, vw, bias, expanded=e), x, dense, bias)
+
+
+@interp
+def test_expanded_weights_bad_input(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, _ = make_weight(40, 30, "16:2:5", dtype=torch.float16, seed=9)
+    x = torch.randn(3, 30, dtype=torch.float16)
+    e = expand_weights(vw)
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 16, 2, 5, 40)
+    for bad in (e[:, :-1], e.float(), e.t().contiguous().t()):
+        with pytest.raises(ValueError, match="expanded must be"):
+            vnm_linear_triton(*args, config=KernelConfig("gather", 16, 4, 16), expanded=bad)
+    with pytest.raises(ValueError, match="n = 2"):
+        expand_weights(make_weight(16, 16, "16:1:4")[0])
+
+
 @interp
 def test_300_tokens_3d_noncontiguous(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -253,6 +312,24 @@ def test_opcheck(monkeypatch, interpret):
     bias = torch.randn(19, dtype=torch.float16)
     args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19)
     torch.library.opcheck(torch.ops.vnm.linear.default, args)
+    torch.library.opcheck(torch.ops.vnm.linear.default, (*args, expand_weights(vw)))  # the optional argument
+
+
+def test_grad_with_expanded_weights():
+    """Backward returns one gradient per argument passed, with or without the optional expanded weights."""
+    import vnm_compile.backend as backend
+
+    backend._ensure_autograd()
+    vw, dense = make_weight(19, 23, "16:2:5", permute=True, seed=13)
+    bias = torch.randn(19, requires_grad=True)
+    for extra in ((), (expand_weights(vw),)):
+        x = torch.randn(3, 23, requires_grad=True)
+        args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19, *extra)
+        torch.ops.vnm.linear(*args).sum().backward()
+        torch.testing.assert_close(x.grad, dense.sum(0).expand(3, -1))
+        hy = torch.ops.vnm.hybrid_linear(x, [dense], *args[1:10], 0, *extra)  # dense branch, same function
+        assert hy.shape == (3, 19)
+    assert bias.grad is not None
 
 
 def test_candidate_configs_fit():
@@ -263,6 +340,8 @@ def test_candidate_configs_fit():
     assert any(c.kind == "fma" for c in candidate_configs(64, 1))
     assert {c.kind for c in candidate_configs(64, 2048)} == {"dot", "gather"}
     assert all(c.kind != "gather" for c in candidate_configs(64, 64))  # the weight rebuild costs too much there
+    assert any(c.kind == "gather" for c in candidate_configs(64, 16, expanded=True))  # no rebuild: from 2 tokens
+    assert all(c.kind != "gather" for c in candidate_configs(64, 1, expanded=True))
 
 
 def _table(tmp_path, speedup_16: float):
@@ -311,18 +390,37 @@ def test_gpu_matches_fp64(rows, cols, pattern, tokens, dtype):
 @gpu
 def test_gpu_every_config():
     """Every autotune candidate computes the same function (not only the one autotune picks)."""
-    from vnm_compile.kernels.vnm_triton import _FMA_CONFIGS, _GATHER_CONFIGS, _PREFILL_CONFIGS, _SMALL_DOT_CONFIGS
+    from vnm_compile.kernels.vnm_triton import (
+        _FMA_CONFIGS,
+        _GATHER_CONFIGS,
+        _GATHER_MID_CONFIGS,
+        _PREFILL_CONFIGS,
+        _SMALL_DOT_CONFIGS,
+    )
 
     # 2056 columns: 257 groups = 8 full chunks of 32 + a 1-group tail (split-K 4 and 8 apply)
     vw, dense = make_weight(256, 2056, "128:2:8", permute=True, dtype=torch.float16, device="cuda", seed=1)
     bias = torch.randn(256, dtype=torch.float16, device="cuda")
-    for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS + _GATHER_CONFIGS:
+    expanded = expand_weights(vw)
+    for cfg in _FMA_CONFIGS + _SMALL_DOT_CONFIGS + _PREFILL_CONFIGS + _GATHER_CONFIGS + _GATHER_MID_CONFIGS:
         for tokens in (1, 37, 256):
-            x = torch.randn(tokens, 2056, dtype=torch.float16, device="cuda")
-            out = torch.full((tokens, 256), float("nan"), dtype=torch.float16, device="cuda")
-            w = vw
-            vnm_linear_triton(x, w.values, w.columns, w.meta, w.row_index, bias, 128, 2, 8, 256, out=out, config=cfg)
-            check(out, x, dense, bias)
+            for e in (None, expanded) if cfg.kind == "gather" else (None,):
+                x = torch.randn(tokens, 2056, dtype=torch.float16, device="cuda")
+                out = torch.full((tokens, 256), float("nan"), dtype=torch.float16, device="cuda")
+                w = vw
+                args = (x, w.values, w.columns, w.meta, w.row_index, bias, 128, 2, 8, 256)
+                vnm_linear_triton(*args, out=out, config=cfg, expanded=e)
+                check(out, x, dense, bias)
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [2, 16, 33, 300])
+def test_gpu_expanded_weights(tokens):
+    """vnm_linear with the expanded weights on the GPU (whatever config the dispatcher picks)."""
+    vw, dense = make_weight(517, 999, "64:2:8", permute=True, dtype=torch.float16, device="cuda", seed=tokens)
+    x = torch.randn(tokens, 999, dtype=torch.float16, device="cuda")
+    bias = torch.randn(517, dtype=torch.float16, device="cuda")
+    check(vnm_linear(x, vw, bias, expanded=expand_weights(vw)), x, dense, bias)
 
 
 @gpu

@@ -27,7 +27,7 @@ from ..format import VNMWeight, decompress
 from ..pattern import VNMPattern
 from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
-__all__ = ["vnm_linear", "vnm_linear_reference", "OP", "HYBRID_OP", "uses_triton"]
+__all__ = ["vnm_linear", "vnm_linear_reference", "expand_weights", "OP", "HYBRID_OP", "uses_triton"]
 
 log = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,14 +47,16 @@ def _linear_op(
     n: int,
     m: int,
     out_features: int,
+    expanded: Tensor | None = None,
 ) -> Tensor:
-    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded)
 
 
-def _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features) -> Tensor:
-    """vnm::linear's implementation (also hybrid_linear's sparse branch)."""
+def _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None) -> Tensor:
+    """vnm::linear's implementation (also hybrid_linear's sparse branch). ``expanded`` (optional,
+    vnm_triton.expand_weights of values/meta) only makes the Triton path faster from 2 tokens."""
     if uses_triton(x, n):
-        return vnm_linear_triton(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+        return vnm_linear_triton(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=expanded)
     if x.is_cuda:
         log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", n, x.dtype)
     return _owned(_reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features))
@@ -80,7 +82,7 @@ def uses_triton(x: Tensor, n: int) -> bool:
 
 
 @_linear_op.register_fake
-def _(x, values, columns, meta, row_index, bias, v, n, m, out_features):
+def _(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -101,6 +103,7 @@ def _hybrid_linear_op(
     m: int,
     out_features: int,
     max_sparse_tokens: int,
+    expanded: Tensor | None = None,
 ) -> Tensor:
     # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
     # without a guard (and a recompile) per size. dense_weights are the masked weights in original
@@ -109,7 +112,7 @@ def _hybrid_linear_op(
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > max_sparse_tokens:
         return _dense_linear(x, dense_weights, bias, out_features)
-    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features)
+    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded)
 
 
 def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_features: int) -> Tensor:
@@ -133,7 +136,9 @@ def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_fea
 
 
 @_hybrid_linear_op.register_fake
-def _(x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens):
+def _(
+    x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded=None
+):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -179,14 +184,27 @@ def check_inputs(x: Tensor, w: VNMWeight, bias: Tensor | None) -> None:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
 
-def vnm_linear(x: Tensor, w: VNMWeight, bias: Tensor | None = None) -> Tensor:
+def vnm_linear(x: Tensor, w: VNMWeight, bias: Tensor | None = None, *, expanded: Tensor | None = None) -> Tensor:
     """``F.linear(x, w.to_dense(), bias)`` computed from the compressed weight.
 
     x: (..., in_features), fp16/bf16/fp32. On CUDA the Triton kernels run; on
     CPU the reference path (or, with TRITON_INTERPRET=1, the Triton kernels
-    under the interpreter).
+    under the interpreter). ``expanded = expand_weights(w)``, kept by the caller,
+    trades 4/M of the dense weight's bytes of memory for speed from 2 tokens up
+    (the gather GEMM then streams it instead of rebuilding it per call).
     """
     check_inputs(x, w, bias)
     return _linear_op(
-        x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features
-    )
+        x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features,
+        expanded,
+    )  # fmt: skip
+
+
+def expand_weights(w: VNMWeight, dtype: torch.dtype | None = None) -> Tensor:
+    """The dense weights over each V-block's kept columns, (Rp, 4G) in ``dtype`` (default the
+    weight's; pass x's dtype): what ``vnm_linear(..., expanded=)`` streams. n = 2 only."""
+    if w.pattern.n != 2:
+        raise ValueError(f"expand_weights supports n = 2 only, got {w.pattern}")
+    from .vnm_triton import expand_weights as _expand
+
+    return _expand(w.values, w.meta, dtype)

@@ -100,6 +100,7 @@ __all__ = [
     "KernelConfig",
     "interpret_mode",
     "interpreter_ready",
+    "expand_weights",
     "vnm_linear_triton",
     "clear_autotune_cache",
 ]
@@ -643,6 +644,16 @@ _GATHER_CONFIGS = [
     KernelConfig("gather", 32, 16, 128, num_warps=4, num_stages=3),
     KernelConfig("gather", 16, 16, 128, num_warps=4, num_stages=3),
 ]
+# The gather GEMM on expanded weights the caller holds (no rebuild per call), 2-64 tokens: it
+# streams 4/M of the dense weight's bytes. The best of 9 configs per case (H100, Llama-2-7B
+# shapes, 8-64 tokens, weights streamed from HBM) was one of these five.
+_GATHER_MID_CONFIGS = [
+    KernelConfig("gather", 32, 64, 16, num_warps=4, num_stages=3),
+    KernelConfig("gather", 64, 32, 16, num_warps=4, num_stages=4),
+    KernelConfig("gather", 16, 32, 32, num_warps=4, num_stages=4),
+    KernelConfig("gather", 32, 32, 32, num_warps=4, num_stages=4),
+    KernelConfig("gather", 64, 32, 32, num_warps=4, num_stages=3),
+]
 
 
 def _pow2_divisor(v: int, cap: int) -> int:
@@ -656,16 +667,19 @@ def _token_bucket(tokens: int) -> int:
     return 1 << max(0, (tokens - 1).bit_length())
 
 
-def candidate_configs(v: int, tokens: int) -> list[KernelConfig]:
-    """Configs worth timing for V = v rows per block and this many tokens."""
+def candidate_configs(v: int, tokens: int, expanded: bool = False) -> list[KernelConfig]:
+    """Configs worth timing for V = v rows per block and this many tokens (``expanded``: the
+    caller holds the expanded weights, so the gather GEMM needs no rebuild and pays from 2 tokens)."""
     cands: list[KernelConfig] = []
     if tokens <= 4:
         cands += _FMA_CONFIGS
     if tokens <= 64:
         cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
+    if expanded and 1 < tokens <= 64:
+        cands += [c for c in _GATHER_MID_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
     if tokens > 32:
         cands += _PREFILL_CONFIGS
-    if tokens > 128:
+    if tokens > (64 if expanded else 128):
         cands += _GATHER_CONFIGS
     cands = [c for c in cands if c.fits(v, tokens)]
     if not cands:  # V with a small power-of-two factor: per-token FMA kernel always fits
@@ -695,19 +709,44 @@ def _feature_major(x2: Tensor, padded_tokens: int, interpret: bool) -> Tensor:
     return xt
 
 
-def _launch_gather(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret) -> None:
-    """Rebuild the dense weights over the kept columns once (expand), then a gather GEMM."""
-    tokens, _ = x2.shape
+def expand_weights(values: Tensor, meta: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The dense weights over each block's 4 kept columns per group, (Rp, 4G), from the compressed
+    values and metadata (what the gather GEMM multiplies). Rows are padded to a multiple of 64
+    elements in memory (the result is a view), so every row starts 16-byte aligned: the GEMM's
+    weight loads are then 16-byte copies whatever G is (with 4G = 8808, 64:2:5 at 11008 inputs,
+    they were not, and that layer ran 2-3x slower)."""
     rows_p, slots = values.shape
     groups = slots // 2
+    interpret = not values.is_cuda
+    k4 = 4 * groups
+    buf = torch.empty((rows_p, max(64, -(-k4 // 64) * 64)), dtype=dtype or values.dtype, device=values.device)
+    wc = buf[:, :k4]
+    if not values.is_cuda and not (HAS_TRITON and interpret_mode() and interpreter_ready()):
+        from ..format import _unpack_meta
+
+        pos = _unpack_meta(meta, 2, groups)  # (Rp, G, 2) positions among the block's 4 columns
+        dense = torch.zeros((rows_p, groups, 4), dtype=wc.dtype, device=wc.device)
+        dense.scatter_(2, pos, values.reshape(rows_p, groups, 2).to(wc.dtype))
+        wc.copy_(dense.view(rows_p, k4))
+        return wc
+    if rows_p and groups:
+        block_r = _pow2_divisor(rows_p, 32)
+        _kernel("expand", interpret)[(rows_p // block_r, triton.cdiv(groups, 32))](
+            values, meta, wc, groups, values.stride(0), meta.stride(0), wc.stride(0), GC=32, BLOCK_R=block_r
+        )
+    return wc
+
+
+def _launch_gather(
+    cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret, expanded=None
+) -> None:
+    """Gather GEMM over the expanded weights (rebuilt here, once per call, unless given)."""
+    tokens, _ = x2.shape
+    rows_p = values.shape[0]
     # Feature-major x padded to whole token tiles: every gathered row is BLOCK_T contiguous
     # tokens with a 16-byte-aligned stride, so the token dimension needs no mask.
     xt = _feature_major(x2, triton.cdiv(tokens, cfg.block_t) * cfg.block_t, interpret)
-    wc = torch.empty((rows_p, 4 * groups), dtype=x2.dtype, device=x2.device)
-    expand_r = _pow2_divisor(rows_p, 32)
-    _kernel("expand", interpret)[(rows_p // expand_r, triton.cdiv(groups, 32))](
-        values, meta, wc, groups, values.stride(0), meta.stride(0), wc.stride(0), GC=32, BLOCK_R=expand_r
-    )
+    wc = expanded if expanded is not None else expand_weights(values, meta, x2.dtype)
     block_k = 4 * cfg.gc
     n_k = wc.shape[1] // block_k
     dummy = values
@@ -723,13 +762,15 @@ def _launch_gather(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_ind
     )  # fmt: skip
 
 
-def _launch(cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret: bool) -> None:
+def _launch(
+    cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret: bool, expanded=None
+) -> None:
     tokens, _ = x2.shape
     rows_p, slots = values.shape
     groups = slots // 2
     n_full = groups // cfg.gc  # both kernels loop over full chunks, then one masked tail
     if cfg.kind == "gather":
-        _launch_gather(cfg, x2, values, columns, meta, row_index, bias, y, v, interpret)
+        _launch_gather(cfg, x2, values, columns, meta, row_index, bias, y, v, interpret, expanded)
         return
     if cfg.fm and x2.stride(0) != 1 and tokens > 1:
         # Feature-major copy of x (one transpose launch, T x K x 2 bytes each way): the gathers
@@ -797,8 +838,31 @@ def autotune_cache() -> dict[tuple, KernelConfig]:
     return dict(_AUTOTUNE_CACHE)
 
 
+def _replay_ms(fn) -> float:
+    """Median ms of one CUDA-graph replay of ``fn`` (do_bench flushes L2 before each replay).
+
+    Timing the graph rather than the eager call charges every config one launch: eagerly, a
+    config of two kernels (transpose + gather GEMM) paid a second launch latency that a compiled
+    model under CUDA graphs never pays, and the autotuner kept slower single-kernel configs
+    (H100, 16 tokens: 36 us chosen where 23 us was available)."""
+    fn()  # compile and warm up outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median")
+    finally:
+        del graph
+
+
 def _choose(key: tuple, cands: list[KernelConfig], run) -> KernelConfig:
-    """Time each candidate once per key (median of a short do_bench) and cache the winner."""
+    """Time each candidate once per key (median of a short do_bench of a CUDA-graph replay, L2
+    flushed before each, so decode configs are timed streaming from HBM) and cache the winner."""
     if key in _AUTOTUNE_CACHE:
         return _AUTOTUNE_CACHE[key]
     if len(cands) == 1 or torch.cuda.is_current_stream_capturing() or os.environ.get("VNM_AUTOTUNE") == "0":
@@ -806,8 +870,7 @@ def _choose(key: tuple, cands: list[KernelConfig], run) -> KernelConfig:
     best, best_ms = cands[0], float("inf")
     for cfg in cands:
         try:
-            # do_bench flushes L2 before each run, so decode configs are timed streaming from HBM
-            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=40, return_mode="median")
+            ms = _replay_ms(lambda cfg=cfg: run(cfg))
         except (RuntimeError, ValueError, triton.compiler.errors.CompilationError) as err:  # e.g. out of resources
             log.debug("config %s failed: %s", cfg, err)
             continue
@@ -832,11 +895,14 @@ def vnm_linear_triton(
     *,
     out: Tensor | None = None,
     config: KernelConfig | None = None,
+    expanded: Tensor | None = None,
 ) -> Tensor:
     """Launch the Triton kernels (compiled on CUDA, interpreted under TRITON_INTERPRET=1).
 
     ``out`` (tokens, out_features) may be passed to check that every element
-    is written; ``config`` forces a launch configuration (tests, benchmarks).
+    is written; ``config`` forces a launch configuration (tests, benchmarks);
+    ``expanded`` is ``expand_weights(values, meta)`` held by the caller: the
+    gather GEMM then skips its per-call rebuild (2 tokens and up).
     """
     if not HAS_TRITON:
         raise RuntimeError("vnm_linear_triton needs triton")
@@ -857,6 +923,15 @@ def vnm_linear_triton(
         row_index = row_index.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    if expanded is not None:
+        want = (values.shape[0], 2 * values.shape[1])
+        bad = tuple(expanded.shape) != want or expanded.dtype != x.dtype or expanded.device != x.device
+        if bad or expanded.stride(-1) != 1:
+            raise ValueError(
+                f"expanded must be a row-major {want} {x.dtype} tensor on {x.device} "
+                f"(expand_weights(values, meta, x.dtype)), got {tuple(expanded.shape)} {expanded.dtype} "
+                f"on {expanded.device} with strides {expanded.stride()}"
+            )
     if out is None:  # allocated in x's leading shape: the tensor returned is not a view
         result = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
         out = result.view(tokens, out_features)
@@ -877,7 +952,7 @@ def vnm_linear_triton(
         target = torch.full(out.shape, float("nan"), dtype=torch.float32)
 
     def run(cfg: KernelConfig) -> None:
-        _launch(cfg, x2, values, columns, meta, row_index, bias, target, v, interpret)
+        _launch(cfg, x2, values, columns, meta, row_index, bias, target, v, interpret, expanded)
 
     if config is None:
         if interpret:
@@ -885,9 +960,9 @@ def vnm_linear_triton(
         else:
             key = (
                 x.device.index, x.dtype, values.dtype, values.shape[0], values.shape[1], v,
-                _token_bucket(tokens), row_index is not None, bias is not None,
+                _token_bucket(tokens), row_index is not None, bias is not None, expanded is not None,
             )  # fmt: skip
-            config = _choose(key, candidate_configs(v, tokens), run)
+            config = _choose(key, candidate_configs(v, tokens, expanded is not None), run)
     elif not config.fits(v, tokens):
         raise ValueError(f"config {config} does not fit V={v}")
     run(config)
