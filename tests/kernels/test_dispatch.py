@@ -96,6 +96,21 @@ def test_sparse_speedup_nearest_point():
     assert sparse_speedup({"records": []}, 1, 1, p, 1) is None
 
 
+def test_expanded_timings_where_measured():
+    # 16 tokens: 12 us without the expanded weights (a loss), 8 us with them (a win); a later
+    # record at the same point (the pattern sweep) times the op without them only
+    main = rec(1000, 2000, 16, 10.0, p64_2_8=12.0)
+    main["vnm_expanded_us"] = {"64:2:8": 8.0}
+    table = {"records": [rec(1000, 2000, 1, 10.0, p64_2_8=4.0), main, rec(1000, 2000, 16, 10.0, p64_2_8=12.5)]}
+    p = P("64:2:8")
+    assert sparse_speedup(table, 1000, 2000, p, 16) == pytest.approx(10 / 12.5)
+    assert sparse_speedup(table, 1000, 2000, p, 16, expanded=True) == pytest.approx(10 / 8)
+    # at 1 token nothing was timed with them: the plain time answers
+    assert sparse_speedup(table, 1000, 2000, p, 1, expanded=True) == pytest.approx(2.5)
+    assert token_limit(table, 1000, 2000, p) == 1
+    assert token_limit(table, 1000, 2000, p, expanded=True) is None
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """A "CUDA device" whose table is tmp_path/fake-gpu/linear.json (found through $VNM_BENCH_RESULTS)."""

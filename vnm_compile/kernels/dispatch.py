@@ -92,8 +92,11 @@ def _pattern_dist(measured: str, pattern: VNMPattern) -> float:
     return abs(math.log(q.m / pattern.m)) * 10 + abs(math.log(max(q.v, 1) / max(pattern.v, 1)))
 
 
-def _speedups_by_tokens(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> dict[int, float]:
-    """Measured dense / V:N:M time per measured token count, at the nearest measured shape.
+def _speedups_by_tokens(
+    table: dict, out_features: int, in_features: int, pattern: VNMPattern, expanded: bool = False
+) -> dict[int, float]:
+    """Measured dense / V:N:M time per measured token count, at the nearest measured shape
+    (``expanded``: the op's time with the expanded weights held, where measured).
 
     The one lookup behind sparse_speedup and sparse_token_limit: 1. the
     measured shape nearest in log-distance (out + in); 2. at each token count
@@ -109,10 +112,16 @@ def _speedups_by_tokens(table: dict, out_features: int, in_features: int, patter
     )
     shape = (near["out_features"], near["in_features"])
     timings: dict[int, dict[str, tuple[float, float]]] = {}
+    with_expanded: dict[int, dict[str, tuple[float, float]]] = {}
     for r in recs:
         if (r["out_features"], r["in_features"]) == shape:
-            point = timings.setdefault(int(r["tokens"]), {})
-            point.update({p: (r["dense_us"], us) for p, us in r["vnm_us"].items() if us})
+            tokens = int(r["tokens"])
+            timings.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in r["vnm_us"].items() if us})
+            if expanded:  # kept apart: a later record without them must not hide them
+                times = r.get("vnm_expanded_us", {})
+                with_expanded.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in times.items() if us})
+    for tokens, point in with_expanded.items():
+        timings[tokens].update(point)
     key = str(pattern)
     speedups = {}
     for tokens, point in sorted(timings.items()):
@@ -124,9 +133,11 @@ def _speedups_by_tokens(table: dict, out_features: int, in_features: int, patter
     return speedups
 
 
-def sparse_speedup(table: dict, out_features: int, in_features: int, pattern: VNMPattern, tokens: int) -> float | None:
+def sparse_speedup(
+    table: dict, out_features: int, in_features: int, pattern: VNMPattern, tokens: int, *, expanded: bool = False
+) -> float | None:
     """Measured dense / V:N:M time at the nearest measured shape, token count and pattern."""
-    speedups = _speedups_by_tokens(table, out_features, in_features, pattern)
+    speedups = _speedups_by_tokens(table, out_features, in_features, pattern, expanded)
     if not speedups:
         return None
     return speedups[min(speedups, key=lambda t: _log_dist(t, tokens))]
@@ -138,7 +149,9 @@ def sparse_speedup(table: dict, out_features: int, in_features: int, pattern: VN
 MIN_SPEEDUP = 1.1
 
 
-def token_limit(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> int | None:
+def token_limit(
+    table: dict, out_features: int, in_features: int, pattern: VNMPattern, *, expanded: bool = False
+) -> int | None:
     """The largest measured token count T up to which V:N:M beats dense at every measured count.
 
     At the nearest measured shape and pattern (as sparse_speedup). Token
@@ -147,9 +160,9 @@ def token_limit(table: dict, out_features: int, in_features: int, pattern: VNMPa
     loss at 2048 the limit is 16 (17-2047 tokens run dense). 0 when sparse
     loses at the smallest measured count; None when it wins at every measured
     count (no limit: the trend is assumed to hold beyond the largest) or the
-    table has nothing for this layer.
+    table has nothing for this layer. ``expanded``: with the expanded weights held.
     """
-    speedups = _speedups_by_tokens(table, out_features, in_features, pattern)
+    speedups = _speedups_by_tokens(table, out_features, in_features, pattern, expanded)
     if not speedups:
         return None
     limit = 0
@@ -188,7 +201,13 @@ def _device_table(device: torch.device) -> dict | None:
 
 
 def prefer_sparse(
-    out_features: int, in_features: int, pattern: VNMPattern | str, tokens: int, device: torch.device | str
+    out_features: int,
+    in_features: int,
+    pattern: VNMPattern | str,
+    tokens: int,
+    device: torch.device | str,
+    *,
+    expanded: bool = False,
 ) -> bool:
     """True when the V:N:M kernel is expected to beat dense cuBLAS for this layer at ``tokens``.
 
@@ -202,12 +221,17 @@ def prefer_sparse(
     table = _device_table(device)
     if table is None:
         return tokens <= UNMEASURED_TOKEN_LIMIT
-    s = sparse_speedup(table, out_features, in_features, as_pattern(pattern), tokens)
+    s = sparse_speedup(table, out_features, in_features, as_pattern(pattern), tokens, expanded=expanded)
     return True if s is None else s >= MIN_SPEEDUP
 
 
 def sparse_token_limit(
-    out_features: int, in_features: int, pattern: VNMPattern | str, device: torch.device | str
+    out_features: int,
+    in_features: int,
+    pattern: VNMPattern | str,
+    device: torch.device | str,
+    *,
+    expanded: bool = False,
 ) -> int | None:
     """Up to how many tokens (rows of x) the V:N:M kernel is expected to beat dense for this layer.
 
@@ -223,4 +247,4 @@ def sparse_token_limit(
     table = _device_table(device)
     if table is None:
         return UNMEASURED_TOKEN_LIMIT
-    return token_limit(table, out_features, in_features, as_pattern(pattern))
+    return token_limit(table, out_features, in_features, as_pattern(pattern), expanded=expanded)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import fx
 
 from .context import CompileContext, CompileOptions, CompileReport, LayerCompileReport, LinearSite
+from .expand_weights import expand_weights
 from .find_linears import find_linears
 from .fold_permutations import fold_permutations, permutation_nodes
 from .fuse_siblings import fuse_siblings
@@ -26,6 +27,7 @@ __all__ = [
     "fold_permutations",
     "lower_linears",
     "fuse_siblings",
+    "expand_weights",
     "permutation_nodes",
     "CompileContext",
     "CompileOptions",
@@ -40,8 +42,9 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 
 # 1. find linears and decide which can be lowered; 2. prune those without recorded state;
 # 3. compress with permutations folded in; 4. rewrite to vnm.linear; 5. one launch for siblings
-# that read the same input (q/k/v, gate/up).
-PASSES: list[Pass] = [find_linears, prune_linears, fold_permutations, lower_linears, fuse_siblings]
+# that read the same input (q/k/v, gate/up); 6. with the expand_weights option, the expanded
+# weights for the gather GEMM.
+PASSES: list[Pass] = [find_linears, prune_linears, fold_permutations, lower_linears, fuse_siblings, expand_weights]
 
 
 def run_passes(gm: fx.GraphModule, ctx: CompileContext, passes: list[Pass] | None = None) -> bool:

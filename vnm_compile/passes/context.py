@@ -56,6 +56,10 @@ class CompileOptions:
             per graph from the example's token count (dense or vnm::linear).
         fuse_siblings: run sibling V:N:M linears that read the same input (q/k/v, gate/up) as one
             vnm::linear launch on their stacked weights (passes/fuse_siblings.py).
+        expand_weights: also hold each lowered weight expanded over its blocks' kept columns
+            (4/M of the dense weight's bytes more memory; passes/expand_weights.py): the gather
+            GEMM streams it from 2 tokens up instead of rebuilding it per call, so batched decode
+            and prefill run sparse where the measured table says that wins.
     """
 
     pattern: VNMPattern | str | None = None
@@ -68,6 +72,7 @@ class CompileOptions:
     inductor: bool = True
     dense_fallback: bool = True
     fuse_siblings: bool = True
+    expand_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -100,7 +105,7 @@ class CompileOptions:
             raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")
-        for name in ("strict", "inductor", "dense_fallback", "fuse_siblings"):
+        for name in ("strict", "inductor", "dense_fallback", "fuse_siblings", "expand_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"vnm backend option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -141,6 +146,7 @@ class LinearSite:
     input_index: int | None = None  # the weight's position among the graph inputs (lifted parameters)
     max_sparse_tokens: int | None = None  # lowered to vnm::hybrid_linear: dense above this many tokens
     fused_with: tuple[str, ...] = ()  # the layers sharing its vnm::linear launch (itself included)
+    expanded_bytes: int = 0  # the expanded weights held for it (expand_weights option; shared when fused)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -161,14 +167,17 @@ class LayerCompileReport:
     sparse_bytes: int = 0
     max_sparse_tokens: int | None = None
     fused_with: tuple[str, ...] = ()
+    expanded_bytes: int = 0
 
     @property
     def mode(self) -> str:
         """How the layer runs: "sparse" (vnm::linear), "dense", or "hybrid (sparse up to T tokens)";
-        ", fused x3" appended when it shares one launch with two siblings."""
+        ", fused x3" appended when it shares one launch with two siblings, ", expanded" when the
+        expanded weights are held for it (expand_weights option)."""
         if not self.lowered:
             return "dense"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
+        fused += ", expanded" if self.expanded_bytes else ""
         if self.max_sparse_tokens is None:
             return "sparse" + fused
         return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)" + fused
@@ -208,9 +217,12 @@ class CompileReport:
         fused = [r for r in self.lowered if r.fused_with]
         groups = len({r.fused_with for r in fused})
         fused_note = f", {len(fused)} of them in {groups} fused launches (siblings on one input)" if fused else ""
+        # a fused launch's expanded weights are held once for all its members
+        expanded = {r.fused_with or (r.name,): r.expanded_bytes for r in self.lowered if r.expanded_bytes}
+        expanded_note = f", expanded weights held: {sum(expanded.values()) / 2**20:.1f} MiB" if expanded else ""
         return (
             f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}"
-            f"{fused_note}, "
+            f"{fused_note}{expanded_note}, "
             f"{len(self.dense)} left dense"
         )
 
@@ -256,6 +268,7 @@ class CompileContext:
             r = LayerCompileReport(s.name, s.shape, len(s.nodes), s.dense_reason is None, reason=s.dense_reason)
             r.max_sparse_tokens = s.max_sparse_tokens if r.lowered else None
             r.fused_with = s.fused_with if r.lowered else ()
+            r.expanded_bytes = s.expanded_bytes if r.lowered else 0
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

@@ -122,14 +122,18 @@ def _static_tokens(x) -> int | None:
     return max(1, math.prod(int(d) for d in val.shape[:-1]))
 
 
-def _sparse_limit(site: LinearSite, device: torch.device, pattern, dense_fallback: bool) -> int | None:
-    """Up to how many tokens the layer runs sparse: None = always, 0 = never (from kernels.dispatch)."""
+def _sparse_limit(
+    site: LinearSite, device: torch.device, pattern, dense_fallback: bool, expanded: bool = False
+) -> int | None:
+    """Up to how many tokens the layer runs sparse: None = always, 0 = never (from kernels.dispatch;
+    ``expanded``: with the expanded weights the expand_weights option holds)."""
     from .. import kernels
     from ..kernels import dispatch
 
+    kw = {"expanded": True} if expanded else {}  # (only when set: keeps older stand-ins of these working)
     if dense_fallback:
-        return dispatch.sparse_token_limit(site.shape[0], site.shape[1], pattern, device)
-    return None if kernels.prefer_sparse(site.shape[0], site.shape[1], pattern, site.tokens, device) else 0
+        return dispatch.sparse_token_limit(site.shape[0], site.shape[1], pattern, device, **kw)
+    return None if kernels.prefer_sparse(site.shape[0], site.shape[1], pattern, site.tokens, device, **kw) else 0
 
 
 def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
@@ -195,7 +199,7 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     """
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
-    limit = _sparse_limit(site, device, pattern, opts.dense_fallback)
+    limit = _sparse_limit(site, device, pattern, opts.dense_fallback, opts.expand_weights)
     if limit is None:
         return None
     unpruned = "" if site.state is not None else "; not pruned"

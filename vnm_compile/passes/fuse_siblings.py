@@ -63,10 +63,9 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 def _sparse_args(node: fx.Node) -> tuple:
     """(x, values, columns, meta, row_index, bias, v, n, m, out_features) of vnm.linear or vnm.hybrid_linear."""
-    if node.target is HYBRID_OP:
-        x, _dense, *rest, _limit = node.args
-        return (x, *rest)
-    return tuple(node.args)
+    if node.target is HYBRID_OP:  # (x, dense_weights, values .. out_features, max_sparse_tokens[, expanded])
+        return (node.args[0], *node.args[2:11])
+    return tuple(node.args[:10])  # [, expanded]
 
 
 def _group_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
