@@ -42,8 +42,9 @@ log = logging.getLogger("bench_e2e")
 CSLT = "2:4 cuSPARSELt"
 VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # Run only when asked for (--variants): 64:2:16 is the pattern whose prefill beats dense cuBLAS
-# with the gather-GEMM kernel (benchmarks/results/<gpu>/linear.md).
-EXTRA_VARIANTS = ("64:2:16",)
+# with the gather-GEMM kernel (benchmarks/results/<gpu>/linear.md); "expanded" compiles with the
+# expand_weights option (the expanded weights held: the gather GEMM from 2 tokens up).
+EXTRA_VARIANTS = ("64:2:16", "64:2:8 expanded", "64:2:5 expanded")
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
 SEPARATE = ("64:2:8 separate", "64:2:5 separate")
@@ -69,7 +70,10 @@ def _compile(model, variant: str, smoke: bool = False):
     if variant == "dense":
         return torch.compile(model, backend="eager" if smoke else "inductor", fullgraph=True, dynamic=False)
     pattern, *flags = variant.split()
-    options = {"pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags}
+    options = {
+        "pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags,
+        "expand_weights": "expanded" in flags,
+    }  # fmt: skip
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
 
 
