@@ -33,6 +33,7 @@ import gc
 import json
 import logging
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -416,7 +417,7 @@ def _result(args, records: list[dict]) -> dict:
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
         "versions": _versions(),
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "config": {
             "llama_layers": args.llama_layers,
             "deit_layers": args.deit_layers,

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -233,7 +234,7 @@ def run_benchmark(
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "dtype": str(dtype).replace("torch.", ""),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
         "measured_copy_bandwidth_GBps": bw / 1e9,
         "timing": "median of 30 CUDA-graph replays; each replay calls the op once per weight copy "
         "(copies > 3x L2) and the time is divided by the copies",
