@@ -18,7 +18,14 @@ from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import expand_weights, prefer_sparse, vnm_linear, vnm_linear_reference
 from vnm_compile.kernels.dispatch import sparse_speedup
 from vnm_compile.kernels.vnm_linear import uses_triton
-from vnm_compile.kernels.vnm_triton import KernelConfig, candidate_configs, interpreter_ready, vnm_linear_triton
+from vnm_compile.kernels.vnm_triton import (
+    _ROWS_CONFIGS,
+    KernelConfig,
+    candidate_configs,
+    interleave_rows,
+    interpreter_ready,
+    vnm_linear_triton,
+)
 from vnm_compile.masks import vnm_mask
 from vnm_compile.pattern import VNMPattern
 
@@ -128,7 +135,7 @@ def _wide_case(device):
 
 
 @interp
-@pytest.mark.parametrize("kind", ["fma", "dot", "gather"])
+@pytest.mark.parametrize("kind", ["fma", "dot", "gather", "rows"])
 def test_int32_columns(monkeypatch, kind):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     vw, dense, x, bias = _wide_case("cpu")
@@ -136,19 +143,29 @@ def test_int32_columns(monkeypatch, kind):
         "fma": KernelConfig("fma", 16, 512),
         "dot": KernelConfig("dot", 16, 512, 16),
         "gather": KernelConfig("gather", 16, 256, 16),
+        "rows": KernelConfig("rows", 16, 512),
     }[kind]
+    inter = interleave_rows(vw.values, vw.meta, 16, 8) if kind == "rows" else None
     out = torch.full((2, 19), float("nan"))
-    y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg)
+    y = vnm_linear_triton(
+        x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg, interleaved=inter
+    )
     check(y, x, dense, bias)
 
 
 @gpu
 def test_gpu_int32_columns():
     vw, dense, x, bias = _wide_case("cuda")
-    for cfg in (KernelConfig("fma", 4, 128), KernelConfig("dot", 16, 32, 16), KernelConfig("gather", 16, 16, 128)):
+    inter = interleave_rows(vw.values, vw.meta, 16, 8)
+    for cfg in (
+        KernelConfig("fma", 4, 128),
+        KernelConfig("dot", 16, 32, 16),
+        KernelConfig("gather", 16, 16, 128),
+        KernelConfig("rows", 16, 64),
+    ):
         out = torch.full((2, 19), float("nan"), device="cuda")
-        y = vnm_linear_triton(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19, out=out, config=cfg)
-        check(y, x, dense, bias)
+        args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, 16, 2, 5, 19)
+        check(vnm_linear_triton(*args, out=out, config=cfg, interleaved=inter), x, dense, bias)
 
 
 @interp
@@ -226,6 +243,77 @@ def test_expanded_weights_bad_input(monkeypatch):
             vnm_linear_triton(*args, config=KernelConfig("gather", 16, 4, 16), expanded=bad)
     with pytest.raises(ValueError, match="n = 2"):
         expand_weights(make_weight(16, 16, "16:1:4")[0])
+
+
+@interp
+@pytest.mark.parametrize(
+    "rows,cols,pattern,r,dtype",
+    [
+        (131, 257, "64:2:8", 4, torch.float32),  # 33 groups: one chunk of 32 + a tail of 1
+        (67, 640, "64:2:5", 8, torch.float16),
+        (64, 1001, "16:2:8", 16, torch.bfloat16),
+        (40, 9, "32:2:5", 4, torch.float32),  # 2 groups: fewer than one chunk
+        (1, 29, "32:2:7", 8, torch.float16),  # one row
+    ],
+)
+def test_rows_kernel(monkeypatch, rows, cols, pattern, r, dtype):
+    """The decode kernel on the row-interleaved layout: permutations, bias, 1-4 tokens (one of
+    them a 3-D, non-contiguous x), every config that fits R, and the interpreter's default."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, dense = make_weight(rows, cols, pattern, permute=True, dtype=dtype, seed=rows + r)
+    v, m = vw.block_rows, vw.pattern.m
+    inter = interleave_rows(vw.values, vw.meta, v, r)
+    assert inter[0].shape == (vw.values.shape[0] // r, vw.values.shape[1] // 2, r, 2)
+    bias = torch.randn(rows, dtype=dtype)
+    x4 = torch.randn(4, 2 * cols, dtype=dtype)[:, ::2]  # not contiguous
+    cfgs = [c for c in _ROWS_CONFIGS if c.block_r % r == 0] + [None]
+    for tokens, cfg in zip([1, 2, 3, 4, 1, 2, 3], cfgs, strict=False):
+        x = x4[:tokens] if tokens != 3 else x4[:3].reshape(1, 3, cols)
+        out = torch.full((tokens, rows), float("nan"), dtype=dtype)
+        args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, v, 2, m, rows)
+        vnm_linear_triton(*args, out=out, config=cfg, interleaved=inter)
+        check(out, x.reshape(tokens, cols), dense, bias)
+
+
+def test_interleave_rows_layout():
+    """Unit q, group g, row i of the interleaved copy is row R*q + i of the values, and the i-th
+    4-bit code of its metadata word is that row's code in the row-major metadata."""
+    vw, _ = make_weight(128, 200, "64:2:5", seed=1)
+    vals, words = interleave_rows(vw.values, vw.meta, 64, 16)
+    assert words.dtype == torch.int64 and vals.shape == (8, 40, 16, 2)
+    codes = ((vw.meta.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> (4 * torch.arange(8))) & 15
+    codes = codes.reshape(128, -1)[:, :40]
+    for q, g, i in [(0, 0, 0), (3, 17, 5), (7, 39, 15), (5, 8, 9)]:
+        assert torch.equal(vals[q, g, i], vw.values[16 * q + i, 2 * g : 2 * g + 2])
+        assert ((words[q, g].item() >> (4 * i)) & 15) == codes[16 * q + i, g].item()
+    assert vw.values.shape[0] // 64 == 2 and interleave_rows(vw.values, vw.meta, 64)[0].shape[2] == 4
+
+
+@interp
+def test_rows_kernel_bad_input(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vw, _ = make_weight(64, 40, "32:2:5", dtype=torch.float16, seed=2)
+    x = torch.randn(1, 40, dtype=torch.float16)
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 32, 2, 5, 64)
+    inter = interleave_rows(vw.values, vw.meta, 32, 8)
+    cfg = KernelConfig("rows", 8, 32)
+    for bad in (
+        (inter[0].float(), inter[1]),
+        (inter[0], inter[1].to(torch.int16)),
+        (inter[0][:-1], inter[1][:-1]),
+        inter[0],
+    ):
+        with pytest.raises(ValueError, match="interleaved must be"):
+            vnm_linear_triton(*args, config=cfg, interleaved=bad)
+    with pytest.raises(ValueError, match="needs the interleaved values"):
+        vnm_linear_triton(*args, config=cfg)
+    with pytest.raises(ValueError, match="does not fit values interleaved by 8"):
+        vnm_linear_triton(*args, config=KernelConfig("rows", 4, 32), interleaved=inter)
+    for r in (3, 32, 64):
+        with pytest.raises(ValueError, match="rows must be 4, 8 or 16"):
+            interleave_rows(vw.values, vw.meta, 32, r)
+    assert candidate_configs(32, 1, rows=8) != candidate_configs(32, 1)
+    assert all(c.kind != "rows" for c in candidate_configs(32, 5, rows=8))
 
 
 @interp
@@ -421,6 +509,22 @@ def test_gpu_expanded_weights(tokens):
     x = torch.randn(tokens, 999, dtype=torch.float16, device="cuda")
     bias = torch.randn(517, dtype=torch.float16, device="cuda")
     check(vnm_linear(x, vw, bias, expanded=expand_weights(vw)), x, dense, bias)
+
+
+@gpu
+@pytest.mark.parametrize("r", [4, 8, 16])
+def test_gpu_rows_kernel(r):
+    """Every decode config on the row-interleaved layout on the GPU, 1 and 4 tokens, and the
+    autotuned choice with the layout held (fp16, permutations, bias, a partial last chunk)."""
+    vw, dense = make_weight(517, 999, "64:2:5", permute=True, dtype=torch.float16, device="cuda", seed=r)
+    inter = interleave_rows(vw.values, vw.meta, 64, r)
+    bias = torch.randn(517, dtype=torch.float16, device="cuda")
+    args = (vw.values, vw.columns, vw.meta, vw.row_index, bias, 64, 2, 5, 517)
+    for tokens in (1, 4):
+        x = torch.randn(tokens, 999, dtype=torch.float16, device="cuda")
+        for cfg in [c for c in _ROWS_CONFIGS if c.block_r % r == 0] + [None]:
+            out = torch.full((tokens, 517), float("nan"), dtype=torch.float16, device="cuda")
+            check(vnm_linear_triton(x, *args, out=out, config=cfg, interleaved=inter), x, dense, bias)
 
 
 @gpu

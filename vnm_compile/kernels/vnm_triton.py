@@ -101,6 +101,7 @@ __all__ = [
     "interpret_mode",
     "interpreter_ready",
     "expand_weights",
+    "interleave_rows",
     "vnm_linear_triton",
     "clear_autotune_cache",
 ]
@@ -384,6 +385,117 @@ def _dot_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & tmask[None, :])
 
 
+def _rows_chunk(
+    acc,
+    vals,
+    m,
+    cw0,
+    cw1,
+    x_row,
+    stride_xk,
+    BLOCK_Q: tl.constexpr,
+    GC: tl.constexpr,
+    R: tl.constexpr,
+    COL_BITS: tl.constexpr,
+):
+    """One chunk of _rows_kernel: x at the chunk's 4 columns per group, gathered once for the
+    R rows a thread holds; each row picks its two inputs from its 4-bit code."""
+    cmask = (1 << COL_BITS) - 1
+    xa = tl.load(x_row + (cw0 & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
+    xb = tl.load(x_row + ((cw0 >> COL_BITS) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
+    xc = tl.load(x_row + ((cw1 >> (64 - 2 * COL_BITS)) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
+    xd = tl.load(x_row + ((cw1 >> (64 - COL_BITS)) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
+    v0, v1 = tl.split(tl.reshape(vals, (BLOCK_Q, GC, R, 2)))
+    codes = (m[:, :, None] >> (4 * tl.arange(0, R))[None, None, :]) & 15
+    p0 = codes & 3
+    p1 = (codes >> 2) & 3
+    xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
+    xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
+    return acc + v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+
+
+if HAS_TRITON:
+    _rows_chunk = triton.jit(_rows_chunk)
+
+
+def _rows_kernel(
+    x_ptr,  # (T, K) activations, any strides
+    val_ptr,  # (Rp / R, G, R, 2) kept values, row-interleaved (interleave_rows)
+    col_ptr,  # (B, G, 4) absolute input columns viewed as int64 words (as _fma_kernel)
+    meta_ptr,  # (Rp / R, G) one word per R rows of a group: 4 bits per row (int16 / int32 / int64)
+    ridx_ptr,  # (Rp,) int32 destination row (-1 = padding) or dummy
+    bias_ptr,  # (OUT,) or dummy
+    y_ptr,  # (T, OUT) output
+    OUT,
+    G,
+    NUM_CHUNKS,  # full chunks G // GC (runtime when compiled)
+    V,
+    stride_xt,
+    stride_xk,
+    stride_yt,
+    CHUNKS_CONST: tl.constexpr,  # NUM_CHUNKS under the interpreter, None when compiled
+    GC: tl.constexpr,  # groups per chunk
+    BLOCK_Q: tl.constexpr,  # R-row units per program
+    R: tl.constexpr,  # rows interleaved per unit (4, 8 or 16; divides V)
+    EVEN_G: tl.constexpr,
+    HAS_RIDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COL_BITS: tl.constexpr,
+):
+    """Decode on the row-interleaved layout: one thread's 16-byte loads hold R rows x 2 values of
+    one group and one metadata word their R codes, so x is gathered once per thread for R rows and
+    the values need no shared-memory transposition (the FMA kernel's row-major tile does)."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    q0 = pid * BLOCK_Q
+    qq = q0 + tl.arange(0, BLOCK_Q)
+    blk = (q0 * R) // V
+    gg = tl.arange(0, GC)
+    ee = tl.arange(0, 2 * R)
+    acc = tl.zeros((BLOCK_Q, GC, R), dtype=tl.float32)
+    x_row = x_ptr + t * stride_xt
+    val_units = val_ptr + tl.multiple_of(qq.to(tl.int64) * G * (2 * R), 2 * R)[:, None, None]
+    meta_units = meta_ptr + (qq.to(tl.int64) * G)[:, None]
+    wpg = COL_BITS // 16  # int64 words per group
+    col_blk = col_ptr + blk.to(tl.int64) * G * wpg
+    n_full = G // GC
+    # chunk 0 (the loop prefetches chunk i + 1 while chunk i computes, as in _fma_kernel)
+    vals = tl.load(val_units + (gg * (2 * R))[None, :, None] + ee[None, None, :])
+    m = tl.load(meta_units + gg[None, :])
+    cw0 = tl.load(col_blk + gg * wpg)
+    cw1 = tl.load(col_blk + gg * wpg + (wpg - 1))
+    for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):  # = n_full >= 1
+        g0 = (i + 1 - (i + 1) // n_full) * GC  # the last iteration re-reads its own chunk: cache hits
+        vals_n = tl.load(val_units + ((g0 + gg) * (2 * R))[None, :, None] + ee[None, None, :])
+        m_n = tl.load(meta_units + (g0 + gg)[None, :])
+        cw0n = tl.load(col_blk + (g0 + gg) * wpg)
+        cw1n = tl.load(col_blk + (g0 + gg) * wpg + (wpg - 1))
+        acc = _rows_chunk(acc, vals, m, cw0, cw1, x_row, stride_xk, BLOCK_Q, GC, R, COL_BITS)
+        vals, m, cw0, cw1 = vals_n, m_n, cw0n, cw1n
+    if not EVEN_G:  # the partial last chunk, masked
+        g0 = n_full * GC
+        gm = g0 + gg < G
+        vals = tl.load(
+            val_units + ((g0 + gg) * (2 * R))[None, :, None] + ee[None, None, :], mask=gm[None, :, None], other=0.0
+        )
+        m = tl.load(meta_units + (g0 + gg)[None, :], mask=gm[None, :], other=0)
+        cw0 = tl.load(col_blk + (g0 + gg) * wpg, mask=gm, other=0)
+        cw1 = tl.load(col_blk + (g0 + gg) * wpg + (wpg - 1), mask=gm, other=0)
+        acc = _rows_chunk(acc, vals, m, cw0, cw1, x_row, stride_xk, BLOCK_Q, GC, R, COL_BITS)
+
+    y = tl.reshape(tl.sum(acc, axis=1), (BLOCK_Q * R,))
+    rows = q0 * R + tl.arange(0, BLOCK_Q * R)
+    if HAS_RIDX:
+        dest = tl.load(ridx_ptr + rows)
+        ok = (dest >= 0) & (dest < OUT)
+    else:
+        dest = rows
+        ok = rows < OUT
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
 def _expand_kernel(
     val_ptr,  # (Rp, 2G) kept values
     meta_ptr,  # (Rp, W) int32 metadata words
@@ -537,6 +649,7 @@ def _transpose_kernel(
 
 _KERNEL_FNS = {
     "fma": _fma_kernel,
+    "rows": _rows_kernel,
     "dot": _dot_kernel,
     "expand": _expand_kernel,
     "gather": _gather_kernel,
@@ -549,6 +662,7 @@ _KERNEL_FNS = {
 # it the gather kernel stored 2-byte scalars, 64 stores per thread instead of 8).
 _NO_SPECIALIZE = {
     "fma": ["OUT", "G", "NUM_CHUNKS", "V"],
+    "rows": ["OUT", "G", "NUM_CHUNKS", "V"],
     "dot": ["T", "G", "NUM_CHUNKS", "NSPLIT", "V"],
     "expand": ["G"],
     "gather": ["NUM_K", "V"],
@@ -656,6 +770,19 @@ _GATHER_MID_CONFIGS = [
 ]
 
 
+# The decode kernel on the row-interleaved layout (interleave_rows), 1-4 tokens; block_r = R x
+# units per program. The best per case of 9 configs (H100, Llama-2-7B shapes incl. fused q/k/v
+# and gate/up, 64:2:8 and 64:2:5, 1 token, weights streamed) was one of these.
+_ROWS_CONFIGS = [
+    KernelConfig("rows", 4, 128, num_warps=4),
+    KernelConfig("rows", 8, 128, num_warps=4),
+    KernelConfig("rows", 8, 64, num_warps=2),
+    KernelConfig("rows", 16, 64, num_warps=4),
+    KernelConfig("rows", 16, 32, num_warps=2),
+    KernelConfig("rows", 16, 128, num_warps=4),
+]
+
+
 def _pow2_divisor(v: int, cap: int) -> int:
     d = 1
     while d * 2 <= cap and v % (d * 2) == 0:
@@ -667,12 +794,15 @@ def _token_bucket(tokens: int) -> int:
     return 1 << max(0, (tokens - 1).bit_length())
 
 
-def candidate_configs(v: int, tokens: int, expanded: bool = False) -> list[KernelConfig]:
+def candidate_configs(v: int, tokens: int, expanded: bool = False, rows: int = 0) -> list[KernelConfig]:
     """Configs worth timing for V = v rows per block and this many tokens (``expanded``: the
-    caller holds the expanded weights, so the gather GEMM needs no rebuild and pays from 2 tokens)."""
+    caller holds the expanded weights, so the gather GEMM needs no rebuild and pays from 2 tokens;
+    ``rows``: the caller holds the values interleaved by this many rows, interleave_rows)."""
     cands: list[KernelConfig] = []
     if tokens <= 4:
         cands += _FMA_CONFIGS
+        if rows:
+            cands += [c for c in _ROWS_CONFIGS if c.block_r % rows == 0]
     if tokens <= 64:
         cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
     if expanded and 1 < tokens <= 64:
@@ -687,8 +817,10 @@ def candidate_configs(v: int, tokens: int, expanded: bool = False) -> list[Kerne
     return cands
 
 
-def _interpret_config(v: int, tokens: int) -> KernelConfig:
+def _interpret_config(v: int, tokens: int, rows: int = 0) -> KernelConfig:
     """Interpreter: fewest programs (each program costs Python time)."""
+    if rows and tokens <= 4:
+        return KernelConfig("rows", rows * (_pow2_divisor(v, 32) // rows or 1), 32)
     br = _pow2_divisor(v, 64)
     if br >= 16 and tokens > 32:
         return KernelConfig("gather", br, 4, 32)
@@ -737,6 +869,65 @@ def expand_weights(values: Tensor, meta: Tensor, dtype: torch.dtype | None = Non
     return wc
 
 
+_META_WORD = {4: torch.int16, 8: torch.int32, 16: torch.int64}
+
+
+def default_interleave(rows_p: int, v: int) -> int:
+    """Rows per unit for interleave_rows: 8 from 8192 padded rows up (enough programs at 1 token),
+    else 4; never more than the largest of 4/8/16 that divides V (0: none does)."""
+    want = 8 if rows_p >= 8192 else 4
+    fits = [r for r in (16, 8, 4) if r <= want and v % r == 0 and rows_p % r == 0]
+    return fits[0] if fits else 0
+
+
+def interleave_rows(values: Tensor, meta: Tensor, v: int, rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """The values and metadata re-laid for the decode kernel ``_rows_kernel`` (same bytes).
+
+    ``rows`` (R: 4, 8 or 16, dividing V; default ``default_interleave``) consecutive rows of each
+    group become contiguous: values (Rp / R, G, R, 2) and one metadata word (int16 / int32 / int64)
+    of R 4-bit codes per (unit, group). A thread then loads R rows x 2 values of one group at once,
+    gathers x once for them, and needs no shared-memory transposition (H100, 1 token, 11008 x 4096
+    64:2:8: 12.9 us vs 16.0 us on the row-major layout; benchmarks/results/<gpu>/decode_layout.md).
+    """
+    rows_p, slots = values.shape
+    groups = slots // 2
+    r = default_interleave(rows_p, v) if rows is None else rows
+    if r not in _META_WORD or v % r or rows_p % r:
+        raise ValueError(f"rows must be 4, 8 or 16 and divide V={v} and the {rows_p} padded rows, got {r}")
+    from ..format import _unpack_meta
+
+    pos = _unpack_meta(meta, 2, groups)  # (Rp, G, 2)
+    codes = (pos[..., 0] | (pos[..., 1] << 2)).reshape(rows_p // r, r, groups).transpose(1, 2)  # (Q, G, R)
+    shifts = 4 * torch.arange(r, device=values.device, dtype=torch.int64)
+    words = (codes << shifts).sum(-1)  # < 2 ** (4R): the top bit wraps to the sign of the word
+    bits = 4 * r
+    if bits < 64:
+        words = torch.where(words >= 2 ** (bits - 1), words - 2**bits, words)
+    inter = values.reshape(rows_p // r, r, groups, 2).transpose(1, 2).contiguous()
+    return inter, words.to(_META_WORD[r]).contiguous()
+
+
+def _launch_rows(cfg: KernelConfig, x2: Tensor, interleaved, columns, row_index, bias, y, v: int, interpret) -> None:
+    vals, words = interleaved
+    units, groups, r, _ = vals.shape
+    if cfg.block_r % r or units % (cfg.block_r // r):
+        raise ValueError(f"config {cfg} does not fit values interleaved by {r} rows ({units} units)")
+    n_full = groups // cfg.gc
+    if n_full == 0:  # fewer groups than one chunk: the kernel's loop needs one full chunk
+        cfg = KernelConfig("rows", cfg.block_r, 1 << (groups.bit_length() - 1), num_warps=1)
+        n_full = groups // cfg.gc
+    tokens = x2.shape[0]
+    dummy = vals
+    opts = {} if interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _kernel("rows", interpret)[(units // (cfg.block_r // r), tokens)](
+        x2, vals, columns.view(torch.int64), words, row_index if row_index is not None else dummy,
+        bias if bias is not None else dummy, y, y.shape[1], groups, n_full, v, x2.stride(0), x2.stride(1), y.stride(0),
+        CHUNKS_CONST=n_full if interpret else None, GC=cfg.gc, BLOCK_Q=cfg.block_r // r, R=r,
+        EVEN_G=groups % cfg.gc == 0, HAS_RIDX=row_index is not None, HAS_BIAS=bias is not None,
+        COL_BITS=8 * columns.element_size(), **opts,
+    )  # fmt: skip
+
+
 def _launch_gather(
     cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret, expanded=None
 ) -> None:
@@ -763,14 +954,20 @@ def _launch_gather(
 
 
 def _launch(
-    cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret: bool, expanded=None
-) -> None:
+    cfg: KernelConfig, x2: Tensor, values, columns, meta, row_index, bias, y, v: int, interpret: bool, expanded=None,
+    interleaved=None,
+) -> None:  # fmt: skip
     tokens, _ = x2.shape
     rows_p, slots = values.shape
     groups = slots // 2
     n_full = groups // cfg.gc  # both kernels loop over full chunks, then one masked tail
     if cfg.kind == "gather":
         _launch_gather(cfg, x2, values, columns, meta, row_index, bias, y, v, interpret, expanded)
+        return
+    if cfg.kind == "rows":
+        if interleaved is None:
+            raise ValueError("a 'rows' config needs the interleaved values (interleave_rows)")
+        _launch_rows(cfg, x2, interleaved, columns, row_index, bias, y, v, interpret)
         return
     if cfg.fm and x2.stride(0) != 1 and tokens > 1:
         # Feature-major copy of x (one transpose launch, T x K x 2 bytes each way): the gathers
@@ -881,6 +1078,28 @@ def _choose(key: tuple, cands: list[KernelConfig], run) -> KernelConfig:
     return best
 
 
+def _check_interleaved(interleaved, values: Tensor, v: int) -> int:
+    """R of a valid interleave_rows result for these values, else a ValueError naming what is wrong."""
+    rows_p, slots = values.shape
+    try:
+        vals, words = interleaved
+    except (TypeError, ValueError):
+        raise ValueError("interleaved must be the (values, meta) pair interleave_rows returns") from None
+    r = vals.shape[2] if vals.dim() == 4 else 0
+    want_vals = (rows_p // r, slots // 2, r, 2) if r in _META_WORD else None
+    if (
+        want_vals is None or v % r or tuple(vals.shape) != want_vals or vals.dtype != values.dtype
+        or vals.device != values.device or not vals.is_contiguous() or tuple(words.shape) != want_vals[:2]
+        or words.dtype != _META_WORD[r] or words.device != values.device or not words.is_contiguous()
+    ):  # fmt: skip
+        raise ValueError(
+            f"interleaved must be interleave_rows(values, meta, V={v}) for values {tuple(values.shape)} "
+            f"{values.dtype} on {values.device}: got values {tuple(vals.shape)} {vals.dtype} on {vals.device} "
+            f"and metadata {tuple(words.shape)} {words.dtype} on {words.device}"
+        )
+    return r
+
+
 def vnm_linear_triton(
     x: Tensor,
     values: Tensor,
@@ -896,13 +1115,16 @@ def vnm_linear_triton(
     out: Tensor | None = None,
     config: KernelConfig | None = None,
     expanded: Tensor | None = None,
+    interleaved: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Launch the Triton kernels (compiled on CUDA, interpreted under TRITON_INTERPRET=1).
 
     ``out`` (tokens, out_features) may be passed to check that every element
     is written; ``config`` forces a launch configuration (tests, benchmarks);
     ``expanded`` is ``expand_weights(values, meta)`` held by the caller: the
-    gather GEMM then skips its per-call rebuild (2 tokens and up).
+    gather GEMM then skips its per-call rebuild (2 tokens and up);
+    ``interleaved`` is ``interleave_rows(values, meta, v)`` held by the caller:
+    the autotuner then also times the decode kernel on it (1-4 tokens).
     """
     if not HAS_TRITON:
         raise RuntimeError("vnm_linear_triton needs triton")
@@ -932,6 +1154,9 @@ def vnm_linear_triton(
                 f"(expand_weights(values, meta, x.dtype)), got {tuple(expanded.shape)} {expanded.dtype} "
                 f"on {expanded.device} with strides {expanded.stride()}"
             )
+    r = 0
+    if interleaved is not None:
+        r = _check_interleaved(interleaved, values, v)
     if out is None:  # allocated in x's leading shape: the tensor returned is not a view
         result = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
         out = result.view(tokens, out_features)
@@ -952,17 +1177,17 @@ def vnm_linear_triton(
         target = torch.full(out.shape, float("nan"), dtype=torch.float32)
 
     def run(cfg: KernelConfig) -> None:
-        _launch(cfg, x2, values, columns, meta, row_index, bias, target, v, interpret, expanded)
+        _launch(cfg, x2, values, columns, meta, row_index, bias, target, v, interpret, expanded, interleaved)
 
     if config is None:
         if interpret:
-            config = _interpret_config(v, tokens)
+            config = _interpret_config(v, tokens, r)
         else:
             key = (
                 x.device.index, x.dtype, values.dtype, values.shape[0], values.shape[1], v,
-                _token_bucket(tokens), row_index is not None, bias is not None, expanded is not None,
+                _token_bucket(tokens), row_index is not None, bias is not None, expanded is not None, r,
             )  # fmt: skip
-            config = _choose(key, candidate_configs(v, tokens, expanded is not None), run)
+            config = _choose(key, candidate_configs(v, tokens, expanded is not None, r), run)
     elif not config.fits(v, tokens):
         raise ValueError(f"config {config} does not fit V={v}")
     run(config)
