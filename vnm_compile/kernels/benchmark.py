@@ -138,6 +138,22 @@ def measure_bandwidth(device: torch.device) -> float:
 
 
 # --------------------------------------------------------------------------- weights
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """GPU, versions and the command line: the header every benchmark result records."""
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "gpu_slug": gpu_slug(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "command": shlex.join(sys.argv),
+    }
+
+
 def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, torch.Tensor]:
     mask = vnm_mask(weight.abs().float(), pattern)
     return VNMWeight.from_dense(weight, mask, pattern), mask
@@ -213,7 +229,6 @@ def run_benchmark(
     checkpoint: Path | None = None,
 ) -> dict:
     """Measure the grid; returns the JSON-able results dict (also written to ``checkpoint`` after each case)."""
-    import triton
     from tqdm import tqdm
 
     device = torch.device(device or "cuda")
@@ -227,14 +242,7 @@ def run_benchmark(
     bw = measure_bandwidth(device)
     t_start = time.time()
     meta = {
-        "gpu": torch.cuda.get_device_name(device),
-        "gpu_slug": gpu_slug(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "command": shlex.join(sys.argv),
+        **environment(device, dtype),
         "measured_copy_bandwidth_GBps": bw / 1e9,
         "timing": "median of 30 CUDA-graph replays; each replay calls the op once per weight copy "
         "(copies > 3x L2) and the time is divided by the copies",
