@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import expand_weights, prefer_sparse, vnm_linear, vnm_linear_reference
+from vnm_compile.kernels import interleave_rows as kernels_interleave_rows
 from vnm_compile.kernels.dispatch import sparse_speedup
 from vnm_compile.kernels.vnm_linear import uses_triton
 from vnm_compile.kernels.vnm_triton import (
@@ -401,6 +402,33 @@ def test_opcheck(monkeypatch, interpret):
     args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19)
     torch.library.opcheck(torch.ops.vnm.linear.default, args)
     torch.library.opcheck(torch.ops.vnm.linear.default, (*args, expand_weights(vw)))  # the optional argument
+    rows = interleave_rows(vw.values, vw.meta, vw.block_rows, 4)
+    torch.library.opcheck(torch.ops.vnm.linear.default, (*args, None, *rows))  # interleaved, no expanded
+
+
+@pytest.mark.parametrize("interpret", [False, pytest.param(True, marks=interp)])
+def test_vnm_linear_interleaved(monkeypatch, interpret):
+    """The public op with the interleaved copy: the reference path ignores it, the Triton path reads
+    it at 1-4 tokens; a wrong pair is refused on both paths, and one half alone by the op."""
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vw, dense = make_weight(70, 45, "32:2:5", permute=True, dtype=torch.float16, seed=14)
+    inter = kernels_interleave_rows(vw)
+    bias = torch.randn(70, dtype=torch.float16)
+    for tokens in (1, 3, 6):
+        x = torch.randn(2, tokens, 45, dtype=torch.float16)
+        y = vnm_linear(x, vw, bias, interleaved=inter)
+        assert y.shape == (2, tokens, 70)
+        check(y.reshape(-1, 70), x.reshape(-1, 45), dense, bias)
+    with pytest.raises(ValueError, match="interleaved must be"):
+        vnm_linear(x, vw, interleaved=(inter[0].float(), inter[1]))
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 32, 2, 5, 70)
+    with pytest.raises(ValueError, match="come together"):
+        torch.ops.vnm.linear(*args, None, inter[0])
+    with pytest.raises(ValueError, match="n = 2"):
+        kernels_interleave_rows(make_weight(16, 16, "16:1:4")[0])
 
 
 def test_grad_with_expanded_weights():
@@ -410,7 +438,8 @@ def test_grad_with_expanded_weights():
     backend._ensure_autograd()
     vw, dense = make_weight(19, 23, "16:2:5", permute=True, seed=13)
     bias = torch.randn(19, requires_grad=True)
-    for extra in ((), (expand_weights(vw),)):
+    rows = interleave_rows(vw.values, vw.meta, vw.block_rows, 8)
+    for extra in ((), (expand_weights(vw),), (None, *rows)):
         x = torch.randn(3, 23, requires_grad=True)
         args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19, *extra)
         torch.ops.vnm.linear(*args).sum().backward()

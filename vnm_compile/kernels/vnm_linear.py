@@ -27,7 +27,15 @@ from ..format import VNMWeight, decompress
 from ..pattern import VNMPattern
 from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
-__all__ = ["vnm_linear", "vnm_linear_reference", "expand_weights", "OP", "HYBRID_OP", "uses_triton"]
+__all__ = [
+    "vnm_linear",
+    "vnm_linear_reference",
+    "expand_weights",
+    "interleave_rows",
+    "OP",
+    "HYBRID_OP",
+    "uses_triton",
+]
 
 log = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,15 +56,31 @@ def _linear_op(
     m: int,
     out_features: int,
     expanded: Tensor | None = None,
+    rows_values: Tensor | None = None,
+    rows_meta: Tensor | None = None,
 ) -> Tensor:
-    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded)
+    return _sparse_linear(
+        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta)
+    )
 
 
-def _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None) -> Tensor:
+def _pair(rows_values: Tensor | None, rows_meta: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    if (rows_values is None) != (rows_meta is None):
+        raise ValueError("vnm::linear: rows_values and rows_meta (interleave_rows) come together or not at all")
+    return None if rows_values is None else (rows_values, rows_meta)
+
+
+def _sparse_linear(
+    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, interleaved=None
+) -> Tensor:
     """vnm::linear's implementation (also hybrid_linear's sparse branch). ``expanded`` (optional,
-    vnm_triton.expand_weights of values/meta) only makes the Triton path faster from 2 tokens."""
+    vnm_triton.expand_weights of values/meta) only makes the Triton path faster from 2 tokens;
+    ``interleaved`` (vnm_triton.interleave_rows of values/meta) only makes it faster at 1-4 tokens."""
     if uses_triton(x, n):
-        return vnm_linear_triton(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=expanded)
+        return vnm_linear_triton(
+            x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=expanded,
+            interleaved=interleaved,
+        )  # fmt: skip
     if x.is_cuda:
         log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", n, x.dtype)
     return _owned(_reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features))
@@ -82,7 +106,9 @@ def uses_triton(x: Tensor, n: int) -> bool:
 
 
 @_linear_op.register_fake
-def _(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None):
+def _(
+    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, rows_values=None, rows_meta=None
+):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -104,6 +130,8 @@ def _hybrid_linear_op(
     out_features: int,
     max_sparse_tokens: int,
     expanded: Tensor | None = None,
+    rows_values: Tensor | None = None,
+    rows_meta: Tensor | None = None,
 ) -> Tensor:
     # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
     # without a guard (and a recompile) per size. dense_weights are the masked weights in original
@@ -112,7 +140,9 @@ def _hybrid_linear_op(
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > max_sparse_tokens:
         return _dense_linear(x, dense_weights, bias, out_features)
-    return _sparse_linear(x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded)
+    return _sparse_linear(
+        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta)
+    )
 
 
 def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_features: int) -> Tensor:
@@ -137,8 +167,9 @@ def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_fea
 
 @_hybrid_linear_op.register_fake
 def _(
-    x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded=None
-):
+    x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded=None,
+    rows_values=None, rows_meta=None,
+):  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -184,7 +215,14 @@ def check_inputs(x: Tensor, w: VNMWeight, bias: Tensor | None) -> None:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
 
-def vnm_linear(x: Tensor, w: VNMWeight, bias: Tensor | None = None, *, expanded: Tensor | None = None) -> Tensor:
+def vnm_linear(
+    x: Tensor,
+    w: VNMWeight,
+    bias: Tensor | None = None,
+    *,
+    expanded: Tensor | None = None,
+    interleaved: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """``F.linear(x, w.to_dense(), bias)`` computed from the compressed weight.
 
     x: (..., in_features), fp16/bf16/fp32. On CUDA the Triton kernels run; on
@@ -192,11 +230,20 @@ def vnm_linear(x: Tensor, w: VNMWeight, bias: Tensor | None = None, *, expanded:
     under the interpreter). ``expanded = expand_weights(w)``, kept by the caller,
     trades 4/M of the dense weight's bytes of memory for speed from 2 tokens up
     (the gather GEMM then streams it instead of rebuilding it per call).
+    ``interleaved = interleave_rows(w)``, kept by the caller, is a second copy of
+    the values and metadata (their bytes again) laid out for the decode kernel:
+    faster at 1-4 tokens.
     """
     check_inputs(x, w, bias)
+    rows_values = rows_meta = None
+    if interleaved is not None:
+        from .vnm_triton import _check_interleaved
+
+        _check_interleaved(interleaved, w.values, w.block_rows)  # on every path: a bad pair fails here, not later
+        rows_values, rows_meta = interleaved
     return _linear_op(
         x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features,
-        expanded,
+        expanded, rows_values, rows_meta,
     )  # fmt: skip
 
 
@@ -208,3 +255,14 @@ def expand_weights(w: VNMWeight, dtype: torch.dtype | None = None) -> Tensor:
     from .vnm_triton import expand_weights as _expand
 
     return _expand(w.values, w.meta, dtype)
+
+
+def interleave_rows(w: VNMWeight, rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """The values and metadata re-laid for the decode kernel (``rows`` = R of 4/8/16 consecutive
+    rows of a group contiguous; default by layer height): what ``vnm_linear(..., interleaved=)``
+    reads at 1-4 tokens. n = 2 and V divisible by 4 only."""
+    if w.pattern.n != 2:
+        raise ValueError(f"interleave_rows supports n = 2 only, got {w.pattern}")
+    from .vnm_triton import interleave_rows as _interleave
+
+    return _interleave(w.values, w.meta, w.block_rows, rows)
