@@ -23,8 +23,8 @@ def _fresh(monkeypatch):
 
     # These tests check the Triton path's numbers: lower every eligible layer to vnm::linear,
     # whatever the measured speed table says about these small shapes.
-    monkeypatch.setattr(kernels, "prefer_sparse", lambda *args: True)
-    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *args: None)
+    monkeypatch.setattr(kernels, "prefer_sparse", lambda *args, **kwargs: True)
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *args, **kwargs: None)
     torch._dynamo.reset()
     clear_reports()
 
@@ -68,6 +68,24 @@ def test_block_fp16_inductor_matches_eager_sparsified(pattern):
             ref.half()
             assert_three_way(got, eager, exact, torch.half)
     assert all(len(r.lowered) == 2 for r in reports())
+
+
+@pytest.mark.parametrize("extra", [{"interleave_rows": True}, {"interleave_rows": True, "expand_weights": True}])
+def test_block_fp16_with_held_layouts(extra):
+    """The options that hold more tensors (row-interleaved copies, expanded weights) compute the same
+    function through whichever kernel each token count picks."""
+    torch.manual_seed(1)
+    model = Block().cuda().half().eval()
+    ref = eager_abs(model, "64:2:8", ignore=(), min_numel=0)
+    options = {"pattern": "64:2:8", "min_numel": 0, "ignore": [], **extra}
+    compiled = torch.compile(model, backend="vnm", options=options)
+    with torch.no_grad():
+        for tokens in (1, 3, 16, 300):
+            x = torch.randn(1, tokens, 256, device="cuda", dtype=torch.half)
+            got, eager, exact = compiled(x), ref(x), ref.double()(x.double())
+            ref.half()
+            assert_three_way(got, eager, exact, torch.half)
+    assert all(r.mode.endswith("interleaved") for r in reports()[-1].lowered)
 
 
 def test_tiny_llama_fp16_fullgraph_inductor_prefill_and_decode():

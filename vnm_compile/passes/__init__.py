@@ -16,6 +16,7 @@ from .expand_weights import expand_weights
 from .find_linears import find_linears
 from .fold_permutations import fold_permutations, permutation_nodes
 from .fuse_siblings import fuse_siblings
+from .interleave_rows import interleave_rows
 from .lower_linears import lower_linears
 from .prune_linears import prune_linears
 
@@ -28,6 +29,7 @@ __all__ = [
     "lower_linears",
     "fuse_siblings",
     "expand_weights",
+    "interleave_rows",
     "permutation_nodes",
     "CompileContext",
     "CompileOptions",
@@ -43,8 +45,16 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # 1. find linears and decide which can be lowered; 2. prune those without recorded state;
 # 3. compress with permutations folded in; 4. rewrite to vnm.linear; 5. one launch for siblings
 # that read the same input (q/k/v, gate/up); 6. with the expand_weights option, the expanded
-# weights for the gather GEMM.
-PASSES: list[Pass] = [find_linears, prune_linears, fold_permutations, lower_linears, fuse_siblings, expand_weights]
+# weights for the gather GEMM; 7. with the interleave_rows option, the decode kernel's layout.
+PASSES: list[Pass] = [
+    find_linears,
+    prune_linears,
+    fold_permutations,
+    lower_linears,
+    fuse_siblings,
+    expand_weights,
+    interleave_rows,
+]
 
 
 def run_passes(gm: fx.GraphModule, ctx: CompileContext, passes: list[Pass] | None = None) -> bool:

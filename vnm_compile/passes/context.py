@@ -60,6 +60,9 @@ class CompileOptions:
             (4/M of the dense weight's bytes more memory; passes/expand_weights.py): the gather
             GEMM streams it from 2 tokens up instead of rebuilding it per call, so batched decode
             and prefill run sparse where the measured table says that wins.
+        interleave_rows: also hold each lowered weight's values and metadata row-interleaved for
+            the decode kernel (the compressed bytes once more; passes/interleave_rows.py): faster
+            at 1-4 tokens.
     """
 
     pattern: VNMPattern | str | None = None
@@ -73,6 +76,7 @@ class CompileOptions:
     dense_fallback: bool = True
     fuse_siblings: bool = True
     expand_weights: bool = False
+    interleave_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -105,7 +109,14 @@ class CompileOptions:
             raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")
-        for name in ("strict", "inductor", "dense_fallback", "fuse_siblings", "expand_weights"):
+        for name in (
+            "strict",
+            "inductor",
+            "dense_fallback",
+            "fuse_siblings",
+            "expand_weights",
+            "interleave_rows",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"vnm backend option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -147,6 +158,7 @@ class LinearSite:
     max_sparse_tokens: int | None = None  # lowered to vnm::hybrid_linear: dense above this many tokens
     fused_with: tuple[str, ...] = ()  # the layers sharing its vnm::linear launch (itself included)
     expanded_bytes: int = 0  # the expanded weights held for it (expand_weights option; shared when fused)
+    interleaved_bytes: int = 0  # its row-interleaved copy (interleave_rows option; shared when fused)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -168,16 +180,19 @@ class LayerCompileReport:
     max_sparse_tokens: int | None = None
     fused_with: tuple[str, ...] = ()
     expanded_bytes: int = 0
+    interleaved_bytes: int = 0
 
     @property
     def mode(self) -> str:
         """How the layer runs: "sparse" (vnm::linear), "dense", or "hybrid (sparse up to T tokens)";
         ", fused x3" appended when it shares one launch with two siblings, ", expanded" when the
-        expanded weights are held for it (expand_weights option)."""
+        expanded weights are held for it (expand_weights option), ", interleaved" when its
+        row-interleaved copy is (interleave_rows option)."""
         if not self.lowered:
             return "dense"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
+        fused += ", interleaved" if self.interleaved_bytes else ""
         if self.max_sparse_tokens is None:
             return "sparse" + fused
         return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)" + fused
@@ -220,6 +235,8 @@ class CompileReport:
         # a fused launch's expanded weights are held once for all its members
         expanded = {r.fused_with or (r.name,): r.expanded_bytes for r in self.lowered if r.expanded_bytes}
         expanded_note = f", expanded weights held: {sum(expanded.values()) / 2**20:.1f} MiB" if expanded else ""
+        inter = {r.fused_with or (r.name,): r.interleaved_bytes for r in self.lowered if r.interleaved_bytes}
+        expanded_note += f", row-interleaved copies held: {sum(inter.values()) / 2**20:.1f} MiB" if inter else ""
         return (
             f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}"
             f"{fused_note}{expanded_note}, "
@@ -269,6 +286,7 @@ class CompileContext:
             r.max_sparse_tokens = s.max_sparse_tokens if r.lowered else None
             r.fused_with = s.fused_with if r.lowered else ()
             r.expanded_bytes = s.expanded_bytes if r.lowered else 0
+            r.interleaved_bytes = s.interleaved_bytes if r.lowered else 0
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

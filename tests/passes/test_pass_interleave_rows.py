@@ -1,0 +1,79 @@
+"""interleave_rows (option): the compiled graph holds each launch's row-interleaved values and
+metadata and passes them to vnm::linear; the function computed is unchanged (also through the
+Triton decode kernel under the interpreter, and together with expand_weights)."""
+
+import pytest
+import torch
+from test_pass_fuse_siblings import Recorder, _llama  # the shared tiny sparsified Llama (same folder)
+
+from vnm_compile.backend import vnm_backend
+from vnm_compile.kernels.vnm_linear import OP
+from vnm_compile.kernels.vnm_triton import default_interleave, interleave_rows, interpreter_ready
+
+
+def _compile(model, ids, **options):
+    torch._dynamo.reset()
+    rec = Recorder(**options)
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec, fullgraph=True)(ids).last_hidden_state
+    return out, rec
+
+
+def _launches(rec):
+    return [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is OP]
+
+
+def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
+    model = _llama()
+    ids = torch.randint(0, 100, (2, 9))
+    plain, _ = _compile(model, ids)
+    out, rec = _compile(model, ids, interleave_rows=True)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # CPU reference path: the same computation
+    gm = rec.graphs[-1]
+    launches = _launches(rec)
+    assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
+    held = 0
+    for node in launches:
+        assert len(node.args) == 13 and node.args[10] is None  # no expanded weights asked for
+        values, meta = getattr(gm, node.args[1].target), getattr(gm, node.args[3].target)
+        rv, rm = getattr(gm, node.args[11].target), getattr(gm, node.args[12].target)
+        want = interleave_rows(values, meta, 16, default_interleave(values.shape[0], 16))
+        assert torch.equal(rv, want[0]) and torch.equal(rm, want[1])
+        held += rv.numel() * rv.element_size() + rm.numel() * rm.element_size()
+    report = rec.report
+    assert report["layers.1.self_attn.q_proj"].mode == "sparse, fused x3, interleaved"
+    assert report["layers.0.mlp.down_proj"].mode == "sparse, interleaved"
+    assert f"row-interleaved copies held: {held / 2**20:.1f} MiB" in report.summary()
+
+
+def test_with_expanded_weights_both_are_passed():
+    model = _llama()
+    ids = torch.randint(0, 100, (1, 5))
+    plain, _ = _compile(model, ids)
+    out, rec = _compile(model, ids, interleave_rows=True, expand_weights=True)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    gm = rec.graphs[-1]
+    for node in _launches(rec):
+        assert len(node.args) == 13 and all(isinstance(a, torch.fx.Node) for a in node.args[10:])
+        assert getattr(gm, node.args[10].target).dim() == 2 and getattr(gm, node.args[11].target).dim() == 4
+    assert rec.report["layers.0.mlp.down_proj"].mode == "sparse, expanded, interleaved"
+
+
+def test_decode_kernel_on_the_interleaved_copies_under_the_triton_interpreter(monkeypatch):
+    """The compiled model through the Triton kernels at 2 tokens: the interpreter runs the decode
+    kernel on the interleaved copies the graph holds (its default config for them)."""
+    if not interpreter_ready():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = _llama()
+    ids = torch.randint(0, 100, (1, 2))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    out, rec = _compile(model, ids, interleave_rows=True)
+    assert all(len(n.args) == 13 for n in _launches(rec))
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+
+
+def test_interleave_rows_option_is_validated():
+    with pytest.raises(TypeError, match="interleave_rows"):
+        vnm_backend(None, [], options={"interleave_rows": 1})
