@@ -44,8 +44,9 @@ CSLT = "2:4 cuSPARSELt"
 VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # Run only when asked for (--variants): 64:2:16 is the pattern whose prefill beats dense cuBLAS
 # with the gather-GEMM kernel (benchmarks/results/<gpu>/linear.md); "expanded" compiles with the
-# expand_weights option (the expanded weights held: the gather GEMM from 2 tokens up).
-EXTRA_VARIANTS = ("64:2:16", "64:2:8 expanded", "64:2:5 expanded")
+# expand_weights option (the expanded weights held: the gather GEMM from 2 tokens up);
+# "interleaved" with the interleave_rows option (the decode kernel's row-interleaved layout held).
+EXTRA_VARIANTS = ("64:2:16", "64:2:8 expanded", "64:2:5 expanded", "64:2:8 interleaved", "64:2:5 interleaved")
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
 SEPARATE = ("64:2:8 separate", "64:2:5 separate")
@@ -73,7 +74,7 @@ def _compile(model, variant: str, smoke: bool = False):
     pattern, *flags = variant.split()
     options = {
         "pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags,
-        "expand_weights": "expanded" in flags,
+        "expand_weights": "expanded" in flags, "interleave_rows": "interleaved" in flags,
     }  # fmt: skip
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
 
