@@ -18,6 +18,13 @@ permutation is folded in), row_index (Rp,) optional output permutation
   decode shapes incl. the fused q/k/v and gate/up ones, side by side);
   what remains is mostly address arithmetic and the shared-memory layout
   conversion that broadcasts x to the rows.
+- ``_rows_kernel`` (decode, 1-4 tokens, when the caller holds ``interleave_rows``
+  of the weights: the values and metadata once more, R = 4/8/16 rows of a group
+  contiguous): one thread's 16-byte loads hold R rows x 2 values of one group and
+  one metadata word their R codes, so x is gathered once per thread for R rows
+  and no shared-memory transposition is left (~20-26 instead of ~36-38 loop
+  instructions per row and group). H100, 1 token, 64:2:8 11008x4096: 13.2 us vs
+  16.0 us (benchmarks/results/<gpu>/decode_layout.md).
 - ``_dot_kernel`` (tensor cores, from 2 tokens): one program = BLOCK_R rows of one
   V-block x BLOCK_T tokens. Per chunk of GC groups it rebuilds the dense
   (BLOCK_R x 4GC) weight tile over the kept columns from values + metadata
@@ -32,18 +39,27 @@ permutation is folded in), row_index (Rp,) optional output permutation
   gathers and the weight tiles as 16-byte cp.async copies into wgmma. The
   output width stays specialised so the stores are 16-byte vectors (2-byte
   scalars before: the whole op took 1.2-1.9x longer at 2048-12672 tokens).
+  With ``expand_weights`` held by the caller the rebuild is skipped and the
+  gather GEMM pays from 2 tokens (mid-token configs, 16-64 token tiles).
+
+Autotuning times each candidate as a CUDA-graph replay with L2 flushed (a
+config of two launches, transpose + GEMM, is not charged a launch latency a
+compiled model under graphs never pays) and caches the winner per shape, dtype,
+flags and token bucket.
 
 Loop bounds are runtime ints when compiled (one binary serves every shape)
 and constexpr under TRITON_INTERPRET=1 (Triton 3.6's interpreter cannot loop
 to a runtime bound).
 
-Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/linear.md, fp16, CUDA
-graphs, weights streamed from HBM), speed-up over cuBLAS at Llama-2-7B shapes:
-1 token 64:2:8 2.2-2.5x (57-70 % of the compressed-bytes floor), 64:2:5 1.4-1.6x;
-16 tokens 64:2:8 0.8-1.0x, 64:2:16 1.4-1.7x; 2048-8192 tokens (expand + gather)
-64:2:16 1.2-1.5x, 64:2:8 0.7-0.8x, 64:2:5 0.4-0.6x (the previous prefill kernel,
-``_dot_kernel`` with feature-major x: 0.6-0.7x, 0.4x and 0.25-0.28x). Where the
-speed-up is below 1, prefer_sparse() keeps the layer dense.
+Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/linear.md and
+decode_layout.md, fp16, CUDA graphs, weights streamed from HBM), speed-up over cuBLAS
+at Llama-2-7B shapes: 1 token 64:2:8 2.2-2.6x row-major (57-70 % of the
+compressed-bytes floor), 2.3-3.1x on the row-interleaved layout, 64:2:5 1.4-1.7x /
+1.6-1.9x; 16 tokens 64:2:8 0.8-1.0x, 1.1-1.6x with the expanded weights held,
+64:2:16 1.6-1.8x / 1.9-2.6x; 2048-8192 tokens (expand + gather) 64:2:16 1.2-1.5x,
+64:2:8 0.7-0.8x, 64:2:5 0.45-0.55x (the previous prefill kernel, ``_dot_kernel`` with
+feature-major x: 0.6-0.7x, 0.4x and 0.25-0.28x). Where the speed-up is below 1,
+prefer_sparse() keeps the layer dense.
 Why prefill stays below the M/4 bound (4096x4096, 2048 tokens, 64:2:8, ncu): the
 gather GEMM moves ~820 MB through L2 for 34 GFLOP (every 64-row block gathers its own
 x rows: a V = 64 block caps the tile that shares one gather at 64 rows), ~2x the
@@ -66,10 +82,11 @@ small-dot kernel on feature-major x at 8-32 tokens (the transpose launch include
 0.2-0.8x of cuBLAS, slower than token-major in 50 of 54 cases; (8) gather GEMM
 variants: 256-token tiles 15-40 % slower (except at M = 5), a TMA descriptor for the
 weight tile +-5 %, 4 stages or 128-column K steps slower.
-Next steps: a mid-token (8-64) kernel that decodes the weights once per call at
-full bandwidth; V = 128 patterns where prefill matters; a feature-major x produced
-by the previous op (fused transpose); weights laid out so one thread holds several
-rows of a group (x gathered once for them) for decode.
+Next steps: the row-interleaved layout as the only copy (the dot, expand and
+gather kernels reading it too, so the option costs no memory); a mid-token (8-64)
+kernel that decodes the weights once per call at full bandwidth without holding
+expanded weights; V = 128 patterns where prefill matters; a feature-major x
+produced by the previous op (fused transpose).
 
 References: VENOM (Castro et al., SC'23) for the format; the Triton
 matmul tutorial (03-matrix-multiplication.py) for the tile loop.
