@@ -77,3 +77,32 @@ def test_decode_kernel_on_the_interleaved_copies_under_the_triton_interpreter(mo
 def test_interleave_rows_option_is_validated():
     with pytest.raises(TypeError, match="interleave_rows"):
         vnm_backend(None, [], options={"interleave_rows": 1})
+
+
+def test_hybrid_launches_take_the_interleaved_copies(monkeypatch):
+    """vnm.hybrid_linear (sparse up to 4 tokens) gets them at its own argument positions; one dynamic
+    graph still computes the eager function on both branches (under the Triton interpreter when it
+    is ready, so the 3-token calls run the decode kernel on the interleaved copies)."""
+    from vnm_compile.kernels import dispatch
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP
+
+    if interpreter_ready():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a, **k: 4)
+    model = _llama()
+    torch._dynamo.reset()
+    rec = Recorder(interleave_rows=True)
+    compiled = torch.compile(model, backend=rec, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for seq in (3, 10):
+            ids = torch.randint(0, 100, (1, seq))
+            torch.testing.assert_close(
+                compiled(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-3, atol=1e-3
+            )
+    nodes = [n for n in rec.graphs[0].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    assert len(nodes) == 8
+    gm = rec.graphs[0]
+    for node in nodes:
+        assert len(node.args) == 15 and node.args[12] is None
+        assert getattr(gm, node.args[13].target).dim() == 4 and getattr(gm, node.args[14].target).dim() == 2
+    assert rec.report["layers.1.mlp.up_proj"].mode == "hybrid (sparse up to 4 tokens), fused x2, interleaved"
