@@ -1,0 +1,275 @@
+// Experimental V:N:M (n = 2) GEMM on the sparse tensor cores (legacy warp-level mma.sp.m16n8k32), compiled at
+// run time with NVRTC by benchmarks/bench_sparse_tc.py: y[t, o] = sum_k x[t, k] W[o, k] (+ bias[o]).
+//
+// Each 64-row V block is one warp row (4 m16 tiles); a warp covers NT 8-token n-tiles. Every k-step takes
+// 8 groups of the block: 32 kept columns, 2:4 inside each group's 4 -> one mma.sp k32. A STAGES-deep cp.async
+// pipeline brings, per (block, k-step), the pre-packed A fragments + metadata (one 2560-byte record, packed
+// by the script) and the block's 32 gathered rows of x^T (feature-major activations, tokens contiguous,
+// 16-byte chunks, XOR-swizzled so ldmatrix.trans reads them without bank conflicts). The gather indices
+// (absolute input columns, so an input permutation costs nothing) sit in shared memory for the whole run.
+// The epilogue adds the bias and stages the tile in shared memory for 16-byte token-major stores (or
+// scatters through row_index, the output permutation). Compile-time: WR (V blocks per CTA), WN (warps
+// along tokens), NT, STAGES, KSUB (k-steps per pipeline stage), MINB (launch bounds), BF16.
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#ifndef WR
+#define WR 2
+#endif
+#ifndef WN
+#define WN 2
+#endif
+#ifndef NT
+#define NT 8
+#endif
+#ifndef STAGES
+#define STAGES 4
+#endif
+#ifndef BF16
+#define BF16 0
+#endif
+#ifndef KSUB
+#define KSUB 1
+#endif
+#ifndef MINB
+#define MINB 1
+#endif
+#define MT 4
+#define TN (8 * NT * WN)          // tokens per CTA
+#define CH (TN / 8)               // 16-byte chunks per x^T row
+#define SWZ (CH < 8 ? CH - 1 : 7)
+#define XB (32 * KSUB * TN * 2)   // bytes of one block's gathered x^T tile (KSUB sub-steps)
+#define AB (2560 * KSUB)          // bytes of one block's A fragments (2048) + metadata (512) per sub-step
+#define STAGE_BYTES (WR * (XB + AB))
+#define NTHREADS (WR * WN * 32)
+#define XLOADS ((32 * KSUB * CH + NTHREADS - 1) / NTHREADS)  // x^T chunks per thread per block
+
+struct u32x4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void mma_sp(float* c, const u32x4& a, const u32* b, u32 e) {
+#if BF16
+    asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+#else
+    asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+#endif
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+#if BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+__device__ __forceinline__ float from_half(u16 h) {
+#if BF16
+    return __int_as_float((int)(((u32)h) << 16));
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
+// xt: x^T, K rows of ldx elements (tokens contiguous, ldx % 8 == 0, 16-byte aligned).
+// rec: [nb][nkc] records of AB bytes; gidx: [nb][nkc][32] int32 absolute input columns.
+// y: [T][ldy] (ldy % 8 == 0 for the vector store path). row_index: optional output row of each stored row.
+extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
+    const u16* __restrict__ xt, int ldx, int T, const u32x4* __restrict__ rec, const u16* __restrict__ gidx,
+    int nb, int nkc, u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias, int has_bias,
+    const int* __restrict__ row_index, int has_rows) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wr = warp / WN, wn = warp % WN;
+    const int blk0 = blockIdx.x * WR;
+    const int t0 = blockIdx.y * TN;
+    const u32 sbase = smem_addr(smem);
+
+    // the CTA's gather indices (nkc * 32 per block, u16) live in shared memory after the pipeline
+    const int nsteps = nkc / KSUB;  // nkc is a multiple of KSUB (packer pads)
+    u16* itab = reinterpret_cast<u16*>(smem + STAGES * STAGE_BYTES);
+    {
+        const u32 ib = sbase + STAGES * STAGE_BYTES;
+        const int chunks = nkc * 32 * 2 / 16;  // per block
+        for (int b = 0; b < WR; ++b) {
+            const int blk = min(blk0 + b, nb - 1);
+            const char* src = reinterpret_cast<const char*>(gidx + (size_t)blk * nkc * 32);
+            for (int j = tid; j < chunks; j += NTHREADS) cp_async16(ib + (b * chunks + j) * 16, src + j * 16, 16);
+        }
+        asm volatile("cp.async.commit_group;\n");
+        asm volatile("cp.async.wait_group 0;\n");
+        __syncthreads();
+    }
+    auto load_stage = [&](int stage, int ks) {
+        const u32 s = sbase + stage * STAGE_BYTES;
+#pragma unroll
+        for (int b = 0; b < WR; ++b) {
+            const int blk = min(blk0 + b, nb - 1);
+            const u32 xs = s + b * XB;
+            const u16* it = itab + ((size_t)b * nkc + ks * KSUB) * 32;
+#pragma unroll
+            for (int i = 0; i < XLOADS; ++i) {
+                const int j = tid + i * NTHREADS;
+                if (j < 32 * KSUB * CH) {
+                    const int r = j / CH, ch = j % CH, tok = t0 + ch * 8;
+                    const bool ok = tok < T;
+                    cp_async16(xs + r * (TN * 2) + ((ch ^ (r & SWZ)) << 4), xt + (size_t)it[r] * ldx + (ok ? tok : 0),
+                               ok ? 16 : 0);
+                }
+            }
+            const u32 as = s + WR * XB + b * AB;
+            const u32x4* src = rec + ((size_t)blk * nkc + ks * KSUB) * (2560 / 16);
+            for (int j = tid; j < AB / 16; j += NTHREADS) cp_async16(as + j * 16, src + j, 16);
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nsteps) load_stage(st, st);
+        asm volatile("cp.async.commit_group;\n");
+    }
+
+    const u32 xrow = lane * (TN * 2);  // ldmatrix: lane -> kept column k' = lane
+    for (int ks = 0; ks < nsteps; ++ks) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        __syncthreads();
+        {
+            const int nk = ks + STAGES - 1;
+            if (nk < nsteps) load_stage(nk % STAGES, nk);
+            asm volatile("cp.async.commit_group;\n");
+        }
+#pragma unroll
+      for (int sub = 0; sub < KSUB; ++sub) {
+        const u32 s = sbase + (ks % STAGES) * STAGE_BYTES;
+        const unsigned char* as = smem + (ks % STAGES) * STAGE_BYTES + WR * XB + wr * AB + sub * 2560;
+        u32x4 a[MT];
+        u32 e[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
+            e[mt] = reinterpret_cast<const u32*>(as + 2048)[mt * 32 + lane];
+        }
+        const u32 xs = s + wr * XB + sub * (32 * TN * 2) + xrow;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int ch = wn * NT + nt;
+            u32 b[4];
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                         : "r"(xs + ((ch ^ (lane & SWZ)) << 4)));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], a[mt], b, e[mt]);
+        }
+      }
+    }
+    asm volatile("cp.async.wait_group 0;\n");
+    __syncthreads();
+
+    // epilogue: bias, then through shared memory as [token][64 rows] so each token's 64 outputs go out as
+    // 16-byte stores (without an output permutation)
+    const int g = lane >> 2, q = lane & 3;
+    const int blk = blk0 + wr;
+    if (blk >= nb) return;
+    float bv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int o = blk * 64 + mt * 16 + g + 8 * h;
+            int orow = o < R ? (has_rows ? row_index[o] : o) : -1;
+            bv[mt][h] = (has_bias && orow >= 0) ? from_half(bias[orow]) : 0.f;
+        }
+    const int PITCH = 72;  // halfs per staged token row (64 + 8 pad)
+    u16* tile = reinterpret_cast<u16*>(smem) + warp * (8 * NT) * PITCH;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 pr = pack2(acc[mt][nt][2 * h] + bv[mt][h], acc[mt][nt][2 * h + 1] + bv[mt][h]);
+                const int col = mt * 16 + g + 8 * h, tk = nt * 8 + 2 * q;
+                tile[tk * PITCH + col] = (u16)(pr & 0xFFFF);
+                tile[(tk + 1) * PITCH + col] = (u16)(pr >> 16);
+            }
+    __syncwarp();
+    const int tbase = t0 + wn * 8 * NT;
+    if (!has_rows && blk * 64 + 64 <= R && (ldy & 7) == 0) {
+        // 8 lanes per token row (8 x 16 bytes), 4 rows per pass
+#pragma unroll
+        for (int p = 0; p < 2 * NT; ++p) {
+            const int tk = p * 4 + (lane >> 3), c8 = (lane & 7) * 8;
+            const int t = tbase + tk;
+            if (t < T)
+                *reinterpret_cast<u32x4*>(y + (size_t)t * ldy + blk * 64 + c8) =
+                    *reinterpret_cast<const u32x4*>(tile + tk * PITCH + c8);
+        }
+    } else {
+        for (int p = 0; p < 8 * NT * 2; ++p) {
+            const int tk = p / 2, col = (p & 1) * 32 + lane;
+            const int t = tbase + tk, o = blk * 64 + col;
+            if (t < T && o < R) {
+                const int orow = has_rows ? row_index[o] : o;
+                if (orow >= 0) y[(size_t)t * ldy + orow] = tile[tk * PITCH + col];
+            }
+        }
+    }
+}
+
+// One probe mma.sp with per-lane operands, to pin the fragment and metadata layouts.
+extern "C" __global__ void probe_mma_sp(const u32* a, const u32* b, const u32* e, float* d) {
+    int l = threadIdx.x;
+    u32x4 av = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
+    u32 bv[4] = {b[4 * l], b[4 * l + 1], b[4 * l + 2], b[4 * l + 3]};
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_sp(c, av, bv, e[l]);
+    for (int i = 0; i < 4; ++i) d[4 * l + i] = c[i];
+}
+
+// Peak-rate probes: every warp runs `iters` x 8 independent mma on registers.
+extern "C" __global__ void peak_mma_sp(float* out, int iters) {
+    u32x4 a = {threadIdx.x, threadIdx.x * 3u, 7u, 9u};
+    u32 b[4] = {threadIdx.x, 5u, 11u, 13u};
+    u32 e = 0x44444444u;
+    float c[8][4] = {};
+    for (int i = 0; i < iters; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) mma_sp(c[j], a, b, e);
+    float s = 0.f;
+    for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+extern "C" __global__ void peak_mma(float* out, int iters) {
+    u32 a[4] = {threadIdx.x, threadIdx.x * 3u, 7u, 9u};
+    u32 b[2] = {threadIdx.x, 5u};
+    float c[8][4] = {};
+    for (int i = 0; i < iters; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                         : "+f"(c[j][0]), "+f"(c[j][1]), "+f"(c[j][2]), "+f"(c[j][3])
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    float s = 0.f;
+    for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
