@@ -245,15 +245,19 @@ def peak_rates(kern: Kernels) -> dict[str, float]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.empty(sms * 8 * 128, device="cuda")
     rates = {}
-    for name, flops in (("peak_mma_sp", 16 * 8 * 32 * 2), ("peak_mma", 16 * 8 * 16 * 2)):
-        k, iters = kern.get(name), 4096
+    for label, name, flops, defines in (
+        ("peak_mma_sp", "peak_mma_sp", 16 * 8 * 32 * 2, {"ORDERED": 1}),
+        ("peak_mma_sp_unordered", "peak_mma_sp", 16 * 8 * 32 * 2, {"ORDERED": 0}),
+        ("peak_mma", "peak_mma", 16 * 8 * 16 * 2, {}),
+    ):
+        k, iters = kern.get(name, **defines), 4096
         k((sms * 8, 1, 1), (128, 1, 1), [out, iters])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         k((sms * 8, 1, 1), (128, 1, 1), [out, iters])
         end.record()
         torch.cuda.synchronize()
-        rates[name] = sms * 8 * 4 * iters * 8 * flops / start.elapsed_time(end) / 1e9  # TFLOP/s
+        rates[label] = sms * 8 * 4 * iters * 8 * flops / start.elapsed_time(end) / 1e9  # TFLOP/s
     return rates
 
 
@@ -319,8 +323,9 @@ def to_markdown(results: dict) -> str:
         f"Correctness: {meta['correctness_cases']} cases (awkward shapes, 1-300 tokens, fp16/bf16, permutations, "
         f"bias), worst relative error {meta['worst_relative_error']:.1e} vs float32.",
         "",
-        f"Peak rates measured here (registers only, every SM busy): mma.sp.m16n8k32 "
-        f"{meta['peak_tflops']['peak_mma_sp']:.0f} TFLOP/s (counting the 32-wide logical K), dense mma.sync.m16n8k16 "
+        f"Peak rates measured here (registers only, every SM busy): mma.sp::ordered_metadata.m16n8k32 "
+        f"{meta['peak_tflops']['peak_mma_sp']:.0f} TFLOP/s (counting the 32-wide logical K; plain mma.sp "
+        f"{meta['peak_tflops'].get('peak_mma_sp_unordered', float('nan')):.0f}), dense mma.sync.m16n8k16 "
         f"{meta['peak_tflops']['peak_mma']:.0f} TFLOP/s. The warp-level sparse path is "
         f"{meta['peak_tflops']['peak_mma_sp'] / meta['peak_tflops']['peak_mma']:.2f}x the warp-level dense one; "
         "cuBLAS's dense wgmma path is faster than both (see `dense TFLOP/s`).",

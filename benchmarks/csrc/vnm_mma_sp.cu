@@ -31,6 +31,14 @@ typedef unsigned short u16;
 #ifndef KSUB
 #define KSUB 1
 #endif
+#ifndef ORDERED
+#define ORDERED 1  // mma.sp::ordered_metadata (the two positions of a group ascending, as the packer writes)
+#endif
+#if ORDERED
+#define SPVAR ".sp::ordered_metadata"
+#else
+#define SPVAR ".sp"
+#endif
 #ifndef MINB
 #define MINB 1
 #endif
@@ -56,9 +64,9 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) 
 }
 __device__ __forceinline__ void mma_sp(float* c, const u32x4& a, const u32* b, u32 e) {
 #if BF16
-    asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+    asm volatile("mma" SPVAR ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
 #else
-    asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+    asm volatile("mma" SPVAR ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
 #endif
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -112,26 +120,36 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
         asm volatile("cp.async.wait_group 0;\n");
         __syncthreads();
     }
-    auto load_stage = [&](int stage, int ks) {
-        const u32 s = sbase + stage * STAGE_BYTES;
+    // Producer constants. Thread tid copies x^T chunk ch = tid % CH (the same 8 tokens every time) of rows
+    // r_i = tid / CH + i * NTHREADS / CH of every block tile, and A-record chunks tid + i * NTHREADS.
+    static_assert(NTHREADS % CH == 0 && (32 * KSUB * CH) % NTHREADS == 0, "x^T chunks must split evenly");
+    const int ch = tid % CH, tok = t0 + ch * 8;
+    const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
+    const u16* xcol = xt + (tok < T ? tok : 0);
+    u32 xdst[XLOADS];
+    int xrow[XLOADS];
+#pragma unroll
+    for (int i = 0; i < XLOADS; ++i) {
+        xrow[i] = tid / CH + i * (NTHREADS / CH);
+        xdst[i] = xrow[i] * (TN * 2) + ((ch ^ (xrow[i] & SWZ)) << 4);
+    }
+    constexpr int ACH = AB / 16, ALOADS = (ACH + NTHREADS - 1) / NTHREADS;
+    const u32x4* arec[WR];
+#pragma unroll
+    for (int b = 0; b < WR; ++b) arec[b] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * (2560 / 16) + tid;
+
+    auto load_stage = [&](u32 s, int ks) {  // s: the stage's shared address
 #pragma unroll
         for (int b = 0; b < WR; ++b) {
-            const int blk = min(blk0 + b, nb - 1);
-            const u32 xs = s + b * XB;
-            const u16* it = itab + ((size_t)b * nkc + ks * KSUB) * 32;
+            const u16* it = itab + (b * nkc + ks * KSUB) * 32;
 #pragma unroll
-            for (int i = 0; i < XLOADS; ++i) {
-                const int j = tid + i * NTHREADS;
-                if (j < 32 * KSUB * CH) {
-                    const int r = j / CH, ch = j % CH, tok = t0 + ch * 8;
-                    const bool ok = tok < T;
-                    cp_async16(xs + r * (TN * 2) + ((ch ^ (r & SWZ)) << 4), xt + (size_t)it[r] * ldx + (ok ? tok : 0),
-                               ok ? 16 : 0);
-                }
-            }
-            const u32 as = s + WR * XB + b * AB;
-            const u32x4* src = rec + ((size_t)blk * nkc + ks * KSUB) * (2560 / 16);
-            for (int j = tid; j < AB / 16; j += NTHREADS) cp_async16(as + j * 16, src + j, 16);
+            for (int i = 0; i < XLOADS; ++i)
+                cp_async16(s + b * XB + xdst[i], xcol + (size_t)it[xrow[i]] * ldx, xsize);
+            const u32x4* src = arec[b] + (size_t)ks * (AB / 16);
+            const u32 as = s + WR * XB + b * AB + tid * 16;
+#pragma unroll
+            for (int i = 0; i < ALOADS; ++i)
+                if (ACH % NTHREADS == 0 || tid + i * NTHREADS < ACH) cp_async16(as + i * NTHREADS * 16, src + i * NTHREADS, 16);
         }
     };
 
@@ -145,42 +163,45 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nsteps) load_stage(st, st);
+        if (st < nsteps) load_stage(sbase + st * STAGE_BYTES, st);
         asm volatile("cp.async.commit_group;\n");
     }
 
-    const u32 xrow = lane * (TN * 2);  // ldmatrix: lane -> kept column k' = lane
+    // ldmatrix: lane -> kept column k' = lane; this warp's token chunks, swizzled
+    u32 bofs[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) bofs[nt] = wr * XB + lane * (TN * 2) + (((wn * NT + nt) ^ (lane & SWZ)) << 4);
+    const u32 aofs = WR * XB + wr * AB;
+    int use = 0, fill = STAGES - 1;  // stage indices
     for (int ks = 0; ks < nsteps; ++ks) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
         __syncthreads();
-        {
-            const int nk = ks + STAGES - 1;
-            if (nk < nsteps) load_stage(nk % STAGES, nk);
-            asm volatile("cp.async.commit_group;\n");
+        if (ks + STAGES - 1 < nsteps) load_stage(sbase + fill * STAGE_BYTES, ks + STAGES - 1);
+        asm volatile("cp.async.commit_group;\n");
+        fill = fill == STAGES - 1 ? 0 : fill + 1;
+        const u32 s = sbase + use * STAGE_BYTES;
+        const unsigned char* sp = smem + use * STAGE_BYTES;
+        use = use == STAGES - 1 ? 0 : use + 1;
+#pragma unroll
+        for (int sub = 0; sub < KSUB; ++sub) {
+            const unsigned char* as = sp + aofs + sub * 2560;
+            u32x4 a[MT];
+            u32 e[MT];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
+                e[mt] = reinterpret_cast<const u32*>(as + 2048)[mt * 32 + lane];
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                u32 b[4];
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                             : "r"(s + bofs[nt] + sub * (32 * TN * 2)));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], a[mt], b, e[mt]);
+            }
         }
-#pragma unroll
-      for (int sub = 0; sub < KSUB; ++sub) {
-        const u32 s = sbase + (ks % STAGES) * STAGE_BYTES;
-        const unsigned char* as = smem + (ks % STAGES) * STAGE_BYTES + WR * XB + wr * AB + sub * 2560;
-        u32x4 a[MT];
-        u32 e[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
-            e[mt] = reinterpret_cast<const u32*>(as + 2048)[mt * 32 + lane];
-        }
-        const u32 xs = s + wr * XB + sub * (32 * TN * 2) + xrow;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int ch = wn * NT + nt;
-            u32 b[4];
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                         : "r"(xs + ((ch ^ (lane & SWZ)) << 4)));
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], a[mt], b, e[mt]);
-        }
-      }
     }
     asm volatile("cp.async.wait_group 0;\n");
     __syncthreads();
