@@ -184,6 +184,13 @@ def test_get_attr_graphs_are_handled(toy):
         ("L['self']._modules['layers']._modules['0']._parameters['weight']", "layers.0"),
         ("L['model']._modules['fc']._parameters['weight']", "fc"),
         ("L['self'].encoder.layer[3].attention.query.weight", "encoder.layer.3.attention.query"),
+        # transformers 5: a decorator's wrapper calls forward(*args), the model is args[0]
+        (
+            "L['args'][0]._modules['model']._modules['layers']._modules['1']._modules['mlp']._modules['up_proj']"
+            "._parameters['weight']",
+            "model.layers.1.mlp.up_proj",
+        ),
+        ("L['kwargs']['model']._modules['fc']._parameters['weight']", "fc"),
     ],
 )
 def test_module_name_from_source(source, name):

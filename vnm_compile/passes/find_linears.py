@@ -54,13 +54,17 @@ def _arg(node: fx.Node, index: int, name: str):
 
 
 def module_name_from_source(source: str) -> str:
-    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0``."""
-    parts = [a or b or c for a, b, c in _KEY.findall(source)]
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0``.
+
+    The root object is the frame's variable and any indexing into it before the first attribute:
+    ``L['self']``, ``L['model']``, or ``L['args'][0]`` when a decorator's wrapper calls the forward
+    (transformers 5 does) -- its name is not part of the layer's."""
+    tokens = _KEY.findall(source)
+    start = 1
+    while start < len(tokens) and not tokens[start][2]:
+        start += 1
+    parts = [a or b or c for a, b, c in tokens[start:]]
     parts = [p for p in parts if p not in _CONTAINERS]
-    if parts and parts[0] in ("self",):
-        parts = parts[1:]
-    elif len(parts) > 1:
-        parts = parts[1:]  # the local or global variable holding the model
     if parts and parts[-1] == "weight":
         parts = parts[:-1]
     return ".".join(parts)
