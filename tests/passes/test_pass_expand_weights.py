@@ -3,35 +3,22 @@ to vnm::linear; the function computed is unchanged; the dispatcher is asked with
 
 import pytest
 import torch
-from test_pass_fuse_siblings import Recorder, _llama  # the shared tiny sparsified Llama (same folder)
+from test_pass_fuse_siblings import Recorder, _llama, compile_llama  # the shared tiny sparsified Llama (same folder)
 
 from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels import dispatch
-from vnm_compile.kernels.vnm_linear import OP
 from vnm_compile.kernels.vnm_triton import expand_weights, interpreter_ready
-
-
-def _compile(model, ids, **options):
-    torch._dynamo.reset()
-    rec = Recorder(**options)
-    with torch.no_grad():
-        out = torch.compile(model, backend=rec, fullgraph=True)(ids).last_hidden_state
-    return out, rec
-
-
-def _launches(rec):
-    return [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is OP]
 
 
 def test_expanded_weights_are_passed_to_every_launch_and_change_nothing():
     model = _llama()
     ids = torch.randint(0, 100, (2, 9))
-    plain, _ = _compile(model, ids)
-    out, rec = _compile(model, ids, expand_weights=True)
+    plain, _ = compile_llama(model, ids)
+    out, rec = compile_llama(model, ids, expand_weights=True)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)  # CPU reference path: the same computation
     gm = rec.graphs[-1]
-    launches = _launches(rec)
+    launches = rec.op_nodes()
     assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
     for node in launches:
         assert len(node.args) == 11
@@ -55,8 +42,8 @@ def test_expanded_gather_under_the_triton_interpreter(monkeypatch):
     ids = torch.randint(0, 100, (1, 40))
     with torch.no_grad():
         want = model(ids).last_hidden_state
-    out, rec = _compile(model, ids, expand_weights=True)
-    assert all(len(n.args) == 11 for n in _launches(rec))
+    out, rec = compile_llama(model, ids, expand_weights=True)
+    assert all(len(n.args) == 11 for n in rec.op_nodes())
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
 
 

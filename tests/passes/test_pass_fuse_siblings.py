@@ -28,9 +28,21 @@ class Recorder:
         self.report = last_report()
         return fn
 
+    def op_nodes(self, graph=-1) -> list:
+        """The vnm::linear launches of a compiled graph."""
+        return [n for n in self.graphs[graph].graph.nodes if n.op == "call_function" and n.target is OP]
+
     def launches(self, graph=-1) -> list[tuple[str, ...]]:
-        nodes = self.graphs[graph].graph.nodes
-        return [tuple(n.meta[LAYER_META].split("+")) for n in nodes if n.op == "call_function" and n.target is OP]
+        return [tuple(n.meta[LAYER_META].split("+")) for n in self.op_nodes(graph)]
+
+
+def compile_llama(model, ids, **options):
+    """(last hidden state, Recorder) of ``model`` compiled whole (fullgraph) with these backend options."""
+    torch._dynamo.reset()
+    rec = Recorder(**options)
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec, fullgraph=True)(ids).last_hidden_state
+    return out, rec
 
 
 @functools.cache

@@ -4,33 +4,20 @@ Triton decode kernel under the interpreter, and together with expand_weights).""
 
 import pytest
 import torch
-from test_pass_fuse_siblings import Recorder, _llama  # the shared tiny sparsified Llama (same folder)
+from test_pass_fuse_siblings import Recorder, _llama, compile_llama  # the shared tiny sparsified Llama (same folder)
 
 from vnm_compile.backend import vnm_backend
-from vnm_compile.kernels.vnm_linear import OP
 from vnm_compile.kernels.vnm_triton import default_interleave, interleave_rows, interpreter_ready
-
-
-def _compile(model, ids, **options):
-    torch._dynamo.reset()
-    rec = Recorder(**options)
-    with torch.no_grad():
-        out = torch.compile(model, backend=rec, fullgraph=True)(ids).last_hidden_state
-    return out, rec
-
-
-def _launches(rec):
-    return [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is OP]
 
 
 def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
     model = _llama()
     ids = torch.randint(0, 100, (2, 9))
-    plain, _ = _compile(model, ids)
-    out, rec = _compile(model, ids, interleave_rows=True)
+    plain, _ = compile_llama(model, ids)
+    out, rec = compile_llama(model, ids, interleave_rows=True)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)  # CPU reference path: the same computation
     gm = rec.graphs[-1]
-    launches = _launches(rec)
+    launches = rec.op_nodes()
     assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
     held = 0
     for node in launches:
@@ -49,11 +36,11 @@ def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
 def test_with_expanded_weights_both_are_passed():
     model = _llama()
     ids = torch.randint(0, 100, (1, 5))
-    plain, _ = _compile(model, ids)
-    out, rec = _compile(model, ids, interleave_rows=True, expand_weights=True)
+    plain, _ = compile_llama(model, ids)
+    out, rec = compile_llama(model, ids, interleave_rows=True, expand_weights=True)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     gm = rec.graphs[-1]
-    for node in _launches(rec):
+    for node in rec.op_nodes():
         assert len(node.args) == 13 and all(isinstance(a, torch.fx.Node) for a in node.args[10:])
         assert getattr(gm, node.args[10].target).dim() == 2 and getattr(gm, node.args[11].target).dim() == 4
     assert rec.report["layers.0.mlp.down_proj"].mode == "sparse, expanded, interleaved"
@@ -69,8 +56,8 @@ def test_decode_kernel_on_the_interleaved_copies_under_the_triton_interpreter(mo
     ids = torch.randint(0, 100, (1, 2))
     with torch.no_grad():
         want = model(ids).last_hidden_state
-    out, rec = _compile(model, ids, interleave_rows=True)
-    assert all(len(n.args) == 13 for n in _launches(rec))
+    out, rec = compile_llama(model, ids, interleave_rows=True)
+    assert all(len(n.args) == 13 for n in rec.op_nodes())
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
 
 
