@@ -5,10 +5,10 @@ cuSPARSELt 2:4, in one run.
 
 Triton has no sparse tensor-core instruction, so the library's prefill kernel runs dense tensor cores
 over each block's 4 kept columns per group (at most M/4 over dense). This script asks what the sparse
-tensor cores add: benchmarks/csrc/vnm_mma_sp.cu is a CUDA kernel for n = 2 patterns with V a multiple of
-64 (2:4 inside each block's 4 kept columns is exactly mma.sp's 2:4), compiled at run time with NVRTC
-through PyTorch (torch.cuda._utils, a private API: no CUDA toolkit needed, only the GPU build of PyTorch).
-It is not wired into vnm::linear; see the result file for what it reaches.
+tensor cores add: vnm_compile.kernels.sparse_tc (csrc/vnm_mma_sp.cu) is a CUDA kernel for n = 2 patterns
+with V a multiple of 64 (2:4 inside each block's 4 kept columns is exactly mma.sp's 2:4), compiled at run
+time with NVRTC through PyTorch (torch.cuda._utils, a private API: no CUDA toolkit needed, only the GPU
+build of PyTorch). It is not wired into vnm::linear; see the result file for what it reaches.
 
 Steps, all on the GPU:
 1. probe: one mma.sp with per-lane operands pins the metadata layout (which lane and nibble hold which
@@ -27,6 +27,7 @@ Writes sparse_tc.json and sparse_tc.md to --out (default benchmarks/results/<gpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -35,7 +36,6 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bench_sparse_tc")
-SRC = Path(__file__).parent / "csrc" / "vnm_mma_sp.cu"
 CONFIGS = [
     dict(WR=1, WN=4, NT=4, STAGES=4, KSUB=1, MINB=1),
     dict(WR=1, WN=4, NT=4, STAGES=4, KSUB=1, MINB=4),
@@ -47,150 +47,10 @@ LLAMA = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("l
 DEIT = [("deit-b qkv", 2304, 768), ("deit-b proj", 768, 768), ("deit-b fc1", 3072, 768), ("deit-b fc2", 768, 3072)]
 
 
-class Kernels:
-    """NVRTC-compiled entry points of vnm_mma_sp.cu, one module per set of compile-time defines."""
+def launch(cfg: dict, xt, tokens: int, packed, y, bias=None):
+    from vnm_compile.kernels.sparse_tc import launch as sp_launch
 
-    def __init__(self) -> None:
-        import torch
-        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
-
-        self._compile, self._load = _nvrtc_compile, _cuda_load_module
-        self._src = SRC.read_text()
-        self._cache: dict = {}
-        self.max_smem = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 48 << 10)
-
-    def get(self, name: str, **defines):
-        key = (name, tuple(sorted(defines.items())))
-        if key not in self._cache:
-            code, mangled = self._compile(self._src, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
-            k = self._load(code, [mangled])[mangled]
-            if name == "vnm_mma_sp_gemm":
-                k.set_shared_memory_config(self.max_smem)
-            self._cache[key] = k
-        return self._cache[key]
-
-
-# --------------------------------------------------------------------------- metadata layout probe
-def probe_metadata_map(kern: Kernels) -> dict[tuple[int, int], tuple[int, int]]:
-    """{(lane, nibble): (row, group)} of the mma.sp.m16n8k32 f16 metadata operand (selector 0), measured:
-    every nibble of every lane is flipped from positions (0, 1) to (2, 3) and the output rows that move say
-    which row and which 4-column group it encodes. Also checks the A (compressed 16x16 in the dense
-    m16n8k16 layout), B and C fragment layouts the packer assumes."""
-    import torch
-
-    dev = torch.device("cuda")
-    k = kern.get("probe_mma_sp")
-    gen = torch.Generator().manual_seed(0)
-    vals = torch.randn(16, 8, 2, generator=gen).half()  # compressed A: row, group, slot
-    bmat = torch.randn(32, 8, generator=gen).half()  # logical K x N
-    a = torch.empty(32, 4, 2, dtype=torch.half)
-    b = torch.empty(32, 4, 2, dtype=torch.half)
-    for lane in range(32):
-        g, q = divmod(lane, 4)
-        a[lane] = torch.stack([vals[g, q], vals[g + 8, q], vals[g, q + 4], vals[g + 8, q + 4]])
-        for r in range(4):
-            b[lane, r] = bmat[2 * q + 8 * r : 2 * q + 8 * r + 2, g]
-    a_u, b_u = a.view(torch.int32).view(32, 4).to(dev), b.view(torch.int32).view(32, 4).to(dev)
-
-    def run(meta_words: list[int]) -> torch.Tensor:
-        meta = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in meta_words], dtype=torch.int32, device=dev)
-        d = torch.full((32, 4), float("nan"), device=dev)
-        k((1, 1, 1), (32, 1, 1), [a_u, b_u, meta, d])
-        d = d.cpu()
-        out = torch.empty(16, 8)
-        for lane in range(32):
-            g, q = divmod(lane, 4)
-            out[g, 2 * q : 2 * q + 2], out[g + 8, 2 * q : 2 * q + 2] = d[lane, :2], d[lane, 2:]
-        return out
-
-    def dense_a(moved: tuple[int, int] | None) -> torch.Tensor:
-        full = torch.zeros(16, 32)
-        for r, c in itertools.product(range(16), range(8)):
-            base = 4 * c + (2 if (r, c) == moved else 0)
-            full[r, base : base + 2] = vals[r, c].float()
-        return full
-
-    ref0 = dense_a(None) @ bmat.float()
-    d0 = run([0x44444444] * 32)
-    err = (d0 - ref0).abs().max().item()
-    if not err < 1e-2:
-        raise RuntimeError(f"mma.sp probe: A/B/C fragment layouts differ from the assumed ones (max error {err})")
-    found: dict[tuple[int, int], tuple[int, int]] = {}
-    for lane, nib in itertools.product(range(32), range(8)):
-        words = [0x44444444] * 32
-        words[lane] = (words[lane] & ~(0xF << (4 * nib))) | (0xE << (4 * nib))
-        delta = run(words) - d0
-        if delta.abs().max() < 1e-3:
-            continue
-        hits = [
-            (r, c)
-            for r in (delta.abs().amax(1) > 1e-3).nonzero().flatten().tolist()
-            for c in range(8)
-            if ((dense_a((r, c)) @ bmat.float() - ref0)[r] - delta[r]).abs().max() < 1e-2
-        ]
-        if len(hits) != 1:
-            raise RuntimeError(f"mma.sp probe: lane {lane} nibble {nib} is ambiguous: {hits}")
-        found[(lane, nib)] = hits[0]
-    if sorted(found.values()) != [(r, c) for r in range(16) for c in range(8)]:
-        raise RuntimeError(f"mma.sp probe: metadata map incomplete ({len(found)} of 128 entries)")
-    return found
-
-
-# --------------------------------------------------------------------------- packing
-def pack(w, meta_map: dict) -> tuple:
-    """VNMWeight (n = 2, V a multiple of 64) -> (records (nb, nkc, 640) int32, indices (nb, nkc, 32) int16,
-    nb, nkc): per 64-row block and k-step of 8 groups, the mma.sp A fragments of the 4 m16 tiles (lane-major
-    16 bytes each) then their metadata words, and the 32 kept input columns. nkc is padded to even."""
-    import torch
-
-    from vnm_compile.format import _unpack_meta
-
-    if w.pattern.n != 2 or w.block_rows % 64:
-        raise ValueError(f"mma.sp kernel needs n = 2 and V a multiple of 64, got {w.pattern}")
-    rows_p, groups = w.values.shape[0], w.columns.shape[1]
-    nb, nkc = rows_p // 64, -(-groups // 16) * 2
-    gp = nkc * 8
-    vals = w.values.view(rows_p, groups, 2)
-    pos = _unpack_meta(w.meta, 2, groups)
-    order = pos.argsort(-1)  # mma.sp wants the two positions ascending
-    pos, vals = pos.gather(-1, order), vals.gather(-1, order)
-    cols = w.columns.long().repeat_interleave(w.block_rows // 64, 0)
-    if gp != groups:  # zero groups reading column 0
-        vals = torch.cat([vals, vals.new_zeros(rows_p, gp - groups, 2)], 1)
-        pos = torch.cat([pos, torch.tensor([0, 1], device=pos.device).expand(rows_p, gp - groups, 2)], 1)
-        cols = torch.cat([cols, cols.new_zeros(nb, gp - groups, 4)], 1)
-    # A: row = mt*16 + h*8 + g, group = kc*8 + gh*4 + q -> lane (g, q), register (gh, h), two halves
-    a = vals.reshape(nb, 4, 2, 8, nkc, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).contiguous()
-    afrag = a.view(torch.int32).reshape(nb, nkc, 512)
-    code = (pos[..., 0] | (pos[..., 1] << 2)).reshape(nb, 4, 16, nkc, 8)  # (nb, mt, row, kc, group)
-    e = torch.zeros(nb, nkc, 4, 32, dtype=torch.int64, device=pos.device)
-    for (lane, nib), (r, c) in meta_map.items():
-        e[:, :, :, lane] |= code[:, :, r, :, c].permute(0, 2, 1) << (4 * nib)
-    efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(nb, nkc, 128)
-    if int(cols.max()) >= 1 << 16:
-        raise ValueError("mma.sp kernel: input columns must fit in 16 bits")
-    idx = cols.reshape(nb, nkc, 32)
-    idx = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
-    return torch.cat([afrag, efrag], -1).contiguous(), idx.contiguous(), nb, nkc
-
-
-def smem_bytes(cfg: dict, nkc: int) -> int:
-    tn = 8 * cfg["NT"] * cfg["WN"]
-    pipe = cfg["STAGES"] * cfg["WR"] * cfg["KSUB"] * (32 * tn * 2 + 2560) + cfg["WR"] * nkc * 64
-    return max(pipe, cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144)
-
-
-def launch(kern: Kernels, cfg: dict, xt, tokens: int, packed, out_features: int, y, bias=None, row_index=None):
-    rec, idx, nb, nkc = packed
-    k = kern.get("vnm_mma_sp_gemm", **cfg)
-    tn = 8 * cfg["NT"] * cfg["WN"]
-    k(
-        (-(-nb // cfg["WR"]), -(-tokens // tn), 1), (cfg["WR"] * cfg["WN"] * 32, 1, 1),
-        [xt, xt.stride(0), tokens, rec, idx, nb, nkc, y, y.stride(0), out_features,
-         y if bias is None else bias, int(bias is not None), idx if row_index is None else row_index,
-         int(row_index is not None)],
-        shared_mem=smem_bytes(cfg, nkc),
-    )  # fmt: skip
+    sp_launch(xt, tokens, packed, y, bias, cfg)
 
 
 def feature_major(x):
@@ -200,10 +60,11 @@ def feature_major(x):
 
 
 # --------------------------------------------------------------------------- steps
-def check_correctness(kern: Kernels, meta_map: dict) -> float:
+def check_correctness() -> float:
     import torch
 
     from vnm_compile.format import VNMWeight
+    from vnm_compile.kernels.sparse_tc import pack_sparse_tc, sparse_tc_linear
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 
@@ -229,9 +90,12 @@ def check_correctness(kern: Kernels, meta_map: dict) -> float:
         bias = torch.randn(rows, device=dev, dtype=dtype)
         ref = x.float() @ w.to_dense().float().t() + bias.float()
         y = torch.full((tokens, rows), float("nan"), device=dev, dtype=dtype)
-        launch(kern, dict(cfg, BF16=int(dtype == torch.bfloat16)), feature_major(x), tokens, pack(w, meta_map), rows,
-               y, bias, w.row_index)  # fmt: skip
+        packed = pack_sparse_tc(w)
+        launch(cfg, feature_major(x), tokens, packed, y, bias)
         err = ((y.float() - ref).norm() / ref.norm()).item()
+        if cfg == CONFIGS[0]:  # the public entry point: 3-D input, default config
+            y3 = sparse_tc_linear(x.reshape(1, tokens, cols), packed, bias)
+            err = max(err, ((y3.reshape(tokens, rows).float() - ref).norm() / ref.norm()).item())
         if not err < 1e-2:
             raise RuntimeError(f"mma.sp kernel wrong: {rows}x{cols} {tokens} tokens {pat} {cfg} {dtype} perm={perm}: "
                                f"relative error {err}")  # fmt: skip
@@ -239,8 +103,10 @@ def check_correctness(kern: Kernels, meta_map: dict) -> float:
     return worst
 
 
-def peak_rates(kern: Kernels) -> dict[str, float]:
+def peak_rates() -> dict[str, float]:
     import torch
+
+    from vnm_compile.kernels.sparse_tc import _kernels
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.empty(sms * 8 * 128, device="cuda")
@@ -250,7 +116,7 @@ def peak_rates(kern: Kernels) -> dict[str, float]:
         ("peak_mma_sp_unordered", "peak_mma_sp", 16 * 8 * 32 * 2, {"ORDERED": 0}),
         ("peak_mma", "peak_mma", 16 * 8 * 16 * 2, {}),
     ):
-        k, iters = kern.get(name, **defines), 4096
+        k, iters = _kernels().get(name, **defines), 4096
         k((sms * 8, 1, 1), (128, 1, 1), [out, iters])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -261,13 +127,14 @@ def peak_rates(kern: Kernels) -> dict[str, float]:
     return rates
 
 
-def time_case(kern: Kernels, meta_map: dict, name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
+def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
     import torch
     import torch.nn.functional as F
 
     from vnm_compile.format import VNMWeight
     from vnm_compile.kernels.benchmark import _copies, time_graph
     from vnm_compile.kernels.cusparselt import CSLTLinear
+    from vnm_compile.kernels.sparse_tc import pack_sparse_tc
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 
@@ -285,25 +152,28 @@ def time_case(kern: Kernels, meta_map: dict, name: str, rows: int, cols: int, to
     rec["cslt_us"] = time_graph([lambda: c24.feature_major(x_fm)])
     w = VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p)
     ref = x.float() @ w.to_dense().float().t()
-    packed, xt = pack(w, meta_map), feature_major(x)
+    packed, xt = pack_sparse_tc(w), feature_major(x)
     y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
     rec["configs_us"] = {}
-    n = _copies(packed[0].numel() * 4, dev)
-    copies = [packed] + [(packed[0].clone(), packed[1].clone(), *packed[2:]) for _ in range(n - 1)]
+    n = _copies(packed.records.numel() * 4, dev)
+    copies = [packed] + [
+        dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
+        for _ in range(n - 1)
+    ]
     for cfg in CONFIGS:
         cfg = dict(cfg, BF16=0)
         y.fill_(float("nan"))
-        launch(kern, cfg, xt, tokens, packed, rows, y)
+        launch(cfg, xt, tokens, packed, y)
         err = ((y.float() - ref).norm() / ref.norm()).item()
         if not err < 1e-2:
             raise RuntimeError(f"mma.sp kernel wrong at {name} {tokens} tokens {pat} {cfg}: relative error {err}")
         key = " ".join(f"{k}={v}" for k, v in cfg.items() if k != "BF16")
-        rec["configs_us"][key] = time_graph([lambda pk=pk, cfg=cfg: launch(kern, cfg, xt, tokens, pk, rows, y)
+        rec["configs_us"][key] = time_graph([lambda pk=pk, cfg=cfg: launch(cfg, xt, tokens, pk, y)
                                              for pk in copies])  # fmt: skip
     best = min(rec["configs_us"], key=rec["configs_us"].get)
     rec["best_config"], rec["vnm_sp_us"] = best, rec["configs_us"][best]
     cfg = dict({k: int(v) for k, v in (kv.split("=") for kv in best.split())}, BF16=0)
-    rec["vnm_sp_with_transpose_us"] = time_graph([lambda: launch(kern, cfg, feature_major(x), tokens, packed, rows, y)])
+    rec["vnm_sp_with_transpose_us"] = time_graph([lambda: launch(cfg, feature_major(x), tokens, packed, y)])
     rec["transpose_us"] = time_graph([lambda: feature_major(x)])
     return rec
 
@@ -315,7 +185,7 @@ def to_markdown(results: dict) -> str:
         "",
         f"torch {meta['torch']}, CUDA {meta['cuda']}, {meta['dtype']}, {meta['date_utc']} UTC. Command: `{meta['command']}`",
         "",
-        "Kernel: benchmarks/csrc/vnm_mma_sp.cu (NVRTC), not used by vnm::linear. Timing: CUDA graphs, median of 30 "
+        "Kernel: vnm_compile/kernels/csrc/vnm_mma_sp.cu (NVRTC, `kernels.sparse_tc`), not used by vnm::linear. Timing: CUDA graphs, median of 30 "
         "replays, V:N:M weights rotated through copies > 3x L2; best of the tile configs listed in the JSON. "
         "2:4 = cuSPARSELt with feature-major activations. `x^T given`: the kernel reads feature-major "
         "activations; `+ transpose`: the transpose of x (one Triton launch) counted in.",
@@ -362,20 +232,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_tc needs a CUDA GPU")
+    from vnm_compile.kernels.sparse_tc import METADATA_MAP, probe_metadata_map
+
     t0 = time.time()
-    kern = Kernels()
-    meta_map = probe_metadata_map(kern)
-    log.info("metadata layout probed: lane 4g holds rows g / g+8 of groups 0-3, lane 4g+1 groups 4-7: %s",
-             all(meta_map[(4 * (r % 8) + c // 4, c % 4 + 4 * (r // 8))] == (r, c)
-                 for r in range(16) for c in range(8)))  # fmt: skip
-    worst = check_correctness(kern, meta_map)
+    meta_map = probe_metadata_map()
+    log.info("metadata layout probed; the packer's METADATA_MAP matches it: %s", meta_map == METADATA_MAP)
+    if meta_map != METADATA_MAP:
+        raise SystemExit("this GPU's mma.sp metadata layout differs from vnm_compile.kernels.sparse_tc.METADATA_MAP")
+    worst = check_correctness()
     log.info("correctness: worst relative error %.2e", worst)
-    peaks = peak_rates(kern)
+    peaks = peak_rates()
     log.info("peak rates (TFLOP/s): %s", {k: round(v) for k, v in peaks.items()})
     records = []
     cases = [(n, r, c, t) for n, r, c in LLAMA for t in (2048, 8192)] + [(n, r, c, 12608) for n, r, c in DEIT]
     for (name, rows, cols, tokens), pat in itertools.product(cases, args.patterns):
-        rec = time_case(kern, meta_map, name, rows, cols, tokens, pat)
+        rec = time_case(name, rows, cols, tokens, pat)
         records.append(rec)
         log.info("%-18s %5dx%-5d %5d %-7s dense %7.1f  2:4 %.2fx  mma.sp %7.1f %.2fx (+transpose %.2fx) [%s]",
                  name, rows, cols, tokens, pat, rec["dense_us"], rec["dense_us"] / rec["cslt_us"], rec["vnm_sp_us"],

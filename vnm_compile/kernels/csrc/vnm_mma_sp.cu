@@ -1,10 +1,10 @@
 // Experimental V:N:M (n = 2) GEMM on the sparse tensor cores (legacy warp-level mma.sp.m16n8k32), compiled at
-// run time with NVRTC by benchmarks/bench_sparse_tc.py: y[t, o] = sum_k x[t, k] W[o, k] (+ bias[o]).
+// run time with NVRTC by vnm_compile/kernels/sparse_tc.py: y[t, o] = sum_k x[t, k] W[o, k] (+ bias[o]).
 //
 // Each 64-row V block is one warp row (4 m16 tiles); a warp covers NT 8-token n-tiles. Every k-step takes
 // 8 groups of the block: 32 kept columns, 2:4 inside each group's 4 -> one mma.sp k32. A STAGES-deep cp.async
-// pipeline brings, per (block, k-step), the pre-packed A fragments + metadata (one 2560-byte record, packed
-// by the script) and the block's 32 gathered rows of x^T (feature-major activations, tokens contiguous,
+// pipeline brings, per (block, k-step), the pre-packed A fragments + metadata (one 2560-byte record, written
+// by sparse_tc.pack_sparse_tc) and the block's 32 gathered rows of x^T (feature-major activations, tokens contiguous,
 // 16-byte chunks, XOR-swizzled so ldmatrix.trans reads them without bank conflicts). The gather indices
 // (absolute input columns, so an input permutation costs nothing) sit in shared memory for the whole run.
 // The epilogue adds the bias and stages the tile in shared memory for 16-byte token-major stores (or

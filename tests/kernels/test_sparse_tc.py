@@ -1,0 +1,136 @@
+"""kernels.sparse_tc (the experimental mma.sp kernel). On CPU: the packer's records, read back through the
+mma.sp operand layouts (A fragments in the dense m16n8k16 layout on the compressed 16x16 tile, the metadata
+map the GPU probe measured), rebuild exactly the weight the VNMWeight stores; bad input is refused. On a
+GPU: the kernel against a float32 reference."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vnm_compile.format import VNMWeight
+from vnm_compile.kernels.sparse_tc import (
+    METADATA_MAP,
+    pack_sparse_tc,
+    probe_metadata_map,
+    sparse_tc_available,
+    sparse_tc_linear,
+)
+from vnm_compile.masks import vnm_mask
+from vnm_compile.pattern import VNMPattern
+
+ROOT = Path(__file__).resolve().parents[2]
+gpu = pytest.mark.skipif(not sparse_tc_available(), reason="needs a CUDA GPU of compute capability >= 8.0")
+
+
+def test_metadata_map_is_the_one_measured_on_the_gpu():
+    recorded = json.loads((ROOT / "benchmarks/results/nvidia-h200/sparse_tc.json").read_text())["meta"]
+    measured = {tuple(map(int, k.split(","))): tuple(v) for k, v in recorded["metadata_map"].items()}
+    assert measured == METADATA_MAP and len(METADATA_MAP) == 128
+
+
+def vnm_weight(rows, cols, pattern, permute, dtype, device="cpu", seed=0):
+    p = VNMPattern.parse(pattern)
+    gen = torch.Generator().manual_seed(rows * cols + seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    ip = torch.randperm(cols, generator=gen) if permute else None
+    op = torch.randperm(rows, generator=gen) if permute else None
+    mask = vnm_mask(weight.abs()[op][:, ip] if permute else weight.abs(), p)
+    if permute:  # the mask holds the pattern in permuted coordinates
+        unpermuted = torch.zeros_like(mask)
+        unpermuted[op.unsqueeze(1), ip.unsqueeze(0)] = mask
+        mask = unpermuted
+    w = VNMWeight.from_dense(weight.to(dtype), mask, p, in_perm=ip, out_perm=op)
+    return w.to(device)
+
+
+def rebuild(rec, idx, nb, nkc, meta_map, cols, dtype):
+    """What mma.sp computes with these operands, as a dense (nb * 64, cols) weight (float64)."""
+    a = rec[..., :512].contiguous().view(dtype).view(nb, nkc, 4, 8, 4, 2, 2, 2)  # mt, g, q, gh, h, slot
+    e = (rec[..., 512:].to(torch.int64) & 0xFFFFFFFF).view(nb, nkc, 4, 32)
+    col_idx = idx.to(torch.int64) & 0xFFFF  # (nb, nkc, 32)
+    dense = torch.zeros(nb * 64, cols, dtype=torch.float64)
+    blocks = torch.arange(nb).view(nb, 1, 1) * 64 + torch.arange(4).view(1, 1, 4) * 16
+    steps = torch.arange(nkc).view(1, nkc, 1)
+    for (lane, nib), (r, c) in meta_map.items():
+        code = (e[..., lane] >> (4 * nib)) & 0xF  # (nb, nkc, mt)
+        assert int((code & 3).min()) >= 0 and bool(((code & 3) < (code >> 2)).all())  # ordered positions
+        for slot, pos in ((0, code & 3), (1, code >> 2)):
+            value = a[:, :, :, r % 8, c % 4, c // 4, r // 8, slot].double()
+            column = col_idx[torch.arange(nb).view(nb, 1, 1), steps, 4 * c + pos]
+            row = (blocks + r).expand_as(column)
+            dense.index_put_((row.flatten(), column.flatten()), value.flatten(), accumulate=True)
+    return dense
+
+
+@pytest.mark.parametrize(
+    "rows, cols, pattern, permute",
+    [(200, 97, "64:2:8", False), (257, 515, "128:2:8", True), (64, 40, "64:2:5", True), (130, 300, "64:2:16", False),
+     (70, 45, "64:2:7", False)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_records_rebuild_the_weight(rows, cols, pattern, permute, dtype):
+    w = vnm_weight(rows, cols, pattern, permute, dtype)
+    packed = pack_sparse_tc(w)
+    rec, idx = packed.records, packed.columns
+    nb, nkc = rec.shape[:2]
+    assert rec.shape == (nb, nkc, 640) and idx.shape == (nb, nkc, 32) and nkc % 2 == 0
+    assert (packed.out_features, packed.in_features, packed.dtype) == (rows, cols, dtype)
+    stored = rebuild(rec, idx, nb, nkc, METADATA_MAP, cols, dtype)
+    rows_out = w.row_index.long() if w.row_index is not None else torch.arange(nb * 64)
+    keep = (rows_out >= 0) & (rows_out < rows)
+    assert len(rows_out) == nb * 64
+    rebuilt = torch.zeros(rows, cols, dtype=torch.float64)
+    rebuilt[rows_out[keep]] = stored[keep]
+    assert torch.equal(rebuilt, w.to_dense().double())
+    assert not stored[~keep].any()  # padding rows hold zeros
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    w32 = VNMWeight.from_dense(torch.randn(32, 40), vnm_mask(torch.rand(32, 40), VNMPattern.parse("32:2:5")), "32:2:5")
+    with pytest.raises(ValueError, match="V a multiple of 64"):
+        pack_sparse_tc(w32)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        pack_sparse_tc(vnm_weight(64, 40, "64:2:5", False, torch.float32))
+    with pytest.raises(TypeError, match="VNMWeight"):
+        pack_sparse_tc(torch.randn(64, 40))
+    packed = pack_sparse_tc(vnm_weight(64, 40, "64:2:5", False, torch.float16))
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        sparse_tc_linear(torch.randn(3, 40, dtype=torch.float16), packed)
+    with pytest.raises(TypeError, match="SparseTCWeight"):
+        sparse_tc_linear(torch.randn(3, 40, dtype=torch.float16), vnm_weight(64, 40, "64:2:5", False, torch.float16))
+
+
+@gpu
+def test_probe_agrees_with_the_packer_on_this_gpu():
+    assert probe_metadata_map() == METADATA_MAP
+
+
+@gpu
+@pytest.mark.parametrize(
+    "rows, cols, lead, pattern, permute",
+    [(64, 40, (5,), "64:2:5", False), (200, 97, (3, 13), "64:2:8", True), (128, 300, (130,), "64:2:16", False),
+     (257, 515, (2, 150), "128:2:8", True), (64, 16, (1,), "64:2:8", False), (192, 512, (129,), "64:2:7", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_float32(rows, cols, lead, pattern, permute, dtype, with_bias):
+    w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=1)
+    packed = pack_sparse_tc(w)
+    x = torch.randn(*lead, cols + 5, device="cuda", dtype=dtype)[..., :cols]  # non-contiguous rows
+    bias = torch.randn(rows, device="cuda", dtype=dtype) if with_bias else None
+    ref = x.float() @ w.to_dense().float().t() + (bias.float() if with_bias else 0)
+    y = sparse_tc_linear(x, packed, bias)
+    assert y.shape == (*lead, rows) and y.dtype == dtype
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+@gpu
+def test_kernel_refuses_mismatched_input():
+    packed = pack_sparse_tc(vnm_weight(64, 40, "64:2:5", False, torch.float16, device="cuda"))
+    with pytest.raises(ValueError, match="features"):
+        sparse_tc_linear(torch.randn(3, 41, device="cuda", dtype=torch.float16), packed)
+    with pytest.raises(ValueError, match="bfloat16"):
+        sparse_tc_linear(torch.randn(3, 40, device="cuda", dtype=torch.bfloat16), packed)

@@ -1,0 +1,289 @@
+"""V:N:M on the sparse tensor cores (experimental): a CUDA kernel on the warp-level ``mma.sp`` instruction.
+
+Triton has no sparse tensor-core instruction, so ``vnm::linear``'s prefill kernel runs dense tensor cores
+over each block's 4 kept columns. For n = 2, the 2:4 structure inside those 4 columns is exactly what
+``mma.sp.m16n8k32`` takes, so a CUDA kernel can use the sparse tensor cores directly: csrc/vnm_mma_sp.cu,
+compiled at run time with NVRTC through PyTorch's CUDA build (``torch.cuda._utils``, a private API; no
+CUDA toolkit needed) and launched through the driver.
+
+    packed = pack_sparse_tc(w)          # once per weight: fragment-ordered values + metadata, indices
+    y = sparse_tc_linear(x, packed, bias)
+
+Limits: CUDA, compute capability >= 8.0, fp16/bf16, n = 2, V a multiple of 64, fewer than 65536 input
+features. x is transposed to feature-major per call (one Triton launch). Not used by ``vnm::linear`` or the
+compiler yet; benchmarks/bench_sparse_tc.py measures it (benchmarks/results/nvidia-h200/sparse_tc.md: on an
+H200 it beats the Triton prefill path, but reaches only 20-40 % of the instruction's peak).
+
+The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
+H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP`; the first launch on a device probes again
+and refuses to run if the GPU disagrees.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..format import VNMWeight, _unpack_meta
+
+__all__ = [
+    "METADATA_MAP",
+    "SparseTCWeight",
+    "pack_sparse_tc",
+    "probe_metadata_map",
+    "sparse_tc_available",
+    "sparse_tc_linear",
+]
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "vnm_mma_sp.cu"
+
+# (lane, 4-bit field) -> (row of the 16-row tile, 4-column group of the 32-wide k-step): lane 4g holds row
+# g (fields 0-3) and row g + 8 (fields 4-7) for groups 0-3, lane 4g + 1 the same for groups 4-7.
+METADATA_MAP: dict[tuple[int, int], tuple[int, int]] = {
+    (4 * g + half, field + 4 * upper): (g + 8 * upper, field + 4 * half)
+    for g, half, upper, field in itertools.product(range(8), range(2), range(2), range(4))
+}
+
+# Tile configurations (compile-time defines); DEFAULT_CONFIG was the best or near-best one on an H200 on the
+# Llama-2-7B and DeiT-base shapes (sparse_tc.md).
+DEFAULT_CONFIG = {"WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4}
+
+
+@dataclass(frozen=True)
+class SparseTCWeight:
+    """A VNMWeight laid out for the mma.sp kernel (pack_sparse_tc)."""
+
+    records: Tensor  # (blocks, steps, 640) int32: per 64-row block and 8-group k-step, A fragments + metadata
+    columns: Tensor  # (blocks, steps, 32) int16: the k-step's 32 kept input columns (as unsigned 16-bit)
+    row_index: Tensor | None  # output row of each stored row (output permutation), or None
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.records.device
+
+
+def sparse_tc_available(device: torch.device | str | None = None) -> bool:
+    """Whether sparse_tc_linear can run here: a CUDA device of compute capability >= 8.0 and PyTorch's
+    NVRTC helpers."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWeight:
+    """Lay ``w`` out for the mma.sp kernel (same bytes as its values + metadata, plus 2 bytes per kept
+    column index). Per 64-row block and k-step of 8 groups: the 4 m16 tiles' A fragments (compressed 16x16,
+    dense m16n8k16 register layout, lane-major) then their metadata words, and the 32 kept input columns.
+    The number of k-steps is padded to even with zero groups."""
+    if not isinstance(w, VNMWeight):
+        raise TypeError(f"pack_sparse_tc takes a VNMWeight, got {type(w).__name__}")
+    if w.pattern.n != 2 or w.block_rows % 64:
+        raise ValueError(f"the mma.sp kernel needs n = 2 and V a multiple of 64, got {w.pattern}")
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the mma.sp kernel takes float16 or bfloat16 weights, got {w.dtype}")
+    if w.in_features >= 1 << 16:
+        raise ValueError(f"the mma.sp kernel needs fewer than 65536 input features, got {w.in_features}")
+    meta_map = METADATA_MAP if metadata_map is None else metadata_map
+    rows_p, groups = w.values.shape[0], w.columns.shape[1]
+    blocks, steps = rows_p // 64, -(-groups // 16) * 2
+    gp = steps * 8
+    vals = w.values.view(rows_p, groups, 2)
+    pos = _unpack_meta(w.meta, 2, groups)
+    order = pos.argsort(-1)  # mma.sp::ordered_metadata: the two positions ascending
+    pos, vals = pos.gather(-1, order), vals.gather(-1, order)
+    cols = w.columns.long().repeat_interleave(w.block_rows // 64, 0)
+    if gp != groups:  # zero groups reading column 0
+        vals = torch.cat([vals, vals.new_zeros(rows_p, gp - groups, 2)], 1)
+        pos = torch.cat([pos, torch.tensor([0, 1], device=pos.device).expand(rows_p, gp - groups, 2)], 1)
+        cols = torch.cat([cols, cols.new_zeros(blocks, gp - groups, 4)], 1)
+    # A: row = mt*16 + h*8 + g, group = step*8 + gh*4 + q -> lane (g, q), register (gh, h), two halves
+    a = vals.reshape(blocks, 4, 2, 8, steps, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).contiguous()
+    afrag = a.view(torch.int32).reshape(blocks, steps, 512)
+    code = (pos[..., 0] | (pos[..., 1] << 2)).reshape(blocks, 4, 16, steps, 8)  # (block, mt, row, step, group)
+    e = torch.zeros(blocks, steps, 4, 32, dtype=torch.int64, device=pos.device)
+    for (lane, field), (r, c) in meta_map.items():
+        e[:, :, :, lane] |= code[:, :, r, :, c].permute(0, 2, 1) << (4 * field)
+    efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 128)
+    idx = cols.reshape(blocks, steps, 32)
+    idx = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
+    return SparseTCWeight(
+        torch.cat([afrag, efrag], -1).contiguous(), idx.contiguous(), w.row_index, w.out_features,
+        w.in_features, w.dtype,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- compilation and launch
+class _Kernels:
+    """NVRTC-compiled entry points of vnm_mma_sp.cu, one module per (device, compile-time defines)."""
+
+    def __init__(self) -> None:
+        self._src = SOURCE.read_text()
+        self._cache: dict = {}
+        self.checked: set[int] = set()
+
+    def get(self, name: str, **defines):
+        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+        key = (torch.cuda.current_device(), name, tuple(sorted(defines.items())))
+        if key not in self._cache:
+            code, mangled = _nvrtc_compile(self._src, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
+            kernel = _cuda_load_module(code, [mangled])[mangled]
+            if name == "vnm_mma_sp_gemm":
+                props = torch.cuda.get_device_properties(torch.cuda.current_device())
+                kernel.set_shared_memory_config(getattr(props, "shared_memory_per_block_optin", 48 << 10))
+            self._cache[key] = kernel
+        return self._cache[key]
+
+
+_KERNELS: _Kernels | None = None
+
+
+def _kernels() -> _Kernels:
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _Kernels()
+    return _KERNELS
+
+
+def probe_metadata_map(device: torch.device | str | None = None) -> dict[tuple[int, int], tuple[int, int]]:
+    """Measure the mma.sp.m16n8k32 f16 metadata layout on this GPU: every 4-bit field of every lane is
+    flipped from positions (0, 1) to (2, 3), and the output rows that move say which row and group it
+    encodes. Also checks the A (compressed 16x16 in the dense m16n8k16 layout), B and C layouts the packer
+    assumes. Raises RuntimeError when the GPU disagrees."""
+    dev = torch.device("cuda", torch.cuda.current_device() if device is None else torch.device(device).index)
+    with torch.cuda.device(dev):
+        k = _kernels().get("probe_mma_sp")
+        gen = torch.Generator().manual_seed(0)
+        vals = torch.randn(16, 8, 2, generator=gen).half()  # compressed A: row, group, slot
+        bmat = torch.randn(32, 8, generator=gen).half()  # logical K x N
+        a = torch.empty(32, 4, 2, dtype=torch.half)
+        b = torch.empty(32, 4, 2, dtype=torch.half)
+        for lane in range(32):
+            g, q = divmod(lane, 4)
+            a[lane] = torch.stack([vals[g, q], vals[g + 8, q], vals[g, q + 4], vals[g + 8, q + 4]])
+            for r in range(4):
+                b[lane, r] = bmat[2 * q + 8 * r : 2 * q + 8 * r + 2, g]
+        a_u, b_u = a.view(torch.int32).view(32, 4).to(dev), b.view(torch.int32).view(32, 4).to(dev)
+
+        def run(words: list[int]) -> Tensor:
+            meta = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in words], dtype=torch.int32, device=dev)
+            d = torch.full((32, 4), float("nan"), device=dev)
+            k((1, 1, 1), (32, 1, 1), [a_u, b_u, meta, d])
+            d = d.cpu()
+            out = torch.empty(16, 8)
+            for lane in range(32):
+                g, q = divmod(lane, 4)
+                out[g, 2 * q : 2 * q + 2], out[g + 8, 2 * q : 2 * q + 2] = d[lane, :2], d[lane, 2:]
+            return out
+
+        def dense_a(moved: tuple[int, int] | None) -> Tensor:
+            full = torch.zeros(16, 32)
+            for r, c in itertools.product(range(16), range(8)):
+                base = 4 * c + (2 if (r, c) == moved else 0)
+                full[r, base : base + 2] = vals[r, c].float()
+            return full
+
+        ref0 = dense_a(None) @ bmat.float()
+        d0 = run([0x44444444] * 32)
+        err = (d0 - ref0).abs().max().item()
+        if not err < 1e-2:
+            raise RuntimeError(f"mma.sp probe: A/B/C fragment layouts differ from the packer's (max error {err})")
+        found: dict[tuple[int, int], tuple[int, int]] = {}
+        for lane, field in itertools.product(range(32), range(8)):
+            words = [0x44444444] * 32
+            words[lane] = (words[lane] & ~(0xF << (4 * field))) | (0xE << (4 * field))
+            delta = run(words) - d0
+            if delta.abs().max() < 1e-3:
+                continue
+            hits = [
+                (r, c)
+                for r in (delta.abs().amax(1) > 1e-3).nonzero().flatten().tolist()
+                for c in range(8)
+                if ((dense_a((r, c)) @ bmat.float() - ref0)[r] - delta[r]).abs().max() < 1e-2
+            ]
+            if len(hits) != 1:
+                raise RuntimeError(f"mma.sp probe: lane {lane} field {field} is ambiguous: {hits}")
+            found[(lane, field)] = hits[0]
+        if sorted(found.values()) != [(r, c) for r in range(16) for c in range(8)]:
+            raise RuntimeError(f"mma.sp probe: metadata map incomplete ({len(found)} of 128 fields)")
+    return found
+
+
+def _check_device(device: torch.device) -> None:
+    kernels = _kernels()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in kernels.checked:
+        found = probe_metadata_map(device)
+        if found != METADATA_MAP:
+            raise RuntimeError(
+                f"mma.sp on {torch.cuda.get_device_name(device)} uses another metadata layout than the packer's; "
+                "sparse_tc_linear refuses to run (pack_sparse_tc(w, probe_metadata_map()) would match it)"
+            )
+        kernels.checked.add(index)
+
+
+def _smem_bytes(cfg: dict, steps: int) -> int:
+    tn = 8 * cfg["NT"] * cfg["WN"]
+    pipe = cfg["STAGES"] * cfg["WR"] * cfg["KSUB"] * (32 * tn * 2 + 2560) + cfg["WR"] * steps * 64
+    return max(pipe, cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144)
+
+
+def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
+    """One kernel launch: x^T (feature-major, zero past ``tokens``, row stride a multiple of 8) -> y
+    (tokens, out_features). No checks: sparse_tc_linear's job."""
+    cfg = dict(config, BF16=int(w.dtype == torch.bfloat16))
+    k = _kernels().get("vnm_mma_sp_gemm", **cfg)
+    blocks, steps = w.records.shape[:2]
+    if steps % cfg["KSUB"]:
+        raise ValueError(f"KSUB={cfg['KSUB']} does not divide the weight's {steps} k-steps")
+    tn = 8 * cfg["NT"] * cfg["WN"]
+    k(
+        (-(-blocks // cfg["WR"]), -(-tokens // tn), 1), (cfg["WR"] * cfg["WN"] * 32, 1, 1),
+        [xt, xt.stride(0), tokens, w.records, w.columns, blocks, steps, y, y.stride(0), w.out_features,
+         y if bias is None else bias, int(bias is not None), w.columns if w.row_index is None else w.row_index,
+         int(w.row_index is not None)],
+        shared_mem=_smem_bytes(cfg, steps),
+    )  # fmt: skip
+
+
+def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, config: dict | None = None) -> Tensor:
+    """``F.linear(x, W, bias)`` for any leading dims of x, on the sparse tensor cores (see the module doc)."""
+    if not isinstance(w, SparseTCWeight):
+        raise TypeError(f"sparse_tc_linear takes a SparseTCWeight (pack_sparse_tc), got {type(w).__name__}")
+    if not isinstance(x, Tensor) or x.device.type != "cuda":
+        raise ValueError(f"sparse_tc_linear runs on CUDA tensors only, got x on {getattr(x, 'device', type(x))}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the packed weight is on {w.device}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x is {x.dtype} but the packed weight is {w.dtype}")
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {w.in_features}")
+    if bias is not None and (bias.shape != (w.out_features,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be a ({w.out_features},) {x.dtype} tensor on {x.device}")
+    if not sparse_tc_available(x.device):
+        raise RuntimeError("sparse_tc_linear needs compute capability >= 8.0 and PyTorch's NVRTC helpers")
+    from .vnm_triton import _feature_major
+
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0]
+    y = torch.empty(tokens, w.out_features, device=x.device, dtype=x.dtype)
+    if tokens == 0:
+        return y.reshape(*x.shape[:-1], w.out_features)
+    with torch.cuda.device(x.device):
+        _check_device(x.device)
+        xt = _feature_major(x2, -(-tokens // 8) * 8, False)
+        launch(xt, tokens, w, y, None if bias is None else bias.contiguous(), config or DEFAULT_CONFIG)
+    return y.reshape(*x.shape[:-1], w.out_features)
