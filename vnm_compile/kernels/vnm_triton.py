@@ -165,6 +165,24 @@ if HAS_TRITON:  # a device function: jitted (or interpreted, under TRITON_INTERP
     _dense_tile = triton.jit(_dense_tile)
 
 
+def _store_rows(y, rows, t, y_ptr, stride_yt, ridx_ptr, bias_ptr, OUT, HAS_RIDX: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Token t's outputs of the stored ``rows``: through the output permutation (row index; -1 and
+    padding rows are dropped), plus the bias, cast to y's dtype."""
+    if HAS_RIDX:
+        dest = tl.load(ridx_ptr + rows)
+        ok = (dest >= 0) & (dest < OUT)
+    else:
+        dest = rows
+        ok = rows < OUT
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+if HAS_TRITON:
+    _store_rows = triton.jit(_store_rows)
+
+
 def _fma_kernel(
     # pointers
     x_ptr,  # (T, K) activations, any strides
@@ -273,15 +291,7 @@ def _fma_kernel(
         acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
 
     y = tl.sum(acc, axis=1)
-    if HAS_RIDX:
-        dest = tl.load(ridx_ptr + rows)
-        ok = (dest >= 0) & (dest < OUT)
-    else:
-        dest = rows
-        ok = rows < OUT
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
+    _store_rows(y, rows, t, y_ptr, stride_yt, ridx_ptr, bias_ptr, OUT, HAS_RIDX, HAS_BIAS)
 
 
 def _dot_kernel(
@@ -502,15 +512,7 @@ def _rows_kernel(
 
     y = tl.reshape(tl.sum(acc, axis=1), (BLOCK_Q * R,))
     rows = q0 * R + tl.arange(0, BLOCK_Q * R)
-    if HAS_RIDX:
-        dest = tl.load(ridx_ptr + rows)
-        ok = (dest >= 0) & (dest < OUT)
-    else:
-        dest = rows
-        ok = rows < OUT
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
+    _store_rows(y, rows, t, y_ptr, stride_yt, ridx_ptr, bias_ptr, OUT, HAS_RIDX, HAS_BIAS)
 
 
 def _expand_kernel(
