@@ -53,18 +53,12 @@ def launch(cfg: dict, xt, tokens: int, packed, y, bias=None):
     sp_launch(xt, tokens, packed, y, bias, cfg)
 
 
-def feature_major(x):
-    from vnm_compile.kernels.vnm_triton import _feature_major
-
-    return _feature_major(x, -(-x.shape[0] // 8) * 8, False)
-
-
 # --------------------------------------------------------------------------- steps
 def check_correctness() -> float:
     import torch
 
     from vnm_compile.format import VNMWeight
-    from vnm_compile.kernels.sparse_tc import pack_sparse_tc, sparse_tc_linear
+    from vnm_compile.kernels.sparse_tc import feature_major, pack_sparse_tc, sparse_tc_linear
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 
@@ -134,7 +128,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
     from vnm_compile.format import VNMWeight
     from vnm_compile.kernels.benchmark import _copies, time_graph
     from vnm_compile.kernels.cusparselt import CSLTLinear
-    from vnm_compile.kernels.sparse_tc import pack_sparse_tc
+    from vnm_compile.kernels.sparse_tc import feature_major, pack_sparse_tc
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 

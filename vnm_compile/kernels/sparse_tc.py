@@ -259,6 +259,14 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     )  # fmt: skip
 
 
+def feature_major(x2: Tensor) -> Tensor:
+    """x (tokens, features) -> the kernel's activation layout: x^T (features, tokens rounded up to 8),
+    zeros past the last token (one Triton launch)."""
+    from .vnm_triton import _feature_major
+
+    return _feature_major(x2, -(-x2.shape[0] // 8) * 8, False)
+
+
 def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, config: dict | None = None) -> Tensor:
     """``F.linear(x, W, bias)`` for any leading dims of x, on the sparse tensor cores (see the module doc)."""
     if not isinstance(w, SparseTCWeight):
@@ -275,8 +283,6 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
         raise ValueError(f"bias must be a ({w.out_features},) {x.dtype} tensor on {x.device}")
     if not sparse_tc_available(x.device):
         raise RuntimeError("sparse_tc_linear needs compute capability >= 8.0 and PyTorch's NVRTC helpers")
-    from .vnm_triton import _feature_major
-
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     y = torch.empty(tokens, w.out_features, device=x.device, dtype=x.dtype)
@@ -284,6 +290,5 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
         return y.reshape(*x.shape[:-1], w.out_features)
     with torch.cuda.device(x.device):
         _check_device(x.device)
-        xt = _feature_major(x2, -(-tokens // 8) * 8, False)
-        launch(xt, tokens, w, y, None if bias is None else bias.contiguous(), config or DEFAULT_CONFIG)
+        launch(feature_major(x2), tokens, w, y, None if bias is None else bias.contiguous(), config or DEFAULT_CONFIG)
     return y.reshape(*x.shape[:-1], w.out_features)
