@@ -249,13 +249,20 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     blocks, steps = w.records.shape[:2]
     if steps % cfg["KSUB"]:
         raise ValueError(f"KSUB={cfg['KSUB']} does not divide the weight's {steps} k-steps")
+    smem = _smem_bytes(cfg, steps)
+    limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
+    if smem > limit:
+        raise ValueError(
+            f"config {config} needs {smem} bytes of shared memory for {w.in_features} input features "
+            f"(the device allows {limit}): use fewer V blocks per CTA (WR) or stages"
+        )
     tn = 8 * cfg["NT"] * cfg["WN"]
     k(
         (-(-blocks // cfg["WR"]), -(-tokens // tn), 1), (cfg["WR"] * cfg["WN"] * 32, 1, 1),
         [xt, xt.stride(0), tokens, w.records, w.columns, blocks, steps, y, y.stride(0), w.out_features,
          y if bias is None else bias, int(bias is not None), w.columns if w.row_index is None else w.row_index,
          int(w.row_index is not None)],
-        shared_mem=_smem_bytes(cfg, steps),
+        shared_mem=smem,
     )  # fmt: skip
 
 
