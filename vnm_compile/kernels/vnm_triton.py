@@ -643,13 +643,16 @@ def _splitk_reduce_kernel(
 
 def _transpose_kernel(
     x_ptr,  # (T, K) any strides
-    y_ptr,  # (K, TP) feature-major copy, TP >= T (columns T..TP-1 are padding: zeros)
+    y_ptr,  # (KO, TP) feature-major copy, TP >= T (columns T..TP-1 are padding: zeros)
+    rows_ptr,  # (KO,) int32 source feature of each output row, -1 for a zero row (when HAS_ROWS)
     T,
     TP,
     K,
+    KO,
     stride_xt,
     stride_xk,
     stride_yk,
+    HAS_ROWS: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -657,13 +660,16 @@ def _transpose_kernel(
     # a tiled copy with both sides coalesced (Triton converts the layout in shared memory).
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     k = tl.program_id(1) * BK + tl.arange(0, BK)
-    kmask = (k < K)[None, :]
+    if HAS_ROWS:
+        src = tl.load(rows_ptr + k, mask=k < KO, other=-1)
+    else:
+        src = k
     tile = tl.load(
-        x_ptr + t.to(tl.int64)[:, None] * stride_xt + k.to(tl.int64)[None, :] * stride_xk,
-        mask=(t < T)[:, None] & kmask,
+        x_ptr + t.to(tl.int64)[:, None] * stride_xt + src.to(tl.int64)[None, :] * stride_xk,
+        mask=(t < T)[:, None] & ((src >= 0) & (src < K))[None, :],
         other=0.0,
     )
-    tl.store(y_ptr + k.to(tl.int64)[None, :] * stride_yk + t[:, None], tile, mask=(t < TP)[:, None] & kmask)
+    tl.store(y_ptr + k.to(tl.int64)[None, :] * stride_yk + t[:, None], tile, mask=(t < TP)[:, None] & (k < KO)[None, :])
 
 
 _KERNEL_FNS = {
@@ -849,14 +855,17 @@ def _interpret_config(v: int, tokens: int, rows: int = 0) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launch
-def _feature_major(x2: Tensor, padded_tokens: int, interpret: bool) -> Tensor:
-    """x (T, K) -> (K, padded_tokens) contiguous copy, zeros past T (one transpose launch)."""
+def _feature_major(x2: Tensor, padded_tokens: int, interpret: bool, rows: Tensor | None = None) -> Tensor:
+    """x (T, K) -> (K, padded_tokens) contiguous copy, zeros past T (one transpose launch). With ``rows``
+    (int32, -1 for a zero row), output row i is input feature rows[i]."""
     tokens, k = x2.shape
-    xt = torch.empty((k, padded_tokens), dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(padded_tokens, 64), triton.cdiv(k, 64))
+    ko = k if rows is None else rows.numel()
+    xt = torch.empty((ko, padded_tokens), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(padded_tokens, 64), triton.cdiv(ko, 64))
     _kernel("transpose", interpret)[grid](
-        x2, xt, tokens, padded_tokens, k, x2.stride(0), x2.stride(1), xt.stride(0), BT=64, BK=64
-    )
+        x2, xt, x2 if rows is None else rows, tokens, padded_tokens, k, ko, x2.stride(0), x2.stride(1), xt.stride(0),
+        HAS_ROWS=rows is not None, BT=64, BK=64,
+    )  # fmt: skip
     return xt
 
 
