@@ -3,6 +3,7 @@ mma.sp operand layouts (A fragments in the dense m16n8k16 layout on the compress
 map the GPU probe measured), rebuild exactly the weight the VNMWeight stores; bad input is refused. On a
 GPU: the kernel against a float32 reference."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,16 +13,28 @@ import torch
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels.sparse_tc import (
     METADATA_MAP,
+    default_config,
+    launch,
     pack_sparse_tc,
     probe_metadata_map,
     sparse_tc_available,
     sparse_tc_linear,
 )
+from vnm_compile.kernels.vnm_triton import _feature_major, interpreter_ready
 from vnm_compile.masks import vnm_mask
 from vnm_compile.pattern import VNMPattern
 
 ROOT = Path(__file__).resolve().parents[2]
 gpu = pytest.mark.skipif(not sparse_tc_available(), reason="needs a CUDA GPU of compute capability >= 8.0")
+interp = pytest.mark.skipif(not interpreter_ready(), reason="run with TRITON_INTERPRET=1 set before triton loads")
+# the gather kernel, the dense kernel (KSUB = 2, two V blocks per CTA; and with bulk copies of the records
+# + fragments read a k-step ahead, sm_90 only), and the default for the weight
+CONFIGS = [
+    {"KERNEL": "gather", "WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4},
+    {"KERNEL": "dense", "WR": 2, "WN": 2, "NT": 4, "STAGES": 3, "KSUB": 2, "MINB": 1},
+    {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 1, "PF": 1},
+    None,
+]
 
 
 def test_metadata_map_is_the_one_measured_on_the_gpu():
@@ -48,7 +61,7 @@ def vnm_weight(rows, cols, pattern, permute, dtype, device="cpu", seed=0):
 def rebuild(rec, idx, nb, nkc, meta_map, cols, dtype):
     """What mma.sp computes with these operands, as a dense (nb * 64, cols) weight (float64)."""
     a = rec[..., :512].contiguous().view(dtype).view(nb, nkc, 4, 8, 4, 2, 2, 2)  # mt, g, q, gh, h, slot
-    e = (rec[..., 512:].to(torch.int64) & 0xFFFFFFFF).view(nb, nkc, 4, 32)
+    e = (rec[..., 512:640].to(torch.int64) & 0xFFFFFFFF).view(nb, nkc, 4, 32)
     col_idx = idx.to(torch.int64) & 0xFFFF  # (nb, nkc, 32)
     dense = torch.zeros(nb * 64, cols, dtype=torch.float64)
     blocks = torch.arange(nb).view(nb, 1, 1) * 64 + torch.arange(4).view(1, 1, 4) * 16
@@ -75,7 +88,7 @@ def test_packed_records_rebuild_the_weight(rows, cols, pattern, permute, dtype):
     packed = pack_sparse_tc(w)
     rec, idx = packed.records, packed.columns
     nb, nkc = rec.shape[:2]
-    assert rec.shape == (nb, nkc, 640) and idx.shape == (nb, nkc, 32) and nkc % 2 == 0
+    assert rec.shape == (nb, nkc, 648) and idx.shape == (nb, nkc, 32) and nkc % 2 == 0
     assert (packed.out_features, packed.in_features, packed.dtype) == (rows, cols, dtype)
     stored = rebuild(rec, idx, nb, nkc, METADATA_MAP, cols, dtype)
     rows_out = w.row_index.long() if w.row_index is not None else torch.arange(nb * 64)
@@ -85,6 +98,67 @@ def test_packed_records_rebuild_the_weight(rows, cols, pattern, permute, dtype):
     rebuilt[rows_out[keep]] = stored[keep]
     assert torch.equal(rebuilt, w.to_dense().double())
     assert not stored[~keep].any()  # padding rows hold zeros
+
+
+@pytest.mark.parametrize(
+    "rows, cols, pattern, permute",
+    [(200, 97, "64:2:8", False), (257, 515, "128:2:8", True), (64, 40, "64:2:5", True), (130, 300, "64:2:16", True)],
+)  # fmt: skip
+def test_dense_rows_point_at_the_kept_columns(rows, cols, pattern, permute):
+    """The dense kernel reads kept column l of (block, k-step) from x^T row step * 8M + local[l], the
+    transpose fills that row with input feature group_columns[row]: it must be the column the gather
+    kernel reads, and every group's rows must lie in that group's 8M-row window."""
+    w = vnm_weight(rows, cols, pattern, permute, torch.float16)
+    packed = pack_sparse_tc(w)
+    m = w.pattern.m
+    nb, nkc = packed.records.shape[:2]
+    assert packed.group_width == m and packed.group_columns.shape == (nkc * 8 * m,)
+    local = packed.records[..., 640:].contiguous().view(torch.uint8).view(nb, nkc, 32).long()
+    lanes = torch.arange(32)
+    assert bool(((local >= (lanes // 4) * m) & (local < (lanes // 4 + 1) * m)).all())
+    rows_read = local + torch.arange(nkc).view(1, nkc, 1) * 8 * m
+    assert torch.equal(packed.group_columns.long()[rows_read], packed.columns.long() & 0xFFFF)
+    # within a group, each input feature has one row (padding columns read feature 0 with zero weights, so
+    # feature 0 may also sit in the last groups)
+    for group in packed.group_columns.view(-1, m):
+        features = group[group >= 0]
+        assert features.unique().numel() == features.numel()
+
+
+def test_dense_rows_refused_where_a_group_spans_too_many_features():
+    w = vnm_weight(128, 40, "64:2:5", False, torch.float16)
+    columns = w.columns.clone()
+    columns[1, 0] = torch.tensor([5, 6, 7, 8])  # block 1 keeps features of group 1 in group 0
+    packed = pack_sparse_tc(dataclasses.replace(w, columns=columns))
+    assert packed.group_columns is None and packed.group_width == 0
+
+
+def test_default_config_and_kernel_choice():
+    w8, w16 = vnm_weight(128, 96, "64:2:8", True, torch.float16), vnm_weight(128, 96, "64:2:16", False, torch.float16)
+    assert default_config(pack_sparse_tc(w8))["KERNEL"] == "dense"
+    assert default_config(pack_sparse_tc(w16))["KERNEL"] == "gather"
+    w5 = vnm_weight(128, 40, "64:2:5", False, torch.float16)
+    columns = w5.columns.clone()
+    columns[1, 0] = torch.tensor([5, 6, 7, 8])  # block 1 keeps features of group 1 in group 0: no dense rows
+    odd = pack_sparse_tc(dataclasses.replace(w5, columns=columns))
+    assert default_config(odd)["KERNEL"] == "gather"
+    x, y = torch.zeros(40, 8, dtype=torch.float16), torch.zeros(8, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown sparse_tc kernel 'tiled'"):
+        launch(x, 8, odd, y, None, {"KERNEL": "tiled"})
+    with pytest.raises(ValueError, match="no dense x\\^T row order"):
+        launch(x, 8, odd, y, None, dict(default_config(pack_sparse_tc(w8))))
+
+
+@interp
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_transpose_with_rows(with_rows):
+    x = torch.randn(37, 90, dtype=torch.float16)[:, :83]  # strided rows
+    rows = torch.tensor([5, -1, 82, 0, 7, -1] * 11 + [3], dtype=torch.int32) if with_rows else None
+    xt = _feature_major(x, 40, True, rows)
+    want = torch.zeros(83 if rows is None else len(rows), 40, dtype=x.dtype)
+    src = torch.arange(83) if rows is None else rows.long()
+    want[src >= 0, :37] = x[:, src[src >= 0]].t()
+    assert torch.equal(xt, want)
 
 
 def test_bad_input_is_refused_with_a_clear_error():
@@ -115,13 +189,16 @@ def test_probe_agrees_with_the_packer_on_this_gpu():
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kernel_matches_float32(rows, cols, lead, pattern, permute, dtype, with_bias):
+@pytest.mark.parametrize("config", CONFIGS, ids=["gather", "dense", "dense-bulk", "default"])
+def test_kernel_matches_float32(rows, cols, lead, pattern, permute, dtype, with_bias, config):
+    if config and config.get("BULK") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies on mbarriers need compute capability >= 9.0")
     w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=1)
     packed = pack_sparse_tc(w)
     x = torch.randn(*lead, cols + 5, device="cuda", dtype=dtype)[..., :cols]  # non-contiguous rows
     bias = torch.randn(rows, device="cuda", dtype=dtype) if with_bias else None
     ref = x.float() @ w.to_dense().float().t() + (bias.float() if with_bias else 0)
-    y = sparse_tc_linear(x, packed, bias)
+    y = sparse_tc_linear(x, packed, bias, config)
     assert y.shape == (*lead, rows) and y.dtype == dtype
     err = ((y.float() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err

@@ -9,10 +9,16 @@ CUDA toolkit needed) and launched through the driver.
     packed = pack_sparse_tc(w)          # once per weight: fragment-ordered values + metadata, indices
     y = sparse_tc_linear(x, packed, bias)
 
-Limits: CUDA, compute capability >= 8.0, fp16/bf16, n = 2, V a multiple of 64, fewer than 65536 input
-features. x is transposed to feature-major per call (one Triton launch). Not used by ``vnm::linear`` or the
-compiler yet; benchmarks/bench_sparse_tc.py measures it (benchmarks/results/nvidia-h200/sparse_tc.md: on an
-H200 it beats the Triton prefill path, but reaches only 20-40 % of the instruction's peak).
+Two kernels (``config["KERNEL"]``): "gather" stages each V block's 32 kept rows of x^T per k-step;
+"dense" stages the 8 groups' 8M rows of x^T once per CTA, shared by its V blocks, and picks the kept
+rows through ldmatrix's per-lane row addresses (needs the packer's ``group_columns``: x^T in that row
+order). :func:`default_config` picks dense for M <= 8.
+
+Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0), fp16/bf16, n = 2, V a
+multiple of 64, fewer than 65536 input features. x is transposed to feature-major per call (one Triton
+launch). Not used by ``vnm::linear`` or the compiler yet; benchmarks/bench_sparse_tc.py measures it
+(benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.13-1.35x cuBLAS at 64:2:8 on Llama-2-7B
+prefill shapes, x^T given; 42-57 % of the instruction's peak).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
 H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP`; the first launch on a device probes again
@@ -34,6 +40,7 @@ from ..format import VNMWeight, _unpack_meta
 __all__ = [
     "METADATA_MAP",
     "SparseTCWeight",
+    "default_config",
     "pack_sparse_tc",
     "probe_metadata_map",
     "sparse_tc_available",
@@ -50,21 +57,34 @@ METADATA_MAP: dict[tuple[int, int], tuple[int, int]] = {
     for g, half, upper, field in itertools.product(range(8), range(2), range(2), range(4))
 }
 
-# Tile configurations (compile-time defines); DEFAULT_CONFIG was the best or near-best one on an H200 on the
-# Llama-2-7B and DeiT-base shapes (sparse_tc.md).
-DEFAULT_CONFIG = {"WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4}
+# Tile configurations (compile-time defines), the best on an H200 (sparse_tc.md): M <= 8, the dense kernel
+# (x^T rows shared by 4 V blocks, two k-steps per stage; bulk copies of the records, BULK=1, won by up to
+# 8 % at 8192 tokens and lost by up to 14 % at 2048); larger M keeps fewer columns per group, and each
+# block gathering its own rows (the gather kernel) reads less.
+GATHER_CONFIG = {"KERNEL": "gather", "WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4}
+DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 0}
+
+
+def default_config(w: SparseTCWeight) -> dict:
+    """The tile configuration sparse_tc_linear uses for ``w`` when none is given."""
+    return DENSE_CONFIG if w.group_columns is not None and w.group_width <= 8 else GATHER_CONFIG
 
 
 @dataclass(frozen=True)
 class SparseTCWeight:
     """A VNMWeight laid out for the mma.sp kernel (pack_sparse_tc)."""
 
-    records: Tensor  # (blocks, steps, 640) int32: per 64-row block and 8-group k-step, A fragments + metadata
+    records: Tensor  # (blocks, steps, 648) int32: per 64-row block and 8-group k-step, A fragments (512),
+    # metadata (128), and the k-step's 32 kept columns as rows of the dense kernel's x^T tile (32 uint8)
     columns: Tensor  # (blocks, steps, 32) int16: the k-step's 32 kept input columns (as unsigned 16-bit)
     row_index: Tensor | None  # output row of each stored row (output permutation), or None
     out_features: int
     in_features: int
     dtype: torch.dtype
+    # The dense kernel's x^T row order: (steps * 8 * group_width,) int32 input feature of each row, group by
+    # group (-1: a zero row), or None where some group's kept columns span more than group_width features.
+    group_columns: Tensor | None = None
+    group_width: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -84,10 +104,11 @@ def sparse_tc_available(device: torch.device | str | None = None) -> bool:
 
 
 def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWeight:
-    """Lay ``w`` out for the mma.sp kernel (same bytes as its values + metadata, plus 2 bytes per kept
-    column index). Per 64-row block and k-step of 8 groups: the 4 m16 tiles' A fragments (compressed 16x16,
-    dense m16n8k16 register layout, lane-major) then their metadata words, and the 32 kept input columns.
-    The number of k-steps is padded to even with zero groups."""
+    """Lay ``w`` out for the mma.sp kernels (same bytes as its values + metadata, plus 3 bytes per kept
+    column). Per 64-row block and k-step of 8 groups: the 4 m16 tiles' A fragments (compressed 16x16,
+    dense m16n8k16 register layout, lane-major), their metadata words, and the 32 kept columns' rows in the
+    dense kernel's x^T tile; separately the 32 kept input columns (the gather kernel's indices) and the
+    dense kernel's x^T row order. The number of k-steps is padded to even with zero groups."""
     if not isinstance(w, VNMWeight):
         raise TypeError(f"pack_sparse_tc takes a VNMWeight, got {type(w).__name__}")
     if w.pattern.n != 2 or w.block_rows % 64:
@@ -118,11 +139,37 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
         e[:, :, :, lane] |= code[:, :, r, :, c].permute(0, 2, 1) << (4 * field)
     efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 128)
     idx = cols.reshape(blocks, steps, 32)
+    group_columns, local = _group_rows(cols, w.pattern.m)
     idx = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
+    if local is None:
+        local = torch.zeros(blocks, gp, 4, dtype=torch.int64, device=cols.device)
+    lrows = (local + w.pattern.m * (torch.arange(gp, device=cols.device) % 8).view(1, gp, 1)).to(torch.uint8)
+    lrows = lrows.reshape(blocks, steps, 32).view(torch.int32)
     return SparseTCWeight(
-        torch.cat([afrag, efrag], -1).contiguous(), idx.contiguous(), w.row_index, w.out_features,
-        w.in_features, w.dtype,
+        torch.cat([afrag, efrag, lrows], -1).contiguous(), idx.contiguous(), w.row_index, w.out_features,
+        w.in_features, w.dtype, group_columns, w.pattern.m if group_columns is not None else 0,
     )  # fmt: skip
+
+
+def _group_rows(cols: Tensor, m: int) -> tuple[Tensor | None, Tensor | None]:
+    """For the dense kernel: the input features each group's blocks keep, at most m per group, as x^T rows
+    ((groups * m,) int32, -1 for unused rows), and the row within its group of every kept column
+    ((blocks, groups, 4)). (None, None) when a group's blocks keep more than m distinct features (a
+    VNMWeight not built by from_dense)."""
+    blocks, groups, _ = cols.shape
+    if 8 * m > 256:  # the records hold each row as one byte
+        return None, None
+    flat = cols.permute(1, 0, 2).reshape(groups, blocks * 4)
+    ordered = flat.sort(1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = first.long().cumsum(1) - 1  # slot of each sorted entry: distinct features in ascending order
+    if groups and int(rank[:, -1].max()) >= m:
+        return None, None
+    table = torch.full((groups, m), -1, dtype=torch.int64, device=cols.device)
+    table.scatter_(1, rank, ordered)  # entries of one rank hold one feature: no write conflicts
+    slot = rank.gather(1, torch.searchsorted(ordered, flat))  # leftmost match: the first occurrence
+    return table.flatten().to(torch.int32), slot.view(groups, blocks, 4).permute(1, 0, 2)
 
 
 # --------------------------------------------------------------------------- compilation and launch
@@ -141,7 +188,7 @@ class _Kernels:
         if key not in self._cache:
             code, mangled = _nvrtc_compile(self._src, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
             kernel = _cuda_load_module(code, [mangled])[mangled]
-            if name == "vnm_mma_sp_gemm":
+            if name.startswith("vnm_mma_sp_"):
                 props = torch.cuda.get_device_properties(torch.cuda.current_device())
                 kernel.set_shared_memory_config(getattr(props, "shared_memory_per_block_optin", 48 << 10))
             self._cache[key] = kernel
@@ -235,43 +282,67 @@ def _check_device(device: torch.device) -> None:
         kernels.checked.add(index)
 
 
-def _smem_bytes(cfg: dict, steps: int) -> int:
+REC_BYTES = 2592  # one record: A fragments 2048, metadata 512, local rows 32 (records.shape[-1] * 4)
+KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense"}
+
+
+def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
+    """Shared memory of one CTA: the pipeline (+ the gather kernel's index table), or the epilogue's
+    staging tile if larger."""
     tn = 8 * cfg["NT"] * cfg["WN"]
-    pipe = cfg["STAGES"] * cfg["WR"] * cfg["KSUB"] * (32 * tn * 2 + 2560) + cfg["WR"] * steps * 64
-    return max(pipe, cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144)
+    records = cfg["WR"] * cfg["KSUB"] * REC_BYTES
+    epilogue = cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144
+    if cfg.get("KERNEL", "gather") == "dense":  # + the stages' mbarriers (used with BULK)
+        return max(cfg["STAGES"] * (cfg["KSUB"] * 8 * group_width * tn * 2 + records), epilogue) + 8 * cfg["STAGES"]
+    return max(cfg["STAGES"] * (cfg["WR"] * cfg["KSUB"] * 32 * tn * 2 + records) + cfg["WR"] * steps * 64, epilogue)
 
 
 def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
-    """One kernel launch: x^T (feature-major, zero past ``tokens``, row stride a multiple of 8) -> y
-    (tokens, out_features). No checks: sparse_tc_linear's job."""
-    cfg = dict(config, BF16=int(w.dtype == torch.bfloat16))
-    k = _kernels().get("vnm_mma_sp_gemm", **cfg)
+    """One kernel launch: x^T (feature_major(x, w, config): zero past ``tokens``, row stride a multiple of 8)
+    -> y (tokens, out_features). ``config["KERNEL"]`` picks the kernel ("gather", the default, or "dense").
+    No checks of the tensors: sparse_tc_linear's job."""
+    kind = config.get("KERNEL", "gather")
+    if kind not in KERNELS:
+        raise ValueError(f"unknown sparse_tc kernel {kind!r}: use one of {sorted(KERNELS)}")
+    dense = kind == "dense"
+    if dense and w.group_columns is None:
+        raise ValueError("this weight has no dense x^T row order (a group keeps more than M features): "
+                         "use the gather kernel")  # fmt: skip
+    cfg = {k: v for k, v in config.items() if k != "KERNEL"}
+    cfg["BF16"] = int(w.dtype == torch.bfloat16)
+    if dense:
+        cfg.update(GM=w.group_width, BULK=cfg.get("BULK", 0))
+        if cfg["BULK"] and torch.cuda.get_device_capability(y.device) < (9, 0):
+            raise ValueError("BULK=1 (bulk copies on mbarriers) needs compute capability >= 9.0")
+    k = _kernels().get(KERNELS[kind], **cfg)
     blocks, steps = w.records.shape[:2]
     if steps % cfg["KSUB"]:
         raise ValueError(f"KSUB={cfg['KSUB']} does not divide the weight's {steps} k-steps")
-    smem = _smem_bytes(cfg, steps)
+    smem = _smem_bytes(config, steps, w.group_width)
     limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
     if smem > limit:
         raise ValueError(
             f"config {config} needs {smem} bytes of shared memory for {w.in_features} input features "
-            f"(the device allows {limit}): use fewer V blocks per CTA (WR) or stages"
+            f"(the device allows {limit}): use fewer V blocks per CTA (WR), tokens per CTA or stages"
         )
     tn = 8 * cfg["NT"] * cfg["WN"]
+    head = [xt, xt.stride(0), tokens, w.records] + ([] if dense else [w.columns])
     k(
         (-(-blocks // cfg["WR"]), -(-tokens // tn), 1), (cfg["WR"] * cfg["WN"] * 32, 1, 1),
-        [xt, xt.stride(0), tokens, w.records, w.columns, blocks, steps, y, y.stride(0), w.out_features,
-         y if bias is None else bias, int(bias is not None), w.columns if w.row_index is None else w.row_index,
-         int(w.row_index is not None)],
+        head + [blocks, steps, y, y.stride(0), w.out_features, y if bias is None else bias, int(bias is not None),
+                w.records if w.row_index is None else w.row_index, int(w.row_index is not None)],
         shared_mem=smem,
     )  # fmt: skip
 
 
-def feature_major(x2: Tensor) -> Tensor:
+def feature_major(x2: Tensor, w: SparseTCWeight | None = None, config: dict | None = None) -> Tensor:
     """x (tokens, features) -> the kernel's activation layout: x^T (features, tokens rounded up to 8),
-    zeros past the last token (one Triton launch)."""
+    zeros past the last token (one Triton launch). For the dense kernel (``config["KERNEL"] == "dense"``)
+    the rows follow ``w.group_columns``."""
     from .vnm_triton import _feature_major
 
-    return _feature_major(x2, -(-x2.shape[0] // 8) * 8, False)
+    rows = w.group_columns if w is not None and (config or {}).get("KERNEL") == "dense" else None
+    return _feature_major(x2, -(-x2.shape[0] // 8) * 8, False, rows)
 
 
 def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, config: dict | None = None) -> Tensor:
@@ -297,5 +368,6 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
         return y.reshape(*x.shape[:-1], w.out_features)
     with torch.cuda.device(x.device):
         _check_device(x.device)
-        launch(feature_major(x2), tokens, w, y, None if bias is None else bias.contiguous(), config or DEFAULT_CONFIG)
+        cfg = config or default_config(w)
+        launch(feature_major(x2, w, cfg), tokens, w, y, None if bias is None else bias.contiguous(), cfg)
     return y.reshape(*x.shape[:-1], w.out_features)

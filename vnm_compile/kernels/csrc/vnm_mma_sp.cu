@@ -3,13 +3,20 @@
 //
 // Each 64-row V block is one warp row (4 m16 tiles); a warp covers NT 8-token n-tiles. Every k-step takes
 // 8 groups of the block: 32 kept columns, 2:4 inside each group's 4 -> one mma.sp k32. A STAGES-deep cp.async
-// pipeline brings, per (block, k-step), the pre-packed A fragments + metadata (one 2560-byte record, written
-// by sparse_tc.pack_sparse_tc) and the block's 32 gathered rows of x^T (feature-major activations, tokens contiguous,
-// 16-byte chunks, XOR-swizzled so ldmatrix.trans reads them without bank conflicts). The gather indices
-// (absolute input columns, so an input permutation costs nothing) sit in shared memory for the whole run.
+// pipeline brings, per (block, k-step), the pre-packed A fragments + metadata (one REC-byte record, written
+// by sparse_tc.pack_sparse_tc) and the activations, as x^T (feature-major, tokens contiguous, 16-byte
+// chunks XOR-swizzled so ldmatrix.trans reads them without bank conflicts). Two kernels differ in how the
+// activations arrive:
+// - vnm_mma_sp_gemm ("gather"): per (block, k-step) the block's 32 kept rows of x^T, gathered by cp.async
+//   through indices held in shared memory (absolute input columns, so an input permutation costs nothing);
+//   every V block of a CTA reads its own copy.
+// - vnm_mma_sp_dense ("dense"): per k-step the 8 groups' GM candidate rows of x^T (x^T stored group-major,
+//   input permutation applied by the transpose), one copy shared by the CTA's WR V blocks; each lane's
+//   ldmatrix row address picks its kept column (the record's 32 local row numbers). Loads 8 GM rows per
+//   k-step instead of 32 WR: less L2 traffic when WR > GM / 4.
 // The epilogue adds the bias and stages the tile in shared memory for 16-byte token-major stores (or
 // scatters through row_index, the output permutation). Compile-time: WR (V blocks per CTA), WN (warps
-// along tokens), NT, STAGES, KSUB (k-steps per pipeline stage), MINB (launch bounds), BF16.
+// along tokens), NT, STAGES, KSUB (k-steps per pipeline stage), MINB (launch bounds), BF16, GM (dense).
 typedef unsigned int u32;
 typedef unsigned short u16;
 
@@ -46,8 +53,9 @@ typedef unsigned short u16;
 #define TN (8 * NT * WN)          // tokens per CTA
 #define CH (TN / 8)               // 16-byte chunks per x^T row
 #define SWZ (CH < 8 ? CH - 1 : 7)
+#define REC 2592                  // record: A fragments 2048, metadata 512, 32 local x^T rows (dense kernel)
 #define XB (32 * KSUB * TN * 2)   // bytes of one block's gathered x^T tile (KSUB sub-steps)
-#define AB (2560 * KSUB)          // bytes of one block's A fragments (2048) + metadata (512) per sub-step
+#define AB (REC * KSUB)           // bytes of one block's records per stage
 #define STAGE_BYTES (WR * (XB + AB))
 #define NTHREADS (WR * WN * 32)
 #define XLOADS ((32 * KSUB * CH + NTHREADS - 1) / NTHREADS)  // x^T chunks per thread per block
@@ -91,8 +99,132 @@ __device__ __forceinline__ float from_half(u16 h) {
 #endif
 }
 
+// One k-step's operands of one warp, from its record at `as` (shared): the A fragments and metadata of its
+// 4 m16 tiles, and (dense kernel) the x^T row of this lane's kept column.
+struct Frags {
+    u32x4 a[MT];
+    u32 e[MT];
+    int row;
+};
+__device__ __forceinline__ void load_frags(Frags& f, const unsigned char* as) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        f.a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
+        f.e[mt] = reinterpret_cast<const u32*>(as + 2048)[mt * 32 + lane];
+    }
+    f.row = as[2560 + lane];
+}
+// B (k32 x n8 per n-tile) by ldmatrix.trans from the row addresses in baddr (this lane's kept column), then
+// the warp's 4 x NT mma.sp.
+__device__ __forceinline__ void mma_frags(float (&acc)[MT][NT][4], const Frags& f, const u32 (&baddr)[NT]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        u32 b[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                     : "r"(baddr[nt]));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], f.a[mt], b, f.e[mt]);
+    }
+}
+__device__ __forceinline__ void mma_step(float (&acc)[MT][NT][4], const unsigned char* as, const u32 (&baddr)[NT]) {
+    Frags f;
+    load_frags(f, as);
+    mma_frags(acc, f, baddr);
+}
+
+// Epilogue of one warp (V block blk, tokens tbase ..): bias, then through shared memory (`tile`, 8 NT token
+// rows of 72 halfs) as [token][64 rows] so each token's 64 outputs go out as 16-byte stores (without an
+// output permutation), else one element at a time through row_index.
+__device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], u16* tile, int blk, int tbase, int T,
+                                           u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias,
+                                           int has_bias, const int* __restrict__ row_index, int has_rows) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    float bv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int o = blk * 64 + mt * 16 + g + 8 * h;
+            int orow = o < R ? (has_rows ? row_index[o] : o) : -1;
+            bv[mt][h] = (has_bias && orow >= 0) ? from_half(bias[orow]) : 0.f;
+        }
+    const int PITCH = 72;  // halfs per staged token row (64 + 8 pad)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 pr = pack2(acc[mt][nt][2 * h] + bv[mt][h], acc[mt][nt][2 * h + 1] + bv[mt][h]);
+                const int col = mt * 16 + g + 8 * h, tk = nt * 8 + 2 * q;
+                tile[tk * PITCH + col] = (u16)(pr & 0xFFFF);
+                tile[(tk + 1) * PITCH + col] = (u16)(pr >> 16);
+            }
+    __syncwarp();
+    if (!has_rows && blk * 64 + 64 <= R && (ldy & 7) == 0) {
+        // 8 lanes per token row (8 x 16 bytes), 4 rows per pass
+#pragma unroll
+        for (int p = 0; p < 2 * NT; ++p) {
+            const int tk = p * 4 + (lane >> 3), c8 = (lane & 7) * 8;
+            const int t = tbase + tk;
+            if (t < T)
+                *reinterpret_cast<u32x4*>(y + (size_t)t * ldy + blk * 64 + c8) =
+                    *reinterpret_cast<const u32x4*>(tile + tk * PITCH + c8);
+        }
+    } else {
+        for (int p = 0; p < 8 * NT * 2; ++p) {
+            const int tk = p / 2, col = (p & 1) * 32 + lane;
+            const int t = tbase + tk, o = blk * 64 + col;
+            if (t < T && o < R) {
+                const int orow = has_rows ? row_index[o] : o;
+                if (orow >= 0) y[(size_t)t * ldy + orow] = tile[tk * PITCH + col];
+            }
+        }
+    }
+}
+
+// Main loop shared by both kernels: STAGES - 1 stages in flight, one __syncthreads per stage; `load_stage(s,
+// ks)` fills stage address s with k-steps ks * KSUB ..; `rows(sub, sp)` gives this warp's B row addresses.
+template <class Load, class Rows>
+__device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u32 sbase, unsigned char* smem,
+                                          int stage_bytes, u32 aofs, Load load_stage, Rows rows) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nsteps) load_stage(sbase + st * stage_bytes, st);
+        asm volatile("cp.async.commit_group;\n");
+    }
+    int use = 0, fill = STAGES - 1;  // stage indices
+    for (int ks = 0; ks < nsteps; ++ks) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        __syncthreads();
+        if (ks + STAGES - 1 < nsteps) load_stage(sbase + fill * stage_bytes, ks + STAGES - 1);
+        asm volatile("cp.async.commit_group;\n");
+        fill = fill == STAGES - 1 ? 0 : fill + 1;
+        const u32 s = sbase + use * stage_bytes;
+        const unsigned char* sp = smem + use * stage_bytes;
+        use = use == STAGES - 1 ? 0 : use + 1;
+#pragma unroll
+        for (int sub = 0; sub < KSUB; ++sub) {
+            const unsigned char* as = sp + aofs + sub * REC;
+            u32 baddr[NT];
+            rows(baddr, s, sub, as);
+            mma_step(acc, as, baddr);
+        }
+    }
+    asm volatile("cp.async.wait_group 0;\n");
+    __syncthreads();
+}
+
 // xt: x^T, K rows of ldx elements (tokens contiguous, ldx % 8 == 0, 16-byte aligned).
-// rec: [nb][nkc] records of AB bytes; gidx: [nb][nkc][32] int32 absolute input columns.
+// rec: [nb][nkc] records of REC bytes; gidx: [nb][nkc][32] u16 absolute input columns.
 // y: [T][ldy] (ldy % 8 == 0 for the vector store path). row_index: optional output row of each stored row.
 extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
     const u16* __restrict__ xt, int ldx, int T, const u32x4* __restrict__ rec, const u16* __restrict__ gidx,
@@ -136,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
     constexpr int ACH = AB / 16, ALOADS = (ACH + NTHREADS - 1) / NTHREADS;
     const u32x4* arec[WR];
 #pragma unroll
-    for (int b = 0; b < WR; ++b) arec[b] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * (2560 / 16) + tid;
+    for (int b = 0; b < WR; ++b) arec[b] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * (REC / 16) + tid;
 
     auto load_stage = [&](u32 s, int ks) {  // s: the stage's shared address
 #pragma unroll
@@ -152,6 +284,132 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
                 if (ACH % NTHREADS == 0 || tid + i * NTHREADS < ACH) cp_async16(as + i * NTHREADS * 16, src + i * NTHREADS, 16);
         }
     };
+    // ldmatrix: lane -> kept column k' = lane of the block's tile; this warp's token chunks, swizzled
+    u32 bofs[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) bofs[nt] = wr * XB + lane * (TN * 2) + (((wn * NT + nt) ^ (lane & SWZ)) << 4);
+    auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, const unsigned char*) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) baddr[nt] = s + bofs[nt] + sub * (32 * TN * 2);
+    };
+    float acc[MT][NT][4];
+    main_loop(acc, nsteps, sbase, smem, STAGE_BYTES, WR * XB + wr * AB, load_stage, rows);
+
+    const int blk = blk0 + wr;
+    if (blk >= nb) return;
+    store_tile(acc, reinterpret_cast<u16*>(smem) + warp * (8 * NT) * 72, blk, t0 + wn * 8 * NT, T, y, ldy, R,
+               bias, has_bias, row_index, has_rows);
+}
+
+// The dense kernel. xt: x^T in group-major order (nkc * KR rows): k-step ks reads rows ks * KR ..
+// ks * KR + KR - 1 (8 groups of GM candidate columns; zero rows where a group has fewer), ldx as above.
+// rec: [nb][nkc] records; their last 32 bytes hold, for kept column l of the k-step, its row among the KR.
+// BULK (sm_90): the records of a stage arrive by one bulk copy per V block (cp.async.bulk, issued by thread
+// 0, completing on the stage's mbarrier) instead of 16-byte cp.async by every thread; PF (with BULK): each
+// k-step's fragments are read from shared memory one k-step ahead, during the previous k-step's mma.sp.
+#ifndef GM
+#define GM 8
+#endif
+#ifndef BULK
+#define BULK 0
+#endif
+#ifndef PF
+#define PF 1
+#endif
+#define KR (8 * GM)                       // x^T rows per k-step
+#define DXB (KR * KSUB * TN * 2)          // bytes of the stage's x^T rows
+#define DSTAGE_BYTES (DXB + WR * AB)
+#define EPI_BYTES (NTHREADS / 32 * 8 * NT * 144)
+#define BAR_OFFSET (STAGES * DSTAGE_BYTES > EPI_BYTES ? STAGES * DSTAGE_BYTES : EPI_BYTES)  // the mbarriers
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
+    const u16* __restrict__ xt, int ldx, int T, const u32x4* __restrict__ rec, int nb, int nkc,
+    u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias, int has_bias,
+    const int* __restrict__ row_index, int has_rows) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wr = warp / WN, wn = warp % WN;
+    const int blk0 = blockIdx.x * WR;
+    const int t0 = blockIdx.y * TN;
+    const u32 sbase = smem_addr(smem);
+    const int nsteps = nkc / KSUB;
+
+    // Producer constants. Thread tid copies x^T chunk ch = tid % CH of rows tid / CH + i * RSTEP.
+    static_assert(NTHREADS % CH == 0, "x^T chunks must split evenly over the threads");
+    constexpr int XROWS = KSUB * KR, RSTEP = NTHREADS / CH, XL = (XROWS + RSTEP - 1) / RSTEP;
+    const int ch = tid % CH, tok = t0 + ch * 8, row0 = tid / CH;
+    const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
+    const u16* xsrc = xt + (tok < T ? tok : 0) + (size_t)row0 * ldx;
+    const size_t xstep = (size_t)XROWS * ldx;
+    u32 xdst[XL];
+#pragma unroll
+    for (int i = 0; i < XL; ++i) {
+        const int r = row0 + i * RSTEP;
+        xdst[i] = r * (TN * 2) + ((ch ^ (r & SWZ)) << 4);
+    }
+    constexpr int ACH = AB / 16;  // 16-byte chunks of one block's records per stage (contiguous in rec)
+#if BULK
+    const u32 bars = sbase + BAR_OFFSET;
+    if (tid == 0) {
+        for (int st = 0; st < STAGES; ++st) mbar_init(bars + 8 * st, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    const u32x4* rsrc = rec + (size_t)min(blk0 + (tid < WR ? tid : 0), nb - 1) * nkc * (REC / 16);
+#else
+    constexpr int ATOT = WR * ACH, AL = (ATOT + NTHREADS - 1) / NTHREADS;
+    const u32x4* asrc[AL];
+    u32 adst[AL];
+#pragma unroll
+    for (int i = 0; i < AL; ++i) {
+        const int id = min(tid + i * NTHREADS, ATOT - 1), b = id / ACH, j = id % ACH;
+        asrc[i] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * (REC / 16) + j;
+        adst[i] = DXB + b * AB + j * 16;
+    }
+#endif
+    auto load_stage = [&](int st, int ks) {
+        const u32 s = sbase + st * DSTAGE_BYTES;
+        const u16* src = xsrc + ks * xstep;
+#pragma unroll
+        for (int i = 0; i < XL; ++i)
+            if (XROWS % RSTEP == 0 || row0 + i * RSTEP < XROWS) cp_async16(s + xdst[i], src + (size_t)i * RSTEP * ldx, xsize);
+#if BULK
+        // threads 0 .. WR - 1 each copy one block's records; thread 0 first announces the stage's bytes
+        if (tid == 0) mbar_expect(bars + 8 * st, WR * AB);
+        __syncwarp();
+        if (tid < WR) bulk_copy(s + DXB + tid * AB, rsrc + (size_t)ks * ACH, AB, bars + 8 * st);
+#else
+#pragma unroll
+        for (int i = 0; i < AL; ++i)
+            if (ATOT % NTHREADS == 0 || tid + i * NTHREADS < ATOT) cp_async16(s + adst[i], asrc[i] + (size_t)ks * ACH, 16);
+#endif
+    };
+    // ldmatrix: lane -> kept column l, at row sub * KR + f.row of the stage's x^T rows
+    auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, int row) {
+        const int r = sub * KR + row;
+        const u32 rb = s + r * (TN * 2);
+        const int sw = r & SWZ;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) baddr[nt] = rb + (((wn * NT + nt) ^ sw) << 4);
+    };
 
     float acc[MT][NT][4];
 #pragma unroll
@@ -160,101 +418,59 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
-
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nsteps) load_stage(sbase + st * STAGE_BYTES, st);
+        if (st < nsteps) load_stage(st, st);
         asm volatile("cp.async.commit_group;\n");
     }
-
-    // ldmatrix: lane -> kept column k' = lane; this warp's token chunks, swizzled
-    u32 bofs[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) bofs[nt] = wr * XB + lane * (TN * 2) + (((wn * NT + nt) ^ (lane & SWZ)) << 4);
-    const u32 aofs = WR * XB + wr * AB;
+    const u32 aofs = DXB + wr * AB;  // this warp's records in a stage
+#if BULK && PF
+    Frags cur;
+    mbar_wait(bars, 0);
+    load_frags(cur, smem + aofs);
+#endif
     int use = 0, fill = STAGES - 1;  // stage indices
     for (int ks = 0; ks < nsteps; ++ks) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
         __syncthreads();
-        if (ks + STAGES - 1 < nsteps) load_stage(sbase + fill * STAGE_BYTES, ks + STAGES - 1);
+        if (ks + STAGES - 1 < nsteps) load_stage(fill, ks + STAGES - 1);
         asm volatile("cp.async.commit_group;\n");
         fill = fill == STAGES - 1 ? 0 : fill + 1;
-        const u32 s = sbase + use * STAGE_BYTES;
-        const unsigned char* sp = smem + use * STAGE_BYTES;
+        const u32 s = sbase + use * DSTAGE_BYTES;
+        const unsigned char* sp = smem + use * DSTAGE_BYTES;
+#if BULK && !PF
+        mbar_wait(bars + 8 * use, (ks / STAGES) & 1);
+#endif
         use = use == STAGES - 1 ? 0 : use + 1;
 #pragma unroll
         for (int sub = 0; sub < KSUB; ++sub) {
-            const unsigned char* as = sp + aofs + sub * 2560;
-            u32x4 a[MT];
-            u32 e[MT];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
-                e[mt] = reinterpret_cast<const u32*>(as + 2048)[mt * 32 + lane];
+#if BULK && PF
+            Frags nxt;  // the next k-step's operands, read while this one's mma.sp run
+            if (sub + 1 < KSUB) {
+                load_frags(nxt, sp + aofs + (sub + 1) * REC);
+            } else if (ks + 1 < nsteps) {
+                mbar_wait(bars + 8 * use, ((ks + 1) / STAGES) & 1);
+                load_frags(nxt, smem + use * DSTAGE_BYTES + aofs);
             }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                u32 b[4];
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                             : "r"(s + bofs[nt] + sub * (32 * TN * 2)));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], a[mt], b, e[mt]);
-            }
+#else
+            Frags cur;
+            load_frags(cur, sp + aofs + sub * REC);
+#endif
+            u32 baddr[NT];
+            rows(baddr, s, sub, cur.row);
+            mma_frags(acc, cur, baddr);
+#if BULK && PF
+            cur = nxt;
+#endif
         }
     }
     asm volatile("cp.async.wait_group 0;\n");
-    __syncthreads();
+    __syncthreads();  // every bulk copy issued was waited for: the epilogue may reuse the pipeline's memory
 
-    // epilogue: bias, then through shared memory as [token][64 rows] so each token's 64 outputs go out as
-    // 16-byte stores (without an output permutation)
-    const int g = lane >> 2, q = lane & 3;
     const int blk = blk0 + wr;
     if (blk >= nb) return;
-    float bv[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int o = blk * 64 + mt * 16 + g + 8 * h;
-            int orow = o < R ? (has_rows ? row_index[o] : o) : -1;
-            bv[mt][h] = (has_bias && orow >= 0) ? from_half(bias[orow]) : 0.f;
-        }
-    const int PITCH = 72;  // halfs per staged token row (64 + 8 pad)
-    u16* tile = reinterpret_cast<u16*>(smem) + warp * (8 * NT) * PITCH;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32 pr = pack2(acc[mt][nt][2 * h] + bv[mt][h], acc[mt][nt][2 * h + 1] + bv[mt][h]);
-                const int col = mt * 16 + g + 8 * h, tk = nt * 8 + 2 * q;
-                tile[tk * PITCH + col] = (u16)(pr & 0xFFFF);
-                tile[(tk + 1) * PITCH + col] = (u16)(pr >> 16);
-            }
-    __syncwarp();
-    const int tbase = t0 + wn * 8 * NT;
-    if (!has_rows && blk * 64 + 64 <= R && (ldy & 7) == 0) {
-        // 8 lanes per token row (8 x 16 bytes), 4 rows per pass
-#pragma unroll
-        for (int p = 0; p < 2 * NT; ++p) {
-            const int tk = p * 4 + (lane >> 3), c8 = (lane & 7) * 8;
-            const int t = tbase + tk;
-            if (t < T)
-                *reinterpret_cast<u32x4*>(y + (size_t)t * ldy + blk * 64 + c8) =
-                    *reinterpret_cast<const u32x4*>(tile + tk * PITCH + c8);
-        }
-    } else {
-        for (int p = 0; p < 8 * NT * 2; ++p) {
-            const int tk = p / 2, col = (p & 1) * 32 + lane;
-            const int t = tbase + tk, o = blk * 64 + col;
-            if (t < T && o < R) {
-                const int orow = has_rows ? row_index[o] : o;
-                if (orow >= 0) y[(size_t)t * ldy + orow] = tile[tk * PITCH + col];
-            }
-        }
-    }
+    store_tile(acc, reinterpret_cast<u16*>(smem) + warp * (8 * NT) * 72, blk, t0 + wn * 8 * NT, T, y, ldy, R,
+               bias, has_bias, row_index, has_rows);
 }
 
 // One probe mma.sp with per-lane operands, to pin the fragment and metadata layouts.
