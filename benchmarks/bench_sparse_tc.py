@@ -53,6 +53,12 @@ LLAMA = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("l
 DEIT = [("deit-b qkv", 2304, 768), ("deit-b proj", 768, 768), ("deit-b fc1", 3072, 768), ("deit-b fc2", 768, 3072)]
 
 
+def parse_config(text: str) -> dict:
+    """ "KERNEL=dense,WR=4,..." -> {"KERNEL": "dense", "WR": 4, ...}"""
+    cfg = dict(kv.split("=") for kv in text.split(","))
+    return {k: (v if k == "KERNEL" else int(v)) for k, v in cfg.items()}
+
+
 def launch(cfg: dict, xt, tokens: int, packed, y, bias=None):
     from vnm_compile.kernels.sparse_tc import launch as sp_launch
 
@@ -173,7 +179,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
                                              for pk in copies])  # fmt: skip
     for kind in ("gather", "dense"):
         mine = {k: v for k, v in rec["configs_us"].items() if k.startswith(f"KERNEL={kind} ")}
-        rec[f"{kind}_kernel_us"] = min(mine.values())
+        rec[f"{kind}_kernel_us"] = min(mine.values()) if mine else float("nan")
     best = min(rec["configs_us"], key=rec["configs_us"].get)
     rec["best_config"], rec["vnm_sp_us"] = best, rec["configs_us"][best]
     cfg = {k: (v if k == "KERNEL" else int(v)) for k, v in (kv.split("=") for kv in best.split())}
@@ -232,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "64:2:16"])
+    parser.add_argument("--layers", nargs="+", default=None, help="only layers whose name contains one of these")
+    parser.add_argument(
+        "--config", action="append", type=parse_config, default=None,
+        help="a tile config to run instead of CONFIGS (repeatable): KERNEL=dense,WR=4,WN=1,NT=8,STAGES=3,KSUB=2,MINB=2",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.config:
+        CONFIGS[:] = args.config
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
@@ -255,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("peak rates (TFLOP/s): %s", {k: round(v) for k, v in peaks.items()})
     records = []
     cases = [(n, r, c, t) for n, r, c in LLAMA for t in (2048, 8192)] + [(n, r, c, 12608) for n, r, c in DEIT]
+    cases = [case for case in cases if not args.layers or any(part in case[0] for part in args.layers)]
     for (name, rows, cols, tokens), pat in itertools.product(cases, args.patterns):
         rec = time_case(name, rows, cols, tokens, pat)
         records.append(rec)

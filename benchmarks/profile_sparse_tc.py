@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 
-
-def parse_config(text: str) -> dict:
-    cfg = dict(kv.split("=") for kv in text.split(","))
-    return {k: (v if k == "KERNEL" else int(v)) for k, v in cfg.items()}
+from bench_sparse_tc import parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
