@@ -106,18 +106,32 @@ def test_packed_records_rebuild_the_weight(rows, cols, pattern, permute, dtype):
 )  # fmt: skip
 def test_dense_rows_point_at_the_kept_columns(rows, cols, pattern, permute):
     """The dense kernel reads kept column l of (block, k-step) from x^T row step * 8M + local[l], the
-    transpose fills that row with input feature group_columns[row]: it must be the column the gather
-    kernel reads, and every group's rows must lie in that group's 8M-row window."""
+    transpose fills that row with input feature group_columns[row] (-1: zeros): the mma.sp operands read
+    that way must rebuild the weight, every group's rows must lie in that group's 8M-row window, and
+    without an input permutation the rows are the features in order (a plain transpose)."""
     w = vnm_weight(rows, cols, pattern, permute, torch.float16)
     packed = pack_sparse_tc(w)
     m = w.pattern.m
     nb, nkc = packed.records.shape[:2]
     assert packed.group_width == m and packed.group_columns.shape == (nkc * 8 * m,)
+    assert packed.group_identity == (not permute)
+    if not permute:
+        expected = torch.arange(nkc * 8 * m)
+        assert torch.equal(packed.group_columns.long(), torch.where(expected < cols, expected, -1))
     local = packed.records[..., 640:].contiguous().view(torch.uint8).view(nb, nkc, 32).long()
     lanes = torch.arange(32)
     assert bool(((local >= (lanes // 4) * m) & (local < (lanes // 4 + 1) * m)).all())
     rows_read = local + torch.arange(nkc).view(1, nkc, 1) * 8 * m
-    assert torch.equal(packed.group_columns.long()[rows_read], packed.columns.long() & 0xFFFF)
+    features = packed.group_columns.long()[rows_read]
+    stored = rebuild(packed.records, features.clamp(min=0), nb, nkc, METADATA_MAP, cols, w.dtype)
+    rows_out = w.row_index.long() if w.row_index is not None else torch.arange(nb * 64)
+    keep = (rows_out >= 0) & (rows_out < rows)
+    rebuilt = torch.zeros(rows, cols, dtype=torch.float64)
+    rebuilt[rows_out[keep]] = stored[keep]
+    assert torch.equal(rebuilt, w.to_dense().double())
+    # every kept column but the padding's column 0 (zero weights) reads exactly the gather kernel's column
+    same = features == (packed.columns.long() & 0xFFFF)
+    assert bool(same[(packed.columns.long() & 0xFFFF) != 0].all())
     # within a group, each input feature has one row (padding columns read feature 0 with zero weights, so
     # feature 0 may also sit in the last groups)
     for group in packed.group_columns.view(-1, m):
@@ -154,10 +168,11 @@ def test_default_config_and_kernel_choice():
 def test_transpose_with_rows(with_rows):
     x = torch.randn(37, 90, dtype=torch.float16)[:, :83]  # strided rows
     rows = torch.tensor([5, -1, 82, 0, 7, -1] * 11 + [3], dtype=torch.int32) if with_rows else None
-    xt = _feature_major(x, 40, True, rows)
-    want = torch.zeros(83 if rows is None else len(rows), 40, dtype=x.dtype)
+    xt = _feature_major(x, 40, True, rows, out_rows=None if with_rows else 97)  # without rows: 14 zero rows
+    want = torch.zeros(97 if rows is None else len(rows), 40, dtype=x.dtype)
     src = torch.arange(83) if rows is None else rows.long()
-    want[src >= 0, :37] = x[:, src[src >= 0]].t()
+    dst = torch.arange(len(src))
+    want[dst[src >= 0], :37] = x[:, src[src >= 0]].t()
     assert torch.equal(xt, want)
 
 

@@ -17,8 +17,8 @@ order). :func:`default_config` picks dense for M <= 8.
 Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0), fp16/bf16, n = 2, V a
 multiple of 64, fewer than 65536 input features. x is transposed to feature-major per call (one Triton
 launch). Not used by ``vnm::linear`` or the compiler yet; benchmarks/bench_sparse_tc.py measures it
-(benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.13-1.35x cuBLAS at 64:2:8 on Llama-2-7B
-prefill shapes, x^T given; 42-57 % of the instruction's peak).
+(benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at 64:2:8 on Llama-2-7B
+prefill shapes, x^T given; 42-54 % of the instruction's peak).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
 H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP`; the first launch on a device probes again
@@ -85,6 +85,7 @@ class SparseTCWeight:
     # group (-1: a zero row), or None where some group's kept columns span more than group_width features.
     group_columns: Tensor | None = None
     group_width: int = 0
+    group_identity: bool = False  # group_columns is arange (past in_features: -1): a plain transpose fills it
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +140,7 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
         e[:, :, :, lane] |= code[:, :, r, :, c].permute(0, 2, 1) << (4 * field)
     efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 128)
     idx = cols.reshape(blocks, steps, 32)
-    group_columns, local = _group_rows(cols, w.pattern.m)
+    group_columns, local, identity = _group_rows(cols, w.pattern.m, w.in_features)
     idx = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
     if local is None:
         local = torch.zeros(blocks, gp, 4, dtype=torch.int64, device=cols.device)
@@ -147,29 +148,35 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
     lrows = lrows.reshape(blocks, steps, 32).view(torch.int32)
     return SparseTCWeight(
         torch.cat([afrag, efrag, lrows], -1).contiguous(), idx.contiguous(), w.row_index, w.out_features,
-        w.in_features, w.dtype, group_columns, w.pattern.m if group_columns is not None else 0,
+        w.in_features, w.dtype, group_columns, w.pattern.m if group_columns is not None else 0, identity,
     )  # fmt: skip
 
 
-def _group_rows(cols: Tensor, m: int) -> tuple[Tensor | None, Tensor | None]:
+def _group_rows(cols: Tensor, m: int, in_features: int) -> tuple[Tensor | None, Tensor | None, bool]:
     """For the dense kernel: the input features each group's blocks keep, at most m per group, as x^T rows
-    ((groups * m,) int32, -1 for unused rows), and the row within its group of every kept column
-    ((blocks, groups, 4)). (None, None) when a group's blocks keep more than m distinct features (a
-    VNMWeight not built by from_dense)."""
+    ((groups * m,) int32, -1 for unused rows), the row within its group of every kept column ((blocks,
+    groups, 4)), and whether the rows are simply features 0, 1, ... (no input permutation: group g keeps
+    features among g * m .. g * m + m - 1). (None, None, False) when a group's blocks keep more than m
+    distinct features (a VNMWeight not built by from_dense)."""
     blocks, groups, _ = cols.shape
     if 8 * m > 256:  # the records hold each row as one byte
-        return None, None
+        return None, None, False
+    local = cols - (torch.arange(groups, device=cols.device) * m).view(1, groups, 1)
+    inside = (local >= 0) & (local < m)
+    if bool((inside | (cols == 0)).all()):  # column 0 outside its group: a padding column (zero weights)
+        table = torch.arange(groups * m, dtype=torch.int32, device=cols.device)
+        return table.masked_fill(table >= in_features, -1), torch.where(inside, local, 0), True
     flat = cols.permute(1, 0, 2).reshape(groups, blocks * 4)
     ordered = flat.sort(1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     rank = first.long().cumsum(1) - 1  # slot of each sorted entry: distinct features in ascending order
     if groups and int(rank[:, -1].max()) >= m:
-        return None, None
+        return None, None, False
     table = torch.full((groups, m), -1, dtype=torch.int64, device=cols.device)
     table.scatter_(1, rank, ordered)  # entries of one rank hold one feature: no write conflicts
     slot = rank.gather(1, torch.searchsorted(ordered, flat))  # leftmost match: the first occurrence
-    return table.flatten().to(torch.int32), slot.view(groups, blocks, 4).permute(1, 0, 2)
+    return table.flatten().to(torch.int32), slot.view(groups, blocks, 4).permute(1, 0, 2), False
 
 
 # --------------------------------------------------------------------------- compilation and launch
@@ -338,11 +345,15 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
 def feature_major(x2: Tensor, w: SparseTCWeight | None = None, config: dict | None = None) -> Tensor:
     """x (tokens, features) -> the kernel's activation layout: x^T (features, tokens rounded up to 8),
     zeros past the last token (one Triton launch). For the dense kernel (``config["KERNEL"] == "dense"``)
-    the rows follow ``w.group_columns``."""
+    the rows follow ``w.group_columns`` (a plain transpose, zero rows appended, where that is the identity)."""
     from .vnm_triton import _feature_major
 
-    rows = w.group_columns if w is not None and (config or {}).get("KERNEL") == "dense" else None
-    return _feature_major(x2, -(-x2.shape[0] // 8) * 8, False, rows)
+    padded = -(-x2.shape[0] // 8) * 8
+    if w is None or (config or {}).get("KERNEL") != "dense":
+        return _feature_major(x2, padded, False)
+    if w.group_identity:
+        return _feature_major(x2, padded, False, out_rows=w.group_columns.numel())
+    return _feature_major(x2, padded, False, w.group_columns)
 
 
 def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, config: dict | None = None) -> Tensor:

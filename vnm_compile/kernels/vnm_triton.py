@@ -855,11 +855,14 @@ def _interpret_config(v: int, tokens: int, rows: int = 0) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launch
-def _feature_major(x2: Tensor, padded_tokens: int, interpret: bool, rows: Tensor | None = None) -> Tensor:
+def _feature_major(
+    x2: Tensor, padded_tokens: int, interpret: bool, rows: Tensor | None = None, out_rows: int | None = None
+) -> Tensor:
     """x (T, K) -> (K, padded_tokens) contiguous copy, zeros past T (one transpose launch). With ``rows``
-    (int32, -1 for a zero row), output row i is input feature rows[i]."""
+    (int32, -1 for a zero row), output row i is input feature rows[i]; without, ``out_rows`` (>= K) pads
+    with zero rows."""
     tokens, k = x2.shape
-    ko = k if rows is None else rows.numel()
+    ko = rows.numel() if rows is not None else (out_rows or k)
     xt = torch.empty((ko, padded_tokens), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(padded_tokens, 64), triton.cdiv(ko, 64))
     _kernel("transpose", interpret)[grid](
