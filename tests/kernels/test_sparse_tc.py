@@ -161,6 +161,9 @@ def test_default_config_and_kernel_choice():
         launch(x, 8, odd, y, None, {"KERNEL": "tiled"})
     with pytest.raises(ValueError, match="no dense x\\^T row order"):
         launch(x, 8, odd, y, None, dict(default_config(pack_sparse_tc(w8))))
+    packed8 = pack_sparse_tc(w8)  # x^T laid out for the gather kernel, launched with the dense one
+    with pytest.raises(ValueError, match="x\\^T for the dense kernel must be \\(128, >= 8 tokens\\)"):
+        launch(torch.zeros(96, 8, dtype=torch.float16), 8, packed8, y, None, default_config(packed8))
 
 
 @interp

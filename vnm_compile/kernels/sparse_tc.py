@@ -307,7 +307,7 @@ def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
 def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
     """One kernel launch: x^T (feature_major(x, w, config): zero past ``tokens``, row stride a multiple of 8)
     -> y (tokens, out_features). ``config["KERNEL"]`` picks the kernel ("gather", the default, or "dense").
-    No checks of the tensors: sparse_tc_linear's job."""
+    Checks only that x^T has the row layout of that kernel; the rest is sparse_tc_linear's job."""
     kind = config.get("KERNEL", "gather")
     if kind not in KERNELS:
         raise ValueError(f"unknown sparse_tc kernel {kind!r}: use one of {sorted(KERNELS)}")
@@ -315,6 +315,12 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     if dense and w.group_columns is None:
         raise ValueError("this weight has no dense x^T row order (a group keeps more than M features): "
                          "use the gather kernel")  # fmt: skip
+    rows = w.group_columns.numel() if dense else w.in_features
+    if xt.dim() != 2 or xt.shape[0] != rows or xt.shape[1] < tokens or xt.stride(1) != 1 or xt.stride(0) % 8:
+        raise ValueError(
+            f"x^T for the {kind} kernel must be ({rows}, >= {tokens} tokens) with rows 16-byte aligned "
+            f"(feature_major(x, w, config) builds it), got {tuple(xt.shape)} with strides {xt.stride()}"
+        )
     cfg = {k: v for k, v in config.items() if k != "KERNEL"}
     cfg["BF16"] = int(w.dtype == torch.bfloat16)
     if dense:
