@@ -185,11 +185,10 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], u16* t
     }
 }
 
-// Main loop shared by both kernels: STAGES - 1 stages in flight, one __syncthreads per stage; `load_stage(s,
-// ks)` fills stage address s with k-steps ks * KSUB ..; `rows(sub, sp)` gives this warp's B row addresses.
-template <class Load, class Rows>
-__device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u32 sbase, unsigned char* smem,
-                                          int stage_bytes, u32 aofs, Load load_stage, Rows rows) {
+// Zeroed accumulators, and the pipeline's first STAGES - 1 stages (`load_stage(st, ks)` fills stage index
+// st with k-steps ks * KSUB ..), each its own cp.async group: the start of both kernels' main loops.
+template <class Load>
+__device__ __forceinline__ void start_pipeline(float (&acc)[MT][NT][4], int nsteps, Load load_stage) {
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -198,14 +197,22 @@ __device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u
             for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nsteps) load_stage(sbase + st * stage_bytes, st);
+        if (st < nsteps) load_stage(st, st);
         asm volatile("cp.async.commit_group;\n");
     }
+}
+
+// The gather kernel's main loop: STAGES - 1 stages in flight, one __syncthreads per stage; `rows(baddr, s,
+// sub, as)` gives this warp's B row addresses.
+template <class Load, class Rows>
+__device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u32 sbase, unsigned char* smem,
+                                          int stage_bytes, u32 aofs, Load load_stage, Rows rows) {
+    start_pipeline(acc, nsteps, load_stage);
     int use = 0, fill = STAGES - 1;  // stage indices
     for (int ks = 0; ks < nsteps; ++ks) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
         __syncthreads();
-        if (ks + STAGES - 1 < nsteps) load_stage(sbase + fill * stage_bytes, ks + STAGES - 1);
+        if (ks + STAGES - 1 < nsteps) load_stage(fill, ks + STAGES - 1);
         asm volatile("cp.async.commit_group;\n");
         fill = fill == STAGES - 1 ? 0 : fill + 1;
         const u32 s = sbase + use * stage_bytes;
@@ -270,7 +277,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 #pragma unroll
     for (int b = 0; b < WR; ++b) arec[b] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * (REC / 16) + tid;
 
-    auto load_stage = [&](u32 s, int ks) {  // s: the stage's shared address
+    auto load_stage = [&](int st, int ks) {
+        const u32 s = sbase + st * STAGE_BYTES;
 #pragma unroll
         for (int b = 0; b < WR; ++b) {
             const u16* it = itab + (b * nkc + ks * KSUB) * 32;
@@ -345,7 +353,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias, int has_bias,
     const int* __restrict__ row_index, int has_rows) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, warp = tid >> 5;
     const int wr = warp / WN, wn = warp % WN;
     const int blk0 = blockIdx.x * WR;
     const int t0 = blockIdx.y * TN;
@@ -412,17 +420,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     };
 
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nsteps) load_stage(st, st);
-        asm volatile("cp.async.commit_group;\n");
-    }
+    start_pipeline(acc, nsteps, load_stage);
     const u32 aofs = DXB + wr * AB;  // this warp's records in a stage
 #if BULK && PF
     Frags cur;
