@@ -167,6 +167,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
         dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
         for _ in range(n - 1)
     ]
+    by_key = {}  # the configs by their JSON key
     for cfg in CONFIGS:
         xt = xts[cfg["KERNEL"]]
         y.fill_(float("nan"))
@@ -175,6 +176,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
         if not err < 1e-2:
             raise RuntimeError(f"mma.sp kernel wrong at {name} {tokens} tokens {pat} {cfg}: relative error {err}")
         key = " ".join(f"{k}={v}" for k, v in cfg.items())
+        by_key[key] = cfg
         rec["configs_us"][key] = time_graph([lambda pk=pk, cfg=cfg, xt=xt: launch(cfg, xt, tokens, pk, y)
                                              for pk in copies])  # fmt: skip
     for kind in ("gather", "dense"):
@@ -182,7 +184,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
         rec[f"{kind}_kernel_us"] = min(mine.values()) if mine else float("nan")
     best = min(rec["configs_us"], key=rec["configs_us"].get)
     rec["best_config"], rec["vnm_sp_us"] = best, rec["configs_us"][best]
-    cfg = {k: (v if k == "KERNEL" else int(v)) for k, v in (kv.split("=") for kv in best.split())}
+    cfg = by_key[best]
     rec["vnm_sp_with_transpose_us"] = time_graph(
         [lambda: launch(cfg, feature_major(x, packed, cfg), tokens, packed, y)]
     )
