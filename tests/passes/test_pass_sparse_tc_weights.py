@@ -10,9 +10,9 @@ from test_pass_fuse_siblings import Recorder  # the backend wrapper that keeps g
 from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels import vnm_linear
+from vnm_compile.kernels import dispatch, vnm_linear
 from vnm_compile.kernels.sparse_tc import pack_sparse_tc, sparse_tc_available
-from vnm_compile.kernels.vnm_linear import OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER
+from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER
 from vnm_compile.pattern import VNMPattern
 from vnm_compile.state import get_sparsity
 
@@ -59,7 +59,7 @@ def test_packed_weights_are_passed_and_change_nothing(pattern, permute, mode):
         held += sum(
             t.numel() * t.element_size() for t in (records, cols) + ((getattr(gm, rows.target),) if rows else ())
         )
-    assert rec.report["0"].mode == "sparse, sparse TC" and rec.report["2"].mode == "sparse, sparse TC"
+    assert rec.report["0"].mode == rec.report["2"].mode == "sparse, sparse TC from 256 tokens"
     assert f"sparse-tensor-core packings held: {held / 2**20:.1f} MiB" in rec.report.summary()
 
 
@@ -80,7 +80,54 @@ def test_ineligible_layers_are_left_as_they_were(pattern, dtype):
     assert rec.report["0"].mode == "sparse" and "sparse-tensor-core" not in rec.report.summary()
 
 
-@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "256"])
+def test_tc_token_floor_reads_the_measured_table():
+    rec = lambda t, tc: {  # noqa: E731
+        "out_features": 4096, "in_features": 4096, "tokens": t, "dense_us": 10.0,
+        "vnm_us": {"64:2:8": 20.0}, **({"vnm_tc_us": {"64:2:8": tc}} if tc else {}),
+    }  # fmt: skip
+    p = VNMPattern.parse("64:2:8")
+    table = {"records": [rec(16, 14.0), rec(256, 9.5), rec(2048, 8.0), rec(8192, 7.5)]}
+    assert dispatch.tc_token_floor(table, 4096, 4096, p) == 2048  # 256: 1.05x, below MIN_SPEEDUP
+    table["records"].append(rec(512, 8.5))
+    assert dispatch.tc_token_floor(table, 4096, 4096, p) == 512
+    table["records"].append(rec(16384, 11.0))  # a loss at the largest count: no floor
+    assert dispatch.tc_token_floor(table, 4096, 4096, p) is None
+    assert dispatch.tc_token_floor({"records": [rec(2048, None)]}, 4096, 4096, p) is None  # not measured
+
+
+def _hybrid_setup(monkeypatch, floor):
+    """Triton kernels never beat dense (token limit 0); the sparse tensor cores from ``floor`` tokens."""
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a, **k: 0)
+    monkeypatch.setattr(dispatch, "sparse_tc_token_floor", lambda *a, **k: floor)
+
+
+def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypatch):
+    _hybrid_setup(monkeypatch, 512)
+    model = _model("64:2:8", torch.float16, False)
+    x = torch.randn(600, 192, dtype=torch.float16)
+    with torch.no_grad():
+        want = model(x)
+    out, rec = _compile(model, x, sparse_tensor_cores=True)
+    torch.testing.assert_close(out, want)  # CPU: dense above the (zero) limit, as the hybrid op says
+    nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    assert len(nodes) == 2 and all(n.args[11] == 0 and n.args[19] == 512 for n in nodes)
+    assert rec.report["0"].mode == "hybrid (dense below the sparse tensor cores), sparse TC from 512 tokens"
+    # fewer tokens than the floor in a static graph: dense, and the reason says why
+    out, rec = _compile(model, x[:100], sparse_tensor_cores=True)
+    assert not rec.report["0"].lowered and "sparse tensor cores from 512" in rec.report["0"].reason
+    # the option off: dense, as before
+    out, rec = _compile(model, x, sparse_tensor_cores=None)
+    assert not rec.report["0"].lowered
+
+
+def test_a_layer_without_a_measured_win_is_not_packed(monkeypatch):
+    _hybrid_setup(monkeypatch, None)
+    model = _model("64:2:8", torch.float16, False)
+    out, rec = _compile(model, torch.randn(600, 192, dtype=torch.float16), sparse_tensor_cores=True)
+    assert not rec.report["0"].lowered and "sparse-tensor-core" not in rec.report.summary()
+
+
+@pytest.mark.parametrize("bad", [0, -3, False, 2.5, "256"])
 def test_sparse_tensor_cores_option_is_validated(bad):
     with pytest.raises(ValueError, match="sparse_tensor_cores"):
         vnm_backend(None, [], options={"sparse_tensor_cores": bad})

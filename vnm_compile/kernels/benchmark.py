@@ -30,6 +30,7 @@ from ..masks import vnm_mask
 from ..pattern import VNMPattern
 from .cusparselt import CSLTLinear, cusparselt_available
 from .dispatch import gpu_slug
+from .sparse_tc import SparseTCWeight, pack_sparse_tc, sparse_tc_available
 from .vnm_linear import expand_weights, interleave_rows, vnm_linear
 from .vnm_triton import autotune_cache
 
@@ -176,7 +177,7 @@ def _time_case(
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
     rec: dict = {
         "out_features": out_f, "in_features": in_f, "tokens": tokens, "vnm_us": {}, "vnm_bytes": {},
-        "vnm_expanded_us": {}, "vnm_interleaved_us": {},
+        "vnm_expanded_us": {}, "vnm_interleaved_us": {}, "vnm_tc_us": {},
     }  # fmt: skip
 
     dense_bytes = weight.numel() * weight.element_size()
@@ -214,6 +215,14 @@ def _time_case(
             rec["vnm_interleaved_us"][p] = _time_held(x, w, ref, "interleaved", lambda c: interleave_rows(c))
         elif tokens > 1:  # the expanded weights (expand_weights option)
             rec["vnm_expanded_us"][p] = _time_held(x, w, ref, "expanded", lambda c: expand_weights(c, x.dtype))
+        if (
+            tokens >= 16
+            and w.block_rows % 64 == 0
+            and w.dtype in (torch.float16, torch.bfloat16)
+            and sparse_tc_available()
+        ):
+            # the sparse tensor cores (sparse_tensor_cores option; dispatch.tc_token_floor reads these)
+            rec["vnm_tc_us"][p] = _time_held(x, w, ref, "sparse_tc", pack_sparse_tc)
     return rec
 
 
@@ -223,7 +232,10 @@ def _time_held(x: torch.Tensor, w: VNMWeight, ref: torch.Tensor, kind: str, make
     rel = ((vnm_linear(x, w, **{kind: held}).float() - ref).norm() / ref.norm()).item()
     if not rel < 2e-2:
         raise RuntimeError(f"V:N:M {w.pattern} {kind} {tuple(w.shape)} {x.shape[0]} tokens: relative error {rel:.3g}")
-    held_bytes = sum(t.numel() * t.element_size() for t in (held if isinstance(held, tuple) else (held,)))
+    parts = held if isinstance(held, tuple) else (held,)
+    if isinstance(held, SparseTCWeight):
+        parts = tuple(t for t in (held.records, held.columns, held.group_columns) if t is not None)
+    held_bytes = sum(t.numel() * t.element_size() for t in parts)
     n = _copies(w.nbytes + held_bytes, x.device)
     copies = [(w, held)] + [(c, make(c)) for c in (_clone_vnm(w) for _ in range(n - 1))]
     return time_graph([lambda w=w, h=h: vnm_linear(x, w, **{kind: h}) for w, h in copies])

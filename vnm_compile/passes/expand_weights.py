@@ -75,13 +75,20 @@ def _built(kind: str, layer: LayerTensors, dtype, build: Builder):
 
 
 def attach_constants(
-    gm: fx.GraphModule, ctx: CompileContext, kind: str, names: tuple[str, ...], build: Builder, record: str
+    gm: fx.GraphModule,
+    ctx: CompileContext,
+    kind: str,
+    names: tuple[str, ...],
+    build: Builder,
+    record: str,
+    per_call: Callable[[fx.Node], dict[str, object] | None] | None = None,
 ) -> int:
     """For every vnm op call on constant compressed tensors with n = 2: ``build`` the values of
     the op's optional arguments ``names`` once per weight, hold the tensors among them as graph
     constants, pass them (earlier optional arguments left unset become None; None results stay
-    None) and record their bytes on the layers' sites (attribute ``record``). Returns how many
-    calls now take them."""
+    None) and record their bytes on the layers' sites (attribute ``record``). ``per_call(node)``
+    (optional) gives per-call values for some of ``names`` (non-tensor ones), or None to skip that
+    call. Returns how many calls now take them."""
     graph = gm.graph
     sites = {s.name: s for s in ctx.sites}
     added = 0
@@ -98,12 +105,16 @@ def attach_constants(
             continue
         if len(node.args) > positions[0] and node.args[positions[0]] is not None:
             continue  # already passed
+        overrides = per_call(node) if per_call is not None else {}
+        if overrides is None:
+            continue
         dtype = example.dtype if example is not None else vals.dtype
         in_features = example.shape[-1] if example is not None else 0
         layer = LayerTensors(vals, cols, words, rows, v, m, out_features, in_features)
         made = _built(kind, layer, dtype, build) if dtype in _DTYPES else None
         if made is None:
             continue
+        made = tuple(overrides.get(name, value) for name, value in zip(names, made, strict=True))
         with graph.inserting_before(node):
             consts = []
             for name, value in zip(names, made, strict=True):
