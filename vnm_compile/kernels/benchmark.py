@@ -34,7 +34,7 @@ from .sparse_tc import SparseTCWeight, pack_sparse_tc, sparse_tc_available
 from .vnm_linear import expand_weights, interleave_rows, vnm_linear
 from .vnm_triton import autotune_cache
 
-__all__ = ["GRIDS", "BenchGrid", "run_benchmark", "write_results"]
+__all__ = ["GRIDS", "BenchGrid", "custom_grid", "run_benchmark", "write_results"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,35 @@ GRIDS = {
         sweep_patterns=SWEEP_PATTERNS,
     ),  # fmt: skip
 }
+
+SHAPE_FAMILIES = {
+    "llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "vit-b": VIT[0:3], "vit-l": VIT[3:6], "vit-h": VIT[6:9],
+}  # fmt: skip
+
+
+def custom_grid(
+    base: BenchGrid, shapes: Sequence[str] | None, tokens: Sequence[int] | None, patterns: Sequence[str] | None
+) -> BenchGrid:
+    """``base`` with its main shapes, tokens or patterns replaced (None keeps the grid's own) and, when any
+    is replaced, no sweep and no extra shapes. A shape is a family name (SHAPE_FAMILIES: llama2-7b,
+    vit-b, ...) or OUTxIN."""
+    if shapes is None and tokens is None and patterns is None:
+        return base
+    picked: list[tuple[int, int, str]] = []
+    for s in shapes or []:
+        if s in SHAPE_FAMILIES:
+            picked += SHAPE_FAMILIES[s]
+            continue
+        dims = s.lower().split("x")
+        if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"shape {s!r}: expected OUTxIN (e.g. 4096x11008) or one of {sorted(SHAPE_FAMILIES)}")
+        picked.append((int(dims[0]), int(dims[1]), s))
+    if tokens is not None and (not tokens or min(tokens) < 1):
+        raise ValueError(f"tokens must be positive counts, got {list(tokens)}")
+    for p in patterns or []:
+        VNMPattern.parse(p)  # raises a clear error for a malformed pattern
+    return BenchGrid(picked or list(base.shapes), list(tokens or base.tokens), list(patterns or base.patterns))
+
 
 # Issue 4 targets (H100, fp16, Llama-2-7B shapes): (tokens, pattern) -> minimum speed-up vs dense.
 TARGETS = {
@@ -309,6 +338,13 @@ def _held(rec: dict, pattern: str) -> tuple[float | None, str]:
     return None, ""
 
 
+def _met(speedups: list[float], target: float) -> str:
+    """Two table cells: the speed-ups, and whether the smallest meets the target ("n/a |" without any)."""
+    if not speedups:
+        return "n/a | "
+    return f"{', '.join(f'{g:.2f}x' for g in speedups)} | {'yes' if min(speedups) >= target else 'no'}"
+
+
 def _md(results: dict) -> str:
     meta = results["meta"]
     bw = meta["measured_copy_bandwidth_GBps"] * 1e9
@@ -329,9 +365,12 @@ def _md(results: dict) -> str:
         "tokens up the expanded weights (`expand_weights`, 4/M of the dense bytes; the gather GEMM without its",
         "per-call rebuild).",
         "",
+        "Sparse TC: the same op with the packing for the sparse tensor cores held (`sparse_tensor_cores`",
+        "option, `kernels.sparse_tc`; the mma.sp kernel on x^T, the transpose of x included), from 16 tokens.",
+        "",
         "| layer | out x in | tokens | dense us | 2:4 cuSPARSELt | pattern | V:N:M us | speed-up | % bound "
-        "| held layout us | held speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| held layout us | held speed-up | sparse TC us | TC speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["records"]:
         if r["part"] == "sweep":
@@ -348,16 +387,19 @@ def _md(results: dict) -> str:
                 bound = ""
             ex, kind = _held(r, p)
             ex_cells = f"{ex:.1f} ({kind}) | {r['dense_us'] / ex:.2f}x" if ex else "n/a | n/a"
+            tc = r.get("vnm_tc_us", {}).get(p)
+            tc_cells = f"{tc:.1f} | {r['dense_us'] / tc:.2f}x" if tc else "n/a | n/a"
             lines.append(
                 f"| {r['name']} | {r['out_features']}x{r['in_features']} | {r['tokens']} | {r['dense_us']:.1f} | {cs} "
-                f"| {p} | {us:.1f} | {r['dense_us'] / us:.2f}x | {bound} | {ex_cells} |"
+                f"| {p} | {us:.1f} | {r['dense_us'] / us:.2f}x | {bound} | {ex_cells} | {tc_cells} |"
             )
     lines += [
         "",
         "## Targets (issue 4, Llama-2-7B shapes)",
         "",
-        "| tokens | pattern | target | measured (per shape) | met | with the held layout | met |",
-        "|---|---|---|---|---|---|---|",
+        "| tokens | pattern | target | measured (per shape) | met | with the held layout | met "
+        "| with the sparse TC | met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (t, p), tgt in TARGETS.items():
         rows = [
@@ -367,12 +409,9 @@ def _md(results: dict) -> str:
         ]
         got = [r["dense_us"] / r["vnm_us"][p] for r in rows]
         ex = [r["dense_us"] / _held(r, p)[0] for r in rows if _held(r, p)[0]]
+        tc = [r["dense_us"] / r["vnm_tc_us"][p] for r in rows if r.get("vnm_tc_us", {}).get(p)]
         if got:
-            ex_cells = f"{', '.join(f'{g:.2f}x' for g in ex)} | {'yes' if min(ex) >= tgt else 'no'}" if ex else "n/a | "
-            lines.append(
-                f"| {t} | {p} | {tgt}x | {', '.join(f'{g:.2f}x' for g in got)} | {'yes' if min(got) >= tgt else 'no'} "
-                f"| {ex_cells} |"
-            )
+            lines.append(f"| {t} | {p} | {tgt}x | {_met(got, tgt)} | {_met(ex, tgt)} | {_met(tc, tgt)} |")
     m16 = [r for r in results["records"] if r["part"] == "main" and r["tokens"] == 16 and r.get("cslt_us")]
     if m16:
         lines += ["", "16 tokens, V:N:M vs cuSPARSELt 2:4 (time ratio cslt / vnm, > 1 = V:N:M faster):", ""]
@@ -412,6 +451,10 @@ def _plot(results: dict, path: Path) -> None:
         toks = [r["tokens"] for r in rs]
         for p in rs[0]["vnm_us"]:
             ax.plot(toks, [r["dense_us"] / r["vnm_us"][p] for r in rs], marker="o", label=f"V:N:M {p}")
+        for p in rs[0]["vnm_us"]:
+            tc = [(r["tokens"], r["dense_us"] / r["vnm_tc_us"][p]) for r in rs if r.get("vnm_tc_us", {}).get(p)]
+            if tc:
+                ax.plot(*zip(*tc, strict=True), marker="^", linestyle=":", label=f"V:N:M {p} sparse TC")
         cs = [(r["tokens"], r["dense_us"] / r["cslt_us"]) for r in rs if r.get("cslt_us")]
         if cs:
             ax.plot(*zip(*cs, strict=True), marker="s", linestyle="--", label="cuSPARSELt 2:4")
