@@ -33,7 +33,6 @@ import gc
 import json
 import logging
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -421,10 +420,12 @@ def _plot(result: dict, path: Path) -> None:
 def _result(args, records: list[dict]) -> dict:
     import torch
 
+    from vnm_compile.kernels.benchmark import command_line
+
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
         "versions": _versions(),
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line("python "),
         "config": {
             "llama_layers": args.llama_layers,
             "deit_layers": args.deit_layers,

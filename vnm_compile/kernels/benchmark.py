@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import shlex
 import sys
@@ -180,8 +181,18 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "dtype": str(dtype).replace("torch.", ""),
-        "command": shlex.join(sys.argv),
+        "command": command_line(),
     }
+
+
+_COMMAND_ENV = ("VNM_AUTOTUNE", "VNM_BENCH_RESULTS", "TRITON_INTERPRET")
+
+
+def command_line(program: str = "") -> str:
+    """This process's command line as a benchmark records it, with the settings that change what runs in
+    front (VNM_AUTOTUNE=0: the Triton kernels' first candidate config instead of the autotuned one)."""
+    env = [f"{k}={os.environ[k]}" for k in _COMMAND_ENV if k in os.environ]
+    return " ".join([*env, program + shlex.join(sys.argv)])
 
 
 def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, torch.Tensor]:
