@@ -34,7 +34,7 @@ CONFIGS = [
     {"KERNEL": "gather", "WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4},
     {"KERNEL": "dense", "WR": 2, "WN": 2, "NT": 4, "STAGES": 3, "KSUB": 2, "MINB": 1},
     {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 1, "PF": 1},
-    {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 4, "KSUB": 1, "MINB": 2, "ASYNC": 1},
+    {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 4, "KSUB": 1, "MINB": 2, "ASYNC": 2},
     None,
 ]
 

@@ -300,7 +300,7 @@ def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
     records = cfg["WR"] * cfg["KSUB"] * REC_BYTES
     epilogue = cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144
     if cfg.get("KERNEL", "gather") == "dense":  # + the stages' mbarriers (BULK: one per stage, ASYNC: two)
-        pitch = tn * 2 + 16 * bool(cfg.get("ASYNC"))  # ASYNC pads the x^T rows instead of swizzling them
+        pitch = tn * 2 + 16 * (cfg.get("ASYNC") == 1)  # ASYNC=1 pads the x^T rows instead of swizzling them
         stages = cfg["STAGES"] * (cfg["KSUB"] * 8 * group_width * pitch + records)
         return max(stages, epilogue) + 8 * cfg["STAGES"] * (2 if cfg.get("ASYNC") else 1)
     return max(cfg["STAGES"] * (cfg["WR"] * cfg["KSUB"] * 32 * tn * 2 + records) + cfg["WR"] * steps * 64, epilogue)

@@ -315,11 +315,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 // BULK (sm_90): the records of a stage arrive by one bulk copy per V block (cp.async.bulk, issued by thread
 // 0, completing on the stage's mbarrier) instead of 16-byte cp.async by every thread; PF (with BULK): each
 // k-step's fragments are read from shared memory one k-step ahead, during the previous k-step's mma.sp.
-// ASYNC (sm_90): every copy is a bulk copy (x^T rows too, into rows of a padded pitch instead of the XOR
-// swizzle, which bulk copies cannot do) completing on the stage's "full" mbarrier; each warp releases a
-// stage on its "empty" mbarrier when its reads are done, and the warps take turns refilling: the warp of
-// k-step ks waits for every warp to release the stage it refills. No __syncthreads in the main loop, no
-// per-thread copy addresses. (Not combined with BULK/PF.)
+// ASYNC (sm_90): stages complete on "full" mbarriers and are released on "empty" ones instead of one
+// __syncthreads per stage; the warps take turns refilling (the warp of k-step ks waits for every warp to
+// release the stage it refills and copies all of it). ASYNC=1: the x^T rows by one bulk copy each (into
+// rows of a padded pitch: bulk copies cannot swizzle); ASYNC=2: by the warp's 16-byte cp.async (swizzled
+// as without ASYNC), each lane's completion an arrival on the full mbarrier (cp.async.mbarrier.arrive
+// .noinc). The records by bulk copies in both. (Not combined with BULK/PF.)
 #ifndef GM
 #define GM 8
 #endif
@@ -332,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 #ifndef ASYNC
 #define ASYNC 0
 #endif
-#if ASYNC
+#if ASYNC == 1
 #define XP (TN * 2 + 16)  // bytes per staged x^T row: padded (bank spread of the swizzle for 8 rows)
 #else
 #define XP (TN * 2)
@@ -384,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     const u32 full = sbase + BAR_OFFSET, empty = full + 8 * STAGES;
     if (tid == 0) {
         for (int st = 0; st < STAGES; ++st) {
-            mbar_init(full + 8 * st, 1);
+            mbar_init(full + 8 * st, ASYNC == 2 ? 33 : 1);  // ASYNC=2: + each lane's cp.async arrival
             mbar_init(empty + 8 * st, NW);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -392,9 +393,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     __syncthreads();
     // a stage: XROWS rows of this CTA's tokens (whole 16-byte chunks; x^T is zero past T up to a multiple
     // of 8) and the WR blocks' records; issued by one warp, lane i copying rows i, i + 32, ..
+    const u32x4* rsrc = rec + (size_t)min(blk0 + (lane < WR ? lane : 0), nb - 1) * nkc * (REC / 16);
+#if ASYNC == 1
     const u32 xbytes = (u32)((min(TN, T - t0) + 7) / 8) * 16;
     const u16* xsrc = xt + t0;
-    const u32x4* rsrc = rec + (size_t)min(blk0 + (lane < WR ? lane : 0), nb - 1) * nkc * (REC / 16);
     auto issue_stage = [&](int st, int ks) {
         const u32 s = sbase + st * DSTAGE_BYTES, bar = full + 8 * st;
         if (lane == 0) mbar_expect(bar, XROWS * xbytes + WR * AB);
@@ -403,6 +405,27 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
         for (int r = lane; r < XROWS; r += 32) bulk_copy(s + r * XP, src + (size_t)r * ldx, xbytes, bar);
         if (lane < WR) bulk_copy(s + DXB + lane * AB, rsrc + (size_t)ks * ACH, AB, bar);
     };
+#else
+    // lane copies chunk ch = lane % CH (8 tokens) of rows lane / CH + i * (32 / CH)
+    static_assert(32 % CH == 0 && (XROWS * CH) % 32 == 0, "x^T chunks must split evenly over a warp");
+    constexpr int WSTEP = 32 / CH, WL = XROWS / WSTEP;
+    const int ch = lane % CH, tok = t0 + ch * 8, row0 = lane / CH;
+    const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
+    const u16* xsrc = xt + (tok < T ? tok : 0) + (size_t)row0 * ldx;
+    auto issue_stage = [&](int st, int ks) {
+        const u32 s = sbase + st * DSTAGE_BYTES, bar = full + 8 * st;
+        if (lane == 0) mbar_expect(bar, WR * AB);
+        __syncwarp();
+        if (lane < WR) bulk_copy(s + DXB + lane * AB, rsrc + (size_t)ks * ACH, AB, bar);
+        const u16* src = xsrc + (size_t)ks * XROWS * ldx;
+#pragma unroll 8
+        for (int i = 0; i < WL; ++i) {
+            const int r = row0 + i * WSTEP;
+            cp_async16(s + r * (TN * 2) + ((ch ^ (r & SWZ)) << 4), src + (size_t)i * WSTEP * ldx, xsize);
+        }
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+    };
+#endif
 #else
     // Producer constants. Thread tid copies x^T chunk ch = tid % CH of rows tid / CH + i * RSTEP.
     static_assert(NTHREADS % CH == 0, "x^T chunks must split evenly over the threads");
@@ -458,7 +481,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, int row) {
         const int r = sub * KR + row;
         const u32 rb = s + r * XP;
-#if ASYNC
+#if ASYNC == 1
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) baddr[nt] = rb + ((wn * NT + nt) << 4);
 #else
