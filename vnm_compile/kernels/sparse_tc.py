@@ -299,10 +299,8 @@ def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
     tn = 8 * cfg["NT"] * cfg["WN"]
     records = cfg["WR"] * cfg["KSUB"] * REC_BYTES
     epilogue = cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144
-    if cfg.get("KERNEL", "gather") == "dense":  # + the stages' mbarriers (BULK: one per stage, ASYNC: two)
-        pitch = tn * 2 + 16 * (cfg.get("ASYNC") == 1)  # ASYNC=1 pads the x^T rows instead of swizzling them
-        stages = cfg["STAGES"] * (cfg["KSUB"] * 8 * group_width * pitch + records)
-        return max(stages, epilogue) + 8 * cfg["STAGES"] * (2 if cfg.get("ASYNC") else 1)
+    if cfg.get("KERNEL", "gather") == "dense":  # + the stages' mbarriers (used with BULK)
+        return max(cfg["STAGES"] * (cfg["KSUB"] * 8 * group_width * tn * 2 + records), epilogue) + 8 * cfg["STAGES"]
     return max(cfg["STAGES"] * (cfg["WR"] * cfg["KSUB"] * 32 * tn * 2 + records) + cfg["WR"] * steps * 64, epilogue)
 
 
@@ -326,11 +324,9 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     cfg = {k: v for k, v in config.items() if k != "KERNEL"}
     cfg["BF16"] = int(w.dtype == torch.bfloat16)
     if dense:
-        cfg.update(GM=w.group_width, BULK=cfg.get("BULK", 0), ASYNC=cfg.get("ASYNC", 0))
-        if (cfg["BULK"] or cfg["ASYNC"]) and torch.cuda.get_device_capability(y.device) < (9, 0):
-            raise ValueError("BULK=1 / ASYNC=1 (bulk copies on mbarriers) need compute capability >= 9.0")
-        if cfg["BULK"] and cfg["ASYNC"]:
-            raise ValueError("BULK=1 and ASYNC=1 are two ways of copying the records: pick one")
+        cfg.update(GM=w.group_width, BULK=cfg.get("BULK", 0))
+        if cfg["BULK"] and torch.cuda.get_device_capability(y.device) < (9, 0):
+            raise ValueError("BULK=1 (bulk copies on mbarriers) needs compute capability >= 9.0")
     k = _kernels().get(KERNELS[kind], **cfg)
     blocks, steps = w.records.shape[:2]
     if steps % cfg["KSUB"]:

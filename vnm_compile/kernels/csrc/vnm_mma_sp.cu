@@ -315,12 +315,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 // BULK (sm_90): the records of a stage arrive by one bulk copy per V block (cp.async.bulk, issued by thread
 // 0, completing on the stage's mbarrier) instead of 16-byte cp.async by every thread; PF (with BULK): each
 // k-step's fragments are read from shared memory one k-step ahead, during the previous k-step's mma.sp.
-// ASYNC (sm_90): stages complete on "full" mbarriers and are released on "empty" ones instead of one
-// __syncthreads per stage; the warps take turns refilling (the warp of k-step ks waits for every warp to
-// release the stage it refills and copies all of it). ASYNC=1: the x^T rows by one bulk copy each (into
-// rows of a padded pitch: bulk copies cannot swizzle); ASYNC=2: by the warp's 16-byte cp.async (swizzled
-// as without ASYNC), each lane's completion an arrival on the full mbarrier (cp.async.mbarrier.arrive
-// .noinc). The records by bulk copies in both. (Not combined with BULK/PF.)
 #ifndef GM
 #define GM 8
 #endif
@@ -330,16 +324,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 #ifndef PF
 #define PF 1
 #endif
-#ifndef ASYNC
-#define ASYNC 0
-#endif
-#if ASYNC == 1
-#define XP (TN * 2 + 16)  // bytes per staged x^T row: padded (bank spread of the swizzle for 8 rows)
-#else
-#define XP (TN * 2)
-#endif
 #define KR (8 * GM)                       // x^T rows per k-step
-#define DXB (KR * KSUB * XP)              // bytes of the stage's x^T rows
+#define DXB (KR * KSUB * TN * 2)          // bytes of the stage's x^T rows
 #define DSTAGE_BYTES (DXB + WR * AB)
 #define EPI_BYTES (NTHREADS / 32 * 8 * NT * 144)
 #define BAR_OFFSET (STAGES * DSTAGE_BYTES > EPI_BYTES ? STAGES * DSTAGE_BYTES : EPI_BYTES)  // the mbarriers
@@ -349,9 +335,6 @@ __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
 }
 __device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     u32 done;
@@ -377,59 +360,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     const u32 sbase = smem_addr(smem);
     const int nsteps = nkc / KSUB;
 
-    constexpr int XROWS = KSUB * KR;  // x^T rows per stage
-    constexpr int ACH = AB / 16;  // 16-byte chunks of one block's records per stage (contiguous in rec)
-#if ASYNC
-    const int lane = tid & 31;
-    constexpr int NW = NTHREADS / 32;
-    const u32 full = sbase + BAR_OFFSET, empty = full + 8 * STAGES;
-    if (tid == 0) {
-        for (int st = 0; st < STAGES; ++st) {
-            mbar_init(full + 8 * st, ASYNC == 2 ? 33 : 1);  // ASYNC=2: + each lane's cp.async arrival
-            mbar_init(empty + 8 * st, NW);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-    // a stage: XROWS rows of this CTA's tokens (whole 16-byte chunks; x^T is zero past T up to a multiple
-    // of 8) and the WR blocks' records; issued by one warp, lane i copying rows i, i + 32, ..
-    const u32x4* rsrc = rec + (size_t)min(blk0 + (lane < WR ? lane : 0), nb - 1) * nkc * (REC / 16);
-#if ASYNC == 1
-    const u32 xbytes = (u32)((min(TN, T - t0) + 7) / 8) * 16;
-    const u16* xsrc = xt + t0;
-    auto issue_stage = [&](int st, int ks) {
-        const u32 s = sbase + st * DSTAGE_BYTES, bar = full + 8 * st;
-        if (lane == 0) mbar_expect(bar, XROWS * xbytes + WR * AB);
-        __syncwarp();
-        const u16* src = xsrc + (size_t)ks * XROWS * ldx;
-        for (int r = lane; r < XROWS; r += 32) bulk_copy(s + r * XP, src + (size_t)r * ldx, xbytes, bar);
-        if (lane < WR) bulk_copy(s + DXB + lane * AB, rsrc + (size_t)ks * ACH, AB, bar);
-    };
-#else
-    // lane copies chunk ch = lane % CH (8 tokens) of rows lane / CH + i * (32 / CH)
-    static_assert(32 % CH == 0 && (XROWS * CH) % 32 == 0, "x^T chunks must split evenly over a warp");
-    constexpr int WSTEP = 32 / CH, WL = XROWS / WSTEP;
-    const int ch = lane % CH, tok = t0 + ch * 8, row0 = lane / CH;
-    const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
-    const u16* xsrc = xt + (tok < T ? tok : 0) + (size_t)row0 * ldx;
-    auto issue_stage = [&](int st, int ks) {
-        const u32 s = sbase + st * DSTAGE_BYTES, bar = full + 8 * st;
-        if (lane == 0) mbar_expect(bar, WR * AB);
-        __syncwarp();
-        if (lane < WR) bulk_copy(s + DXB + lane * AB, rsrc + (size_t)ks * ACH, AB, bar);
-        const u16* src = xsrc + (size_t)ks * XROWS * ldx;
-#pragma unroll 8
-        for (int i = 0; i < WL; ++i) {
-            const int r = row0 + i * WSTEP;
-            cp_async16(s + r * (TN * 2) + ((ch ^ (r & SWZ)) << 4), src + (size_t)i * WSTEP * ldx, xsize);
-        }
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-    };
-#endif
-#else
     // Producer constants. Thread tid copies x^T chunk ch = tid % CH of rows tid / CH + i * RSTEP.
     static_assert(NTHREADS % CH == 0, "x^T chunks must split evenly over the threads");
-    constexpr int RSTEP = NTHREADS / CH, XL = (XROWS + RSTEP - 1) / RSTEP;
+    constexpr int XROWS = KSUB * KR, RSTEP = NTHREADS / CH, XL = (XROWS + RSTEP - 1) / RSTEP;
     const int ch = tid % CH, tok = t0 + ch * 8, row0 = tid / CH;
     const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
     const u16* xsrc = xt + (tok < T ? tok : 0) + (size_t)row0 * ldx;
@@ -440,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
         const int r = row0 + i * RSTEP;
         xdst[i] = r * (TN * 2) + ((ch ^ (r & SWZ)) << 4);
     }
+    constexpr int ACH = AB / 16;  // 16-byte chunks of one block's records per stage (contiguous in rec)
 #if BULK
     const u32 bars = sbase + BAR_OFFSET;
     if (tid == 0) {
@@ -476,56 +410,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
             if (ATOT % NTHREADS == 0 || tid + i * NTHREADS < ATOT) cp_async16(s + adst[i], asrc[i] + (size_t)ks * ACH, 16);
 #endif
     };
-#endif  // ASYNC
     // ldmatrix: lane -> kept column l, at row sub * KR + f.row of the stage's x^T rows
     auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, int row) {
         const int r = sub * KR + row;
-        const u32 rb = s + r * XP;
-#if ASYNC == 1
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) baddr[nt] = rb + ((wn * NT + nt) << 4);
-#else
+        const u32 rb = s + r * (TN * 2);
         const int sw = r & SWZ;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) baddr[nt] = rb + (((wn * NT + nt) ^ sw) << 4);
-#endif
     };
 
     float acc[MT][NT][4];
-    const u32 aofs = DXB + wr * AB;  // this warp's records in a stage
-#if ASYNC
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
-    if (warp == 0)
-        for (int st = 0; st < STAGES - 1 && st < nsteps; ++st) issue_stage(st, st);
-    for (int ks = 0; ks < nsteps; ++ks) {
-        const int use = ks % STAGES, kf = ks + STAGES - 1;
-        if (warp == ks % NW && kf < nsteps) {  // refill the stage k-step ks - 1 used, once all warps left it
-            const int st = kf % STAGES;
-            if (ks >= 1) mbar_wait(empty + 8 * st, ((ks - 1) / STAGES) & 1);
-            issue_stage(st, kf);
-        }
-        mbar_wait(full + 8 * use, (ks / STAGES) & 1);
-        const u32 s = sbase + use * DSTAGE_BYTES;
-        const unsigned char* sp = smem + use * DSTAGE_BYTES;
-#pragma unroll
-        for (int sub = 0; sub < KSUB; ++sub) {
-            Frags cur;
-            load_frags(cur, sp + aofs + sub * REC);
-            u32 baddr[NT];
-            rows(baddr, s, sub, cur.row);
-            mma_frags(acc, cur, baddr);
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + 8 * use);
-    }
-    __syncthreads();  // every stage was consumed: the epilogue may reuse the pipeline's memory
-#else
     start_pipeline(acc, nsteps, load_stage);
+    const u32 aofs = DXB + wr * AB;  // this warp's records in a stage
 #if BULK && PF
     Frags cur;
     mbar_wait(bars, 0);
@@ -568,7 +464,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     }
     asm volatile("cp.async.wait_group 0;\n");
     __syncthreads();  // every bulk copy issued was waited for: the epilogue may reuse the pipeline's memory
-#endif  // ASYNC
 
     const int blk = blk0 + wr;
     if (blk >= nb) return;
