@@ -33,7 +33,6 @@ import gc
 import json
 import logging
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,13 @@ VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # Run only when asked for (--variants): 64:2:16 is the pattern whose prefill beats dense cuBLAS
 # with the gather-GEMM kernel (benchmarks/results/<gpu>/linear.md); "expanded" compiles with the
 # expand_weights option (the expanded weights held: the gather GEMM from 2 tokens up);
-# "interleaved" with the interleave_rows option (the decode kernel's row-interleaved layout held).
-EXTRA_VARIANTS = ("64:2:16", "64:2:8 expanded", "64:2:5 expanded", "64:2:8 interleaved", "64:2:5 interleaved")
+# "interleaved" with the interleave_rows option (the decode kernel's row-interleaved layout held);
+# "tc" with sparse_tensor_cores=True (the mma.sp kernels from the token count where the measured table,
+# from `vnm bench` on this GPU, says they beat dense: without vnm_tc_us timings in it, nothing changes).
+EXTRA_VARIANTS = (
+    "64:2:16", "64:2:8 expanded", "64:2:5 expanded", "64:2:8 interleaved", "64:2:5 interleaved", "64:2:8 tc",
+    "64:2:16 tc",
+)  # fmt: skip
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
 SEPARATE = ("64:2:8 separate", "64:2:5 separate")
@@ -75,6 +79,7 @@ def _compile(model, variant: str, smoke: bool = False):
     options = {
         "pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags,
         "expand_weights": "expanded" in flags, "interleave_rows": "interleaved" in flags,
+        "sparse_tensor_cores": True if "tc" in flags else None,
     }  # fmt: skip
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
 
@@ -415,10 +420,12 @@ def _plot(result: dict, path: Path) -> None:
 def _result(args, records: list[dict]) -> dict:
     import torch
 
+    from vnm_compile.kernels.benchmark import command_line
+
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
         "versions": _versions(),
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line("python "),
         "config": {
             "llama_layers": args.llama_layers,
             "deit_layers": args.deit_layers,

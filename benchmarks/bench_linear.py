@@ -2,6 +2,7 @@
 
     python benchmarks/bench_linear.py --grid default   # ~5 min on an H100
     python benchmarks/bench_linear.py --grid quick     # one shape, a minute
+    python benchmarks/bench_linear.py --shapes vit-b 4096x4096 --tokens 16 2048 --patterns 64:2:8
 
 Writes benchmarks/results/<gpu>/linear.json, linear.md, linear.png and
 speedups.json (see vnm_compile/kernels/benchmark.py). Same as `vnm bench`.
@@ -14,19 +15,25 @@ import logging
 import sys
 from pathlib import Path
 
-from vnm_compile.kernels.benchmark import GRIDS, run_benchmark, write_results
+from vnm_compile.cli import add_grid_arguments
+from vnm_compile.kernels.benchmark import GRIDS, custom_grid, run_benchmark, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
     parser.add_argument("--out", type=Path, default=None, help="folder (default benchmarks/results/<gpu>)")
+    add_grid_arguments(parser)
     parser.add_argument(
         "--from-json", type=Path, default=None, help="only rewrite .md/.png/speedups from a linear.json"
     )
     parser.add_argument("--configs", action="store_true", help="time every kernel config at Llama-2-7B shapes instead")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        grid = custom_grid(GRIDS[args.grid], args.shapes, args.tokens, args.patterns)
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     import torch
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "configs.json").write_text(json.dumps(rows, indent=1))
         return 0
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
-    results = run_benchmark(GRIDS[args.grid], checkpoint=out / "linear.json")
+    results = run_benchmark(grid, checkpoint=out / "linear.json")
     for p in write_results(results, out):
         print(f"wrote {p}")
     print(Path(out, "linear.md").read_text())

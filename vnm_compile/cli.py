@@ -88,15 +88,33 @@ def _bench(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("vnm bench needs a CUDA GPU", file=sys.stderr)
         return 1
-    from .kernels.benchmark import GRIDS, run_benchmark, write_results
+    from .kernels.benchmark import GRIDS, custom_grid, run_benchmark, write_results
     from .kernels.dispatch import gpu_slug
 
+    try:
+        grid = custom_grid(GRIDS[args.grid], args.shapes, args.tokens, args.patterns)
+    except ValueError as err:
+        print(f"vnm bench: {err}", file=sys.stderr)
+        return 2
+
     out = args.out or Path.home() / ".cache" / "vnm_compile" / gpu_slug()
-    results = run_benchmark(GRIDS[args.grid], progress=not args.no_progress, checkpoint=out / "linear.json")
+    results = run_benchmark(grid, progress=not args.no_progress, checkpoint=out / "linear.json")
     for p in write_results(results, out):
         print(f"wrote {p}")
     print(Path(out, "linear.md").read_text())
     return 0
+
+
+def add_grid_arguments(p: argparse.ArgumentParser) -> None:
+    """--shapes/--tokens/--patterns (benchmark.custom_grid), shared by `vnm bench` and bench_linear.py."""
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="instead of the grid's shapes: families (llama2-7b, vit-b, ...) or OUTxIN",
+    )
+    p.add_argument("--tokens", nargs="+", type=int, default=None, help="instead of the grid's token counts")
+    p.add_argument("--patterns", nargs="+", default=None, help="instead of the grid's V:N:M patterns")
 
 
 def _add_bench(sub) -> None:
@@ -105,6 +123,7 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time dense vs cuSPARSELt 2:4 vs V:N:M linear layers on this GPU")
     p.add_argument("--grid", choices=["quick", "default", "full"], default="default", help="what to measure")
     p.add_argument("--out", type=Path, default=None, help="results folder (default ~/.cache/vnm_compile/<gpu>)")
+    add_grid_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_bench)
 

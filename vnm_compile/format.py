@@ -135,6 +135,9 @@ class VNMWeight:
         in_perm = check_permutation(in_perm, cols, "in_perm")
         out_perm = check_permutation(out_perm, rows, "out_perm")
         mask = mask.to(device=weight.device, dtype=torch.bool)
+        # the state may have been recorded on another device (sparsified on the CPU, then model.cuda())
+        in_perm = None if in_perm is None else in_perm.to(weight.device)
+        out_perm = None if out_perm is None else out_perm.to(weight.device)
         if not is_vnm(mask, p, in_perm, out_perm):
             raise ValueError(f"mask does not obey the {p} pattern (after the given permutations)")
 

@@ -229,3 +229,40 @@ def test_kernel_refuses_mismatched_input():
         sparse_tc_linear(torch.randn(3, 41, device="cuda", dtype=torch.float16), packed)
     with pytest.raises(ValueError, match="bfloat16"):
         sparse_tc_linear(torch.randn(3, 40, device="cuda", dtype=torch.bfloat16), packed)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "rows, cols, pattern, permute",
+    [(200, 97, "64:2:8", True), (128, 300, "64:2:16", False), (192, 512, "64:2:5", False), (257, 515, "128:2:8", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vnm_linear_runs_the_mma_sp_kernel_from_its_token_count(rows, cols, pattern, permute, dtype, monkeypatch):
+    """vnm_linear(sparse_tc=...) and the hybrid op: the mma.sp kernel from sparse_tc_min_tokens rows of x
+    (counted through a spy), the Triton kernels or dense below; every path within fp16/bf16 rounding."""
+    import vnm_compile.kernels.sparse_tc as sparse_tc_module
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP, sparse_tc_args, vnm_linear
+
+    calls = []
+    real = sparse_tc_module.sparse_tc_linear
+    monkeypatch.setattr(sparse_tc_module, "sparse_tc_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=2)
+    packed = pack_sparse_tc(w)
+    bias = torch.randn(rows, device="cuda", dtype=dtype)
+    dense = w.to_dense()
+    for lead, want_tc in (((3,), False), ((2, 7), False), ((33,), True), ((3, 50), True)):
+        x = torch.randn(*lead, cols, device="cuda", dtype=dtype)
+        ref = x.float() @ dense.float().t() + bias.float()
+        before = len(calls)
+        y = vnm_linear(x, w, bias, sparse_tc=packed, sparse_tc_min_tokens=20)
+        assert (len(calls) > before) == want_tc, lead
+        tc_records, tc_columns, tc_rows, tc_mode = sparse_tc_args(packed)
+        y_hybrid = HYBRID_OP(
+            x, [dense], w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m,
+            rows, 0, None, None, None, tc_records, tc_columns, tc_rows, tc_mode, 20,
+        )  # fmt: skip
+        assert (len(calls) > before + 1) == want_tc, lead
+        for out in (y, y_hybrid):
+            assert out.shape == (*lead, rows) and out.dtype == dtype
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (lead, err)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import shlex
 import sys
@@ -30,10 +31,11 @@ from ..masks import vnm_mask
 from ..pattern import VNMPattern
 from .cusparselt import CSLTLinear, cusparselt_available
 from .dispatch import gpu_slug
+from .sparse_tc import SparseTCWeight, pack_sparse_tc, sparse_tc_available
 from .vnm_linear import expand_weights, interleave_rows, vnm_linear
 from .vnm_triton import autotune_cache
 
-__all__ = ["GRIDS", "BenchGrid", "run_benchmark", "write_results"]
+__all__ = ["GRIDS", "BenchGrid", "custom_grid", "run_benchmark", "write_results"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,35 @@ GRIDS = {
         sweep_patterns=SWEEP_PATTERNS,
     ),  # fmt: skip
 }
+
+SHAPE_FAMILIES = {
+    "llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "vit-b": VIT[0:3], "vit-l": VIT[3:6], "vit-h": VIT[6:9],
+}  # fmt: skip
+
+
+def custom_grid(
+    base: BenchGrid, shapes: Sequence[str] | None, tokens: Sequence[int] | None, patterns: Sequence[str] | None
+) -> BenchGrid:
+    """``base`` with its main shapes, tokens or patterns replaced (None keeps the grid's own) and, when any
+    is replaced, no sweep and no extra shapes. A shape is a family name (SHAPE_FAMILIES: llama2-7b,
+    vit-b, ...) or OUTxIN."""
+    if shapes is None and tokens is None and patterns is None:
+        return base
+    picked: list[tuple[int, int, str]] = []
+    for s in shapes or []:
+        if s in SHAPE_FAMILIES:
+            picked += SHAPE_FAMILIES[s]
+            continue
+        dims = s.lower().split("x")
+        if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"shape {s!r}: expected OUTxIN (e.g. 4096x11008) or one of {sorted(SHAPE_FAMILIES)}")
+        picked.append((int(dims[0]), int(dims[1]), s))
+    if tokens is not None and (not tokens or min(tokens) < 1):
+        raise ValueError(f"tokens must be positive counts, got {list(tokens)}")
+    for p in patterns or []:
+        VNMPattern.parse(p)  # raises a clear error for a malformed pattern
+    return BenchGrid(picked or list(base.shapes), list(tokens or base.tokens), list(patterns or base.patterns))
+
 
 # Issue 4 targets (H100, fp16, Llama-2-7B shapes): (tokens, pattern) -> minimum speed-up vs dense.
 TARGETS = {
@@ -150,8 +181,18 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "dtype": str(dtype).replace("torch.", ""),
-        "command": shlex.join(sys.argv),
+        "command": command_line(),
     }
+
+
+_COMMAND_ENV = ("VNM_AUTOTUNE", "VNM_BENCH_RESULTS", "TRITON_INTERPRET")
+
+
+def command_line(program: str = "") -> str:
+    """This process's command line as a benchmark records it, with the settings that change what runs in
+    front (VNM_AUTOTUNE=0: the Triton kernels' first candidate config instead of the autotuned one)."""
+    env = [f"{k}={os.environ[k]}" for k in _COMMAND_ENV if k in os.environ]
+    return " ".join([*env, program + shlex.join(sys.argv)])
 
 
 def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, torch.Tensor]:
@@ -176,7 +217,7 @@ def _time_case(
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
     rec: dict = {
         "out_features": out_f, "in_features": in_f, "tokens": tokens, "vnm_us": {}, "vnm_bytes": {},
-        "vnm_expanded_us": {}, "vnm_interleaved_us": {},
+        "vnm_expanded_us": {}, "vnm_interleaved_us": {}, "vnm_tc_us": {},
     }  # fmt: skip
 
     dense_bytes = weight.numel() * weight.element_size()
@@ -214,6 +255,14 @@ def _time_case(
             rec["vnm_interleaved_us"][p] = _time_held(x, w, ref, "interleaved", lambda c: interleave_rows(c))
         elif tokens > 1:  # the expanded weights (expand_weights option)
             rec["vnm_expanded_us"][p] = _time_held(x, w, ref, "expanded", lambda c: expand_weights(c, x.dtype))
+        if (
+            tokens >= 16
+            and w.block_rows % 64 == 0
+            and w.dtype in (torch.float16, torch.bfloat16)
+            and sparse_tc_available()
+        ):
+            # the sparse tensor cores (sparse_tensor_cores option; dispatch.tc_token_floor reads these)
+            rec["vnm_tc_us"][p] = _time_held(x, w, ref, "sparse_tc", pack_sparse_tc)
     return rec
 
 
@@ -223,7 +272,10 @@ def _time_held(x: torch.Tensor, w: VNMWeight, ref: torch.Tensor, kind: str, make
     rel = ((vnm_linear(x, w, **{kind: held}).float() - ref).norm() / ref.norm()).item()
     if not rel < 2e-2:
         raise RuntimeError(f"V:N:M {w.pattern} {kind} {tuple(w.shape)} {x.shape[0]} tokens: relative error {rel:.3g}")
-    held_bytes = sum(t.numel() * t.element_size() for t in (held if isinstance(held, tuple) else (held,)))
+    parts = held if isinstance(held, tuple) else (held,)
+    if isinstance(held, SparseTCWeight):
+        parts = tuple(t for t in (held.records, held.columns, held.group_columns) if t is not None)
+    held_bytes = sum(t.numel() * t.element_size() for t in parts)
     n = _copies(w.nbytes + held_bytes, x.device)
     copies = [(w, held)] + [(c, make(c)) for c in (_clone_vnm(w) for _ in range(n - 1))]
     return time_graph([lambda w=w, h=h: vnm_linear(x, w, **{kind: h}) for w, h in copies])
@@ -297,6 +349,13 @@ def _held(rec: dict, pattern: str) -> tuple[float | None, str]:
     return None, ""
 
 
+def _met(speedups: list[float], target: float) -> str:
+    """Two table cells: the speed-ups, and whether the smallest meets the target ("n/a |" without any)."""
+    if not speedups:
+        return "n/a | "
+    return f"{', '.join(f'{g:.2f}x' for g in speedups)} | {'yes' if min(speedups) >= target else 'no'}"
+
+
 def _md(results: dict) -> str:
     meta = results["meta"]
     bw = meta["measured_copy_bandwidth_GBps"] * 1e9
@@ -317,9 +376,12 @@ def _md(results: dict) -> str:
         "tokens up the expanded weights (`expand_weights`, 4/M of the dense bytes; the gather GEMM without its",
         "per-call rebuild).",
         "",
+        "Sparse TC: the same op with the packing for the sparse tensor cores held (`sparse_tensor_cores`",
+        "option, `kernels.sparse_tc`; the mma.sp kernel on x^T, the transpose of x included), from 16 tokens.",
+        "",
         "| layer | out x in | tokens | dense us | 2:4 cuSPARSELt | pattern | V:N:M us | speed-up | % bound "
-        "| held layout us | held speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| held layout us | held speed-up | sparse TC us | TC speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["records"]:
         if r["part"] == "sweep":
@@ -336,16 +398,19 @@ def _md(results: dict) -> str:
                 bound = ""
             ex, kind = _held(r, p)
             ex_cells = f"{ex:.1f} ({kind}) | {r['dense_us'] / ex:.2f}x" if ex else "n/a | n/a"
+            tc = r.get("vnm_tc_us", {}).get(p)
+            tc_cells = f"{tc:.1f} | {r['dense_us'] / tc:.2f}x" if tc else "n/a | n/a"
             lines.append(
                 f"| {r['name']} | {r['out_features']}x{r['in_features']} | {r['tokens']} | {r['dense_us']:.1f} | {cs} "
-                f"| {p} | {us:.1f} | {r['dense_us'] / us:.2f}x | {bound} | {ex_cells} |"
+                f"| {p} | {us:.1f} | {r['dense_us'] / us:.2f}x | {bound} | {ex_cells} | {tc_cells} |"
             )
     lines += [
         "",
         "## Targets (issue 4, Llama-2-7B shapes)",
         "",
-        "| tokens | pattern | target | measured (per shape) | met | with the held layout | met |",
-        "|---|---|---|---|---|---|---|",
+        "| tokens | pattern | target | measured (per shape) | met | with the held layout | met "
+        "| with the sparse TC | met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (t, p), tgt in TARGETS.items():
         rows = [
@@ -355,12 +420,9 @@ def _md(results: dict) -> str:
         ]
         got = [r["dense_us"] / r["vnm_us"][p] for r in rows]
         ex = [r["dense_us"] / _held(r, p)[0] for r in rows if _held(r, p)[0]]
+        tc = [r["dense_us"] / r["vnm_tc_us"][p] for r in rows if r.get("vnm_tc_us", {}).get(p)]
         if got:
-            ex_cells = f"{', '.join(f'{g:.2f}x' for g in ex)} | {'yes' if min(ex) >= tgt else 'no'}" if ex else "n/a | "
-            lines.append(
-                f"| {t} | {p} | {tgt}x | {', '.join(f'{g:.2f}x' for g in got)} | {'yes' if min(got) >= tgt else 'no'} "
-                f"| {ex_cells} |"
-            )
+            lines.append(f"| {t} | {p} | {tgt}x | {_met(got, tgt)} | {_met(ex, tgt)} | {_met(tc, tgt)} |")
     m16 = [r for r in results["records"] if r["part"] == "main" and r["tokens"] == 16 and r.get("cslt_us")]
     if m16:
         lines += ["", "16 tokens, V:N:M vs cuSPARSELt 2:4 (time ratio cslt / vnm, > 1 = V:N:M faster):", ""]
@@ -400,6 +462,10 @@ def _plot(results: dict, path: Path) -> None:
         toks = [r["tokens"] for r in rs]
         for p in rs[0]["vnm_us"]:
             ax.plot(toks, [r["dense_us"] / r["vnm_us"][p] for r in rs], marker="o", label=f"V:N:M {p}")
+        for p in rs[0]["vnm_us"]:
+            tc = [(r["tokens"], r["dense_us"] / r["vnm_tc_us"][p]) for r in rs if r.get("vnm_tc_us", {}).get(p)]
+            if tc:
+                ax.plot(*zip(*tc, strict=True), marker="^", linestyle=":", label=f"V:N:M {p} sparse TC")
         cs = [(r["tokens"], r["dense_us"] / r["cslt_us"]) for r in rs if r.get("cslt_us")]
         if cs:
             ax.plot(*zip(*cs, strict=True), marker="s", linestyle="--", label="cuSPARSELt 2:4")

@@ -35,7 +35,9 @@ __all__ = [
     "prefer_sparse",
     "sparse_speedup",
     "sparse_token_limit",
+    "sparse_tc_token_floor",
     "token_limit",
+    "tc_token_floor",
     "results_dir",
 ]
 
@@ -93,10 +95,11 @@ def _pattern_dist(measured: str, pattern: VNMPattern) -> float:
 
 
 def _speedups_by_tokens(
-    table: dict, out_features: int, in_features: int, pattern: VNMPattern, expanded: bool = False
+    table: dict, out_features: int, in_features: int, pattern: VNMPattern, expanded: bool = False, tc: bool = False
 ) -> dict[int, float]:
     """Measured dense / V:N:M time per measured token count, at the nearest measured shape
-    (``expanded``: the op's time with the expanded weights held, where measured).
+    (``expanded``: the op's time with the expanded weights held, where measured; ``tc``: the sparse
+    tensor cores' time, only where measured).
 
     The one lookup behind sparse_speedup and sparse_token_limit: 1. the
     measured shape nearest in log-distance (out + in); 2. at each token count
@@ -104,7 +107,8 @@ def _speedups_by_tokens(
     record overrides an earlier one for the same pattern); 3. the pattern
     itself if measured there, else the nearest (M first, then V).
     """
-    recs = [r for r in table.get("records", []) if r.get("vnm_us")]
+    field = "vnm_tc_us" if tc else "vnm_us"
+    recs = [r for r in table.get("records", []) if r.get(field)]
     if not recs:
         return {}
     near = min(
@@ -116,8 +120,8 @@ def _speedups_by_tokens(
     for r in recs:
         if (r["out_features"], r["in_features"]) == shape:
             tokens = int(r["tokens"])
-            timings.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in r["vnm_us"].items() if us})
-            if expanded:  # kept apart: a later record without them must not hide them
+            timings.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in r[field].items() if us})
+            if expanded and not tc:  # kept apart: a later record without them must not hide them
                 times = r.get("vnm_expanded_us", {})
                 with_expanded.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in times.items() if us})
     for tokens, point in with_expanded.items():
@@ -171,6 +175,20 @@ def token_limit(
             return limit
         limit = tokens
     return None
+
+
+def tc_token_floor(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> int | None:
+    """The smallest measured token count T from which the sparse tensor cores (kernels.sparse_tc) beat
+    dense at every larger measured count, at the nearest shape and pattern measured with them
+    (``vnm_tc_us``). Counts between two measured points are judged by the higher one: the floor is a
+    measured winning point. None when they lose at the largest measured count or were not measured."""
+    speedups = _speedups_by_tokens(table, out_features, in_features, pattern, tc=True)
+    floor = None
+    for tokens in sorted(speedups, reverse=True):
+        if speedups[tokens] < MIN_SPEEDUP:
+            break
+        floor = tokens
+    return floor
 
 
 # On a GPU with no measured table: sparse up to this many tokens. On the H100 and H200 the
@@ -248,3 +266,15 @@ def sparse_token_limit(
     if table is None:
         return UNMEASURED_TOKEN_LIMIT
     return token_limit(table, out_features, in_features, as_pattern(pattern), expanded=expanded)
+
+
+def sparse_tc_token_floor(
+    out_features: int, in_features: int, pattern: VNMPattern | str, device: torch.device | str
+) -> int | None:
+    """From how many tokens the sparse tensor cores are expected to beat dense for this layer (see
+    tc_token_floor), from the device's measured table; None off CUDA, without a table, or never."""
+    device = torch.device(device)
+    if not _on_cuda(device):
+        return None
+    table = _device_table(device)
+    return None if table is None else tc_token_floor(table, out_features, in_features, as_pattern(pattern))

@@ -35,6 +35,7 @@ __all__ = [
     "OP",
     "HYBRID_OP",
     "uses_triton",
+    "sparse_tc_args",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,16 @@ def _linear_op(
     expanded: Tensor | None = None,
     rows_values: Tensor | None = None,
     rows_meta: Tensor | None = None,
+    tc_records: Tensor | None = None,
+    tc_columns: Tensor | None = None,
+    tc_rows: Tensor | None = None,
+    tc_mode: int = 0,
+    tc_min_tokens: int = 0,
 ) -> Tensor:
     return _sparse_linear(
-        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta)
-    )
+        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta),
+        _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens),
+    )  # fmt: skip
 
 
 def _pair(rows_values: Tensor | None, rows_meta: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -70,12 +77,32 @@ def _pair(rows_values: Tensor | None, rows_meta: Tensor | None) -> tuple[Tensor,
     return None if rows_values is None else (rows_values, rows_meta)
 
 
+# tc_mode: how the op's sparse-tensor-core arguments are laid out (sparse_tc_args)
+TC_OFF, TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY = 0, 1, 2, 3
+
+
+def _tc(records, columns, rows, mode, min_tokens) -> tuple | None:
+    if mode == TC_OFF:
+        return None
+    if mode not in (TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY) or records is None or columns is None:
+        raise ValueError(f"vnm::linear: tc_mode={mode} needs tc_records and tc_columns (sparse_tc_args)")
+    if mode != TC_GATHER and rows is None:
+        raise ValueError(f"vnm::linear: tc_mode={mode} (the dense mma.sp kernel) needs tc_rows")
+    if min_tokens < 1:
+        raise ValueError(f"vnm::linear: tc_min_tokens must be >= 1, got {min_tokens}")
+    return records, columns, rows, mode, min_tokens
+
+
 def _sparse_linear(
-    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, interleaved=None
+    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, interleaved=None, tc=None
 ) -> Tensor:
     """vnm::linear's implementation (also hybrid_linear's sparse branch). ``expanded`` (optional,
     vnm_triton.expand_weights of values/meta) only makes the Triton path faster from 2 tokens;
-    ``interleaved`` (vnm_triton.interleave_rows of values/meta) only makes it faster at 1-4 tokens."""
+    ``interleaved`` (vnm_triton.interleave_rows of values/meta) only makes it faster at 1-4 tokens;
+    ``tc`` (the packed weight for the sparse tensor cores, see sparse_tc_args) runs the mma.sp kernel
+    on CUDA from its token count up."""
+    if tc is not None and x.is_cuda and x.numel() // max(x.shape[-1], 1) >= tc[4]:
+        return _sparse_tc_linear(x, row_index, bias, m, out_features, tc)
     if uses_triton(x, n):
         return vnm_linear_triton(
             x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=expanded,
@@ -84,6 +111,28 @@ def _sparse_linear(
     if x.is_cuda:
         log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", n, x.dtype)
     return _owned(_reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features))
+
+
+def _sparse_tc_linear(x, row_index, bias, m, out_features, tc) -> Tensor:
+    from .sparse_tc import SparseTCWeight, sparse_tc_linear
+
+    records, columns, rows, mode, _ = tc
+    packed = SparseTCWeight(
+        records, columns, row_index, out_features, x.shape[-1], x.dtype, None if mode == TC_GATHER else rows,
+        0 if mode == TC_GATHER else m, mode == TC_DENSE_IDENTITY,
+    )  # fmt: skip
+    return sparse_tc_linear(x, packed, bias)
+
+
+def sparse_tc_args(packed) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """(tc_records, tc_columns, tc_rows, tc_mode) for vnm::linear from a sparse_tc.SparseTCWeight: the
+    dense mma.sp kernel where its default config picks it (M <= 8), else the gather kernel."""
+    from .sparse_tc import default_config
+
+    if default_config(packed)["KERNEL"] == "gather":
+        return packed.records, packed.columns, None, TC_GATHER
+    mode = TC_DENSE_IDENTITY if packed.group_identity else TC_DENSE
+    return packed.records, packed.columns, packed.group_columns, mode
 
 
 def _owned(y: Tensor) -> Tensor:
@@ -107,8 +156,9 @@ def uses_triton(x: Tensor, n: int) -> bool:
 
 @_linear_op.register_fake
 def _(
-    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, rows_values=None, rows_meta=None
-):
+    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, rows_values=None, rows_meta=None,
+    tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0,
+):  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -132,16 +182,22 @@ def _hybrid_linear_op(
     expanded: Tensor | None = None,
     rows_values: Tensor | None = None,
     rows_meta: Tensor | None = None,
+    tc_records: Tensor | None = None,
+    tc_columns: Tensor | None = None,
+    tc_rows: Tensor | None = None,
+    tc_mode: int = 0,
+    tc_min_tokens: int = 0,
 ) -> Tensor:
     # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
     # without a guard (and a recompile) per size. dense_weights are the masked weights in original
     # row/column order whose rows stacked are the compressed weight's rows (several for a fused
     # launch of sibling linears), so both branches compute the same function up to rounding.
     tokens = x.numel() // max(x.shape[-1], 1)
-    if tokens > max_sparse_tokens:
+    tc = _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens)
+    if tokens > max_sparse_tokens and not (tc is not None and x.is_cuda and tokens >= tc[4]):
         return _dense_linear(x, dense_weights, bias, out_features)
     return _sparse_linear(
-        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta)
+        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta), tc
     )
 
 
@@ -168,7 +224,7 @@ def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_fea
 @_hybrid_linear_op.register_fake
 def _(
     x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded=None,
-    rows_values=None, rows_meta=None,
+    rows_values=None, rows_meta=None, tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0,
 ):  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -222,6 +278,8 @@ def vnm_linear(
     *,
     expanded: Tensor | None = None,
     interleaved: tuple[Tensor, Tensor] | None = None,
+    sparse_tc=None,
+    sparse_tc_min_tokens: int = 1,
 ) -> Tensor:
     """``F.linear(x, w.to_dense(), bias)`` computed from the compressed weight.
 
@@ -232,9 +290,26 @@ def vnm_linear(
     (the gather GEMM then streams it instead of rebuilding it per call).
     ``interleaved = interleave_rows(w)``, kept by the caller, is a second copy of
     the values and metadata (their bytes again) laid out for the decode kernel:
-    faster at 1-4 tokens.
+    faster at 1-4 tokens. ``sparse_tc = sparse_tc.pack_sparse_tc(w)`` (experimental,
+    kept by the caller; about the compressed bytes again): on CUDA, from
+    ``sparse_tc_min_tokens`` rows of x up, run the mma.sp (sparse tensor core) kernel.
     """
     check_inputs(x, w, bias)
+    tc_args: tuple = (None, None, None, TC_OFF, 0)
+    if sparse_tc is not None:
+        from .sparse_tc import SparseTCWeight
+
+        if not isinstance(sparse_tc, SparseTCWeight):
+            raise TypeError(f"sparse_tc must be a SparseTCWeight (pack_sparse_tc(w)), got {type(sparse_tc).__name__}")
+        if (sparse_tc.out_features, sparse_tc.in_features) != w.shape or sparse_tc.device != w.device:
+            raise ValueError("sparse_tc was packed from another weight (shape or device differs)")
+        if (
+            isinstance(sparse_tc_min_tokens, bool)
+            or not isinstance(sparse_tc_min_tokens, int)
+            or sparse_tc_min_tokens < 1
+        ):
+            raise ValueError(f"sparse_tc_min_tokens must be an int >= 1, got {sparse_tc_min_tokens!r}")
+        tc_args = (*sparse_tc_args(sparse_tc), sparse_tc_min_tokens)
     rows_values = rows_meta = None
     if interleaved is not None:
         from .vnm_triton import _check_interleaved
@@ -243,7 +318,7 @@ def vnm_linear(
         rows_values, rows_meta = interleaved
     return _linear_op(
         x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features,
-        expanded, rows_values, rows_meta,
+        expanded, rows_values, rows_meta, *tc_args,
     )  # fmt: skip
 
 

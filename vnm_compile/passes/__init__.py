@@ -19,6 +19,7 @@ from .fuse_siblings import fuse_siblings
 from .interleave_rows import interleave_rows
 from .lower_linears import lower_linears
 from .prune_linears import prune_linears
+from .sparse_tc_weights import sparse_tc_weights
 
 __all__ = [
     "PASSES",
@@ -30,6 +31,7 @@ __all__ = [
     "fuse_siblings",
     "expand_weights",
     "interleave_rows",
+    "sparse_tc_weights",
     "permutation_nodes",
     "CompileContext",
     "CompileOptions",
@@ -45,7 +47,8 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # 1. find linears and decide which can be lowered; 2. prune those without recorded state;
 # 3. compress with permutations folded in; 4. rewrite to vnm.linear; 5. one launch for siblings
 # that read the same input (q/k/v, gate/up); 6. with the expand_weights option, the expanded
-# weights for the gather GEMM; 7. with the interleave_rows option, the decode kernel's layout.
+# weights for the gather GEMM; 7. with the interleave_rows option, the decode kernel's layout;
+# 8. with the sparse_tensor_cores option (experimental), the mma.sp kernels' packed weights.
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,
@@ -54,6 +57,7 @@ PASSES: list[Pass] = [
     fuse_siblings,
     expand_weights,
     interleave_rows,
+    sparse_tc_weights,
 ]
 
 

@@ -63,6 +63,13 @@ class CompileOptions:
         interleave_rows: also hold each lowered weight's values and metadata row-interleaved for
             the decode kernel (the compressed bytes once more; passes/interleave_rows.py): faster
             at 1-4 tokens.
+        sparse_tensor_cores: experimental. True: for each eligible layer (n = 2, V a multiple of 64,
+            fp16/bf16) the token count from which the measured table says the sparse tensor cores
+            (kernels/sparse_tc.py) beat dense (dispatch.sparse_tc_token_floor); an int T: that count
+            for every eligible layer. Such a layer also holds its weight packed for them (about the
+            compressed bytes once more; passes/sparse_tc_weights.py) and on CUDA runs inputs of at
+            least that many rows on them; a layer whose Triton kernels never beat dense is then
+            lowered too, running dense below the count. None (default): off.
     """
 
     pattern: VNMPattern | str | None = None
@@ -77,6 +84,7 @@ class CompileOptions:
     fuse_siblings: bool = True
     expand_weights: bool = False
     interleave_rows: bool = False
+    sparse_tensor_cores: bool | int | None = None
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -107,6 +115,11 @@ class CompileOptions:
         m = self.min_numel
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
             raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
+        t = self.sparse_tensor_cores
+        if t is not None and t is not True and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
+            raise ValueError(
+                f"vnm backend option 'sparse_tensor_cores' must be True, a token count >= 1 or None, got {t!r}"
+            )
         if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")
         for name in (
@@ -159,6 +172,8 @@ class LinearSite:
     fused_with: tuple[str, ...] = ()  # the layers sharing its vnm::linear launch (itself included)
     expanded_bytes: int = 0  # the expanded weights held for it (expand_weights option; shared when fused)
     interleaved_bytes: int = 0  # its row-interleaved copy (interleave_rows option; shared when fused)
+    tc_bytes: int = 0  # its weight packed for the sparse tensor cores (sparse_tensor_cores option)
+    tc_min_tokens: int | None = None  # run on the sparse tensor cores from this many tokens (same option)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -181,20 +196,26 @@ class LayerCompileReport:
     fused_with: tuple[str, ...] = ()
     expanded_bytes: int = 0
     interleaved_bytes: int = 0
+    tc_bytes: int = 0
+    tc_min_tokens: int | None = None
 
     @property
     def mode(self) -> str:
         """How the layer runs: "sparse" (vnm::linear), "dense", or "hybrid (sparse up to T tokens)";
         ", fused x3" appended when it shares one launch with two siblings, ", expanded" when the
         expanded weights are held for it (expand_weights option), ", interleaved" when its
-        row-interleaved copy is (interleave_rows option)."""
+        row-interleaved copy is (interleave_rows option), ", sparse TC from N tokens" when it runs on
+        the sparse tensor cores from N tokens (sparse_tensor_cores option)."""
         if not self.lowered:
             return "dense"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""
+        fused += f", sparse TC from {self.tc_min_tokens} tokens" if self.tc_bytes else ""
         if self.max_sparse_tokens is None:
             return "sparse" + fused
+        if self.max_sparse_tokens == 0:  # lowered for the sparse tensor cores only
+            return "hybrid (dense below the sparse tensor cores)" + fused
         return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)" + fused
 
 
@@ -237,6 +258,8 @@ class CompileReport:
         expanded_note = f", expanded weights held: {sum(expanded.values()) / 2**20:.1f} MiB" if expanded else ""
         inter = {r.fused_with or (r.name,): r.interleaved_bytes for r in self.lowered if r.interleaved_bytes}
         expanded_note += f", row-interleaved copies held: {sum(inter.values()) / 2**20:.1f} MiB" if inter else ""
+        tc = {r.fused_with or (r.name,): r.tc_bytes for r in self.lowered if r.tc_bytes}
+        expanded_note += f", sparse-tensor-core packings held: {sum(tc.values()) / 2**20:.1f} MiB" if tc else ""
         return (
             f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}"
             f"{fused_note}{expanded_note}, "
@@ -287,6 +310,8 @@ class CompileContext:
             r.fused_with = s.fused_with if r.lowered else ()
             r.expanded_bytes = s.expanded_bytes if r.lowered else 0
             r.interleaved_bytes = s.interleaved_bytes if r.lowered else 0
+            r.tc_bytes = s.tc_bytes if r.lowered else 0
+            r.tc_min_tokens = s.tc_min_tokens if r.tc_bytes else None
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

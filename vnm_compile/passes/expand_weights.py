@@ -9,13 +9,15 @@ instead of rebuilding them on every call; find_linears chose the token limits fr
 measured that way (``dispatch.sparse_token_limit(..., expanded=True)``). A recompile that sees the
 same compressed tensors reuses their expanded weights.
 
-``attach_constants`` is the machinery this pass shares with interleave_rows (pass 7).
+``attach_constants`` is the machinery this pass shares with interleave_rows (pass 7) and
+sparse_tc_weights (pass 8).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -28,41 +30,65 @@ from .find_linears import _example
 from .fuse_siblings import _attr, _sparse_args
 from .lower_linears import LAYER_META, _constant
 
-__all__ = ["expand_weights", "attach_constants"]
+__all__ = ["expand_weights", "attach_constants", "LayerTensors"]
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The optional trailing arguments of the two ops, by name: their positions.
+_TC = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens")
 _OPTIONAL = {
-    OP: {"expanded": 10, "rows_values": 11, "rows_meta": 12},
-    HYBRID_OP: {"expanded": 12, "rows_values": 13, "rows_meta": 14},
+    OP: {name: 10 + i for i, name in enumerate(("expanded", "rows_values", "rows_meta", *_TC))},
+    HYBRID_OP: {name: 12 + i for i, name in enumerate(("expanded", "rows_values", "rows_meta", *_TC))},
 }
-# (kind, values tensor) -> (meta, key, tensors): recompiles (new shapes, guards) reuse what was built.
+# (kind, values tensor) -> (meta, dtype, made): recompiles (new shapes, guards) reuse what was built.
 _CACHE: dict[str, WeakIdKeyDictionary] = {}
 
-# build(values, meta, x dtype) -> (key, tensors), or None when the layer cannot use them
-Builder = Callable[[torch.Tensor, torch.Tensor, int, torch.dtype], "tuple[object, tuple[torch.Tensor, ...]] | None"]
+
+class LayerTensors(NamedTuple):
+    """A vnm op call's compressed weight (graph constants) and sizes, what a Builder reads."""
+
+    values: torch.Tensor
+    columns: torch.Tensor
+    meta: torch.Tensor
+    row_index: torch.Tensor | None
+    v: int
+    m: int
+    out_features: int
+    in_features: int
 
 
-def _built(kind: str, values, meta, v: int, dtype, build: Builder):
+# build(layer, x dtype) -> the values of the optional arguments (tensors become graph constants, other
+# values are passed as they are), or None when the layer cannot use them
+Builder = Callable[[LayerTensors, torch.dtype], "tuple | None"]
+
+
+def _built(kind: str, layer: LayerTensors, dtype, build: Builder):
     cache = _CACHE.setdefault(kind, WeakIdKeyDictionary())
-    hit = cache.get(values)
-    if hit is not None and hit[0] is meta and hit[1] == dtype:
+    hit = cache.get(layer.values)
+    if hit is not None and hit[0] is layer.meta and hit[1] == dtype:
         return hit[2]
     with torch.no_grad():
-        made = build(values, meta, v, dtype)
-    cache[values] = (meta, dtype, made)
+        made = build(layer, dtype)
+    cache[layer.values] = (layer.meta, dtype, made)
     return made
 
 
 def attach_constants(
-    gm: fx.GraphModule, ctx: CompileContext, kind: str, names: tuple[str, ...], build: Builder, record: str
+    gm: fx.GraphModule,
+    ctx: CompileContext,
+    kind: str,
+    names: tuple[str, ...],
+    build: Builder,
+    record: str,
+    per_call: Callable[[fx.Node], dict[str, object] | None] | None = None,
 ) -> int:
-    """For every vnm op call on constant compressed tensors with n = 2: ``build`` the tensors for
-    the op's optional arguments ``names`` once per weight, hold them as graph constants, pass
-    them (earlier optional arguments left unset become None) and record their bytes on the
-    layers' sites (attribute ``record``). Returns how many calls now take them."""
+    """For every vnm op call on constant compressed tensors with n = 2: ``build`` the values of
+    the op's optional arguments ``names`` once per weight, hold the tensors among them as graph
+    constants, pass them (earlier optional arguments left unset become None; None results stay
+    None) and record their bytes on the layers' sites (attribute ``record``). ``per_call(node)``
+    (optional) gives per-call values for some of ``names`` (non-tensor ones), or None to skip that
+    call. Returns how many calls now take them."""
     graph = gm.graph
     sites = {s.name: s for s in ctx.sites}
     added = 0
@@ -70,27 +96,39 @@ def attach_constants(
         if node.op != "call_function" or node.target not in _OPTIONAL:
             continue
         positions = [_OPTIONAL[node.target][name] for name in names]
-        x, values, _, meta, _, _, v, n, _, _ = _sparse_args(node)[:10]
-        vals, words, example = _attr(gm, values), _attr(gm, meta), _example(x)
-        if n != 2 or vals is None or words is None or node.kwargs:
+        x, values, columns, meta, row_index, _, v, n, m, out_features = _sparse_args(node)[:10]
+        vals, cols, words, example = _attr(gm, values), _attr(gm, columns), _attr(gm, meta), _example(x)
+        rows = _attr(gm, row_index)
+        if n != 2 or vals is None or cols is None or words is None or node.kwargs:
+            continue
+        if row_index is not None and rows is None:
             continue
         if len(node.args) > positions[0] and node.args[positions[0]] is not None:
             continue  # already passed
+        overrides = per_call(node) if per_call is not None else {}
+        if overrides is None:
+            continue
         dtype = example.dtype if example is not None else vals.dtype
-        made = _built(kind, vals, words, v, dtype, build) if dtype in _DTYPES else None
+        in_features = example.shape[-1] if example is not None else 0
+        layer = LayerTensors(vals, cols, words, rows, v, m, out_features, in_features)
+        made = _built(kind, layer, dtype, build) if dtype in _DTYPES else None
         if made is None:
             continue
+        made = tuple(overrides.get(name, value) for name, value in zip(names, made, strict=True))
         with graph.inserting_before(node):
             consts = []
-            for name, tensor in zip(names, made, strict=True):
+            for name, value in zip(names, made, strict=True):
+                if not isinstance(value, torch.Tensor):
+                    consts.append(value)
+                    continue
                 attr = f"{values.target}_{name}"
                 exists = hasattr(gm, attr)  # another call of the same weight
-                consts.append(graph.get_attr(attr) if exists else _constant(gm, graph, attr, tensor))
+                consts.append(graph.get_attr(attr) if exists else _constant(gm, graph, attr, value))
         args = list(node.args) + [None] * (positions[-1] + 1 - len(node.args))
         for pos, const in zip(positions, consts, strict=True):
             args[pos] = const
         node.args = tuple(args)
-        nbytes = sum(t.numel() * t.element_size() for t in made)
+        nbytes = sum(t.numel() * t.element_size() for t in made if isinstance(t, torch.Tensor))
         for layer in str(node.meta.get(LAYER_META, "")).split("+"):
             if layer in sites:
                 setattr(sites[layer], record, nbytes)
@@ -101,8 +139,8 @@ def attach_constants(
     return added
 
 
-def _expanded(values, meta, v, dtype):
-    return (_expand(values, meta, dtype),)
+def _expanded(layer: LayerTensors, dtype):
+    return (_expand(layer.values, layer.meta, dtype),)
 
 
 def expand_weights(gm: fx.GraphModule, ctx: CompileContext) -> bool:

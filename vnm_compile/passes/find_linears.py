@@ -194,8 +194,25 @@ def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
     return None
 
 
+def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | None:
+    """From how many tokens the layer runs on the sparse tensor cores (sparse_tensor_cores option), or
+    None: option off, a layer the mma.sp kernels do not take, or (True) no measured win."""
+    from ..kernels import dispatch
+    from ..masks import block_rows
+
+    option = opts.sparse_tensor_cores
+    if option is None or pattern is None or pattern.n != 2 or block_rows(pattern) % 64:
+        return None
+    if site.weight.dtype not in (torch.float16, torch.bfloat16) or site.shape[1] >= 1 << 16:
+        return None
+    if option is True:
+        return dispatch.sparse_tc_token_floor(site.shape[0], site.shape[1], pattern, device)
+    return int(option)
+
+
 def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
-    """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table.
+    """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table,
+    and from how many tokens the sparse tensor cores take over (``site.tc_min_tokens``, option).
 
     A layer kept dense here runs its weight as it is: a weight pruned in place
     (sparsify_) stays pruned, but one the ``pattern`` option would have pruned at
@@ -203,24 +220,28 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     """
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
+    site.tc_min_tokens = tc = _tc_floor(site, device, pattern, opts)
     limit = _sparse_limit(site, device, pattern, opts.dense_fallback, opts.expand_weights)
     if limit is None:
         return None
     unpruned = "" if site.state is not None else "; not pruned"
     if not opts.dense_fallback:
+        if tc is not None and site.tokens >= tc:
+            return None  # the sparse tensor cores win at this token count
         return ctx.keep_dense(
             site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}{unpruned}"
         )
-    if limit <= 0:
+    if limit <= 0 and tc is None:
         return ctx.keep_dense(
             site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}{unpruned}"
         )
     static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
-    if None not in static and min(static) > limit:
+    if None not in static and min(static) > limit and (tc is None or max(static) < tc):
+        tc_note = "" if tc is None else f", sparse tensor cores from {tc}"
         return ctx.keep_dense(
             site,
             f"the kernel dispatcher prefers dense at {max(static)} tokens on {device.type} "
-            f"(sparse up to {limit}){unpruned}",
+            f"(sparse up to {limit}{tc_note}){unpruned}",
         )
     if None in static or max(static) > limit:
         site.max_sparse_tokens = int(limit)

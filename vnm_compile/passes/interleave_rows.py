@@ -19,16 +19,16 @@ from torch import fx
 from ..kernels.vnm_triton import default_interleave
 from ..kernels.vnm_triton import interleave_rows as _interleave
 from .context import CompileContext
-from .expand_weights import attach_constants
+from .expand_weights import LayerTensors, attach_constants
 
 __all__ = ["interleave_rows"]
 
 logger = logging.getLogger(__name__)
 
 
-def _interleaved(values, meta, v, dtype):
-    r = default_interleave(values.shape[0], v)
-    return _interleave(values, meta, v, r) if r else None
+def _interleaved(layer: LayerTensors, dtype):
+    r = default_interleave(layer.values.shape[0], layer.v)
+    return _interleave(layer.values, layer.meta, layer.v, r) if r else None
 
 
 def interleave_rows(gm: fx.GraphModule, ctx: CompileContext) -> bool:

@@ -1,0 +1,176 @@
+"""sparse_tensor_cores (option, experimental): the compiled graph holds each eligible launch's weight
+packed for the mma.sp kernels and passes it, with the token count, to vnm::linear; the function
+computed is unchanged (on CPU the op ignores them; on CUDA see tests/kernels/test_sparse_tc.py and
+the GPU test below); ineligible layers (V not a multiple of 64, float32) are left as they were."""
+
+import pytest
+import torch
+from test_pass_fuse_siblings import Recorder  # the backend wrapper that keeps graphs and report (same folder)
+
+from vnm_compile import VNMConfig, sparsify_
+from vnm_compile.backend import vnm_backend
+from vnm_compile.format import VNMWeight
+from vnm_compile.kernels import dispatch, vnm_linear
+from vnm_compile.kernels.sparse_tc import pack_sparse_tc, sparse_tc_available
+from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER
+from vnm_compile.pattern import VNMPattern
+from vnm_compile.state import get_sparsity
+
+
+def _model(pattern: str, dtype: torch.dtype, permute: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(192, 136), torch.nn.ReLU(), torch.nn.Linear(136, 72))
+    sparsify_(model, VNMConfig(pattern, score="abs", permute=permute, min_numel=0), progress=False)
+    return model.to(dtype)
+
+
+def _compile(model, x, **options):
+    torch._dynamo.reset()
+    rec = Recorder(fuse_siblings=False, **options)
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec, fullgraph=True)(x)
+    return out, rec
+
+
+@pytest.mark.parametrize("pattern, permute, mode", [("64:2:8", False, TC_DENSE_IDENTITY), ("64:2:8", True, TC_DENSE),
+                                                    ("64:2:16", False, TC_GATHER)])  # fmt: skip
+def test_packed_weights_are_passed_and_change_nothing(pattern, permute, mode):
+    model = _model(pattern, torch.float16, permute)
+    x = torch.randn(5, 192, dtype=torch.float16)
+    plain, _ = _compile(model, x)
+    out, rec = _compile(model, x, sparse_tensor_cores=256)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # CPU: the reference path either way
+    gm = rec.graphs[-1]
+    launches = rec.op_nodes()
+    assert len(launches) == 2
+    held = 0
+    for node in launches:
+        assert len(node.args) == 18 and node.args[16] == mode and node.args[17] == 256
+        values, columns, meta = (getattr(gm, a.target) for a in (node.args[1], node.args[2], node.args[3]))
+        row_index = getattr(gm, node.args[4].target) if node.args[4] is not None else None
+        w = VNMWeight(values, columns, meta, row_index, VNMPattern.parse(pattern), (node.args[9], _in(node, gm)))
+        packed = pack_sparse_tc(w)
+        records, cols = getattr(gm, node.args[13].target), getattr(gm, node.args[14].target)
+        assert torch.equal(records, packed.records) and torch.equal(cols, packed.columns)
+        rows = node.args[15]
+        assert (rows is None) == (mode == TC_GATHER)
+        if rows is not None:
+            assert torch.equal(getattr(gm, rows.target), packed.group_columns)
+        held += sum(
+            t.numel() * t.element_size() for t in (records, cols) + ((getattr(gm, rows.target),) if rows else ())
+        )
+    assert rec.report["0"].mode == rec.report["2"].mode == "sparse, sparse TC from 256 tokens"
+    assert f"sparse-tensor-core packings held: {held / 2**20:.1f} MiB" in rec.report.summary()
+
+
+def _compressed(linear: torch.nn.Linear) -> VNMWeight:
+    return get_sparsity(linear).compress(linear.weight.detach())
+
+
+def _in(node, gm) -> int:
+    """in_features of a launch: its input's last dim (the example value Dynamo recorded)."""
+    return node.args[0].meta["example_value"].shape[-1]
+
+
+@pytest.mark.parametrize("pattern, dtype", [("16:2:8", torch.float16), ("64:2:8", torch.float32)])
+def test_ineligible_layers_are_left_as_they_were(pattern, dtype):
+    model = _model(pattern, dtype, False)
+    out, rec = _compile(model, torch.randn(3, 192, dtype=dtype), sparse_tensor_cores=64)
+    assert all(len(n.args) == 10 for n in rec.op_nodes())
+    assert rec.report["0"].mode == "sparse" and "sparse-tensor-core" not in rec.report.summary()
+
+
+def test_tc_token_floor_reads_the_measured_table():
+    rec = lambda t, tc: {  # noqa: E731
+        "out_features": 4096, "in_features": 4096, "tokens": t, "dense_us": 10.0,
+        "vnm_us": {"64:2:8": 20.0}, **({"vnm_tc_us": {"64:2:8": tc}} if tc else {}),
+    }  # fmt: skip
+    p = VNMPattern.parse("64:2:8")
+    table = {"records": [rec(16, 14.0), rec(256, 9.5), rec(2048, 8.0), rec(8192, 7.5)]}
+    assert dispatch.tc_token_floor(table, 4096, 4096, p) == 2048  # 256: 1.05x, below MIN_SPEEDUP
+    table["records"].append(rec(512, 8.5))
+    assert dispatch.tc_token_floor(table, 4096, 4096, p) == 512
+    table["records"].append(rec(16384, 11.0))  # a loss at the largest count: no floor
+    assert dispatch.tc_token_floor(table, 4096, 4096, p) is None
+    assert dispatch.tc_token_floor({"records": [rec(2048, None)]}, 4096, 4096, p) is None  # not measured
+
+
+def _hybrid_setup(monkeypatch, floor):
+    """Triton kernels never beat dense (token limit 0); the sparse tensor cores from ``floor`` tokens."""
+    monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a, **k: 0)
+    monkeypatch.setattr(dispatch, "sparse_tc_token_floor", lambda *a, **k: floor)
+
+
+def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypatch):
+    _hybrid_setup(monkeypatch, 512)
+    model = _model("64:2:8", torch.float16, False)
+    x = torch.randn(600, 192, dtype=torch.float16)
+    with torch.no_grad():
+        want = model(x)
+    out, rec = _compile(model, x, sparse_tensor_cores=True)
+    torch.testing.assert_close(out, want)  # CPU: dense above the (zero) limit, as the hybrid op says
+    nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    assert len(nodes) == 2 and all(n.args[11] == 0 and n.args[19] == 512 for n in nodes)
+    assert rec.report["0"].mode == "hybrid (dense below the sparse tensor cores), sparse TC from 512 tokens"
+    # fewer tokens than the floor in a static graph: dense, and the reason says why
+    out, rec = _compile(model, x[:100], sparse_tensor_cores=True)
+    assert not rec.report["0"].lowered and "sparse tensor cores from 512" in rec.report["0"].reason
+    # the option off: dense, as before
+    out, rec = _compile(model, x, sparse_tensor_cores=None)
+    assert not rec.report["0"].lowered
+
+
+def test_a_layer_without_a_measured_win_is_not_packed(monkeypatch):
+    _hybrid_setup(monkeypatch, None)
+    model = _model("64:2:8", torch.float16, False)
+    out, rec = _compile(model, torch.randn(600, 192, dtype=torch.float16), sparse_tensor_cores=True)
+    assert not rec.report["0"].lowered and "sparse-tensor-core" not in rec.report.summary()
+
+
+@pytest.mark.parametrize("bad", [0, -3, False, 2.5, "256"])
+def test_sparse_tensor_cores_option_is_validated(bad):
+    with pytest.raises(ValueError, match="sparse_tensor_cores"):
+        vnm_backend(None, [], options={"sparse_tensor_cores": bad})
+
+
+def test_vnm_linear_takes_a_packed_weight():
+    model = _model("64:2:8", torch.float16, True)
+    vw = _compressed(model[0])
+    x = torch.randn(4, 192, dtype=torch.float16)
+    packed = pack_sparse_tc(vw)
+    torch.testing.assert_close(vnm_linear(x, vw, sparse_tc=packed, sparse_tc_min_tokens=2), vnm_linear(x, vw))
+    with pytest.raises(TypeError, match="SparseTCWeight"):
+        vnm_linear(x, vw, sparse_tc=vw)
+    with pytest.raises(ValueError, match="sparse_tc_min_tokens"):
+        vnm_linear(x, vw, sparse_tc=packed, sparse_tc_min_tokens=0)
+    other = pack_sparse_tc(_compressed(_model("64:2:8", torch.float16, False)[2]))
+    with pytest.raises(ValueError, match="packed from another weight"):
+        vnm_linear(x, vw, sparse_tc=other)
+
+
+def test_opcheck_with_packed_weights():
+    import vnm_compile.backend  # noqa: F401  (registers the autograd formula that opcheck checks)
+
+    model = _model("64:2:8", torch.float16, True)
+    vw = _compressed(model[0])
+    packed = pack_sparse_tc(vw)
+    x = torch.randn(3, 192, dtype=torch.float16)
+    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 64, 2, 8, vw.out_features, None, None, None,
+            packed.records, packed.columns, packed.group_columns, TC_DENSE, 16)  # fmt: skip
+    torch.library.opcheck(OP, args)
+
+
+@pytest.mark.skipif(not sparse_tc_available(), reason="needs a CUDA GPU of compute capability >= 8.0")
+@pytest.mark.parametrize("permute", [False, True])
+def test_compiled_model_runs_the_mma_sp_kernel_on_the_gpu(permute):
+    """Above the token count the op runs the mma.sp kernel: the compiled model matches eager within fp16
+    rounding, at token counts on both sides of the limit."""
+    model = _model("64:2:8", torch.float16, permute).cuda()
+    for tokens in (7, 300):
+        x = torch.randn(tokens, 192, dtype=torch.float16, device="cuda")
+        with torch.no_grad():
+            want = model(x).float()
+        out, rec = _compile(model, x, sparse_tensor_cores=256)
+        assert all(len(n.args) == 18 for n in rec.op_nodes())
+        err = ((out.float() - want).norm() / want.norm()).item()
+        assert err < 1e-2, (tokens, err)
