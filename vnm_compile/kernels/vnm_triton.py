@@ -823,19 +823,25 @@ def candidate_configs(v: int, tokens: int, expanded: bool = False, rows: int = 0
     """Configs worth timing for V = v rows per block and this many tokens (``expanded``: the
     caller holds the expanded weights, so the gather GEMM needs no rebuild and pays from 2 tokens;
     ``rows``: the caller holds the values interleaved by this many rows, interleave_rows)."""
+    # The first candidate is what runs without timing (VNM_AUTOTUNE=0, or a first call inside a CUDA-graph
+    # capture) and what the autotuner keeps unless another is clearly faster, so each list leads with
+    # the kind that won most often on the H100/H200 (benchmarks/results/*/linear.json, meta.autotune):
+    # the interleaved decode kernel where its layout is held, the gather GEMM on held expanded weights
+    # at 2-64 tokens and for many tokens (2x faster than the first dot prefill config at 2048 tokens
+    # on the Llama-2-7B shapes, H200).
     cands: list[KernelConfig] = []
     if tokens <= 4:
-        cands += _FMA_CONFIGS
         if rows:
             cands += [c for c in _ROWS_CONFIGS if c.block_r % rows == 0]
-    if tokens <= 64:
-        cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
+        cands += _FMA_CONFIGS
     if expanded and 1 < tokens <= 64:
         cands += [c for c in _GATHER_MID_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
-    if tokens > 32:
-        cands += _PREFILL_CONFIGS
+    if tokens <= 64:
+        cands += [c for c in _SMALL_DOT_CONFIGS if c.block_t <= max(16, _token_bucket(tokens))]
     if tokens > (64 if expanded else 128):
         cands += _GATHER_CONFIGS
+    if tokens > 32:
+        cands += _PREFILL_CONFIGS
     cands = [c for c in cands if c.fits(v, tokens)]
     if not cands:  # V with a small power-of-two factor: per-token FMA kernel always fits
         cands = [KernelConfig("fma", _pow2_divisor(v, 16), 64)]
