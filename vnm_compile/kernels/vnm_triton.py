@@ -165,22 +165,48 @@ if HAS_TRITON:  # a device function: jitted (or interpreted, under TRITON_INTERP
     _dense_tile = triton.jit(_dense_tile)
 
 
-def _store_rows(y, rows, t, y_ptr, stride_yt, ridx_ptr, bias_ptr, OUT, HAS_RIDX: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Token t's outputs of the stored ``rows``: through the output permutation (row index; -1 and
-    padding rows are dropped), plus the bias, cast to y's dtype."""
+def _dest_rows(rows, ridx_ptr, OUT, HAS_RIDX: tl.constexpr):
+    """(output row, stored?) of each stored row: through the output permutation (row index; -1 and
+    padding rows are dropped)."""
     if HAS_RIDX:
         dest = tl.load(ridx_ptr + rows)
         ok = (dest >= 0) & (dest < OUT)
     else:
         dest = rows
         ok = rows < OUT
+    return dest, ok
+
+
+def _store_rows(y, rows, t, y_ptr, stride_yt, ridx_ptr, bias_ptr, OUT, HAS_RIDX: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Token t's outputs of the stored ``rows`` at their output rows (_dest_rows), plus the bias, cast to
+    y's dtype."""
+    dest, ok = _dest_rows(rows, ridx_ptr, OUT, HAS_RIDX)
     if HAS_BIAS:
         y += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * stride_yt + dest, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+def _store_tile(acc, dest, ok, toks, T, y_ptr, stride_yt, bias_ptr, HAS_BIAS: tl.constexpr):
+    """A (rows, tokens) fp32 tile at its output rows (_dest_rows) and tokens ``toks`` (those < T), plus
+    the bias, cast to y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + toks.to(tl.int64)[None, :] * stride_yt + dest[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & (toks < T)[None, :])
+
+
+def _dot_acc(acc, w, xg, IN_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + w @ xg on the tensor cores (DOT_UPCAST, interpreter only: in fp32, its bf16 dot is wrong)."""
+    if DOT_UPCAST:
+        return tl.dot(w.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, xg, acc, input_precision=IN_PREC)
+
+
 if HAS_TRITON:
+    _dest_rows = triton.jit(_dest_rows)
     _store_rows = triton.jit(_store_rows)
+    _store_tile = triton.jit(_store_tile)
+    _dot_acc = triton.jit(_dot_acc)
 
 
 def _fma_kernel(
@@ -391,25 +417,14 @@ def _dot_kernel(
         else:
             xg = tl.load(x_toks + cols.to(tl.int64)[:, None] * stride_xk, mask=tmask[None, :], other=0.0)
         w4 = _dense_tile(vals, words, BLOCK_R, GC).to(xg.dtype)
-        if DOT_UPCAST:
-            acc = tl.dot(w4.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w4, xg, acc, input_precision=IN_PREC)
+        acc = _dot_acc(acc, w4, xg, IN_PREC, DOT_UPCAST)
 
-    if HAS_RIDX:
-        dest = tl.load(ridx_ptr + rows)
-        ok = (dest >= 0) & (dest < OUT)
-    else:
-        dest = rows
-        ok = rows < OUT
+    dest, ok = _dest_rows(rows, ridx_ptr, OUT, HAS_RIDX)
     if SPLIT:
         ws_ptrs = ws_ptr + (pid_s * T + toks.to(tl.int64))[None, :] * OUT + dest[:, None]
         tl.store(ws_ptrs, acc, mask=ok[:, None] & tmask[None, :])
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[:, None]
-        y_ptrs = y_ptr + toks.to(tl.int64)[None, :] * stride_yt + dest[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & tmask[None, :])
+        _store_tile(acc, dest, ok, toks, T, y_ptr, stride_yt, bias_ptr, HAS_BIAS)
 
 
 def _rows_chunk(
@@ -591,10 +606,7 @@ def _gather_kernel(
     for i in range(0, NUM_K if K_CONST is None else K_CONST):
         xg = tl.load(xt_ptr + cols.to(tl.int64)[:, None] * stride_xk + toks[None, :])
         w = tl.load(w_rows + (i * BLOCK_K + kk)[None, :])
-        if DOT_UPCAST:
-            acc = tl.dot(w.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xg, acc, input_precision=IN_PREC)
+        acc = _dot_acc(acc, w, xg, IN_PREC, DOT_UPCAST)
         cols = tl.load(col_blk + tl.minimum(i + 1, last) * BLOCK_K + kk)
     if not EVEN_K:
         k0 = (K4 // BLOCK_K) * BLOCK_K
@@ -602,20 +614,9 @@ def _gather_kernel(
         cols = tl.load(col_blk + k0 + kk, mask=km, other=0).to(tl.int64)
         xg = tl.load(xt_ptr + cols[:, None] * stride_xk + toks[None, :], mask=km[:, None], other=0.0)
         w = tl.load(w_rows + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
-        if DOT_UPCAST:
-            acc = tl.dot(w.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xg, acc, input_precision=IN_PREC)
-    if HAS_RIDX:
-        dest = tl.load(ridx_ptr + rows)
-        ok = (dest >= 0) & (dest < OUT)
-    else:
-        dest = rows
-        ok = rows < OUT
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + dest, mask=ok, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + toks.to(tl.int64)[None, :] * stride_yt + dest[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & (toks < T)[None, :])
+        acc = _dot_acc(acc, w, xg, IN_PREC, DOT_UPCAST)
+    dest, ok = _dest_rows(rows, ridx_ptr, OUT, HAS_RIDX)
+    _store_tile(acc, dest, ok, toks, T, y_ptr, stride_yt, bias_ptr, HAS_BIAS)
 
 
 def _splitk_reduce_kernel(
