@@ -16,9 +16,11 @@ order). :func:`default_config` picks dense for M <= 8.
 
 Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0), fp16/bf16, n = 2, V a
 multiple of 64, fewer than 65536 input features. x is transposed to feature-major per call (one Triton
-launch). Not used by ``vnm::linear`` or the compiler yet; benchmarks/bench_sparse_tc.py measures it
-(benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at 64:2:8 on Llama-2-7B
-prefill shapes, x^T given; 42-54 % of the instruction's peak).
+launch). ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w), sparse_tc_min_tokens=T)`` and the backend option
+``sparse_tensor_cores`` run it through ``vnm::linear`` from T tokens. benchmarks/bench_sparse_tc.py
+measures the kernels alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
+64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak); bench_linear's
+sparse-TC column the op with the transpose (linear.md: 1.07-1.32x at 2048/8192 tokens).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
 H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP`; the first launch on a device probes again
