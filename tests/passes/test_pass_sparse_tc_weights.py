@@ -125,6 +125,7 @@ def test_a_layer_without_a_measured_win_is_not_packed(monkeypatch):
     model = _model("64:2:8", torch.float16, False)
     out, rec = _compile(model, torch.randn(600, 192, dtype=torch.float16), sparse_tensor_cores=True)
     assert not rec.report["0"].lowered and "sparse-tensor-core" not in rec.report.summary()
+    assert "sparse tensor cores: no measured win" in rec.report["0"].reason  # says why the option did nothing
 
 
 @pytest.mark.parametrize("bad", [0, -3, False, 2.5, "256"])

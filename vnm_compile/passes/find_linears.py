@@ -194,16 +194,22 @@ def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
     return None
 
 
+def _tc_eligible(site: LinearSite, pattern) -> bool:
+    """Whether the mma.sp kernels take this layer: n = 2, V a multiple of 64, fp16/bf16, < 65536 inputs."""
+    from ..masks import block_rows
+
+    if pattern is None or pattern.n != 2 or block_rows(pattern) % 64:
+        return False
+    return site.weight.dtype in (torch.float16, torch.bfloat16) and site.shape[1] < 1 << 16
+
+
 def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | None:
     """From how many tokens the layer runs on the sparse tensor cores (sparse_tensor_cores option), or
     None: option off, a layer the mma.sp kernels do not take, or (True) no measured win."""
     from ..kernels import dispatch
-    from ..masks import block_rows
 
     option = opts.sparse_tensor_cores
-    if option is None or pattern is None or pattern.n != 2 or block_rows(pattern) % 64:
-        return None
-    if site.weight.dtype not in (torch.float16, torch.bfloat16) or site.shape[1] >= 1 << 16:
+    if option is None or not _tc_eligible(site, pattern):
         return None
     if option is True:
         return dispatch.sparse_tc_token_floor(site.shape[0], site.shape[1], pattern, device)
@@ -225,6 +231,9 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     if limit is None:
         return None
     unpruned = "" if site.state is not None else "; not pruned"
+    if opts.sparse_tensor_cores is True and tc is None and _tc_eligible(site, pattern):
+        # say why the option changed nothing here (a GPU's table from before vnm_tc_us has no such timings)
+        unpruned += "; sparse tensor cores: no measured win on this device (`vnm bench` measures them on a GPU)"
     if not opts.dense_fallback:
         if tc is not None and site.tokens >= tc:
             return None  # the sparse tensor cores win at this token count
