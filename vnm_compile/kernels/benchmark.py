@@ -31,7 +31,7 @@ from ..masks import vnm_mask
 from ..pattern import VNMPattern
 from .cusparselt import CSLTLinear, cusparselt_available
 from .dispatch import gpu_slug
-from .sparse_tc import SparseTCWeight, pack_sparse_tc, sparse_tc_available
+from .sparse_tc import SparseTCWeight, pack_sparse_tc, sparse_tc_available, unsupported
 from .vnm_linear import expand_weights, interleave_rows, vnm_linear
 from .vnm_triton import autotune_cache
 
@@ -255,12 +255,7 @@ def _time_case(
             rec["vnm_interleaved_us"][p] = _time_held(x, w, ref, "interleaved", lambda c: interleave_rows(c))
         elif tokens > 1:  # the expanded weights (expand_weights option)
             rec["vnm_expanded_us"][p] = _time_held(x, w, ref, "expanded", lambda c: expand_weights(c, x.dtype))
-        if (
-            tokens >= 16
-            and w.block_rows % 64 == 0
-            and w.dtype in (torch.float16, torch.bfloat16)
-            and sparse_tc_available()
-        ):
+        if tokens >= 16 and unsupported(w.pattern, w.dtype, w.in_features) is None and sparse_tc_available():
             # the sparse tensor cores (sparse_tensor_cores option; dispatch.tc_token_floor reads these)
             rec["vnm_tc_us"][p] = _time_held(x, w, ref, "sparse_tc", pack_sparse_tc)
     return rec

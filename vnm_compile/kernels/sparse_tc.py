@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from ..format import VNMWeight, _unpack_meta
+from ..masks import block_rows
+from ..pattern import VNMPattern
 
 __all__ = [
     "METADATA_MAP",
@@ -47,6 +49,7 @@ __all__ = [
     "probe_metadata_map",
     "sparse_tc_available",
     "sparse_tc_linear",
+    "unsupported",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,17 @@ def sparse_tc_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def unsupported(pattern: VNMPattern, dtype: torch.dtype, in_features: int) -> str | None:
+    """Why the mma.sp kernels cannot take a weight of this pattern, dtype and width, or None when they can."""
+    if pattern.n != 2 or block_rows(pattern) % 64:
+        return f"the mma.sp kernel needs n = 2 and V a multiple of 64, got {pattern}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the mma.sp kernel takes float16 or bfloat16 weights, got {dtype}"
+    if in_features >= 1 << 16:
+        return f"the mma.sp kernel needs fewer than 65536 input features, got {in_features}"
+    return None
+
+
 def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWeight:
     """Lay ``w`` out for the mma.sp kernels (same bytes as its values + metadata, plus 3 bytes per kept
     column). Per 64-row block and k-step of 8 groups: the 4 m16 tiles' A fragments (compressed 16x16,
@@ -114,12 +128,9 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
     dense kernel's x^T row order. The number of k-steps is padded to even with zero groups."""
     if not isinstance(w, VNMWeight):
         raise TypeError(f"pack_sparse_tc takes a VNMWeight, got {type(w).__name__}")
-    if w.pattern.n != 2 or w.block_rows % 64:
-        raise ValueError(f"the mma.sp kernel needs n = 2 and V a multiple of 64, got {w.pattern}")
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the mma.sp kernel takes float16 or bfloat16 weights, got {w.dtype}")
-    if w.in_features >= 1 << 16:
-        raise ValueError(f"the mma.sp kernel needs fewer than 65536 input features, got {w.in_features}")
+    why = unsupported(w.pattern, w.dtype, w.in_features)
+    if why is not None:
+        raise ValueError(why)
     meta_map = METADATA_MAP if metadata_map is None else metadata_map
     rows_p, groups = w.values.shape[0], w.columns.shape[1]
     blocks, steps = rows_p // 64, -(-groups // 16) * 2

@@ -195,12 +195,10 @@ def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
 
 
 def _tc_eligible(site: LinearSite, pattern) -> bool:
-    """Whether the mma.sp kernels take this layer: n = 2, V a multiple of 64, fp16/bf16, < 65536 inputs."""
-    from ..masks import block_rows
+    """Whether the mma.sp kernels take this layer (kernels.sparse_tc.unsupported)."""
+    from ..kernels.sparse_tc import unsupported
 
-    if pattern is None or pattern.n != 2 or block_rows(pattern) % 64:
-        return False
-    return site.weight.dtype in (torch.float16, torch.bfloat16) and site.shape[1] < 1 << 16
+    return pattern is not None and unsupported(pattern, site.weight.dtype, site.shape[1]) is None
 
 
 def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | None:
@@ -230,19 +228,19 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     limit = _sparse_limit(site, device, pattern, opts.dense_fallback, opts.expand_weights)
     if limit is None:
         return None
-    unpruned = "" if site.state is not None else "; not pruned"
+    notes = "" if site.state is not None else "; not pruned"
     if opts.sparse_tensor_cores is True and tc is None and _tc_eligible(site, pattern):
         # say why the option changed nothing here (a GPU's table from before vnm_tc_us has no such timings)
-        unpruned += "; sparse tensor cores: no measured win on this device (`vnm bench` measures them on a GPU)"
+        notes += "; sparse tensor cores: no measured win on this device (`vnm bench` measures them on a GPU)"
     if not opts.dense_fallback:
         if tc is not None and site.tokens >= tc:
             return None  # the sparse tensor cores win at this token count
         return ctx.keep_dense(
-            site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}{unpruned}"
+            site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}{notes}"
         )
     if limit <= 0 and tc is None:
         return ctx.keep_dense(
-            site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}{unpruned}"
+            site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}{notes}"
         )
     static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
     if None not in static and min(static) > limit and (tc is None or max(static) < tc):
@@ -250,7 +248,7 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
         return ctx.keep_dense(
             site,
             f"the kernel dispatcher prefers dense at {max(static)} tokens on {device.type} "
-            f"(sparse up to {limit}{tc_note}){unpruned}",
+            f"(sparse up to {limit}{tc_note}){notes}",
         )
     if None in static or max(static) > limit:
         site.max_sparse_tokens = int(limit)

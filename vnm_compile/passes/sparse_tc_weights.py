@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from ..format import VNMWeight
-from ..kernels.sparse_tc import pack_sparse_tc
+from ..kernels.sparse_tc import pack_sparse_tc, unsupported
 from ..kernels.vnm_linear import sparse_tc_args
 from ..pattern import VNMPattern
 from .context import CompileContext
@@ -39,14 +39,14 @@ _NAMES = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens")
 
 
 def _packed(layer: LayerTensors, dtype: torch.dtype):
-    if dtype not in (torch.float16, torch.bfloat16) or layer.v % 64 or not 0 < layer.in_features < 1 << 16:
+    pattern = VNMPattern(layer.v, 2, layer.m)
+    if layer.in_features <= 0 or unsupported(pattern, dtype, layer.in_features) is not None:
         return None
     if layer.values.dtype != dtype:
         return None  # the kernels multiply in the weight's dtype, which must be x's
     w = VNMWeight(
-        layer.values, layer.columns, layer.meta, layer.row_index, VNMPattern(layer.v, 2, layer.m),
-        (layer.out_features, layer.in_features),
-    )  # fmt: skip
+        layer.values, layer.columns, layer.meta, layer.row_index, pattern, (layer.out_features, layer.in_features)
+    )
     return (*sparse_tc_args(pack_sparse_tc(w)), 0)  # tc_min_tokens: per call
 
 
