@@ -266,3 +266,9 @@ def test_vnm_linear_runs_the_mma_sp_kernel_from_its_token_count(rows, cols, patt
             assert out.shape == (*lead, rows) and out.dtype == dtype
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (lead, err)
+
+
+def test_packed_bytes_count_what_the_packing_adds():
+    packed = pack_sparse_tc(vnm_weight(200, 97, "64:2:8", True, torch.float16))
+    parts = [packed.records, packed.columns] + ([packed.group_columns] if packed.group_columns is not None else [])
+    assert packed.nbytes == sum(t.numel() * t.element_size() for t in parts) > 0

@@ -267,10 +267,10 @@ def _time_held(x: torch.Tensor, w: VNMWeight, ref: torch.Tensor, kind: str, make
     rel = ((vnm_linear(x, w, **{kind: held}).float() - ref).norm() / ref.norm()).item()
     if not rel < 2e-2:
         raise RuntimeError(f"V:N:M {w.pattern} {kind} {tuple(w.shape)} {x.shape[0]} tokens: relative error {rel:.3g}")
-    parts = held if isinstance(held, tuple) else (held,)
     if isinstance(held, SparseTCWeight):
-        parts = tuple(t for t in (held.records, held.columns, held.group_columns) if t is not None)
-    held_bytes = sum(t.numel() * t.element_size() for t in parts)
+        held_bytes = held.nbytes
+    else:
+        held_bytes = sum(t.numel() * t.element_size() for t in (held if isinstance(held, tuple) else (held,)))
     n = _copies(w.nbytes + held_bytes, x.device)
     copies = [(w, held)] + [(c, make(c)) for c in (_clone_vnm(w) for _ in range(n - 1))]
     return time_graph([lambda w=w, h=h: vnm_linear(x, w, **{kind: h}) for w, h in copies])

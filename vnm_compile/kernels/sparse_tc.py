@@ -96,6 +96,13 @@ class SparseTCWeight:
     def device(self) -> torch.device:
         return self.records.device
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held beyond the VNMWeight it was packed from (whose row_index it shares)."""
+        return sum(
+            t.numel() * t.element_size() for t in (self.records, self.columns, self.group_columns) if t is not None
+        )
+
 
 def sparse_tc_available(device: torch.device | str | None = None) -> bool:
     """Whether sparse_tc_linear can run here: a CUDA device of compute capability >= 8.0 and PyTorch's
