@@ -1,7 +1,8 @@
 """kernels.sparse_tc (the experimental mma.sp kernel). On CPU: the packer's records, read back through the
 mma.sp operand layouts (A fragments in the dense m16n8k16 layout on the compressed 16x16 tile, the metadata
 map the GPU probe measured), rebuild exactly the weight the VNMWeight stores; bad input is refused. On a
-GPU: the kernel against a float32 reference."""
+GPU: the kernels against a float32 / float64 reference (the decode kernel also: repeated launches and CUDA
+graph replays give the same bits)."""
 
 import dataclasses
 import json
@@ -12,9 +13,14 @@ import torch
 
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels.sparse_tc import (
+    DECODE_CONFIGS,
+    DECODE_MAX_TOKENS,
     METADATA_MAP,
+    decode_smem,
+    decode_split,
     default_config,
     launch,
+    launch_decode,
     pack_sparse_tc,
     probe_metadata_map,
     sparse_tc_available,
@@ -272,3 +278,125 @@ def test_packed_bytes_count_what_the_packing_adds():
     packed = pack_sparse_tc(vnm_weight(200, 97, "64:2:8", True, torch.float16))
     parts = [packed.records, packed.columns] + ([packed.group_columns] if packed.group_columns is not None else [])
     assert packed.nbytes == sum(t.numel() * t.element_size() for t in parts) > 0
+
+
+def test_decode_split_and_configs():
+    assert decode_split(64, 64, 132, 4) == (8, 8)  # 4096 x 4096: 512 CTAs of 8 k-steps
+    assert decode_split(172, 64, 132, 4) == (22, 3)  # 11008 rows: 3 CTAs per block, the last with 20 steps
+    assert decode_split(12, 12, 132, 4) == (1, 12)  # never more CTAs than k-steps
+    assert decode_split(500, 3, 132, 1) == (3, 1)  # enough blocks: no split
+    with pytest.raises(ValueError, match="positive"):
+        decode_split(0, 4, 132, 4)
+    w = pack_sparse_tc(vnm_weight(200, 97, "64:2:8", False, torch.float16))
+    for tokens in range(1, DECODE_MAX_TOKENS + 1):
+        cfg = default_config(w, tokens)
+        assert cfg["KERNEL"] == "decode" and cfg is DECODE_CONFIGS[min(t for t in DECODE_CONFIGS if t >= tokens)]
+    assert default_config(w, DECODE_MAX_TOKENS + 1)["KERNEL"] == "dense" == default_config(w)["KERNEL"]
+    # shared memory: a 16-byte flag, then the larger of the warps' sums and (XS=1) their staged slices of x
+    assert decode_smem({"DW": 4, "DU": 2}, 16, 0) == 16 + 4 * 16 * 68 * 4
+    assert decode_smem({"DW": 4, "DU": 2, "XS": 1}, 16, 128) == 16 + 4 * 2 * 16 * 136 * 2
+
+
+def test_launch_decode_refuses_bad_input():
+    w = pack_sparse_tc(vnm_weight(200, 97, "64:2:8", True, torch.float16))
+    y = torch.empty(40, 200, dtype=torch.float16)
+    with pytest.raises(ValueError, match="1 to 32 tokens"):
+        launch_decode(torch.zeros(33, 97, dtype=torch.float16), w, y, None, DECODE_CONFIGS[8])
+    with pytest.raises(ValueError, match="contiguous rows"):
+        launch_decode(torch.zeros(97, 4, dtype=torch.float16).t(), w, y, None, DECODE_CONFIGS[8])
+    with pytest.raises(ValueError, match="XS=1 needs"):  # an input permutation: x cannot be staged by slices
+        launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1})
+
+
+DECODE_CASES = [(64, 40, "64:2:5", False), (200, 97, "64:2:8", True), (130, 300, "64:2:16", False),
+                (257, 515, "128:2:8", True), (64, 16, "64:2:8", False), (448, 1024, "64:2:5", False),
+                (192, 512, "64:2:7", True)]  # fmt: skip
+# the default split, no split (CTAS_PER_SM=1 at these sizes: fewer CTAs than SMs), one k-step per CTA
+DECODE_TEST_CONFIGS = [
+    {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 4},
+    {"KERNEL": "decode", "DW": 8, "DU": 1, "CTAS_PER_SM": 1, "XS": 0},
+    {"KERNEL": "decode", "DW": 2, "DU": 4, "CTAS_PER_SM": 1000},
+]
+
+
+@gpu
+@pytest.mark.parametrize("rows, cols, pattern, permute", DECODE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", DECODE_TEST_CONFIGS, ids=["default-split", "no-split", "step-per-cta"])
+def test_decode_kernel_matches_float64(rows, cols, pattern, permute, dtype, config):
+    """Every token count 1..32 (1-4 n-tiles, partial ones), with and without bias, x rows 16-byte aligned
+    (XS=1 where the config lets it) or not; outputs poisoned before each launch, each launched twice (the
+    split-K arrival counters must be back at zero)."""
+    w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=3)
+    packed = pack_sparse_tc(w)
+    dense = w.to_dense().double()
+    for tokens in (1, 2, 7, 8, 9, 16, 17, 31, 32):
+        width = cols + 5 if tokens % 2 else -(-cols // 8) * 8 + 8  # odd: unaligned rows
+        x = torch.randn(tokens, width, device="cuda", dtype=dtype)[:, :cols]
+        bias = torch.randn(rows, device="cuda", dtype=dtype) if tokens % 3 else None
+        ref = x.double() @ dense.t() + (bias.double() if bias is not None else 0)
+        for _ in range(2):
+            y = torch.full((tokens, rows), float("nan"), device="cuda", dtype=dtype)
+            launch_decode(x, packed, y, bias, config)
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, (tokens, err)
+
+
+@gpu
+def test_decode_kernel_gives_the_same_bits_every_launch_and_in_graphs():
+    w = vnm_weight(1024, 1024, "64:2:8", False, torch.float16, device="cuda", seed=4)
+    packed = pack_sparse_tc(w)
+    assert packed.group_identity  # XS=1 runs by default
+    for tokens in (1, 16):
+        x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
+        y = torch.empty(tokens, 1024, device="cuda", dtype=torch.float16)
+        launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+        first = y.clone()
+        for _ in range(3):
+            launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+            assert torch.equal(y, first)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+        for _ in range(3):
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, first)
+
+
+@gpu
+@pytest.mark.parametrize("permute", [False, True])
+def test_vnm_linear_runs_the_decode_kernel_at_its_token_counts(permute, monkeypatch):
+    """sparse_tc_decode_tokens=(4, 16) without a floor: the decode kernel at 4..16 rows only (a spy counts its
+    launches), through vnm_linear and the hybrid op (dense branch outside, max_sparse_tokens=0)."""
+    import vnm_compile.kernels.sparse_tc as sparse_tc_module
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP, sparse_tc_args, vnm_linear
+
+    calls = []
+    real = sparse_tc_module.launch_decode
+    monkeypatch.setattr(sparse_tc_module, "launch_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = vnm_weight(200, 300, "64:2:8", permute, torch.float16, device="cuda", seed=5)
+    packed = pack_sparse_tc(w)
+    bias = torch.randn(200, device="cuda", dtype=torch.float16)
+    dense = w.to_dense()
+    tc_args = sparse_tc_args(packed)
+    for lead, want in (((3,), False), ((4,), True), ((2, 8), True), ((16,), True), ((17,), False), ((40,), False)):
+        x = torch.randn(*lead, 300, device="cuda", dtype=torch.float16)
+        ref = x.float() @ dense.float().t() + bias.float()
+        before = len(calls)
+        y = vnm_linear(x, w, bias, sparse_tc=packed, sparse_tc_min_tokens=None, sparse_tc_decode_tokens=(4, 16))
+        y_hybrid = HYBRID_OP(
+            x, [dense], w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, 2, 8, 200, 0, None, None, None,
+            *tc_args, 0, 4, 16,
+        )  # fmt: skip
+        assert len(calls) - before == (2 if want else 0), lead
+        for out in (y, y_hybrid):
+            assert out.shape == (*lead, 200)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (lead, err)

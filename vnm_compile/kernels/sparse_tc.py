@@ -9,18 +9,22 @@ CUDA toolkit needed) and launched through the driver.
     packed = pack_sparse_tc(w)          # once per weight: fragment-ordered values + metadata, indices
     y = sparse_tc_linear(x, packed, bias)
 
-Two kernels (``config["KERNEL"]``): "gather" stages each V block's 32 kept rows of x^T per k-step;
-"dense" stages the 8 groups' 8M rows of x^T once per CTA, shared by its V blocks, and picks the kept
-rows through ldmatrix's per-lane row addresses (needs the packer's ``group_columns``: x^T in that row
-order). :func:`default_config` picks dense for M <= 8.
+Three kernels (``config["KERNEL"]``). Two GEMMs on x^T (x transposed to feature-major per call, one Triton
+launch): "gather" stages each V block's 32 kept rows of x^T per k-step; "dense" stages the 8 groups' 8M
+rows of x^T once per CTA, shared by its V blocks, and picks the kept rows through ldmatrix's per-lane row
+addresses (needs the packer's ``group_columns``: x^T in that row order). And "decode" (launch_decode, up
+to DECODE_MAX_TOKENS tokens) on x as it is: fragments straight from the records into registers, split
+over the k-steps, the last CTA of each V block reducing the partial sums (see the kernel's comment).
+:func:`default_config` picks decode up to DECODE_MAX_TOKENS tokens, else dense for M <= 8, else gather.
 
 Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0), fp16/bf16, n = 2, V a
-multiple of 64, fewer than 65536 input features. x is transposed to feature-major per call (one Triton
-launch). ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w), sparse_tc_min_tokens=T)`` and the backend option
-``sparse_tensor_cores`` run it through ``vnm::linear`` from T tokens. benchmarks/bench_sparse_tc.py
-measures the kernels alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
-64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak); bench_linear's
-sparse-TC column the op with the transpose (linear.md: 1.07-1.32x at 2048/8192 tokens).
+multiple of 64, fewer than 65536 input features. ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w),
+sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend option ``sparse_tensor_cores``
+run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
+measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
+64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak), bench_sparse_tc_decode.py
+the decode kernel (sparse_tc_decode.md: 64:2:8 1.88-2.36x at 1 token, 1.23-1.71x at 16); bench_linear's
+sparse-TC column the op (linear.md).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
 H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP`; the first launch on a device probes again
@@ -42,9 +46,11 @@ from ..masks import block_rows
 from ..pattern import VNMPattern
 
 __all__ = [
+    "DECODE_MAX_TOKENS",
     "METADATA_MAP",
     "SparseTCWeight",
     "default_config",
+    "launch_decode",
     "pack_sparse_tc",
     "probe_metadata_map",
     "sparse_tc_available",
@@ -69,9 +75,23 @@ METADATA_MAP: dict[tuple[int, int], tuple[int, int]] = {
 GATHER_CONFIG = {"KERNEL": "gather", "WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4}
 DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 0}
 
+# The decode kernel (vnm_mma_sp_decode): up to DECODE_MAX_TOKENS tokens, x token-major (no transpose), split
+# over the k-steps so that about CTAS_PER_SM CTAs of DW warps run per SM; each warp loads DU k-steps'
+# operands at a time into registers; XS (absent: where it can) stages x's slices in shared memory. The
+# configs by token count (up to the key) are the best on an H200 at Llama-2-7B shapes (sparse_tc_decode.md).
+DECODE_MAX_TOKENS = 32
+DECODE_CONFIGS = {
+    8: {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 4},
+    16: {"KERNEL": "decode", "DW": 8, "DU": 2, "CTAS_PER_SM": 2},
+    32: {"KERNEL": "decode", "DW": 4, "DU": 1, "CTAS_PER_SM": 4},
+}
 
-def default_config(w: SparseTCWeight) -> dict:
-    """The tile configuration sparse_tc_linear uses for ``w`` when none is given."""
+
+def default_config(w: SparseTCWeight, tokens: int | None = None) -> dict:
+    """The tile configuration sparse_tc_linear uses for ``w`` (and ``tokens`` rows of x) when none is given:
+    the decode kernel up to DECODE_MAX_TOKENS tokens, else the dense or the gather GEMM."""
+    if tokens is not None and tokens <= DECODE_MAX_TOKENS:
+        return DECODE_CONFIGS[min(t for t in DECODE_CONFIGS if t >= tokens)]
     return DENSE_CONFIG if w.group_columns is not None and w.group_width <= 8 else GATHER_CONFIG
 
 
@@ -215,7 +235,7 @@ class _Kernels:
         if key not in self._cache:
             code, mangled = _nvrtc_compile(self._src, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
             kernel = _cuda_load_module(code, [mangled])[mangled]
-            if name.startswith("vnm_mma_sp_"):
+            if name.startswith("vnm_mma_sp_"):  # dynamic shared memory beyond 48 KiB
                 props = torch.cuda.get_device_properties(torch.cuda.current_device())
                 kernel.set_shared_memory_config(getattr(props, "shared_memory_per_block_optin", 48 << 10))
             self._cache[key] = kernel
@@ -312,6 +332,75 @@ def _check_device(device: torch.device) -> None:
 REC_BYTES = 2592  # one record: A fragments 2048, metadata 512, local rows 32 (records.shape[-1] * 4)
 KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense"}
 
+_COUNTERS: dict[tuple[int, int], Tensor] = {}  # (device, stream) -> the decode kernel's arrival counters
+
+
+def decode_split(blocks: int, steps: int, sms: int, ctas_per_sm: int) -> tuple[int, int]:
+    """(k-steps per CTA, CTAs per V block) for the decode kernel: about ``ctas_per_sm * sms`` CTAs in all."""
+    if min(blocks, steps, sms, ctas_per_sm) < 1:
+        raise ValueError(f"decode_split needs positive sizes, got {blocks=} {steps=} {sms=} {ctas_per_sm=}")
+    split = max(1, min(steps, round(ctas_per_sm * sms / blocks)))
+    per = -(-steps // split)
+    return per, -(-steps // per)
+
+
+def _counters(device: torch.device, blocks: int) -> Tensor:
+    """Zeroed int32 arrival counters for the decode kernel's split-K, one per V block; the last CTA of a
+    block resets its counter, so one buffer per (device, stream) serves every launch on that stream."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < blocks:
+        buf = torch.zeros(max(blocks, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def decode_smem(config: dict, tokens: int, kcols: int) -> int:
+    """Shared memory of one decode CTA: a flag, then every warp's sums or (XS=1, before them) its DU x slices."""
+    nt = -(-tokens // 8)
+    staged = config["DW"] * config["DU"] * 8 * nt * (kcols + 8) * 2 if config.get("XS") else 0
+    return 16 + max(config["DW"] * 8 * nt * 68 * 4, staged)
+
+
+def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
+    """The decode kernel on token-major ``x2`` (tokens <= DECODE_MAX_TOKENS, rows contiguous) -> y.
+    ``config["XS"]``: 1 stages each k-step's slice of x in shared memory (needs a weight whose groups keep
+    columns of their own span, ``w.group_identity``, and x rows 16-byte aligned), 0 gathers x from global
+    memory, absent: 1 where it can."""
+    tokens = x2.shape[0]
+    if not 1 <= tokens <= DECODE_MAX_TOKENS:
+        raise ValueError(f"the decode kernel takes 1 to {DECODE_MAX_TOKENS} tokens, got {tokens}")
+    if x2.dim() != 2 or x2.shape[1] != w.in_features or x2.stride(1) != 1:
+        raise ValueError(f"x for the decode kernel must be (tokens, {w.in_features}) with contiguous rows, "
+                         f"got {tuple(x2.shape)} with strides {x2.stride()}")  # fmt: skip
+    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
+    can_stage = w.group_identity and aligned
+    xs = int(config.get("XS", can_stage))
+    if xs and not can_stage:
+        raise ValueError("XS=1 needs a weight without input permutation (w.group_identity) and x rows 16-byte "
+                         "aligned")  # fmt: skip
+    nt = -(-tokens // 8)
+    cfg = {"DW": config.get("DW", 4), "DU": config.get("DU", 2), "XS": xs}
+    kcols = 8 * w.group_width if xs else 0
+    smem = decode_smem(cfg, tokens, kcols)
+    limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
+    if smem > limit:
+        raise ValueError(f"decode config {config} needs {smem} bytes of shared memory at {tokens} tokens "
+                         f"(the device allows {limit}): use fewer warps (DW), steps in flight (DU) or XS=0")  # fmt: skip
+    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=int(w.dtype == torch.bfloat16), **cfg)
+    blocks, steps = w.records.shape[:2]
+    sms = torch.cuda.get_device_properties(y.device).multi_processor_count
+    per, split = decode_split(blocks, steps, sms, config.get("CTAS_PER_SM", 4))
+    work = torch.empty(blocks * split * 64 * 8 * nt if split > 1 else 1, dtype=torch.float32, device=y.device)
+    counters = _counters(y.device, blocks)
+    k(
+        (blocks, split, 1), (cfg["DW"] * 32, 1, 1),
+        [x2, x2.stride(0), tokens, w.in_features, kcols, w.records, w.columns, blocks, steps, per, work, counters,
+         y, y.stride(0), w.out_features, y if bias is None else bias, int(bias is not None),
+         w.records if w.row_index is None else w.row_index, int(w.row_index is not None)],
+        shared_mem=smem,
+    )  # fmt: skip
+
 
 def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
     """Shared memory of one CTA: the pipeline (+ the gather kernel's index table), or the epilogue's
@@ -405,6 +494,10 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
         return y.reshape(*x.shape[:-1], w.out_features)
     with torch.cuda.device(x.device):
         _check_device(x.device)
-        cfg = config or default_config(w)
-        launch(feature_major(x2, w, cfg), tokens, w, y, None if bias is None else bias.contiguous(), cfg)
+        cfg = config or default_config(w, tokens)
+        b = None if bias is None else bias.contiguous()
+        if cfg.get("KERNEL") == "decode":
+            launch_decode(x2 if x2.stride(1) == 1 else x2.contiguous(), w, y, b, cfg)
+        else:
+            launch(feature_major(x2, w, cfg), tokens, w, y, b, cfg)
     return y.reshape(*x.shape[:-1], w.out_features)

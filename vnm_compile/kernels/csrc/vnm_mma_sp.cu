@@ -230,6 +230,7 @@ __device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u
     __syncthreads();
 }
 
+#ifndef DECODE  // the GEMM kernels (their tiles need NT >= 2 WN ...); DECODE=1 compiles the decode kernel alone
 // xt: x^T, K rows of ldx elements (tokens contiguous, ldx % 8 == 0, 16-byte aligned).
 // rec: [nb][nkc] records of REC bytes; gidx: [nb][nkc][32] u16 absolute input columns.
 // y: [T][ldy] (ldy % 8 == 0 for the vector store path). row_index: optional output row of each stored row.
@@ -469,6 +470,199 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     if (blk >= nb) return;
     store_tile(acc, reinterpret_cast<u16*>(smem) + warp * (8 * NT) * 72, blk, t0 + wn * 8 * NT, T, y, ldy, R,
                bias, has_bias, row_index, has_rows);
+}
+
+#endif  // DECODE
+
+// The decode kernel (few tokens, T <= 8 NT): memory-bound, so no shared-memory pipeline. grid (nb, S):
+// CTA (blk, s) takes k-steps s * per .. s * per + per - 1 of V block blk, its DW warps every DW-th of them, DU
+// at a time: each lane loads its A fragments and metadata straight from the records into registers (16-byte,
+// lane-contiguous), the kept columns' indices, and its B fragments (lane (g, q): token nt * 8 + g, kept
+// columns 2q + 8j, 2q + 8j + 1) from token-major x: XS=0 gathered from global memory (any input
+// permutation), XS=1 from the k-step's kcols-wide slice of x that the warp stages in shared memory first
+// (16-byte copies, no dependence on the indices; for weights whose groups keep columns of their own span).
+// The warps' accumulators are summed in shared memory in warp order (deterministic); with S > 1 each CTA
+// writes its fp32 partial to `work` and the last CTA of the block to arrive (counters[blk], reset by it)
+// sums the S partials in order, adds the bias and stores y (through row_index).
+#ifndef DW
+#define DW 4
+#endif
+#ifndef DU
+#define DU 2
+#endif
+#ifndef XS
+#define XS 0
+#endif
+#define DTP (8 * NT)  // tokens of the tile
+#define DPITCH 68     // floats per staged token row (64 + 4 pad)
+
+__device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {
+    u32x4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ u32 ldg_stream(const u32* p) {
+    u32 r;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// The CTA's sum at element i (token i / 64, row i % 64) of the warps' staged sums, in warp order: the same
+// bits every launch.
+__device__ __forceinline__ float warp_sum(const float* red, int i) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < DW; ++w) v += red[(w * DTP + (i >> 6)) * DPITCH + (i & 63)];
+    return v;
+}
+
+// shared memory: the last-CTA flag (16 bytes), then the warps' sums (DW x DTP x DPITCH floats) or, before them, (XS) per warp DU slices of DTP rows x (kcols + 8) halfs
+extern "C" __global__ void __launch_bounds__(DW * 32) vnm_mma_sp_decode(
+    const u16* __restrict__ x, int ldx, int T, int K, int kcols, const u32x4* __restrict__ rec,
+    const u16* __restrict__ cols, int nb, int nkc, int per, float* __restrict__ work, int* __restrict__ counters,
+    u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias, int has_bias,
+    const int* __restrict__ row_index, int has_rows) {
+    extern __shared__ __align__(16) unsigned char dsm[];
+    float* red = reinterpret_cast<float*>(dsm + 16);  // per warp its sums, [warp][token][row]
+    int& last = *reinterpret_cast<int*>(dsm);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int blk = blockIdx.x, S = gridDim.y, s = blockIdx.y;
+    const int beg = s * per, end = min(nkc, beg + per);
+#if XS
+    const int xpitch = kcols + 8;  // halfs per staged token row
+    u16* xs = reinterpret_cast<u16*>(dsm + 16) + warp * DU * DTP * xpitch;  // (the sums reuse it after the loop)
+    const u32 xs_addr = smem_addr(xs);
+    const int xchunks = DTP * (kcols >> 3);  // 16-byte chunks of one k-step's slice
+#endif
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+    const u32x4* brec = rec + (size_t)blk * nkc * (REC / 16);
+    const u32* bcol = reinterpret_cast<const u32*>(cols + (size_t)blk * nkc * 32);
+    for (int ks0 = beg + warp; ks0 < end; ks0 += DW * DU) {
+#if XS
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            const int ks = ks0 + u * DW;
+            if (ks < end)
+                for (int c = lane; c < xchunks; c += 32) {
+                    const int t = c / (kcols >> 3), col = ks * kcols + (c - t * (kcols >> 3)) * 8;
+                    const int bytes = t < T ? max(0, min(16, (K - col) * 2)) : 0;
+                    cp_async16(xs_addr + ((u * DTP + t) * xpitch + col - ks * kcols) * 2,
+                               bytes ? x + (size_t)t * ldx + col : x, bytes);
+                }
+        }
+        asm volatile("cp.async.commit_group;\n");
+#endif
+        u32 cp[DU][4];  // kept columns 2q + 8j (low half), 2q + 8j + 1 (high half)
+        u32x4 a[DU][MT];
+        u32 e[DU][MT];
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            const int ks = ks0 + u * DW;
+            if (ks < end) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) cp[u][j] = bcol[ks * 16 + q + 4 * j];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[u][mt] = ldg_stream(brec + (size_t)ks * (REC / 16) + mt * 32 + lane);
+                    e[u][mt] = ldg_stream(reinterpret_cast<const u32*>(brec + (size_t)ks * (REC / 16) + 128) + mt * 32 + lane);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) cp[u][j] = 0;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[u][mt] = {0u, 0u, 0u, 0u};
+                    e[u][mt] = 0x44444444u;
+                }
+            }
+        }
+#if XS
+        asm volatile("cp.async.wait_group 0;\n");
+        __syncwarp();
+#endif
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            u32 b[NT][4];
+            const bool ok = ks0 + u * DW < end;  // else zero operands (the slice was not staged)
+#if XS
+            const int base = (ks0 + u * DW) * kcols;
+#endif
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int t = nt * 8 + g;
+#if XS
+                const u16* xr = xs + (u * DTP + t) * xpitch;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {  // a padding group's column 0 lies outside: any slice entry
+                    const u32 l0 = (cp[u][j] & 0xFFFF) - base, l1 = (cp[u][j] >> 16) - base;
+                    const u32 lo = xr[l0 < (u32)kcols ? l0 : 0], hi = xr[l1 < (u32)kcols ? l1 : 0];
+                    b[nt][j] = ok ? lo | (hi << 16) : 0u;
+                }
+#else
+                const u16* xr = x + (size_t)(t < T ? t : 0) * ldx;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const u32 lo = t < T ? (u32)__ldg(xr + (cp[u][j] & 0xFFFF)) : 0u;
+                    const u32 hi = t < T ? (u32)__ldg(xr + (cp[u][j] >> 16)) : 0u;
+                    b[nt][j] = ok ? lo | (hi << 16) : 0u;
+                }
+#endif
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], a[u][mt], b[nt], e[u][mt]);
+        }
+#if XS
+        __syncwarp();  // the slices are read before the next iteration refills them
+#endif
+    }
+    __syncthreads();  // (XS) every warp is done with its slices
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                red[(warp * DTP + nt * 8 + 2 * q + (r & 1)) * DPITCH + mt * 16 + g + 8 * (r >> 1)] = acc[mt][nt][r];
+    __syncthreads();
+    constexpr int EL = DTP * 64;
+    if (S > 1) {
+        float* part = work + ((size_t)blk * S + s) * EL;
+        for (int i = tid; i < EL; i += DW * 32) part[i] = warp_sum(red, i);
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+            const int prev = atomicAdd(counters + blk, 1);
+            last = prev == S - 1;
+            if (last) counters[blk] = 0;  // ready for the next launch
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+    }
+    const float* parts = work + (size_t)blk * S * EL;
+    for (int i = tid; i < EL; i += DW * 32) {
+        const int t = i >> 6, r = i & 63, o = blk * 64 + r;
+        if (t >= T || o >= R) continue;
+        float v = 0.f;
+        if (S > 1) {
+            for (int p = 0; p < S; ++p) v += __ldcg(parts + (size_t)p * EL + i);
+        } else {
+            v = warp_sum(red, i);
+        }
+        const int orow = has_rows ? row_index[o] : o;
+        if (orow < 0) continue;
+        if (has_bias) v += from_half(bias[orow]);
+        y[(size_t)t * ldy + orow] = (u16)(pack2(v, 0.f) & 0xFFFF);
+    }
 }
 
 // One probe mma.sp with per-lane operands, to pin the fragment and metadata layouts.
