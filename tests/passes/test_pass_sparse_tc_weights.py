@@ -45,7 +45,8 @@ def test_packed_weights_are_passed_and_change_nothing(pattern, permute, mode):
     assert len(launches) == 2
     held = 0
     for node in launches:
-        assert len(node.args) == 18 and node.args[16] == mode and node.args[17] == 256
+        assert len(node.args) == 20 and node.args[16] == mode and node.args[17] == 256
+        assert node.args[18:] == (0, 0)  # no decode counts (an int option sets only the floor)
         values, columns, meta = (getattr(gm, a.target) for a in (node.args[1], node.args[2], node.args[3]))
         row_index = getattr(gm, node.args[4].target) if node.args[4] is not None else None
         w = VNMWeight(values, columns, meta, row_index, VNMPattern.parse(pattern), (node.args[9], _in(node, gm)))
@@ -95,10 +96,29 @@ def test_tc_token_floor_reads_the_measured_table():
     assert dispatch.tc_token_floor({"records": [rec(2048, None)]}, 4096, 4096, p) is None  # not measured
 
 
-def _hybrid_setup(monkeypatch, floor):
-    """Triton kernels never beat dense (token limit 0); the sparse tensor cores from ``floor`` tokens."""
+def test_tc_decode_window_reads_the_measured_table():
+    rec = lambda t, triton, tc: {  # noqa: E731
+        "out_features": 4096, "in_features": 4096, "tokens": t, "dense_us": 10.0,
+        "vnm_us": {"64:2:8": triton}, "vnm_tc_us": {"64:2:8": tc},
+    }  # fmt: skip
+    p = VNMPattern.parse("64:2:8")
+    # 1: Triton faster than the decode kernel; 4, 8, 16: the decode kernel wins; 32: 1.05x, below MIN_SPEEDUP
+    table = {"records": [rec(1, 5.0, 6.0), rec(4, 12.0, 6.0), rec(8, 12.0, 7.0), rec(16, 14.0, 8.0),
+                         rec(32, 15.0, 9.5), rec(2048, 20.0, 8.0)]}  # fmt: skip
+    assert dispatch.tc_decode_window(table, 4096, 4096, p) == (4, 16)
+    table["records"].append(rec(8, 12.0, 12.0))  # a later record for 8 tokens: a loss splits the run
+    assert dispatch.tc_decode_window(table, 4096, 4096, p) == (4, 4)  # the longer run; ties: the first
+    table["records"].append(rec(24, 13.0, 8.0))
+    assert dispatch.tc_decode_window(table, 4096, 4096, p) == (16, 24)
+    assert dispatch.tc_decode_window({"records": [rec(1, 5.0, 9.5)]}, 4096, 4096, p) is None
+
+
+def _hybrid_setup(monkeypatch, floor, window=None):
+    """Triton kernels never beat dense (token limit 0); the sparse tensor cores from ``floor`` tokens and
+    their decode kernel at ``window`` token counts."""
     monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a, **k: 0)
     monkeypatch.setattr(dispatch, "sparse_tc_token_floor", lambda *a, **k: floor)
+    monkeypatch.setattr(dispatch, "sparse_tc_decode_window", lambda *a, **k: window)
 
 
 def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypatch):
@@ -118,6 +138,27 @@ def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypat
     # the option off: dense, as before
     out, rec = _compile(model, x, sparse_tensor_cores=None)
     assert not rec.report["0"].lowered
+
+
+def test_a_layer_the_decode_kernel_wins_is_lowered_for_those_token_counts(monkeypatch):
+    _hybrid_setup(monkeypatch, None, (4, 16))
+    model = _model("64:2:8", torch.float16, False)
+    x = torch.randn(8, 192, dtype=torch.float16)
+    with torch.no_grad():
+        want = model(x)
+    out, rec = _compile(model, x, sparse_tensor_cores=True)
+    torch.testing.assert_close(out, want)  # CPU: the hybrid op's dense branch (CUDA only runs the kernels)
+    nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    assert len(nodes) == 2 and all(n.args[11] == 0 and n.args[19:] == (0, 4, 16) for n in nodes)
+    assert rec.report["0"].mode == "hybrid (dense where the sparse tensor cores do not run), sparse TC at 4-16 tokens"
+    # a static token count outside the window: dense, and the reason names the window
+    out, rec = _compile(model, x[:2], sparse_tensor_cores=True)
+    assert not rec.report["0"].lowered and "decode kernel at 4-16" in rec.report["0"].reason
+    # with a floor as well, both in the report
+    _hybrid_setup(monkeypatch, 512, (4, 16))
+    out, rec = _compile(model, x, sparse_tensor_cores=True)
+    assert rec.report["0"].mode.endswith("sparse TC at 4-16 tokens and from 512 tokens")
+    assert all(n.args[19:] == (512, 4, 16) for n in rec.op_nodes())
 
 
 def test_a_layer_without_a_measured_win_is_not_packed(monkeypatch):
@@ -144,6 +185,18 @@ def test_vnm_linear_takes_a_packed_weight():
         vnm_linear(x, vw, sparse_tc=vw)
     with pytest.raises(ValueError, match="sparse_tc_min_tokens"):
         vnm_linear(x, vw, sparse_tc=packed, sparse_tc_min_tokens=0)
+    torch.testing.assert_close(
+        vnm_linear(x, vw, sparse_tc=packed, sparse_tc_min_tokens=None, sparse_tc_decode_tokens=(1, 8)),
+        vnm_linear(x, vw),
+    )  # fmt: skip
+    for bad in [(0, 4), (4, 2), (1, 33), [1, 4], (1.0, 4), (True, 4), 4]:
+        with pytest.raises(ValueError, match="sparse_tc_decode_tokens"):
+            vnm_linear(x, vw, sparse_tc=packed, sparse_tc_decode_tokens=bad)
+    with pytest.raises(ValueError, match="never run"):
+        vnm_linear(x, vw, sparse_tc=packed, sparse_tc_min_tokens=None)
+    with pytest.raises(ValueError, match="tc_decode_min"):
+        OP(x, vw.values, vw.columns, vw.meta, vw.row_index, None, 64, 2, 8, vw.out_features, None, None, None,
+           packed.records, packed.columns, packed.group_columns, TC_DENSE_IDENTITY, 0, 3, 40)  # fmt: skip
     other = pack_sparse_tc(_compressed(_model("64:2:8", torch.float16, False)[2]))
     with pytest.raises(ValueError, match="packed from another weight"):
         vnm_linear(x, vw, sparse_tc=other)
@@ -157,7 +210,7 @@ def test_opcheck_with_packed_weights():
     packed = pack_sparse_tc(vw)
     x = torch.randn(3, 192, dtype=torch.float16)
     args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 64, 2, 8, vw.out_features, None, None, None,
-            packed.records, packed.columns, packed.group_columns, TC_DENSE, 16)  # fmt: skip
+            packed.records, packed.columns, packed.group_columns, TC_DENSE, 16, 1, 8)  # fmt: skip
     torch.library.opcheck(OP, args)
 
 
@@ -172,6 +225,6 @@ def test_compiled_model_runs_the_mma_sp_kernel_on_the_gpu(permute):
         with torch.no_grad():
             want = model(x).float()
         out, rec = _compile(model, x, sparse_tensor_cores=256)
-        assert all(len(n.args) == 18 for n in rec.op_nodes())
+        assert all(len(n.args) == 20 for n in rec.op_nodes())
         err = ((out.float() - want).norm() / want.norm()).item()
         assert err < 1e-2, (tokens, err)

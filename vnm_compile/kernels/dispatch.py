@@ -35,7 +35,9 @@ __all__ = [
     "prefer_sparse",
     "sparse_speedup",
     "sparse_token_limit",
+    "sparse_tc_decode_window",
     "sparse_tc_token_floor",
+    "tc_decode_window",
     "token_limit",
     "tc_token_floor",
     "results_dir",
@@ -191,6 +193,26 @@ def tc_token_floor(table: dict, out_features: int, in_features: int, pattern: VN
     return floor
 
 
+def tc_decode_window(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> tuple[int, int] | None:
+    """The token counts (lo, hi) at which the sparse tensor cores' decode kernel runs this layer: the
+    longest run of consecutive measured counts up to sparse_tc.DECODE_MAX_TOKENS where their speed-up over
+    dense (``vnm_tc_us``) is at least MIN_SPEEDUP and at least the Triton kernels' (``vnm_us``), at the
+    nearest shape and pattern measured. Counts between two measured points of the run count as inside;
+    None where no measured count wins."""
+    from .sparse_tc import DECODE_MAX_TOKENS
+
+    tc = _speedups_by_tokens(table, out_features, in_features, pattern, tc=True)
+    triton = _speedups_by_tokens(table, out_features, in_features, pattern)
+    runs: list[list[int]] = [[]]
+    for tokens in sorted(t for t in tc if t <= DECODE_MAX_TOKENS):
+        if tc[tokens] >= MIN_SPEEDUP and tc[tokens] >= triton.get(tokens, 0.0):
+            runs[-1].append(tokens)
+        elif runs[-1]:
+            runs.append([])
+    best = max(runs, key=len)
+    return (best[0], best[-1]) if best else None
+
+
 # On a GPU with no measured table: sparse up to this many tokens. On the H100 and H200 the
 # decode kernel beat cuBLAS at 1 token at every measured shape and M >= 5 and lost from 16
 # tokens up at M <= 8 (benchmarks/results/), so 1 token is the only safe default.
@@ -278,3 +300,16 @@ def sparse_tc_token_floor(
         return None
     table = _device_table(device)
     return None if table is None else tc_token_floor(table, out_features, in_features, as_pattern(pattern))
+
+
+def sparse_tc_decode_window(
+    out_features: int, in_features: int, pattern: VNMPattern | str, device: torch.device | str
+) -> tuple[int, int] | None:
+    """At which token counts (lo, hi) the sparse tensor cores' decode kernel is expected to beat both
+    dense and the Triton kernels for this layer (see tc_decode_window), from the device's measured table;
+    None off CUDA, without a table, or nowhere."""
+    device = torch.device(device)
+    if not _on_cuda(device):
+        return None
+    table = _device_table(device)
+    return None if table is None else tc_decode_window(table, out_features, in_features, as_pattern(pattern))

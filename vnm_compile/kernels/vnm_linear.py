@@ -64,10 +64,12 @@ def _linear_op(
     tc_rows: Tensor | None = None,
     tc_mode: int = 0,
     tc_min_tokens: int = 0,
+    tc_decode_min: int = 0,
+    tc_decode_max: int = 0,
 ) -> Tensor:
     return _sparse_linear(
         x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta),
-        _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens),
+        _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens, tc_decode_min, tc_decode_max),
     )  # fmt: skip
 
 
@@ -81,16 +83,33 @@ def _pair(rows_values: Tensor | None, rows_meta: Tensor | None) -> tuple[Tensor,
 TC_OFF, TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY = 0, 1, 2, 3
 
 
-def _tc(records, columns, rows, mode, min_tokens) -> tuple | None:
+def _tc(records, columns, rows, mode, min_tokens, decode_min=0, decode_max=0) -> tuple | None:
+    """The sparse-tensor-core arguments checked, or None (off). The mma.sp kernels run an input of T rows
+    when T >= min_tokens (>= 1; 0: never) or decode_min <= T <= decode_max (the decode kernel's token
+    counts, 1 <= decode_min <= decode_max <= sparse_tc.DECODE_MAX_TOKENS; 0, 0: none)."""
     if mode == TC_OFF:
         return None
     if mode not in (TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY) or records is None or columns is None:
         raise ValueError(f"vnm::linear: tc_mode={mode} needs tc_records and tc_columns (sparse_tc_args)")
     if mode != TC_GATHER and rows is None:
         raise ValueError(f"vnm::linear: tc_mode={mode} (the dense mma.sp kernel) needs tc_rows")
-    if min_tokens < 1:
-        raise ValueError(f"vnm::linear: tc_min_tokens must be >= 1, got {min_tokens}")
-    return records, columns, rows, mode, min_tokens
+    from .sparse_tc import DECODE_MAX_TOKENS
+
+    window = (decode_min, decode_max) != (0, 0)
+    if window and not 1 <= decode_min <= decode_max <= DECODE_MAX_TOKENS:
+        raise ValueError(f"vnm::linear: tc_decode_min..tc_decode_max must lie within 1..{DECODE_MAX_TOKENS} "
+                         f"(or be 0, 0), got {decode_min}..{decode_max}")  # fmt: skip
+    if min_tokens < 0 or (min_tokens == 0 and not window):
+        raise ValueError(f"vnm::linear: tc_min_tokens must be >= 1 (0 with a decode window), got {min_tokens}")
+    return records, columns, rows, mode, min_tokens, decode_min, decode_max
+
+
+def _tc_runs(tc: tuple | None, x: Tensor) -> bool:
+    """Whether the mma.sp kernels take this input (see _tc; CUDA only)."""
+    if tc is None or not x.is_cuda:
+        return False
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return (tc[4] >= 1 and tokens >= tc[4]) or tc[5] <= tokens <= tc[6]
 
 
 def _sparse_linear(
@@ -99,9 +118,9 @@ def _sparse_linear(
     """vnm::linear's implementation (also hybrid_linear's sparse branch). ``expanded`` (optional,
     vnm_triton.expand_weights of values/meta) only makes the Triton path faster from 2 tokens;
     ``interleaved`` (vnm_triton.interleave_rows of values/meta) only makes it faster at 1-4 tokens;
-    ``tc`` (the packed weight for the sparse tensor cores, see sparse_tc_args) runs the mma.sp kernel
-    on CUDA from its token count up."""
-    if tc is not None and x.is_cuda and x.numel() // max(x.shape[-1], 1) >= tc[4]:
+    ``tc`` (the packed weight for the sparse tensor cores, see sparse_tc_args, and the token counts they
+    run, see _tc) runs the mma.sp kernels on CUDA at those token counts."""
+    if _tc_runs(tc, x):
         return _sparse_tc_linear(x, row_index, bias, m, out_features, tc)
     if uses_triton(x, n):
         return vnm_linear_triton(
@@ -116,7 +135,7 @@ def _sparse_linear(
 def _sparse_tc_linear(x, row_index, bias, m, out_features, tc) -> Tensor:
     from .sparse_tc import SparseTCWeight, sparse_tc_linear
 
-    records, columns, rows, mode, _ = tc
+    records, columns, rows, mode = tc[:4]
     packed = SparseTCWeight(
         records, columns, row_index, out_features, x.shape[-1], x.dtype, None if mode == TC_GATHER else rows,
         0 if mode == TC_GATHER else m, mode == TC_DENSE_IDENTITY,
@@ -157,7 +176,7 @@ def uses_triton(x: Tensor, n: int) -> bool:
 @_linear_op.register_fake
 def _(
     x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, rows_values=None, rows_meta=None,
-    tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0,
+    tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0, tc_decode_min=0, tc_decode_max=0,
 ):  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -187,14 +206,16 @@ def _hybrid_linear_op(
     tc_rows: Tensor | None = None,
     tc_mode: int = 0,
     tc_min_tokens: int = 0,
+    tc_decode_min: int = 0,
+    tc_decode_max: int = 0,
 ) -> Tensor:
     # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
     # without a guard (and a recompile) per size. dense_weights are the masked weights in original
     # row/column order whose rows stacked are the compressed weight's rows (several for a fused
     # launch of sibling linears), so both branches compute the same function up to rounding.
     tokens = x.numel() // max(x.shape[-1], 1)
-    tc = _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens)
-    if tokens > max_sparse_tokens and not (tc is not None and x.is_cuda and tokens >= tc[4]):
+    tc = _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens, tc_decode_min, tc_decode_max)
+    if tokens > max_sparse_tokens and not _tc_runs(tc, x):
         return _dense_linear(x, dense_weights, bias, out_features)
     return _sparse_linear(
         x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta), tc
@@ -225,6 +246,7 @@ def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_fea
 def _(
     x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded=None,
     rows_values=None, rows_meta=None, tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0,
+    tc_decode_min=0, tc_decode_max=0,
 ):  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -279,7 +301,8 @@ def vnm_linear(
     expanded: Tensor | None = None,
     interleaved: tuple[Tensor, Tensor] | None = None,
     sparse_tc=None,
-    sparse_tc_min_tokens: int = 1,
+    sparse_tc_min_tokens: int | None = 1,
+    sparse_tc_decode_tokens: tuple[int, int] | None = None,
 ) -> Tensor:
     """``F.linear(x, w.to_dense(), bias)`` computed from the compressed weight.
 
@@ -292,10 +315,12 @@ def vnm_linear(
     the values and metadata (their bytes again) laid out for the decode kernel:
     faster at 1-4 tokens. ``sparse_tc = sparse_tc.pack_sparse_tc(w)`` (experimental,
     kept by the caller; about the compressed bytes again): on CUDA, from
-    ``sparse_tc_min_tokens`` rows of x up, run the mma.sp (sparse tensor core) kernel.
+    ``sparse_tc_min_tokens`` rows of x up (None: never), and at the row counts ``lo..hi`` of
+    ``sparse_tc_decode_tokens = (lo, hi)`` (within 1..sparse_tc.DECODE_MAX_TOKENS), run the mma.sp (sparse
+    tensor core) kernels: up to DECODE_MAX_TOKENS rows the decode kernel, above them the GEMM.
     """
     check_inputs(x, w, bias)
-    tc_args: tuple = (None, None, None, TC_OFF, 0)
+    tc_args: tuple = (None, None, None, TC_OFF, 0, 0, 0)
     if sparse_tc is not None:
         from .sparse_tc import SparseTCWeight
 
@@ -303,13 +328,26 @@ def vnm_linear(
             raise TypeError(f"sparse_tc must be a SparseTCWeight (pack_sparse_tc(w)), got {type(sparse_tc).__name__}")
         if (sparse_tc.out_features, sparse_tc.in_features) != w.shape or sparse_tc.device != w.device:
             raise ValueError("sparse_tc was packed from another weight (shape or device differs)")
-        if (
+        if sparse_tc_min_tokens is not None and (
             isinstance(sparse_tc_min_tokens, bool)
             or not isinstance(sparse_tc_min_tokens, int)
             or sparse_tc_min_tokens < 1
         ):
-            raise ValueError(f"sparse_tc_min_tokens must be an int >= 1, got {sparse_tc_min_tokens!r}")
-        tc_args = (*sparse_tc_args(sparse_tc), sparse_tc_min_tokens)
+            raise ValueError(f"sparse_tc_min_tokens must be an int >= 1 or None, got {sparse_tc_min_tokens!r}")
+        window = (0, 0)
+        if sparse_tc_decode_tokens is not None:
+            from .sparse_tc import DECODE_MAX_TOKENS
+
+            ok = isinstance(sparse_tc_decode_tokens, tuple) and len(sparse_tc_decode_tokens) == 2
+            ok = ok and all(isinstance(t, int) and not isinstance(t, bool) for t in sparse_tc_decode_tokens)
+            if not ok or not 1 <= sparse_tc_decode_tokens[0] <= sparse_tc_decode_tokens[1] <= DECODE_MAX_TOKENS:
+                raise ValueError(f"sparse_tc_decode_tokens must be a tuple (lo, hi) of ints with 1 <= lo <= hi <= "
+                                 f"{DECODE_MAX_TOKENS}, got {sparse_tc_decode_tokens!r}")  # fmt: skip
+            window = sparse_tc_decode_tokens
+        if sparse_tc_min_tokens is None and window == (0, 0):
+            raise ValueError("sparse_tc given with sparse_tc_min_tokens=None and no sparse_tc_decode_tokens: it "
+                             "would never run")  # fmt: skip
+        tc_args = (*sparse_tc_args(sparse_tc), sparse_tc_min_tokens or 0, *window)
     rows_values = rows_meta = None
     if interleaved is not None:
         from .vnm_triton import _check_interleaved

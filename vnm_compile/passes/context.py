@@ -174,6 +174,7 @@ class LinearSite:
     interleaved_bytes: int = 0  # its row-interleaved copy (interleave_rows option; shared when fused)
     tc_bytes: int = 0  # its weight packed for the sparse tensor cores (sparse_tensor_cores option)
     tc_min_tokens: int | None = None  # run on the sparse tensor cores from this many tokens (same option)
+    tc_decode: tuple[int, int] | None = None  # and at these token counts (lo, hi), their decode kernel
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -198,6 +199,7 @@ class LayerCompileReport:
     interleaved_bytes: int = 0
     tc_bytes: int = 0
     tc_min_tokens: int | None = None
+    tc_decode: tuple[int, int] | None = None
 
     @property
     def mode(self) -> str:
@@ -205,17 +207,22 @@ class LayerCompileReport:
         ", fused x3" appended when it shares one launch with two siblings, ", expanded" when the
         expanded weights are held for it (expand_weights option), ", interleaved" when its
         row-interleaved copy is (interleave_rows option), ", sparse TC from N tokens" when it runs on
-        the sparse tensor cores from N tokens (sparse_tensor_cores option)."""
+        the sparse tensor cores from N tokens (sparse_tensor_cores option; ", sparse TC at A-B tokens and
+        from N tokens" when their decode kernel also runs it at A-B tokens)."""
         if not self.lowered:
             return "dense"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""
-        fused += f", sparse TC from {self.tc_min_tokens} tokens" if self.tc_bytes else ""
+        if self.tc_bytes:
+            parts = [f"at {self.tc_decode[0]}-{self.tc_decode[1]} tokens"] if self.tc_decode else []
+            parts += [f"from {self.tc_min_tokens} tokens"] if self.tc_min_tokens else []
+            fused += ", sparse TC " + " and ".join(parts)
         if self.max_sparse_tokens is None:
             return "sparse" + fused
         if self.max_sparse_tokens == 0:  # lowered for the sparse tensor cores only
-            return "hybrid (dense below the sparse tensor cores)" + fused
+            where = "where the sparse tensor cores do not run" if self.tc_decode else "below the sparse tensor cores"
+            return f"hybrid (dense {where})" + fused
         return f"hybrid (sparse up to {self.max_sparse_tokens} tokens)" + fused
 
 
@@ -312,6 +319,7 @@ class CompileContext:
             r.interleaved_bytes = s.interleaved_bytes if r.lowered else 0
             r.tc_bytes = s.tc_bytes if r.lowered else 0
             r.tc_min_tokens = s.tc_min_tokens if r.tc_bytes else None
+            r.tc_decode = s.tc_decode if r.tc_bytes else None
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The optional trailing arguments of the two ops, by name: their positions.
-_TC = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens")
+_TC = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens", "tc_decode_min", "tc_decode_max")
 _OPTIONAL = {
     OP: {name: 10 + i for i, name in enumerate(("expanded", "rows_values", "rows_meta", *_TC))},
     HYBRID_OP: {name: 12 + i for i, name in enumerate(("expanded", "rows_values", "rows_meta", *_TC))},

@@ -214,9 +214,20 @@ def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | No
     return int(option)
 
 
+def _tc_decode(site: LinearSite, device: torch.device, pattern, opts) -> tuple[int, int] | None:
+    """At which token counts (lo, hi) the sparse tensor cores' decode kernel runs the layer (option True and
+    a measured win over dense and the Triton kernels, dispatch.sparse_tc_decode_window), or None."""
+    from ..kernels import dispatch
+
+    if opts.sparse_tensor_cores is not True or not _tc_eligible(site, pattern):
+        return None
+    return dispatch.sparse_tc_decode_window(site.shape[0], site.shape[1], pattern, device)
+
+
 def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table,
-    and from how many tokens the sparse tensor cores take over (``site.tc_min_tokens``, option).
+    and from how many tokens the sparse tensor cores take over (``site.tc_min_tokens``, option) and at
+    which token counts their decode kernel does (``site.tc_decode``).
 
     A layer kept dense here runs its weight as it is: a weight pruned in place
     (sparsify_) stays pruned, but one the ``pattern`` option would have pruned at
@@ -225,26 +236,32 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
     site.tc_min_tokens = tc = _tc_floor(site, device, pattern, opts)
+    site.tc_decode = window = _tc_decode(site, device, pattern, opts)
     limit = _sparse_limit(site, device, pattern, opts.dense_fallback, opts.expand_weights)
     if limit is None:
         return None
     notes = "" if site.state is not None else "; not pruned"
-    if opts.sparse_tensor_cores is True and tc is None and _tc_eligible(site, pattern):
+    if opts.sparse_tensor_cores is True and tc is None and window is None and _tc_eligible(site, pattern):
         # say why the option changed nothing here (a GPU's table from before vnm_tc_us has no such timings)
         notes += "; sparse tensor cores: no measured win on this device (`vnm bench` measures them on a GPU)"
+
+    def on_tc(tokens: int) -> bool:
+        return (tc is not None and tokens >= tc) or (window is not None and window[0] <= tokens <= window[1])
+
     if not opts.dense_fallback:
-        if tc is not None and site.tokens >= tc:
+        if on_tc(site.tokens):
             return None  # the sparse tensor cores win at this token count
         return ctx.keep_dense(
             site, f"the kernel dispatcher prefers dense at {site.tokens} tokens on {device.type}{notes}"
         )
-    if limit <= 0 and tc is None:
+    if limit <= 0 and tc is None and window is None:
         return ctx.keep_dense(
             site, f"the kernel dispatcher prefers dense at every measured token count on {device.type}{notes}"
         )
     static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
-    if None not in static and min(static) > limit and (tc is None or max(static) < tc):
+    if None not in static and min(static) > limit and not any(on_tc(t) for t in static):
         tc_note = "" if tc is None else f", sparse tensor cores from {tc}"
+        tc_note += "" if window is None else f", their decode kernel at {window[0]}-{window[1]}"
         return ctx.keep_dense(
             site,
             f"the kernel dispatcher prefers dense at {max(static)} tokens on {device.type} "

@@ -1,19 +1,22 @@
 """Pass 8 (option ``sparse_tensor_cores``, experimental): hold each lowered weight packed for the
-sparse tensor cores and let the op switch to the mma.sp kernel from a token count up.
+sparse tensor cores and let the op switch to the mma.sp kernels at the token counts where they win.
 
 find_linears set, per layer, from how many tokens the sparse tensor cores run it
 (``LinearSite.tc_min_tokens``: the option's count, or with True the measured table's,
-dispatch.sparse_tc_token_floor). For every vnm::linear / vnm::hybrid_linear call on constant
-compressed tensors whose layers all have one (for a fused launch: the largest of its members'),
-``kernels.sparse_tc.pack_sparse_tc`` of the weight becomes graph constants (the records: values and
-metadata in fragment order, the kept columns' indices, the dense kernel's x^T row order) passed as the
-op's ``tc_*`` arguments, with that count as ``tc_min_tokens``. At run time, on CUDA, an input with at
-least that many rows runs the mma.sp kernel (kernels/sparse_tc.py); fewer rows run what they ran
+dispatch.sparse_tc_token_floor) and, with True, at which few-token counts their decode kernel does
+(``LinearSite.tc_decode``, dispatch.sparse_tc_decode_window). For every vnm::linear /
+vnm::hybrid_linear call on constant compressed tensors whose layers have either (for a fused launch:
+the largest floor, the common decode counts of its members), ``kernels.sparse_tc.pack_sparse_tc`` of
+the weight becomes graph constants (the records: values and metadata in fragment order, the kept
+columns' indices, the dense kernel's x^T row order) passed as the op's ``tc_*`` arguments, with those
+counts as ``tc_min_tokens`` / ``tc_decode_min`` / ``tc_decode_max``. At run time, on CUDA, an input of
+those many rows runs the mma.sp kernels (kernels/sparse_tc.py); other row counts run what they ran
 before (the Triton kernels, or dense above a hybrid layer's token limit). Memory: about the compressed
 bytes once more.
 
-Measured on an H200 (x^T given, benchmarks/results/nvidia-h200/sparse_tc.md): 1.12-1.40x over cuBLAS at
-64:2:8 on Llama-2-7B shapes at 2048-8192 tokens, slower than cuBLAS at 64:2:5.
+Measured on an H200 (benchmarks/results/nvidia-h200/): the GEMM 1.07-1.32x over cuBLAS at 64:2:8 on
+Llama-2-7B shapes at 2048-8192 tokens (transpose of x included), slower than cuBLAS at 64:2:5; the decode
+kernel 1.4-2.0x at 4-8 tokens where the Triton kernels are slower than cuBLAS (sparse_tc_decode.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ __all__ = ["sparse_tc_weights"]
 
 logger = logging.getLogger(__name__)
 
-_NAMES = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens")
+_NAMES = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens", "tc_decode_min", "tc_decode_max")
 
 
 def _packed(layer: LayerTensors, dtype: torch.dtype):
@@ -47,7 +50,7 @@ def _packed(layer: LayerTensors, dtype: torch.dtype):
     w = VNMWeight(
         layer.values, layer.columns, layer.meta, layer.row_index, pattern, (layer.out_features, layer.in_features)
     )
-    return (*sparse_tc_args(pack_sparse_tc(w)), 0)  # tc_min_tokens: per call
+    return (*sparse_tc_args(pack_sparse_tc(w)), 0, 0, 0)  # the token counts: per call
 
 
 def sparse_tc_weights(gm: fx.GraphModule, ctx: CompileContext) -> bool:
@@ -56,10 +59,19 @@ def sparse_tc_weights(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         return False
     sites = {s.name: s for s in ctx.sites}
 
-    def min_tokens(node: fx.Node) -> dict | None:
-        counts = [sites[n].tc_min_tokens if n in sites else None for n in str(node.meta.get(LAYER_META, "")).split("+")]
-        return None if None in counts else {"tc_min_tokens": max(counts)}
+    def token_counts(node: fx.Node) -> dict | None:
+        """For a fused launch: the sparse tensor cores run only where they win for every member."""
+        members = [sites.get(n) for n in str(node.meta.get(LAYER_META, "")).split("+")]
+        floors = [s.tc_min_tokens if s is not None else None for s in members]
+        windows = [s.tc_decode if s is not None else None for s in members]
+        floor = 0 if None in floors else max(floors)
+        lo, hi = (0, 0) if None in windows else (max(w[0] for w in windows), min(w[1] for w in windows))
+        if lo > hi:
+            lo = hi = 0
+        if not floor and not lo:
+            return None
+        return {"tc_min_tokens": floor, "tc_decode_min": lo, "tc_decode_max": hi}
 
-    added = attach_constants(gm, ctx, "tc", _NAMES, _packed, "tc_bytes", min_tokens)
+    added = attach_constants(gm, ctx, "tc", _NAMES, _packed, "tc_bytes", token_counts)
     logger.debug("sparse_tc_weights: packed weights passed to %d vnm op calls", added)
     return added > 0
