@@ -45,11 +45,12 @@ VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # with the gather-GEMM kernel (benchmarks/results/<gpu>/linear.md); "expanded" compiles with the
 # expand_weights option (the expanded weights held: the gather GEMM from 2 tokens up);
 # "interleaved" with the interleave_rows option (the decode kernel's row-interleaved layout held);
-# "tc" with sparse_tensor_cores=True (the mma.sp kernels from the token count where the measured table,
-# from `vnm bench` on this GPU, says they beat dense: without vnm_tc_us timings in it, nothing changes).
+# "tc" with sparse_tensor_cores=True (the mma.sp kernels at the token counts where the measured table,
+# from `vnm bench` on this GPU, says they beat dense and the Triton kernels: the decode kernel at few
+# tokens, the GEMM from a floor up; without vnm_tc_us timings in it, nothing changes).
 EXTRA_VARIANTS = (
     "64:2:16", "64:2:8 expanded", "64:2:5 expanded", "64:2:8 interleaved", "64:2:5 interleaved", "64:2:8 tc",
-    "64:2:16 tc",
+    "64:2:5 tc", "64:2:16 tc",
 )  # fmt: skip
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.

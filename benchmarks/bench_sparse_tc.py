@@ -10,7 +10,8 @@ with V a multiple of 64 (2:4 inside each block's 4 kept columns is exactly mma.s
 time with NVRTC through PyTorch (torch.cuda._utils, a private API: no CUDA toolkit needed, only the GPU
 build of PyTorch). Two kernels: "gather" (each V block's 32 kept x^T rows per k-step, its own copy) and
 "dense" (the 8 groups' 8M x^T rows once per CTA, shared by its WR V blocks, gathered by ldmatrix's row
-addresses). It is not wired into vnm::linear; see the result file for what it reaches.
+addresses). vnm::linear runs them with the sparse_tensor_cores option (from a token count up); this
+script times the kernels alone. The few-token decode kernel has its own script, bench_sparse_tc_decode.py.
 
 Steps, all on the GPU:
 1. probe: one mma.sp with per-lane operands pins the metadata layout (which lane and nibble hold which

@@ -255,8 +255,9 @@ def _time_case(
             rec["vnm_interleaved_us"][p] = _time_held(x, w, ref, "interleaved", lambda c: interleave_rows(c))
         elif tokens > 1:  # the expanded weights (expand_weights option)
             rec["vnm_expanded_us"][p] = _time_held(x, w, ref, "expanded", lambda c: expand_weights(c, x.dtype))
-        if tokens >= 16 and unsupported(w.pattern, w.dtype, w.in_features) is None and sparse_tc_available():
-            # the sparse tensor cores (sparse_tensor_cores option; dispatch.tc_token_floor reads these)
+        if unsupported(w.pattern, w.dtype, w.in_features) is None and sparse_tc_available():
+            # the sparse tensor cores (sparse_tensor_cores option; dispatch.tc_token_floor and
+            # tc_decode_window read these): the decode kernel up to sparse_tc.DECODE_MAX_TOKENS, the GEMM above
             rec["vnm_tc_us"][p] = _time_held(x, w, ref, "sparse_tc", pack_sparse_tc)
     return rec
 
@@ -372,7 +373,8 @@ def _md(results: dict) -> str:
         "per-call rebuild).",
         "",
         "Sparse TC: the same op with the packing for the sparse tensor cores held (`sparse_tensor_cores`",
-        "option, `kernels.sparse_tc`; the mma.sp kernel on x^T, the transpose of x included), from 16 tokens.",
+        "option, `kernels.sparse_tc`): up to 32 tokens the mma.sp decode kernel (x as it is, split over k), above",
+        "them the mma.sp GEMM on x^T, the transpose of x included.",
         "",
         "| layer | out x in | tokens | dense us | 2:4 cuSPARSELt | pattern | V:N:M us | speed-up | % bound "
         "| held layout us | held speed-up | sparse TC us | TC speed-up |",
