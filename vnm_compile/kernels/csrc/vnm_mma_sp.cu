@@ -185,16 +185,20 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], u16* t
     }
 }
 
-// Zeroed accumulators, and the pipeline's first STAGES - 1 stages (`load_stage(st, ks)` fills stage index
-// st with k-steps ks * KSUB ..), each its own cp.async group: the start of both kernels' main loops.
-template <class Load>
-__device__ __forceinline__ void start_pipeline(float (&acc)[MT][NT][4], int nsteps, Load load_stage) {
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+}
+
+// Zeroed accumulators, and the pipeline's first STAGES - 1 stages (`load_stage(st, ks)` fills stage index
+// st with k-steps ks * KSUB ..), each its own cp.async group: the start of both kernels' main loops.
+template <class Load>
+__device__ __forceinline__ void start_pipeline(float (&acc)[MT][NT][4], int nsteps, Load load_stage) {
+    zero_acc(acc);
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < nsteps) load_stage(st, st);
@@ -536,12 +540,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) vnm_mma_sp_decode(
     const int xchunks = DTP * (kcols >> 3);  // 16-byte chunks of one k-step's slice
 #endif
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+    zero_acc(acc);
     const u32x4* brec = rec + (size_t)blk * nkc * (REC / 16);
     const u32* bcol = reinterpret_cast<const u32*>(cols + (size_t)blk * nkc * 32);
     for (int ks0 = beg + warp; ks0 < end; ks0 += DW * DU) {
