@@ -8,7 +8,7 @@ read as it is (token-major: gathered per kept column, or, XS=1, staged per k-ste
 split over the k-steps with the partial sums reduced by the last CTA of each V block. Memory-bound, so the
 column to read is `% floor`: the VNMWeight's compressed bytes at the measured copy bandwidth / time.
 
-Every tile config of GRID is timed (CUDA graphs, median of 30 replays, weights rotated through copies > 3x
+Every tile config of sparse_tc.DECODE_GRID (what the op's autotuning times) is timed (CUDA graphs, median of 30 replays, weights rotated through copies > 3x
 L2), each checked against a float32 reference first; the table shows the best, the JSON all of them.
 Writes sparse_tc_decode.json and .md to --out (default benchmarks/results/<gpu>/).
 """
@@ -24,10 +24,6 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bench_sparse_tc_decode")
-GRID = [
-    {"KERNEL": "decode", "DW": dw, "DU": du, "CTAS_PER_SM": c, "XS": xs}
-    for dw, du, c, xs in itertools.product((4, 8), (1, 2), (2, 4), (0, 1))
-]
 SHAPES = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008),
           ("vit-b fc1", 3072, 768)]  # fmt: skip
 
@@ -43,7 +39,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, patterns: list[str],
     from vnm_compile.format import VNMWeight
     from vnm_compile.kernels.benchmark import _clone_vnm, _copies, time_graph
     from vnm_compile.kernels.cusparselt import CSLTLinear
-    from vnm_compile.kernels.sparse_tc import DECODE_CONFIGS, launch_decode, pack_sparse_tc
+    from vnm_compile.kernels.sparse_tc import DECODE_GRID, default_decode_config, launch_decode, pack_sparse_tc
     from vnm_compile.kernels.vnm_linear import vnm_linear
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
@@ -77,8 +73,8 @@ def time_case(name: str, rows: int, cols: int, tokens: int, patterns: list[str],
         ]
         y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
         configs_us = {}
-        default = DECODE_CONFIGS[min(t for t in DECODE_CONFIGS if t >= tokens)]
-        for cfg in [default, *GRID]:
+        default = default_decode_config(tokens)
+        for cfg in [default, *DECODE_GRID]:
             y.fill_(float("nan"))
             launch_decode(x, packed, y, None, cfg)
             err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -114,7 +110,7 @@ def to_markdown(results: dict) -> str:
         "",
         "Timing: CUDA graphs, median of 30 replays, weights rotated through copies > 3x L2. `decode` is the best "
         "of the tile configs (all in the JSON's `configs_us`), `default` the config `sparse_tc_linear` picks for "
-        "that token count (`DECODE_CONFIGS`). `Triton` = `vnm_linear` without held layouts (autotuned). "
+        "that token count without autotuning (`default_decode_config`; the op autotunes over the same grid). `Triton` = `vnm_linear` without held layouts (autotuned). "
         f"`% floor` = the VNMWeight's compressed bytes at the measured copy bandwidth ({meta['bandwidth_gbs']:.0f} "
         "GB/s, read + write) / the decode time (the packed records are about 10 % more bytes). 2:4 = cuSPARSELt "
         "(feature-major activations), from 8 tokens.",

@@ -14,11 +14,14 @@ import torch
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels.sparse_tc import (
     DECODE_CONFIGS,
+    DECODE_GRID,
     DECODE_MAX_TOKENS,
     METADATA_MAP,
+    decode_candidates,
     decode_smem,
     decode_split,
     default_config,
+    default_decode_config,
     launch,
     launch_decode,
     pack_sparse_tc,
@@ -292,6 +295,11 @@ def test_decode_split_and_configs():
         cfg = default_config(w, tokens)
         assert cfg["KERNEL"] == "decode" and cfg is DECODE_CONFIGS[min(t for t in DECODE_CONFIGS if t >= tokens)]
     assert default_config(w, DECODE_MAX_TOKENS + 1)["KERNEL"] == "dense" == default_config(w)["KERNEL"]
+    for tokens in (1, 9, 32):  # autotuning: the untuned default first, then the whole grid
+        assert decode_candidates(tokens) == [default_config(w, tokens), *DECODE_GRID]
+    assert len(DECODE_GRID) == 16 and all(c["KERNEL"] == "decode" for c in DECODE_GRID)
+    with pytest.raises(ValueError, match="1 to 32 tokens"):
+        default_decode_config(0)
     # shared memory: a 16-byte flag, then the larger of the warps' sums and (XS=1) their staged slices of x
     assert decode_smem({"DW": 4, "DU": 2}, 16, 0) == 16 + 4 * 16 * 68 * 4
     assert decode_smem({"DW": 4, "DU": 2, "XS": 1}, 16, 128) == 16 + 4 * 2 * 16 * 136 * 2

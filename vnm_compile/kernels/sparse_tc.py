@@ -80,6 +80,10 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # operands at a time into registers; XS (absent: where it can) stages x's slices in shared memory. The
 # configs by token count (up to the key) are the best on an H200 at Llama-2-7B shapes (sparse_tc_decode.md).
 DECODE_MAX_TOKENS = 32
+DECODE_GRID = [  # what sparse_tc_linear's autotuning times (XS=1 only where it can run)
+    {"KERNEL": "decode", "DW": dw, "DU": du, "CTAS_PER_SM": c, "XS": xs}
+    for dw, du, c, xs in itertools.product((4, 8), (1, 2), (2, 4), (0, 1))
+]
 DECODE_CONFIGS = {
     8: {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 4},
     16: {"KERNEL": "decode", "DW": 8, "DU": 2, "CTAS_PER_SM": 2},
@@ -91,8 +95,15 @@ def default_config(w: SparseTCWeight, tokens: int | None = None) -> dict:
     """The tile configuration sparse_tc_linear uses for ``w`` (and ``tokens`` rows of x) when none is given:
     the decode kernel up to DECODE_MAX_TOKENS tokens, else the dense or the gather GEMM."""
     if tokens is not None and tokens <= DECODE_MAX_TOKENS:
-        return DECODE_CONFIGS[min(t for t in DECODE_CONFIGS if t >= tokens)]
+        return default_decode_config(tokens)
     return DENSE_CONFIG if w.group_columns is not None and w.group_width <= 8 else GATHER_CONFIG
+
+
+def default_decode_config(tokens: int) -> dict:
+    """The decode kernel's config for this many tokens (1..DECODE_MAX_TOKENS) without autotuning."""
+    if not 1 <= tokens <= DECODE_MAX_TOKENS:
+        raise ValueError(f"the decode kernel takes 1 to {DECODE_MAX_TOKENS} tokens, got {tokens}")
+    return DECODE_CONFIGS[min(t for t in DECODE_CONFIGS if t >= tokens)]
 
 
 @dataclass(frozen=True)
@@ -497,7 +508,30 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
         cfg = config or default_config(w, tokens)
         b = None if bias is None else bias.contiguous()
         if cfg.get("KERNEL") == "decode":
-            launch_decode(x2 if x2.stride(1) == 1 else x2.contiguous(), w, y, b, cfg)
+            x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+            if config is None:
+                cfg = _tuned_decode(x2, w, y, b)
+            launch_decode(x2, w, y, b, cfg)
         else:
             launch(feature_major(x2, w, cfg), tokens, w, y, b, cfg)
     return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def decode_candidates(tokens: int) -> list[dict]:
+    """The decode configs autotuning times for this many tokens: the default for the count first (what
+    runs untuned; XS where it can), then DECODE_GRID."""
+    return [default_decode_config(tokens), *DECODE_GRID]
+
+
+def _tuned_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None) -> dict:
+    """The decode config for this weight and token count: timed once per (device, shape, pattern, layout,
+    token bucket) through the Triton path's autotuner (vnm_triton._choose: CUDA-graph replays; inside a
+    capture, or with VNM_AUTOTUNE=0, the first candidate), then cached. Configs that cannot run here (XS=1
+    on a permuted weight or unaligned x, too much shared memory) are skipped."""
+    from .vnm_triton import _choose, _token_bucket
+
+    tokens = x2.shape[0]
+    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
+    key = ("sparse_tc_decode", y.device.index, w.dtype, w.out_features, w.in_features, w.group_width,
+           w.group_identity and aligned, _token_bucket(tokens))  # fmt: skip
+    return _choose(key, decode_candidates(tokens), lambda cfg: launch_decode(x2, w, y, bias, cfg))
