@@ -65,11 +65,13 @@ class CompileOptions:
             at 1-4 tokens.
         sparse_tensor_cores: experimental. True: for each eligible layer (n = 2, V a multiple of 64,
             fp16/bf16) the token count from which the measured table says the sparse tensor cores
-            (kernels/sparse_tc.py) beat dense (dispatch.sparse_tc_token_floor); an int T: that count
-            for every eligible layer. Such a layer also holds its weight packed for them (about the
-            compressed bytes once more; passes/sparse_tc_weights.py) and on CUDA runs inputs of at
-            least that many rows on them; a layer whose Triton kernels never beat dense is then
-            lowered too, running dense below the count. None (default): off.
+            (kernels/sparse_tc.py) beat dense (dispatch.sparse_tc_token_floor), and the few-token
+            counts at which their decode kernel beats dense and the Triton kernels
+            (dispatch.sparse_tc_decode_window); an int T: from T tokens for every eligible layer. Such
+            a layer also holds its weight packed for them (about the compressed bytes once more;
+            passes/sparse_tc_weights.py) and on CUDA runs inputs of those many rows on them; a layer
+            whose Triton kernels never beat dense is then lowered too, running dense at the other
+            counts. None (default): off.
     """
 
     pattern: VNMPattern | str | None = None
