@@ -14,9 +14,9 @@ those many rows runs the mma.sp kernels (kernels/sparse_tc.py); other row counts
 before (the Triton kernels, or dense above a hybrid layer's token limit). Memory: about the compressed
 bytes once more.
 
-Measured on an H200 (benchmarks/results/nvidia-h200/): the GEMM 1.07-1.32x over cuBLAS at 64:2:8 on
-Llama-2-7B shapes at 2048-8192 tokens (transpose of x included), slower than cuBLAS at 64:2:5; the decode
-kernel 1.4-2.0x at 4-8 tokens where the Triton kernels are slower than cuBLAS (sparse_tc_decode.md).
+Measured on an H200 through the op (benchmarks/results/nvidia-h200/linear.md), 64:2:8, Llama-2-7B shapes:
+the GEMM 1.10-1.26x over cuBLAS at 2048-8192 tokens (transpose of x included; slower than cuBLAS at
+64:2:5), the decode kernel 1.69-2.13x at 4 tokens where the Triton kernels give 0.63-0.79x.
 """
 
 from __future__ import annotations
