@@ -113,6 +113,23 @@ def test_tc_decode_window_reads_the_measured_table():
     assert dispatch.tc_decode_window({"records": [rec(1, 5.0, 9.5)]}, 4096, 4096, p) is None
 
 
+def test_tc_decode_window_compares_with_the_layouts_the_options_hold():
+    def rec(t, triton, tc, **held):
+        return {"out_features": 4096, "in_features": 4096, "tokens": t, "dense_us": 10.0,
+                "vnm_us": {"64:2:8": triton}, "vnm_tc_us": {"64:2:8": tc},
+                **{f"vnm_{k}_us": {"64:2:8": v} for k, v in held.items()}}  # fmt: skip
+
+    p = VNMPattern.parse("64:2:8")
+    # 1 token: the decode kernel beats plain Triton (8 us) but not the interleaved copy (5 us); 16 tokens:
+    # it beats plain Triton (14 us) but not the expanded weights (6 us)
+    table = {"records": [rec(1, 8.0, 6.0, interleaved=5.0), rec(4, 12.0, 6.0, interleaved=11.0),
+                         rec(16, 14.0, 7.0, expanded=6.0)]}  # fmt: skip
+    assert dispatch.tc_decode_window(table, 4096, 4096, p) == (1, 16)
+    assert dispatch.tc_decode_window(table, 4096, 4096, p, interleaved=True) == (4, 16)
+    assert dispatch.tc_decode_window(table, 4096, 4096, p, expanded=True) == (1, 4)
+    assert dispatch.tc_decode_window(table, 4096, 4096, p, expanded=True, interleaved=True) == (4, 4)
+
+
 def _hybrid_setup(monkeypatch, floor, window=None):
     """Triton kernels never beat dense (token limit 0); the sparse tensor cores from ``floor`` tokens and
     their decode kernel at ``window`` token counts."""

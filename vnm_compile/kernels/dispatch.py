@@ -97,11 +97,17 @@ def _pattern_dist(measured: str, pattern: VNMPattern) -> float:
 
 
 def _speedups_by_tokens(
-    table: dict, out_features: int, in_features: int, pattern: VNMPattern, expanded: bool = False, tc: bool = False
+    table: dict,
+    out_features: int,
+    in_features: int,
+    pattern: VNMPattern,
+    expanded: bool = False,
+    tc: bool = False,
+    interleaved: bool = False,
 ) -> dict[int, float]:
     """Measured dense / V:N:M time per measured token count, at the nearest measured shape
-    (``expanded``: the op's time with the expanded weights held, where measured; ``tc``: the sparse
-    tensor cores' time, only where measured).
+    (``expanded`` / ``interleaved``: the op's time with the expanded weights / the row-interleaved copy
+    held, where measured; ``tc``: the sparse tensor cores' time, only where measured).
 
     The one lookup behind sparse_speedup and sparse_token_limit: 1. the
     measured shape nearest in log-distance (out + in); 2. at each token count
@@ -118,15 +124,16 @@ def _speedups_by_tokens(
     )
     shape = (near["out_features"], near["in_features"])
     timings: dict[int, dict[str, tuple[float, float]]] = {}
-    with_expanded: dict[int, dict[str, tuple[float, float]]] = {}
+    held_fields = [] if tc else ["vnm_expanded_us"] * expanded + ["vnm_interleaved_us"] * interleaved
+    with_held: dict[int, dict[str, tuple[float, float]]] = {}
     for r in recs:
         if (r["out_features"], r["in_features"]) == shape:
             tokens = int(r["tokens"])
             timings.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in r[field].items() if us})
-            if expanded and not tc:  # kept apart: a later record without them must not hide them
-                times = r.get("vnm_expanded_us", {})
-                with_expanded.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in times.items() if us})
-    for tokens, point in with_expanded.items():
+            for held in held_fields:  # kept apart: a later record without them must not hide them
+                times = r.get(held, {})
+                with_held.setdefault(tokens, {}).update({p: (r["dense_us"], us) for p, us in times.items() if us})
+    for tokens, point in with_held.items():
         timings[tokens].update(point)
     key = str(pattern)
     speedups = {}
@@ -193,16 +200,25 @@ def tc_token_floor(table: dict, out_features: int, in_features: int, pattern: VN
     return floor
 
 
-def tc_decode_window(table: dict, out_features: int, in_features: int, pattern: VNMPattern) -> tuple[int, int] | None:
+def tc_decode_window(
+    table: dict,
+    out_features: int,
+    in_features: int,
+    pattern: VNMPattern,
+    *,
+    expanded: bool = False,
+    interleaved: bool = False,
+) -> tuple[int, int] | None:
     """The token counts (lo, hi) at which the sparse tensor cores' decode kernel runs this layer: the
     longest run of consecutive measured counts up to sparse_tc.DECODE_MAX_TOKENS where their speed-up over
-    dense (``vnm_tc_us``) is at least MIN_SPEEDUP and at least the Triton kernels' (``vnm_us``), at the
-    nearest shape and pattern measured. Counts between two measured points of the run count as inside;
-    None where no measured count wins."""
+    dense (``vnm_tc_us``) is at least MIN_SPEEDUP and at least the Triton kernels' (``vnm_us``; with
+    ``expanded`` / ``interleaved``, the layouts those options hold, where measured), at the nearest shape
+    and pattern measured. Counts between two measured points of the run count as inside; None where no
+    measured count wins."""
     from .sparse_tc import DECODE_MAX_TOKENS
 
     tc = _speedups_by_tokens(table, out_features, in_features, pattern, tc=True)
-    triton = _speedups_by_tokens(table, out_features, in_features, pattern)
+    triton = _speedups_by_tokens(table, out_features, in_features, pattern, expanded, interleaved=interleaved)
     runs: list[list[int]] = [[]]
     for tokens in sorted(t for t in tc if t <= DECODE_MAX_TOKENS):
         if tc[tokens] >= MIN_SPEEDUP and tc[tokens] >= triton.get(tokens, 0.0):
@@ -303,13 +319,22 @@ def sparse_tc_token_floor(
 
 
 def sparse_tc_decode_window(
-    out_features: int, in_features: int, pattern: VNMPattern | str, device: torch.device | str
+    out_features: int,
+    in_features: int,
+    pattern: VNMPattern | str,
+    device: torch.device | str,
+    *,
+    expanded: bool = False,
+    interleaved: bool = False,
 ) -> tuple[int, int] | None:
     """At which token counts (lo, hi) the sparse tensor cores' decode kernel is expected to beat both
-    dense and the Triton kernels for this layer (see tc_decode_window), from the device's measured table;
-    None off CUDA, without a table, or nowhere."""
+    dense and the Triton kernels (with the layouts ``expanded`` / ``interleaved`` held) for this layer (see
+    tc_decode_window), from the device's measured table; None off CUDA, without a table, or nowhere."""
     device = torch.device(device)
     if not _on_cuda(device):
         return None
     table = _device_table(device)
-    return None if table is None else tc_decode_window(table, out_features, in_features, as_pattern(pattern))
+    if table is None:
+        return None
+    held = {"expanded": expanded, "interleaved": interleaved}
+    return tc_decode_window(table, out_features, in_features, as_pattern(pattern), **held)

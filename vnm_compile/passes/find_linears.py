@@ -216,12 +216,14 @@ def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | No
 
 def _tc_decode(site: LinearSite, device: torch.device, pattern, opts) -> tuple[int, int] | None:
     """At which token counts (lo, hi) the sparse tensor cores' decode kernel runs the layer (option True and
-    a measured win over dense and the Triton kernels, dispatch.sparse_tc_decode_window), or None."""
+    a measured win over dense and the Triton kernels with the layouts the options hold,
+    dispatch.sparse_tc_decode_window), or None."""
     from ..kernels import dispatch
 
     if opts.sparse_tensor_cores is not True or not _tc_eligible(site, pattern):
         return None
-    return dispatch.sparse_tc_decode_window(site.shape[0], site.shape[1], pattern, device)
+    held = {"expanded": bool(opts.expand_weights), "interleaved": bool(opts.interleave_rows)}
+    return dispatch.sparse_tc_decode_window(site.shape[0], site.shape[1], pattern, device, **held)
 
 
 def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
