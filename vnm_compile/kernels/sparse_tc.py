@@ -373,6 +373,12 @@ def decode_smem(config: dict, tokens: int, kcols: int) -> int:
     return 16 + max(config["DW"] * 8 * nt * 68 * 4, staged)
 
 
+def _can_stage(x2: Tensor, w: SparseTCWeight) -> bool:
+    """Whether the decode kernel can stage x's k-step slices (XS=1): groups keep columns of their own span
+    and x's rows are 16-byte aligned."""
+    return w.group_identity and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
+
+
 def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
     """The decode kernel on token-major ``x2`` (tokens <= DECODE_MAX_TOKENS, rows contiguous) -> y.
     ``config["XS"]``: 1 stages each k-step's slice of x in shared memory (needs a weight whose groups keep
@@ -384,8 +390,7 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     if x2.dim() != 2 or x2.shape[1] != w.in_features or x2.stride(1) != 1:
         raise ValueError(f"x for the decode kernel must be (tokens, {w.in_features}) with contiguous rows, "
                          f"got {tuple(x2.shape)} with strides {x2.stride()}")  # fmt: skip
-    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
-    can_stage = w.group_identity and aligned
+    can_stage = _can_stage(x2, w)
     xs = int(config.get("XS", can_stage))
     if xs and not can_stage:
         raise ValueError("XS=1 needs a weight without input permutation (w.group_identity) and x rows 16-byte "
@@ -394,14 +399,14 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     cfg = {"DW": config.get("DW", 4), "DU": config.get("DU", 2), "XS": xs}
     kcols = 8 * w.group_width if xs else 0
     smem = decode_smem(cfg, tokens, kcols)
-    limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
+    props = torch.cuda.get_device_properties(y.device)
+    limit = getattr(props, "shared_memory_per_block_optin", 48 << 10)
     if smem > limit:
         raise ValueError(f"decode config {config} needs {smem} bytes of shared memory at {tokens} tokens "
                          f"(the device allows {limit}): use fewer warps (DW), steps in flight (DU) or XS=0")  # fmt: skip
     k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=int(w.dtype == torch.bfloat16), **cfg)
     blocks, steps = w.records.shape[:2]
-    sms = torch.cuda.get_device_properties(y.device).multi_processor_count
-    per, split = decode_split(blocks, steps, sms, config.get("CTAS_PER_SM", 4))
+    per, split = decode_split(blocks, steps, props.multi_processor_count, config.get("CTAS_PER_SM", 4))
     work = torch.empty(blocks * split * 64 * 8 * nt if split > 1 else 1, dtype=torch.float32, device=y.device)
     counters = _counters(y.device, blocks)
     k(
@@ -531,7 +536,6 @@ def _tuned_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None)
     from .vnm_triton import _choose, _token_bucket
 
     tokens = x2.shape[0]
-    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
     key = ("sparse_tc_decode", y.device.index, w.dtype, w.out_features, w.in_features, w.group_width,
-           w.group_identity and aligned, _token_bucket(tokens))  # fmt: skip
+           _can_stage(x2, w), _token_bucket(tokens))  # fmt: skip
     return _choose(key, decode_candidates(tokens), lambda cfg: launch_decode(x2, w, y, bias, cfg))
