@@ -5,6 +5,7 @@ GPU: the kernels against a float32 / float64 reference (the decode kernel also: 
 graph replays give the same bits)."""
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -288,8 +289,13 @@ def test_decode_split_and_configs():
     assert decode_split(172, 64, 132, 4) == (22, 3)  # 11008 rows: 3 CTAs per block, the last with 20 steps
     assert decode_split(12, 12, 132, 4) == (1, 12)  # never more CTAs than k-steps
     assert decode_split(500, 3, 132, 1) == (3, 1)  # enough blocks: no split
+    assert decode_split(64, 64, 132, 4, max_split=8) == (8, 8)
+    assert decode_split(16, 64, 132, 4, max_split=8) == (8, 8)  # 33 wanted, at most a cluster of 8 (CL=1)
+    assert decode_split(16, 61, 132, 4, max_split=8) == (8, 8)  # the last CTA with 5 steps
     with pytest.raises(ValueError, match="positive"):
         decode_split(0, 4, 132, 4)
+    with pytest.raises(ValueError, match="positive"):
+        decode_split(16, 4, 132, 4, max_split=0)
     w = pack_sparse_tc(vnm_weight(200, 97, "64:2:8", False, torch.float16))
     for tokens in range(1, DECODE_MAX_TOKENS + 1):
         cfg = default_config(w, tokens)
@@ -298,11 +304,15 @@ def test_decode_split_and_configs():
     for tokens in (1, 9, 32):  # autotuning: the untuned default first, then the whole grid
         assert decode_candidates(tokens) == [default_config(w, tokens), *DECODE_GRID]
     assert len(DECODE_GRID) == 16 and all(c["KERNEL"] == "decode" for c in DECODE_GRID)
+    assert len({tuple(sorted(c.items())) for c in DECODE_GRID}) == 16  # no config twice
+    assert not any(c.get("DP") and c["XS"] for c in [*DECODE_GRID, *DECODE_CONFIGS.values()])  # DP needs XS=0
     with pytest.raises(ValueError, match="1 to 32 tokens"):
         default_decode_config(0)
     # shared memory: a 16-byte flag, then the larger of the warps' sums and (XS=1) their staged slices of x
     assert decode_smem({"DW": 4, "DU": 2}, 16, 0) == 16 + 4 * 16 * 68 * 4
     assert decode_smem({"DW": 4, "DU": 2, "XS": 1}, 16, 128) == 16 + 4 * 2 * 16 * 136 * 2
+    # CL=1: + the CTA's sums, which the cluster's CTAs read
+    assert decode_smem({"DW": 4, "DU": 2, "CL": 1}, 16, 0) == 16 + 4 * 16 * 68 * 4 + 16 * 64 * 4
 
 
 def test_launch_decode_refuses_bad_input():
@@ -314,23 +324,32 @@ def test_launch_decode_refuses_bad_input():
         launch_decode(torch.zeros(97, 4, dtype=torch.float16).t(), w, y, None, DECODE_CONFIGS[8])
     with pytest.raises(ValueError, match="XS=1 needs"):  # an input permutation: x cannot be staged by slices
         launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1})
+    w = pack_sparse_tc(vnm_weight(200, 96, "64:2:8", False, torch.float16))
+    with pytest.raises(ValueError, match="DP=1 .* needs XS=0"):
+        launch_decode(torch.zeros(4, 96, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1, "DP": 1})
 
 
 DECODE_CASES = [(64, 40, "64:2:5", False), (200, 97, "64:2:8", True), (130, 300, "64:2:16", False),
                 (257, 515, "128:2:8", True), (64, 16, "64:2:8", False), (448, 1024, "64:2:5", False),
                 (192, 512, "64:2:7", True)]  # fmt: skip
-# the default split, no split (CTAS_PER_SM=1 at these sizes: fewer CTAs than SMs), one k-step per CTA
+# the default split, no split (CTAS_PER_SM=1 at these sizes: fewer CTAs than SMs), one k-step per CTA, and
+# the partials summed in a cluster (CL=1) of as many CTAs as it takes (up to 8; several k-steps each where
+# a block has more than 8), and each warp loading its next k-steps ahead (DP=1: several batches per warp)
 DECODE_TEST_CONFIGS = [
     {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 4},
     {"KERNEL": "decode", "DW": 8, "DU": 1, "CTAS_PER_SM": 1, "XS": 0},
     {"KERNEL": "decode", "DW": 2, "DU": 4, "CTAS_PER_SM": 1000},
+    {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 1000, "CL": 1},
+    {"KERNEL": "decode", "DW": 2, "DU": 2, "CTAS_PER_SM": 1, "CL": 1, "DP": 1},
 ]
 
 
 @gpu
 @pytest.mark.parametrize("rows, cols, pattern, permute", DECODE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", DECODE_TEST_CONFIGS, ids=["default-split", "no-split", "step-per-cta"])
+@pytest.mark.parametrize(
+    "config", DECODE_TEST_CONFIGS, ids=["default-split", "no-split", "step-per-cta", "cluster", "prefetch"]
+)
 def test_decode_kernel_matches_float64(rows, cols, pattern, permute, dtype, config):
     """Every token count 1..32 (1-4 n-tiles, partial ones), with and without bias, x rows 16-byte aligned
     (XS=1 where the config lets it) or not; outputs poisoned before each launch, each launched twice (the
@@ -354,28 +373,38 @@ def test_decode_kernel_matches_float64(rows, cols, pattern, permute, dtype, conf
 def test_decode_kernel_gives_the_same_bits_every_launch_and_in_graphs():
     w = vnm_weight(1024, 1024, "64:2:8", False, torch.float16, device="cuda", seed=4)
     packed = pack_sparse_tc(w)
-    assert packed.group_identity  # XS=1 runs by default
-    for tokens in (1, 16):
+    assert packed.group_identity  # XS=1 can run
+    # the default (partials summed in a cluster, x gathered) and x staged with the partials in global memory
+    configs = (DECODE_CONFIGS[16], {**DECODE_CONFIGS[16], "XS": 1, "CL": 0})
+    for tokens, cfg in itertools.product((1, 16), configs):
         x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
         y = torch.empty(tokens, 1024, device="cuda", dtype=torch.float16)
-        launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+        launch_decode(x, packed, y, None, cfg)
         first = y.clone()
         for _ in range(3):
-            launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+            launch_decode(x, packed, y, None, cfg)
             assert torch.equal(y, first)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+            launch_decode(x, packed, y, None, cfg)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+            launch_decode(x, packed, y, None, cfg)
         for _ in range(3):
             y.fill_(float("nan"))
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(y, first)
+        # the same split summed through global memory (CL=0) or in a cluster (CL=1): the same order, the same bits
+        cfg = {"KERNEL": "decode", "DW": 8, "DU": 1, "CTAS_PER_SM": 1}  # 16 blocks of 16 k-steps: 8 CTAs each
+        outs = []
+        for cl in (0, 1):
+            y.fill_(float("nan"))
+            launch_decode(x, packed, y, None, {**cfg, "CL": cl})
+            outs.append(y.clone())
+        assert torch.equal(outs[0], outs[1])
 
 
 @gpu
@@ -386,6 +415,7 @@ def test_vnm_linear_runs_the_decode_kernel_at_its_token_counts(permute, monkeypa
     import vnm_compile.kernels.sparse_tc as sparse_tc_module
     from vnm_compile.kernels.vnm_linear import HYBRID_OP, sparse_tc_args, vnm_linear
 
+    monkeypatch.setenv("VNM_AUTOTUNE", "0")  # the autotuner's own launches would count too
     calls = []
     real = sparse_tc_module.launch_decode
     monkeypatch.setattr(sparse_tc_module, "launch_decode", lambda *a, **k: calls.append(1) or real(*a, **k))

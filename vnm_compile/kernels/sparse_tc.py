@@ -14,7 +14,8 @@ launch): "gather" stages each V block's 32 kept rows of x^T per k-step; "dense" 
 rows of x^T once per CTA, shared by its V blocks, and picks the kept rows through ldmatrix's per-lane row
 addresses (needs the packer's ``group_columns``: x^T in that row order). And "decode" (launch_decode, up
 to DECODE_MAX_TOKENS tokens) on x as it is: fragments straight from the records into registers, split
-over the k-steps, the last CTA of each V block reducing the partial sums (see the kernel's comment).
+over the k-steps, the partial sums of each V block reduced in a thread-block cluster or by its last CTA
+(see the kernel's comment).
 :func:`default_config` picks decode up to DECODE_MAX_TOKENS tokens, else dense for M <= 8, else gather.
 
 Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0), fp16/bf16, n = 2, V a
@@ -77,17 +78,33 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 
 # The decode kernel (vnm_mma_sp_decode): up to DECODE_MAX_TOKENS tokens, x token-major (no transpose), split
 # over the k-steps so that about CTAS_PER_SM CTAs of DW warps run per SM; each warp loads DU k-steps'
-# operands at a time into registers; XS (absent: where it can) stages x's slices in shared memory. The
-# configs by token count (up to the key) are the best on an H200 at Llama-2-7B shapes (sparse_tc_decode.md).
+# operands at a time into registers, DP=1 the next DU while it computes the current ones; XS (absent: where
+# it can) stages x's slices in shared memory; CL=1 sums a block's split-K partials inside a thread-block
+# cluster (sm_90; at most DECODE_MAX_CLUSTER CTAs per block; elsewhere it runs as CL=0) instead of through
+# global memory. DECODE_GRID, what the autotuning times, was picked greedily from a sweep of 56 configs on
+# an H200 at Llama-2-7B shapes, 1-32 tokens (sparse_tc_decode_sweep.md: these 7 were the best on all 24
+# cases), plus configs that won at ViT-B sizes and before clusters; DECODE_CONFIGS, the configs without
+# autotuning by token count (up to the key), are the best on average in that sweep.
 DECODE_MAX_TOKENS = 32
-DECODE_GRID = [  # what sparse_tc_linear's autotuning times (XS=1 only where it can run)
-    {"KERNEL": "decode", "DW": dw, "DU": du, "CTAS_PER_SM": c, "XS": xs}
-    for dw, du, c, xs in itertools.product((4, 8), (1, 2), (2, 4), (0, 1))
-]
+DECODE_MAX_CLUSTER = 8  # CTAs per V block with CL=1 (the portable cluster size)
+
+
+def _decode(dw: int, du: int, ctas_per_sm: int, xs: int, cl: int = 0, dp: int = 0) -> dict:
+    cfg = {"KERNEL": "decode", "DW": dw, "DU": du, "CTAS_PER_SM": ctas_per_sm, "XS": xs}
+    return {**cfg, **({"CL": 1} if cl else {}), **({"DP": 1} if dp else {})}
+
+
+DECODE_GRID = [  # XS=1 only where it can run
+    _decode(8, 1, 2, 0, cl=1), _decode(8, 1, 1, 0, cl=1, dp=1), _decode(8, 1, 4, 0, cl=1),
+    _decode(4, 1, 2, 0, cl=1, dp=1), _decode(8, 1, 1, 0, cl=1), _decode(8, 1, 2, 0, dp=1),
+    _decode(4, 2, 2, 1, cl=1), _decode(4, 2, 4, 0, cl=1), _decode(4, 2, 2, 0, cl=1), _decode(4, 2, 4, 1, cl=1),
+    _decode(8, 1, 2, 0, cl=1, dp=1), _decode(4, 2, 2, 0, cl=1, dp=1), _decode(8, 2, 2, 1), _decode(8, 2, 2, 0),
+    _decode(8, 1, 4, 0), _decode(4, 2, 4, 0),
+]  # fmt: skip
 DECODE_CONFIGS = {
-    8: {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 4},
-    16: {"KERNEL": "decode", "DW": 8, "DU": 2, "CTAS_PER_SM": 2},
-    32: {"KERNEL": "decode", "DW": 4, "DU": 1, "CTAS_PER_SM": 4},
+    8: _decode(8, 1, 4, 0, cl=1),
+    16: _decode(8, 1, 1, 0, cl=1, dp=1),
+    32: _decode(8, 1, 1, 0, cl=1),
 }
 
 
@@ -346,11 +363,14 @@ KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense"}
 _COUNTERS: dict[tuple[int, int], Tensor] = {}  # (device, stream) -> the decode kernel's arrival counters
 
 
-def decode_split(blocks: int, steps: int, sms: int, ctas_per_sm: int) -> tuple[int, int]:
-    """(k-steps per CTA, CTAs per V block) for the decode kernel: about ``ctas_per_sm * sms`` CTAs in all."""
-    if min(blocks, steps, sms, ctas_per_sm) < 1:
-        raise ValueError(f"decode_split needs positive sizes, got {blocks=} {steps=} {sms=} {ctas_per_sm=}")
-    split = max(1, min(steps, round(ctas_per_sm * sms / blocks)))
+def decode_split(blocks: int, steps: int, sms: int, ctas_per_sm: int, max_split: int | None = None) -> tuple[int, int]:
+    """(k-steps per CTA, CTAs per V block) for the decode kernel: about ``ctas_per_sm * sms`` CTAs in all,
+    at most ``max_split`` per block."""
+    if min(blocks, steps, sms, ctas_per_sm, 1 if max_split is None else max_split) < 1:
+        raise ValueError(
+            f"decode_split needs positive sizes, got {blocks=} {steps=} {sms=} {ctas_per_sm=} {max_split=}"
+        )
+    split = max(1, min(steps, max_split or steps, round(ctas_per_sm * sms / blocks)))
     per = -(-steps // split)
     return per, -(-steps // per)
 
@@ -370,7 +390,8 @@ def decode_smem(config: dict, tokens: int, kcols: int) -> int:
     """Shared memory of one decode CTA: a flag, then every warp's sums or (XS=1, before them) its DU x slices."""
     nt = -(-tokens // 8)
     staged = config["DW"] * config["DU"] * 8 * nt * (kcols + 8) * 2 if config.get("XS") else 0
-    return 16 + max(config["DW"] * 8 * nt * 68 * 4, staged)
+    sums = config["DW"] * 8 * nt * 68 * 4 + (8 * nt * 64 * 4 if config.get("CL") else 0)
+    return 16 + max(sums, staged)
 
 
 def _can_stage(x2: Tensor, w: SparseTCWeight) -> bool:
@@ -383,7 +404,9 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     """The decode kernel on token-major ``x2`` (tokens <= DECODE_MAX_TOKENS, rows contiguous) -> y.
     ``config["XS"]``: 1 stages each k-step's slice of x in shared memory (needs a weight whose groups keep
     columns of their own span, ``w.group_identity``, and x rows 16-byte aligned), 0 gathers x from global
-    memory, absent: 1 where it can."""
+    memory, absent: 1 where it can (0 with DP=1). ``config["DP"]``: 1 loads each warp's next DU k-steps while
+    it computes the current ones (XS=0 only). ``config["CL"]``: 1 sums the split-K partials in a thread-block cluster
+    (on GPUs without clusters, before sm_90, through global memory as with 0; the same result either way)."""
     tokens = x2.shape[0]
     if not 1 <= tokens <= DECODE_MAX_TOKENS:
         raise ValueError(f"the decode kernel takes 1 to {DECODE_MAX_TOKENS} tokens, got {tokens}")
@@ -391,24 +414,32 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
         raise ValueError(f"x for the decode kernel must be (tokens, {w.in_features}) with contiguous rows, "
                          f"got {tuple(x2.shape)} with strides {x2.stride()}")  # fmt: skip
     can_stage = _can_stage(x2, w)
-    xs = int(config.get("XS", can_stage))
+    xs = int(config.get("XS", can_stage and not config.get("DP")))
     if xs and not can_stage:
         raise ValueError("XS=1 needs a weight without input permutation (w.group_identity) and x rows 16-byte "
                          "aligned")  # fmt: skip
+    if config.get("DP") and xs:
+        raise ValueError(f"decode config {config}: DP=1 (loading the next k-steps ahead) needs XS=0")
     nt = -(-tokens // 8)
-    cfg = {"DW": config.get("DW", 4), "DU": config.get("DU", 2), "XS": xs}
+    props = torch.cuda.get_device_properties(y.device)
+    cluster = bool(config.get("CL")) and props.major >= 9  # thread-block clusters: sm_90 and later
+    cfg = {"DW": config.get("DW", 4), "DU": config.get("DU", 2), "XS": xs, "CL": int(cluster),
+           "DP": int(bool(config.get("DP")))}  # fmt: skip
     kcols = 8 * w.group_width if xs else 0
     smem = decode_smem(cfg, tokens, kcols)
-    props = torch.cuda.get_device_properties(y.device)
     limit = getattr(props, "shared_memory_per_block_optin", 48 << 10)
     if smem > limit:
         raise ValueError(f"decode config {config} needs {smem} bytes of shared memory at {tokens} tokens "
                          f"(the device allows {limit}): use fewer warps (DW), steps in flight (DU) or XS=0")  # fmt: skip
-    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=int(w.dtype == torch.bfloat16), **cfg)
     blocks, steps = w.records.shape[:2]
-    per, split = decode_split(blocks, steps, props.multi_processor_count, config.get("CTAS_PER_SM", 4))
-    work = torch.empty(blocks * split * 64 * 8 * nt if split > 1 else 1, dtype=torch.float32, device=y.device)
-    counters = _counters(y.device, blocks)
+    per, split = decode_split(blocks, steps, props.multi_processor_count, config.get("CTAS_PER_SM", 4),
+                              DECODE_MAX_CLUSTER if cfg["CL"] else None)  # fmt: skip
+    if cfg["CL"]:
+        cfg["DS"] = split
+    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=int(w.dtype == torch.bfloat16), **cfg)
+    global_sum = split > 1 and not cfg["CL"]
+    work = torch.empty(blocks * split * 64 * 8 * nt if global_sum else 1, dtype=torch.float32, device=y.device)
+    counters = _counters(y.device, blocks) if global_sum else work
     k(
         (blocks, split, 1), (cfg["DW"] * 32, 1, 1),
         [x2, x2.stride(0), tokens, w.in_features, kcols, w.records, w.columns, blocks, steps, per, work, counters,

@@ -485,9 +485,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
 // columns 2q + 8j, 2q + 8j + 1) from token-major x: XS=0 gathered from global memory (any input
 // permutation), XS=1 from the k-step's kcols-wide slice of x that the warp stages in shared memory first
 // (16-byte copies, no dependence on the indices; for weights whose groups keep columns of their own span).
-// The warps' accumulators are summed in shared memory in warp order (deterministic); with S > 1 each CTA
-// writes its fp32 partial to `work` and the last CTA of the block to arrive (counters[blk], reset by it)
-// sums the S partials in order, adds the bias and stores y (through row_index).
+// The warps' accumulators are summed in shared memory in warp order (deterministic). With S > 1 the S
+// partials of a block are summed in CTA order, either (CL=0) through global memory: each CTA writes its fp32
+// partial to `work` and the last CTA of the block to arrive (counters[blk], reset by it) sums them, or (CL=1,
+// sm_90, S = DS <= 8) inside a thread-block cluster of the block's S CTAs: each CTA reads its share of the
+// elements from every CTA's shared memory (no global round trips, fence or atomics; the same bits as CL=0).
+// Then the bias, and y is stored (through row_index).
 #ifndef DW
 #define DW 4
 #endif
@@ -496,6 +499,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
 #endif
 #ifndef XS
 #define XS 0
+#endif
+#ifndef CL
+#define CL 0  // 1: the S CTAs of a V block are one cluster (DS = S) and sum their partials in shared memory
+#endif
+#ifndef DS
+#define DS 1
+#endif
+#ifndef DP
+#define DP 0  // 1: each warp loads its next batch of k-steps while it computes the current one (XS=0 only)
+#endif
+#if DP && XS
+#error "DP=1 (prefetching the next batch) needs XS=0"
 #endif
 #define DTP (8 * NT)  // tokens of the tile
 #define DPITCH 68     // floats per staged token row (64 + 4 pad)
@@ -521,8 +536,25 @@ __device__ __forceinline__ float warp_sum(const float* red, int i) {
     return v;
 }
 
+#if CL
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The float at this CTA's shared address `local` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ float ld_cluster(u32 local, u32 rank) {
+    u32 remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#define CLUSTER_DIMS __cluster_dims__(1, DS, 1)
+#else
+#define CLUSTER_DIMS
+#endif
+
 // shared memory: the last-CTA flag (16 bytes), then the warps' sums (DW x DTP x DPITCH floats) or, before them, (XS) per warp DU slices of DTP rows x (kcols + 8) halfs
-extern "C" __global__ void __launch_bounds__(DW * 32) vnm_mma_sp_decode(
+extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_decode(
     const u16* __restrict__ x, int ldx, int T, int K, int kcols, const u32x4* __restrict__ rec,
     const u16* __restrict__ cols, int nb, int nkc, int per, float* __restrict__ work, int* __restrict__ counters,
     u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias, int has_bias,
@@ -543,6 +575,82 @@ extern "C" __global__ void __launch_bounds__(DW * 32) vnm_mma_sp_decode(
     zero_acc(acc);
     const u32x4* brec = rec + (size_t)blk * nkc * (REC / 16);
     const u32* bcol = reinterpret_cast<const u32*>(cols + (size_t)blk * nkc * 32);
+    // one batch: DU k-steps (ks0, ks0 + DW, ..) of this warp, zero operands past `end` (nothing loaded)
+    struct Batch {
+        u32 cp[DU][4];  // kept columns 2q + 8j (low half), 2q + 8j + 1 (high half)
+        u32x4 a[DU][MT];
+        u32 e[DU][MT];
+    };
+    auto load = [&](Batch& bt, int ks0) {
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            const int ks = ks0 + u * DW;
+            if (ks < end) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) bt.cp[u][j] = bcol[ks * 16 + q + 4 * j];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    bt.a[u][mt] = ldg_stream(brec + (size_t)ks * (REC / 16) + mt * 32 + lane);
+                    bt.e[u][mt] = ldg_stream(reinterpret_cast<const u32*>(brec + (size_t)ks * (REC / 16) + 128) + mt * 32 + lane);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) bt.cp[u][j] = 0;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    bt.a[u][mt] = {0u, 0u, 0u, 0u};
+                    bt.e[u][mt] = 0x44444444u;
+                }
+            }
+        }
+    };
+    // the batch's B fragments (x gathered, or read from the staged slices) and its mma.sp
+    auto compute = [&](const Batch& bt, int ks0) {
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            u32 b[NT][4];
+            const bool ok = ks0 + u * DW < end;  // else zero operands (the slice was not staged)
+#if XS
+            const int base = (ks0 + u * DW) * kcols;
+#endif
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int t = nt * 8 + g;
+#if XS
+                const u16* xr = xs + (u * DTP + t) * xpitch;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {  // a padding group's column 0 lies outside: any slice entry
+                    const u32 l0 = (bt.cp[u][j] & 0xFFFF) - base, l1 = (bt.cp[u][j] >> 16) - base;
+                    const u32 lo = xr[l0 < (u32)kcols ? l0 : 0], hi = xr[l1 < (u32)kcols ? l1 : 0];
+                    b[nt][j] = ok ? lo | (hi << 16) : 0u;
+                }
+#else
+                const u16* xr = x + (size_t)(t < T ? t : 0) * ldx;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const u32 lo = t < T ? (u32)__ldg(xr + (bt.cp[u][j] & 0xFFFF)) : 0u;
+                    const u32 hi = t < T ? (u32)__ldg(xr + (bt.cp[u][j] >> 16)) : 0u;
+                    b[nt][j] = ok ? lo | (hi << 16) : 0u;
+                }
+#endif
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt]);
+        }
+    };
+#if DP
+    // the next batch's operands are loaded while this one's x is gathered and its mma.sp run
+    Batch cur;
+    load(cur, beg + warp);
+    for (int ks0 = beg + warp; ks0 < end; ks0 += DW * DU) {
+        Batch nxt;
+        load(nxt, ks0 + DW * DU);
+        compute(cur, ks0);
+        cur = nxt;
+    }
+#else
     for (int ks0 = beg + warp; ks0 < end; ks0 += DW * DU) {
 #if XS
 #pragma unroll
@@ -558,71 +666,18 @@ extern "C" __global__ void __launch_bounds__(DW * 32) vnm_mma_sp_decode(
         }
         asm volatile("cp.async.commit_group;\n");
 #endif
-        u32 cp[DU][4];  // kept columns 2q + 8j (low half), 2q + 8j + 1 (high half)
-        u32x4 a[DU][MT];
-        u32 e[DU][MT];
-#pragma unroll
-        for (int u = 0; u < DU; ++u) {
-            const int ks = ks0 + u * DW;
-            if (ks < end) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) cp[u][j] = bcol[ks * 16 + q + 4 * j];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    a[u][mt] = ldg_stream(brec + (size_t)ks * (REC / 16) + mt * 32 + lane);
-                    e[u][mt] = ldg_stream(reinterpret_cast<const u32*>(brec + (size_t)ks * (REC / 16) + 128) + mt * 32 + lane);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) cp[u][j] = 0;
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    a[u][mt] = {0u, 0u, 0u, 0u};
-                    e[u][mt] = 0x44444444u;
-                }
-            }
-        }
+        Batch bt;
+        load(bt, ks0);
 #if XS
         asm volatile("cp.async.wait_group 0;\n");
         __syncwarp();
 #endif
-#pragma unroll
-        for (int u = 0; u < DU; ++u) {
-            u32 b[NT][4];
-            const bool ok = ks0 + u * DW < end;  // else zero operands (the slice was not staged)
-#if XS
-            const int base = (ks0 + u * DW) * kcols;
-#endif
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const int t = nt * 8 + g;
-#if XS
-                const u16* xr = xs + (u * DTP + t) * xpitch;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {  // a padding group's column 0 lies outside: any slice entry
-                    const u32 l0 = (cp[u][j] & 0xFFFF) - base, l1 = (cp[u][j] >> 16) - base;
-                    const u32 lo = xr[l0 < (u32)kcols ? l0 : 0], hi = xr[l1 < (u32)kcols ? l1 : 0];
-                    b[nt][j] = ok ? lo | (hi << 16) : 0u;
-                }
-#else
-                const u16* xr = x + (size_t)(t < T ? t : 0) * ldx;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const u32 lo = t < T ? (u32)__ldg(xr + (cp[u][j] & 0xFFFF)) : 0u;
-                    const u32 hi = t < T ? (u32)__ldg(xr + (cp[u][j] >> 16)) : 0u;
-                    b[nt][j] = ok ? lo | (hi << 16) : 0u;
-                }
-#endif
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], a[u][mt], b[nt], e[u][mt]);
-        }
+        compute(bt, ks0);
 #if XS
         __syncwarp();  // the slices are read before the next iteration refills them
 #endif
     }
+#endif
     __syncthreads();  // (XS) every warp is done with its slices
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -633,6 +688,31 @@ extern "C" __global__ void __launch_bounds__(DW * 32) vnm_mma_sp_decode(
                 red[(warp * DTP + nt * 8 + 2 * q + (r & 1)) * DPITCH + mt * 16 + g + 8 * (r >> 1)] = acc[mt][nt][r];
     __syncthreads();
     constexpr int EL = DTP * 64;
+#if CL
+    if (DS > 1) {
+        // every CTA's warp sums at csum (after the warps' sums); after the cluster barrier CTA `s` (its rank in
+        // the cluster) sums its share of the elements over the DS CTAs in rank order, reading their shared
+        // memory; the second barrier keeps each CTA's shared memory until those reads are done
+        float* csum = red + DW * DTP * DPITCH;
+        for (int i = tid; i < EL; i += DW * 32) csum[i] = warp_sum(red, i);
+        cluster_sync();
+        const u32 caddr = smem_addr(csum);
+        constexpr int SHARE = (EL + DS - 1) / DS;
+        for (int i = s * SHARE + tid; i < min(EL, s * SHARE + SHARE); i += DW * 32) {
+            const int t = i >> 6, r = i & 63, o = blk * 64 + r;
+            float v = 0.f;
+#pragma unroll
+            for (int p = 0; p < DS; ++p) v += ld_cluster(caddr + 4 * i, p);
+            if (t >= T || o >= R) continue;
+            const int orow = has_rows ? row_index[o] : o;
+            if (orow < 0) continue;
+            if (has_bias) v += from_half(bias[orow]);
+            y[(size_t)t * ldy + orow] = (u16)(pack2(v, 0.f) & 0xFFFF);
+        }
+        cluster_sync();
+        return;
+    }
+#endif
     if (S > 1) {
         float* part = work + ((size_t)blk * S + s) * EL;
         for (int i = tid; i < EL; i += DW * 32) part[i] = warp_sum(red, i);
