@@ -5,7 +5,10 @@
 
 Each config runs twice (a warm-up that compiles and probes, then the launch to profile); the configs are
 bench_sparse_tc.CONFIGS or the ones given with --config (KEY=VALUE,... e.g. KERNEL=dense,WR=4,WN=1,NT=8,
-STAGES=4,KSUB=1,MINB=2).
+STAGES=4,KSUB=1,MINB=2). The decode kernel takes x token-major, up to 32 tokens:
+
+    ncu --clock-control none -k regex:vnm_mma_sp_decode --set full python benchmarks/profile_sparse_tc.py \
+        --tokens 1 --config KERNEL=decode,DW=8,DU=2,CTAS_PER_SM=2,XS=0
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_sparse_tc import CONFIGS, launch
 
     from vnm_compile.format import VNMWeight
-    from vnm_compile.kernels.sparse_tc import feature_major, pack_sparse_tc
+    from vnm_compile.kernels.sparse_tc import feature_major, launch_decode, pack_sparse_tc
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 
@@ -39,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     packed = pack_sparse_tc(VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p))
     y = torch.empty(args.tokens, rows, device="cuda", dtype=torch.half)
     for cfg in args.config or CONFIGS:
+        if cfg.get("KERNEL") == "decode":  # x as it is (token-major), up to 32 tokens
+            for _ in range(2):
+                launch_decode(x, packed, y, None, cfg)
+            torch.cuda.synchronize()
+            print(cfg)
+            continue
         xt = feature_major(x, packed, cfg)
         for _ in range(2):
             launch(cfg, xt, args.tokens, packed, y)

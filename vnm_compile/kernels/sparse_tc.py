@@ -24,7 +24,7 @@ sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend opti
 run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
 measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
 64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak), bench_sparse_tc_decode.py
-the decode kernel (sparse_tc_decode.md: 64:2:8 1.88-2.36x at 1 token, 1.23-1.71x at 16); bench_linear's
+the decode kernel (sparse_tc_decode.md: 64:2:8 2.19-2.47x at 1 token, 1.52-1.80x at 16); bench_linear's
 sparse-TC column the op (linear.md).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
