@@ -15,8 +15,8 @@ before (the Triton kernels, or dense above a hybrid layer's token limit). Memory
 bytes once more.
 
 Measured on an H200 through the op (benchmarks/results/nvidia-h200/linear.md), 64:2:8, Llama-2-7B shapes:
-the GEMM 1.10-1.26x over cuBLAS at 2048-8192 tokens (transpose of x included; slower than cuBLAS at
-64:2:5), the decode kernel 1.69-2.13x at 4 tokens where the Triton kernels give 0.63-0.79x.
+the GEMM 1.14-1.29x over cuBLAS at 2048-8192 tokens (transpose of x included; slower than cuBLAS at
+64:2:5), the decode kernel 2.01-2.40x at 4 tokens where the Triton kernels give 0.62-0.76x.
 """
 
 from __future__ import annotations
