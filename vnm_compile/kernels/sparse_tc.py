@@ -82,8 +82,8 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # it can) stages x's slices in shared memory; CL=1 sums a block's split-K partials inside a thread-block
 # cluster (sm_90; at most DECODE_MAX_CLUSTER CTAs per block; elsewhere it runs as CL=0) instead of through
 # global memory. DECODE_GRID, what the autotuning times, was picked greedily from a sweep of 56 configs on
-# an H200 at Llama-2-7B shapes, 1-32 tokens (sparse_tc_decode_sweep.md: these 7 were the best on all 24
-# cases), plus configs that won at ViT-B sizes and before clusters; DECODE_CONFIGS, the configs without
+# an H200 at Llama-2-7B shapes, 1-32 tokens (sparse_tc_decode_sweep.md: its first 7 together held the best
+# time of all 24 cases), plus configs that won at ViT-B sizes and before clusters; DECODE_CONFIGS, the configs without
 # autotuning by token count (up to the key), are the best on average in that sweep.
 DECODE_MAX_TOKENS = 32
 DECODE_MAX_CLUSTER = 8  # CTAs per V block with CL=1 (the portable cluster size)

@@ -553,7 +553,8 @@ __device__ __forceinline__ float ld_cluster(u32 local, u32 rank) {
 #define CLUSTER_DIMS
 #endif
 
-// shared memory: the last-CTA flag (16 bytes), then the warps' sums (DW x DTP x DPITCH floats) or, before them, (XS) per warp DU slices of DTP rows x (kcols + 8) halfs
+// shared memory: the last-CTA flag (16 bytes), then the warps' sums (DW x DTP x DPITCH floats; CL=1: then the CTA's
+// sums, DTP x 64 floats) or, before them, (XS) per warp DU slices of DTP rows x (kcols + 8) halfs
 extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_decode(
     const u16* __restrict__ x, int ldx, int T, int K, int kcols, const u32x4* __restrict__ rec,
     const u16* __restrict__ cols, int nb, int nkc, int per, float* __restrict__ work, int* __restrict__ counters,
