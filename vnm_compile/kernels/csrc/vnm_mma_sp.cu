@@ -536,6 +536,16 @@ __device__ __forceinline__ float warp_sum(const float* red, int i) {
     return v;
 }
 
+// y[t, output row o] = v + bias (through row_index; a row mapped to -1 is not stored)
+__device__ __forceinline__ void store_out(float v, int t, int o, u16* __restrict__ y, int ldy,
+                                          const u16* __restrict__ bias, int has_bias,
+                                          const int* __restrict__ row_index, int has_rows) {
+    const int orow = has_rows ? row_index[o] : o;
+    if (orow < 0) return;
+    if (has_bias) v += from_half(bias[orow]);
+    y[(size_t)t * ldy + orow] = (u16)(pack2(v, 0.f) & 0xFFFF);
+}
+
 #if CL
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -704,11 +714,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
             float v = 0.f;
 #pragma unroll
             for (int p = 0; p < DS; ++p) v += ld_cluster(caddr + 4 * i, p);
-            if (t >= T || o >= R) continue;
-            const int orow = has_rows ? row_index[o] : o;
-            if (orow < 0) continue;
-            if (has_bias) v += from_half(bias[orow]);
-            y[(size_t)t * ldy + orow] = (u16)(pack2(v, 0.f) & 0xFFFF);
+            if (t < T && o < R) store_out(v, t, o, y, ldy, bias, has_bias, row_index, has_rows);
         }
         cluster_sync();
         return;
@@ -738,10 +744,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
         } else {
             v = warp_sum(red, i);
         }
-        const int orow = has_rows ? row_index[o] : o;
-        if (orow < 0) continue;
-        if (has_bias) v += from_half(bias[orow]);
-        y[(size_t)t * ldy + orow] = (u16)(pack2(v, 0.f) & 0xFFFF);
+        store_out(v, t, o, y, ldy, bias, has_bias, row_index, has_rows);
     }
 }
 
