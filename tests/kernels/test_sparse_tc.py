@@ -25,6 +25,7 @@ from vnm_compile.kernels.sparse_tc import (
     default_decode_config,
     launch,
     launch_decode,
+    max_active_clusters,
     pack_sparse_tc,
     probe_metadata_map,
     sparse_tc_available,
@@ -324,6 +325,8 @@ def test_launch_decode_refuses_bad_input():
         launch_decode(torch.zeros(97, 4, dtype=torch.float16).t(), w, y, None, DECODE_CONFIGS[8])
     with pytest.raises(ValueError, match="XS=1 needs"):  # an input permutation: x cannot be staged by slices
         launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1})
+    with pytest.raises(ValueError, match="XS must be 0 or 1"):
+        launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 2})
     w = pack_sparse_tc(vnm_weight(200, 96, "64:2:8", False, torch.float16))
     with pytest.raises(ValueError, match="DP=1 .* needs XS=0"):
         launch_decode(torch.zeros(4, 96, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1, "DP": 1})
@@ -375,7 +378,7 @@ def test_decode_kernel_gives_the_same_bits_every_launch_and_in_graphs():
     packed = pack_sparse_tc(w)
     assert packed.group_identity  # XS=1 can run
     # the default (partials summed in a cluster, x gathered) and x staged with the partials in global memory
-    configs = (DECODE_CONFIGS[16], {**DECODE_CONFIGS[16], "XS": 1, "CL": 0})
+    configs = (DECODE_CONFIGS[16], {**DECODE_CONFIGS[16], "XS": 1, "CL": 0, "DP": 0})
     for tokens, cfg in itertools.product((1, 16), configs):
         x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
         y = torch.empty(tokens, 1024, device="cuda", dtype=torch.float16)
@@ -405,6 +408,38 @@ def test_decode_kernel_gives_the_same_bits_every_launch_and_in_graphs():
             launch_decode(x, packed, y, None, {**cfg, "CL": cl})
             outs.append(y.clone())
         assert torch.equal(outs[0], outs[1])
+
+
+@gpu
+def test_decode_clusters_fit_and_a_refused_cluster_falls_back_to_global_sums(monkeypatch, caplog):
+    """The driver's cluster occupancy for the CL=1 defaults (clusters of 8 CTAs at 4096 x 4096 64:2:8); where
+    it says 0 (as on a GPU whose GPCs cannot hold the cluster), the launch sums through global memory: the
+    same split, so the same bits as CL=1, and a warning."""
+    import vnm_compile.kernels.sparse_tc as sparse_tc_module
+
+    w = vnm_weight(4096, 4096, "64:2:8", False, torch.float16, device="cuda", seed=5)
+    packed = pack_sparse_tc(w)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tokens in (1, 16, 32):
+        cfg = default_decode_config(tokens)
+        assert cfg["CL"] == 1
+        per, split = decode_split(64, packed.records.shape[1], sms, cfg["CTAS_PER_SM"], 8)
+        nt = -(-tokens // 8)
+        defines = {k: cfg.get(k, 0) for k in ("DW", "DU", "XS", "CL", "DP")}
+        kernel = sparse_tc_module._kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=0, DS=split, **defines)
+        smem = decode_smem(cfg, tokens, 0)
+        assert split >= 2 and max_active_clusters(kernel, (64, split, 1), (cfg["DW"] * 32, 1, 1), smem) >= 1
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    y = torch.full((16, 4096), float("nan"), device="cuda", dtype=torch.float16)
+    launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+    clustered = y.clone()
+    monkeypatch.setattr(sparse_tc_module, "max_active_clusters", lambda *a: 0)
+    monkeypatch.setattr(sparse_tc_module, "_CLUSTERS_FIT", {})
+    y.fill_(float("nan"))
+    with caplog.at_level("WARNING", logger="vnm_compile.kernels.sparse_tc"):
+        launch_decode(x, packed, y, None, DECODE_CONFIGS[16])
+    assert "do not fit" in caplog.text
+    assert torch.equal(y, clustered)
 
 
 @gpu

@@ -34,6 +34,7 @@ and refuses to run if the GPU disagrees.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 from dataclasses import dataclass
@@ -386,6 +387,42 @@ def _counters(device: torch.device, blocks: int) -> Tensor:
     return buf
 
 
+class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+        ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint),
+    ]  # fmt: skip
+
+
+def max_active_clusters(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int) -> int:
+    """How many clusters of ``kernel`` (its compile-time cluster shape) the GPU can hold at once
+    (``cuOccupancyMaxActiveClusters``); 0 where a launch would fail: too much shared memory for a cluster
+    of that size, a MIG slice or another part without enough SMs per GPC. The driver's error, if any, is
+    logged and counts as 0."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, None, None, 0)
+    count = ctypes.c_int(0)
+    func = kernel.func if isinstance(kernel.func, ctypes.c_void_p) else ctypes.c_void_p(kernel.func)
+    err = lib.cuOccupancyMaxActiveClusters(ctypes.byref(count), func, ctypes.byref(cfg))
+    if err:
+        log.warning("cuOccupancyMaxActiveClusters failed (CUresult %d) for cluster grid %s", err, grid)
+        return 0
+    return count.value
+
+
+_CLUSTERS_FIT: dict[tuple, bool] = {}  # (device, defines, block, shared memory) -> whether the cluster launch fits
+
+
+def _clusters_fit(kernel, key: tuple, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int) -> bool:
+    if key not in _CLUSTERS_FIT:
+        _CLUSTERS_FIT[key] = max_active_clusters(kernel, grid, block, smem) > 0
+        if not _CLUSTERS_FIT[key]:
+            log.warning("decode kernel: clusters of %d CTAs with %d bytes of shared memory do not fit this GPU "
+                        "(%s); summing the split-K partials through global memory (CL=0) instead", grid[1], smem,
+                        torch.cuda.get_device_name())  # fmt: skip
+    return _CLUSTERS_FIT[key]
+
+
 def decode_smem(config: dict, tokens: int, kcols: int) -> int:
     """Shared memory of one decode CTA: a flag, then every warp's sums or (XS=1, before them) its DU x slices."""
     nt = -(-tokens // 8)
@@ -406,7 +443,8 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     columns of their own span, ``w.group_identity``, and x rows 16-byte aligned), 0 gathers x from global
     memory, absent: 1 where it can (0 with DP=1). ``config["DP"]``: 1 loads each warp's next DU k-steps while
     it computes the current ones (XS=0 only). ``config["CL"]``: 1 sums the split-K partials in a thread-block cluster
-    (on GPUs without clusters, before sm_90, through global memory as with 0; the same result either way)."""
+    (on GPUs without clusters, before sm_90, or where the driver says such a cluster does not fit, through global
+    memory as with 0; the same result either way)."""
     tokens = x2.shape[0]
     if not 1 <= tokens <= DECODE_MAX_TOKENS:
         raise ValueError(f"the decode kernel takes 1 to {DECODE_MAX_TOKENS} tokens, got {tokens}")
@@ -415,6 +453,8 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
                          f"got {tuple(x2.shape)} with strides {x2.stride()}")  # fmt: skip
     can_stage = _can_stage(x2, w)
     xs = int(config.get("XS", can_stage and not config.get("DP")))
+    if xs not in (0, 1):
+        raise ValueError(f"decode config {config}: XS must be 0 or 1")
     if xs and not can_stage:
         raise ValueError("XS=1 needs a weight without input permutation (w.group_identity) and x rows 16-byte "
                          "aligned")  # fmt: skip
@@ -426,17 +466,25 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     cfg = {"DW": config.get("DW", 4), "DU": config.get("DU", 2), "XS": xs, "CL": int(cluster),
            "DP": int(bool(config.get("DP")))}  # fmt: skip
     kcols = 8 * w.group_width if xs else 0
+    blocks, steps = w.records.shape[:2]
+    per, split = decode_split(blocks, steps, props.multi_processor_count, config.get("CTAS_PER_SM", 4),
+                              DECODE_MAX_CLUSTER if cfg["CL"] else None)  # fmt: skip
     smem = decode_smem(cfg, tokens, kcols)
     limit = getattr(props, "shared_memory_per_block_optin", 48 << 10)
     if smem > limit:
         raise ValueError(f"decode config {config} needs {smem} bytes of shared memory at {tokens} tokens "
-                         f"(the device allows {limit}): use fewer warps (DW), steps in flight (DU) or XS=0")  # fmt: skip
-    blocks, steps = w.records.shape[:2]
-    per, split = decode_split(blocks, steps, props.multi_processor_count, config.get("CTAS_PER_SM", 4),
-                              DECODE_MAX_CLUSTER if cfg["CL"] else None)  # fmt: skip
+                         f"(the device allows {limit}): use fewer warps (DW), steps in flight (DU), more "
+                         "CTAS_PER_SM or XS=0")  # fmt: skip
+    bf16 = int(w.dtype == torch.bfloat16)
     if cfg["CL"]:
         cfg["DS"] = split
-    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=int(w.dtype == torch.bfloat16), **cfg)
+        k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
+        key = (y.device.index, nt, bf16, tuple(sorted(cfg.items())), smem)
+        if not _clusters_fit(k, key, (blocks, split, 1), (cfg["DW"] * 32, 1, 1), smem):
+            cfg["CL"] = 0
+            del cfg["DS"]
+            smem = decode_smem(cfg, tokens, kcols)
+    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
     global_sum = split > 1 and not cfg["CL"]
     work = torch.empty(blocks * split * 64 * 8 * nt if global_sum else 1, dtype=torch.float32, device=y.device)
     counters = _counters(y.device, blocks) if global_sum else work
