@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from vnm_compile.kernels.benchmark import GRIDS, custom_grid, write_results
+from vnm_compile.kernels.benchmark import GRIDS, READ_CONFIGS, custom_grid, read_words, write_results
+from vnm_compile.kernels.vnm_triton import interpreter_ready
 
 
 def test_custom_grid_replaces_what_is_given_and_drops_the_sweep():
@@ -44,3 +45,21 @@ def test_table_shows_the_sparse_tensor_core_timings(tmp_path):
     assert "| 80.0 | 1.25x |" in md  # the sparse-TC columns of the record's row
     assert "| 2048 | 64:2:8 | 1.6x | 0.80x | no | 0.91x | no | 1.25x | no |" in md
     assert json.loads((tmp_path / "linear.json").read_text())["records"][0]["vnm_tc_us"] == {"64:2:8": 80.0}
+
+
+@pytest.mark.parametrize("words", [1, 1000, 4097])
+def test_the_read_floor_kernel_reads_every_word_once(words):
+    """read_words (the kernel read_floor_us times) sums each program's words: every word counted once,
+    partial last programs masked. On the GPU where there is one, else under Triton's interpreter."""
+    torch = pytest.importorskip("torch")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not interpreter_ready():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 set before triton is imported")
+    src = torch.randint(0, 1000, (words,), dtype=torch.int32, device=device)
+    for block, steps, warps in [(64, 1, 1), (128, 4, 2), READ_CONFIGS[0]]:
+        out = read_words(src, block, steps, warps)
+        assert out.numel() == -(-words // (block * steps))
+        assert out.sum().item() == src.sum().item()
+        assert out[0].item() == src[: block * steps].sum().item()
+    with pytest.raises(ValueError, match="int32"):
+        read_words(src.float())

@@ -11,6 +11,7 @@ benchmarks/bench_linear.py and ``vnm bench``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -166,6 +167,54 @@ def measure_bandwidth(device: torch.device) -> float:
     src.random_()
     us = time_graph([lambda dst=dst, src=src: dst.copy_(src)], replays=10)
     return 2 * (1 << 30) / (us * 1e-6)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_words(src, out, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+        """Program p sums the int32 words [p * STEPS * BLOCK, (p + 1) * STEPS * BLOCK) of src: STEPS loads in
+        flight per thread, nothing else."""
+        base = tl.program_id(0).to(tl.int64) * (STEPS * BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for s in tl.static_range(STEPS):
+            offs = base + s * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(src + offs, mask=offs < n, other=0)
+        tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
+
+    return read_words
+
+
+# (BLOCK words, STEPS, num_warps) of the read-only kernel that read_floor_us times
+READ_CONFIGS = [(b, s, w) for b in (512, 1024, 2048) for s in (1, 2, 4, 8) for w in (4, 8)]
+
+
+def read_words(src: torch.Tensor, block: int = 1024, steps: int = 4, num_warps: int = 4) -> torch.Tensor:
+    """Per-program sums of the int32 words of ``src`` (1-D, contiguous), each word read once: the read-only
+    kernel behind :func:`read_floor_us`."""
+    if src.dtype != torch.int32 or src.dim() != 1 or not src.is_contiguous():
+        raise ValueError(f"read_words takes a contiguous 1-D int32 tensor, got {src.dtype} {tuple(src.shape)}")
+    grid = max(1, -(-src.numel() // (block * steps)))
+    out = torch.empty(grid, dtype=torch.int32, device=src.device)
+    _read_kernel()[(grid,)](src, out, src.numel(), BLOCK=block, STEPS=steps, num_warps=num_warps)
+    return out
+
+
+def read_floor_us(nbytes: int, device: torch.device) -> tuple[float, str]:
+    """Microseconds to only read ``nbytes`` from HBM in one launch, and the config: the best of READ_CONFIGS
+    for a read-only Triton kernel, timed as everything here (CUDA graphs, copies rotated past 3x L2). A
+    memory-bound kernel's floor at that size, launch, ramp and tail included (which a bandwidth figure
+    leaves out: at a few MB they are most of the time)."""
+    words = max(1, -(-nbytes // 4))
+    copies = [torch.randint(0, 8, (words,), dtype=torch.int32, device=device) for _ in range(_copies(nbytes, device))]
+    times = {
+        cfg: time_graph([lambda c=c, cfg=cfg: read_words(c, *cfg) for c in copies]) for cfg in READ_CONFIGS
+    }  # fmt: skip
+    best = min(times, key=times.get)
+    return times[best], "BLOCK={} STEPS={} num_warps={}".format(*best)
 
 
 # --------------------------------------------------------------------------- weights
