@@ -72,7 +72,9 @@ def vnm_weight(rows, cols, pattern, permute, dtype, device="cpu", seed=0):
 def rebuild(rec, idx, nb, nkc, meta_map, cols, dtype):
     """What mma.sp computes with these operands, as a dense (nb * 64, cols) weight (float64)."""
     a = rec[..., :512].contiguous().view(dtype).view(nb, nkc, 4, 8, 4, 2, 2, 2)  # mt, g, q, gh, h, slot
-    e = (rec[..., 512:640].to(torch.int64) & 0xFFFFFFFF).view(nb, nkc, 4, 32)
+    words = (rec[..., 512:576].to(torch.int64) & 0xFFFFFFFF).view(nb, nkc, 2, 32)
+    # tile mt reads word mt // 2 with sparsity selector mt % 2: the map's lanes, 2 further for selector 1
+    e = torch.stack([words[:, :, mt // 2, torch.arange(32).roll(-2 * (mt % 2))] for mt in range(4)], 2)
     col_idx = idx.to(torch.int64) & 0xFFFF  # (nb, nkc, 32)
     dense = torch.zeros(nb * 64, cols, dtype=torch.float64)
     blocks = torch.arange(nb).view(nb, 1, 1) * 64 + torch.arange(4).view(1, 1, 4) * 16
@@ -99,7 +101,7 @@ def test_packed_records_rebuild_the_weight(rows, cols, pattern, permute, dtype):
     packed = pack_sparse_tc(w)
     rec, idx = packed.records, packed.columns
     nb, nkc = rec.shape[:2]
-    assert rec.shape == (nb, nkc, 648) and idx.shape == (nb, nkc, 32) and nkc % 2 == 0
+    assert rec.shape == (nb, nkc, 584) and idx.shape == (nb, nkc, 32) and nkc % 2 == 0
     assert (packed.out_features, packed.in_features, packed.dtype) == (rows, cols, dtype)
     stored = rebuild(rec, idx, nb, nkc, METADATA_MAP, cols, dtype)
     rows_out = w.row_index.long() if w.row_index is not None else torch.arange(nb * 64)
@@ -129,7 +131,7 @@ def test_dense_rows_point_at_the_kept_columns(rows, cols, pattern, permute):
     if not permute:
         expected = torch.arange(nkc * 8 * m)
         assert torch.equal(packed.group_columns.long(), torch.where(expected < cols, expected, -1))
-    local = packed.records[..., 640:].contiguous().view(torch.uint8).view(nb, nkc, 32).long()
+    local = packed.records[..., 576:].contiguous().view(torch.uint8).view(nb, nkc, 32).long()
     lanes = torch.arange(32)
     assert bool(((local >= (lanes // 4) * m) & (local < (lanes // 4 + 1) * m)).all())
     rows_read = local + torch.arange(nkc).view(1, nkc, 1) * 8 * m
@@ -208,6 +210,8 @@ def test_bad_input_is_refused_with_a_clear_error():
 @gpu
 def test_probe_agrees_with_the_packer_on_this_gpu():
     assert probe_metadata_map() == METADATA_MAP
+    # sparsity selector 1 (the odd m16 tiles' metadata): the same fields in the other two lanes of each quad
+    assert probe_metadata_map(selector=1) == {(lane + 2, f): rc for (lane, f), rc in METADATA_MAP.items()}
 
 
 @gpu

@@ -128,8 +128,9 @@ def default_decode_config(tokens: int) -> dict:
 class SparseTCWeight:
     """A VNMWeight laid out for the mma.sp kernel (pack_sparse_tc)."""
 
-    records: Tensor  # (blocks, steps, 648) int32: per 64-row block and 8-group k-step, A fragments (512),
-    # metadata (128), and the k-step's 32 kept columns as rows of the dense kernel's x^T tile (32 uint8)
+    records: Tensor  # (blocks, steps, 584) int32: per 64-row block and 8-group k-step, A fragments (512),
+    # metadata (64: word p of a lane serves m16 tiles 2p and 2p + 1 through mma.sp's sparsity selector), and the
+    # k-step's 32 kept columns as rows of the dense kernel's x^T tile (32 uint8)
     columns: Tensor  # (blocks, steps, 32) int16: the k-step's 32 kept input columns (as unsigned 16-bit)
     row_index: Tensor | None  # output row of each stored row (output permutation), or None
     out_features: int
@@ -179,15 +180,20 @@ def unsupported(pattern: VNMPattern, dtype: torch.dtype, in_features: int) -> st
 def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWeight:
     """Lay ``w`` out for the mma.sp kernels (same bytes as its values + metadata, plus 3 bytes per kept
     column). Per 64-row block and k-step of 8 groups: the 4 m16 tiles' A fragments (compressed 16x16,
-    dense m16n8k16 register layout, lane-major), their metadata words, and the 32 kept columns' rows in the
-    dense kernel's x^T tile; separately the 32 kept input columns (the gather kernel's indices) and the
-    dense kernel's x^T row order. The number of k-steps is padded to even with zero groups."""
+    dense m16n8k16 register layout, lane-major), their metadata (tiles 2p and 2p + 1 share word p of each
+    lane: sparsity selector 0 reads lanes 4g and 4g + 1, selector 1 lanes 4g + 2 and 4g + 3, so no lane
+    loads a word the instruction ignores), and the 32 kept columns' rows in the dense kernel's x^T tile;
+    separately the 32 kept input columns (the gather kernel's indices) and the dense kernel's x^T row
+    order. The number of k-steps is padded to even with zero groups."""
     if not isinstance(w, VNMWeight):
         raise TypeError(f"pack_sparse_tc takes a VNMWeight, got {type(w).__name__}")
     why = unsupported(w.pattern, w.dtype, w.in_features)
     if why is not None:
         raise ValueError(why)
     meta_map = METADATA_MAP if metadata_map is None else metadata_map
+    if any(lane % 4 >= 2 for lane, _ in meta_map):
+        raise ValueError("pack_sparse_tc: the metadata map must use lanes 4g and 4g + 1 (sparsity selector 0): "
+                         "the other two lanes of each quad carry the odd m16 tiles (selector 1)")  # fmt: skip
     rows_p, groups = w.values.shape[0], w.columns.shape[1]
     blocks, steps = rows_p // 64, -(-groups // 16) * 2
     gp = steps * 8
@@ -204,10 +210,13 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
     a = vals.reshape(blocks, 4, 2, 8, steps, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).contiguous()
     afrag = a.view(torch.int32).reshape(blocks, steps, 512)
     code = (pos[..., 0] | (pos[..., 1] << 2)).reshape(blocks, 4, 16, steps, 8)  # (block, mt, row, step, group)
-    e = torch.zeros(blocks, steps, 4, 32, dtype=torch.int64, device=pos.device)
+    # tiles 2p and 2p + 1 share word p: the map's lanes (4g, 4g + 1, sparsity selector 0) for tile 2p, the
+    # lanes 2 further (selector 1) for tile 2p + 1
+    e = torch.zeros(blocks, steps, 2, 32, dtype=torch.int64, device=pos.device)
     for (lane, field), (r, c) in meta_map.items():
-        e[:, :, :, lane] |= code[:, :, r, :, c].permute(0, 2, 1) << (4 * field)
-    efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 128)
+        for mt in range(4):
+            e[:, :, mt // 2, lane + 2 * (mt % 2)] |= code[:, mt, r, :, c] << (4 * field)
+    efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 64)
     idx = cols.reshape(blocks, steps, 32)
     group_columns, local, identity = _group_rows(cols, w.pattern.m, w.in_features)
     idx = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
@@ -281,11 +290,15 @@ def _kernels() -> _Kernels:
     return _KERNELS
 
 
-def probe_metadata_map(device: torch.device | str | None = None) -> dict[tuple[int, int], tuple[int, int]]:
-    """Measure the mma.sp.m16n8k32 f16 metadata layout on this GPU: every 4-bit field of every lane is
-    flipped from positions (0, 1) to (2, 3), and the output rows that move say which row and group it
-    encodes. Also checks the A (compressed 16x16 in the dense m16n8k16 layout), B and C layouts the packer
-    assumes. Raises RuntimeError when the GPU disagrees."""
+def probe_metadata_map(
+    device: torch.device | str | None = None, selector: int = 0
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """Measure the mma.sp.m16n8k32 f16 metadata layout on this GPU under sparsity selector ``selector``:
+    every 4-bit field of every lane is flipped from positions (0, 1) to (2, 3), and the output rows that move
+    say which row and group it encodes. Also checks the A (compressed 16x16 in the dense m16n8k16 layout), B
+    and C layouts the packer assumes. Raises RuntimeError when the GPU disagrees."""
+    if selector not in (0, 1):
+        raise ValueError(f"the sparsity selector of m16n8k32 is 0 or 1, got {selector}")
     dev = torch.device("cuda", torch.cuda.current_device() if device is None else torch.device(device).index)
     with torch.cuda.device(dev):
         k = _kernels().get("probe_mma_sp")
@@ -304,7 +317,7 @@ def probe_metadata_map(device: torch.device | str | None = None) -> dict[tuple[i
         def run(words: list[int]) -> Tensor:
             meta = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in words], dtype=torch.int32, device=dev)
             d = torch.full((32, 4), float("nan"), device=dev)
-            k((1, 1, 1), (32, 1, 1), [a_u, b_u, meta, d])
+            k((1, 1, 1), (32, 1, 1), [a_u, b_u, meta, d, selector])
             d = d.cpu()
             out = torch.empty(16, 8)
             for lane in range(32):
@@ -350,15 +363,17 @@ def _check_device(device: torch.device) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in kernels.checked:
         found = probe_metadata_map(device)
-        if found != METADATA_MAP:
+        odd = probe_metadata_map(device, selector=1)  # the odd m16 tiles: the same fields 2 lanes further
+        if found != METADATA_MAP or odd != {(lane + 2, f): rc for (lane, f), rc in METADATA_MAP.items()}:
             raise RuntimeError(
                 f"mma.sp on {torch.cuda.get_device_name(device)} uses another metadata layout than the packer's; "
-                "sparse_tc_linear refuses to run (pack_sparse_tc(w, probe_metadata_map()) would match it)"
+                "sparse_tc_linear refuses to run (pack_sparse_tc(w, probe_metadata_map()) would match it, if "
+                "selector 1 reads the same fields 2 lanes further)"
             )
         kernels.checked.add(index)
 
 
-REC_BYTES = 2592  # one record: A fragments 2048, metadata 512, local rows 32 (records.shape[-1] * 4)
+REC_BYTES = 2336  # one record: A fragments 2048, metadata 256, local rows 32 (records.shape[-1] * 4)
 KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense"}
 
 _COUNTERS: dict[tuple[int, int], Tensor] = {}  # (device, stream) -> the decode kernel's arrival counters

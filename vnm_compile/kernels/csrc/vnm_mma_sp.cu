@@ -53,7 +53,9 @@ typedef unsigned short u16;
 #define TN (8 * NT * WN)          // tokens per CTA
 #define CH (TN / 8)               // 16-byte chunks per x^T row
 #define SWZ (CH < 8 ? CH - 1 : 7)
-#define REC 2592                  // record: A fragments 2048, metadata 512, 32 local x^T rows (dense kernel)
+#define REC 2336                  // record: A fragments 2048, metadata 256, 32 local x^T rows (dense kernel)
+#define EOFS 2048                 // the metadata: 2 words per lane, word p for m16 tiles 2p (lanes 4g, 4g + 1)
+                                  // and 2p + 1 (lanes 4g + 2, 4g + 3: sparsity selector 1)
 #define XB (32 * KSUB * TN * 2)   // bytes of one block's gathered x^T tile (KSUB sub-steps)
 #define AB (REC * KSUB)           // bytes of one block's records per stage
 #define STAGE_BYTES (WR * (XB + AB))
@@ -70,15 +72,25 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
+// SEL: the sparsity selector, which two lanes of each quad give the metadata (0: the first two, 1: the last two)
+template <int SEL>
 __device__ __forceinline__ void mma_sp(float* c, const u32x4& a, const u32* b, u32 e) {
 #if BF16
     asm volatile("mma" SPVAR ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
 #else
     asm volatile("mma" SPVAR ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
 #endif
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
+                   "n"(SEL));
+}
+// m16 tile mt of a 64-row block: its metadata is word mt / 2, selector mt % 2
+__device__ __forceinline__ void mma_sp_tile(int mt, float* c, const u32x4& a, const u32* b, u32 e) {
+    if (mt & 1)
+        mma_sp<1>(c, a, b, e);
+    else
+        mma_sp<0>(c, a, b, e);
 }
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
     u32 r;
@@ -103,17 +115,16 @@ __device__ __forceinline__ float from_half(u16 h) {
 // 4 m16 tiles, and (dense kernel) the x^T row of this lane's kept column.
 struct Frags {
     u32x4 a[MT];
-    u32 e[MT];
+    u32 e[MT / 2];
     int row;
 };
 __device__ __forceinline__ void load_frags(Frags& f, const unsigned char* as) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        f.a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
-        f.e[mt] = reinterpret_cast<const u32*>(as + 2048)[mt * 32 + lane];
-    }
-    f.row = as[2560 + lane];
+    for (int mt = 0; mt < MT; ++mt) f.a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
+#pragma unroll
+    for (int p = 0; p < MT / 2; ++p) f.e[p] = reinterpret_cast<const u32*>(as + EOFS)[p * 32 + lane];
+    f.row = as[EOFS + 256 + lane];
 }
 // B (k32 x n8 per n-tile) by ldmatrix.trans from the row addresses in baddr (this lane's kept column), then
 // the warp's 4 x NT mma.sp.
@@ -125,7 +136,7 @@ __device__ __forceinline__ void mma_frags(float (&acc)[MT][NT][4], const Frags& 
                      : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
                      : "r"(baddr[nt]));
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], f.a[mt], b, f.e[mt]);
+        for (int mt = 0; mt < MT; ++mt) mma_sp_tile(mt, acc[mt][nt], f.a[mt], b, f.e[mt >> 1]);
     }
 }
 __device__ __forceinline__ void mma_step(float (&acc)[MT][NT][4], const unsigned char* as, const u32 (&baddr)[NT]) {
@@ -590,7 +601,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     struct Batch {
         u32 cp[DU][4];  // kept columns 2q + 8j (low half), 2q + 8j + 1 (high half)
         u32x4 a[DU][MT];
-        u32 e[DU][MT];
+        u32 e[DU][MT / 2];
     };
     auto load = [&](Batch& bt, int ks0) {
 #pragma unroll
@@ -600,18 +611,17 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
 #pragma unroll
                 for (int j = 0; j < 4; ++j) bt.cp[u][j] = bcol[ks * 16 + q + 4 * j];
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    bt.a[u][mt] = ldg_stream(brec + (size_t)ks * (REC / 16) + mt * 32 + lane);
-                    bt.e[u][mt] = ldg_stream(reinterpret_cast<const u32*>(brec + (size_t)ks * (REC / 16) + 128) + mt * 32 + lane);
-                }
+                for (int mt = 0; mt < MT; ++mt) bt.a[u][mt] = ldg_stream(brec + (size_t)ks * (REC / 16) + mt * 32 + lane);
+#pragma unroll
+                for (int p = 0; p < MT / 2; ++p)
+                    bt.e[u][p] = ldg_stream(reinterpret_cast<const u32*>(brec + (size_t)ks * (REC / 16) + EOFS / 16) + p * 32 + lane);
             } else {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) bt.cp[u][j] = 0;
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    bt.a[u][mt] = {0u, 0u, 0u, 0u};
-                    bt.e[u][mt] = 0x44444444u;
-                }
+                for (int mt = 0; mt < MT; ++mt) bt.a[u][mt] = {0u, 0u, 0u, 0u};
+#pragma unroll
+                for (int p = 0; p < MT / 2; ++p) bt.e[u][p] = 0x44444444u;
             }
         }
     };
@@ -648,7 +658,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) mma_sp(acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt]);
+                for (int mt = 0; mt < MT; ++mt) mma_sp_tile(mt, acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt >> 1]);
         }
     };
 #if DP
@@ -748,13 +758,13 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     }
 }
 
-// One probe mma.sp with per-lane operands, to pin the fragment and metadata layouts.
-extern "C" __global__ void probe_mma_sp(const u32* a, const u32* b, const u32* e, float* d) {
+// One probe mma.sp with per-lane operands and sparsity selector `sel`, to pin the fragment and metadata layouts.
+extern "C" __global__ void probe_mma_sp(const u32* a, const u32* b, const u32* e, float* d, int sel) {
     int l = threadIdx.x;
     u32x4 av = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
     u32 bv[4] = {b[4 * l], b[4 * l + 1], b[4 * l + 2], b[4 * l + 3]};
     float c[4] = {0.f, 0.f, 0.f, 0.f};
-    mma_sp(c, av, bv, e[l]);
+    mma_sp_tile(sel, c, av, bv, e[l]);
     for (int i = 0; i < 4; ++i) d[4 * l + i] = c[i];
 }
 
@@ -766,7 +776,7 @@ extern "C" __global__ void peak_mma_sp(float* out, int iters) {
     float c[8][4] = {};
     for (int i = 0; i < iters; ++i)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) mma_sp(c[j], a, b, e);
+        for (int j = 0; j < 8; ++j) mma_sp<0>(c[j], a, b, e);
     float s = 0.f;
     for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
     out[blockIdx.x * blockDim.x + threadIdx.x] = s;
