@@ -23,13 +23,14 @@ multiple of 64, fewer than 65536 input features. ``vnm_linear(x, w, sparse_tc=pa
 sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend option ``sparse_tensor_cores``
 run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
 measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
-64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak), bench_sparse_tc_decode.py
-the decode kernel (sparse_tc_decode.md: 64:2:8 2.19-2.47x at 1 token, 1.52-1.80x at 16); bench_linear's
-sparse-TC column the op (linear.md).
+64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak; measured with the
+earlier 2592-byte records), bench_sparse_tc_decode.py the decode kernel (sparse_tc_decode_compact_meta.md:
+64:2:8 2.25-2.70x at 1 token, 1.56-1.82x at 16); bench_linear's sparse-TC column the op (linear.md).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
-H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP`; the first launch on a device probes again
-and refuses to run if the GPU disagrees.
+H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP` (sparsity selector 0; selector 1 reads the
+same fields two lanes further, which the packer uses for the odd m16 tiles); the first launch on a device
+probes both again and refuses to run if the GPU disagrees.
 """
 
 from __future__ import annotations
