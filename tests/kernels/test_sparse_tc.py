@@ -28,6 +28,7 @@ from vnm_compile.kernels.sparse_tc import (
     max_active_clusters,
     pack_sparse_tc,
     probe_metadata_map,
+    selector1_map,
     sparse_tc_available,
     sparse_tc_linear,
 )
@@ -46,6 +47,12 @@ CONFIGS = [
     {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 1, "PF": 1},
     None,
 ]
+
+
+def test_selector1_map_moves_each_field_two_lanes():
+    assert selector1_map({(0, 3): (0, 1), (5, 0): (1, 4)}) == {(2, 3): (0, 1), (7, 0): (1, 4)}
+    assert set(selector1_map(METADATA_MAP).values()) == set(METADATA_MAP.values())
+    assert all(lane % 4 >= 2 for lane, _ in selector1_map(METADATA_MAP))
 
 
 def test_metadata_map_is_the_one_measured_on_the_gpu():
@@ -211,7 +218,7 @@ def test_bad_input_is_refused_with_a_clear_error():
 def test_probe_agrees_with_the_packer_on_this_gpu():
     assert probe_metadata_map() == METADATA_MAP
     # sparsity selector 1 (the odd m16 tiles' metadata): the same fields in the other two lanes of each quad
-    assert probe_metadata_map(selector=1) == {(lane + 2, f): rc for (lane, f), rc in METADATA_MAP.items()}
+    assert probe_metadata_map(selector=1) == selector1_map(METADATA_MAP)
 
 
 @gpu

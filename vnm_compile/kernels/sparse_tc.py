@@ -211,12 +211,12 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
     a = vals.reshape(blocks, 4, 2, 8, steps, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).contiguous()
     afrag = a.view(torch.int32).reshape(blocks, steps, 512)
     code = (pos[..., 0] | (pos[..., 1] << 2)).reshape(blocks, 4, 16, steps, 8)  # (block, mt, row, step, group)
-    # tiles 2p and 2p + 1 share word p: the map's lanes (4g, 4g + 1, sparsity selector 0) for tile 2p, the
-    # lanes 2 further (selector 1) for tile 2p + 1
+    # tiles 2p and 2p + 1 share word p: tile 2p in the map's lanes (4g, 4g + 1: sparsity selector 0), tile
+    # 2p + 1 in the other two (selector 1)
     e = torch.zeros(blocks, steps, 2, 32, dtype=torch.int64, device=pos.device)
-    for (lane, field), (r, c) in meta_map.items():
-        for mt in range(4):
-            e[:, :, mt // 2, lane + 2 * (mt % 2)] |= code[:, mt, r, :, c] << (4 * field)
+    for mt in range(4):
+        for (lane, field), (r, c) in (selector1_map(meta_map) if mt % 2 else meta_map).items():
+            e[:, :, mt // 2, lane] |= code[:, mt, r, :, c] << (4 * field)
     efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 64)
     idx = cols.reshape(blocks, steps, 32)
     group_columns, local, identity = _group_rows(cols, w.pattern.m, w.in_features)
@@ -289,6 +289,12 @@ def _kernels() -> _Kernels:
     if _KERNELS is None:
         _KERNELS = _Kernels()
     return _KERNELS
+
+
+def selector1_map(meta_map: dict[tuple[int, int], tuple[int, int]]) -> dict[tuple[int, int], tuple[int, int]]:
+    """The metadata layout under sparsity selector 1, as the packer writes it for the odd m16 tiles: the
+    fields of ``meta_map`` (selector 0, lanes 4g and 4g + 1) two lanes further."""
+    return {(lane + 2, field): rc for (lane, field), rc in meta_map.items()}
 
 
 def probe_metadata_map(
@@ -364,8 +370,8 @@ def _check_device(device: torch.device) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in kernels.checked:
         found = probe_metadata_map(device)
-        odd = probe_metadata_map(device, selector=1)  # the odd m16 tiles: the same fields 2 lanes further
-        if found != METADATA_MAP or odd != {(lane + 2, f): rc for (lane, f), rc in METADATA_MAP.items()}:
+        odd = probe_metadata_map(device, selector=1)  # the odd m16 tiles' metadata
+        if found != METADATA_MAP or odd != selector1_map(METADATA_MAP):
             raise RuntimeError(
                 f"mma.sp on {torch.cuda.get_device_name(device)} uses another metadata layout than the packer's; "
                 "sparse_tc_linear refuses to run (pack_sparse_tc(w, probe_metadata_map()) would match it, if "
