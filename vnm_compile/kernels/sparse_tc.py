@@ -432,10 +432,12 @@ def max_active_clusters(kernel, grid: tuple[int, int, int], block: tuple[int, in
     return count.value
 
 
-_CLUSTERS_FIT: dict[tuple, bool] = {}  # (device, defines, block, shared memory) -> whether the cluster launch fits
+# (compiled kernel: device, defines and so cluster and block shape; shared memory) -> whether its clusters fit
+_CLUSTERS_FIT: dict[tuple, bool] = {}
 
 
-def _clusters_fit(kernel, key: tuple, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int) -> bool:
+def _clusters_fit(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int) -> bool:
+    key = (kernel, smem)  # compiled kernels live as long as the process (_Kernels' cache)
     if key not in _CLUSTERS_FIT:
         _CLUSTERS_FIT[key] = max_active_clusters(kernel, grid, block, smem) > 0
         if not _CLUSTERS_FIT[key]:
@@ -500,13 +502,12 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     bf16 = int(w.dtype == torch.bfloat16)
     if cfg["CL"]:
         cfg["DS"] = split
-        k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
-        key = (y.device.index, nt, bf16, tuple(sorted(cfg.items())), smem)
-        if not _clusters_fit(k, key, (blocks, split, 1), (cfg["DW"] * 32, 1, 1), smem):
-            cfg["CL"] = 0
-            del cfg["DS"]
-            smem = decode_smem(cfg, tokens, kcols)
     k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
+    if cfg["CL"] and not _clusters_fit(k, (blocks, split, 1), (cfg["DW"] * 32, 1, 1), smem):
+        cfg["CL"] = 0
+        del cfg["DS"]
+        smem = decode_smem(cfg, tokens, kcols)
+        k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
     global_sum = split > 1 and not cfg["CL"]
     work = torch.empty(blocks * split * 64 * 8 * nt if global_sum else 1, dtype=torch.float32, device=y.device)
     counters = _counters(y.device, blocks) if global_sum else work
