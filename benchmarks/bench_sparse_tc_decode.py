@@ -4,7 +4,8 @@
 
 vnm_compile.kernels.sparse_tc's decode kernel (csrc/vnm_mma_sp.cu, ``vnm_mma_sp_decode``) runs 1-32 tokens
 on the sparse tensor cores: A fragments and metadata straight from the packed records into registers, x
-read as it is (token-major: gathered per kept column, or, XS=1, staged per k-step slice in shared memory),
+read as it is (token-major: each lane's kept column gathered for every token and transposed through shared
+memory, XS=2; or each lane's fragment gathered, XS=0; or, XS=1, staged per k-step slice in shared memory),
 split over the k-steps with the partial sums reduced in a thread-block cluster or by the last CTA of each V
 block. Memory-bound, so the yardstick is the read floor: the time a read-only kernel (benchmark.read_floor_us,
 best of its configs, timed the same way) takes to read the same bytes in one launch; `floor ratio` = cuBLAS's

@@ -4,8 +4,9 @@
 
 Times sparse_tc.DECODE_GRID plus every prefetching config (DP=1, XS=0) of DW/DU in (8, 1), (4, 2), (4, 1),
 (8, 2) at 1, 2 and 4 CTAs per SM, with and without clusters (CL), and the same (DW, DU) without DP at one
-CTA per SM, on the three Llama-2-7B shapes. DECODE_GRID and DECODE_CONFIGS were chosen from its result
-(benchmarks/results/nvidia-h200/sparse_tc_decode_sweep.md). Writes sparse_tc_decode.json and .md to --out.
+CTA per SM, on the three Llama-2-7B shapes. The XS=0 grid before XS=2 was chosen from its result
+(benchmarks/results/nvidia-h200/sparse_tc_decode_sweep.md); the current one from sweep_sparse_tc_decode_xs.py.
+Writes sparse_tc_decode.json and .md to --out.
 """
 
 import itertools

@@ -18,6 +18,7 @@ from vnm_compile.kernels.sparse_tc import (
     DECODE_GRID,
     DECODE_MAX_TOKENS,
     METADATA_MAP,
+    _can_stage,
     decode_candidates,
     decode_smem,
     decode_split,
@@ -315,14 +316,17 @@ def test_decode_split_and_configs():
     assert default_config(w, DECODE_MAX_TOKENS + 1)["KERNEL"] == "dense" == default_config(w)["KERNEL"]
     for tokens in (1, 9, 32):  # autotuning: the untuned default first, then the whole grid
         assert decode_candidates(tokens) == [default_config(w, tokens), *DECODE_GRID]
-    assert len(DECODE_GRID) == 16 and all(c["KERNEL"] == "decode" for c in DECODE_GRID)
-    assert len({tuple(sorted(c.items())) for c in DECODE_GRID}) == 16  # no config twice
-    assert not any(c.get("DP") and c["XS"] for c in [*DECODE_GRID, *DECODE_CONFIGS.values()])  # DP needs XS=0
+    assert len(DECODE_GRID) == 12 and all(c["KERNEL"] == "decode" for c in DECODE_GRID)
+    assert len({tuple(sorted(c.items())) for c in DECODE_GRID}) == 12  # no config twice
+    assert not any(c.get("DP") and c["XS"] == 1 for c in [*DECODE_GRID, *DECODE_CONFIGS.values()])  # DP: XS 0/2
     with pytest.raises(ValueError, match="1 to 32 tokens"):
         default_decode_config(0)
     # shared memory: a 16-byte flag, then the larger of the warps' sums and (XS=1) their staged slices of x
     assert decode_smem({"DW": 4, "DU": 2}, 16, 0) == 16 + 4 * 16 * 68 * 4
     assert decode_smem({"DW": 4, "DU": 2, "XS": 1}, 16, 128) == 16 + 4 * 2 * 16 * 136 * 2
+    # XS=2: per warp DU x NT tiles of 32 x^T rows of 16 bytes (here smaller than the sums, which reuse them)
+    assert decode_smem({"DW": 8, "DU": 4, "XS": 2}, 32, 0) == 16 + 8 * 32 * 68 * 4
+    assert decode_smem({"DW": 8, "DU": 16, "XS": 2}, 32, 0) == 16 + 8 * 16 * 4 * 512
     # CL=1: + the CTA's sums, which the cluster's CTAs read
     assert decode_smem({"DW": 4, "DU": 2, "CL": 1}, 16, 0) == 16 + 4 * 16 * 68 * 4 + 16 * 64 * 4
 
@@ -336,10 +340,10 @@ def test_launch_decode_refuses_bad_input():
         launch_decode(torch.zeros(97, 4, dtype=torch.float16).t(), w, y, None, DECODE_CONFIGS[8])
     with pytest.raises(ValueError, match="XS=1 needs"):  # an input permutation: x cannot be staged by slices
         launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1})
-    with pytest.raises(ValueError, match="XS must be 0 or 1"):
-        launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 2})
+    with pytest.raises(ValueError, match="XS must be 0, 1 or 2"):
+        launch_decode(torch.zeros(4, 97, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 3})
     w = pack_sparse_tc(vnm_weight(200, 96, "64:2:8", False, torch.float16))
-    with pytest.raises(ValueError, match="DP=1 .* needs XS=0"):
+    with pytest.raises(ValueError, match="DP=1 .* needs XS=0 or 2"):
         launch_decode(torch.zeros(4, 96, dtype=torch.float16), w, y, None, {**DECODE_CONFIGS[8], "XS": 1, "DP": 1})
 
 
@@ -348,13 +352,18 @@ DECODE_CASES = [(64, 40, "64:2:5", False), (200, 97, "64:2:8", True), (130, 300,
                 (192, 512, "64:2:7", True)]  # fmt: skip
 # the default split, no split (CTAS_PER_SM=1 at these sizes: fewer CTAs than SMs), one k-step per CTA, and
 # the partials summed in a cluster (CL=1) of as many CTAs as it takes (up to 8; several k-steps each where
-# a block has more than 8), and each warp loading its next k-steps ahead (DP=1: several batches per warp)
+# a block has more than 8), each warp loading its next k-steps ahead (DP=1: several batches per warp), and x
+# transposed through shared memory (XS=2, the default) with and without loading ahead, and x's slices staged
+# (XS=1, refused where the weight or x does not allow it)
 DECODE_TEST_CONFIGS = [
     {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 4},
     {"KERNEL": "decode", "DW": 8, "DU": 1, "CTAS_PER_SM": 1, "XS": 0},
     {"KERNEL": "decode", "DW": 2, "DU": 4, "CTAS_PER_SM": 1000},
     {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 1000, "CL": 1},
-    {"KERNEL": "decode", "DW": 2, "DU": 2, "CTAS_PER_SM": 1, "CL": 1, "DP": 1},
+    {"KERNEL": "decode", "DW": 2, "DU": 2, "CTAS_PER_SM": 1, "CL": 1, "DP": 1, "XS": 0},
+    {"KERNEL": "decode", "DW": 8, "DU": 2, "CTAS_PER_SM": 4, "XS": 0, "CL": 1},
+    {"KERNEL": "decode", "DW": 2, "DU": 3, "CTAS_PER_SM": 1000, "CL": 1, "DP": 1, "XS": 2},
+    {"KERNEL": "decode", "DW": 4, "DU": 2, "CTAS_PER_SM": 2, "XS": 1},
 ]
 
 
@@ -362,12 +371,23 @@ DECODE_TEST_CONFIGS = [
 @pytest.mark.parametrize("rows, cols, pattern, permute", DECODE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
-    "config", DECODE_TEST_CONFIGS, ids=["default-split", "no-split", "step-per-cta", "cluster", "prefetch"]
+    "config",
+    DECODE_TEST_CONFIGS,
+    ids=[
+        "default-split",
+        "no-split",
+        "step-per-cta",
+        "cluster",
+        "prefetch",
+        "gathered-cluster",
+        "transposed-prefetch",
+        "staged",
+    ],
 )
 def test_decode_kernel_matches_float64(rows, cols, pattern, permute, dtype, config):
     """Every token count 1..32 (1-4 n-tiles, partial ones), with and without bias, x rows 16-byte aligned
-    (XS=1 where the config lets it) or not; outputs poisoned before each launch, each launched twice (the
-    split-K arrival counters must be back at zero)."""
+    or not (XS=1 refuses those and permuted weights); outputs poisoned before each launch, each launched twice
+    (the split-K arrival counters must be back at zero)."""
     w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=3)
     packed = pack_sparse_tc(w)
     dense = w.to_dense().double()
@@ -376,6 +396,10 @@ def test_decode_kernel_matches_float64(rows, cols, pattern, permute, dtype, conf
         x = torch.randn(tokens, width, device="cuda", dtype=dtype)[:, :cols]
         bias = torch.randn(rows, device="cuda", dtype=dtype) if tokens % 3 else None
         ref = x.double() @ dense.t() + (bias.double() if bias is not None else 0)
+        if config.get("XS") == 1 and not _can_stage(x, packed):
+            with pytest.raises(ValueError, match="XS=1 needs"):
+                launch_decode(x, packed, torch.empty(tokens, rows, device="cuda", dtype=dtype), bias, config)
+            continue
         for _ in range(2):
             y = torch.full((tokens, rows), float("nan"), device="cuda", dtype=dtype)
             launch_decode(x, packed, y, bias, config)
@@ -388,13 +412,18 @@ def test_decode_kernel_gives_the_same_bits_every_launch_and_in_graphs():
     w = vnm_weight(1024, 1024, "64:2:8", False, torch.float16, device="cuda", seed=4)
     packed = pack_sparse_tc(w)
     assert packed.group_identity  # XS=1 can run
-    # the default (partials summed in a cluster, x gathered) and x staged with the partials in global memory
+    # the default (partials summed in a cluster, x transposed) and x staged with the partials in global memory
     configs = (DECODE_CONFIGS[16], {**DECODE_CONFIGS[16], "XS": 1, "CL": 0, "DP": 0})
     for tokens, cfg in itertools.product((1, 16), configs):
         x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
         y = torch.empty(tokens, 1024, device="cuda", dtype=torch.float16)
         launch_decode(x, packed, y, None, cfg)
         first = y.clone()
+        # B fragments gathered (XS=0), from staged slices (XS=1) or transposed through shared memory (XS=2):
+        # the same operands in the same order, the same bits
+        y.fill_(float("nan"))
+        launch_decode(x, packed, y, None, {**cfg, "XS": 0 if cfg["XS"] == 2 else 2})
+        assert torch.equal(y, first)
         for _ in range(3):
             launch_decode(x, packed, y, None, cfg)
             assert torch.equal(y, first)

@@ -80,13 +80,17 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 
 # The decode kernel (vnm_mma_sp_decode): up to DECODE_MAX_TOKENS tokens, x token-major (no transpose), split
 # over the k-steps so that about CTAS_PER_SM CTAs of DW warps run per SM; each warp loads DU k-steps'
-# operands at a time into registers, DP=1 the next DU while it computes the current ones; XS (absent: where
-# it can) stages x's slices in shared memory; CL=1 sums a block's split-K partials inside a thread-block
+# operands at a time into registers, DP=1 the next DU while it computes the current ones; XS picks how the B
+# fragments are built from x (0: each lane gathers its own from global memory; 1: the k-step's slice of x
+# staged in shared memory; 2, absent: each lane gathers its kept column for every token and the warp transposes
+# them through shared memory, see launch_decode); CL=1 sums a block's split-K partials inside a thread-block
 # cluster (sm_90; at most DECODE_MAX_CLUSTER CTAs per block; elsewhere it runs as CL=0) instead of through
-# global memory. DECODE_GRID, what the autotuning times, was picked greedily from a sweep of 56 configs on
-# an H200 at Llama-2-7B shapes, 1-32 tokens (sparse_tc_decode_sweep.md: its first 7 together held the best
-# time of all 24 cases), plus configs that won at ViT-B sizes and before clusters; DECODE_CONFIGS, the configs without
-# autotuning by token count (up to the key), are the best on average in that sweep.
+# global memory. DECODE_GRID, what the autotuning times, was picked greedily from a sweep on an H200 at the
+# Llama-2-7B shapes, 1-32 tokens, 64:2:5 and 64:2:8 (benchmarks/sweep_sparse_tc_decode_xs.py,
+# sparse_tc_decode_xs_sweep.md: XS=2 was the best in all 24 cases, 1.01-1.42x faster than the best XS=0
+# config, most at 16 and 32 tokens; its first 5 configs come within 0.03 % of the best on average),
+# plus configs without clusters;
+# DECODE_CONFIGS, the configs without autotuning by token count (up to the key), are the best on average there.
 DECODE_MAX_TOKENS = 32
 DECODE_MAX_CLUSTER = 8  # CTAs per V block with CL=1 (the portable cluster size)
 
@@ -96,17 +100,15 @@ def _decode(dw: int, du: int, ctas_per_sm: int, xs: int, cl: int = 0, dp: int = 
     return {**cfg, **({"CL": 1} if cl else {}), **({"DP": 1} if dp else {})}
 
 
-DECODE_GRID = [  # XS=1 only where it can run
-    _decode(8, 1, 2, 0, cl=1), _decode(8, 1, 1, 0, cl=1, dp=1), _decode(8, 1, 4, 0, cl=1),
-    _decode(4, 1, 2, 0, cl=1, dp=1), _decode(8, 1, 1, 0, cl=1), _decode(8, 1, 2, 0, dp=1),
-    _decode(4, 2, 2, 1, cl=1), _decode(4, 2, 4, 0, cl=1), _decode(4, 2, 2, 0, cl=1), _decode(4, 2, 4, 1, cl=1),
-    _decode(8, 1, 2, 0, cl=1, dp=1), _decode(4, 2, 2, 0, cl=1, dp=1), _decode(8, 2, 2, 1), _decode(8, 2, 2, 0),
-    _decode(8, 1, 4, 0), _decode(4, 2, 4, 0),
+DECODE_GRID = [
+    _decode(4, 2, 2, 2, cl=1), _decode(8, 2, 1, 2, cl=1, dp=1), _decode(4, 2, 4, 2, cl=1), _decode(8, 1, 2, 2, cl=1),
+    _decode(16, 1, 1, 2, cl=1, dp=1), _decode(8, 1, 2, 2, cl=1, dp=1), _decode(4, 1, 4, 2, cl=1, dp=1),
+    _decode(8, 1, 4, 2), _decode(8, 1, 1, 2, cl=1), _decode(4, 2, 4, 2), _decode(8, 2, 2, 2), _decode(8, 1, 2, 2, dp=1),
 ]  # fmt: skip
 DECODE_CONFIGS = {
-    8: _decode(8, 1, 4, 0, cl=1),
-    16: _decode(8, 1, 1, 0, cl=1, dp=1),
-    32: _decode(8, 1, 1, 0, cl=1),
+    8: _decode(4, 2, 4, 2, cl=1),
+    16: _decode(8, 1, 2, 2, cl=1),
+    32: _decode(8, 1, 1, 2, cl=1),
 }
 
 
@@ -448,9 +450,11 @@ def _clusters_fit(kernel, grid: tuple[int, int, int], block: tuple[int, int, int
 
 
 def decode_smem(config: dict, tokens: int, kcols: int) -> int:
-    """Shared memory of one decode CTA: a flag, then every warp's sums or (XS=1, before them) its DU x slices."""
+    """Shared memory of one decode CTA: a flag, then every warp's sums or (before them) its DU x slices (XS=1)
+    or DU x NT x^T tiles of 32 rows x 8 tokens (XS=2)."""
     nt = -(-tokens // 8)
-    staged = config["DW"] * config["DU"] * 8 * nt * (kcols + 8) * 2 if config.get("XS") else 0
+    xs = config.get("XS", 0)
+    staged = config["DW"] * config["DU"] * (8 * nt * (kcols + 8) * 2 if xs == 1 else nt * 512 if xs == 2 else 0)
     sums = config["DW"] * 8 * nt * 68 * 4 + (8 * nt * 64 * 4 if config.get("CL") else 0)
     return 16 + max(sums, staged)
 
@@ -464,9 +468,10 @@ def _can_stage(x2: Tensor, w: SparseTCWeight) -> bool:
 def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
     """The decode kernel on token-major ``x2`` (tokens <= DECODE_MAX_TOKENS, rows contiguous) -> y.
     ``config["XS"]``: 1 stages each k-step's slice of x in shared memory (needs a weight whose groups keep
-    columns of their own span, ``w.group_identity``, and x rows 16-byte aligned), 0 gathers x from global
-    memory, absent: 1 where it can (0 with DP=1). ``config["DP"]``: 1 loads each warp's next DU k-steps while
-    it computes the current ones (XS=0 only). ``config["CL"]``: 1 sums the split-K partials in a thread-block cluster
+    columns of their own span, ``w.group_identity``, and x rows 16-byte aligned), 0 gathers each lane's B
+    fragment from global memory, 2 has each lane gather its kept column for all tokens (one token row per
+    load) and transposes through shared memory (any weight; absent: 2).
+    ``config["DP"]``: 1 loads each warp's next DU k-steps while it computes the current ones (XS=0 or 2). ``config["CL"]``: 1 sums the split-K partials in a thread-block cluster
     (on GPUs without clusters, before sm_90, or where the driver says such a cluster does not fit, through global
     memory as with 0; the same result either way)."""
     tokens = x2.shape[0]
@@ -476,20 +481,20 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
         raise ValueError(f"x for the decode kernel must be (tokens, {w.in_features}) with contiguous rows, "
                          f"got {tuple(x2.shape)} with strides {x2.stride()}")  # fmt: skip
     can_stage = _can_stage(x2, w)
-    xs = int(config.get("XS", can_stage and not config.get("DP")))
-    if xs not in (0, 1):
-        raise ValueError(f"decode config {config}: XS must be 0 or 1")
-    if xs and not can_stage:
+    xs = config.get("XS", 2)
+    if xs not in (0, 1, 2):
+        raise ValueError(f"decode config {config}: XS must be 0, 1 or 2")
+    if xs == 1 and not can_stage:
         raise ValueError("XS=1 needs a weight without input permutation (w.group_identity) and x rows 16-byte "
                          "aligned")  # fmt: skip
-    if config.get("DP") and xs:
-        raise ValueError(f"decode config {config}: DP=1 (loading the next k-steps ahead) needs XS=0")
+    if config.get("DP") and xs == 1:
+        raise ValueError(f"decode config {config}: DP=1 (loading the next k-steps ahead) needs XS=0 or 2")
     nt = -(-tokens // 8)
     props = torch.cuda.get_device_properties(y.device)
     cluster = bool(config.get("CL")) and props.major >= 9  # thread-block clusters: sm_90 and later
     cfg = {"DW": config.get("DW", 4), "DU": config.get("DU", 2), "XS": xs, "CL": int(cluster),
            "DP": int(bool(config.get("DP")))}  # fmt: skip
-    kcols = 8 * w.group_width if xs else 0
+    kcols = 8 * w.group_width if xs == 1 else 0
     blocks, steps = w.records.shape[:2]
     per, split = decode_split(blocks, steps, props.multi_processor_count, config.get("CTAS_PER_SM", 4),
                               DECODE_MAX_CLUSTER if cfg["CL"] else None)  # fmt: skip
@@ -626,7 +631,7 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
 
 def decode_candidates(tokens: int) -> list[dict]:
     """The decode configs autotuning times for this many tokens: the default for the count first (what
-    runs untuned; XS where it can), then DECODE_GRID."""
+    runs untuned), then DECODE_GRID."""
     return [default_decode_config(tokens), *DECODE_GRID]
 
 

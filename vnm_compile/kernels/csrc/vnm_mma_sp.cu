@@ -495,7 +495,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
 // lane-contiguous), the kept columns' indices, and its B fragments (lane (g, q): token nt * 8 + g, kept
 // columns 2q + 8j, 2q + 8j + 1) from token-major x: XS=0 gathered from global memory (any input
 // permutation), XS=1 from the k-step's kcols-wide slice of x that the warp stages in shared memory first
-// (16-byte copies, no dependence on the indices; for weights whose groups keep columns of their own span).
+// (16-byte copies, no dependence on the indices; for weights whose groups keep columns of their own span), or
+// XS=2 through shared memory the other way round: lane l gathers kept column l for all the tile's tokens (each
+// load one token row, so the warp's 32 lanes hit one or two cache lines where XS=0's hit eight token rows),
+// stores them as a 16-byte x^T row, and ldmatrix.trans hands every lane its B fragment (any input permutation).
 // The warps' accumulators are summed in shared memory in warp order (deterministic). With S > 1 the S
 // partials of a block are summed in CTA order, either (CL=0) through global memory: each CTA writes its fp32
 // partial to `work` and the last CTA of the block to arrive (counters[blk], reset by it) sums them, or (CL=1,
@@ -518,10 +521,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
 #define DS 1
 #endif
 #ifndef DP
-#define DP 0  // 1: each warp loads its next batch of k-steps while it computes the current one (XS=0 only)
+#define DP 0  // 1: each warp loads its next batch of k-steps while it computes the current one (XS=0 or 2)
 #endif
-#if DP && XS
-#error "DP=1 (prefetching the next batch) needs XS=0"
+#if DP && XS == 1
+#error "DP=1 (prefetching the next batch) needs XS=0 or 2"
 #endif
 #define DTP (8 * NT)  // tokens of the tile
 #define DPITCH 68     // floats per staged token row (64 + 4 pad)
@@ -575,7 +578,8 @@ __device__ __forceinline__ float ld_cluster(u32 local, u32 rank) {
 #endif
 
 // shared memory: the last-CTA flag (16 bytes), then the warps' sums (DW x DTP x DPITCH floats; CL=1: then the CTA's
-// sums, DTP x 64 floats) or, before them, (XS) per warp DU slices of DTP rows x (kcols + 8) halfs
+// sums, DTP x 64 floats) or, before them, per warp (XS=1) DU slices of DTP rows x (kcols + 8) halfs or (XS=2)
+// DU x NT tiles of 32 x^T rows of 8 tokens
 extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_decode(
     const u16* __restrict__ x, int ldx, int T, int K, int kcols, const u32x4* __restrict__ rec,
     const u16* __restrict__ cols, int nb, int nkc, int per, float* __restrict__ work, int* __restrict__ counters,
@@ -587,11 +591,13 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int blk = blockIdx.x, S = gridDim.y, s = blockIdx.y;
     const int beg = s * per, end = min(nkc, beg + per);
-#if XS
+#if XS == 1
     const int xpitch = kcols + 8;  // halfs per staged token row
     u16* xs = reinterpret_cast<u16*>(dsm + 16) + warp * DU * DTP * xpitch;  // (the sums reuse it after the loop)
     const u32 xs_addr = smem_addr(xs);
     const int xchunks = DTP * (kcols >> 3);  // 16-byte chunks of one k-step's slice
+#elif XS == 2
+    const u32 xt_addr = smem_addr(dsm + 16) + warp * (DU * NT * 512) + lane * 16;  // this lane's x^T row, tile 0
 #endif
     float acc[MT][NT][4];
     zero_acc(acc);
@@ -599,7 +605,11 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     const u32* bcol = reinterpret_cast<const u32*>(cols + (size_t)blk * nkc * 32);
     // one batch: DU k-steps (ks0, ks0 + DW, ..) of this warp, zero operands past `end` (nothing loaded)
     struct Batch {
+#if XS == 2
+        u32 cp[DU][1];  // kept column `lane`
+#else
         u32 cp[DU][4];  // kept columns 2q + 8j (low half), 2q + 8j + 1 (high half)
+#endif
         u32x4 a[DU][MT];
         u32 e[DU][MT / 2];
     };
@@ -608,8 +618,12 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
         for (int u = 0; u < DU; ++u) {
             const int ks = ks0 + u * DW;
             if (ks < end) {
+#if XS == 2
+                bt.cp[u][0] = __ldg(cols + ((size_t)blk * nkc + ks) * 32 + lane);
+#else
 #pragma unroll
                 for (int j = 0; j < 4; ++j) bt.cp[u][j] = bcol[ks * 16 + q + 4 * j];
+#endif
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) bt.a[u][mt] = ldg_stream(brec + (size_t)ks * (REC / 16) + mt * 32 + lane);
 #pragma unroll
@@ -617,7 +631,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
                     bt.e[u][p] = ldg_stream(reinterpret_cast<const u32*>(brec + (size_t)ks * (REC / 16) + EOFS / 16) + p * 32 + lane);
             } else {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) bt.cp[u][j] = 0;
+                for (int j = 0; j < (XS == 2 ? 1 : 4); ++j) bt.cp[u][j] = 0;
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) bt.a[u][mt] = {0u, 0u, 0u, 0u};
 #pragma unroll
@@ -627,6 +641,44 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     };
     // the batch's B fragments (x gathered, or read from the staged slices) and its mma.sp
     auto compute = [&](const Batch& bt, int ks0) {
+#if XS == 2
+        u32 v[DU][NT][4];  // this lane's x^T rows: tokens 2p, 2p + 1 of n-tile nt in v[u][nt][p]
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            const bool ok = ks0 + u * DW < end;
+            const u16* xc = x + bt.cp[u][0];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    const int t = nt * 8 + 2 * p;
+                    const u32 lo = ok && t < T ? (u32)__ldg(xc + (size_t)t * ldx) : 0u;
+                    const u32 hi = ok && t + 1 < T ? (u32)__ldg(xc + (size_t)(t + 1) * ldx) : 0u;
+                    v[u][nt][p] = lo | (hi << 16);
+                }
+        }
+        __syncwarp();  // every lane's ldmatrix of the previous batch is done
+#pragma unroll
+        for (int u = 0; u < DU; ++u)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(xt_addr + (u * NT + nt) * 512),
+                             "r"(v[u][nt][0]), "r"(v[u][nt][1]), "r"(v[u][nt][2]), "r"(v[u][nt][3]) : "memory");
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < DU; ++u) {
+            u32 b[NT][4];  // matrix j: kept columns 8j .. 8j + 7 -> lane (g, q) gets columns 8j + 2q, + 1 of token g
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(b[nt][0]), "=r"(b[nt][1]), "=r"(b[nt][2]), "=r"(b[nt][3])
+                             : "r"(xt_addr + (u * NT + nt) * 512) : "memory");
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_sp_tile(mt, acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt >> 1]);
+        }
+#else
 #pragma unroll
         for (int u = 0; u < DU; ++u) {
             u32 b[NT][4];
@@ -660,6 +712,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) mma_sp_tile(mt, acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt >> 1]);
         }
+#endif
     };
 #if DP
     // the next batch's operands are loaded while this one's x is gathered and its mma.sp run
@@ -673,7 +726,7 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     }
 #else
     for (int ks0 = beg + warp; ks0 < end; ks0 += DW * DU) {
-#if XS
+#if XS == 1
 #pragma unroll
         for (int u = 0; u < DU; ++u) {
             const int ks = ks0 + u * DW;
@@ -689,17 +742,17 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
 #endif
         Batch bt;
         load(bt, ks0);
-#if XS
+#if XS == 1
         asm volatile("cp.async.wait_group 0;\n");
         __syncwarp();
 #endif
         compute(bt, ks0);
-#if XS
+#if XS == 1
         __syncwarp();  // the slices are read before the next iteration refills them
 #endif
     }
 #endif
-    __syncthreads();  // (XS) every warp is done with its slices
+    __syncthreads();  // (XS) every warp is done with its slices or tiles
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

@@ -1,0 +1,182 @@
+"""How the mma.sp decode kernel should build its B fragments from x: every config of sparse_tc.DECODE_GRID
+with each of the three ways (XS=0: each lane gathers its fragment from global memory; XS=1: the k-step's
+slice of x staged in shared memory; XS=2: each lane gathers its kept column for every token, the warp
+transposes through shared memory), on the three Llama-2-7B shapes.
+
+    python benchmarks/sweep_sparse_tc_decode_xs.py --tokens 1 4 16 32 --patterns 64:2:5 64:2:8 --out DIR
+
+Times only the decode kernel (and dense cuBLAS for the ratio), each config checked against a float32
+reference first; CUDA graphs, median of 30 replays, weights rotated through copies > 3x L2. Writes
+sparse_tc_decode_xs_sweep.json (every config's time) and .md: per case the best of each XS, then the configs
+in greedy order (each adds the most to the sum over cases of best-chosen / best-overall), from which
+DECODE_GRID and DECODE_CONFIGS were picked.
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sparse_tc_decode import _key  # noqa: E402
+
+log = logging.getLogger("sweep_sparse_tc_decode_xs")
+SHAPES = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008)]
+
+
+def candidates() -> list[dict]:
+    """DECODE_GRID's configs with XS = 0, 1 and 2 (XS=1 without DP, which it cannot take), each once."""
+    from vnm_compile.kernels.sparse_tc import DECODE_GRID
+
+    out, seen = [], set()
+    for cfg, xs in itertools.product(DECODE_GRID, (0, 1, 2)):
+        c = {**cfg, "XS": xs}
+        if xs == 1 and c.get("DP"):
+            continue
+        if tuple(sorted(c.items())) not in seen:
+            seen.add(tuple(sorted(c.items())))
+            out.append(c)
+    return out
+
+
+def time_case(rows: int, cols: int, tokens: int, pattern: str, configs: list[dict]) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from vnm_compile.format import VNMWeight
+    from vnm_compile.kernels.benchmark import _copies, time_graph
+    from vnm_compile.kernels.sparse_tc import launch_decode, pack_sparse_tc
+    from vnm_compile.masks import vnm_mask
+    from vnm_compile.pattern import VNMPattern
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(rows + cols + tokens)
+    weight = (torch.randn(rows, cols, device=dev, generator=gen) / cols**0.5).half()
+    x = torch.randn(tokens, cols, device=dev, generator=gen).half()
+    ws = [weight] + [weight.clone() for _ in range(_copies(weight.numel() * 2, dev) - 1)]
+    dense_us = time_graph([lambda w=w: F.linear(x, w) for w in ws])
+    del ws
+    p = VNMPattern.parse(pattern)
+    w = VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p)
+    ref = x.float() @ w.to_dense().float().t()
+    packed = pack_sparse_tc(w)
+    copies = [packed] + [
+        dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
+        for _ in range(_copies(packed.nbytes, dev) - 1)
+    ]
+    y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
+    configs_us: dict[str, float | None] = {}
+    for cfg in configs:
+        y.fill_(float("nan"))
+        try:
+            launch_decode(x, packed, y, None, cfg)
+        except ValueError as err:  # shared memory at this size: skipped, as autotuning does
+            log.info("%dx%d %d tokens %s: %s skipped: %s", rows, cols, tokens, pattern, _key(cfg), err)
+            configs_us[_key(cfg)] = None
+            continue
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"decode kernel wrong at {rows}x{cols} {tokens} tokens {pattern} {cfg}: error {err}")
+        configs_us[_key(cfg)] = time_graph([lambda pk=pk, cfg=cfg: launch_decode(x, pk, y, None, cfg) for pk in copies])
+    return {"dense_us": dense_us, "configs_us": configs_us}
+
+
+def greedy(records: list[dict]) -> list[tuple[str, float]]:
+    """Configs in the order that most lowers sum(best chosen so far / best) over the cases, with that mean."""
+    keys = list(records[0]["configs_us"])
+
+    def t(r: dict, k: str) -> float:
+        return r["configs_us"][k] or float("inf")
+
+    best = [min(t(r, k) for k in keys) for r in records]
+    order: list[tuple[str, float]] = []
+    while len(order) < len(keys):
+        chosen = [k for k, _ in order]
+        score = {
+            k: sum(min(t(r, c) for c in [*chosen, k]) / b for r, b in zip(records, best, strict=True)) / len(records)
+            for k in keys
+            if k not in chosen
+        }
+        k = min(score, key=score.get)
+        order.append((k, score[k]))
+    return order
+
+
+def to_markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [
+        f"# mma.sp decode kernel: how B is built from x (XS) — {m['gpu']}",
+        "",
+        f"torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, float16, {m['date_utc']} UTC. "
+        f"Command: `{m['command']}` ({m['seconds']} s).",
+        "",
+        "CUDA graphs, median of 30 replays, weights rotated through copies > 3x L2; speed-up = dense cuBLAS "
+        "time / time, same run. XS=0: each lane gathers its B fragment from global memory (8 token rows per "
+        "load); XS=1: the k-step's slice of x staged in shared memory; XS=2: each lane gathers its kept column "
+        "for every token (one token row per load) and the warp transposes through shared memory.",
+        "",
+        "| layer | out x in | tokens | pattern | dense us | XS=0 us | XS=1 us | XS=2 us | XS=2 vs XS=0 | best | best config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["records"]:
+        ran = {k: v for k, v in r["configs_us"].items() if v is not None}
+        by_xs = {xs: min((v for k, v in ran.items() if f"XS={xs}" in k), default=None) for xs in (0, 1, 2)}
+        best = min(ran, key=ran.get)
+        cells = " | ".join("n/a" if v is None else f"{v:.2f}" for v in by_xs.values())
+        lines.append(
+            f"| {r['name']} | {r['out_features']}x{r['in_features']} | {r['tokens']} | {r['pattern']} | "
+            f"{r['dense_us']:.1f} | {cells} | {by_xs[0] / by_xs[2]:.2f}x | {r['dense_us'] / ran[best]:.2f}x | {best} |"
+        )
+    lines += ["", "Greedy order (mean over the cases of the best chosen so far / the best of all):", ""]
+    lines += [f"{i + 1}. `{k}`: {score:.4f}" for i, (k, score) in enumerate(results["greedy"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 32])
+    parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    from vnm_compile.kernels.benchmark import environment
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
+    from vnm_compile.kernels.sparse_tc import DECODE_MAX_TOKENS, sparse_tc_available
+
+    if not sparse_tc_available():
+        raise SystemExit("sweep_sparse_tc_decode_xs needs a CUDA GPU of compute capability >= 8.0")
+    bad = [t for t in args.tokens if not 1 <= t <= DECODE_MAX_TOKENS]
+    if bad:
+        raise SystemExit(f"--tokens must lie within 1..{DECODE_MAX_TOKENS}, got {bad}")
+    t0 = time.time()
+    configs = candidates()
+    records = []
+    for (name, rows, cols), tokens, pattern in itertools.product(SHAPES, args.tokens, args.patterns):
+        r = {"name": name, "out_features": rows, "in_features": cols, "tokens": tokens, "pattern": pattern}
+        r.update(time_case(rows, cols, tokens, pattern, configs))
+        records.append(r)
+        ran = {k: v for k, v in r["configs_us"].items() if v is not None}
+        best = min(ran, key=ran.get)
+        log.info("%-18s %2d %-7s dense %6.1f  best %.2fx [%s]", name, tokens, pattern, r["dense_us"],
+                 r["dense_us"] / ran[best], best)  # fmt: skip
+    meta = environment(torch.device("cuda"), torch.float16)
+    meta.update(seconds=round(time.time() - t0, 1), date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    results = {"meta": meta, "records": records, "greedy": greedy(records)}
+    out = args.out or results_dir() / gpu_slug(torch.device("cuda"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparse_tc_decode_xs_sweep.json").write_text(json.dumps(results, indent=1))
+    (out / "sparse_tc_decode_xs_sweep.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
