@@ -13,7 +13,8 @@ Three kernels (``config["KERNEL"]``). Two GEMMs on x^T (x transposed to feature-
 launch): "gather" stages each V block's 32 kept rows of x^T per k-step; "dense" stages the 8 groups' 8M
 rows of x^T once per CTA, shared by its V blocks, and picks the kept rows through ldmatrix's per-lane row
 addresses (needs the packer's ``group_columns``: x^T in that row order). And "decode" (launch_decode, up
-to DECODE_MAX_TOKENS tokens) on x as it is: fragments straight from the records into registers, split
+to DECODE_MAX_TOKENS tokens) on x as it is: A fragments straight from the records into registers, B by
+each lane gathering its kept column for every token and the warp transposing through shared memory, split
 over the k-steps, the partial sums of each V block reduced in a thread-block cluster or by its last CTA
 (see the kernel's comment).
 :func:`default_config` picks decode up to DECODE_MAX_TOKENS tokens, else dense for M <= 8, else gather.
@@ -24,8 +25,8 @@ sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend opti
 run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
 measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
 64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak; measured with the
-earlier 2592-byte records), bench_sparse_tc_decode.py the decode kernel (sparse_tc_decode_compact_meta.md:
-64:2:8 2.25-2.70x at 1 token, 1.56-1.82x at 16); bench_linear's sparse-TC column the op (linear.md).
+earlier 2592-byte records), bench_sparse_tc_decode.py the decode kernel (sparse_tc_decode_transposed.md:
+64:2:8 2.24-2.75x at 1 token, 1.92-2.23x at 16); bench_linear's sparse-TC column the op (linear.md).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
 H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP` (sparsity selector 0; selector 1 reads the
