@@ -36,28 +36,90 @@ def _key(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "KERNEL")
 
 
-def time_case(
-    name: str, rows: int, cols: int, tokens: int, patterns: list[str], bandwidth: float, read_floor
-) -> list[dict]:
-    """Every pattern at this shape and token count; ``read_floor(nbytes)`` -> microseconds (cached by the caller)."""
+def decode_arguments(argv: list[str] | None, doc: str, program: str, tokens: list[int], patterns: list[str]):
+    """--out, --tokens, --patterns parsed (and logging set up); exits unless the decode kernel can run here
+    and the token counts lie within its range."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tokens", nargs="+", type=int, default=tokens)
+    parser.add_argument("--patterns", nargs="+", default=patterns)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from vnm_compile.kernels.sparse_tc import DECODE_MAX_TOKENS, sparse_tc_available
+
+    if not sparse_tc_available():
+        raise SystemExit(f"{program} needs a CUDA GPU of compute capability >= 8.0")
+    bad = [t for t in args.tokens if not 1 <= t <= DECODE_MAX_TOKENS]
+    if bad:
+        raise SystemExit(f"--tokens must lie within 1..{DECODE_MAX_TOKENS}, got {bad}")
+    return args
+
+
+def time_configs(x, packed, ref, configs: list[dict], label: str, required: dict | None = None) -> dict:
+    """_key(config) -> microseconds of the decode kernel on x with each config (weights rotated through copies
+    of ``packed`` > 3x L2), each checked against ``ref`` first; None where a config cannot run at this size
+    (skipped, as autotuning does; an error if it is ``required``)."""
+    import torch
+
+    from vnm_compile.kernels.benchmark import _copies, time_graph
+    from vnm_compile.kernels.sparse_tc import launch_decode
+
+    copies = [packed] + [
+        dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
+        for _ in range(_copies(packed.nbytes, x.device) - 1)
+    ]
+    y = torch.empty(x.shape[0], packed.out_features, device=x.device, dtype=x.dtype)
+    configs_us: dict[str, float | None] = {}
+    for cfg in configs:
+        y.fill_(float("nan"))
+        try:
+            launch_decode(x, packed, y, None, cfg)
+        except ValueError as err:
+            if cfg is required:
+                raise
+            log.info("%s: %s skipped: %s", label, _key(cfg), err)
+            configs_us[_key(cfg)] = None
+            continue
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"decode kernel wrong at {label} {cfg}: relative error {err}")
+        configs_us[_key(cfg)] = time_graph([lambda pk=pk, cfg=cfg: launch_decode(x, pk, y, None, cfg) for pk in copies])
+    return configs_us
+
+
+def dense_case(rows: int, cols: int, tokens: int):
+    """A seeded random fp16 weight (rows, cols) and x (tokens, cols) on the GPU, and cuBLAS's time on them
+    (weights rotated through copies > 3x L2)."""
     import torch
     import torch.nn.functional as F
 
-    from vnm_compile.format import VNMWeight
-    from vnm_compile.kernels.benchmark import _clone_vnm, _copies, time_graph
-    from vnm_compile.kernels.cusparselt import CSLTLinear
-    from vnm_compile.kernels.sparse_tc import DECODE_GRID, default_decode_config, launch_decode, pack_sparse_tc
-    from vnm_compile.kernels.vnm_linear import vnm_linear
-    from vnm_compile.masks import vnm_mask
-    from vnm_compile.pattern import VNMPattern
+    from vnm_compile.kernels.benchmark import _copies, time_graph
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(rows + cols + tokens)
     weight = (torch.randn(rows, cols, device=dev, generator=gen) / cols**0.5).half()
     x = torch.randn(tokens, cols, device=dev, generator=gen).half()
     ws = [weight] + [weight.clone() for _ in range(_copies(weight.numel() * 2, dev) - 1)]
-    dense_us = time_graph([lambda w=w: F.linear(x, w) for w in ws])
-    del ws
+    return weight, x, time_graph([lambda w=w: F.linear(x, w) for w in ws])
+
+
+def time_case(
+    name: str, rows: int, cols: int, tokens: int, patterns: list[str], bandwidth: float, read_floor
+) -> list[dict]:
+    """Every pattern at this shape and token count; ``read_floor(nbytes)`` -> microseconds (cached by the caller)."""
+    import torch
+
+    from vnm_compile.format import VNMWeight
+    from vnm_compile.kernels.benchmark import _clone_vnm, _copies, time_graph
+    from vnm_compile.kernels.cusparselt import CSLTLinear
+    from vnm_compile.kernels.sparse_tc import DECODE_GRID, default_decode_config, pack_sparse_tc
+    from vnm_compile.kernels.vnm_linear import vnm_linear
+    from vnm_compile.masks import vnm_mask
+    from vnm_compile.pattern import VNMPattern
+
+    dev = torch.device("cuda")
+    weight, x, dense_us = dense_case(rows, cols, tokens)
     cslt_us = None
     if tokens >= 8:  # cuSPARSELt's smallest supported token count
         c24 = CSLTLinear(weight * vnm_mask(weight.abs().float(), VNMPattern.parse("2:4")))
@@ -73,30 +135,9 @@ def time_case(
         triton_us = time_graph([lambda w=w: vnm_linear(x, w) for w in copies])
         del copies
         packed = pack_sparse_tc(w)
-        n = _copies(packed.nbytes, dev)
-        copies = [packed] + [
-            dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
-            for _ in range(n - 1)
-        ]
-        y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
-        configs_us = {}
         default = default_decode_config(tokens)
-        for cfg in [default, *DECODE_GRID]:
-            y.fill_(float("nan"))
-            try:
-                launch_decode(x, packed, y, None, cfg)
-            except ValueError as err:  # cannot run here (shared memory at this size, ...): skipped, as autotuning does
-                if cfg is default:
-                    raise
-                log.info("%s %dx%d %d tokens %s: %s skipped: %s", name, rows, cols, tokens, pat, _key(cfg), err)
-                configs_us[_key(cfg)] = None
-                continue
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            if not err < 1e-2:
-                raise RuntimeError(f"decode kernel wrong at {name} {tokens} tokens {pat} {cfg}: relative error {err}")
-            configs_us[_key(cfg)] = time_graph(
-                [lambda pk=pk, cfg=cfg, y=y: launch_decode(x, pk, y, None, cfg) for pk in copies]
-            )
+        label = f"{name} {rows}x{cols} {tokens} tokens {pat}"
+        configs_us = time_configs(x, packed, ref, [default, *DECODE_GRID], label, required=default)
         ran = {k: v for k, v in configs_us.items() if v is not None}
         best = min(ran, key=ran.get)
         records.append(
@@ -151,24 +192,13 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 8, 16, 32])
-    parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "64:2:16"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = decode_arguments(argv, __doc__, "bench_sparse_tc_decode", [1, 4, 8, 16, 32], ["64:2:5", "64:2:8", "64:2:16"])
 
     import torch
 
     from vnm_compile.kernels.benchmark import environment, measure_bandwidth, read_floor_us
     from vnm_compile.kernels.dispatch import gpu_slug, results_dir
-    from vnm_compile.kernels.sparse_tc import DECODE_MAX_TOKENS, sparse_tc_available
 
-    if not sparse_tc_available():
-        raise SystemExit("bench_sparse_tc_decode needs a CUDA GPU of compute capability >= 8.0")
-    bad = [t for t in args.tokens if not 1 <= t <= DECODE_MAX_TOKENS]
-    if bad:
-        raise SystemExit(f"--tokens must lie within 1..{DECODE_MAX_TOKENS}, got {bad}")
     t0 = time.time()
     dev = torch.device("cuda")
     bandwidth = measure_bandwidth(dev)

@@ -12,8 +12,6 @@ in greedy order (each adds the most to the sum over cases of best-chosen / best-
 DECODE_GRID and DECODE_CONFIGS were picked.
 """
 
-import argparse
-import dataclasses
 import itertools
 import json
 import logging
@@ -23,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sparse_tc_decode import _key  # noqa: E402
+from bench_sparse_tc_decode import decode_arguments, dense_case, time_configs  # noqa: E402
 
 log = logging.getLogger("sweep_sparse_tc_decode_xs")
 SHAPES = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008)]
@@ -45,44 +43,17 @@ def candidates() -> list[dict]:
 
 
 def time_case(rows: int, cols: int, tokens: int, pattern: str, configs: list[dict]) -> dict:
-    import torch
-    import torch.nn.functional as F
-
     from vnm_compile.format import VNMWeight
-    from vnm_compile.kernels.benchmark import _copies, time_graph
-    from vnm_compile.kernels.sparse_tc import launch_decode, pack_sparse_tc
+    from vnm_compile.kernels.sparse_tc import pack_sparse_tc
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(rows + cols + tokens)
-    weight = (torch.randn(rows, cols, device=dev, generator=gen) / cols**0.5).half()
-    x = torch.randn(tokens, cols, device=dev, generator=gen).half()
-    ws = [weight] + [weight.clone() for _ in range(_copies(weight.numel() * 2, dev) - 1)]
-    dense_us = time_graph([lambda w=w: F.linear(x, w) for w in ws])
-    del ws
+    weight, x, dense_us = dense_case(rows, cols, tokens)
     p = VNMPattern.parse(pattern)
     w = VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p)
     ref = x.float() @ w.to_dense().float().t()
-    packed = pack_sparse_tc(w)
-    copies = [packed] + [
-        dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
-        for _ in range(_copies(packed.nbytes, dev) - 1)
-    ]
-    y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
-    configs_us: dict[str, float | None] = {}
-    for cfg in configs:
-        y.fill_(float("nan"))
-        try:
-            launch_decode(x, packed, y, None, cfg)
-        except ValueError as err:  # shared memory at this size: skipped, as autotuning does
-            log.info("%dx%d %d tokens %s: %s skipped: %s", rows, cols, tokens, pattern, _key(cfg), err)
-            configs_us[_key(cfg)] = None
-            continue
-        err = ((y.float() - ref).norm() / ref.norm()).item()
-        if not err < 1e-2:
-            raise RuntimeError(f"decode kernel wrong at {rows}x{cols} {tokens} tokens {pattern} {cfg}: error {err}")
-        configs_us[_key(cfg)] = time_graph([lambda pk=pk, cfg=cfg: launch_decode(x, pk, y, None, cfg) for pk in copies])
+    label = f"{rows}x{cols} {tokens} tokens {pattern}"
+    configs_us = time_configs(x, pack_sparse_tc(w), ref, configs, label)
     return {"dense_us": dense_us, "configs_us": configs_us}
 
 
@@ -138,24 +109,13 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 32])
-    parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = decode_arguments(argv, __doc__, "sweep_sparse_tc_decode_xs", [1, 4, 16, 32], ["64:2:5", "64:2:8"])
 
     import torch
 
     from vnm_compile.kernels.benchmark import environment
     from vnm_compile.kernels.dispatch import gpu_slug, results_dir
-    from vnm_compile.kernels.sparse_tc import DECODE_MAX_TOKENS, sparse_tc_available
 
-    if not sparse_tc_available():
-        raise SystemExit("sweep_sparse_tc_decode_xs needs a CUDA GPU of compute capability >= 8.0")
-    bad = [t for t in args.tokens if not 1 <= t <= DECODE_MAX_TOKENS]
-    if bad:
-        raise SystemExit(f"--tokens must lie within 1..{DECODE_MAX_TOKENS}, got {bad}")
     t0 = time.time()
     configs = candidates()
     records = []
