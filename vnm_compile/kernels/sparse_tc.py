@@ -79,7 +79,7 @@ METADATA_MAP: dict[tuple[int, int], tuple[int, int]] = {
 GATHER_CONFIG = {"KERNEL": "gather", "WR": 1, "WN": 4, "NT": 4, "STAGES": 4, "KSUB": 1, "MINB": 4}
 DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 0}
 
-# The decode kernel (vnm_mma_sp_decode): up to DECODE_MAX_TOKENS tokens, x token-major (no transpose), split
+# The decode kernel (vnm_mma_sp_decode): up to DECODE_MAX_TOKENS tokens, x token-major (no transpose launch), split
 # over the k-steps so that about CTAS_PER_SM CTAs of DW warps run per SM; each warp loads DU k-steps'
 # operands at a time into registers, DP=1 the next DU while it computes the current ones; XS picks how the B
 # fragments are built from x (0: each lane gathers its own from global memory; 1: the k-step's slice of x
@@ -481,11 +481,10 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     if x2.dim() != 2 or x2.shape[1] != w.in_features or x2.stride(1) != 1:
         raise ValueError(f"x for the decode kernel must be (tokens, {w.in_features}) with contiguous rows, "
                          f"got {tuple(x2.shape)} with strides {x2.stride()}")  # fmt: skip
-    can_stage = _can_stage(x2, w)
     xs = config.get("XS", 2)
     if xs not in (0, 1, 2):
         raise ValueError(f"decode config {config}: XS must be 0, 1 or 2")
-    if xs == 1 and not can_stage:
+    if xs == 1 and not _can_stage(x2, w):
         raise ValueError("XS=1 needs a weight without input permutation (w.group_identity) and x rows 16-byte "
                          "aligned")  # fmt: skip
     if config.get("DP") and xs == 1:

@@ -602,7 +602,9 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
     float acc[MT][NT][4];
     zero_acc(acc);
     const u32x4* brec = rec + (size_t)blk * nkc * (REC / 16);
-    const u32* bcol = reinterpret_cast<const u32*>(cols + (size_t)blk * nkc * 32);
+#if XS != 2
+    const u32* bcol = reinterpret_cast<const u32*>(cols + (size_t)blk * nkc * 32);  // the kept columns, in pairs
+#endif
     // one batch: DU k-steps (ks0, ks0 + DW, ..) of this warp, zero operands past `end` (nothing loaded)
     struct Batch {
 #if XS == 2
@@ -639,7 +641,8 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
             }
         }
     };
-    // the batch's B fragments (x gathered, or read from the staged slices) and its mma.sp
+    // the batch's B fragments (XS=0: gathered; XS=1: read from the staged slices; XS=2: transposed through
+    // shared memory) and its mma.sp
     auto compute = [&](const Batch& bt, int ks0) {
 #if XS == 2
         u32 v[DU][NT][4];  // this lane's x^T rows: tokens 2p, 2p + 1 of n-tile nt in v[u][nt][p]
@@ -665,23 +668,18 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
                 asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(xt_addr + (u * NT + nt) * 512),
                              "r"(v[u][nt][0]), "r"(v[u][nt][1]), "r"(v[u][nt][2]), "r"(v[u][nt][3]) : "memory");
         __syncwarp();
+#endif
 #pragma unroll
         for (int u = 0; u < DU; ++u) {
-            u32 b[NT][4];  // matrix j: kept columns 8j .. 8j + 7 -> lane (g, q) gets columns 8j + 2q, + 1 of token g
+            u32 b[NT][4];
+#if XS == 2
+            // matrix j: kept columns 8j .. 8j + 7 -> lane (g, q) gets columns 8j + 2q, + 1 of token g
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
                 asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                              : "=r"(b[nt][0]), "=r"(b[nt][1]), "=r"(b[nt][2]), "=r"(b[nt][3])
                              : "r"(xt_addr + (u * NT + nt) * 512) : "memory");
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) mma_sp_tile(mt, acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt >> 1]);
-        }
 #else
-#pragma unroll
-        for (int u = 0; u < DU; ++u) {
-            u32 b[NT][4];
             const bool ok = ks0 + u * DW < end;  // else zero operands (the slice was not staged)
 #if XS
             const int base = (ks0 + u * DW) * kcols;
@@ -707,12 +705,12 @@ extern "C" __global__ void __launch_bounds__(DW * 32) CLUSTER_DIMS vnm_mma_sp_de
                 }
 #endif
             }
+#endif
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) mma_sp_tile(mt, acc[mt][nt], bt.a[u][mt], b[nt], bt.e[u][mt >> 1]);
         }
-#endif
     };
 #if DP
     // the next batch's operands are loaded while this one's x is gathered and its mma.sp run
