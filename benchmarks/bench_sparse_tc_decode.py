@@ -36,13 +36,17 @@ def _key(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "KERNEL")
 
 
-def decode_arguments(argv: list[str] | None, doc: str, program: str, tokens: list[int], patterns: list[str]):
-    """--out, --tokens, --patterns parsed (and logging set up); exits unless the decode kernel can run here
-    and the token counts lie within its range."""
+def decode_arguments(
+    argv: list[str] | None, doc: str, program: str, tokens: list[int], patterns: list[str], candidates=None
+):
+    """--out, --tokens, --patterns (and, given its choices, --candidates) parsed, logging set up; exits
+    unless the decode kernel can run here and the token counts lie within its range."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tokens", nargs="+", type=int, default=tokens)
     parser.add_argument("--patterns", nargs="+", default=patterns)
+    if candidates:
+        parser.add_argument("--candidates", choices=candidates, default=candidates[0])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -4,12 +4,15 @@ slice of x staged in shared memory; XS=2: each lane gathers its kept column for 
 transposes through shared memory), on the three Llama-2-7B shapes.
 
     python benchmarks/sweep_sparse_tc_decode_xs.py --tokens 1 4 16 32 --patterns 64:2:5 64:2:8 --out DIR
+    python benchmarks/sweep_sparse_tc_decode_xs.py --candidates explore ...
+
+``--candidates explore`` times instead the set DECODE_GRID was picked from: the grid before XS=2 (16 configs
+with XS 0 or 1), an XS=2 copy of each of its XS=0 configs and six more XS=2 configs (35 in all).
 
 Times only the decode kernel (and dense cuBLAS for the ratio), each config checked against a float32
 reference first; CUDA graphs, median of 30 replays, weights rotated through copies > 3x L2. Writes
 sparse_tc_decode_xs_sweep.json (every config's time) and .md: per case the best of each XS, then the configs
-in greedy order (each adds the most to the sum over cases of best-chosen / best-overall), from which
-DECODE_GRID and DECODE_CONFIGS were picked.
+in greedy order (each adds the most to the sum over cases of best-chosen / best-overall).
 """
 
 import itertools
@@ -25,6 +28,29 @@ from bench_sparse_tc_decode import decode_arguments, dense_case, time_configs  #
 
 log = logging.getLogger("sweep_sparse_tc_decode_xs")
 SHAPES = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008)]
+
+
+def earlier_grid() -> list[dict]:
+    """DECODE_GRID before XS=2 (commit bdf3adc)."""
+    from vnm_compile.kernels.sparse_tc import _decode as d
+
+    return [
+        d(8, 1, 2, 0, cl=1), d(8, 1, 1, 0, cl=1, dp=1), d(8, 1, 4, 0, cl=1), d(4, 1, 2, 0, cl=1, dp=1),
+        d(8, 1, 1, 0, cl=1), d(8, 1, 2, 0, dp=1), d(4, 2, 2, 1, cl=1), d(4, 2, 4, 0, cl=1), d(4, 2, 2, 0, cl=1),
+        d(4, 2, 4, 1, cl=1), d(8, 1, 2, 0, cl=1, dp=1), d(4, 2, 2, 0, cl=1, dp=1), d(8, 2, 2, 1), d(8, 2, 2, 0),
+        d(8, 1, 4, 0), d(4, 2, 4, 0),
+    ]  # fmt: skip
+
+
+def explore_candidates() -> list[dict]:
+    """What DECODE_GRID was picked from: the earlier grid, its XS=0 configs as XS=2, six more XS=2 configs."""
+    from vnm_compile.kernels.sparse_tc import _decode as d
+
+    grid = earlier_grid()
+    return grid + [{**c, "XS": 2} for c in grid if c["XS"] == 0] + [
+        d(8, 2, 2, 2, cl=1, dp=1), d(8, 2, 1, 2, cl=1, dp=1), d(4, 4, 2, 2, cl=1), d(4, 1, 4, 2, cl=1, dp=1),
+        d(8, 1, 4, 2, cl=1, dp=1), d(16, 1, 1, 2, cl=1, dp=1),
+    ]  # fmt: skip
 
 
 def candidates() -> list[dict]:
@@ -109,7 +135,9 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = decode_arguments(argv, __doc__, "sweep_sparse_tc_decode_xs", [1, 4, 16, 32], ["64:2:5", "64:2:8"])
+    args = decode_arguments(
+        argv, __doc__, "sweep_sparse_tc_decode_xs", [1, 4, 16, 32], ["64:2:5", "64:2:8"], candidates=["grid", "explore"]
+    )
 
     import torch
 
@@ -117,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     t0 = time.time()
-    configs = candidates()
+    configs = candidates() if args.candidates == "grid" else explore_candidates()
     records = []
     for (name, rows, cols), tokens, pattern in itertools.product(SHAPES, args.tokens, args.patterns):
         r = {"name": name, "out_features": rows, "in_features": cols, "tokens": tokens, "pattern": pattern}
@@ -132,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": meta, "records": records, "greedy": greedy(records)}
     out = args.out or results_dir() / gpu_slug(torch.device("cuda"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_tc_decode_xs_sweep.json").write_text(json.dumps(results, indent=1))
-    (out / "sparse_tc_decode_xs_sweep.md").write_text(to_markdown(results))
+    name = "sparse_tc_decode_xs_sweep" if args.candidates == "grid" else "sparse_tc_decode_xs_explore"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(to_markdown(results))
     print(to_markdown(results))
     return 0
 

@@ -38,3 +38,14 @@ def test_greedy_order_and_table():
     assert "| l | 64x128 | 1 | 64:2:8 | 10.0 | 4.00 | n/a | 5.00 | 0.80x | 2.50x | A XS=0 |" in md
     assert "| l | 64x128 | 16 | 64:2:8 | 10.0 | 9.00 | 8.00 | 6.00 | 1.50x | 1.67x | B XS=2 |" in md
     assert "1. `B XS=2`: 1.1250" in md
+
+
+def test_explore_candidates_are_the_earlier_grid_its_xs2_copies_and_six_more():
+    earlier = sweep.earlier_grid()
+    explore = sweep.explore_candidates()
+    keys = [tuple(sorted(c.items())) for c in explore]
+    assert len(earlier) == 16 and len(explore) == 35 == len(set(keys))
+    assert explore[:16] == earlier and all(c["XS"] in (0, 1) for c in earlier)
+    copies = [{**c, "XS": 2} for c in earlier if c["XS"] == 0]
+    assert explore[16 : 16 + len(copies)] == copies and all(c["XS"] == 2 for c in explore[16:])
+    assert all(tuple(sorted(c.items())) in keys for c in DECODE_GRID)  # the grid was picked from them

@@ -86,12 +86,13 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # staged in shared memory; 2, absent: each lane gathers its kept column for every token and the warp transposes
 # them through shared memory, see launch_decode); CL=1 sums a block's split-K partials inside a thread-block
 # cluster (sm_90; at most DECODE_MAX_CLUSTER CTAs per block; elsewhere it runs as CL=0) instead of through
-# global memory. DECODE_GRID, what the autotuning times, was picked greedily from a sweep on an H200 at the
-# Llama-2-7B shapes, 1-32 tokens, 64:2:5 and 64:2:8 (benchmarks/sweep_sparse_tc_decode_xs.py,
-# sparse_tc_decode_xs_sweep.md: XS=2 was the best in all 24 cases, 1.01-1.42x faster than the best XS=0
-# config, most at 16 and 32 tokens; its first 5 configs come within 0.03 % of the best on average),
-# plus configs without clusters;
-# DECODE_CONFIGS, the configs without autotuning by token count (up to the key), are the best on average there.
+# global memory. DECODE_GRID, what the autotuning times, was picked greedily from an H200 sweep of 35 configs
+# (the earlier XS=0/1 grid, its XS=2 copies and six more XS=2 configs; sparse_tc_decode_xs_explore.md) at the
+# Llama-2-7B shapes, 1, 4, 16 and 32 tokens, 64:2:5 and 64:2:8, plus configs without clusters; DECODE_CONFIGS,
+# the configs without autotuning by token count (up to the key), are the best on average there.
+# benchmarks/sweep_sparse_tc_decode_xs.py re-times the grid with each XS (sparse_tc_decode_xs_sweep.md: XS=2
+# the best in all 24 cases, 1.01-1.42x faster than the best XS=0 config, most at 16 and 32 tokens; the grid's
+# first 5 configs within 0.03 % of the best on average).
 DECODE_MAX_TOKENS = 32
 DECODE_MAX_CLUSTER = 8  # CTAs per V block with CL=1 (the portable cluster size)
 
