@@ -1,16 +1,17 @@
 """Experiment: V:N:M prefill on the sparse tensor cores (warp-level mma.sp), against dense cuBLAS and
 cuSPARSELt 2:4, in one run.
 
-    python benchmarks/bench_sparse_tc.py                # ~2 min on an H200
+    python benchmarks/bench_sparse_tc.py                # ~3 min on an H200
 
 Triton has no sparse tensor-core instruction, so the library's prefill kernel runs dense tensor cores
 over each block's 4 kept columns per group (at most M/4 over dense). This script asks what the sparse
 tensor cores add: vnm_compile.kernels.sparse_tc (csrc/vnm_mma_sp.cu) is a CUDA kernel for n = 2 patterns
 with V a multiple of 64 (2:4 inside each block's 4 kept columns is exactly mma.sp's 2:4), compiled at run
 time with NVRTC through PyTorch (torch.cuda._utils, a private API: no CUDA toolkit needed, only the GPU
-build of PyTorch). Two kernels: "gather" (each V block's 32 kept x^T rows per k-step, its own copy) and
+build of PyTorch). Three kernels: "gather" (each V block's 32 kept x^T rows per k-step, its own copy) and
 "dense" (the 8 groups' 8M x^T rows once per CTA, shared by its WR V blocks, gathered by ldmatrix's row
-addresses). vnm::linear runs them with the sparse_tensor_cores option (from a token count up); this
+addresses), both on the warp-level mma.sp, and on Hopper "wgmma" (gathers like "gather", multiplies with the
+warpgroup-level wgmma.mma_async.sp). vnm::linear runs them with the sparse_tensor_cores option (from a token count up); this
 script times the kernels alone. The few-token decode kernel has its own script, bench_sparse_tc_decode.py.
 
 Steps, all on the GPU:
@@ -40,16 +41,22 @@ from pathlib import Path
 
 log = logging.getLogger("bench_sparse_tc")
 # KERNEL: "gather" (each V block's kept x^T rows) or "dense" (the 8 groups' x^T rows, shared by WR blocks);
-# dense: BULK=1 records by bulk copy on mbarriers (sm_90), PF=1 fragments read one k-step ahead
+# dense: BULK=1 records by bulk copy on mbarriers (sm_90), PF=1 fragments read one k-step ahead; "wgmma" (sm_90
+# only): wgmma.mma_async.sp, one warpgroup per V block, WG blocks and TNW tokens per CTA, SHARE=1 (V >= 128)
 CONFIGS = [
     dict(KERNEL="gather", WR=1, WN=4, NT=4, STAGES=4, KSUB=1, MINB=4),
     dict(KERNEL="gather", WR=1, WN=4, NT=4, STAGES=3, KSUB=2, MINB=3),
     dict(KERNEL="dense", WR=4, WN=1, NT=8, STAGES=4, KSUB=1, MINB=2, BULK=0),
     dict(KERNEL="dense", WR=4, WN=1, NT=8, STAGES=3, KSUB=2, MINB=2, BULK=0),
-    dict(KERNEL="dense", WR=4, WN=1, NT=8, STAGES=3, KSUB=2, MINB=2, BULK=1, PF=0),
     dict(KERNEL="dense", WR=4, WN=1, NT=8, STAGES=3, KSUB=2, MINB=2, BULK=1, PF=1),
-    dict(KERNEL="dense", WR=4, WN=1, NT=4, STAGES=3, KSUB=2, MINB=2, BULK=1, PF=1),
+    dict(KERNEL="wgmma", WG=1, TNW=256, WST=4, MINB=2),
+    dict(KERNEL="wgmma", WG=2, TNW=256, WST=4),
+    dict(KERNEL="wgmma", WG=1, TNW=128, WST=4, MINB=4),
+    dict(KERNEL="wgmma", WG=1, TNW=128, WST=6, MINB=3),
+    dict(KERNEL="wgmma", WG=1, TNW=256, WST=3, MINB=3),
+    dict(KERNEL="wgmma", WG=2, TNW=256, WST=4, SHARE=1),
 ]
+KINDS = ("gather", "dense", "wgmma")
 LLAMA = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008)]
 DEIT = [("deit-b qkv", 2304, 768), ("deit-b proj", 768, 768), ("deit-b fc1", 3072, 768), ("deit-b fc2", 768, 3072)]
 
@@ -66,8 +73,19 @@ def launch(cfg: dict, xt, tokens: int, packed, y, bias=None):
     sp_launch(xt, tokens, packed, y, bias, cfg)
 
 
+def runs_here(cfg: dict, packed) -> bool:
+    """Whether ``cfg`` applies to this GPU and weight: wgmma on compute capability 9.0 only, SHARE=1 on
+    V >= 128 only (the rest runs everywhere sparse_tc does)."""
+    from vnm_compile.kernels.sparse_tc import wgmma_available
+
+    if cfg.get("KERNEL") == "wgmma" and not wgmma_available("cuda"):
+        return False
+    return not cfg.get("SHARE") or packed.block_rows % 128 == 0
+
+
 # --------------------------------------------------------------------------- steps
-def check_correctness() -> float:
+def check_correctness() -> tuple[float, int]:
+    """The worst relative error over the cases, and how many ran (configs that do not apply are skipped)."""
     import torch
 
     from vnm_compile.format import VNMWeight
@@ -78,7 +96,7 @@ def check_correctness() -> float:
     dev = torch.device("cuda")
     cases = [(64, 40, 5, "64:2:5"), (200, 97, 37, "64:2:8"), (128, 300, 130, "64:2:16"), (257, 515, 300, "128:2:8"),
              (64, 16, 1, "64:2:8"), (448, 1024, 200, "64:2:5"), (192, 512, 129, "64:2:7")]  # fmt: skip
-    worst = 0.0
+    worst, count = 0.0, 0
     for (rows, cols, tokens, pat), cfg, dtype, perm in itertools.product(
         cases, CONFIGS, (torch.float16, torch.bfloat16), (False, True)
     ):
@@ -98,6 +116,8 @@ def check_correctness() -> float:
         ref = x.float() @ w.to_dense().float().t() + bias.float()
         y = torch.full((tokens, rows), float("nan"), device=dev, dtype=dtype)
         packed = pack_sparse_tc(w)
+        if not runs_here(cfg, packed):
+            continue
         launch(cfg, feature_major(x, packed, cfg), tokens, packed, y, bias)
         err = ((y.float() - ref).norm() / ref.norm()).item()
         if cfg == CONFIGS[0]:  # the public entry point: 3-D input, default config
@@ -106,8 +126,8 @@ def check_correctness() -> float:
         if not err < 1e-2:
             raise RuntimeError(f"mma.sp kernel wrong: {rows}x{cols} {tokens} tokens {pat} {cfg} {dtype} perm={perm}: "
                                f"relative error {err}")  # fmt: skip
-        worst = max(worst, err)
-    return worst
+        worst, count = max(worst, err), count + 1
+    return worst, count
 
 
 def peak_rates() -> dict[str, float]:
@@ -160,7 +180,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
     w = VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p)
     ref = x.float() @ w.to_dense().float().t()
     packed = pack_sparse_tc(w)
-    xts = {kind: feature_major(x, packed, {"KERNEL": kind}) for kind in ("gather", "dense")}
+    xts = {kind: feature_major(x, packed, {"KERNEL": kind}) for kind in KINDS}
     y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
     rec["configs_us"] = {}
     n = _copies(packed.records.numel() * 4, dev)
@@ -170,6 +190,8 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
     ]
     by_key = {}  # the configs by their JSON key
     for cfg in CONFIGS:
+        if not runs_here(cfg, packed):
+            continue
         xt = xts[cfg["KERNEL"]]
         y.fill_(float("nan"))
         launch(cfg, xt, tokens, packed, y)
@@ -180,7 +202,7 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
         by_key[key] = cfg
         rec["configs_us"][key] = time_graph([lambda pk=pk, cfg=cfg, xt=xt: launch(cfg, xt, tokens, pk, y)
                                              for pk in copies])  # fmt: skip
-    for kind in ("gather", "dense"):
+    for kind in KINDS:
         mine = {k: v for k, v in rec["configs_us"].items() if k.startswith(f"KERNEL={kind} ")}
         rec[f"{kind}_kernel_us"] = min(mine.values()) if mine else float("nan")
     best = min(rec["configs_us"], key=rec["configs_us"].get)
@@ -196,11 +218,12 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
 def to_markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"# V:N:M on the sparse tensor cores (mma.sp experiment) — {meta['gpu']}",
+        f"# V:N:M on the sparse tensor cores (mma.sp and wgmma.sp GEMMs) — {meta['gpu']}",
         "",
         f"torch {meta['torch']}, CUDA {meta['cuda']}, {meta['dtype']}, {meta['date_utc']} UTC. Command: `{meta['command']}`",
         "",
-        "Kernels: vnm_compile/kernels/csrc/vnm_mma_sp.cu (NVRTC, `kernels.sparse_tc`), not used by vnm::linear. "
+        "Kernels: vnm_compile/kernels/csrc/vnm_mma_sp.cu (NVRTC, `kernels.sparse_tc`; vnm::linear runs them with the "
+        "`sparse_tensor_cores` option). "
         "Timing: CUDA graphs, median of 30 replays, V:N:M weights rotated through copies > 3x L2; each kernel "
         "column is the best of its tile configs (all in the JSON's `configs_us`), `speed-up` the best of both. "
         "2:4 = cuSPARSELt with feature-major activations. `x^T given`: the kernel reads feature-major "
@@ -217,11 +240,15 @@ def to_markdown(results: dict) -> str:
         "cuBLAS's dense wgmma path is faster than both (see `dense TFLOP/s`).",
         "",
         "Kernels: `gather` reads each V block's 32 kept x^T rows per k-step (every block its own copy); "
-        "`dense` reads the 8 groups' 8M x^T rows once per CTA, shared by its WR V blocks, and gathers in ldmatrix.",
+        "`dense` reads the 8 groups' 8M x^T rows once per CTA, shared by its WR V blocks, and gathers in ldmatrix "
+        "(both warp-level mma.sp); `wgmma` (Hopper only) gathers like `gather` and multiplies with the warpgroup "
+        "instruction wgmma.mma_async.sp (A from registers, the gathered x^T from shared memory), `SHARE=1` for "
+        "V = 128: the two 64-row halves of a V block read one copy. `% of mma.sp peak`: the best kernel's logical "
+        "rate against the warp-level instruction's measured peak (the wgmma path can exceed it).",
         "",
         "| layer | out x in | tokens | pattern | dense us | dense TFLOP/s | 2:4 | gather kernel us | dense-tile kernel us "
-        "| speed-up (best) | + transpose | % of mma.sp peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wgmma kernel us | speed-up (best) | + transpose | % of mma.sp peak | best config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peak = meta["peak_tflops"]["peak_mma_sp"]
     for r in results["records"]:
@@ -231,8 +258,9 @@ def to_markdown(results: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['out_features']}x{r['in_features']} | {r['tokens']} | {r['pattern']} "
             f"| {r['dense_us']:.1f} | {flops / r['dense_us'] / 1e6:.0f} | {r['dense_us'] / r['cslt_us']:.2f}x "
-            f"| {r['gather_kernel_us']:.1f} | {r['dense_kernel_us']:.1f} | {r['dense_us'] / r['vnm_sp_us']:.2f}x "
-            f"| {r['dense_us'] / r['vnm_sp_with_transpose_us']:.2f}x | {100 * sp_flops / r['vnm_sp_us'] / 1e6 / peak:.0f}% |"
+            f"| {r['gather_kernel_us']:.1f} | {r['dense_kernel_us']:.1f} | {r.get('wgmma_kernel_us', float('nan')):.1f} "
+            f"| {r['dense_us'] / r['vnm_sp_us']:.2f}x | {r['dense_us'] / r['vnm_sp_with_transpose_us']:.2f}x "
+            f"| {100 * sp_flops / r['vnm_sp_us'] / 1e6 / peak:.0f}% | {r['best_config']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -265,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("metadata layout probed; the packer's METADATA_MAP matches it: %s", meta_map == METADATA_MAP)
     if meta_map != METADATA_MAP:
         raise SystemExit("this GPU's mma.sp metadata layout differs from vnm_compile.kernels.sparse_tc.METADATA_MAP")
-    worst = check_correctness()
+    worst, cases_run = check_correctness()
     log.info("correctness: worst relative error %.2e", worst)
     peaks = peak_rates()
     log.info("peak rates (TFLOP/s): %s", {k: round(v) for k, v in peaks.items()})
@@ -275,15 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     for (name, rows, cols, tokens), pat in itertools.product(cases, args.patterns):
         rec = time_case(name, rows, cols, tokens, pat)
         records.append(rec)
-        log.info("%-18s %5dx%-5d %5d %-7s dense %7.1f  2:4 %.2fx  gather %.2fx  dense-tile %.2fx (+transpose %.2fx) [%s]",
-                 name, rows, cols, tokens, pat, rec["dense_us"], rec["dense_us"] / rec["cslt_us"],
-                 rec["dense_us"] / rec["gather_kernel_us"], rec["dense_us"] / rec["dense_kernel_us"],
+        log.info("%-18s %5dx%-5d %5d %-7s dense %7.1f  2:4 %.2fx  gather %.2fx  dense-tile %.2fx  wgmma %.2fx "
+                 "(+transpose %.2fx) [%s]", name, rows, cols, tokens, pat, rec["dense_us"],
+                 rec["dense_us"] / rec["cslt_us"], rec["dense_us"] / rec["gather_kernel_us"],
+                 rec["dense_us"] / rec["dense_kernel_us"], rec["dense_us"] / rec["wgmma_kernel_us"],
                  rec["dense_us"] / rec["vnm_sp_with_transpose_us"], rec["best_config"])  # fmt: skip
     meta = environment(torch.device("cuda"), torch.float16)
     meta.update(
         seconds=round(time.time() - t0, 1), date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         peak_tflops=peaks, worst_relative_error=worst,
-        correctness_cases=7 * len(CONFIGS) * 4, metadata_map={f"{k[0]},{k[1]}": v for k, v in meta_map.items()},
+        correctness_cases=cases_run, metadata_map={f"{k[0]},{k[1]}": v for k, v in meta_map.items()},
     )  # fmt: skip
     results = {"meta": meta, "records": records}
     out = args.out or results_dir() / gpu_slug(torch.device("cuda"))

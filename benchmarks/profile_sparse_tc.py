@@ -5,7 +5,7 @@
 
 Each config runs twice (a warm-up that compiles and probes, then the launch to profile); the configs are
 bench_sparse_tc.CONFIGS or the ones given with --config (KEY=VALUE,... e.g. KERNEL=dense,WR=4,WN=1,NT=8,
-STAGES=4,KSUB=1,MINB=2). The decode kernel takes x token-major, up to 32 tokens:
+STAGES=4,KSUB=1,MINB=2; the Hopper kernel: KERNEL=wgmma,WG=2,TNW=256,WST=4). The decode kernel takes x token-major, up to 32 tokens:
 
     ncu --clock-control none -k regex:vnm_mma_sp_decode --set full python benchmarks/profile_sparse_tc.py \
         --tokens 1 --config KERNEL=decode,DW=8,DU=2,CTAS_PER_SM=2,XS=0

@@ -18,12 +18,18 @@ from vnm_compile.kernels.sparse_tc import (
     DECODE_GRID,
     DECODE_MAX_TOKENS,
     METADATA_MAP,
+    WGMMA_CONFIG,
+    WGMMA_GRID,
+    WGMMA_SHARE_CONFIG,
     _can_stage,
+    _smem_bytes,
     decode_candidates,
     decode_smem,
     decode_split,
     default_config,
     default_decode_config,
+    feature_major,
+    gemm_candidates,
     launch,
     launch_decode,
     max_active_clusters,
@@ -32,6 +38,7 @@ from vnm_compile.kernels.sparse_tc import (
     selector1_map,
     sparse_tc_available,
     sparse_tc_linear,
+    wgmma_available,
 )
 from vnm_compile.kernels.vnm_triton import _feature_major, interpreter_ready
 from vnm_compile.masks import vnm_mask
@@ -47,7 +54,14 @@ CONFIGS = [
     {"KERNEL": "dense", "WR": 2, "WN": 2, "NT": 4, "STAGES": 3, "KSUB": 2, "MINB": 1},
     {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB": 2, "MINB": 2, "BULK": 1, "PF": 1},
     None,
+    # the Hopper kernel (sm_90 only): its default, two warpgroups and 64 tokens per CTA (one 16-bit index per
+    # thread), 4 warpgroups, and the halves of 128-row V blocks sharing their gathered rows
+    WGMMA_CONFIG,
+    {"KERNEL": "wgmma", "WG": 2, "TNW": 64, "WST": 6},
+    {"KERNEL": "wgmma", "WG": 4, "TNW": 128, "WST": 3},
+    WGMMA_SHARE_CONFIG,
 ]
+CONFIG_IDS = ["gather", "dense", "dense-bulk", "default", "wgmma", "wgmma-2x64", "wgmma-4x128", "wgmma-share"]
 
 
 def test_selector1_map_moves_each_field_two_lanes():
@@ -230,10 +244,14 @@ def test_probe_agrees_with_the_packer_on_this_gpu():
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("config", CONFIGS, ids=["gather", "dense", "dense-bulk", "default"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_kernel_matches_float32(rows, cols, lead, pattern, permute, dtype, with_bias, config):
     if config and config.get("BULK") and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("bulk copies on mbarriers need compute capability >= 9.0")
+    if config and config["KERNEL"] == "wgmma" and not wgmma_available("cuda"):
+        pytest.skip("the wgmma kernel needs compute capability 9.0")
+    if config and config.get("SHARE") and not pattern.startswith("128:"):
+        pytest.skip("SHARE=1 takes 128-row V blocks")
     w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=1)
     packed = pack_sparse_tc(w)
     x = torch.randn(*lead, cols + 5, device="cuda", dtype=dtype)[..., :cols]  # non-contiguous rows
@@ -289,6 +307,49 @@ def test_vnm_linear_runs_the_mma_sp_kernel_from_its_token_count(rows, cols, patt
             assert out.shape == (*lead, rows) and out.dtype == dtype
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (lead, err)
+
+
+def test_wgmma_configs_and_their_shared_memory():
+    # off Hopper (here: a CPU weight) the mma.sp GEMMs are the only candidates; the wgmma configs fit in an
+    # H200's 227 KiB at Llama-2-7B's widest k (4096 x 11008 at 64:2:5: 276 k-steps)
+    packed = pack_sparse_tc(vnm_weight(128, 96, "128:2:8", False, torch.float16))
+    assert packed.block_rows == 128 and not wgmma_available(packed.device)
+    assert gemm_candidates(packed) == [default_config(packed)] and default_config(packed)["KERNEL"] == "dense"
+    for cfg in [WGMMA_CONFIG, WGMMA_SHARE_CONFIG, *WGMMA_GRID]:
+        assert _smem_bytes(cfg, 276, 0) <= 227 << 10, cfg
+        assert (4 * cfg["TNW"]) % (128 * cfg["WG"]) == 0 and cfg["WST"] >= 3, cfg
+    # stages x blocks x (B tile + record) + the blocks' index tables + the 1024-byte alignment slack
+    assert _smem_bytes(WGMMA_CONFIG, 10, 0) == 4 * (64 * 256 + 2336) + 10 * 64 + 1024
+
+
+@gpu
+def test_wgmma_kernel_is_the_hopper_default_and_refuses_bad_configs():
+    w = vnm_weight(192, 256, "64:2:8", True, torch.float16, device="cuda")
+    packed = pack_sparse_tc(w)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.float16)
+    y = torch.empty(300, 192, device="cuda", dtype=torch.float16)
+    xt = _feature_major(x, 304, False)
+    if not wgmma_available("cuda"):
+        assert default_config(packed)["KERNEL"] != "wgmma"
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            launch(xt, 300, packed, y, None, WGMMA_CONFIG)
+        return
+    assert default_config(packed, 300) is WGMMA_CONFIG
+    cands = gemm_candidates(packed)
+    assert cands[0] is WGMMA_CONFIG and cands[-1]["KERNEL"] == "dense" and len(cands) == len(WGMMA_GRID) + 2
+    with pytest.raises(ValueError, match="SHARE=1 pairs the 64-row halves"):
+        launch(xt, 300, packed, y, None, WGMMA_SHARE_CONFIG)
+    with pytest.raises(ValueError, match="TNW in \\(64, 128, 256\\)"):
+        launch(xt, 300, packed, y, None, {**WGMMA_CONFIG, "TNW": 96})
+    with pytest.raises(ValueError, match="512 threads must split the 256 16-byte chunks"):
+        launch(xt, 300, packed, y, None, {**WGMMA_CONFIG, "WG": 4, "TNW": 64})
+    with pytest.raises(ValueError, match="x\\^T for the wgmma kernel"):
+        launch(xt[:, :296], 300, packed, y, None, WGMMA_CONFIG)
+    ref = x.float() @ w.to_dense().float().t()
+    for cfg in cands:  # every candidate the autotuning may pick, poisoned output first
+        y.fill_(float("nan"))
+        launch(feature_major(x, packed, cfg), 300, packed, y, None, cfg)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
 
 
 def test_packed_bytes_count_what_the_packing_adds():

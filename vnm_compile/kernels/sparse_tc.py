@@ -1,4 +1,4 @@
-"""V:N:M on the sparse tensor cores (experimental): a CUDA kernel on the warp-level ``mma.sp`` instruction.
+"""V:N:M on the sparse tensor cores (experimental): CUDA kernels on ``mma.sp`` (and on Hopper ``wgmma.sp``).
 
 Triton has no sparse tensor-core instruction, so ``vnm::linear``'s prefill kernel runs dense tensor cores
 over each block's 4 kept columns. For n = 2, the 2:4 structure inside those 4 columns is exactly what
@@ -9,24 +9,28 @@ CUDA toolkit needed) and launched through the driver.
     packed = pack_sparse_tc(w)          # once per weight: fragment-ordered values + metadata, indices
     y = sparse_tc_linear(x, packed, bias)
 
-Three kernels (``config["KERNEL"]``). Two GEMMs on x^T (x transposed to feature-major per call, one Triton
+Four kernels (``config["KERNEL"]``). Three GEMMs on x^T (x transposed to feature-major per call, one Triton
 launch): "gather" stages each V block's 32 kept rows of x^T per k-step; "dense" stages the 8 groups' 8M
 rows of x^T once per CTA, shared by its V blocks, and picks the kept rows through ldmatrix's per-lane row
-addresses (needs the packer's ``group_columns``: x^T in that row order). And "decode" (launch_decode, up
-to DECODE_MAX_TOKENS tokens) on x as it is: A fragments straight from the records into registers, B by
-each lane gathering its kept column for every token and the warp transposing through shared memory, split
-over the k-steps, the partial sums of each V block reduced in a thread-block cluster or by its last CTA
-(see the kernel's comment).
-:func:`default_config` picks decode up to DECODE_MAX_TOKENS tokens, else dense for M <= 8, else gather.
+addresses (needs the packer's ``group_columns``: x^T in that row order); both on mma.sp. "wgmma" (Hopper,
+compute capability 9.0) gathers like "gather" and multiplies with the warpgroup-level wgmma.mma_async.sp
+(the same records: A fragments from registers; B, the gathered rows, from shared memory). And "decode"
+(launch_decode, up to DECODE_MAX_TOKENS tokens) on x as it is: A fragments straight from the records into
+registers, B by each lane gathering its kept column for every token and the warp transposing through
+shared memory, split over the k-steps, the partial sums of each V block reduced in a thread-block cluster
+or by its last CTA (see the kernel's comment).
+:func:`default_config` picks decode up to DECODE_MAX_TOKENS tokens, else wgmma on Hopper, else dense for
+M <= 8, else gather; without a config, sparse_tc_linear autotunes the GEMM over :func:`gemm_candidates`.
 
-Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0), fp16/bf16, n = 2, V a
+Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0; wgmma: 9.0), fp16/bf16, n = 2, V a
 multiple of 64, fewer than 65536 input features. ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w),
 sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend option ``sparse_tensor_cores``
 run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
-measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 1.12-1.40x cuBLAS at
-64:2:8 on Llama-2-7B prefill shapes, x^T given; 42-54 % of the instruction's peak; measured with the
-earlier 2592-byte records), bench_sparse_tc_decode.py the decode kernel (sparse_tc_decode_transposed.md:
-64:2:8 2.24-2.75x at 1 token, 1.92-2.23x at 16); bench_linear's sparse-TC column the op (linear.md).
+measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 the wgmma kernel
+1.25-1.45x cuBLAS at 64:2:8 and 2.37-2.76x at 64:2:16 on Llama-2-7B prefill shapes, x^T given, 1.04-1.14x
+and 1.26-1.39x faster than the best mma.sp GEMM), bench_sparse_tc_decode.py the decode kernel
+(sparse_tc_decode_transposed.md: 64:2:8 2.24-2.75x at 1 token, 1.92-2.23x at 16); bench_linear's
+sparse-TC column the op (linear.md).
 
 The metadata layout of ``mma.sp`` (which lane and 4-bit field hold which row and group) was measured on an
 H200 by :func:`probe_metadata_map` and is :data:`METADATA_MAP` (sparsity selector 0; selector 1 reads the
@@ -54,12 +58,14 @@ __all__ = [
     "METADATA_MAP",
     "SparseTCWeight",
     "default_config",
+    "gemm_candidates",
     "launch_decode",
     "pack_sparse_tc",
     "probe_metadata_map",
     "sparse_tc_available",
     "sparse_tc_linear",
     "unsupported",
+    "wgmma_available",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +99,20 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # benchmarks/sweep_sparse_tc_decode_xs.py re-times the grid with each XS (sparse_tc_decode_xs_sweep.md: XS=2
 # the best in all 24 cases, 1.01-1.42x faster than the best XS=0 config, most at 16 and 32 tokens; the grid's
 # first 5 configs within 0.03 % of the best on average).
+# The Hopper GEMM (vnm_wgmma_sp_gemm, KERNEL="wgmma", sm_90 only): one warpgroup per 64-row V block, WG blocks
+# and TNW tokens per CTA, WST pipeline stages, MINB CTAs per SM; SHARE=1 (V a multiple of 128) lets the two
+# 64-row halves of a V block read one copy of its gathered x^T rows. WGMMA_CONFIG is the best on average on
+# an H200 at the Llama-2-7B shapes (2048 and 8192 tokens, 64:2:5/8/16; sparse_tc.md), WGMMA_GRID what
+# sparse_tc_linear's autotuning times after it (the best per shape there, DeiT-B's included).
+WGMMA_CONFIG = {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 4, "MINB": 2}
+WGMMA_SHARE_CONFIG = {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4, "SHARE": 1}
+WGMMA_GRID = [
+    {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4},
+    {"KERNEL": "wgmma", "WG": 1, "TNW": 128, "WST": 4, "MINB": 4},
+    {"KERNEL": "wgmma", "WG": 1, "TNW": 128, "WST": 6, "MINB": 3},
+    {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 3, "MINB": 3},
+]
+
 DECODE_MAX_TOKENS = 32
 DECODE_MAX_CLUSTER = 8  # CTAs per V block with CL=1 (the portable cluster size)
 
@@ -115,11 +135,37 @@ DECODE_CONFIGS = {
 
 
 def default_config(w: SparseTCWeight, tokens: int | None = None) -> dict:
-    """The tile configuration sparse_tc_linear uses for ``w`` (and ``tokens`` rows of x) when none is given:
-    the decode kernel up to DECODE_MAX_TOKENS tokens, else the dense or the gather GEMM."""
+    """The tile configuration sparse_tc_linear uses for ``w`` (and ``tokens`` rows of x) without autotuning:
+    the decode kernel up to DECODE_MAX_TOKENS tokens, else on a Hopper GPU (where ``w`` is) the wgmma GEMM,
+    elsewhere the dense or the gather mma.sp GEMM."""
     if tokens is not None and tokens <= DECODE_MAX_TOKENS:
         return default_decode_config(tokens)
+    if wgmma_available(w.device):
+        return WGMMA_SHARE_CONFIG if w.block_rows % 128 == 0 else WGMMA_CONFIG
+    return mma_sp_config(w)
+
+
+def mma_sp_config(w: SparseTCWeight) -> dict:
+    """The mma.sp GEMM for ``w``: the dense kernel where its x^T rows exist and M <= 8, else the gather one."""
     return DENSE_CONFIG if w.group_columns is not None and w.group_width <= 8 else GATHER_CONFIG
+
+
+def gemm_candidates(w: SparseTCWeight) -> list[dict]:
+    """The GEMM configs sparse_tc_linear's autotuning times for ``w`` beyond DECODE_MAX_TOKENS: the default
+    first, then (on Hopper) WGMMA_GRID and the mma.sp GEMM."""
+    first = default_config(w)
+    if first["KERNEL"] != "wgmma":
+        return [first]
+    grid = [WGMMA_CONFIG, *WGMMA_GRID] if first is not WGMMA_CONFIG else WGMMA_GRID
+    return [first, *grid, mma_sp_config(w)]
+
+
+def wgmma_available(device: torch.device | str | None) -> bool:
+    """Whether the wgmma GEMM can run on ``device``: a CUDA device of compute capability 9.0."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return False
+    return sparse_tc_available(device) and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def default_decode_config(tokens: int) -> dict:
@@ -146,6 +192,7 @@ class SparseTCWeight:
     group_columns: Tensor | None = None
     group_width: int = 0
     group_identity: bool = False  # group_columns is arange (past in_features: -1): a plain transpose fills it
+    block_rows: int = 64  # V of the pattern (records are per 64 rows; a V block spans V / 64 of them)
 
     @property
     def device(self) -> torch.device:
@@ -232,6 +279,7 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
     return SparseTCWeight(
         torch.cat([afrag, efrag, lrows], -1).contiguous(), idx.contiguous(), w.row_index, w.out_features,
         w.in_features, w.dtype, group_columns, w.pattern.m if group_columns is not None else 0, identity,
+        block_rows=w.block_rows,
     )  # fmt: skip
 
 
@@ -271,14 +319,14 @@ class _Kernels:
         self._cache: dict = {}
         self.checked: set[int] = set()
 
-    def get(self, name: str, **defines):
+    def get(self, name: str, arch: str | None = None, **defines):
         from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
-        key = (torch.cuda.current_device(), name, tuple(sorted(defines.items())))
+        key = (torch.cuda.current_device(), name, arch, tuple(sorted(defines.items())))
         if key not in self._cache:
-            code, mangled = _nvrtc_compile(self._src, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
+            code, mangled = _nvrtc_compile(self._src, name, arch, None, [f"-D{k}={v}" for k, v in defines.items()])
             kernel = _cuda_load_module(code, [mangled])[mangled]
-            if name.startswith("vnm_mma_sp_"):  # dynamic shared memory beyond 48 KiB
+            if name.startswith(("vnm_mma_sp_", "vnm_wgmma_sp_")):  # dynamic shared memory beyond 48 KiB
                 props = torch.cuda.get_device_properties(torch.cuda.current_device())
                 kernel.set_shared_memory_config(getattr(props, "shared_memory_per_block_optin", 48 << 10))
             self._cache[key] = kernel
@@ -385,7 +433,7 @@ def _check_device(device: torch.device) -> None:
 
 
 REC_BYTES = 2336  # one record: A fragments 2048, metadata 256, local rows 32 (records.shape[-1] * 4)
-KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense"}
+KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense", "wgmma": "vnm_wgmma_sp_gemm"}
 
 _COUNTERS: dict[tuple[int, int], Tensor] = {}  # (device, stream) -> the decode kernel's arrival counters
 
@@ -473,9 +521,10 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     columns of their own span, ``w.group_identity``, and x rows 16-byte aligned), 0 gathers each lane's B
     fragment from global memory, 2 has each lane gather its kept column for all tokens (one token row per
     load) and transposes through shared memory (any weight; absent: 2).
-    ``config["DP"]``: 1 loads each warp's next DU k-steps while it computes the current ones (XS=0 or 2). ``config["CL"]``: 1 sums the split-K partials in a thread-block cluster
-    (on GPUs without clusters, before sm_90, or where the driver says such a cluster does not fit, through global
-    memory as with 0; the same result either way)."""
+    ``config["DP"]``: 1 loads each warp's next DU k-steps while it computes the current ones (XS=0 or 2).
+    ``config["CL"]``: 1 sums the split-K partials in a thread-block cluster (on GPUs without clusters, before
+    sm_90, or where the driver says such a cluster does not fit, through global memory as with 0; the same
+    result either way)."""
     tokens = x2.shape[0]
     if not 1 <= tokens <= DECODE_MAX_TOKENS:
         raise ValueError(f"the decode kernel takes 1 to {DECODE_MAX_TOKENS} tokens, got {tokens}")
@@ -529,6 +578,9 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
 def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
     """Shared memory of one CTA: the pipeline (+ the gather kernel's index table), or the epilogue's
     staging tile if larger."""
+    if cfg.get("KERNEL") == "wgmma":  # B tiles and records per stage, the index table, 1024-byte alignment
+        pipeline = cfg["WST"] * cfg["WG"] * (64 * cfg["TNW"] + REC_BYTES) + cfg["WG"] * steps * 64
+        return max(pipeline, cfg["WG"] * cfg["TNW"] * 144) + 1024
     tn = 8 * cfg["NT"] * cfg["WN"]
     records = cfg["WR"] * cfg["KSUB"] * REC_BYTES
     epilogue = cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144
@@ -544,6 +596,9 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     kind = config.get("KERNEL", "gather")
     if kind not in KERNELS:
         raise ValueError(f"unknown sparse_tc kernel {kind!r}: use one of {sorted(KERNELS)}")
+    if kind == "wgmma":
+        _launch_wgmma(xt, tokens, w, y, bias, config)
+        return
     dense = kind == "dense"
     if dense and w.group_columns is None:
         raise ValueError("this weight has no dense x^T row order (a group keeps more than M features): "
@@ -577,6 +632,44 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
         (-(-blocks // cfg["WR"]), -(-tokens // tn), 1), (cfg["WR"] * cfg["WN"] * 32, 1, 1),
         head + [blocks, steps, y, y.stride(0), w.out_features, y if bias is None else bias, int(bias is not None),
                 w.records if w.row_index is None else w.row_index, int(w.row_index is not None)],
+        shared_mem=smem,
+    )  # fmt: skip
+
+
+def _launch_wgmma(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
+    """launch() for the Hopper kernel (config keys WG, TNW, WST, MINB, SHARE; compute capability 9.0)."""
+    if not wgmma_available(y.device):
+        raise ValueError("the wgmma kernel runs on compute capability 9.0 (Hopper) only")
+    if xt.dim() != 2 or xt.shape[0] != w.in_features or xt.shape[1] < tokens or xt.stride(1) != 1 or xt.stride(0) % 8:
+        raise ValueError(
+            f"x^T for the wgmma kernel must be ({w.in_features}, >= {tokens} tokens) with rows 16-byte aligned "
+            f"(feature_major(x) builds it), got {tuple(xt.shape)} with strides {xt.stride()}"
+        )
+    cfg = {k: v for k, v in config.items() if k != "KERNEL"}
+    if cfg.get("TNW", 0) not in (64, 128, 256) or cfg.get("WG", 0) not in (1, 2, 4) or cfg.get("WST", 0) < 3:
+        raise ValueError(f"wgmma config needs TNW in (64, 128, 256), WG in (1, 2, 4), WST >= 3: got {config}")
+    if (4 * cfg["TNW"]) % (128 * cfg["WG"]):
+        raise ValueError(
+            f"wgmma config: the {128 * cfg['WG']} threads must split the {4 * cfg['TNW']} 16-byte "
+            f"chunks of a B tile evenly (more tokens, TNW, or fewer warpgroups, WG): got {config}"
+        )
+    if cfg.get("SHARE") and (cfg["WG"] == 1 or w.block_rows % 128):
+        raise ValueError(f"SHARE=1 pairs the 64-row halves of 128-row V blocks: needs WG >= 2 and V a multiple "
+                         f"of 128, got WG={cfg['WG']} and V={w.block_rows}")  # fmt: skip
+    k = _kernels().get(KERNELS["wgmma"], "90a", WGMMA=1, BF16=int(w.dtype == torch.bfloat16), **cfg)
+    blocks, steps = w.records.shape[:2]
+    smem = _smem_bytes(config, steps, w.group_width)
+    limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
+    if smem > limit:
+        raise ValueError(
+            f"config {config} needs {smem} bytes of shared memory for {w.in_features} input features "
+            f"(the device allows {limit}): use fewer stages (WST), tokens (TNW) or blocks (WG)"
+        )
+    k(
+        (-(-blocks // cfg["WG"]), -(-tokens // cfg["TNW"]), 1), (cfg["WG"] * 128, 1, 1),
+        [xt, xt.stride(0), tokens, w.records, w.columns, blocks, steps, y, y.stride(0), w.out_features,
+         y if bias is None else bias, int(bias is not None), w.records if w.row_index is None else w.row_index,
+         int(w.row_index is not None)],
         shared_mem=smem,
     )  # fmt: skip
 
@@ -626,6 +719,8 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
                 cfg = _tuned_decode(x2, w, y, b)
             launch_decode(x2, w, y, b, cfg)
         else:
+            if config is None:
+                cfg = _tuned_gemm(x2, w, y, b)
             launch(feature_major(x2, w, cfg), tokens, w, y, b, cfg)
     return y.reshape(*x.shape[:-1], w.out_features)
 
@@ -634,6 +729,19 @@ def decode_candidates(tokens: int) -> list[dict]:
     """The decode configs autotuning times for this many tokens: the default for the count first (what
     runs untuned), then DECODE_GRID."""
     return [default_decode_config(tokens), *DECODE_GRID]
+
+
+def _tuned_gemm(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None) -> dict:
+    """The GEMM config for this weight and token count (gemm_candidates, the transpose of x timed with each),
+    chosen and cached like the decode kernel's (see _tuned_decode)."""
+    from .vnm_triton import _choose, _token_bucket
+
+    cands = gemm_candidates(w)
+    if len(cands) == 1:
+        return cands[0]
+    key = ("sparse_tc_gemm", y.device.index, w.dtype, w.out_features, w.in_features, w.group_width, w.block_rows,
+           _token_bucket(x2.shape[0]))  # fmt: skip
+    return _choose(key, cands, lambda cfg: launch(feature_major(x2, w, cfg), x2.shape[0], w, y, bias, cfg))
 
 
 def _tuned_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None) -> dict:

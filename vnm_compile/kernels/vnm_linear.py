@@ -121,7 +121,7 @@ def _sparse_linear(
     ``tc`` (the packed weight for the sparse tensor cores, see sparse_tc_args, and the token counts they
     run, see _tc) runs the mma.sp kernels on CUDA at those token counts."""
     if _tc_runs(tc, x):
-        return _sparse_tc_linear(x, row_index, bias, m, out_features, tc)
+        return _sparse_tc_linear(x, row_index, bias, v, m, out_features, tc)
     if uses_triton(x, n):
         return vnm_linear_triton(
             x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=expanded,
@@ -132,23 +132,24 @@ def _sparse_linear(
     return _owned(_reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features))
 
 
-def _sparse_tc_linear(x, row_index, bias, m, out_features, tc) -> Tensor:
+def _sparse_tc_linear(x, row_index, bias, v, m, out_features, tc) -> Tensor:
     from .sparse_tc import SparseTCWeight, sparse_tc_linear
 
     records, columns, rows, mode = tc[:4]
     packed = SparseTCWeight(
         records, columns, row_index, out_features, x.shape[-1], x.dtype, None if mode == TC_GATHER else rows,
-        0 if mode == TC_GATHER else m, mode == TC_DENSE_IDENTITY,
+        0 if mode == TC_GATHER else m, mode == TC_DENSE_IDENTITY, block_rows=v,
     )  # fmt: skip
     return sparse_tc_linear(x, packed, bias)
 
 
 def sparse_tc_args(packed) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """(tc_records, tc_columns, tc_rows, tc_mode) for vnm::linear from a sparse_tc.SparseTCWeight: the
-    dense mma.sp kernel where its default config picks it (M <= 8), else the gather kernel."""
+    dense mma.sp kernel's x^T row order where its default config picks it (M <= 8, not on Hopper), else
+    only the gather indices (the gather kernel, or on Hopper the wgmma one)."""
     from .sparse_tc import default_config
 
-    if default_config(packed)["KERNEL"] == "gather":
+    if default_config(packed)["KERNEL"] != "dense":
         return packed.records, packed.columns, None, TC_GATHER
     mode = TC_DENSE_IDENTITY if packed.group_identity else TC_DENSE
     return packed.records, packed.columns, packed.group_columns, mode

@@ -14,9 +14,10 @@ those many rows runs the mma.sp kernels (kernels/sparse_tc.py); other row counts
 before (the Triton kernels, or dense above a hybrid layer's token limit). Memory: about the compressed
 bytes once more.
 
-Measured on an H200 through the op (benchmarks/results/nvidia-h200/linear.md), 64:2:8, Llama-2-7B shapes:
-the GEMM 1.14-1.29x over cuBLAS at 2048-8192 tokens (transpose of x included; slower than cuBLAS at
-64:2:5), the decode kernel 2.01-2.40x at 4 tokens where the Triton kernels give 0.62-0.76x.
+Measured on an H200 through the op (benchmarks/results/nvidia-h200/linear.md), Llama-2-7B shapes: the
+GEMM (there the wgmma.sp kernel) 1.18-1.41x over cuBLAS at 64:2:8 and 1.86-2.52x at 64:2:16 at 2048-8192
+tokens (transpose of x included; slower than cuBLAS at 64:2:5), the decode kernel 2.13-2.63x at 4 tokens
+at 64:2:8 where the Triton kernels give 0.62-0.75x.
 """
 
 from __future__ import annotations

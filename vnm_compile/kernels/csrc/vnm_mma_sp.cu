@@ -245,7 +245,7 @@ __device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u
     __syncthreads();
 }
 
-#ifndef DECODE  // the GEMM kernels (their tiles need NT >= 2 WN ...); DECODE=1 compiles the decode kernel alone
+#if !defined(DECODE) && !defined(WGMMA)  // the mma.sp GEMMs (tiles need NT >= 2 WN ...); not with DECODE=1 or WGMMA=1
 // xt: x^T, K rows of ldx elements (tokens contiguous, ldx % 8 == 0, 16-byte aligned).
 // rec: [nb][nkc] records of REC bytes; gidx: [nb][nkc][32] u16 absolute input columns.
 // y: [T][ldy] (ldy % 8 == 0 for the vector store path). row_index: optional output row of each stored row.
@@ -487,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
                bias, has_bias, row_index, has_rows);
 }
 
-#endif  // DECODE
+#endif  // !DECODE && !WGMMA
 
 // The decode kernel (few tokens, T <= 8 NT): memory-bound, so no shared-memory pipeline. grid (nb, S):
 // CTA (blk, s) takes k-steps s * per .. s * per + per - 1 of V block blk, its DW warps every DW-th of them, DU
@@ -846,3 +846,210 @@ extern "C" __global__ void peak_mma(float* out, int iters) {
     for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
     out[blockIdx.x * blockDim.x + threadIdx.x] = s;
 }
+
+#ifdef WGMMA
+// The Hopper GEMM (WGMMA=1, sm_90a): wgmma.mma_async.sp, one warpgroup per 64-row V block (m64), WG blocks and
+// TNW tokens per CTA, the same records and gather indices as vnm_mma_sp_gemm. Per k-step (32 kept columns)
+// and block: A from registers (each warp's m16 tile, the record's mma.sp fragment), its metadata word (the
+// warp's tile under sparsity selector 0: odd tiles' words from the lanes two further), and B, the block's 32
+// gathered x^T rows in shared memory in wgmma's canonical MN-major layout with the 128-byte swizzle (per 64
+// tokens a 32 x 128-byte region: row k at k * 128, 16-byte chunk c at (c ^ (k % 8)) * 16; the descriptor's
+// stride between 8-row groups 1024). All threads gather with cp.async (WST stages, WST - 2 k-steps ahead; each
+// thread's WXL row indices in one shared-memory load), then each warpgroup issues TNW / 64 wgmma
+// m64n64k32 per k-step, asynchronous: retired just before the next k-step's, whose operand registers would
+// otherwise overwrite ones the tensor cores still read (measured: the last wgmma of a group went wrong).
+// SHARE=1 lets warpgroups 2i and 2i + 1 (the two halves of a 128-row V block, same kept columns) read one B
+// tile. (Gathering through L1, cp.async.ca, so that a CTA's blocks share the rows they all keep, was slower.)
+#ifndef WG
+#define WG 2
+#endif
+#ifndef TNW
+#define TNW 128
+#endif
+#ifndef WST
+#define WST 4
+#endif
+#ifndef SHARE
+#define SHARE 0  // 1: warpgroups 2i and 2i + 1 take the halves of one 128-row V block and share its B tiles
+#endif
+#define WREC REC  // the mma.sp records: A fragments 2048, metadata 256, local rows 32
+#define WXB (32 * TNW * 2)
+#define WTHREADS (WG * 128)
+#define WCH (TNW / 8)
+#define WXL (32 * WCH / WTHREADS)
+#define WRCH (WREC / 16)
+#define WRL ((WG * WRCH + WTHREADS - 1) / WTHREADS)
+#if BF16
+#define WTYPE "bf16"
+#else
+#define WTYPE "f16"
+#endif
+typedef unsigned long long u64;
+
+__device__ __forceinline__ u64 wdesc(u32 addr, u32 lbo, u32 sbo, u32 swizzle) {
+    return (u64)((addr >> 4) & 0x3FFF) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
+           ((u64)swizzle << 62);
+}
+#define WDEC(t) "%" #t "0, %" #t "1, %" #t "2, %" #t "3, %" #t "4, %" #t "5, %" #t "6, %" #t "7, %" #t "8, %" #t "9"
+#define WF4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define WF16(i) WF4(i), WF4(i + 4), WF4(i + 8), WF4(i + 12)
+// d (m64 x n64, 32 fp32 per thread) += A (64 x 32, 2:4: this warp's m16 tile as the mma.sp.m16n8k32 fragment
+// a + metadata e) B (32 x 64, tokens contiguous: bdesc)
+__device__ __forceinline__ void wgmma_sp64(float* d, const u32x4& a, u64 bdesc, u32 e) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+                 "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." WTYPE "." WTYPE " {" WDEC() ", " WDEC(1) ", "
+                 WDEC(2) ", %30, %31}, {%32, %33, %34, %35}, %36, %37, 0, p, 1, 1, 1;\n}\n"
+                 : WF16(0), WF16(16)
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(bdesc), "r"(e), "r"(1));
+}
+
+// A thread's WXL consecutive gather indices, read from shared memory as one vector
+template <int L> struct WIdx;
+template <> struct WIdx<1> { typedef u16 V; union { V v; u16 h[1]; }; };
+template <> struct WIdx<2> { typedef u32 V; union { V v; u16 h[2]; }; };
+template <> struct WIdx<4> { typedef uint2 V; union { V v; u16 h[4]; }; };
+template <> struct WIdx<8> { typedef uint4 V; union { V v; u16 h[8]; }; };
+
+extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
+    const u16* __restrict__ xt, int ldx, int T, const u32x4* __restrict__ rec, const u16* __restrict__ gidx,
+    int nb, int nkc, u16* __restrict__ y, int ldy, int R, const u16* __restrict__ bias, int has_bias,
+    const int* __restrict__ row_index, int has_rows) {
+    extern __shared__ __align__(1024) unsigned char wsm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wi = warp & 3;
+    const int blk0 = blockIdx.x * WG, t0 = blockIdx.y * TNW;
+    const u32 raw = smem_addr(wsm), pad = (1024u - (raw & 1023u)) & 1023u;  // swizzle atoms: 1024-aligned
+    unsigned char* smem = wsm + pad;
+    const u32 sbase = raw + pad;
+    // B tiles [WST][WG] (WXB bytes each), records [WST][WG] (WREC), the blocks' gather indices [WG][nkc][32]
+    constexpr u32 RBASE = WST * WG * WXB, IBASE = RBASE + WST * WG * WREC;
+    const u16* itab = reinterpret_cast<const u16*>(smem + IBASE);
+    {
+        const int chunks = nkc * 4;  // 16-byte chunks of one block's indices
+        for (int b = 0; b < WG; ++b) {
+            const char* src = reinterpret_cast<const char*>(gidx + (size_t)min(blk0 + b, nb - 1) * nkc * 32);
+            for (int j = tid; j < chunks; j += WTHREADS) cp_async16(sbase + IBASE + (b * chunks + j) * 16, src + j * 16, 16);
+        }
+        asm volatile("cp.async.commit_group;\n");
+        asm volatile("cp.async.wait_group 0;\n");
+        __syncthreads();
+    }
+    // Producer constants: thread tid copies token chunk ch = tid % WCH of rows (tid / WCH) * WXL + i of every
+    // block's B tile (their WXL gather indices: one shared-memory load), and record chunks tid + i * WTHREADS.
+    static_assert(WTHREADS % WCH == 0 && (32 * WCH) % WTHREADS == 0, "x^T chunks must split evenly");
+    const int ch = tid % WCH, tok = t0 + ch * 8;
+    const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
+    const u16* xcol = xt + (tok < T ? tok : 0);
+    u32 xdst[WXL];
+#pragma unroll
+    for (int i = 0; i < WXL; ++i) {
+        const int r = (tid / WCH) * WXL + i;
+        xdst[i] = (ch >> 3) * (32 * 128) + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
+    }
+    const int irow = (tid / WCH) * WXL;
+    const u32x4* rsrc[WRL];
+    u32 rdst[WRL];
+#pragma unroll
+    for (int i = 0; i < WRL; ++i) {
+        const int id = min(tid + i * WTHREADS, WG * WRCH - 1), b = id / WRCH, j = id % WRCH;
+        rsrc[i] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * WRCH + j;
+        rdst[i] = sbase + RBASE + b * WREC + j * 16;
+    }
+    auto load_stage = [&](int st, int ks) {
+#pragma unroll
+        for (int b = 0; b < WG; ++b) {
+            if (SHARE && (b & 1)) continue;
+            WIdx<WXL> idx;
+            idx.v = *reinterpret_cast<const typename WIdx<WXL>::V*>(itab + (b * nkc + ks) * 32 + irow);
+            const u32 s = sbase + (st * WG + b) * WXB;
+#pragma unroll
+            for (int i = 0; i < WXL; ++i) cp_async16(s + xdst[i], xcol + (size_t)idx.h[i] * ldx, xsize);
+        }
+#pragma unroll
+        for (int i = 0; i < WRL; ++i)
+            if ((WG * WRCH) % WTHREADS == 0 || tid + i * WTHREADS < WG * WRCH)
+                cp_async16(rdst[i] + st * WG * WREC, rsrc[i] + (size_t)ks * WRCH, 16);
+    };
+
+    float acc[TNW / 2];
+#pragma unroll
+    for (int i = 0; i < TNW / 2; ++i) {
+        acc[i] = 0.f;
+        asm volatile("" : "+f"(acc[i])::"memory");  // zeroed here, not inside the first k-step's wgmma stage
+    }
+#pragma unroll
+    for (int st = 0; st < WST - 2; ++st) {
+        if (st < nkc) load_stage(st, st);
+        asm volatile("cp.async.commit_group;\n");
+    }
+    // this warp's metadata word: its m16 tile's, from the lanes mma.sp's selector would read (odd tiles: 2 further)
+    const u32 eofs = EOFS + ((wi >> 1) * 32 + (lane ^ ((wi & 1) << 1))) * 4;
+    for (int ks = 0; ks < nkc; ++ks) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WST - 3));
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to the tensor cores
+        __syncthreads();  // every thread's copies of k-step ks landed; every warpgroup's k-step ks - 2 retired
+        {
+            const int nx = ks + WST - 2;
+            if (nx < nkc) load_stage(nx % WST, nx);
+            asm volatile("cp.async.commit_group;\n");
+        }
+        const int st = ks % WST;
+        u32 ra = sbase + RBASE + (st * WG + wg) * WREC, rb = sbase + (st * WG + (SHARE ? wg & ~1 : wg)) * WXB;
+        // The previous k-step's wgmma read their metadata register until they retire (ptxas does not keep it
+        // from being reused: measured, the last wgmma of a group went wrong): wait for them before this
+        // k-step's metadata and descriptors are formed (tied to the wait through ra, rb).
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" : "+r"(ra), "+r"(rb) :: "memory");
+        u32 e;
+        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(e) : "r"(ra + eofs));
+        u32x4 a;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(a.x), "=r"(a.y), "=r"(a.z), "=r"(a.w) : "r"(ra + (wi * 32 + lane) * 16));
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int n = 0; n < TNW / 64; ++n) wgmma_sp64(acc + 32 * n, a, wdesc(rb + n * (32 * 128), 4096, 1024, 1), e);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    asm volatile("cp.async.wait_group 0;\n");
+    __syncthreads();
+
+    // Epilogue: bias, the warpgroup's tile staged in shared memory as [token][64 rows] (72-half pitch), then
+    // 16-byte token-major stores (without an output permutation), else one element at a time via row_index.
+    const int blk = blk0 + wg, g = lane >> 2, q = lane & 3, wt = tid & 127;
+    u16* tile = reinterpret_cast<u16*>(smem) + wg * TNW * 72;
+    float bv[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int o = blk * 64 + wi * 16 + g + 8 * h;
+        const int orow = (blk < nb && o < R) ? (has_rows ? row_index[o] : o) : -1;
+        bv[h] = (has_bias && orow >= 0) ? from_half(bias[orow]) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < TNW / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 pr = pack2(acc[4 * j + 2 * h] + bv[h], acc[4 * j + 2 * h + 1] + bv[h]);
+            const int col = wi * 16 + g + 8 * h, tk = 8 * j + 2 * q;
+            tile[tk * 72 + col] = (u16)(pr & 0xFFFF);
+            tile[(tk + 1) * 72 + col] = (u16)(pr >> 16);
+        }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1));
+    if (blk >= nb) return;
+    if (!has_rows && blk * 64 + 64 <= R && (ldy & 7) == 0) {
+#pragma unroll 4
+        for (int p = 0; p < TNW / 16; ++p) {  // 8 threads per token row (8 x 16 bytes), 16 rows per pass
+            const int tk = p * 16 + (wt >> 3), c8 = (wt & 7) * 8, t = t0 + tk;
+            if (t < T)
+                *reinterpret_cast<u32x4*>(y + (size_t)t * ldy + blk * 64 + c8) =
+                    *reinterpret_cast<const u32x4*>(tile + tk * 72 + c8);
+        }
+    } else {
+        for (int p = wt; p < TNW * 64; p += 128) {
+            const int tk = p >> 6, col = p & 63, t = t0 + tk, o = blk * 64 + col;
+            if (t < T && o < R) {
+                const int orow = has_rows ? row_index[o] : o;
+                if (orow >= 0) y[(size_t)t * ldy + orow] = tile[tk * 72 + col];
+            }
+        }
+    }
+}
+#endif  // WGMMA
