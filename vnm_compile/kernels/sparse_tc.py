@@ -589,6 +589,18 @@ def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
     return max(cfg["STAGES"] * (cfg["WR"] * cfg["KSUB"] * 32 * tn * 2 + records) + cfg["WR"] * steps * 64, epilogue)
 
 
+def _shared_memory(config: dict, steps: int, w: SparseTCWeight, device: torch.device, advice: str) -> int:
+    """The GEMM config's shared memory for ``w`` (_smem_bytes), or a ValueError where the device has less."""
+    smem = _smem_bytes(config, steps, w.group_width)
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 << 10)
+    if smem > limit:
+        raise ValueError(
+            f"config {config} needs {smem} bytes of shared memory for {w.in_features} input features "
+            f"(the device allows {limit}): use {advice}"
+        )
+    return smem
+
+
 def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor | None, config: dict) -> None:
     """One kernel launch: x^T (feature_major(x, w, config): zero past ``tokens``, row stride a multiple of 8)
     -> y (tokens, out_features). ``config["KERNEL"]`` picks the kernel ("gather", the default, or "dense").
@@ -619,13 +631,7 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     blocks, steps = w.records.shape[:2]
     if steps % cfg["KSUB"]:
         raise ValueError(f"KSUB={cfg['KSUB']} does not divide the weight's {steps} k-steps")
-    smem = _smem_bytes(config, steps, w.group_width)
-    limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
-    if smem > limit:
-        raise ValueError(
-            f"config {config} needs {smem} bytes of shared memory for {w.in_features} input features "
-            f"(the device allows {limit}): use fewer V blocks per CTA (WR), tokens per CTA or stages"
-        )
+    smem = _shared_memory(config, steps, w, y.device, "fewer V blocks per CTA (WR), tokens per CTA or stages")
     tn = 8 * cfg["NT"] * cfg["WN"]
     head = [xt, xt.stride(0), tokens, w.records] + ([] if dense else [w.columns])
     k(
@@ -658,13 +664,7 @@ def _launch_wgmma(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: T
                          f"of 128, got WG={cfg['WG']} and V={w.block_rows}")  # fmt: skip
     k = _kernels().get(KERNELS["wgmma"], "90a", WGMMA=1, BF16=int(w.dtype == torch.bfloat16), **cfg)
     blocks, steps = w.records.shape[:2]
-    smem = _smem_bytes(config, steps, w.group_width)
-    limit = getattr(torch.cuda.get_device_properties(y.device), "shared_memory_per_block_optin", 48 << 10)
-    if smem > limit:
-        raise ValueError(
-            f"config {config} needs {smem} bytes of shared memory for {w.in_features} input features "
-            f"(the device allows {limit}): use fewer stages (WST), tokens (TNW) or blocks (WG)"
-        )
+    smem = _shared_memory(config, steps, w, y.device, "fewer stages (WST), tokens (TNW) or blocks (WG)")
     k(
         (-(-blocks // cfg["WG"]), -(-tokens // cfg["TNW"]), 1), (cfg["WG"] * 128, 1, 1),
         [xt, xt.stride(0), tokens, w.records, w.columns, blocks, steps, y, y.stride(0), w.out_features,
