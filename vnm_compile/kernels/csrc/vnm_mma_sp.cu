@@ -994,9 +994,9 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
         }
         const int st = ks % WST;
         u32 ra = sbase + RBASE + (st * WG + wg) * WREC, rb = sbase + (st * WG + (SHARE ? wg & ~1 : wg)) * WXB;
-        // The previous k-step's wgmma read their metadata register until they retire (ptxas does not keep it
-        // from being reused: measured, the last wgmma of a group went wrong): wait for them before this
-        // k-step's metadata and descriptors are formed (tied to the wait through ra, rb).
+        // The previous k-step's wgmma read their A and metadata registers until they retire (ptxas does not
+        // keep those from being reused: measured, the last wgmma of a group went wrong): wait for them before
+        // this k-step's operands and descriptors are formed (tied to the wait through ra, rb).
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" : "+r"(ra), "+r"(rb) :: "memory");
         u32 e;
         asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(e) : "r"(ra + eofs));
