@@ -22,8 +22,8 @@ or by its last CTA (see the kernel's comment).
 :func:`default_config` picks decode up to DECODE_MAX_TOKENS tokens, else wgmma on Hopper, else dense for
 M <= 8, else gather; without a config, sparse_tc_linear autotunes the GEMM over :func:`gemm_candidates`.
 
-Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0; wgmma: 9.0), fp16/bf16, n = 2, V a
-multiple of 64, fewer than 65536 input features. ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w),
+Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0; wgmma: 9.0), fp16/bf16,
+n = 2, V a multiple of 64, fewer than 65536 input features. ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w),
 sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend option ``sparse_tensor_cores``
 run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
 measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 the wgmma kernel
