@@ -17,6 +17,7 @@ from vnm_compile.kernels.sparse_tc import (
     DECODE_CONFIGS,
     DECODE_GRID,
     DECODE_MAX_TOKENS,
+    DENSE_CONFIG,
     METADATA_MAP,
     WGMMA_CONFIG,
     WGMMA_GRID,
@@ -320,6 +321,24 @@ def test_wgmma_configs_and_their_shared_memory():
         assert (4 * cfg["TNW"]) % (128 * cfg["WG"]) == 0 and cfg["WST"] >= 3, cfg
     # stages x blocks x (B tile + record) + the blocks' index tables + the 1024-byte alignment slack
     assert _smem_bytes(WGMMA_CONFIG, 10, 0) == 4 * (64 * 256 + 2336) + 10 * 64 + 1024
+
+
+def test_hopper_picks_the_wgmma_kernel_and_autotunes_over_both_families(monkeypatch):
+    """The selection logic, with the device check answered as on an H100/H200 (CPU weights here)."""
+    import vnm_compile.kernels.sparse_tc as sparse_tc
+
+    monkeypatch.setattr(sparse_tc, "wgmma_available", lambda device: True)
+    w64 = pack_sparse_tc(vnm_weight(128, 96, "64:2:8", True, torch.float16))
+    w128 = pack_sparse_tc(vnm_weight(256, 96, "128:2:8", False, torch.float16))
+    assert default_config(w64, 300) is WGMMA_CONFIG and default_config(w128, 300) is WGMMA_SHARE_CONFIG
+    assert default_config(w64, 32)["KERNEL"] == "decode"  # few tokens: the decode kernel either way
+    # then the rest of the wgmma grid and the mma.sp GEMM (the dense kernel at M = 8), nothing timed twice
+    assert gemm_candidates(w64) == [WGMMA_CONFIG, *WGMMA_GRID, DENSE_CONFIG]
+    assert gemm_candidates(w128) == [WGMMA_SHARE_CONFIG, WGMMA_CONFIG, *WGMMA_GRID, DENSE_CONFIG]
+    # the op holds only the gather indices on Hopper (the wgmma kernel reads those)
+    from vnm_compile.kernels.vnm_linear import TC_GATHER, sparse_tc_args
+
+    assert sparse_tc_args(w64)[2:] == (None, TC_GATHER)
 
 
 @gpu
