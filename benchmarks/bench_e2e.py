@@ -45,12 +45,15 @@ VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # with the gather-GEMM kernel (benchmarks/results/<gpu>/linear.md); "expanded" compiles with the
 # expand_weights option (the expanded weights held: the gather GEMM from 2 tokens up);
 # "interleaved" with the interleave_rows option (the decode kernel's row-interleaved layout held);
-# "tc" with sparse_tensor_cores=True (the mma.sp kernels at the token counts where the measured table,
-# from `vnm bench` on this GPU, says they beat dense and the Triton kernels: the decode kernel at few
-# tokens, the GEMM from a floor up; without vnm_tc_us timings in it, nothing changes).
+# The plain V:N:M variants run the backend's default sparse_tensor_cores="auto": on a GPU where they
+# run, the mma.sp / wgmma.sp kernels at the token counts where the measured table (from `vnm bench` on
+# this GPU) says they beat dense and the Triton kernels (the decode kernel at few tokens, the GEMM from
+# a floor up; without vnm_tc_us timings in it, the Triton kernels only). "triton" compiles with
+# sparse_tensor_cores=False (the Triton kernels only); "tc" with True (the same as "auto" on such a GPU;
+# kept for the commands of earlier results).
 EXTRA_VARIANTS = (
     "64:2:16", "64:2:8 expanded", "64:2:5 expanded", "64:2:8 interleaved", "64:2:5 interleaved", "64:2:8 tc",
-    "64:2:5 tc", "64:2:16 tc",
+    "64:2:5 tc", "64:2:16 tc", "64:2:8 triton", "64:2:5 triton",
 )  # fmt: skip
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
@@ -80,7 +83,7 @@ def _compile(model, variant: str, smoke: bool = False):
     options = {
         "pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags,
         "expand_weights": "expanded" in flags, "interleave_rows": "interleaved" in flags,
-        "sparse_tensor_cores": True if "tc" in flags else None,
+        "sparse_tensor_cores": True if "tc" in flags else False if "triton" in flags else "auto",
     }  # fmt: skip
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
 
@@ -403,6 +406,8 @@ def _md(result: dict) -> str:
         "exclude the StaticCache write-counter reset each replay needs (timed alone, subtracted). "
         "The dispatcher's measured table (kernels.dispatch.sparse_token_limit) decides per linear: sparse, "
         "dense, or sparse up to a token count; each case is compiled for its fixed token count. "
+        "V:N:M variants run the default sparse_tensor_cores='auto' (the mma.sp / wgmma.sp kernels where the "
+        'table says they win); "triton" variants run with the option off, "tc" with True. '
         'V:N:M variants fuse q/k/v and gate/up into one launch each; "separate" variants do not '
         "(fuse_siblings=False). "
         + (

@@ -85,7 +85,7 @@ def test_block_fp16_with_held_layouts(extra):
             got, eager, exact = compiled(x), ref(x), ref.double()(x.double())
             ref.half()
             assert_three_way(got, eager, exact, torch.half)
-    assert all(r.mode.endswith("interleaved") for r in reports()[-1].lowered)
+    assert all(", interleaved" in r.mode for r in reports()[-1].lowered)  # (then ", sparse TC ..." where they win)
 
 
 def test_tiny_llama_fp16_fullgraph_inductor_prefill_and_decode():

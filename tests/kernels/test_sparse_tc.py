@@ -1,4 +1,4 @@
-"""kernels.sparse_tc (the experimental mma.sp kernel). On CPU: the packer's records, read back through the
+"""kernels.sparse_tc (the mma.sp and wgmma.sp kernels). On CPU: the packer's records, read back through the
 mma.sp operand layouts (A fragments in the dense m16n8k16 layout on the compressed 16x16 tile, the metadata
 map the GPU probe measured), rebuild exactly the weight the VNMWeight stores; bad input is refused. On a
 GPU: the kernels against a float32 / float64 reference (the decode kernel also: repeated launches and CUDA

@@ -1,4 +1,4 @@
-"""sparse_tensor_cores (option, experimental): the compiled graph holds each eligible launch's weight
+"""sparse_tensor_cores (option, default "auto": on where the kernels run): the compiled graph holds each eligible launch's weight
 packed for the mma.sp kernels and passes it, with the token count, to vnm::linear; the function
 computed is unchanged (on CPU the op ignores them; on CUDA see tests/kernels/test_sparse_tc.py and
 the GPU test below); ineligible layers (V not a multiple of 64, float32) are left as they were."""
@@ -186,10 +186,43 @@ def test_a_layer_without_a_measured_win_is_not_packed(monkeypatch):
     assert "sparse tensor cores: no measured win" in rec.report["0"].reason  # says why the option did nothing
 
 
-@pytest.mark.parametrize("bad", [0, -3, False, 2.5, "256"])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "256", "on", 1.0])
 def test_sparse_tensor_cores_option_is_validated(bad):
     with pytest.raises(ValueError, match="sparse_tensor_cores"):
         vnm_backend(None, [], options={"sparse_tensor_cores": bad})
+
+
+def test_auto_is_on_only_where_the_kernels_run(monkeypatch):
+    """The default "auto": True for a CUDA weight where sparse_tc_available says the kernels run,
+    off for a CPU weight (whatever the machine has) and where they do not run; the other values as given."""
+    from vnm_compile.kernels import sparse_tc
+    from vnm_compile.passes.context import CompileOptions
+    from vnm_compile.passes.find_linears import tc_option
+
+    assert CompileOptions().sparse_tensor_cores == "auto"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(sparse_tc, "sparse_tc_available", lambda device=None: True)
+    assert tc_option("auto", cuda) is True and tc_option("auto", cpu) is None
+    monkeypatch.setattr(sparse_tc, "sparse_tc_available", lambda device=None: False)
+    assert tc_option("auto", cuda) is None
+    assert tc_option(True, cpu) is True and tc_option(256, cuda) == 256
+    assert tc_option(False, cuda) is None and tc_option(None, cuda) is None
+
+
+def test_auto_changes_nothing_on_cpu(monkeypatch):
+    """On CPU the default packs nothing even where a measured table would say the kernels win: the graph
+    and the report are those of the option off."""
+    _hybrid_setup(monkeypatch, 512, (4, 16))
+    model = _model("64:2:8", torch.float16, False)
+    x = torch.randn(8, 192, dtype=torch.float16)
+    out, rec = _compile(model, x)  # the default, "auto"
+    off, rec_off = _compile(model, x, sparse_tensor_cores=False)
+    torch.testing.assert_close(out, off, rtol=0, atol=0)
+    for name in ("0", "2"):
+        got, want = rec.report[name], rec_off.report[name]
+        assert (got.lowered, got.mode, got.reason, got.tc_bytes) == (want.lowered, want.mode, want.reason, 0)
+    assert not any(n.target is HYBRID_OP for n in rec.graphs[-1].graph.nodes)
+    assert "sparse TC" not in rec.report.summary()
 
 
 def test_vnm_linear_takes_a_packed_weight():

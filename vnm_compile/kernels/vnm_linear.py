@@ -314,8 +314,8 @@ def vnm_linear(
     (the gather GEMM then streams it instead of rebuilding it per call).
     ``interleaved = interleave_rows(w)``, kept by the caller, is a second copy of
     the values and metadata (their bytes again) laid out for the decode kernel:
-    faster at 1-4 tokens. ``sparse_tc = sparse_tc.pack_sparse_tc(w)`` (experimental,
-    kept by the caller; about the compressed bytes again): on CUDA, from
+    faster at 1-4 tokens. ``sparse_tc = sparse_tc.pack_sparse_tc(w)`` (kept by the
+    caller; about the compressed bytes again): on CUDA, from
     ``sparse_tc_min_tokens`` rows of x up (None: never), and at the row counts ``lo..hi`` of
     ``sparse_tc_decode_tokens = (lo, hi)`` (within 1..sparse_tc.DECODE_MAX_TOKENS), run the mma.sp (sparse
     tensor core) kernels: up to DECODE_MAX_TOKENS rows the decode kernel, above them the GEMM.

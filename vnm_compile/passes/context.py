@@ -63,15 +63,17 @@ class CompileOptions:
         interleave_rows: also hold each lowered weight's values and metadata row-interleaved for
             the decode kernel (the compressed bytes once more; passes/interleave_rows.py): faster
             at 1-4 tokens.
-        sparse_tensor_cores: experimental. True: for each eligible layer (n = 2, V a multiple of 64,
-            fp16/bf16) the token count from which the measured table says the sparse tensor cores
-            (kernels/sparse_tc.py) beat dense (dispatch.sparse_tc_token_floor), and the few-token
+        sparse_tensor_cores: the mma.sp / wgmma.sp kernels (kernels/sparse_tc.py) for eligible layers
+            (n = 2, V a multiple of 64, fp16/bf16). "auto" (default): as True on a CUDA device where
+            they run (compute capability >= 8.0, PyTorch's NVRTC; kernels.sparse_tc.sparse_tc_available),
+            off elsewhere. True: for each eligible layer the token count from which the measured table
+            says the sparse tensor cores beat dense (dispatch.sparse_tc_token_floor), and the few-token
             counts at which their decode kernel beats dense and the Triton kernels
             (dispatch.sparse_tc_decode_window); an int T: from T tokens for every eligible layer. Such
             a layer also holds its weight packed for them (about the compressed bytes once more;
             passes/sparse_tc_weights.py) and on CUDA runs inputs of those many rows on them; a layer
             whose Triton kernels never beat dense is then lowered too, running dense at the other
-            counts. None (default): off.
+            counts. False (or None): off, the Triton kernels only and no packed copy.
     """
 
     pattern: VNMPattern | str | None = None
@@ -86,7 +88,7 @@ class CompileOptions:
     fuse_siblings: bool = True
     expand_weights: bool = False
     interleave_rows: bool = False
-    sparse_tensor_cores: bool | int | None = None
+    sparse_tensor_cores: bool | int | str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -118,9 +120,12 @@ class CompileOptions:
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
             raise ValueError(f"vnm backend option 'min_numel' must be an int >= 0, got {self.min_numel!r}")
         t = self.sparse_tensor_cores
-        if t is not None and t is not True and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
+        if not (
+            t is None or isinstance(t, bool) or (isinstance(t, str) and t == "auto") or (type(t) is int and t >= 1)
+        ):
             raise ValueError(
-                f"vnm backend option 'sparse_tensor_cores' must be True, a token count >= 1 or None, got {t!r}"
+                "vnm backend option 'sparse_tensor_cores' must be 'auto', True, False, None or a token count "
+                f">= 1, got {t!r}"
             )
         if not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"vnm backend option 'alpha' must be a number >= 0, got {self.alpha!r}")

@@ -201,12 +201,22 @@ def _tc_eligible(site: LinearSite, pattern) -> bool:
     return pattern is not None and unsupported(pattern, site.weight.dtype, site.shape[1]) is None
 
 
+def tc_option(option, device: torch.device) -> bool | int | None:
+    """The sparse_tensor_cores option as it applies to a weight on ``device``: True, a token count, or
+    None (off). "auto" is True where the kernels run (kernels.sparse_tc.sparse_tc_available), else off."""
+    if isinstance(option, str):  # "auto" (validated by VNMBackendOptions)
+        from ..kernels.sparse_tc import sparse_tc_available
+
+        return True if device.type == "cuda" and sparse_tc_available(device) else None
+    return None if option is None or option is False else option
+
+
 def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | None:
     """From how many tokens the layer runs on the sparse tensor cores (sparse_tensor_cores option), or
     None: option off, a layer the mma.sp kernels do not take, or (True) no measured win."""
     from ..kernels import dispatch
 
-    option = opts.sparse_tensor_cores
+    option = tc_option(opts.sparse_tensor_cores, device)
     if option is None or not _tc_eligible(site, pattern):
         return None
     if option is True:
@@ -220,7 +230,7 @@ def _tc_decode(site: LinearSite, device: torch.device, pattern, opts) -> tuple[i
     dispatch.sparse_tc_decode_window), or None."""
     from ..kernels import dispatch
 
-    if opts.sparse_tensor_cores is not True or not _tc_eligible(site, pattern):
+    if tc_option(opts.sparse_tensor_cores, device) is not True or not _tc_eligible(site, pattern):
         return None
     held = {"expanded": bool(opts.expand_weights), "interleaved": bool(opts.interleave_rows)}
     return dispatch.sparse_tc_decode_window(site.shape[0], site.shape[1], pattern, device, **held)
@@ -243,7 +253,12 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     if limit is None:
         return None
     notes = "" if site.state is not None else "; not pruned"
-    if opts.sparse_tensor_cores is True and tc is None and window is None and _tc_eligible(site, pattern):
+    if (
+        tc_option(opts.sparse_tensor_cores, device) is True
+        and tc is None
+        and window is None
+        and _tc_eligible(site, pattern)
+    ):
         # say why the option changed nothing here (a GPU's table from before vnm_tc_us has no such timings)
         notes += "; sparse tensor cores: no measured win on this device (`vnm bench` measures them on a GPU)"
 

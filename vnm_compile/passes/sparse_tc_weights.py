@@ -1,4 +1,4 @@
-"""Pass 8 (option ``sparse_tensor_cores``, experimental): hold each lowered weight packed for the
+"""Pass 8 (option ``sparse_tensor_cores``, default "auto": on a GPU where the kernels run): hold each lowered weight packed for the
 sparse tensor cores and let the op switch to the mma.sp kernels at the token counts where they win.
 
 find_linears set, per layer, from how many tokens the sparse tensor cores run it
@@ -56,8 +56,8 @@ def _packed(layer: LayerTensors, dtype: torch.dtype):
 
 def sparse_tc_weights(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     """Pass the packed weights to every vnm op call that can use them. True if the graph changed."""
-    if ctx.options.sparse_tensor_cores is None:
-        return False
+    if all(s.tc_min_tokens is None and s.tc_decode is None for s in ctx.sites):
+        return False  # the option off, or no layer the sparse tensor cores are expected to win
     sites = {s.name: s for s in ctx.sites}
 
     def token_counts(node: fx.Node) -> dict | None:
