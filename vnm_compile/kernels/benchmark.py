@@ -422,8 +422,10 @@ def _md(results: dict) -> str:
         "per-call rebuild).",
         "",
         "Sparse TC: the same op with the packing for the sparse tensor cores held (`sparse_tensor_cores`",
-        "option, `kernels.sparse_tc`): up to 32 tokens the mma.sp decode kernel (x as it is, split over k), above",
-        "them the mma.sp GEMM on x^T, the transpose of x included.",
+        "option, on by default on GPUs that run them; `kernels.sparse_tc`): up to 32 tokens the mma.sp decode",
+        "kernel (x as it is, split over k), above them the GEMM on x^T, the transpose of x included (on Hopper",
+        "the wgmma.sp kernel, elsewhere mma.sp; rows measured before that kernel existed hold the mma.sp GEMM:",
+        "the command says which).",
         "",
         "| layer | out x in | tokens | dense us | 2:4 cuSPARSELt | pattern | V:N:M us | speed-up | % bound "
         "| held layout us | held speed-up | sparse TC us | TC speed-up |",
