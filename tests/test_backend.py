@@ -236,3 +236,35 @@ def test_inductor_end_to_end_on_a_tiny_model():
 
 def test_public_names():
     assert vnm_compile.backend.vnm_backend is vnm_backend
+
+
+def test_a_restarted_compile_leaves_one_report():
+    """Inductor makes Dynamo trace a dynamic BERT twice (its pass that turns Python float scalars into
+    tensors restarts the analysis): the backend runs on both attempts, but only the graph Dynamo keeps
+    gets a report."""
+    transformers = pytest.importorskip("transformers")
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256
+    )
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    torch._dynamo.reset()
+    counters.clear()
+    clear_reports()
+    options = {"pattern": "64:2:8", "ignore": [], "min_numel": 0}
+    compiled = torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for length in (7, 33):
+            ids = torch.randint(0, 100, (2, length))
+            mask = torch.ones_like(ids)
+            mask[1, length // 2 :] = 0
+            torch.testing.assert_close(
+                compiled(input_ids=ids, attention_mask=mask).last_hidden_state,
+                model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                atol=0.5,  # pruned vs dense: only that both ran on these inputs
+                rtol=0,
+            )
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(reports()) == 1 and len(reports()[0].lowered) == 6

@@ -66,16 +66,21 @@ def _lower_and_compile(
 ) -> tuple[Callable[..., Any], CompileContext]:
     ctx = CompileContext(opts, inputs)
     run_passes(gm, ctx)
+    if opts.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
+        # Inductor may make Dynamo trace the frame again (e.g. to turn Python float scalars of a
+        # dynamic graph into tensors): the exception leaves here and this attempt's report is dropped,
+        # the next attempt's kept.
+        fn = compile_fx(gm, inputs, config_patches=patches)
+    else:
+        fn = gm.forward
     report = ctx.report(next(_GRAPH_IDS))
     _REPORTS.append(report)
     logger.info("%s", report.summary())
     logger.debug("\n%s", report.table())
-    if not opts.inductor:
-        return gm.forward, ctx
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
-    return compile_fx(gm, inputs, config_patches=patches), ctx
+    return fn, ctx
 
 
 class _Snapshot:
