@@ -150,3 +150,40 @@ def test_tiny_deit_fp16_fullgraph_no_inductor():
             ref.half()
             assert_three_way(got, eager, exact, torch.half)
     assert all(len(r.lowered) == 2 * 6 + 1 for r in reports())  # 6 linears a layer + pooler
+
+
+@pytest.mark.parametrize("tc", [False, 1])
+def test_minilm_shaped_bert_fp16_dynamic_lengths(tc):
+    """all-MiniLM-L6-v2's layer shapes (hidden 384, 12 heads, MLP 1536; 2 of its 6 layers, random
+    weights: the real ones are a CPU test), fp16, inductor, dynamic sequence lengths: one graph for
+    every length, every linear lowered, within fp16 rounding of the eager pruned model; with
+    sparse_tensor_cores=1 every layer runs the mma.sp/wgmma.sp kernels (decode kernel at 14 tokens,
+    the GEMM at 66 and 300)."""
+    from transformers import BertConfig, BertModel
+
+    from vnm_compile.kernels.sparse_tc import sparse_tc_available
+
+    if tc and not sparse_tc_available():
+        pytest.skip("the sparse tensor cores need compute capability >= 8.0")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=1000, hidden_size=384, num_hidden_layers=2, num_attention_heads=12, intermediate_size=1536
+    )
+    model = BertModel(cfg, add_pooling_layer=False).cuda().half().eval()
+    ref = eager_abs(model, "64:2:8", ignore=(), min_numel=0)
+    options = {"pattern": "64:2:8", "ignore": [], "min_numel": 0, "sparse_tensor_cores": tc}
+    compiled = torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for length in (7, 33, 150):
+            ids = torch.randint(0, 1000, (2, length), device="cuda")
+            mask = torch.ones_like(ids)
+            mask[1, length // 2 :] = 0  # a padded second sequence
+            got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            eager = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+            exact = ref.double()(input_ids=ids, attention_mask=mask).last_hidden_state
+            ref.half()
+            assert_three_way(got, eager, exact, torch.half)
+    assert len(reports()) == 1  # no recompile per length
+    lowered = reports()[-1].lowered
+    assert len(lowered) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    assert all(("sparse TC from 1 tokens" in r.mode) == bool(tc) for r in lowered)
