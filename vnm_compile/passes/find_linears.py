@@ -204,19 +204,18 @@ def _tc_eligible(site: LinearSite, pattern) -> bool:
 def tc_option(option, device: torch.device) -> bool | int | None:
     """The sparse_tensor_cores option as it applies to a weight on ``device``: True, a token count, or
     None (off). "auto" is True where the kernels run (kernels.sparse_tc.sparse_tc_available), else off."""
-    if isinstance(option, str):  # "auto" (validated by VNMBackendOptions)
+    if isinstance(option, str):  # "auto" (CompileOptions validates it)
         from ..kernels.sparse_tc import sparse_tc_available
 
         return True if device.type == "cuda" and sparse_tc_available(device) else None
     return None if option is None or option is False else option
 
 
-def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | None:
-    """From how many tokens the layer runs on the sparse tensor cores (sparse_tensor_cores option), or
+def _tc_floor(site: LinearSite, device: torch.device, pattern, option: bool | int | None) -> int | None:
+    """From how many tokens the layer runs on the sparse tensor cores (``option``: tc_option's), or
     None: option off, a layer the mma.sp kernels do not take, or (True) no measured win."""
     from ..kernels import dispatch
 
-    option = tc_option(opts.sparse_tensor_cores, device)
     if option is None or not _tc_eligible(site, pattern):
         return None
     if option is True:
@@ -224,13 +223,13 @@ def _tc_floor(site: LinearSite, device: torch.device, pattern, opts) -> int | No
     return int(option)
 
 
-def _tc_decode(site: LinearSite, device: torch.device, pattern, opts) -> tuple[int, int] | None:
-    """At which token counts (lo, hi) the sparse tensor cores' decode kernel runs the layer (option True and
+def _tc_decode(site: LinearSite, device: torch.device, pattern, option, opts) -> tuple[int, int] | None:
+    """At which token counts (lo, hi) the sparse tensor cores' decode kernel runs the layer (``option`` True and
     a measured win over dense and the Triton kernels with the layouts the options hold,
     dispatch.sparse_tc_decode_window), or None."""
     from ..kernels import dispatch
 
-    if tc_option(opts.sparse_tensor_cores, device) is not True or not _tc_eligible(site, pattern):
+    if option is not True or not _tc_eligible(site, pattern):
         return None
     held = {"expanded": bool(opts.expand_weights), "interleaved": bool(opts.interleave_rows)}
     return dispatch.sparse_tc_decode_window(site.shape[0], site.shape[1], pattern, device, **held)
@@ -247,18 +246,14 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     """
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
-    site.tc_min_tokens = tc = _tc_floor(site, device, pattern, opts)
-    site.tc_decode = window = _tc_decode(site, device, pattern, opts)
+    option = tc_option(opts.sparse_tensor_cores, device)
+    site.tc_min_tokens = tc = _tc_floor(site, device, pattern, option)
+    site.tc_decode = window = _tc_decode(site, device, pattern, option, opts)
     limit = _sparse_limit(site, device, pattern, opts.dense_fallback, opts.expand_weights)
     if limit is None:
         return None
     notes = "" if site.state is not None else "; not pruned"
-    if (
-        tc_option(opts.sparse_tensor_cores, device) is True
-        and tc is None
-        and window is None
-        and _tc_eligible(site, pattern)
-    ):
+    if option is True and tc is None and window is None and _tc_eligible(site, pattern):
         # say why the option changed nothing here (a GPU's table from before vnm_tc_us has no such timings)
         notes += "; sparse tensor cores: no measured win on this device (`vnm bench` measures them on a GPU)"
 
