@@ -154,14 +154,16 @@ def peak_rates() -> dict[str, float]:
     return rates
 
 
-def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
+def gemm_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> tuple:
+    """One case of the GEMM benchmarks: fp16 weight and x (seeded by the shape), the record with dense
+    cuBLAS timed (weights rotated through copies > 3x L2), the float32 reference of the V:N:M weight, its
+    packing and copies of that past 3x L2. Returns (rec, weight, x, ref, packed, copies)."""
     import torch
     import torch.nn.functional as F
 
     from vnm_compile.format import VNMWeight
     from vnm_compile.kernels.benchmark import _copies, time_graph
-    from vnm_compile.kernels.cusparselt import CSLTLinear
-    from vnm_compile.kernels.sparse_tc import feature_major, pack_sparse_tc
+    from vnm_compile.kernels.sparse_tc import pack_sparse_tc
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
 
@@ -174,20 +176,33 @@ def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
     ws = [weight] + [weight.clone() for _ in range(_copies(weight.numel() * 2, dev) - 1)]
     rec["dense_us"] = time_graph([lambda w=w: F.linear(x, w) for w in ws])
     del ws
-    c24 = CSLTLinear(weight * vnm_mask(weight.abs().float(), VNMPattern.parse("2:4")))
-    x_fm = x.t().contiguous()
-    rec["cslt_us"] = time_graph([lambda: c24.feature_major(x_fm)])
     w = VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p)
     ref = x.float() @ w.to_dense().float().t()
     packed = pack_sparse_tc(w)
-    xts = {kind: feature_major(x, packed, {"KERNEL": kind}) for kind in KINDS}
-    y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
-    rec["configs_us"] = {}
     n = _copies(packed.records.numel() * 4, dev)
     copies = [packed] + [
         dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
         for _ in range(n - 1)
     ]
+    return rec, weight, x, ref, packed, copies
+
+
+def time_case(name: str, rows: int, cols: int, tokens: int, pat: str) -> dict:
+    import torch
+
+    from vnm_compile.kernels.benchmark import time_graph
+    from vnm_compile.kernels.cusparselt import CSLTLinear
+    from vnm_compile.kernels.sparse_tc import feature_major
+    from vnm_compile.masks import vnm_mask
+    from vnm_compile.pattern import VNMPattern
+
+    rec, weight, x, ref, packed, copies = gemm_case(name, rows, cols, tokens, pat)
+    c24 = CSLTLinear(weight * vnm_mask(weight.abs().float(), VNMPattern.parse("2:4")))
+    x_fm = x.t().contiguous()
+    rec["cslt_us"] = time_graph([lambda: c24.feature_major(x_fm)])
+    xts = {kind: feature_major(x, packed, {"KERNEL": kind}) for kind in KINDS}
+    y = torch.empty(tokens, rows, device=x.device, dtype=torch.half)
+    rec["configs_us"] = {}
     by_key = {}  # the configs by their JSON key
     for cfg in CONFIGS:
         if not runs_here(cfg, packed):
@@ -265,16 +280,22 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def gemm_arguments(argv: list[str] | None, doc: str, patterns: list[str], config_help: str) -> argparse.Namespace:
+    """The command line of the GEMM benchmarks (this one, bench_wgmma_variants.py): --out, --patterns,
+    --layers, --config (repeatable)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "64:2:16"])
+    parser.add_argument("--patterns", nargs="+", default=patterns)
     parser.add_argument("--layers", nargs="+", default=None, help="only layers whose name contains one of these")
-    parser.add_argument(
-        "--config", action="append", type=parse_config, default=None,
-        help="a tile config to run instead of CONFIGS (repeatable): KERNEL=dense,WR=4,WN=1,NT=8,STAGES=3,KSUB=2,MINB=2",
+    parser.add_argument("--config", action="append", type=parse_config, default=None, help=config_help)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = gemm_arguments(
+        argv, __doc__, ["64:2:5", "64:2:8", "64:2:16"],
+        "a tile config to run instead of CONFIGS (repeatable): KERNEL=dense,WR=4,WN=1,NT=8,STAGES=3,KSUB=2,MINB=2",
     )  # fmt: skip
-    args = parser.parse_args(argv)
     if args.config:
         CONFIGS[:] = args.config
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -282,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vnm_compile.kernels.benchmark import environment
-    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_tc needs a CUDA GPU")
@@ -314,13 +334,23 @@ def main(argv: list[str] | None = None) -> int:
         peak_tflops=peaks, worst_relative_error=worst,
         correctness_cases=cases_run, metadata_map={f"{k[0]},{k[1]}": v for k, v in meta_map.items()},
     )  # fmt: skip
-    results = {"meta": meta, "records": records}
-    out = args.out or results_dir() / gpu_slug(torch.device("cuda"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_tc.json").write_text(json.dumps(results, indent=1))
-    (out / "sparse_tc.md").write_text(to_markdown(results))
-    print(to_markdown(results))
+    write_results(args.out, "sparse_tc", {"meta": meta, "records": records}, to_markdown)
     return 0
+
+
+def write_results(out: Path | None, stem: str, results: dict, markdown) -> None:
+    """``stem``.json and ``stem``.md (``markdown(results)``, also printed) into ``out`` (default
+    benchmarks/results/<gpu>/)."""
+    import torch
+
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
+
+    out = out or results_dir() / gpu_slug(torch.device("cuda"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

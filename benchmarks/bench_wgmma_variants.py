@@ -20,12 +20,8 @@ benchmarks/results/<gpu>/).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import itertools
-import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -98,34 +94,14 @@ def load_bytes(packed, tokens: int, cfg: dict) -> int:
 
 def time_case(name: str, rows: int, cols: int, tokens: int, pat: str, configs: list[dict]) -> dict:
     import torch
-    import torch.nn.functional as F
 
-    from vnm_compile.format import VNMWeight
-    from vnm_compile.kernels.benchmark import _copies, time_graph
-    from vnm_compile.kernels.sparse_tc import feature_major, launch, pack_sparse_tc
-    from vnm_compile.masks import vnm_mask
-    from vnm_compile.pattern import VNMPattern
+    from vnm_compile.kernels.benchmark import time_graph
+    from vnm_compile.kernels.sparse_tc import feature_major, launch
 
-    dev = torch.device("cuda")
-    p = VNMPattern.parse(pat)
-    gen = torch.Generator(device=dev).manual_seed(rows + 3 * cols + tokens)
-    weight = (torch.randn(rows, cols, device=dev, generator=gen) / math.sqrt(cols)).half()
-    x = torch.randn(tokens, cols, device=dev, generator=gen).half()
-    rec: dict = {"name": name, "out_features": rows, "in_features": cols, "tokens": tokens, "pattern": pat}
-    ws = [weight] + [weight.clone() for _ in range(_copies(weight.numel() * 2, dev) - 1)]
-    rec["dense_us"] = time_graph([lambda w=w: F.linear(x, w) for w in ws])
-    del ws
-    w = VNMWeight.from_dense(weight, vnm_mask(weight.abs().float(), p), p)
-    ref = x.float() @ w.to_dense().float().t()
-    packed = pack_sparse_tc(w)
+    rec, _, x, ref, packed, copies = bst.gemm_case(name, rows, cols, tokens, pat)
     xt = feature_major(x)
     rec["transpose_us"] = time_graph([lambda: feature_major(x)])
-    y = torch.empty(tokens, rows, device=dev, dtype=torch.half)
-    n = _copies(packed.records.numel() * 4, dev)
-    copies = [packed] + [
-        dataclasses.replace(packed, records=packed.records.clone(), columns=packed.columns.clone())
-        for _ in range(n - 1)
-    ]
+    y = torch.empty(tokens, rows, device=x.device, dtype=torch.half)
     rec["configs_us"] = {}
     for cfg in configs:
         y.fill_(float("nan"))
@@ -186,16 +162,11 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--patterns", nargs="+", default=["64:2:8", "64:2:16", "64:2:5"])
-    parser.add_argument("--layers", nargs="+", default=None, help="only layers whose name contains one of these")
-    parser.add_argument(
-        "--config", action="append", type=bst.parse_config, default=None,
-        help="a wgmma config to run instead of CONFIGS (repeatable; the first one is probed): "
-             "KERNEL=wgmma,WG=1,TNW=256,WST=4,MINB=2,WNI=128,WPIPE=1",
+    args = bst.gemm_arguments(
+        argv, __doc__, ["64:2:8", "64:2:16", "64:2:5"],
+        "a wgmma config to run instead of CONFIGS (repeatable; the first one is probed): "
+        "KERNEL=wgmma,WG=1,TNW=256,WST=4,MINB=2,WNI=128,WPIPE=1",
     )  # fmt: skip
-    args = parser.parse_args(argv)
     configs = args.config or CONFIGS
     if any(c.get("KERNEL") != "wgmma" or "WPROBE" in c for c in configs):
         raise SystemExit("--config: wgmma configs only (KERNEL=wgmma), without WPROBE (the probes are added)")
@@ -204,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vnm_compile.kernels.benchmark import environment
-    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
     from vnm_compile.kernels.sparse_tc import wgmma_available
 
     if not wgmma_available("cuda"):
@@ -229,12 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment(torch.device("cuda"), torch.float16)
     meta.update(seconds=round(time.time() - t0, 1), date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                 worst_relative_error=worst, correctness_cases=cases_run, l2_read_TBps=l2 / 1e12)  # fmt: skip
-    results = {"meta": meta, "configs": configs, "records": records}
-    out = args.out or results_dir() / gpu_slug(torch.device("cuda"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "wgmma_variants.json").write_text(json.dumps(results, indent=1))
-    (out / "wgmma_variants.md").write_text(to_markdown(results))
-    print(to_markdown(results))
+    bst.write_results(args.out, "wgmma_variants", {"meta": meta, "configs": configs, "records": records}, to_markdown)
     return 0
 
 

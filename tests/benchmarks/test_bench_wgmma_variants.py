@@ -1,5 +1,6 @@
 """bench_wgmma_variants: the bytes its gathers read and the table (CPU, a packed weight and made-up times)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_configs_are_ones_the_kernel_takes_and_the_gathered_bytes():
     assert bench.load_bytes(packed, 300, bench.CONFIGS[0]) == 3 * 2 * 2 * (32 * 256 * 2 + REC_BYTES)
 
 
-def test_table_marks_the_best_config_and_the_bounds():
+def test_table_marks_the_best_config_and_the_bounds(tmp_path):
     configs = [{"KERNEL": "wgmma", "WG": 1, "TNW": 256}, {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WNI": 128}]
     rec = {"name": "l", "out_features": 64, "in_features": 128, "tokens": 2048, "pattern": "64:2:8",
            "dense_us": 100.0, "transpose_us": 10.0, "configs_us": {"WG=1 TNW=256": 80.0, "WG=1 TNW=256 WNI=128": 50.0},
@@ -41,3 +42,7 @@ def test_table_marks_the_best_config_and_the_bounds():
         in md
     )
     assert "c1 = `WG=1 TNW=256 WNI=128`" in md and "9.5 TB/s" in md
+    results = {"meta": meta, "configs": configs, "records": [rec]}
+    bench.bst.write_results(tmp_path, "wgmma_variants", results, bench.to_markdown)
+    assert (tmp_path / "wgmma_variants.md").read_text() == md
+    assert json.loads((tmp_path / "wgmma_variants.json").read_text()) == results
