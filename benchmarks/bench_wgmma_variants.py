@@ -137,13 +137,14 @@ def to_markdown(results: dict) -> str:
         "WPROBE=1 (no wgmma) / WPROBE=2 (no gathers of x^T rows), in us; the kernel is bound by what is "
         "left when the other part is taken out. `loads TB/s`: the bytes c0's gathers read (x^T rows and "
         f"records) / its loads-only time, against {meta['l2_read_TBps']:.1f} TB/s measured here for reading "
-        "a buffer held in L2 (all SMs, 16 KiB loads).",
+        "a buffer held in L2 (all SMs, 16 KiB loads). `loads-only bound`: dense time / loads-only time, "
+        "x^T given / with the transpose counted: the speed-up this kernel could not pass with free multiplies.",
         "",
         "Configs: " + "; ".join(f"c{i} = `{key(c)}`" for i, c in enumerate(configs)),
         "",
         f"| layer | out x in | tokens | pattern | dense us | transpose us | {head} | best us | best + transpose "
-        "| c0 us | loads only us | no x gathers us | loads TB/s |",
-        "|---|---|---|---|---|---|" + "---|" * len(configs) + "---|---|---|---|---|---|",
+        "| c0 us | loads only us | no x gathers us | loads TB/s | loads-only bound |",
+        "|---|---|---|---|---|---|" + "---|" * len(configs) + "---|---|---|---|---|---|---|",
     ]
     for r in results["records"]:
         cells = " | ".join(
@@ -156,7 +157,8 @@ def to_markdown(results: dict) -> str:
             f"| {r['name']} | {r['out_features']}x{r['in_features']} | {r['tokens']} | {r['pattern']} "
             f"| {r['dense_us']:.1f} | {r['transpose_us']:.1f} | {cells} | {r['best_us']:.1f} "
             f"| {r['dense_us'] / (r['best_us'] + r['transpose_us']):.2f}x | {c0:.1f} | {r['probe1_us']:.1f} "
-            f"| {r['probe2_us']:.1f} | {r['c0_load_bytes'] / r['probe1_us'] / 1e6:.1f} |"
+            f"| {r['probe2_us']:.1f} | {r['c0_load_bytes'] / r['probe1_us'] / 1e6:.1f} "
+            f"| {r['dense_us'] / r['probe1_us']:.2f}x / {r['dense_us'] / (r['probe1_us'] + r['transpose_us']):.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,7 @@ def test_table_marks_the_best_config_and_the_bounds(tmp_path):
             "command": "cmd", "correctness_cases": 3, "worst_relative_error": 1e-3, "l2_read_TBps": 9.5}  # fmt: skip
     md = bench.to_markdown({"meta": meta, "configs": configs, "records": [rec]})
     assert (
-        "| l | 64x128 | 2048 | 64:2:8 | 100.0 | 10.0 | 1.25 | **2.00** | 50.0 | 1.67x | 80.0 | 40.0 | 20.0 | 2.0 |"
+        "| l | 64x128 | 2048 | 64:2:8 | 100.0 | 10.0 | 1.25 | **2.00** | 50.0 | 1.67x | 80.0 | 40.0 | 20.0 | 2.0 | 2.50x / 2.00x |"
         in md
     )
     assert "c1 = `WG=1 TNW=256 WNI=128`" in md and "9.5 TB/s" in md
