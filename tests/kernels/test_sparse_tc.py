@@ -65,11 +65,9 @@ CONFIGS = [
     # wider wgmma instructions (m64n128k32, m64n256k32), and a k-step's wgmma left in flight (WPIPE=1)
     {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 4, "MINB": 2, "WNI": 128, "WPIPE": 1},
     {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 3, "WNI": 256},
-    # the warpgroups of a CTA on one V block, 128 tokens each, sharing its records (WTOK=1)
-    {"KERNEL": "wgmma", "WG": 2, "TNW": 128, "WST": 4, "WTOK": 1},
 ]
 CONFIG_IDS = ["gather", "dense", "dense-bulk", "default", "wgmma", "wgmma-2x64", "wgmma-4x128", "wgmma-share",
-              "wgmma-n128-pipe", "wgmma-2xn256", "wgmma-tok"]  # fmt: skip
+              "wgmma-n128-pipe", "wgmma-2xn256"]  # fmt: skip
 
 
 def test_selector1_map_moves_each_field_two_lanes():
@@ -328,9 +326,6 @@ def test_wgmma_configs_and_their_shared_memory():
         check_wgmma_config(cfg, packed)  # raises on a config the kernel does not take
     # stages x blocks x (B tile + record) + the blocks' index tables + the 1024-byte alignment slack
     assert _smem_bytes(WGMMA_CONFIG, 10, 0) == 4 * (64 * 256 + 2336) + 10 * 64 + 1024
-    # WTOK=1: one V block per CTA, so one record per stage and one index table for the WG B tiles
-    tok = {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4, "WTOK": 1}
-    assert _smem_bytes(tok, 10, 0) == 4 * (2 * 64 * 256 + 2336) + 10 * 64 + 1024
 
 
 def test_wgmma_config_check_names_what_does_not_fit():
@@ -348,8 +343,6 @@ def test_wgmma_config_check_names_what_does_not_fit():
         ({**good, "WPIPE": 2}, w64, "WPIPE is 0 or 1"),
         ({**good, "WPROBE": 3}, w64, "WPROBE is 0, 1 or 2"),
         ({**good, "WG": 2, "SHARE": 1}, w64, "V a multiple of 128"),
-        ({**good, "WTOK": 2}, w64, "WTOK is 0 or 1"),
-        ({**WGMMA_SHARE_CONFIG, "WTOK": 1}, w128, "excludes SHARE=1"),
     ]
     for cfg, w, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -582,9 +582,8 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
 def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
     """Shared memory of one CTA: the pipeline (+ the gather kernel's index table), or the epilogue's
     staging tile if larger."""
-    if cfg.get("KERNEL") == "wgmma":  # B tiles and records per stage, the index tables, 1024-byte alignment
-        blocks = 1 if cfg.get("WTOK") else cfg["WG"]  # V blocks per CTA: their records and indices
-        pipeline = cfg["WST"] * (cfg["WG"] * 64 * cfg["TNW"] + blocks * REC_BYTES) + blocks * steps * 64
+    if cfg.get("KERNEL") == "wgmma":  # B tiles and records per stage, the index table, 1024-byte alignment
+        pipeline = cfg["WST"] * cfg["WG"] * (64 * cfg["TNW"] + REC_BYTES) + cfg["WG"] * steps * 64
         return max(pipeline, cfg["WG"] * cfg["TNW"] * 144) + 1024
     tn = 8 * cfg["NT"] * cfg["WN"]
     records = cfg["WR"] * cfg["KSUB"] * REC_BYTES
@@ -651,9 +650,8 @@ def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
     """The wgmma kernel's compile-time defines for ``config`` (its keys less KERNEL), or a ValueError naming
     what does not fit: TNW (tokens per CTA) 64/128/256, WG (V blocks per CTA) 1/2/4, WST (stages) >= 3, the
     threads splitting a B tile evenly, WNI (tokens per wgmma instruction) 64/128/256 dividing TNW, WPIPE 0/1
-    (1 needs two instructions per k-step: with one, ptxas serializes the wgmma, warning C7513), WTOK 0/1
-    (1: the WG warpgroups share one V block, TNW tokens each; not with SHARE), SHARE=1 only on 128-row V
-    blocks. WPROBE (measurement only, outputs wrong: bench_wgmma_variants.py) 0, 1 or 2."""
+    (1 needs two instructions per k-step: with one, ptxas serializes the wgmma, warning C7513), SHARE=1 only
+    on 128-row V blocks. WPROBE (measurement only, outputs wrong: bench_wgmma_variants.py) 0, 1 or 2."""
     cfg = {k: v for k, v in config.items() if k != "KERNEL"}
     if cfg.get("TNW", 0) not in (64, 128, 256) or cfg.get("WG", 0) not in (1, 2, 4) or cfg.get("WST", 0) < 3:
         raise ValueError(f"wgmma config needs TNW in (64, 128, 256), WG in (1, 2, 4), WST >= 3: got {config}")
@@ -670,8 +668,6 @@ def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
                          f"one, ptxas serializes them): got {config}")  # fmt: skip
     if cfg.get("WPROBE", 0) not in (0, 1, 2):
         raise ValueError(f"wgmma config: WPROBE is 0, 1 or 2, got {config}")
-    if cfg.get("WTOK", 0) not in (0, 1) or (cfg.get("WTOK") and cfg.get("SHARE")):
-        raise ValueError(f"wgmma config: WTOK is 0 or 1, and 1 (one V block per CTA) excludes SHARE=1: got {config}")
     if cfg.get("SHARE") and (cfg["WG"] == 1 or w.block_rows % 128):
         raise ValueError(f"SHARE=1 pairs the 64-row halves of 128-row V blocks: needs WG >= 2 and V a multiple "
                          f"of 128, got WG={cfg['WG']} and V={w.block_rows}")  # fmt: skip
@@ -691,9 +687,8 @@ def _launch_wgmma(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: T
     k = _kernels().get(KERNELS["wgmma"], "90a", WGMMA=1, BF16=int(w.dtype == torch.bfloat16), **cfg)
     blocks, steps = w.records.shape[:2]
     smem = _shared_memory(config, steps, w, y.device, "fewer stages (WST), tokens (TNW) or blocks (WG)")
-    per_cta = (1, cfg["WG"]) if cfg.get("WTOK") else (cfg["WG"], 1)  # (V blocks, TNW-token tiles) per CTA
     k(
-        (-(-blocks // per_cta[0]), -(-tokens // (cfg["TNW"] * per_cta[1])), 1), (cfg["WG"] * 128, 1, 1),
+        (-(-blocks // cfg["WG"]), -(-tokens // cfg["TNW"]), 1), (cfg["WG"] * 128, 1, 1),
         [xt, xt.stride(0), tokens, w.records, w.columns, blocks, steps, y, y.stride(0), w.out_features,
          y if bias is None else bias, int(bias is not None), w.records if w.row_index is None else w.row_index,
          int(w.row_index is not None)],

@@ -882,17 +882,13 @@ extern "C" __global__ void peak_mma(float* out, int iters) {
 #ifndef WPROBE
 #define WPROBE 0  // measurement only (bench_wgmma_variants.py): 1 skips the wgmma (loads alone), 2 the B gathers
 #endif
-#ifndef WTOK
-#define WTOK 0  // 1: the WG warpgroups take one V block, TNW tokens each, and share its records and indices
-#endif
-#define WBLK (WTOK ? 1 : WG)  // V blocks per CTA (their records and gather indices)
 #define WREC REC  // the mma.sp records: A fragments 2048, metadata 256, local rows 32
 #define WXB (32 * TNW * 2)
 #define WTHREADS (WG * 128)
 #define WCH (TNW / 8)
 #define WXL (32 * WCH / WTHREADS)
 #define WRCH (WREC / 16)
-#define WRL ((WBLK * WRCH + WTHREADS - 1) / WTHREADS)
+#define WRL ((WG * WRCH + WTHREADS - 1) / WTHREADS)
 #if BF16
 #define WTYPE "bf16"
 #else
@@ -949,17 +945,16 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
     const int* __restrict__ row_index, int has_rows) {
     extern __shared__ __align__(1024) unsigned char wsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wi = warp & 3;
-    static_assert(!(WTOK && SHARE), "WTOK=1 and SHARE=1 exclude each other");
-    const int blk0 = blockIdx.x * WBLK, t0 = blockIdx.y * TNW * (WTOK ? WG : 1);
+    const int blk0 = blockIdx.x * WG, t0 = blockIdx.y * TNW;
     const u32 raw = smem_addr(wsm), pad = (1024u - (raw & 1023u)) & 1023u;  // swizzle atoms: 1024-aligned
     unsigned char* smem = wsm + pad;
     const u32 sbase = raw + pad;
-    // B tiles [WST][WG] (WXB bytes each), records [WST][WBLK] (WREC), the blocks' gather indices [WBLK][nkc][32]
-    constexpr u32 RBASE = WST * WG * WXB, IBASE = RBASE + WST * WBLK * WREC;
+    // B tiles [WST][WG] (WXB bytes each), records [WST][WG] (WREC), the blocks' gather indices [WG][nkc][32]
+    constexpr u32 RBASE = WST * WG * WXB, IBASE = RBASE + WST * WG * WREC;
     const u16* itab = reinterpret_cast<const u16*>(smem + IBASE);
     {
         const int chunks = nkc * 4;  // 16-byte chunks of one block's indices
-        for (int b = 0; b < WBLK; ++b) {
+        for (int b = 0; b < WG; ++b) {
             const char* src = reinterpret_cast<const char*>(gidx + (size_t)min(blk0 + b, nb - 1) * nkc * 32);
             for (int j = tid; j < chunks; j += WTHREADS) cp_async16(sbase + IBASE + (b * chunks + j) * 16, src + j * 16, 16);
         }
@@ -968,18 +963,11 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
         __syncthreads();
     }
     // Producer constants: thread tid copies token chunk ch = tid % WCH of rows (tid / WCH) * WXL + i of every
-    // warpgroup's B tile (their WXL gather indices: one shared-memory load), and record chunks tid + i * WTHREADS.
-    // With WTOK=1 warpgroup b's tile holds tokens b * TNW .. of the CTA's.
+    // block's B tile (their WXL gather indices: one shared-memory load), and record chunks tid + i * WTHREADS.
     static_assert(WTHREADS % WCH == 0 && (32 * WCH) % WTHREADS == 0, "x^T chunks must split evenly");
-    const int ch = tid % WCH;
-    u32 xsize[WG];  // 16, or 0: zero-fill past the last token
-    const u16* xcol[WG];
-#pragma unroll
-    for (int b = 0; b < WG; ++b) {
-        const int tok = t0 + (WTOK ? b * TNW : 0) + ch * 8;
-        xsize[b] = tok < T ? 16u : 0u;
-        xcol[b] = xt + (tok < T ? tok : 0);
-    }
+    const int ch = tid % WCH, tok = t0 + ch * 8;
+    const u32 xsize = tok < T ? 16u : 0u;  // zero-fill past the last token
+    const u16* xcol = xt + (tok < T ? tok : 0);
     u32 xdst[WXL];
 #pragma unroll
     for (int i = 0; i < WXL; ++i) {
@@ -991,7 +979,7 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
     u32 rdst[WRL];
 #pragma unroll
     for (int i = 0; i < WRL; ++i) {
-        const int id = min(tid + i * WTHREADS, WBLK * WRCH - 1), b = id / WRCH, j = id % WRCH;
+        const int id = min(tid + i * WTHREADS, WG * WRCH - 1), b = id / WRCH, j = id % WRCH;
         rsrc[i] = rec + (size_t)min(blk0 + b, nb - 1) * nkc * WRCH + j;
         rdst[i] = sbase + RBASE + b * WREC + j * 16;
     }
@@ -1000,16 +988,16 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
         for (int b = 0; b < WG; ++b) {
             if (SHARE && (b & 1)) continue;
             WIdx<WXL> idx;
-            idx.v = *reinterpret_cast<const typename WIdx<WXL>::V*>(itab + ((WTOK ? 0 : b) * nkc + ks) * 32 + irow);
+            idx.v = *reinterpret_cast<const typename WIdx<WXL>::V*>(itab + (b * nkc + ks) * 32 + irow);
             const u32 s = sbase + (st * WG + b) * WXB;
 #pragma unroll
             for (int i = 0; i < WXL; ++i)
-                if (WPROBE != 2) cp_async16(s + xdst[i], xcol[b] + (size_t)idx.h[i] * ldx, xsize[b]);
+                if (WPROBE != 2) cp_async16(s + xdst[i], xcol + (size_t)idx.h[i] * ldx, xsize);
         }
 #pragma unroll
         for (int i = 0; i < WRL; ++i)
-            if ((WBLK * WRCH) % WTHREADS == 0 || tid + i * WTHREADS < WBLK * WRCH)
-                cp_async16(rdst[i] + st * WBLK * WREC, rsrc[i] + (size_t)ks * WRCH, 16);
+            if ((WG * WRCH) % WTHREADS == 0 || tid + i * WTHREADS < WG * WRCH)
+                cp_async16(rdst[i] + st * WG * WREC, rsrc[i] + (size_t)ks * WRCH, 16);
     };
 
     float acc[TNW / 2];
@@ -1048,8 +1036,7 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
         }
         if (!WPIPE) wait(a, e);
         const int st = ks % WST;
-        const u32 ra = sbase + RBASE + (st * WBLK + (WTOK ? 0 : wg)) * WREC;
-        const u32 rb = sbase + (st * WG + (SHARE ? wg & ~1 : wg)) * WXB;
+        const u32 ra = sbase + RBASE + (st * WG + wg) * WREC, rb = sbase + (st * WG + (SHARE ? wg & ~1 : wg)) * WXB;
         asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(e) : "r"(ra + eofs) : "memory");
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                      : "=r"(a.x), "=r"(a.y), "=r"(a.z), "=r"(a.w) : "r"(ra + (wi * 32 + lane) * 16) : "memory");
@@ -1075,8 +1062,7 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
 
     // Epilogue: bias, the warpgroup's tile staged in shared memory as [token][64 rows] (72-half pitch), then
     // 16-byte token-major stores (without an output permutation), else one element at a time via row_index.
-    const int blk = blk0 + (WTOK ? 0 : wg), g = lane >> 2, q = lane & 3, wt = tid & 127;
-    const int tw = t0 + (WTOK ? wg * TNW : 0);  // the warpgroup's first token
+    const int blk = blk0 + wg, g = lane >> 2, q = lane & 3, wt = tid & 127;
     u16* tile = reinterpret_cast<u16*>(smem) + wg * TNW * 72;
     float bv[2];
 #pragma unroll
@@ -1099,14 +1085,14 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
     if (!has_rows && blk * 64 + 64 <= R && (ldy & 7) == 0) {
 #pragma unroll 4
         for (int p = 0; p < TNW / 16; ++p) {  // 8 threads per token row (8 x 16 bytes), 16 rows per pass
-            const int tk = p * 16 + (wt >> 3), c8 = (wt & 7) * 8, t = tw + tk;
+            const int tk = p * 16 + (wt >> 3), c8 = (wt & 7) * 8, t = t0 + tk;
             if (t < T)
                 *reinterpret_cast<u32x4*>(y + (size_t)t * ldy + blk * 64 + c8) =
                     *reinterpret_cast<const u32x4*>(tile + tk * 72 + c8);
         }
     } else {
         for (int p = wt; p < TNW * 64; p += 128) {
-            const int tk = p >> 6, col = p & 63, t = tw + tk, o = blk * 64 + col;
+            const int tk = p >> 6, col = p & 63, t = t0 + tk, o = blk * 64 + col;
             if (t < T && o < R) {
                 const int orow = has_rows ? row_index[o] : o;
                 if (orow >= 0) y[(size_t)t * ldy + orow] = tile[tk * 72 + col];
