@@ -342,6 +342,7 @@ def test_wgmma_config_check_names_what_does_not_fit():
         ({**good, "WNI": 256}, w64, "1 needs TNW >= 2 \\* WNI"),  # one wgmma per k-step: ptxas serializes
         ({**good, "WPIPE": 2}, w64, "WPIPE is 0 or 1"),
         ({**good, "WPROBE": 3}, w64, "WPROBE is 0, 1 or 2"),
+        ({**good, "WNII": 128}, w64, "unknown keys \\['WNII'\\]"),
         ({**good, "WG": 2, "SHARE": 1}, w64, "V a multiple of 128"),
     ]
     for cfg, w, message in bad:

@@ -646,6 +646,9 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     )  # fmt: skip
 
 
+WGMMA_KEYS = ("WG", "TNW", "WST", "MINB", "SHARE", "WNI", "WPIPE", "WPROBE")  # besides KERNEL
+
+
 def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
     """The wgmma kernel's compile-time defines for ``config`` (its keys less KERNEL), or a ValueError naming
     what does not fit: TNW (tokens per CTA) 64/128/256, WG (V blocks per CTA) 1/2/4, WST (stages) >= 3, the
@@ -653,6 +656,9 @@ def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
     (1 needs two instructions per k-step: with one, ptxas serializes the wgmma, warning C7513), SHARE=1 only
     on 128-row V blocks. WPROBE (measurement only, outputs wrong: bench_wgmma_variants.py) 0, 1 or 2."""
     cfg = {k: v for k, v in config.items() if k != "KERNEL"}
+    unknown = sorted(set(cfg) - set(WGMMA_KEYS))
+    if unknown:
+        raise ValueError(f"wgmma config: unknown keys {unknown} (it takes {', '.join(WGMMA_KEYS)}): got {config}")
     if cfg.get("TNW", 0) not in (64, 128, 256) or cfg.get("WG", 0) not in (1, 2, 4) or cfg.get("WST", 0) < 3:
         raise ValueError(f"wgmma config needs TNW in (64, 128, 256), WG in (1, 2, 4), WST >= 3: got {config}")
     if (4 * cfg["TNW"]) % (128 * cfg["WG"]):
