@@ -11,8 +11,8 @@ time with NVRTC through PyTorch (torch.cuda._utils, a private API: no CUDA toolk
 build of PyTorch). Three kernels: "gather" (each V block's 32 kept x^T rows per k-step, its own copy) and
 "dense" (the 8 groups' 8M x^T rows once per CTA, shared by its WR V blocks, gathered by ldmatrix's row
 addresses), both on the warp-level mma.sp, and on Hopper "wgmma" (gathers like "gather", multiplies with the
-warpgroup-level wgmma.mma_async.sp). vnm::linear runs them with the sparse_tensor_cores option (from a token count up); this
-script times the kernels alone. The few-token decode kernel has its own script, bench_sparse_tc_decode.py.
+warpgroup-level wgmma.mma_async.sp). vnm::linear runs them with the sparse_tensor_cores option (from a
+token count up); this script times the kernels alone. The few-token decode kernel has its own script, bench_sparse_tc_decode.py.
 
 Steps, all on the GPU:
 1. probe: one mma.sp with per-lane operands pins the metadata layout (which lane and nibble hold which
@@ -59,6 +59,13 @@ CONFIGS = [
 KINDS = ("gather", "dense", "wgmma")
 LLAMA = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008)]
 DEIT = [("deit-b qkv", 2304, 768), ("deit-b proj", 768, 768), ("deit-b fc1", 3072, 768), ("deit-b fc2", 768, 3072)]
+
+
+def gemm_cases(layers: list[str] | None) -> list[tuple[str, int, int, int]]:
+    """(name, out, in, tokens) of the GEMM benchmarks: Llama-2-7B at 2048 and 8192 tokens, DeiT-B at 12608
+    (batch 64); only layers whose name contains one of ``layers`` if given."""
+    cases = [(n, r, c, t) for n, r, c in LLAMA for t in (2048, 8192)] + [(n, r, c, 12608) for n, r, c in DEIT]
+    return [case for case in cases if not layers or any(part in case[0] for part in layers)]
 
 
 def parse_config(text: str) -> dict:
@@ -318,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = peak_rates()
     log.info("peak rates (TFLOP/s): %s", {k: round(v) for k, v in peaks.items()})
     records = []
-    cases = [(n, r, c, t) for n, r, c in LLAMA for t in (2048, 8192)] + [(n, r, c, 12608) for n, r, c in DEIT]
-    cases = [case for case in cases if not args.layers or any(part in case[0] for part in args.layers)]
-    for (name, rows, cols, tokens), pat in itertools.product(cases, args.patterns):
+    for (name, rows, cols, tokens), pat in itertools.product(gemm_cases(args.layers), args.patterns):
         rec = time_case(name, rows, cols, tokens, pat)
         records.append(rec)
         log.info("%-18s %5dx%-5d %5d %-7s dense %7.1f  2:4 %.2fx  gather %.2fx  dense-tile %.2fx  wgmma %.2fx "

@@ -45,7 +45,6 @@ CONFIGS = [
     {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4},
     {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 3, "MINB": 3},
 ]
-CASES = [(n, r, c, t) for n, r, c in bst.LLAMA for t in (2048, 8192)] + [(n, r, c, 12608) for n, r, c in bst.DEIT]
 
 
 def key(cfg: dict) -> str:
@@ -187,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     bst.CONFIGS[:] = configs
     worst, cases_run = bst.check_correctness()
     log.info("correctness: %d cases, worst relative error %.2e", cases_run, worst)
-    cases = [case for case in CASES if not args.layers or any(part in case[0] for part in args.layers)]
     records = []
-    for (name, rows, cols, tokens), pat in itertools.product(cases, args.patterns):
+    for (name, rows, cols, tokens), pat in itertools.product(bst.gemm_cases(args.layers), args.patterns):
         if "deit" in name and pat == "64:2:5":
             continue
         rec = time_case(name, rows, cols, tokens, pat, configs)

@@ -46,3 +46,11 @@ def test_table_marks_the_best_config_and_the_bounds(tmp_path):
     bench.bst.write_results(tmp_path, "wgmma_variants", results, bench.to_markdown)
     assert (tmp_path / "wgmma_variants.md").read_text() == md
     assert json.loads((tmp_path / "wgmma_variants.json").read_text()) == results
+
+
+def test_cases_are_the_llama_and_deit_shapes_filtered_by_layer_name():
+    assert len(bench.bst.gemm_cases(None)) == 3 * 2 + 4
+    assert bench.bst.gemm_cases(["down"]) == [
+        ("llama2-7b down", 4096, 11008, 2048),
+        ("llama2-7b down", 4096, 11008, 8192),
+    ]

@@ -25,10 +25,11 @@ M <= 8, else gather; without a config, sparse_tc_linear autotunes the GEMM over 
 Limits: CUDA, compute capability >= 8.0 (BULK=1, bulk copies on mbarriers: 9.0; wgmma: 9.0), fp16/bf16,
 n = 2, V a multiple of 64, fewer than 65536 input features. ``vnm_linear(x, w, sparse_tc=pack_sparse_tc(w),
 sparse_tc_min_tokens=T, sparse_tc_decode_tokens=(lo, hi))`` and the backend option ``sparse_tensor_cores``
-(default "auto": on where :func:`sparse_tc_available`) run them through ``vnm::linear`` from T tokens and at lo..hi tokens. benchmarks/bench_sparse_tc.py
-measures the GEMMs alone (benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 the wgmma kernel
-1.25-1.45x cuBLAS at 64:2:8 and 2.37-2.76x at 64:2:16 on Llama-2-7B prefill shapes, x^T given, 1.04-1.14x
-and 1.26-1.39x faster than the best mma.sp GEMM), bench_sparse_tc_decode.py the decode kernel
+(default "auto": on where :func:`sparse_tc_available`) run them through ``vnm::linear`` from T tokens and at
+lo..hi tokens. benchmarks/bench_sparse_tc.py measures the GEMMs alone
+(benchmarks/results/nvidia-h200/sparse_tc.md: on an H200 the wgmma kernel 1.25-1.45x cuBLAS at 64:2:8 and
+2.37-2.76x at 64:2:16 on Llama-2-7B prefill shapes, x^T given, 1.04-1.14x and 1.26-1.39x faster than the
+best mma.sp GEMM), bench_sparse_tc_decode.py the decode kernel
 (sparse_tc_decode_transposed.md: 64:2:8 2.24-2.75x at 1 token, 1.92-2.23x at 16); bench_linear's
 sparse-TC column the op (linear.md).
 

@@ -48,7 +48,8 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # 3. compress with permutations folded in; 4. rewrite to vnm.linear; 5. one launch for siblings
 # that read the same input (q/k/v, gate/up); 6. with the expand_weights option, the expanded
 # weights for the gather GEMM; 7. with the interleave_rows option, the decode kernel's layout;
-# 8. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp kernels' packed weights.
+# 8. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
+# kernels' packed weights.
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,

@@ -1,5 +1,6 @@
 """Pass 8 (option ``sparse_tensor_cores``, default "auto": on a GPU where the kernels run): hold each
-lowered weight packed for the sparse tensor cores and let the op switch to the mma.sp kernels at the token counts where they win.
+lowered weight packed for the sparse tensor cores and let the op switch to the mma.sp kernels at the
+token counts where they win.
 
 find_linears set, per layer, from how many tokens the sparse tensor cores run it
 (``LinearSite.tc_min_tokens``: the option's count, or with True the measured table's,
