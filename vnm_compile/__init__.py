@@ -37,7 +37,14 @@ __all__ = [
     "mask_diversity",
     "select_pattern",
     "find_permutation",
+    "VNMLinear",
+    "compress_",
+    "decompress_",
+    "save_compressed",
+    "load_compressed",
 ]
+
+_DEPLOY = ("VNMLinear", "compress_", "decompress_", "save_compressed", "load_compressed")
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -52,4 +59,8 @@ def __getattr__(name: str):
         from .calibration.permutation import find_permutation
 
         return find_permutation
+    if name in _DEPLOY:
+        from . import deploy
+
+        return getattr(deploy, name)
     raise AttributeError(f"module 'vnm_compile' has no attribute {name!r}")

@@ -784,3 +784,45 @@ def _tuned_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None)
     key = ("sparse_tc_decode", y.device.index, w.dtype, w.out_features, w.in_features, w.group_width,
            _can_stage(x2, w), _token_bucket(tokens))  # fmt: skip
     return _choose(key, decode_candidates(tokens), lambda cfg: launch_decode(x2, w, y, bias, cfg))
+
+
+def unpack_sparse_tc(w: SparseTCWeight, pattern: VNMPattern | str) -> VNMWeight:
+    """The exact inverse of :func:`pack_sparse_tc` for a weight packed from ``VNMWeight.from_dense``: the
+    row-major VNMWeight (values, columns, meta, row_index) of ``pattern`` back from the records and gather
+    indices. Plain PyTorch, on the records' device (the reference of the dense rebuild, and how a compressed
+    module leaves the sparse-tensor-core layout: checkpoints, decompress_, CPU)."""
+    from ..format import _pack_meta
+    from ..pattern import as_pattern
+
+    p = as_pattern(pattern)
+    if not isinstance(w, SparseTCWeight):
+        raise TypeError(f"unpack_sparse_tc takes a SparseTCWeight, got {type(w).__name__}")
+    if block_rows(p) != w.block_rows:
+        raise ValueError(f"the packed weight has {w.block_rows}-row blocks, {p} has {block_rows(p)}")
+    blocks, steps = w.records.shape[:2]
+    rows_p, gp = blocks * 64, steps * 8
+    groups = -(-w.in_features // p.m)
+    if gp < groups or gp - groups >= 16:
+        raise ValueError(f"the packed weight has {steps} k-steps, not those of {w.in_features} features at {p}")
+    # 1. values: the A fragments back to (row, group, slot); see pack_sparse_tc's permute
+    a = w.records[..., :512].contiguous().view(w.dtype).reshape(blocks, steps, 4, 8, 4, 2, 2, 2)
+    vals = a.permute(0, 2, 6, 3, 1, 5, 4, 7).reshape(rows_p, gp, 2)
+    # 2. positions: each (tile, row, group) 4-bit code from its (lane, field) of the metadata words
+    lanes = torch.empty(4, 16, 8, dtype=torch.long)
+    fields = torch.empty(4, 16, 8, dtype=torch.long)
+    for mt in range(4):
+        for (lane, field), (r, c) in (selector1_map(METADATA_MAP) if mt % 2 else METADATA_MAP).items():
+            lanes[mt, r, c], fields[mt, r, c] = lane, field
+    lanes, fields = lanes.to(w.records.device), fields.to(w.records.device)
+    e = w.records[..., 512:576].to(torch.int64).reshape(blocks, steps, 2, 32) & 0xFFFFFFFF
+    tile = (torch.arange(4, device=e.device) // 2).view(4, 1, 1).expand(4, 16, 8)
+    words = e[:, :, tile, lanes]  # (blocks, steps, 4, 16, 8)
+    code = (words >> (4 * fields)) & 0xF
+    pos = torch.stack([code & 3, code >> 2], -1)  # (blocks, steps, mt, row, group, slot)
+    pos = pos.permute(0, 2, 3, 1, 4, 5).reshape(rows_p, gp, 2)
+    # 3. the blocks' kept columns (unsigned 16-bit), one V block per V / 64 records
+    cols = (w.columns.to(torch.int64) & 0xFFFF).reshape(blocks, gp, 4)[:: w.block_rows // 64, :groups]
+    index_dtype = torch.int16 if w.in_features <= torch.iinfo(torch.int16).max else torch.int32
+    values = vals[:, :groups].reshape(rows_p, groups * 2).contiguous()
+    meta = _pack_meta(pos[:, :groups], 2)
+    return VNMWeight(values, cols.to(index_dtype).contiguous(), meta, w.row_index, p, (w.out_features, w.in_features))
