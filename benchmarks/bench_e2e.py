@@ -173,10 +173,9 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
-def build_llama(args):
-    """The Llama-2-7B-shaped decoder stack (LlamaModel: no lm_head) with random weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaModel
+def build_llama_config(args):
+    """The Llama-2-7B shapes (--smoke: tiny ones) with --llama-layers layers."""
+    from transformers import LlamaConfig
 
     shape = (256, 704, 4, 512) if args.smoke else (4096, 11008, 32, 32000)
     cfg = LlamaConfig(
@@ -188,9 +187,17 @@ def build_llama(args):
         vocab_size=shape[3],
         max_position_embeddings=4096,
     )
+    return cfg
+
+
+def build_llama(args):
+    """The Llama-2-7B-shaped decoder stack (LlamaModel: no lm_head) with random weights."""
+    import torch
+    from transformers import LlamaModel
+
     torch.manual_seed(0)
     with torch.device(args.device):
-        return LlamaModel(cfg).to(args.dtype).eval()
+        return LlamaModel(build_llama_config(args)).to(args.dtype).eval()
 
 
 def build_deit(args):

@@ -46,7 +46,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("pattern", ["16:2:5", "64:2:8", "2:4"])
 def test_compress_decompress_round_trip_is_exact(dtype, permute, pattern):
     model = _sparse(dtype, pattern, permute)
-    weights = {n: (m.weight.detach().clone(), get_sparsity(m)) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights = {
+        n: (m.weight.detach().clone(), get_sparsity(m)) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
     x = torch.randn(4, 3, 97, dtype=torch.float32)
     with torch.no_grad():
         ref = model.float()(x)
@@ -182,7 +184,14 @@ def test_save_and_load_into_a_meta_model(tmp_path, shard):
     transformers, cfg = _llama()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    sparsify_(model, VNMConfig("64:2:8", score="abs", permute=True), progress=False)
+    # q/k/v and gate/up share one input permutation (one tensor: stored once in the checkpoint)
+    groups = [[f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
+    groups += [[f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in range(2)]
+    sparsify_(model, VNMConfig("64:2:8", score="abs", permute=True), groups=groups, progress=False)
+    assert (
+        get_sparsity(model.model.layers[0].self_attn.k_proj).in_perm
+        is get_sparsity(model.model.layers[0].self_attn.q_proj).in_perm
+    )
     ids = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         ref = model(ids).logits
@@ -253,3 +262,21 @@ def test_errors_for_models_without_state():
         decompress_(_mlp(torch.float32))
     with pytest.raises(ValueError, match="layout 'tc' is not available"):
         compress_(_sparse(torch.float16), layout="tc")
+
+
+@pytest.mark.parametrize("pattern", ["64:2:8", "128:2:5"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tc_dense_rebuild_kernel_matches_the_weight(pattern, dtype, monkeypatch):
+    """The Triton rebuild of the dense weight from the sparse-tensor-core packing (interpreted on CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from vnm_compile import VNMPattern, VNMWeight, vnm_mask
+    from vnm_compile.kernels.sparse_tc import pack_sparse_tc
+    from vnm_compile.kernels.tc_dense import tc_to_dense
+
+    p = VNMPattern.parse(pattern)
+    torch.manual_seed(0)
+    for rows, cols in ((131, 203), (64, 1000)):
+        w = torch.randn(rows, cols).to(dtype)
+        mask = vnm_mask(w.float().abs(), p)
+        packed = pack_sparse_tc(VNMWeight.from_dense(w, mask, p))
+        assert torch.equal(tc_to_dense(packed.records, packed.columns, rows, cols, p, dtype), w * mask)

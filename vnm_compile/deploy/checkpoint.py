@@ -231,7 +231,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
     modules = dict(model.named_modules())
     for name, info in layers.items():
         prefix = f"{name}." if name else ""
-        t = {k: read(prefix + k) if prefix + k in weight_map else None for k in _LAYER_KEYS}
+        t = {k: read(prefix + k) if prefix + k in weight_map or prefix + k in aliases else None for k in _LAYER_KEYS}
         pattern = VNMPattern.parse(info["pattern"])
         header = [int(x) for x in t["vnm_header"].tolist()]
         if header[0] != FORMAT_VERSION or header[1:4] != [pattern.v, pattern.n, pattern.m]:

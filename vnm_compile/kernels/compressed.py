@@ -89,6 +89,11 @@ def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch
 
 def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
     """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates."""
+    layout, v, n, m, out = _check(weight, spec)
+    if layout == LAYOUT_TC:
+        from .tc_dense import tc_to_dense
+
+        return tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
     w = unpack(weight, spec, in_features, dtype)
     return decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape)
 
