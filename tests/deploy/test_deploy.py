@@ -280,3 +280,33 @@ def test_tc_dense_rebuild_kernel_matches_the_weight(pattern, dtype, monkeypatch)
         mask = vnm_mask(w.float().abs(), p)
         packed = pack_sparse_tc(VNMWeight.from_dense(w, mask, p))
         assert torch.equal(tc_to_dense(packed.records, packed.columns, rows, cols, p, dtype), w * mask)
+
+
+def test_vnm_backend_fuses_compressed_siblings_without_copying():
+    """q/k/v and gate/up of a compressed Llama share one storage (share_storage_) and run as one launch each."""
+    transformers, cfg = _llama()
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    groups = [[f"layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
+    groups += [[f"layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in range(2)]
+    sparsify_(model, VNMConfig("64:2:8", score="abs", permute=True), groups=groups, progress=False)
+    ids = torch.randint(0, 300, (2, 5))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+        compress_(model, progress=False)
+        attn = model.layers[0].self_attn
+        assert attn.q_proj.values.untyped_storage().data_ptr() == attn.v_proj.values.untyped_storage().data_ptr()
+        held = sum(t.untyped_storage().nbytes() for t in model.buffers())
+        from vnm_compile.backend import last_report
+
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="vnm")(ids).last_hidden_state
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        report = last_report()
+        assert (report.compressed_calls, report.compressed_launches) == (14, 8)  # 2 x (q/k/v, o, gate/up, down)
+        assert "14 compressed linears (VNMLinear) in 8 launches" in report.summary()
+        assert sum(t.untyped_storage().nbytes() for t in model.buffers()) == held
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="vnm", options={"fuse_siblings": False})(ids).last_hidden_state
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert last_report().compressed_launches == 14

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..format import VNMWeight
 from ..pattern import VNMPattern
-from .convert import _replace, compressed_linears
+from .convert import _replace, compressed_linears, share_storage_
 from .linear import FORMAT_VERSION, VNMLinear
 
 __all__ = ["save_compressed", "load_compressed", "INDEX_NAME", "FORMAT_NAME"]
@@ -113,7 +113,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, max_shard_size
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        st.save_file({k: t.detach().to("cpu").contiguous() for k, t in shard.items()}, out / name, {"format": "pt"})
+        st.save_file({k: _owned(t) for k, t in shard.items()}, out / name, {"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in stored.values())
     index = {
@@ -124,6 +124,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, max_shard_size
     (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
     log.info("saved %d tensors (%.1f MiB) in %d shard(s) to %s", len(stored), total / 2**20, len(shards), out)
     return out / INDEX_NAME
+
+
+def _owned(t: Tensor) -> Tensor:
+    """A CPU tensor owning its whole storage (safetensors refuses views: compressed siblings share one)."""
+    t = t.detach().to("cpu")
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _read_index(path: Path) -> dict:
@@ -254,4 +262,5 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
     for key in buffers:
         owner, _, name = key.rpartition(".")
         model.get_submodule(owner)._buffers[name] = read(key)
+    share_storage_(model)
     return model

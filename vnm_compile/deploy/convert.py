@@ -11,7 +11,7 @@ from torch import nn
 from ..state import LinearSparsity, get_sparsity, set_sparsity, sparse_linears
 from .linear import VNMLinear
 
-__all__ = ["compress_", "decompress_", "compressed_linears", "memory_report"]
+__all__ = ["compress_", "decompress_", "compressed_linears", "memory_report", "share_storage_"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def compress_(model: nn.Module, *, layout: str = "auto", progress: bool = True) 
         new = VNMLinear.from_linear(module, get_sparsity(module), layout=layout)
         new.train(module.training)
         _replace(model, module, new)
+    share_storage_(model)
     log.info("%s", memory_report(model).splitlines()[-1])
     return model
 
@@ -84,6 +85,39 @@ def decompress_(model: nn.Module, *, progress: bool = True) -> nn.Module:
         set_sparsity(linear, LinearSparsity(module.pattern, module.mask(), in_perm, out_perm))
         _replace(model, module, linear)
     return model
+
+
+def _storage_key(m: VNMLinear) -> tuple:
+    first = m._weight_tensors()[0]
+    return (m.layout, str(m.pattern), m.in_features, m.weight_dtype, first.device)
+
+
+@torch.no_grad()
+def share_storage_(model: nn.Module) -> int:
+    """Lay the compressed weights of sibling candidates out in one storage **in place**: the VNMLinear
+    children of one parent with the same layout, pattern, input width, dtype and device, in module order,
+    become views into one tensor per weight key (rows concatenated; each weight's rows are padded to whole
+    V blocks). q/k/v and gate/up then sit side by side, so the "vnm" backend runs linears that read one
+    input as one launch on a view of that storage, without a copy. Returns the number of groups."""
+    groups = 0
+    for parent in model.modules():
+        by_key: dict[tuple, list[VNMLinear]] = {}
+        for child in parent.children():
+            if isinstance(child, VNMLinear) and child._weight_tensors()[0].device.type != "meta":
+                by_key.setdefault(_storage_key(child), []).append(child)
+        for members in by_key.values():
+            if len(members) < 2 or len({id(m) for m in members}) < len(members):
+                continue
+            keys = [entry[0] for entry in members[0]._buffer_shapes(members[0].layout)]
+            for key in keys:
+                fused = torch.cat([getattr(m, key) for m in members])
+                row = 0
+                for m in members:
+                    rows = getattr(m, key).shape[0]
+                    m._buffers[key] = fused[row : row + rows]
+                    row += rows
+            groups += 1
+    return groups
 
 
 def compressed_linears(model: nn.Module) -> dict[str, VNMLinear]:

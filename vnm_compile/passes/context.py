@@ -239,6 +239,8 @@ class CompileReport:
 
     layers: list[LayerCompileReport] = field(default_factory=list)
     graph_id: int = 0
+    compressed_calls: int = 0  # vnm::compressed_linear calls of compressed modules (VNMLinear) in the graph
+    compressed_launches: int = 0  # the launches they run as after sibling fusion
 
     @property
     def lowered(self) -> list[LayerCompileReport]:
@@ -274,9 +276,14 @@ class CompileReport:
         expanded_note += f", row-interleaved copies held: {sum(inter.values()) / 2**20:.1f} MiB" if inter else ""
         tc = {r.fused_with or (r.name,): r.tc_bytes for r in self.lowered if r.tc_bytes}
         expanded_note += f", sparse-tensor-core packings held: {sum(tc.values()) / 2**20:.1f} MiB" if tc else ""
+        compressed = (
+            f", {self.compressed_calls} compressed linears (VNMLinear) in {self.compressed_launches} launches"
+            if self.compressed_calls
+            else ""
+        )
         return (
             f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}"
-            f"{fused_note}{expanded_note}, "
+            f"{fused_note}{expanded_note}{compressed}, "
             f"{len(self.dense)} left dense"
         )
 
@@ -303,6 +310,8 @@ class CompileContext:
     options: CompileOptions
     example_inputs: list[Any]
     sites: list[LinearSite] = field(default_factory=list)
+    compressed_calls: int = 0
+    compressed_launches: int = 0
 
     def to_lower(self) -> list[LinearSite]:
         return [s for s in self.sites if s.dense_reason is None]
@@ -334,7 +343,7 @@ class CompileContext:
                 if s.compressed is not None:
                     r.sparse_bytes = s.compressed.nbytes
             layers.append(r)
-        return CompileReport(layers, graph_id)
+        return CompileReport(layers, graph_id, self.compressed_calls, self.compressed_launches)
 
 
 def placeholder_source(node: fx.Node):
