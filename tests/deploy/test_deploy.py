@@ -304,7 +304,7 @@ def test_vnm_backend_fuses_compressed_siblings_without_copying():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         report = last_report()
         assert (report.compressed_calls, report.compressed_launches) == (14, 8)  # 2 x (q/k/v, o, gate/up, down)
-        assert "14 compressed linears (VNMLinear) in 8 launches" in report.summary()
+        assert "14 vnm::compressed_linear calls in 8 launches" in report.summary()
         assert sum(t.untyped_storage().nbytes() for t in model.buffers()) == held
         torch._dynamo.reset()
         out = torch.compile(model, backend="vnm", options={"fuse_siblings": False})(ids).last_hidden_state

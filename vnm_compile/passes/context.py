@@ -74,6 +74,13 @@ class CompileOptions:
             passes/sparse_tc_weights.py) and on CUDA runs inputs of those many rows on them; a layer
             whose Triton kernels never beat dense is then lowered too, running dense at the other
             counts. False (or None): off, the Triton kernels only and no packed copy.
+        permutations: how a permuted layer (sparsify_ with permute=True) runs. "index" (default): its
+            weight is held in the coordinates in which it obeys the pattern and the permutations become
+            index ops on x and on the output (inductor fuses them into the ops producing x and consuming
+            the output), so the kernels read contiguous kept columns; the layer runs
+            vnm::compressed_linear, which picks sparse or dense per call by measurement (no dense weight
+            copy). "fold": the permutations folded into the kernels' column indices and row store (the
+            kept columns scattered over the whole input: slower from a few tokens up, measured).
     """
 
     pattern: VNMPattern | str | None = None
@@ -89,8 +96,11 @@ class CompileOptions:
     expand_weights: bool = False
     interleave_rows: bool = False
     sparse_tensor_cores: bool | int | str | None = "auto"
+    permutations: str = "index"
 
     def __post_init__(self) -> None:
+        if self.permutations not in ("index", "fold"):
+            raise ValueError(f"vnm backend option 'permutations' must be 'index' or 'fold', got {self.permutations!r}")
         if self.pattern is not None:
             object.__setattr__(self, "pattern", as_pattern(self.pattern))
         if self.score not in SCORES:
@@ -182,6 +192,7 @@ class LinearSite:
     tc_bytes: int = 0  # its weight packed for the sparse tensor cores (sparse_tensor_cores option)
     tc_min_tokens: int | None = None  # run on the sparse tensor cores from this many tokens (same option)
     tc_decode: tuple[int, int] | None = None  # and at these token counts (lo, hi), their decode kernel
+    index_perms: bool = False  # permutations run as index ops around vnm::compressed_linear (option)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -207,6 +218,7 @@ class LayerCompileReport:
     tc_bytes: int = 0
     tc_min_tokens: int | None = None
     tc_decode: tuple[int, int] | None = None
+    index_perms: bool = False
 
     @property
     def mode(self) -> str:
@@ -218,6 +230,8 @@ class LayerCompileReport:
         from N tokens" when their decode kernel also runs it at A-B tokens)."""
         if not self.lowered:
             return "dense"
+        if self.index_perms:
+            return "compressed (dense or sparse per call), permutations as index ops"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""
@@ -277,7 +291,7 @@ class CompileReport:
         tc = {r.fused_with or (r.name,): r.tc_bytes for r in self.lowered if r.tc_bytes}
         expanded_note += f", sparse-tensor-core packings held: {sum(tc.values()) / 2**20:.1f} MiB" if tc else ""
         compressed = (
-            f", {self.compressed_calls} compressed linears (VNMLinear) in {self.compressed_launches} launches"
+            f", {self.compressed_calls} vnm::compressed_linear calls in {self.compressed_launches} launches"
             if self.compressed_calls
             else ""
         )
@@ -294,6 +308,7 @@ class CompileReport:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             if r.lowered:
                 note = r.origin + (", permuted" if r.permuted else "")
+                note += " (folded into the kernel indices)" if r.permuted and not r.index_perms else ""
                 lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {r.mode:<44} {note}")
             else:
                 lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'-':>9}  {r.mode:<44} {r.reason}")
@@ -336,6 +351,7 @@ class CompileContext:
             r.tc_bytes = s.tc_bytes if r.lowered else 0
             r.tc_min_tokens = s.tc_min_tokens if r.tc_bytes else None
             r.tc_decode = s.tc_decode if r.tc_bytes else None
+            r.index_perms = s.index_perms and r.lowered
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

@@ -26,7 +26,7 @@ from torch import fx
 from ..kernels.compressed import LAYOUT_TC
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
-from .fuse_siblings import _slices_ok
+from .fuse_siblings import _drop_unused_buffers, _slices_ok
 from .lower_linears import _constant, _fresh_prefix
 
 __all__ = ["fuse_compressed", "COMPRESSED_TARGETS"]
@@ -135,6 +135,7 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             index += 1
             fused += 1
     if fused:
+        _drop_unused_buffers(gm)  # the members' own constants (weights this compile created, now concatenated)
         graph.lint()
         gm.recompile()
     ctx.compressed_launches = sum(n.op == "call_function" and n.target in COMPRESSED_TARGETS for n in graph.nodes)
