@@ -1,4 +1,4 @@
-"""V:N:M channel permutation (paper section 4.2; DESIGN.md, "Channel permutation").
+"""V:N:M channel permutation (paper section 4.2; docs/design.md, "Channel permutation").
 
 Find an input permutation P_i (columns) and an output permutation P_o (rows) of
 a score matrix S so that S_{V:N:M}(P_o S P_i) keeps more importance than
