@@ -288,7 +288,7 @@ def to_markdown(results: dict) -> str:
 
 
 def gemm_arguments(argv: list[str] | None, doc: str, patterns: list[str], config_help: str) -> argparse.Namespace:
-    """The command line of the GEMM benchmarks (this one, bench_wgmma_variants.py): --out, --patterns,
+    """The command line of the GEMM benchmarks: --out, --patterns,
     --layers, --config (repeatable)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
