@@ -7,8 +7,8 @@ needed), for the configs the package runs: show that an edit of the .cu changes 
     python tools/cuda_fingerprint.py > after.txt && diff before.txt after.txt
 
 Each line: entry point, target, the compile-time defines (sparse_tc's default, shared and autotuning
-configs of each kernel, fp16 and bf16), the sha256 prefix of the PTX without its comment lines, and its
-length. ``--source`` compiles another copy of the file (e.g. ``git show REV:path > old.cu``).
+configs of each kernel, fp16 and bf16), the sha256 prefix of that entry point's PTX (without comment
+lines; the other kernels in the file do not count) and its length. ``--source`` compiles another copy of the file (e.g. ``git show REV:path > old.cu``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ctypes
 import glob
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,7 +56,17 @@ def ptx(lib: ctypes.CDLL, source: str, name: str, arch: str, defines: dict) -> s
     buf = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetPTX(prog, buf)
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return "\n".join(line for line in buf.value.decode().splitlines() if not line.startswith("//"))
+    return _entry(buf.value.decode(), name)
+
+
+def _entry(text: str, name: str) -> str:
+    """The PTX of entry point ``name`` alone (the module also holds every other kernel of the file), without
+    comment lines, its block labels numbered without the function's index in the module ($L__BB<f>_<n>)."""
+    text = re.sub(r"\$L__BB\d+_", "$L__BB_", text)
+    lines = [line for line in text.splitlines() if not line.startswith("//")]
+    start = next(i for i, line in enumerate(lines) if line.startswith(".visible .entry ") and f" {name}(" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+    return "\n".join(lines[start : end + 1])
 
 
 def cases() -> list[tuple[str, str, dict]]:
