@@ -42,7 +42,7 @@ MiniLM's layers are solved whole). The output step ignores that the incoming
 row may change its block's column choice (it is credited with the old one).
 
 Cost: 4096 x 11008, 2 rounds, about a minute on 2 CPU cores (64:2:5 and 64:2:8;
-benchmarks/bench_permutation.py).
+benchmarks/bench_sparsify.py permutation).
 
 Layers that read the same tensor share P_i: ``find_shared_permutation`` runs
 the input step on all of them stacked (each layer's scores divided by its
