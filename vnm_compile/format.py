@@ -1,4 +1,4 @@
-"""VNMWeight: the compressed V:N:M storage the kernels read (DESIGN.md).
+"""VNMWeight: the compressed V:N:M storage the kernels read (docs/design.md, "The format").
 
 For a weight W (R x C) with pattern V:N:M, after optional permutations
 P = W[out_perm][:, in_perm], zero-padded to (Rp, Cp) = multiples of (V, M);

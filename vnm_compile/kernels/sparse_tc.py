@@ -105,10 +105,9 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # and TNW tokens per CTA, WST pipeline stages, MINB CTAs per SM; SHARE=1 (V a multiple of 128) lets the two
 # 64-row halves of a V block read one copy of its gathered x^T rows. WGMMA_CONFIG is the best on average on
 # an H200 at the Llama-2-7B shapes (2048 and 8192 tokens, 64:2:5/8/16; sparse_tc.md), WGMMA_GRID what
-# sparse_tc_linear's autotuning times after it (the best per shape there, DeiT-B's included). WNI (tokens per
-# wgmma instruction, default 64) and WPIPE=1 (a k-step's wgmma left in flight) are not in the grid: side by
-# side with the same tiles they were level or slower (wgmma_variants.md: the gathers of x^T rows, at L2
-# bandwidth, take 77-96 % of the kernel's time, so how the multiplies are issued does not matter).
+# sparse_tc_linear's autotuning times after it (the best per shape there, DeiT-B's included). The gathers of
+# x^T rows, at L2 bandwidth, take 77-96 % of the kernel's time (wgmma_variants.md), so how the multiplies are
+# issued hardly matters: wider instructions and pipelined wgmma were level or slower (docs/experiments.md).
 WGMMA_CONFIG = {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 4, "MINB": 2}
 WGMMA_SHARE_CONFIG = {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4, "SHARE": 1}
 WGMMA_GRID = [
@@ -319,8 +318,8 @@ def _group_rows(cols: Tensor, m: int, in_features: int) -> tuple[Tensor | None, 
 class _Kernels:
     """NVRTC-compiled entry points of vnm_mma_sp.cu, one module per (device, compile-time defines)."""
 
-    def __init__(self) -> None:
-        self._src = SOURCE.read_text()
+    def __init__(self, source: str | None = None) -> None:
+        self._src = SOURCE.read_text() if source is None else source  # another source: benchmarks' probes
         self._cache: dict = {}
         self.checked: set[int] = set()
 
@@ -647,15 +646,13 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     )  # fmt: skip
 
 
-WGMMA_KEYS = ("WG", "TNW", "WST", "MINB", "SHARE", "WNI", "WPIPE", "WPROBE")  # besides KERNEL
+WGMMA_KEYS = ("WG", "TNW", "WST", "MINB", "SHARE")  # besides KERNEL
 
 
 def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
     """The wgmma kernel's compile-time defines for ``config`` (its keys less KERNEL), or a ValueError naming
     what does not fit: TNW (tokens per CTA) 64/128/256, WG (V blocks per CTA) 1/2/4, WST (stages) >= 3, the
-    threads splitting a B tile evenly, WNI (tokens per wgmma instruction) 64/128/256 dividing TNW, WPIPE 0/1
-    (1 needs two instructions per k-step: with one, ptxas serializes the wgmma, warning C7513), SHARE=1 only
-    on 128-row V blocks. WPROBE (measurement only, outputs wrong: bench_wgmma_variants.py) 0, 1 or 2."""
+    threads splitting a B tile evenly, SHARE=1 only on 128-row V blocks."""
     cfg = {k: v for k, v in config.items() if k != "KERNEL"}
     unknown = sorted(set(cfg) - set(WGMMA_KEYS))
     if unknown:
@@ -667,14 +664,6 @@ def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
             f"wgmma config: the {128 * cfg['WG']} threads must split the {4 * cfg['TNW']} 16-byte "
             f"chunks of a B tile evenly (more tokens, TNW, or fewer warpgroups, WG): got {config}"
         )
-    wni = cfg.get("WNI", 64)
-    if wni not in (64, 128, 256) or cfg["TNW"] % wni:
-        raise ValueError(f"wgmma config needs WNI in (64, 128, 256) dividing TNW={cfg['TNW']}: got {config}")
-    if cfg.get("WPIPE", 0) not in (0, 1) or (cfg.get("WPIPE") and cfg["TNW"] < 2 * wni):
-        raise ValueError(f"wgmma config: WPIPE is 0 or 1, and 1 needs TNW >= 2 * WNI (two wgmma per k-step; with "
-                         f"one, ptxas serializes them): got {config}")  # fmt: skip
-    if cfg.get("WPROBE", 0) not in (0, 1, 2):
-        raise ValueError(f"wgmma config: WPROBE is 0, 1 or 2, got {config}")
     if cfg.get("SHARE") and (cfg["WG"] == 1 or w.block_rows % 128):
         raise ValueError(f"SHARE=1 pairs the 64-row halves of 128-row V blocks: needs WG >= 2 and V a multiple "
                          f"of 128, got WG={cfg['WG']} and V={w.block_rows}")  # fmt: skip
