@@ -34,7 +34,7 @@ PATTERNS = ("64:2:8", "64:2:5")
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def random_sparsify_(model, pattern: str, seed: int = 0) -> int:
+def random_sparsify_(model, pattern: str, seed: int = 0, layers=None) -> int:
     """sparsify_'s pruning of every decoder linear with random permutations (siblings share the input one)."""
     import torch
 
@@ -44,7 +44,7 @@ def random_sparsify_(model, pattern: str, seed: int = 0) -> int:
     config = VNMConfig(pattern, score="abs")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     count = 0
-    for layer in model.layers:
+    for layer in model.layers if layers is None else layers:
         groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
                   [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]]  # fmt: skip
         for group in groups:
@@ -103,6 +103,17 @@ def _cslt_bytes(model) -> int:
     return total
 
 
+def torch_no_grad_decorator(fn):
+    def run(*a, **k):
+        import torch
+
+        with torch.no_grad():
+            return fn(*a, **k)
+
+    return run
+
+
+@torch_no_grad_decorator
 def run_memory(args) -> dict:
     import torch
 
@@ -162,6 +173,116 @@ def run_memory(args) -> dict:
     return {"mode": "memory", "records": rows}
 
 
+def _llama70b_config(args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                       num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
+
+
+def _build_big(args, cfg, pattern: str):
+    """The model on the meta device, then decoder layer by decoder layer: random dense weights on the GPU,
+    pruned (random permutations), compressed; (model, seconds per layer)."""
+    import torch
+    from transformers import LlamaModel
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from vnm_compile.deploy import compress_
+
+    with torch.device("meta"):
+        model = LlamaModel(cfg).eval()
+    for module in (model.embed_tokens, model.norm):
+        module.to_empty(device=args.device)
+    model.embed_tokens.weight.normal_(0, 0.02)
+    model.norm.weight.fill_(1.0)
+    model.rotary_emb = LlamaRotaryEmbedding(config=cfg, device=args.device)
+    model.half()
+    layer_s = []
+    for i, layer in enumerate(model.layers):
+        t1 = time.perf_counter()
+        layer.to_empty(device=args.device)
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.data = torch.ones(p.shape, device=args.device, dtype=args.dtype)
+            else:
+                p.data = torch.randn(p.shape, device=args.device, dtype=args.dtype) * 0.02
+        random_sparsify_(model, pattern, seed=i, layers=[layer])
+        compress_(layer, progress=False)
+        torch.cuda.synchronize()
+        layer_s.append(time.perf_counter() - t1)
+    return model, layer_s
+
+
+def _decode_ms(args, model, cfg) -> float:
+    """Median ms of one decode step (batch 1, --kv-len cached tokens) replayed as a CUDA graph."""
+    import torch
+    import triton
+    from transformers import StaticCache
+
+    cache = StaticCache(config=cfg, max_cache_len=args.kv_len + 8)
+    ids = torch.randint(0, cfg.vocab_size, (1, 1), device=args.device)
+    pos = torch.tensor([args.kv_len], device=args.device)
+    model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+    counters = [layer.cumulative_length for layer in cache.layers]
+
+    def step():
+        for c in counters:
+            c.fill_(args.kv_len)
+        return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+
+    step()
+    return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median")
+
+
+def _dense_layer_ms(args, model, cfg) -> float:
+    """Median ms of one dense decoder layer of the same shapes at the same decode step."""
+    import torch
+    import triton
+    from transformers import StaticCache
+
+    layer = type(model.layers[0])(cfg, 0).to(device=args.device, dtype=args.dtype).eval()
+    hidden = torch.randn(1, 1, cfg.hidden_size, device=args.device, dtype=args.dtype)
+    pos = torch.tensor([args.kv_len], device=args.device)
+    emb = model.rotary_emb(hidden, pos.view(1, 1))
+    cache = StaticCache(config=cfg, max_cache_len=args.kv_len + 8)
+
+    def step():
+        return layer(hidden, position_embeddings=emb, past_key_values=cache, cache_position=pos)
+
+    step()
+    return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median")
+
+
+@torch_no_grad_decorator
+def run_big(args) -> dict:
+    """A Llama-2-70B-shaped model built layer by layer on one GPU: each decoder layer's random dense weights are
+    generated on the GPU, pruned (random permutations), compressed, and dropped; never more than one dense layer
+    there. Then decode at batch 1 against a --kv-len token static KV cache, timed as one CUDA graph."""
+    import torch
+
+    if args.cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total))
+    cfg = _llama70b_config(args)
+    rows = []
+    for pattern in args.patterns:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        model, layer_s = _build_big(args, cfg, pattern)
+        rec = {"pattern": pattern, "layers": args.layers, "kv_len": args.kv_len, "build_s": time.perf_counter() - t0,
+               "layer_build_s_median": sorted(layer_s)[len(layer_s) // 2], "weights_bytes": torch.cuda.memory_allocated(),
+               "build_peak_bytes": torch.cuda.max_memory_allocated()}  # fmt: skip
+        ms = _decode_ms(args, model, cfg)
+        rec.update(decode_peak_bytes=torch.cuda.max_memory_allocated(), decode_ms=ms, tokens_per_s=1e3 / ms,
+                   per_layer_ms=ms / args.layers, dense_layer_ms=_dense_layer_ms(args, model, cfg))  # fmt: skip
+        log.warning("%s", rec)
+        rows.append(rec)
+        del model
+    return {"mode": "big", "records": rows}
+
+
 def _speed_variants(args) -> list[str]:
     out = ["dense"]
     for p in args.patterns:
@@ -188,6 +309,7 @@ def _prepared(base, variant: str, cache: dict):
     return cache[(pattern, form)]
 
 
+@torch_no_grad_decorator
 def run_speed(args) -> dict:
     import torch
 
@@ -247,6 +369,13 @@ def _md(result: dict) -> str:
             lines.append(f"| {r['pattern']} | {r['layers']} | {r['dense_bytes'] / 1e9:.2f} | {r['masked_bytes'] / 1e9:.2f} | "
                          f"{r['compressed_bytes'] / 1e9:.2f} | {r['model_ratio']:.3f} | {r['linear_ratio']:.3f} | {cslt} | "
                          f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['load_gb_s']:.2f} | {r['peak_host_rss_growth_mb']:.0f} |")  # fmt: skip
+    elif result["mode"] == "big":
+        lines += ["| pattern | layers | weights GB | build peak GB | decode peak GB | tokens/s | ms/layer | dense layer ms "
+                  "| build s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in recs:
+            lines.append(f"| {r['pattern']} | {r['layers']} | {r['weights_bytes'] / 1e9:.1f} | {r['build_peak_bytes'] / 1e9:.1f} | "
+                         f"{r['decode_peak_bytes'] / 1e9:.1f} | {r['tokens_per_s']:.1f} | {r['per_layer_ms']:.3f} | "
+                         f"{r['dense_layer_ms']:.3f} | {r['build_s']:.0f} |")  # fmt: skip
     else:
         lines += ["| phase | batch | tokens | variant | ms | vs dense |", "|---|---|---|---|---|---|"]
         for r in recs:
@@ -262,7 +391,8 @@ def _md(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["memory", "speed"])
+    parser.add_argument("mode", choices=["memory", "speed", "big"])
+    parser.add_argument("--cap-gb", type=float, default=80.0, help="big: cap the process's GPU memory (GiB)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (memory: 32, speed: 2)")
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     parser.add_argument("--kv-len", type=int, default=1024)
@@ -285,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_deploy needs a CUDA GPU", file=sys.stderr)
         return 1
     args.device, args.dtype, args.smoke = "cuda", torch.float16, False
-    args.layers = args.layers or (32 if args.mode == "memory" else 2)
+    args.layers = args.layers or {"memory": 32, "speed": 2, "big": 80}[args.mode]
     args.llama_layers = args.layers
-    result = run_memory(args) if args.mode == "memory" else run_speed(args)
+    result = {"memory": run_memory, "speed": run_speed, "big": run_big}[args.mode](args)
     result.update(gpu=torch.cuda.get_device_name(), versions=e2e._versions(), command=command_line("python "),
                   wall_s=time.perf_counter() - args.t0)  # fmt: skip
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
