@@ -195,7 +195,8 @@ def _build_big(args, cfg, pattern: str):
         module.to_empty(device=args.device)
     model.embed_tokens.weight.normal_(0, 0.02)
     model.norm.weight.fill_(1.0)
-    model.rotary_emb = LlamaRotaryEmbedding(config=cfg, device=args.device)
+    with torch.device(args.device):
+        model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
     model.half()
     layer_s = []
     for i, layer in enumerate(model.layers):
@@ -208,7 +209,8 @@ def _build_big(args, cfg, pattern: str):
                 p.data = torch.randn(p.shape, device=args.device, dtype=args.dtype) * 0.02
         random_sparsify_(model, pattern, seed=i, layers=[layer])
         compress_(layer, progress=False)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         layer_s.append(time.perf_counter() - t1)
     return model, layer_s
 
