@@ -57,3 +57,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
         assert is_vnm(layer.weight != 0, state.pattern, state.in_perm, state.out_perm)
     assert namespace["result"] is not None
     assert (tmp_path / "model.onnx").is_file()
+    # 3. compressed deployment: the checkpoint loaded into a meta-built model computes the sparsified function
+    from vnm_compile.deploy import VNMLinear
+
+    fresh = namespace["fresh"]
+    assert isinstance(fresh[0], VNMLinear) and isinstance(fresh[2], VNMLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["y_deployed"], namespace["deployed"](x), rtol=1e-4, atol=1e-4)
