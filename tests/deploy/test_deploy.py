@@ -310,3 +310,15 @@ def test_vnm_backend_fuses_compressed_siblings_without_copying():
         out = torch.compile(model, backend="vnm", options={"fuse_siblings": False})(ids).last_hidden_state
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         assert last_report().compressed_launches == 14
+
+
+def test_sparsify_report_accounts_the_bytes_of_each_form():
+    model = nn.Sequential(nn.Linear(1024, 1536, bias=False), nn.ReLU(), nn.Linear(1536, 1000, bias=False)).half()
+    report = sparsify_(model, VNMConfig("64:2:8", score="abs"), progress=False)
+    for r in report.sparsified:
+        assert r.dense_bytes == r.shape[0] * r.shape[1] * 2 and r.mask_bytes >= r.shape[0] * r.shape[1]
+    compress_(model, progress=False)
+    for r, m in zip(report.sparsified, (model[0], model[2]), strict=True):
+        held = m.nbytes - m.vnm_header.numel() * 8 - (0 if m._out_inv is None else m._out_inv.numel() * 8)
+        assert r.compressed_bytes == held, (r.name, r.compressed_bytes, held)
+    assert "total" in report.memory() and "0.29" in report.memory()
