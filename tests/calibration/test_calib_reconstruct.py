@@ -162,3 +162,34 @@ def test_bad_arguments():
         prune_second_order(w, _hessian(x), "4:2:5", method="cholesky")
     with pytest.raises(ValueError, match="square"):
         damped_hessian(torch.zeros(3, 4))
+
+
+def test_hessian_observer_leaves_padding_out():
+    _, x = _layer(3, 9, 24)
+    x = x.view(2, 12, 9)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    obs = HessianObserver(9)
+    obs.add_batch(x, mask)
+    kept = torch.cat([x[0], x[1, :7]]).double()
+    assert obs.tokens == 19
+    torch.testing.assert_close(obs.hessian.double(), kept.T @ kept, rtol=1e-5, atol=1e-5)
+    obs.add_batch(x[0], mask)  # a mask of another shape is ignored
+    assert obs.tokens == 31
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_conjugate_gradients_reach_the_exact_solution(pattern):
+    from vnm_compile.calibration.reconstruct import refine_cg
+
+    w, x = _layer(40, 97, 500, seed=7)
+    h = _hessian(x)
+    hd = damped_hessian(h, 0.01)
+    mask = vnm_mask(w.abs(), pattern)
+    exact = exact_reconstruct(w, hd, mask)
+    cg = refine_cg(w, hd, mask, w * mask, iters=60)
+    assert not bool(cg[~mask].any())
+    assert output_error(w, cg, h) == pytest.approx(output_error(w, exact, h), rel=1e-3)
+    torch.testing.assert_close(cg, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
+    few = refine_cg(w, hd, mask, w * mask, iters=2)  # every iteration lowers the error
+    assert output_error(w, exact, h) <= output_error(w, few, h) * (1 + 1e-4) < output_error(w, w * mask, h)

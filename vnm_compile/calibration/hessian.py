@@ -38,13 +38,20 @@ class HessianObserver:
         self.hessian: Tensor | None = None
         self.tokens = 0
 
-    def add_batch(self, x: Tensor) -> None:
-        """Add the activations ``x`` (..., in_features) of one forward call."""
+    def add_batch(self, x: Tensor, token_mask: Tensor | None = None) -> None:
+        """Add the activations ``x`` (..., in_features) of one forward call.
+
+        ``token_mask`` (bool, ``x.shape[:-1]``, e.g. a batch's attention mask) leaves
+        out the tokens it marks False (padding); a mask of another shape is ignored.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.name}: expected activations with {self.in_features} features, got shape {tuple(x.shape)}"
             )
-        flat = x.detach().reshape(-1, self.in_features).float()
+        flat = x.detach().reshape(-1, self.in_features)
+        if token_mask is not None and tuple(token_mask.shape) == tuple(x.shape[:-1]):
+            flat = flat[token_mask.reshape(-1).to(device=flat.device, dtype=torch.bool)]
+        flat = flat.float()
         if not bool(torch.isfinite(flat).all()):
             raise ValueError(
                 f"{self.name}: its input activations contain NaN or Inf; check the model (or the layers "

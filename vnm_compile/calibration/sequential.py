@@ -10,7 +10,8 @@ block:
    which of them read the same tensor (q/k/v, gate/up): one *stage* per
    group, in call order;
 2. per stage, runs the block on every stored input with a hook on the stage's
-   first linear accumulating H = XᵀX (hessian.py; the forward stops there),
+   first linear accumulating H = XᵀX (hessian.py; the forward stops there;
+   a dict batch's ``attention_mask`` keeps padded tokens out of H),
    and hands the stage to the caller's ``prune_group(names, observer)``, so a
    later stage (o_proj, down_proj) sees the already-pruned earlier ones;
 3. runs the pruned block on every input: its outputs are the next block's inputs.
@@ -200,16 +201,29 @@ def _stages(
     return stages
 
 
+def _token_mask(batch) -> Tensor | None:
+    """A batch's attention mask (dict batches of transformers models): padded tokens stay out of H."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
 def _collect(
-    block: nn.Module, calls: list[_Call], leaders: Mapping[str, nn.Linear], whole_model: bool, stop: bool
+    block: nn.Module,
+    calls: list[_Call],
+    leaders: Mapping[str, nn.Linear],
+    whole_model: bool,
+    stop: bool,
+    token_masks: list[Tensor | None],
 ) -> tuple[dict[str, HessianObserver], list]:
     """Run ``block`` on every call with an H observer on each leader; returns (observers, outputs or [])."""
     observers = {name: HessianObserver(m.in_features, name) for name, m in leaders.items()}
     outputs = []
 
+    current: list[Tensor | None] = [None]  # the token mask of the call being run
+
     def make_hook(obs: HessianObserver):
         def hook(_module, args):
-            obs.add_batch(args[0])
+            obs.add_batch(args[0], current[0])
             if stop:
                 raise _Stop
 
@@ -217,7 +231,8 @@ def _collect(
 
     handles = [m.register_forward_pre_hook(make_hook(observers[n])) for n, m in leaders.items()]
     try:
-        for call in calls:
+        for call, token_mask in zip(calls, token_masks, strict=True):
+            current[0] = token_mask
             try:
                 out = run_batch(block, call.args[0]) if whole_model else _run(block, call)
             except _Stop:
@@ -269,6 +284,7 @@ def run_layerwise(
             logger.info("%s is never called as a module; calibrating the whole model as one block", blocks[0][0])
             blocks = [("", model)]
     whole_model = blocks[0][1] is model
+    token_masks = [_token_mask(b) for b in batches]
     if whole_model:
         calls = [_Call((b,), {}) for b in batches]
     inside = {n for n in linears for b, _ in blocks if whole_model or n.startswith(b + ".")}
@@ -282,12 +298,13 @@ def run_layerwise(
         stages = _stages(block, name, own, calls[0], whole_model) if own else []
         if sequential:
             for stage in stages:
-                observers, _ = _collect(block, calls, {stage[0]: own[stage[0]]}, whole_model, stop=True)
+                observers, _ = _collect(block, calls, {stage[0]: own[stage[0]]}, whole_model, True, token_masks)
                 prune_group(stage, observers[stage[0]])
                 del observers
             outputs = [] if index == len(blocks) - 1 else [_run(block, c) for c in calls]
         else:
-            observers, outputs = _collect(block, calls, {s[0]: own[s[0]] for s in stages}, whole_model, stop=False)
+            leaders = {s[0]: own[s[0]] for s in stages}
+            observers, outputs = _collect(block, calls, leaders, whole_model, False, token_masks)
             for stage in stages:
                 prune_group(stage, observers.pop(stage[0]))
         if index < len(blocks) - 1:
@@ -305,5 +322,6 @@ def _collect_rest(model: nn.Module, batches: list, rest: Mapping[str, nn.Linear]
     """(group, observer) for the linears outside the blocks, from whole-model passes over the batches."""
     stages = _stages(model, "", rest, _Call((batches[0],), {}), whole_model=True)
     leaders = {s[0]: rest[s[0]] for s in stages}
-    observers, _ = _collect(model, [_Call((b,), {}) for b in batches], leaders, whole_model=True, stop=False)
+    calls = [_Call((b,), {}) for b in batches]
+    observers, _ = _collect(model, calls, leaders, True, False, [_token_mask(b) for b in batches])
     return [(s, observers[s[0]]) for s in stages]
