@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from .calibration.importance import SCORES, importance
 from .calibration.observer import CalibrationStats
+from .calibration.reconstruct import METHODS as RECONSTRUCT_METHODS
 from .masks import vnm_mask
 from .pattern import VNMPattern, as_pattern
 from .state import LinearSparsity, get_sparsity, set_sparsity, unique_linears
@@ -22,6 +23,7 @@ __all__ = ["VNMConfig", "LayerReport", "SparsifyReport", "sparsify_", "eligible_
 logger = logging.getLogger(__name__)
 
 DEFAULT_IGNORE = ("lm_head", "classifier")
+CONFIG_SCORES = (*SCORES, "obs")  # "obs": second-order saliency, from calibration data (sparsify_'s data)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ class VNMConfig:
         permute_rounds: alternating assignment rounds of the permutation search.
         ignore: module names (exact, dotted suffix or glob) left dense.
         min_numel: linears with fewer weights than this are left dense.
+        reconstruct: re-solve the kept weights of each row from the layer input's second
+            moments H = XᵀX (with any score); needs ``data`` in sparsify_.
+        sequential: with second moments, calibrate each layer on what the already-pruned
+            layers before it produce (False: on the dense model's activations).
+        damp: dampening of H, a fraction of its mean diagonal.
+        reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -45,20 +53,35 @@ class VNMConfig:
     permute_rounds: int = 2
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
     min_numel: int = 4096
+    reconstruct: bool = False
+    sequential: bool = True
+    damp: float = 0.01
+    reconstruct_method: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))
         if isinstance(self.ignore, str):
             raise ValueError("VNMConfig.ignore must be a list of names, not a single string")
         object.__setattr__(self, "ignore", tuple(self.ignore))
-        if self.score not in SCORES:
-            raise ValueError(f"VNMConfig.score must be one of {SCORES}, got {self.score!r}")
+        if self.score not in CONFIG_SCORES:
+            raise ValueError(f"VNMConfig.score must be one of {CONFIG_SCORES}, got {self.score!r}")
         if not self.alpha >= 0:
             raise ValueError(f"VNMConfig.alpha must be >= 0, got {self.alpha}")
         if self.permute_rounds < 0:
             raise ValueError(f"VNMConfig.permute_rounds must be >= 0, got {self.permute_rounds}")
         if self.min_numel < 0:
             raise ValueError(f"VNMConfig.min_numel must be >= 0, got {self.min_numel}")
+        if not self.damp > 0:
+            raise ValueError(f"VNMConfig.damp must be > 0, got {self.damp}")
+        if self.reconstruct_method not in RECONSTRUCT_METHODS:
+            raise ValueError(
+                f"VNMConfig.reconstruct_method must be one of {RECONSTRUCT_METHODS}, got {self.reconstruct_method!r}"
+            )
+
+    @property
+    def needs_second_moments(self) -> bool:
+        """Score "obs" or reconstruct=True: sparsify_ calibrates layer by layer on ``data``."""
+        return self.score == "obs" or self.reconstruct
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -84,6 +107,9 @@ class LayerReport:
     dense_bytes: int = 0  # the weight as it is (dense), in the model's dtype
     mask_bytes: int = 0  # what the masked form holds beyond it: the bool mask and the permutations
     compressed_bytes: int = 0  # what compress_ holds instead of both (weight, permutations)
+    # Relative output error tr(dW H dWᵀ) / tr(W H Wᵀ) on the calibration data (configs with second moments):
+    error_masked: float | None = None  # of the plain masked weight
+    error: float | None = None  # of the weight kept (after reconstruction, when on)
 
 
 @dataclass
@@ -148,6 +174,8 @@ class SparsifyReport:
                 note = "permuted" if r.permuted else ""
                 if r.shares_input_perm:
                     note += f" (input perm shared by {len(r.shares_input_perm) + 1})"
+                if r.error is not None:
+                    note += f" output error {r.error_masked:.4f} -> {r.error:.4f}"
                 lines.append(f"{r.name:<48} {shape:>12} {str(r.pattern):>9} {r.density:>8.3f} {kept:>6}  {note}")
         return "\n".join(lines)
 
@@ -251,6 +279,7 @@ def sparsify_(
     *,
     groups: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
+    data: Iterable | None = None,
 ) -> SparsifyReport:
     """Prune every eligible nn.Linear of ``model`` **in place** to ``config.pattern``.
 
@@ -263,6 +292,14 @@ def sparsify_(
     permutation: the groups are those traced by ``calibrate()`` (in ``stats``),
     or ``groups`` (e.g. ``find_input_groups(model, batch)``) when given; with
     neither (score="abs" without stats), input permutations are per layer.
+
+    With ``config.score == "obs"`` or ``config.reconstruct``, ``data`` (calibration
+    batches, as for ``calibrate``) is required: calibration then runs layer by
+    layer (calibration/sequential.py), each layer on what the already-pruned
+    layers before it produce (``config.sequential``), from the second moments
+    H = XᵀX of its input; ``stats`` and ``groups`` are not used (the layers that
+    share an input are traced block by block). The report then gives each
+    layer's output error on the calibration data before and after reconstruction.
 
     Returns:
         SparsifyReport listing every linear with its pattern or the reason it was left dense.
@@ -277,6 +314,18 @@ def sparsify_(
     reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in unique_linears(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
+    if config.needs_second_moments:
+        if data is None:
+            raise ValueError(
+                f"VNMConfig(score={config.score!r}, reconstruct={config.reconstruct}) needs the layer inputs' "
+                "second moments: pass data=<calibration batches> to sparsify_"
+            )
+        from .calibration.second_order import sparsify_second_order
+
+        sparsify_second_order(model, config, data, eligible, reports, progress)
+        report.layers = list(reports.values())
+        logger.info("%s", report.summary())
+        return report
     units = _permutation_units(list(eligible), config, stats, groups)
     for unit in tqdm(units, desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
         scores = {}
@@ -299,13 +348,7 @@ def sparsify_(
 def _prune_layer(module: nn.Linear, scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerReport) -> None:
     """Mask ``module.weight`` in place (mask chosen in permuted coordinates, stored in original ones)."""
     in_perm, out_perm = perms
-    permuted = scores
-    if out_perm is not None:
-        permuted = permuted[out_perm]
-    if in_perm is not None:
-        permuted = permuted[:, in_perm]
-    mask_p = vnm_mask(permuted, config.pattern)
-    mask = _unpermute(mask_p, in_perm, out_perm)
+    mask = _choose_mask(scores, perms, config.pattern)
     total = float(scores.sum())
     kept = float((scores * mask).sum()) / total if total > 0 else 1.0
     module.weight.mul_(mask.to(module.weight.dtype))
@@ -324,6 +367,17 @@ def _account(r: LayerReport, weight: torch.Tensor, pattern: VNMPattern, in_perm,
     r.dense_bytes = weight.numel() * weight.element_size()
     r.mask_bytes = rows * cols + perms  # bool mask, one byte per weight
     r.compressed_bytes = compressed_nbytes(rows, cols, pattern, weight.dtype) + perms
+
+
+def _choose_mask(scores: torch.Tensor, perms: Perms, pattern: VNMPattern) -> torch.Tensor:
+    """S_{V:N:M} of ``scores`` in permuted coordinates, returned in original ones."""
+    in_perm, out_perm = perms
+    permuted = scores
+    if out_perm is not None:
+        permuted = permuted[out_perm]
+    if in_perm is not None:
+        permuted = permuted[:, in_perm]
+    return _unpermute(vnm_mask(permuted, pattern), in_perm, out_perm)
 
 
 def _unpermute(mask_p: torch.Tensor, in_perm, out_perm) -> torch.Tensor:
