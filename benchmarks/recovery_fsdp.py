@@ -6,10 +6,10 @@ parameters and compute, fp32 gradient reduction and master weights) and trained 
 (AdamW, fixed masks) to match them, so the loss must fall. Two passes over the same steps:
 
 1. an uninterrupted run of ``--steps`` steps that writes a sharded checkpoint (torch.distributed.checkpoint)
-   at step ``--checkpoint-at``; its final state is also saved once more, timed (the save time);
+   at step ``--checkpoint-at`` (timed by recover_: ``RecoveryResult.checkpoints``);
 2. a fresh model (built, pruned and sharded the same way) resumed from that checkpoint by ``recover_``
-   (the time from the call to its first step is the resume time), trained to the end: its losses and
-   final weights are compared bit for bit with pass 1.
+   (timed: ``RecoveryResult.resume_seconds``), trained to the end: its losses and final weights are
+   compared bit for bit with pass 1.
 
 Every evaluation (``--eval-every``) checks on every rank that each weight shard is zero wherever its
 mask shard is and that the masks are the ones sparsify_ chose. Reports tokens/s per GPU, peak memory per
@@ -48,7 +48,6 @@ from torch import nn
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
 from vnm_compile.recovery import RecoveryConfig, recover_
-from vnm_compile.recovery.distributed import save_sharded
 from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, sparse_linears
 
 # NVLink multicast stays off on the shared GPU hosts (a program using it can take their GPUs out of
@@ -124,13 +123,19 @@ def masks_exact(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
     return bool(flag.item())
 
 
+@torch.no_grad()
 def shard_digest(model: nn.Module) -> str:
-    """sha1 of this rank's parameter shards (bit-for-bit comparison of two runs on the same ranks)."""
+    """A digest of this rank's parameter shards, bit for bit (two runs on the same ranks compared).
+
+    Per tensor, on its device: the sum and a position-weighted sum of its bit patterns (integers,
+    wrapping), so any changed bit changes the digest with near certainty; then sha1 over those.
+    """
     h = hashlib.sha1()
     for name, p in model.named_parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        h.update(name.encode())
-        h.update(local.detach().float().cpu().numpy().tobytes())
+        local = (p.to_local() if hasattr(p, "to_local") else p).detach().contiguous().flatten()
+        bits = local.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[local.element_size()]).long()
+        weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
+        h.update(f"{name}:{int(bits.sum())}:{int((bits * weights).sum())};".encode())
     return h.hexdigest()
 
 
@@ -153,7 +158,6 @@ def run(args, device, ckpt: Path, phase: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss = TimedLoss(device)
-    optimizers = []
     checks = []
 
     def check(m: nn.Module) -> dict:
@@ -164,27 +168,21 @@ def run(args, device, ckpt: Path, phase: int) -> dict:
     config = RecoveryConfig(method="fixed", steps=args.steps, lr=args.lr, warmup=0.05, train_mode=True,
                             checkpoint_every=args.checkpoint_at, eval_every=args.eval_every, seed=0)  # fmt: skip
     t_call = time.perf_counter()
-    res = recover_(model, data, config, loss=loss, checkpoint_dir=ckpt, eval_fn=check,
-                   optimizer=lambda ps: optimizers.append(torch.optim.AdamW(ps, lr=args.lr)) or optimizers[-1],
-                   progress=dist.get_rank() == 0)  # fmt: skip
+    res = recover_(model, data, config, loss=loss, checkpoint_dir=ckpt, eval_fn=check, progress=dist.get_rank() == 0)
     sync(device)
     t_end = time.perf_counter()
     out = {
-        "setup_s": round(setup_s, 2), "resumed_from": res.resumed_from,
+        "setup_s": round(setup_s, 2), "resumed_from": res.resumed_from, "resume_s": round(res.resume_seconds, 3),
+        "save_s": [round(c["seconds"], 3) for c in res.checkpoints],
         "losses": [h["loss"] for h in res.history], "masks_exact": checks,
         "start_to_first_step_s": round(loss.starts[0] - t_call, 3),
         "step_s": [b - a for a, b in zip(loss.starts, loss.starts[1:], strict=False)] + [t_end - loss.starts[-1]],
         "digest": shard_digest(model),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }  # fmt: skip
-    if phase == 1:  # the save time, measured on its own (the final state, to a second folder)
-        extra = ckpt.parent / "final"
-        sync(device)
-        t0 = time.perf_counter()
-        save_sharded(extra, args.steps, model, optimizers[0], {"config": {}, "scheduler": {}}, {})
-        out["save_s"] = round(time.perf_counter() - t0, 3)
-        out["checkpoint_bytes"] = sum(f.stat().st_size for f in (extra / f"step_{args.steps:08d}").iterdir())
-    optimizers.clear()
+    if phase == 1:
+        folder = ckpt / f"step_{args.checkpoint_at:08d}"
+        out["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.iterdir()) if dist.get_rank() == 0 else 0
     del model, data, res
     gc.collect()
     if device.type == "cuda":
@@ -255,7 +253,10 @@ def main() -> int:
 
 def report(args, world, device, firsts, seconds, same_losses, same_weights) -> dict:
     tokens = args.batch * args.seq
-    steady = [s for i, s in enumerate(firsts[0]["step_s"]) if i + 1 != args.checkpoint_at][3:]  # no warm-up, no save
+    # Steady steps: no warm-up, none with a checkpoint or a mask check after it.
+    steady = [
+        s for i, s in enumerate(firsts[0]["step_s"]) if (i + 1) % args.eval_every and i + 1 != args.checkpoint_at
+    ][3:]
     step_s = statistics.median(steady) if steady else float("nan")
     return {
         "command": f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
@@ -268,8 +269,9 @@ def report(args, world, device, firsts, seconds, same_losses, same_weights) -> d
         "median_step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s,
         "peak_mem_gib_per_gpu": [f["peak_mem_gib"] for f in firsts],
         "peak_mem_gib_per_gpu_resumed": [s["peak_mem_gib"] for s in seconds],
-        "setup_s": firsts[0]["setup_s"], "save_s": firsts[0]["save_s"],
+        "setup_s": firsts[0]["setup_s"], "save_s": max(f["save_s"][0] for f in firsts),
         "checkpoint_bytes_rank0": firsts[0]["checkpoint_bytes"],
+        "resume_s": max(s["resume_s"] for s in seconds),
         "resume_start_to_first_step_s": seconds[0]["start_to_first_step_s"],
         "fresh_start_to_first_step_s": firsts[0]["start_to_first_step_s"],
         "loss_first_last": [firsts[0]["losses"][0], firsts[0]["losses"][-1]],
@@ -306,13 +308,14 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
         "|---:|---:|---:|---|---|---:|---:|---|---|",
         f"| {r['steps']} | {r['tokens_per_s_per_gpu']:.0f} | {r['median_step_s']:.3f} | {mem} "
         f"| {r['loss_first_last'][0]:.4g} -> {r['loss_first_last'][1]:.4g} | {r['save_s']:.2f} "
-        f"| {r['resume_start_to_first_step_s']:.2f} | {r['masks_exact_every_check']} "
+        f"| {r['resume_s']:.2f} | {r['masks_exact_every_check']} "
         f"| {r['resumed_losses_bit_for_bit']} / {r['resumed_weights_bit_for_bit']} |",
         "",
-        f"Checkpoint at step {r['checkpoint_at']} (sharded, torch.distributed.checkpoint; rank 0 wrote "
-        f"{r['checkpoint_bytes_rank0'] / 2**30:.2f} GiB); save s: the final state saved once more, timed; resume s: "
-        f"recover_ called to its first step on a fresh model (a fresh run's: {r['fresh_start_to_first_step_s']:.2f} s). "
-        f"Set-up (build, dense targets, prune, shard): {r['setup_s']:.1f} s.",
+        f"Checkpoint at step {r['checkpoint_at']} (sharded, torch.distributed.checkpoint, weights + AdamW state + "
+        f"masks; {r['checkpoint_bytes_rank0'] / 2**30:.2f} GiB in the folder); save s / resume s: recover_'s timing "
+        "of writing it and of reading it into a fresh model and optimizer (slowest rank); recover_ called to its "
+        f"first step: {r['resume_start_to_first_step_s']:.2f} s resumed, {r['fresh_start_to_first_step_s']:.2f} s "
+        f"fresh. Set-up (build, dense targets, prune, shard): {r['setup_s']:.1f} s.",
     ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     try:

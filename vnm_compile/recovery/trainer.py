@@ -151,13 +151,19 @@ class RecoveryConfig:
 
 @dataclass
 class RecoveryResult:
-    """What a run did: per-step losses and learning rates, eval results, and timing."""
+    """What a run did: per-step losses and learning rates, eval results, and timing.
+
+    ``checkpoints``: ``{"step", "seconds"}`` of every checkpoint this call wrote; ``resume_seconds``:
+    the time the resume took (reading the checkpoint into the model and optimizer; 0 without one).
+    """
 
     config: RecoveryConfig
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    checkpoints: list[dict] = field(default_factory=list)
+    resume_seconds: float = 0.0
 
     @property
     def final_eval(self) -> dict | None:
@@ -342,10 +348,13 @@ def recover_(
 
     # 2. Resume.
     start = 0
+    t_resume = time.perf_counter()
     if sharded and checkpoint_dir is not None and resume and latest_checkpoint(checkpoint_dir) is not None:
         start = _load_sharded_checkpoint(latest_checkpoint(checkpoint_dir), model, opt, sched, result, config)
     elif not sharded and ckpt_path is not None and resume and ckpt_path.exists():
         start = _load_checkpoint(ckpt_path, model, opt, sched, result, config)
+    if start:
+        result.resume_seconds = time.perf_counter() - t_resume
     score = config.score or ("ria" if config.method == "three_stage" else None)
     mode = model.train if config.train_mode else model.eval
     mode()
@@ -377,12 +386,14 @@ def recover_(
             bar.update(1)
             bar.set_postfix(loss=f"{float(value.detach()):.4g}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                t_save = time.perf_counter()
                 if sharded:
                     trainer_state = {"config": asdict(config), "scheduler": sched.state_dict()}
                     local = {"history": result.history, "evals": result.evals}
                     save_sharded(checkpoint_dir, step + 1, model, opt, trainer_state, local)
                 else:
                     _save(ckpt_path, _checkpoint(step + 1, model, opt, sched, result, config))
+                result.checkpoints.append({"step": step + 1, "seconds": time.perf_counter() - t_save})
             if eval_fn is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 _evaluate(model, eval_fn, step + 1, result, bar)
                 mode()
