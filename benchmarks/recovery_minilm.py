@@ -78,9 +78,8 @@ def merged_is_vnm(linear: torch.nn.Linear) -> bool:
     if state is None:
         return get_sparsity(linear) is None  # a layer that was never sparsified
     nonzero = linear.weight.detach() != 0
-    return bool((nonzero <= state.mask.to(nonzero.device)).all()) and is_vnm(
-        nonzero.cpu(), state.pattern, state.in_perm, state.out_perm
-    )
+    perms = [None if p is None else p.cpu() for p in (state.in_perm, state.out_perm)]
+    return bool((nonzero.cpu() <= state.mask.cpu()).all()) and is_vnm(nonzero.cpu(), state.pattern, *perms)
 
 
 def nn_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
