@@ -72,6 +72,18 @@ WIDE_MODULES = (
 )  # fmt: skip
 
 
+def importable(modules: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules this Python has (the list spans Python versions)."""
+
+    def found(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:
+            return False
+
+    return tuple(m for m in modules if found(m))
+
+
 def merged_is_vnm(linear: torch.nn.Linear) -> bool:
     """The merged weight is a plain Parameter whose non-zeros obey the pattern in the recorded permutations."""
     state = get_sparsity(linear.weight)  # indexed by the merged Parameter itself
@@ -262,7 +274,7 @@ def main() -> int:
     calib_texts = train_texts[: args.n_calibration]
     if args.train_text == "wide":
         seen, held = set(train_texts), set(eval_texts)
-        train_texts += [t for t in docstring_texts(WIDE_MODULES) if t not in seen and t not in held]
+        train_texts += [t for t in docstring_texts(importable(WIDE_MODULES)) if t not in seen and t not in held]
     train = to_device(length_bucketed_batches(tok, train_texts, args.batch_size, args.max_length), device)
     held_out = to_device(length_bucketed_batches(tok, eval_texts, 64, args.max_length), device)
     calib = to_device(length_bucketed_batches(tok, calib_texts, 32, args.max_length), device)
@@ -275,20 +287,6 @@ def main() -> int:
         return {"cosine": float((e * ref).sum(-1).mean()), "nn_agreement": nn_agreement(e, ref)}
 
     # 2. Per pattern and starting point: one-shot pruning, then every method for the same time budget.
-    loss = DistillLoss(dense, hidden=args.hidden, cache=True)  # batches repeat: the teacher runs once per batch
-    experiments = []
-    for pattern in args.patterns:
-        for how in args.prune:
-            t0 = time.perf_counter()
-            pruned, report = prune(dense, pattern, how, permute, stats, calib)
-            one_shot = evaluate(pruned)
-            prune_s = time.perf_counter() - t0
-            print(f"{pattern} one-shot {how} (permute={permute}): {one_shot} in {prune_s:.0f} s", flush=True)
-            runs = [run_method(m, pruned, train, loss, dense, stats, args, evaluate, device) for m in args.methods]
-            experiments.append({"pattern": pattern, "prune": how, "prune_seconds": round(prune_s, 1),
-                                "report": report.summary(), "one_shot": one_shot, "runs": runs})  # fmt: skip
-
-    # 3. Results.
     slug = "cpu"
     if device == "cuda":
         from vnm_compile.kernels.dispatch import gpu_slug
@@ -296,6 +294,7 @@ def main() -> int:
         slug = gpu_slug(torch.device("cuda"))
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / slug / "recovery_minilm"
     out.parent.mkdir(parents=True, exist_ok=True)
+    experiments: list[dict] = []
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -307,11 +306,30 @@ def main() -> int:
         "distill": args.hidden, "train_embeddings": args.train_embeddings, "seconds_per_method": args.seconds,
         "setup_seconds": round(setup_s, 1), "experiments": experiments,
     }  # fmt: skip
+    print(f"set-up (load, texts, dense reference, calibration): {setup_s:.0f} s", flush=True)
+    loss = DistillLoss(dense, hidden=args.hidden, cache=True)  # batches repeat: the teacher runs once per batch
+    for pattern in args.patterns:
+        for how in args.prune:
+            t0 = time.perf_counter()
+            pruned, report = prune(dense, pattern, how, permute, stats, calib)
+            one_shot = evaluate(pruned)
+            prune_s = time.perf_counter() - t0
+            print(f"{pattern} one-shot {how} (permute={permute}): {one_shot} in {prune_s:.0f} s", flush=True)
+            x = {"pattern": pattern, "prune": how, "prune_seconds": round(prune_s, 1), "report": report.summary(),
+                 "one_shot": one_shot, "runs": []}  # fmt: skip
+            experiments.append(x)
+            for method in args.methods:
+                x["runs"].append(run_method(method, pruned, train, loss, dense, stats, args, evaluate, device))
+                write(result, out)  # after every run: a command stopped by a time limit keeps what finished
+    print(markdown(result))
+    return 0
+
+
+def write(result: dict, out: Path) -> None:
+    """JSON, markdown table and plot of what has run so far."""
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     plot(result, out.with_suffix(".png"))
-    print(markdown(result))
-    return 0
 
 
 def markdown(r: dict) -> str:
