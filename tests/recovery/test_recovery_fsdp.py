@@ -90,21 +90,49 @@ def test_checkpoint_of_two_ranks_resumes_on_one(full_run):
     assert rec["losses"][:8] == full0["losses"][:8]  # rank 0's history carried over
 
 
-@pytest.mark.parametrize("method", ["srste", "three_stage"])
-def test_unsupported_methods_refuse_sharded_models(method, tmp_path):
-    """Checked in one process with a world of one (gloo, file store): the refusal names the method and why."""
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A gloo process group of this process alone (file store: no port)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def sharded_mlp():
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
     from vnm_compile import VNMConfig, sparsify_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+    sparsify_(model, VNMConfig("8:2:5", score="abs", permute=False, min_numel=0), progress=False)
+    fully_shard(model)
+    return model
+
+
+def test_mask_guard_masks_sharded_gradients(world_of_one):
+    """Gradient hooks never fire on FSDP's sharded weights: mask_grads() is what zeroes the pruned entries."""
+    from vnm_compile import get_sparsity
+    from vnm_compile.recovery import MaskGuard, is_sharded, mask_like
+
+    model = sharded_mlp()
+    assert is_sharded(model)
+    guard = MaskGuard(model)
+    model(torch.randn(5, 16)).square().mean().backward()
+    w = model[0].weight
+    mask = mask_like(get_sparsity(model[0]).mask, w).to_local()
+    assert (w.grad.to_local()[~mask] != 0).any()  # the hook did not run
+    assert guard.mask_grads() == 2
+    assert (w.grad.to_local()[~mask] == 0).all() and (w.grad.to_local()[mask] != 0).any()
+    guard.remove()
+
+
+@pytest.mark.parametrize("method", ["srste", "three_stage"])
+def test_unsupported_methods_refuse_sharded_models(method, world_of_one):
+    """The refusal names the method, what is supported and why."""
     from vnm_compile.recovery import recover_
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
-        sparsify_(model, VNMConfig("8:2:5", score="abs", permute=False, min_numel=0), progress=False)
-        fully_shard(model)
-        with pytest.raises(NotImplementedError, match=f"method='{method}'.*supported sharded: \\('fixed',\\)"):
-            recover_(model, [torch.randn(4, 16)], method=method, steps=2, loss=lambda m, b: m(b).square().mean())
-    finally:
-        torch.distributed.destroy_process_group()
+    model = sharded_mlp()
+    with pytest.raises(NotImplementedError, match=f"method='{method}'.*supported sharded: \\('fixed',\\)"):
+        recover_(model, [torch.randn(4, 16)], method=method, steps=2, loss=lambda m, b: m(b).square().mean())
