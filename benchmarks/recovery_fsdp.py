@@ -216,8 +216,10 @@ def main() -> int:
     if args.tiny:
         args.seq = min(args.seq, 64)
     args.checkpoint_at = args.checkpoint_at or max(1, math.ceil(args.steps * 2 / 3))
-    if not args.steps // 2 < args.checkpoint_at <= args.steps:
-        p.error("--checkpoint-at must be over half the steps and at most all (one checkpoint, the one resumed from)")
+    if not args.steps // 2 < args.checkpoint_at < args.steps:
+        p.error(
+            "--checkpoint-at must be over half the steps and before the last (one checkpoint, the one resumed from)"
+        )
     args.eval_every = args.eval_every or max(1, args.steps // 6)
 
     for key, value in MULTICAST_OFF.items():
