@@ -113,6 +113,15 @@ def mask_like(mask: Tensor, weight: Tensor) -> Tensor:
     return cached[key]
 
 
+def _mul_mask_(t: Tensor, mask: Tensor) -> None:
+    """``t *= mask`` in place; DTensors shard by shard (same sharding: no DTensor dispatch per layer and step)."""
+    m = mask_like(mask, t)
+    if _is_dtensor(t):
+        t.to_local().mul_(m.to_local())
+    else:
+        t.mul_(m)
+
+
 @torch.no_grad()
 def apply_masks_(model: nn.Module) -> int:
     """Multiply every sparse linear's dense weight by its recorded mask; returns how many were masked.
@@ -121,8 +130,7 @@ def apply_masks_(model: nn.Module) -> int:
     """
     mods = sparse_linears(model)
     for module in mods.values():
-        w = dense_weight(module)
-        w.mul_(mask_like(sparsity_of(module).mask, w))
+        _mul_mask_(dense_weight(module), sparsity_of(module).mask)
     return len(mods)
 
 
@@ -164,7 +172,7 @@ class MaskGuard:
         for module in sparse_linears(self.model).values():
             w = dense_weight(module)
             if _is_dtensor(w) and w.grad is not None:
-                w.grad.mul_(mask_like(sparsity_of(module).mask, w.grad))
+                _mul_mask_(w.grad, sparsity_of(module).mask)
                 n += 1
         return n
 
@@ -279,6 +287,6 @@ def merge_(model: nn.Module) -> int:
     mods = sparse_linears(model)
     for module in mods.values():
         state = sparsity_of(module)
-        module.weight.mul_(mask_like(state.mask, module.weight))
+        _mul_mask_(module.weight, state.mask)
         set_sparsity(module, state)  # re-index the (possibly new) weight Parameter
     return len(mods)
