@@ -36,6 +36,9 @@ def test_compressed_linear_both_paths_match_float64(shape, pattern, dtype):
         x = torch.randn(tokens, shape[1], device="cuda").to(dtype)
         want = torch.nn.functional.linear(x.double(), dense, mod.bias.double())
         ref_err = (torch.nn.functional.linear(x, mod.to_dense(), mod.bias).double() - want).abs().max().item()
+        # twice cuBLAS's error at this precision, or the sparse-tensor-core kernels' own bound (1 % of the
+        # output's largest value, tests/kernels/test_sparse_tc.py): their split-K partial sums round differently
+        bound = max(2 * ref_err, 1e-2 * want.abs().max().item())
         xp = x.index_select(-1, mod.in_perm)
         for path in ("sparse", "dense"):
             if path == "dense" and tokens <= C.DECODE_TOKENS:
@@ -45,9 +48,9 @@ def test_compressed_linear_both_paths_match_float64(shape, pattern, dtype):
             y = yp.index_select(-1, mod._out_inv) + mod.bias
             assert not y.isnan().any()
             err = (y.double() - want).abs().max().item()
-            assert err <= 2 * ref_err + 1e-2, (tokens, path, err, ref_err)
+            assert err <= bound, (tokens, path, err, ref_err)
         y = mod(x)
-        assert (y.double() - want).abs().max().item() <= 2 * ref_err + 1e-2
+        assert (y.double() - want).abs().max().item() <= bound
 
 
 def test_compress_on_the_gpu_moves_and_checkpoints(tmp_path):
