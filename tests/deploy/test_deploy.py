@@ -379,3 +379,32 @@ def test_streaming_with_ria_scores_calibrates_each_block_on_the_pruned_ones():
         assert is_vnm(m.mask(), p, m.in_perm, m.out_perm)
     with torch.no_grad():
         assert model(torch.randint(0, 300, (1, 5))).last_hidden_state.isfinite().all()
+
+
+def test_prefill_sized_static_graphs_of_masked_models_run_their_own_dense_weight(monkeypatch):
+    """A permuted masked layer whose every call has a fixed token count above the decode range runs its own
+    masked weight dense unless the table says the sparse tensor cores win there (the compressed path would
+    rebuild the dense weight per call)."""
+    import sys
+    from types import SimpleNamespace
+
+    from vnm_compile.kernels import dispatch
+    from vnm_compile.passes import CompileContext, CompileOptions, LinearSite
+    from vnm_compile.passes import find_linears as fl_pass  # noqa: F401
+
+    fl = sys.modules["vnm_compile.passes.find_linears"]
+    model = _sparse(torch.float16)
+    state = get_sparsity(model[0])
+    node = SimpleNamespace(args=(SimpleNamespace(meta={"example_value": torch.empty(2, 64, 97)}),), kwargs={})
+    monkeypatch.setattr(fl, "_example", lambda x: x.meta["example_value"])
+    cuda_weight = SimpleNamespace(device=torch.device("cuda"), shape=(131, 97))
+    for floor, dense in ((None, True), (64, False), (256, True)):
+        monkeypatch.setattr(dispatch, "sparse_tc_token_floor", lambda *a, floor=floor: floor)
+        ctx = CompileContext(CompileOptions(), [])
+        site = LinearSite("fc", cuda_weight, [node], state=state)
+        fl._dispatch_index(site, ctx)
+        assert (site.dense_reason is not None) == dense and site.index_perms == (not dense), floor
+    node.args[0].meta["example_value"] = torch.empty(1, 16, 97)  # decode-sized: always the compressed path
+    site = LinearSite("fc", cuda_weight, [node], state=state)
+    fl._dispatch_index(site, CompileContext(CompileOptions(), []))
+    assert site.index_perms and site.dense_reason is None

@@ -243,6 +243,27 @@ def index_lowered(site: LinearSite, opts) -> bool:
     )
 
 
+def _dispatch_index(site: LinearSite, ctx: CompileContext) -> None:
+    """A permuted layer with recorded state runs vnm::compressed_linear (dense or sparse per call, by
+    measurement) -- except where every call's token count is fixed in the graph above the decode range and
+    the measured table gives the sparse tensor cores no win there: the model holds its own dense (masked)
+    weight, so such a layer runs it, as a dense layer (no rebuild of the dense weight per call)."""
+    from ..kernels import dispatch
+    from ..kernels.compressed import DECODE_TOKENS
+
+    static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
+    device = site.weight.device
+    if device.type == "cuda" and None not in static and min(static) > DECODE_TOKENS:
+        floor = dispatch.sparse_tc_token_floor(site.shape[0], site.shape[1], site.state.pattern, device)
+        if floor is None or min(static) < floor:
+            where = "no measured sparse win" if floor is None else f"the sparse tensor cores win from {floor}"
+            return ctx.keep_dense(
+                site, f"its own masked weight runs dense at {min(static)} tokens ({where} on {device.type})"
+            )
+    site.index_perms = True
+    return None
+
+
 def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table,
     and from how many tokens the sparse tensor cores take over (``site.tc_min_tokens``, option) and at
@@ -253,8 +274,7 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     compile time is left unpruned, and the reason says so.
     """
     if index_lowered(site, opts):
-        site.index_perms = True  # vnm::compressed_linear picks dense or sparse per call, by measurement
-        return None
+        return _dispatch_index(site, ctx)
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
     option = tc_option(opts.sparse_tensor_cores, device)
