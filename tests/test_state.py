@@ -59,7 +59,7 @@ def test_deepcopy_keeps_the_state_visible_from_the_weights(monkeypatch):
         assert copied.mask.data_ptr() != state.mask.data_ptr()
     torch._dynamo.reset()
     x = torch.randn(3, 64)
-    compiled = torch.compile(clone, backend="vnm", options={"inductor": False})
+    compiled = torch.compile(clone, backend="vnm", options={"inductor": False, "force_sparse": True})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert len(last_report().lowered) == 2

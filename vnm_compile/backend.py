@@ -55,7 +55,9 @@ def vnm_backend(
     inputs = list(example_inputs)
     pristine = _Snapshot(gm)
     fn, ctx = _lower_and_compile(gm, inputs, opts, mode)
-    watched = sorted({s.input_index for s in ctx.to_lower() if s.compressed is not None and s.input_index is not None})
+    # the lowered weights, and those kept dense on a masked copy, depend on the weights' values
+    lowered = [s for s in ctx.to_lower() if s.compressed is not None] + [s for s in ctx.sites if s.masked_copy]
+    watched = sorted({s.input_index for s in lowered if s.input_index is not None})
     if not watched:
         return fn
     return _WeightGuard(fn, watched, inputs, pristine, opts, mode)

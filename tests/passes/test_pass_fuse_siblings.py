@@ -17,7 +17,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 class Recorder:
     def __init__(self, **options):
-        self.options = {"inductor": False, **options}
+        self.options = {"inductor": False, "force_sparse": True, **options}
         self.graphs = []
 
     def __call__(self, gm, example_inputs):

@@ -169,7 +169,7 @@ def test_merged_model_lowers_with_vnm_backend(method):
         expected = model(x)
         torch._dynamo.reset()
         backend.clear_reports()
-        got = torch.compile(model, backend="vnm", options={"inductor": False})(x)
+        got = torch.compile(model, backend="vnm", options={"inductor": False, "force_sparse": True})(x)
     report = backend.last_report()
     assert len(report.lowered) == 3, report.table()
     torch.testing.assert_close(got, expected)
