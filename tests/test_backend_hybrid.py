@@ -62,7 +62,9 @@ def sparsified(pattern="16:2:5"):
 
 def test_one_graph_runs_sparse_up_to_the_limit_and_dense_above(sparse_calls):
     model = sparsified()
-    compiled = torch.compile(model, backend="vnm", options={"inductor": False, "force_sparse": True}, fullgraph=True, dynamic=True)
+    compiled = torch.compile(
+        model, backend="vnm", options={"inductor": False, "force_sparse": True}, fullgraph=True, dynamic=True
+    )
     # (batch, seq): 6 and 8 tokens <= LIMIT, 9, 14 and 33 above
     with torch.no_grad():
         for batch, seq in [(2, 3), (2, 4), (3, 3), (2, 7), (3, 11), (2, 3)]:
@@ -119,7 +121,9 @@ def test_compile_time_pruning_keeps_a_masked_copy_for_the_dense_branch():
 def test_gradients_for_x_and_bias_on_both_branches(tokens):
     model = sparsified()
     model.train()
-    compiled = torch.compile(model, backend="vnm", options={"inductor": False, "force_sparse": True}, fullgraph=True, dynamic=True)
+    compiled = torch.compile(
+        model, backend="vnm", options={"inductor": False, "force_sparse": True}, fullgraph=True, dynamic=True
+    )
     ref = copy.deepcopy(model)
     x = torch.randn(*tokens, 40, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
