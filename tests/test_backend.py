@@ -70,9 +70,10 @@ def compile_fast(model, **options):
 def test_bad_options_give_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
         vnm_backend(torch.fx.symbolic_trace(Block()), [torch.randn(2, 64)], options=options)
-    # through torch.compile the same message surfaces (wrapped by Dynamo)
-    with pytest.raises(Exception, match=match):
+    # through torch.compile the same message surfaces (wrapped by Dynamo), saying whose error it is
+    with pytest.raises(Exception, match=match) as info:
         torch.compile(Block(), backend="vnm", options=options)(torch.randn(2, 64))
+    assert "vnm_compile: a bad option of torch.compile(backend='vnm'), not a PyTorch bug" in str(info.value)
 
 
 def test_registered_on_import_and_through_the_entry_point(monkeypatch):

@@ -51,7 +51,10 @@ def vnm_backend(
         The compiled callable.
     """
     mode = kwargs.pop("mode", None)
-    opts = CompileOptions.from_dict({**(options or {}), **kwargs})
+    try:
+        opts = CompileOptions.from_dict({**(options or {}), **kwargs})
+    except (ValueError, TypeError) as e:  # Dynamo wraps this; say whose error it is
+        raise type(e)(f"{e} (vnm_compile: a bad option of torch.compile(backend='vnm'), not a PyTorch bug)") from None
     inputs = list(example_inputs)
     pristine = _Snapshot(gm)
     fn, ctx = _lower_and_compile(gm, inputs, opts, mode)
