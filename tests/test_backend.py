@@ -360,3 +360,12 @@ def test_gpt2_conv1d_layers_are_reported_then_lowered_once_sparsified():
         want = model(ids).logits
     assert {r.name for r in last_report().lowered} >= set(convs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 0), (0, 8)])
+def test_zero_size_layers_stay_dense_with_the_reason(shape):
+    model = nn.Sequential(nn.Linear(*shape))
+    x = torch.randn(2, shape[0])
+    got = compile_fast(model, pattern="16:2:5", min_numel=0, strict=True)(x)
+    assert got.shape == (2, shape[1])
+    assert last_report()["0"].reason == f"zero-size weight {(shape[1], shape[0])}"

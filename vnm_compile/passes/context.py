@@ -30,7 +30,13 @@ DEFAULT_MIN_NUMEL = VNMConfig.min_numel
 
 # Reasons for leaving a layer dense that the user chose; every other reason is an
 # error under ``strict=True``.
-USER_CHOICES = ("ignored by name", "too small", "no V:N:M state and no pattern option", "weight tied to")
+USER_CHOICES = (
+    "ignored by name",
+    "too small",
+    "no V:N:M state and no pattern option",
+    "weight tied to",
+    "zero-size weight",
+)
 
 
 @dataclass(frozen=True)

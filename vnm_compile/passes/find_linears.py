@@ -252,6 +252,8 @@ def _decide(site: LinearSite, opts, ctx: CompileContext, tied: str | None = None
         return ctx.keep_dense(site, f"weight tied to the embedding {tied!r}, which is never pruned")
     if weight.dim() != 2:
         return ctx.keep_dense(site, f"unsupported weight shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        return ctx.keep_dense(site, f"zero-size weight {tuple(weight.shape)}")
     if not recorded and opts.pattern is None:
         return ctx.keep_dense(site, "no V:N:M state and no pattern option")
     min_numel = opts.min_numel_for(recorded)
