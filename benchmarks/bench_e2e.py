@@ -50,10 +50,12 @@ VARIANTS = ("dense", "64:2:8", "64:2:5", "2:4", CSLT)
 # this GPU) says they beat dense and the Triton kernels (the decode kernel at few tokens, the GEMM from
 # a floor up; without vnm_tc_us timings in it, the Triton kernels only). "triton" compiles with
 # sparse_tensor_cores=False (the Triton kernels only); "tc" with True (the same as "auto" on such a GPU;
-# kept for the commands of earlier results).
+# kept for the commands of earlier results). "permuted" runs the same pattern on weights pruned with random
+# input and output channel permutations recorded (permuted_copy): the kernels then read each block's kept
+# columns scattered over the input, as after sparsify_(..., VNMConfig(permute=True)).
 EXTRA_VARIANTS = (
     "64:2:16", "64:2:8 expanded", "64:2:5 expanded", "64:2:8 interleaved", "64:2:5 interleaved", "64:2:8 tc",
-    "64:2:5 tc", "64:2:16 tc", "64:2:8 triton", "64:2:5 triton",
+    "64:2:5 tc", "64:2:16 tc", "64:2:8 triton", "64:2:5 triton", "64:2:8 permuted", "64:2:5 permuted",
 )  # fmt: skip
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
@@ -80,12 +82,45 @@ def _compile(model, variant: str, smoke: bool = False):
     if variant == "dense":
         return torch.compile(model, backend="eager" if smoke else "inductor", fullgraph=True, dynamic=False)
     pattern, *flags = variant.split()
+    if "permuted" in flags:
+        model = permuted_copy(model, pattern)
     options = {
         "pattern": pattern, "score": "abs", "inductor": not smoke, "fuse_siblings": "separate" not in flags,
         "expand_weights": "expanded" in flags, "interleave_rows": "interleaved" in flags,
         "sparse_tensor_cores": True if "tc" in flags else False if "triton" in flags else "auto",
     }  # fmt: skip
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
+
+
+def permuted_copy(model, pattern: str, seed: int = 0):
+    """A copy of ``model`` whose linears (those compile-time pruning would take: VNMConfig's ignore and
+    min_numel) are pruned to ``pattern`` by ABS inside random input and output channel permutations,
+    recorded as sparsify_ records them, so the compiler folds the permutations into the kernels' indices.
+    Random permutations stand for what a permutation search returns on real weights (this benchmark's
+    weights are random, so a search would choose no better): the kept columns of a block scattered over
+    the whole input."""
+    import copy
+
+    import torch
+
+    from vnm_compile import VNMConfig, vnm_mask
+    from vnm_compile.sparsify import eligible_linears
+    from vnm_compile.state import LinearSparsity, set_sparsity
+
+    config = VNMConfig(pattern, score="abs", permute=False)
+    sparse = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in eligible_linears(sparse, config)[0].values():
+            w = module.weight
+            in_perm = torch.randperm(w.shape[1], generator=gen).to(w.device)
+            out_perm = torch.randperm(w.shape[0], generator=gen).to(w.device)
+            permuted = vnm_mask(w.detach().abs().float()[out_perm][:, in_perm], config.pattern)
+            mask = torch.empty_like(permuted)
+            mask[out_perm.unsqueeze(1), in_perm.unsqueeze(0)] = permuted  # back to original coordinates
+            w.mul_(mask)
+            set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, "abs"))
+    return sparse
 
 
 def _cslt_model(model, tokens: int):
@@ -173,10 +208,9 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
-def build_llama(args):
-    """The Llama-2-7B-shaped decoder stack (LlamaModel: no lm_head) with random weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaModel
+def build_llama_config(args):
+    """The Llama-2-7B shapes (--smoke: tiny ones) with --llama-layers layers."""
+    from transformers import LlamaConfig
 
     shape = (256, 704, 4, 512) if args.smoke else (4096, 11008, 32, 32000)
     cfg = LlamaConfig(
@@ -188,9 +222,17 @@ def build_llama(args):
         vocab_size=shape[3],
         max_position_embeddings=4096,
     )
+    return cfg
+
+
+def build_llama(args):
+    """The Llama-2-7B-shaped decoder stack (LlamaModel: no lm_head) with random weights."""
+    import torch
+    from transformers import LlamaModel
+
     torch.manual_seed(0)
     with torch.device(args.device):
-        return LlamaModel(cfg).to(args.dtype).eval()
+        return LlamaModel(build_llama_config(args)).to(args.dtype).eval()
 
 
 def build_deit(args):

@@ -138,10 +138,13 @@ def check_correctness() -> tuple[float, int]:
 
 
 def peak_rates() -> dict[str, float]:
+    """TFLOP/s of the warp-level mma.sp (ordered and plain metadata) and dense mma.sync instructions alone
+    (csrc/peak_mma.cu, compiled with the package's kernel source, whose mma_sp it uses)."""
     import torch
 
-    from vnm_compile.kernels.sparse_tc import _kernels
+    from vnm_compile.kernels.sparse_tc import SOURCE, _Kernels
 
+    probes = _Kernels(SOURCE.read_text() + "\n" + (Path(__file__).parent / "csrc" / "peak_mma.cu").read_text())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.empty(sms * 8 * 128, device="cuda")
     rates = {}
@@ -150,7 +153,7 @@ def peak_rates() -> dict[str, float]:
         ("peak_mma_sp_unordered", "peak_mma_sp", 16 * 8 * 32 * 2, {"ORDERED": 0}),
         ("peak_mma", "peak_mma", 16 * 8 * 16 * 2, {}),
     ):
-        k, iters = _kernels().get(name, **defines), 4096
+        k, iters = probes.get(name, **defines), 4096
         k((sms * 8, 1, 1), (128, 1, 1), [out, iters])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -288,7 +291,7 @@ def to_markdown(results: dict) -> str:
 
 
 def gemm_arguments(argv: list[str] | None, doc: str, patterns: list[str], config_help: str) -> argparse.Namespace:
-    """The command line of the GEMM benchmarks (this one, bench_wgmma_variants.py): --out, --patterns,
+    """The command line of the GEMM benchmarks: --out, --patterns,
     --layers, --config (repeatable)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)

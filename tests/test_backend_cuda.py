@@ -10,10 +10,7 @@ from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import clear_reports, reports
 from vnm_compile.kernels.vnm_linear import OP
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)

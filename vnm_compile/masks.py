@@ -1,4 +1,4 @@
-"""S_{V:N:M}: choosing and checking V:N:M masks (DESIGN.md, "The format").
+"""S_{V:N:M}: choosing and checking V:N:M masks (docs/design.md, "The format").
 
 Everything is vectorised over blocks: the whole V x M blocks of a (rows, cols)
 matrix are viewed in place as (row_blocks, V, groups, M); only its ragged

@@ -88,6 +88,9 @@ class LayerReport:
     skipped: str | None = None
     shares_input_perm: tuple[str, ...] = ()  # other layers reading the same tensor (one shared in_perm)
     note: str = ""  # e.g. "Conv1D converted to nn.Linear"
+    dense_bytes: int = 0  # the weight as it is (dense), in the model's dtype
+    mask_bytes: int = 0  # what the masked form holds beyond it: the bool mask and the permutations
+    compressed_bytes: int = 0  # what compress_ holds instead of both (weight, permutations)
 
 
 @dataclass
@@ -130,6 +133,22 @@ class SparsifyReport:
             f"({n_params - kept:,.0f} of {n_params:,} weights zeroed){already_note}, {len(self.dense)} left dense; "
             f"mean importance kept {self.mean_importance_kept():.3f}"
         )
+
+    def memory(self) -> str:
+        """Bytes each sparsified layer holds as dense, masked (weight + mask + permutations) and compressed
+        (``compress_``), and the totals."""
+        head = f"{'layer':<48} {'dense MiB':>10} {'masked MiB':>11} {'compressed MiB':>15} {'ratio':>6}"
+        lines = [head, "-" * len(head)]
+        for r in self.sparsified:
+            masked = r.dense_bytes + r.mask_bytes
+            lines.append(f"{r.name:<48} {r.dense_bytes / 2**20:>10.2f} {masked / 2**20:>11.2f} "
+                         f"{r.compressed_bytes / 2**20:>15.2f} {r.compressed_bytes / max(r.dense_bytes, 1):>6.3f}")  # fmt: skip
+        dense = sum(r.dense_bytes for r in self.sparsified)
+        masked = dense + sum(r.mask_bytes for r in self.sparsified)
+        comp = sum(r.compressed_bytes for r in self.sparsified)
+        lines.append(f"{'total':<48} {dense / 2**20:>10.2f} {masked / 2**20:>11.2f} {comp / 2**20:>15.2f} "
+                     f"{comp / max(dense, 1):>6.3f}")  # fmt: skip
+        return "\n".join(lines)
 
     def table(self) -> str:
         head = f"{'layer':<48} {'shape':>12} {'pattern':>9} {'density':>8} {'kept':>6}  note"
@@ -406,6 +425,7 @@ def sparsify_(
             clear_sparsity(module)
         module.weight.mul_(mask.to(module.weight.dtype))
         set_sparsity(module, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score))
+        _account(reports[name], module.weight, config.pattern, perms[0], perms[1])
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report
@@ -436,6 +456,17 @@ def _choose_mask(scores: torch.Tensor, perms: Perms, config: VNMConfig, r: Layer
     r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
     r.permuted = in_perm is not None or out_perm is not None
     return mask
+
+
+def _account(r: LayerReport, weight: torch.Tensor, pattern: VNMPattern, in_perm, out_perm) -> None:
+    """The bytes the layer holds in each representation (LayerReport.dense_bytes ...)."""
+    from .format import compressed_nbytes
+
+    rows, cols = weight.shape
+    perms = sum(p.numel() * p.element_size() for p in (in_perm, out_perm) if p is not None)
+    r.dense_bytes = weight.numel() * weight.element_size()
+    r.mask_bytes = rows * cols + perms  # bool mask, one byte per weight
+    r.compressed_bytes = compressed_nbytes(rows, cols, pattern, weight.dtype) + perms
 
 
 def _unpermute(mask_p: torch.Tensor, in_perm, out_perm) -> torch.Tensor:

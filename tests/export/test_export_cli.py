@@ -36,6 +36,7 @@ def _tiny_bert(args):
     return model, example, check, report
 
 
+@pytest.mark.slow
 def test_export_onnx_command(tmp_path, monkeypatch, capsys):
     from vnm_compile.export import cli as export_cli
 

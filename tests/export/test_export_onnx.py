@@ -95,6 +95,7 @@ def minilm(tmp_path_factory):
     return model, tok, path
 
 
+@pytest.mark.slow
 def test_minilm_runs_in_onnxruntime_and_matches(minilm):
     model, tok, path = minilm
     # A different batch size and sequence length than the export example.
@@ -152,6 +153,7 @@ def _tiny_llama(seed: int = 0):
     return transformers.LlamaModel(config).eval()
 
 
+@pytest.mark.slow
 def test_llama_permuted_runs_in_onnxruntime_and_matches(tmp_path):
     """Permuted V:N:M (in_perm folded into columns, out_perm as row_index); MiniLM covers the plain case."""
     model = _tiny_llama()

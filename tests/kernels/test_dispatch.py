@@ -142,8 +142,7 @@ def test_device_table_as_a_json_path(fake_gpu, monkeypatch):
 def test_an_unmeasured_gpu_runs_sparse_only_at_decode(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(dispatch.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dispatch, "gpu_slug", lambda device=None: "no-such-gpu-measured")
-    monkeypatch.setattr(dispatch, "results_dir", lambda: tmp_path / "none")
-    monkeypatch.setattr(dispatch.Path, "home", lambda: tmp_path)
+    monkeypatch.setenv("VNM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(dispatch, "_WARNED", set())
     monkeypatch.setenv("VNM_BENCH_RESULTS", str(tmp_path))
     with caplog.at_level("WARNING", logger=dispatch.__name__):

@@ -31,7 +31,6 @@ from vnm_compile.masks import vnm_mask
 from vnm_compile.pattern import VNMPattern
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Triton's interpreter needs TRITON_INTERPRET=1 before triton is imported (CI sets it for the whole run).
 interp = pytest.mark.skipif(not interpreter_ready(), reason="run with TRITON_INTERPRET=1 set before triton loads")
 
@@ -154,7 +153,7 @@ def test_int32_columns(monkeypatch, kind):
     check(y, x, dense, bias)
 
 
-@gpu
+@pytest.mark.gpu
 def test_gpu_int32_columns():
     vw, dense, x, bias = _wide_case("cuda")
     inter = interleave_rows(vw.values, vw.meta, 16, 8)
@@ -497,7 +496,7 @@ def test_prefer_sparse_without_table_or_gpu():
 
 
 # ----------------------------------------------------------------------------- GPU
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 16, 33, 300, 2048])
 @pytest.mark.parametrize(
@@ -515,7 +514,7 @@ def test_gpu_matches_fp64(rows, cols, pattern, tokens, dtype):
     check(vnm_linear(x, vw, bias), x, dense, bias)
 
 
-@gpu
+@pytest.mark.gpu
 def test_gpu_every_config():
     """Every autotune candidate computes the same function (not only the one autotune picks)."""
     from vnm_compile.kernels.vnm_triton import (
@@ -541,7 +540,7 @@ def test_gpu_every_config():
                 check(out, x, dense, bias)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [2, 16, 33, 300])
 def test_gpu_expanded_weights(tokens):
     """vnm_linear with the expanded weights on the GPU (whatever config the dispatcher picks)."""
@@ -551,7 +550,7 @@ def test_gpu_expanded_weights(tokens):
     check(vnm_linear(x, vw, bias, expanded=expand_weights(vw)), x, dense, bias)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("r", [4, 8, 16])
 def test_gpu_rows_kernel(r):
     """Every decode config on the row-interleaved layout on the GPU, 1 and 4 tokens, and the
@@ -567,7 +566,7 @@ def test_gpu_rows_kernel(r):
             check(vnm_linear_triton(x, *args, out=out, config=cfg, interleaved=inter), x, dense, bias)
 
 
-@gpu
+@pytest.mark.gpu
 def test_gpu_opcheck_and_compile():
     vw, dense = make_weight(96, 200, "32:2:6", dtype=torch.float16, device="cuda", seed=2)
     x = torch.randn(5, 200, dtype=torch.float16, device="cuda")
@@ -577,7 +576,7 @@ def test_gpu_opcheck_and_compile():
     check(compiled(x), x, dense, None)
 
 
-@gpu
+@pytest.mark.gpu
 def test_gpu_cusparselt_baseline():
     from vnm_compile.kernels import CSLTLinear, cusparselt_available
 

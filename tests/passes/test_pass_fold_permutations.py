@@ -29,7 +29,7 @@ def test_permutations_fold_into_indices_and_row_store(h, toy):
     with torch.no_grad():
         expected = toy(x)
     gm, inputs = h.capture(toy, x)
-    ctx = h.context(gm, inputs, min_numel=0)
+    ctx = h.context(gm, inputs, min_numel=0, permutations="fold")
     prune_linears(gm, ctx)
     assert fold_permutations(gm, ctx) is False  # builds weights only
     sites = {s.name: s for s in ctx.sites}

@@ -16,8 +16,11 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 class Recorder:
+    """The vnm backend, keeping each lowered graph; permutations folded into the compressed weights (these
+    tests are about vnm::linear launches; "index" lowering has its own tests in tests/deploy)."""
+
     def __init__(self, **options):
-        self.options = {"inductor": False, "force_sparse": True, **options}
+        self.options = {"inductor": False, "force_sparse": True, "permutations": "fold", **options}
         self.graphs = []
 
     def __call__(self, gm, example_inputs):

@@ -66,6 +66,7 @@ def test_interleave_rows_option_is_validated():
         vnm_backend(None, [], options={"interleave_rows": 1})
 
 
+@pytest.mark.slow
 def test_hybrid_launches_take_the_interleaved_copies(monkeypatch):
     """vnm.hybrid_linear (sparse up to 4 tokens) gets them at its own argument positions; one dynamic
     graph still computes the eager function on both branches (under the Triton interpreter when it

@@ -85,7 +85,7 @@ def test_sites_with_a_token_limit_become_hybrid_linear(h, toy, monkeypatch):
     sparsify_(toy, VNMConfig("16:2:5", score="abs", permute=True, ignore=("head",), min_numel=0), progress=False)
     x = torch.randn(3, 7, 48)
     torch._dynamo.mark_dynamic(x, 1)
-    gm, inputs, ctx = lowered(h, toy, x, pattern="16:2:5", min_numel=0, ignore=[])
+    gm, inputs, ctx = lowered(h, toy, x, pattern="16:2:5", min_numel=0, ignore=[], permutations="fold")
     # down and shared (x2) are recorded (masked in place); head is pruned here (its weight is not masked)
     hybrid = [n for n in gm.graph.nodes if n.target is HYBRID_OP]
     assert len(hybrid) == 4 and h.count_vnm(gm) == 2 and h.count_linear(gm) == 0  # up and tiny: vnm.linear

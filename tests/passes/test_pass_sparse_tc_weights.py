@@ -11,7 +11,7 @@ from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import dispatch, vnm_linear
-from vnm_compile.kernels.sparse_tc import pack_sparse_tc, sparse_tc_available
+from vnm_compile.kernels.sparse_tc import pack_sparse_tc
 from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER
 from vnm_compile.pattern import VNMPattern
 from vnm_compile.state import get_sparsity
@@ -264,7 +264,7 @@ def test_opcheck_with_packed_weights():
     torch.library.opcheck(OP, args)
 
 
-@pytest.mark.skipif(not sparse_tc_available(), reason="needs a CUDA GPU of compute capability >= 8.0")
+@pytest.mark.gpu(sparse_tc=True)
 @pytest.mark.parametrize("permute", [False, True])
 def test_compiled_model_runs_the_mma_sp_kernel_on_the_gpu(permute):
     """Above the token count the op runs the mma.sp kernel: the compiled model matches eager within fp16

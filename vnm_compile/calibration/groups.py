@@ -1,6 +1,6 @@
 """Finding the linears that read the same tensor (q/k/v, gate/up, fc layers fed by one LayerNorm).
 
-Such layers must share one input permutation (DESIGN.md, "Channel permutation").
+Such layers must share one input permutation (docs/design.md, "Channel permutation").
 They are found by tracing, not by names: forward pre-hooks record the identity
 of each nn.Linear's input tensor while the model runs on real batches, and
 layers that were handed the very same tensor object are joined (union-find).

@@ -1,4 +1,4 @@
-"""Importance scores for pruning: ABS, Wanda and RIA (DESIGN.md)."""
+"""Importance scores for pruning: ABS, Wanda and RIA (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""V:N:M channel permutation (paper section 4.2; DESIGN.md, "Channel permutation").
+"""V:N:M channel permutation (paper section 4.2; docs/design.md, "Channel permutation").
 
 Find an input permutation P_i (columns) and an output permutation P_o (rows) of
 a score matrix S so that S_{V:N:M}(P_o S P_i) keeps more importance than
@@ -42,7 +42,7 @@ MiniLM's layers are solved whole). The output step ignores that the incoming
 row may change its block's column choice (it is credited with the old one).
 
 Cost: 4096 x 11008, 2 rounds, about a minute on 2 CPU cores (64:2:5 and 64:2:8;
-benchmarks/bench_permutation.py).
+benchmarks/bench_sparsify.py permutation).
 
 Layers that read the same tensor share P_i: ``find_shared_permutation`` runs
 the input step on all of them stacked (each layer's scores divided by its

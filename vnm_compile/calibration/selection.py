@@ -1,4 +1,4 @@
-"""Choosing V and M from measured speed-ups (paper section 4.1; DESIGN.md, "Choosing V and M").
+"""Choosing V and M from measured speed-ups (paper section 4.1; docs/design.md, "Choosing V and M").
 
 Given a table {pattern: speed-up over dense} measured on the target GPU and a
 speed-up threshold s:

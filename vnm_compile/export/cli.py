@@ -166,7 +166,7 @@ def add_export_parser(sub) -> None:
     onnx_p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch check")
     onnx_p.set_defaults(func=_export_onnx)
     trt_p = targets.add_parser(
-        "tensorrt", help="TensorRT engine with the V:N:M plugin (needs TensorRT >= 10.8 and a GPU)"
+        "tensorrt", help="experimental: TensorRT engine with the V:N:M plugin (needs TensorRT >= 10.8 and a GPU)"
     )
     _common(trt_p)
     trt_p.add_argument("--fp16", action="store_true", help="export in float16 and let TensorRT use fp16 kernels")

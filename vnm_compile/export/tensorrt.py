@@ -1,5 +1,9 @@
 """to_tensorrt: a serialized TensorRT engine whose V:N:M linears run the vnm_compile plugin.
 
+Experimental: this route has not yet been run end to end on a machine with TensorRT (CI has none and
+the GPU runs so far had no TensorRT installed); its tests skip without it. Each entry point warns
+(ExperimentalWarning) until it has. ONNX export (export/onnx.py) is the tested route.
+
 Path: model -> to_onnx (VNMLinear nodes) -> prepare_for_tensorrt (drop the ONNX
 function so the parser falls back to the plugin, tag the nodes with
 ``plugin_namespace``, int16 columns -> int32, dummies for absent inputs) ->
@@ -20,6 +24,7 @@ import functools
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from .onnx_function import DOMAIN, OP_TYPE
 from .tensorrt_plugin import PLUGIN_ID, PLUGIN_NAMESPACE, register_plugin
 
 __all__ = [
+    "ExperimentalWarning",
     "MIN_TENSORRT",
     "require_tensorrt",
     "prepare_for_tensorrt",
@@ -49,6 +55,19 @@ _INSTALL_HINT = (
     "pip install 'tensorrt>=10.8' (NVIDIA's wheels, CUDA 12; see https://docs.nvidia.com/deeplearning/tensorrt/) "
     "on a machine with an NVIDIA GPU and a CUDA build of PyTorch"
 )
+
+
+class ExperimentalWarning(UserWarning):
+    """Issued by the TensorRT export entry points, which have not yet run end to end anywhere."""
+
+
+def _warn_experimental(what: str) -> None:
+    warnings.warn(
+        f"{what} is experimental: the TensorRT route has not yet been run end to end with TensorRT installed; "
+        "check the engine's outputs against the PyTorch model (ONNX export is the tested route)",
+        ExperimentalWarning,
+        stacklevel=3,
+    )
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -237,6 +256,7 @@ def to_tensorrt(
         ImportError: TensorRT (>= 10.8, with tensorrt.plugin) is not installed.
         RuntimeError: no CUDA GPU, or TensorRT failed to parse/build.
     """
+    _warn_experimental("to_tensorrt")
     trt = require_tensorrt()
     import onnx
 
@@ -373,6 +393,7 @@ def compile_with_torch_tensorrt(model: nn.Module, example_inputs: ExportInputs, 
     the converter is registered, and the copy is compiled with ``ir="dynamo"``.
     Extra keyword arguments go to torch_tensorrt.compile.
     """
+    _warn_experimental("compile_with_torch_tensorrt")
     torch_tensorrt = _require_torch_tensorrt()
     from .lowering import lowered_copy
 

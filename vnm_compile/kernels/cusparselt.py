@@ -3,11 +3,11 @@
 cuSPARSELt multiplies a compressed 2:4 weight A (out x in) by a dense B
 (in x tokens). It is much faster when B is feature-major (a contiguous
 (in, tokens) tensor) than when B is the x.t() view of token-major
-activations (DESIGN.md, H100), so ``CSLTLinear`` takes feature-major
+activations (measured on the H100; bench_linear times it so, linear.json's meta.cslt_layout), so ``CSLTLinear`` takes feature-major
 activations and returns feature-major outputs; ``linear`` wraps token-major
 x with the two transposes for callers that have nothing better. The best
 algorithm is searched once per token count (torch._cslt_sparse_mm_search).
-cuSPARSELt refuses some tiny token counts (1 token, DESIGN.md); those raise.
+cuSPARSELt refuses some tiny token counts (1 token: benchmarks/results/nvidia-h200/e2e.md); those raise.
 """
 
 from __future__ import annotations

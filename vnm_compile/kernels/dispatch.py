@@ -5,11 +5,11 @@ to how many tokens; the compiler's runtime switch vnm::hybrid_linear takes
 the dense path above it, so one dynamic-shape graph serves both decode and
 prefill).
 
-The table is benchmarks/results/<gpu>/linear.json written by bench_linear.py
-(``vnm bench``). It is looked up, in order, at ``$VNM_BENCH_RESULTS`` (a
-linear.json file or a folder holding <gpu>/linear.json), in
-``~/.cache/vnm_compile/<gpu>/linear.json`` and in the source tree's
-benchmarks/results/<gpu>/linear.json. Off CUDA the answer is sparse (True / no
+The table is a linear.json as bench_linear.py (``vnm bench``) writes it. It is
+looked up, in order, at ``$VNM_BENCH_RESULTS`` (a linear.json file or a folder
+holding <gpu>/linear.json), in the user's cache ``$VNM_CACHE_DIR/<gpu>/linear.json``
+(default ~/.cache/vnm_compile, where ``vnm bench`` writes) and in the table shipped
+with the package, kernels/tables/<gpu>.json (see kernels.tables). Off CUDA the answer is sparse (True / no
 limit): the CPU reference and the interpreter are for correctness, not speed.
 On a CUDA device without a table the answer is sparse up to
 UNMEASURED_TOKEN_LIMIT tokens only (run ``vnm bench`` on that GPU to go further).
@@ -21,13 +21,13 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from ..pattern import VNMPattern, as_pattern
+from . import tables
 
 __all__ = [
     "gpu_slug",
@@ -53,19 +53,9 @@ def gpu_slug(device: torch.device | str | None = None) -> str:
 
 
 def results_dir() -> Path:
-    """The source tree's benchmarks/results folder (may not exist in an installed package)."""
+    """The source tree's benchmarks/results folder, where the benchmark scripts write (may not exist in an
+    installed package; the dispatcher does not read it: see kernels.tables)."""
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-
-
-def _candidates(slug: str) -> list[Path]:
-    paths = []
-    env = os.environ.get("VNM_BENCH_RESULTS")
-    if env:
-        p = Path(env)
-        paths.append(p if p.suffix == ".json" else p / slug / "linear.json")
-    paths.append(Path.home() / ".cache" / "vnm_compile" / slug / "linear.json")
-    paths.append(results_dir() / slug / "linear.json")
-    return paths
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,11 +70,8 @@ def _load(path: str, mtime: float) -> dict | None:
 
 def load_table(device: torch.device | str | None = None) -> dict | None:
     """The benchmark table for this CUDA device, or None."""
-    slug = gpu_slug(device)
-    for path in _candidates(slug):
-        if path.is_file():
-            return _load(str(path), path.stat().st_mtime)
-    return None
+    path = tables.find_table(gpu_slug(device))
+    return None if path is None else _load(str(path), path.stat().st_mtime)
 
 
 def _log_dist(a: float, b: float) -> float:

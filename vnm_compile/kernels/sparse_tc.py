@@ -105,10 +105,9 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # and TNW tokens per CTA, WST pipeline stages, MINB CTAs per SM; SHARE=1 (V a multiple of 128) lets the two
 # 64-row halves of a V block read one copy of its gathered x^T rows. WGMMA_CONFIG is the best on average on
 # an H200 at the Llama-2-7B shapes (2048 and 8192 tokens, 64:2:5/8/16; sparse_tc.md), WGMMA_GRID what
-# sparse_tc_linear's autotuning times after it (the best per shape there, DeiT-B's included). WNI (tokens per
-# wgmma instruction, default 64) and WPIPE=1 (a k-step's wgmma left in flight) are not in the grid: side by
-# side with the same tiles they were level or slower (wgmma_variants.md: the gathers of x^T rows, at L2
-# bandwidth, take 77-96 % of the kernel's time, so how the multiplies are issued does not matter).
+# sparse_tc_linear's autotuning times after it (the best per shape there, DeiT-B's included). The gathers of
+# x^T rows, at L2 bandwidth, take 77-96 % of the kernel's time (wgmma_variants.md), so how the multiplies are
+# issued hardly matters: wider instructions and pipelined wgmma were level or slower (docs/experiments.md).
 WGMMA_CONFIG = {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 4, "MINB": 2}
 WGMMA_SHARE_CONFIG = {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4, "SHARE": 1}
 WGMMA_GRID = [
@@ -319,8 +318,8 @@ def _group_rows(cols: Tensor, m: int, in_features: int) -> tuple[Tensor | None, 
 class _Kernels:
     """NVRTC-compiled entry points of vnm_mma_sp.cu, one module per (device, compile-time defines)."""
 
-    def __init__(self) -> None:
-        self._src = SOURCE.read_text()
+    def __init__(self, source: str | None = None) -> None:
+        self._src = SOURCE.read_text() if source is None else source  # another source: benchmarks' probes
         self._cache: dict = {}
         self.checked: set[int] = set()
 
@@ -647,15 +646,13 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
     )  # fmt: skip
 
 
-WGMMA_KEYS = ("WG", "TNW", "WST", "MINB", "SHARE", "WNI", "WPIPE", "WPROBE")  # besides KERNEL
+WGMMA_KEYS = ("WG", "TNW", "WST", "MINB", "SHARE")  # besides KERNEL
 
 
 def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
     """The wgmma kernel's compile-time defines for ``config`` (its keys less KERNEL), or a ValueError naming
     what does not fit: TNW (tokens per CTA) 64/128/256, WG (V blocks per CTA) 1/2/4, WST (stages) >= 3, the
-    threads splitting a B tile evenly, WNI (tokens per wgmma instruction) 64/128/256 dividing TNW, WPIPE 0/1
-    (1 needs two instructions per k-step: with one, ptxas serializes the wgmma, warning C7513), SHARE=1 only
-    on 128-row V blocks. WPROBE (measurement only, outputs wrong: bench_wgmma_variants.py) 0, 1 or 2."""
+    threads splitting a B tile evenly, SHARE=1 only on 128-row V blocks."""
     cfg = {k: v for k, v in config.items() if k != "KERNEL"}
     unknown = sorted(set(cfg) - set(WGMMA_KEYS))
     if unknown:
@@ -667,14 +664,6 @@ def check_wgmma_config(config: dict, w: SparseTCWeight) -> dict:
             f"wgmma config: the {128 * cfg['WG']} threads must split the {4 * cfg['TNW']} 16-byte "
             f"chunks of a B tile evenly (more tokens, TNW, or fewer warpgroups, WG): got {config}"
         )
-    wni = cfg.get("WNI", 64)
-    if wni not in (64, 128, 256) or cfg["TNW"] % wni:
-        raise ValueError(f"wgmma config needs WNI in (64, 128, 256) dividing TNW={cfg['TNW']}: got {config}")
-    if cfg.get("WPIPE", 0) not in (0, 1) or (cfg.get("WPIPE") and cfg["TNW"] < 2 * wni):
-        raise ValueError(f"wgmma config: WPIPE is 0 or 1, and 1 needs TNW >= 2 * WNI (two wgmma per k-step; with "
-                         f"one, ptxas serializes them): got {config}")  # fmt: skip
-    if cfg.get("WPROBE", 0) not in (0, 1, 2):
-        raise ValueError(f"wgmma config: WPROBE is 0, 1 or 2, got {config}")
     if cfg.get("SHARE") and (cfg["WG"] == 1 or w.block_rows % 128):
         raise ValueError(f"SHARE=1 pairs the 64-row halves of 128-row V blocks: needs WG >= 2 and V a multiple "
                          f"of 128, got WG={cfg['WG']} and V={w.block_rows}")  # fmt: skip
@@ -784,3 +773,45 @@ def _tuned_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None)
     key = ("sparse_tc_decode", y.device.index, w.dtype, w.out_features, w.in_features, w.group_width,
            _can_stage(x2, w), _token_bucket(tokens))  # fmt: skip
     return _choose(key, decode_candidates(tokens), lambda cfg: launch_decode(x2, w, y, bias, cfg))
+
+
+def unpack_sparse_tc(w: SparseTCWeight, pattern: VNMPattern | str) -> VNMWeight:
+    """The exact inverse of :func:`pack_sparse_tc` for a weight packed from ``VNMWeight.from_dense``: the
+    row-major VNMWeight (values, columns, meta, row_index) of ``pattern`` back from the records and gather
+    indices. Plain PyTorch, on the records' device (the reference of the dense rebuild, and how a compressed
+    module leaves the sparse-tensor-core layout: checkpoints, decompress_, CPU)."""
+    from ..format import _pack_meta
+    from ..pattern import as_pattern
+
+    p = as_pattern(pattern)
+    if not isinstance(w, SparseTCWeight):
+        raise TypeError(f"unpack_sparse_tc takes a SparseTCWeight, got {type(w).__name__}")
+    if block_rows(p) != w.block_rows:
+        raise ValueError(f"the packed weight has {w.block_rows}-row blocks, {p} has {block_rows(p)}")
+    blocks, steps = w.records.shape[:2]
+    rows_p, gp = blocks * 64, steps * 8
+    groups = -(-w.in_features // p.m)
+    if gp < groups or gp - groups >= 16:
+        raise ValueError(f"the packed weight has {steps} k-steps, not those of {w.in_features} features at {p}")
+    # 1. values: the A fragments back to (row, group, slot); see pack_sparse_tc's permute
+    a = w.records[..., :512].contiguous().view(w.dtype).reshape(blocks, steps, 4, 8, 4, 2, 2, 2)
+    vals = a.permute(0, 2, 6, 3, 1, 5, 4, 7).reshape(rows_p, gp, 2)
+    # 2. positions: each (tile, row, group) 4-bit code from its (lane, field) of the metadata words
+    lanes = torch.empty(4, 16, 8, dtype=torch.long)
+    fields = torch.empty(4, 16, 8, dtype=torch.long)
+    for mt in range(4):
+        for (lane, field), (r, c) in (selector1_map(METADATA_MAP) if mt % 2 else METADATA_MAP).items():
+            lanes[mt, r, c], fields[mt, r, c] = lane, field
+    lanes, fields = lanes.to(w.records.device), fields.to(w.records.device)
+    e = w.records[..., 512:576].to(torch.int64).reshape(blocks, steps, 2, 32) & 0xFFFFFFFF
+    tile = (torch.arange(4, device=e.device) // 2).view(4, 1, 1).expand(4, 16, 8)
+    words = e[:, :, tile, lanes]  # (blocks, steps, 4, 16, 8)
+    code = (words >> (4 * fields)) & 0xF
+    pos = torch.stack([code & 3, code >> 2], -1)  # (blocks, steps, mt, row, group, slot)
+    pos = pos.permute(0, 2, 3, 1, 4, 5).reshape(rows_p, gp, 2)
+    # 3. the blocks' kept columns (unsigned 16-bit), one V block per V / 64 records
+    cols = (w.columns.to(torch.int64) & 0xFFFF).reshape(blocks, gp, 4)[:: w.block_rows // 64, :groups]
+    index_dtype = torch.int16 if w.in_features <= torch.iinfo(torch.int16).max else torch.int32
+    values = vals[:, :groups].reshape(rows_p, groups * 2).contiguous()
+    meta = _pack_meta(pos[:, :groups], 2)
+    return VNMWeight(values, cols.to(index_dtype).contiguous(), meta, w.row_index, p, (w.out_features, w.in_features))

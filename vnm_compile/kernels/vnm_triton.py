@@ -67,26 +67,7 @@ traffic of cuBLAS's 128x256 tiles on the reduced K; 128-row tiles (V = 128) are
 25-40 % faster on the same weights (128:2:8 0.94x, 128:2:16 1.57x at 2048 tokens).
 Without sparse tensor cores (not reachable from Triton) the 2:4 half of each
 block's kept columns is multiplied as zeros.
-Tried and not kept (H100, side by side under CUDA graphs, Llama-2-7B shapes, 64:2:5
-and 64:2:8): (1) a rebuild without reshape/split (values read as int32 pairs,
-metadata indexed per group, four tl.dot of K = GC, one per slot) that left the loads
-to Triton's pipeliner: 1.2-2x slower at 1, 16 and 2048 tokens; (2) sweeps of 50 FMA
-and 30 small-dot configs: the autotuned lists below come within 0-11 % of the best
-per shape; (3) split-K for the FMA kernel (fp32 partials plus the reduce launch):
-slower everywhere; (4) programmatic dependent launch: between -14 % and +11 % per
-case; (5) a multi-token CUDA-core kernel (BLOCK_T tokens per program, the chunk
-decoded once): 1.14-1.37x faster than these kernels at 8 tokens but still slower than
-cuBLAS except on two shapes, and slower at 16 and 32 tokens; (6) the FMA kernel
-reading values as int32 (v0, v1) pairs: -5 % to +7 %, no consistent gain; (7) the
-small-dot kernel on feature-major x at 8-32 tokens (the transpose launch included):
-0.2-0.8x of cuBLAS, slower than token-major in 50 of 54 cases; (8) gather GEMM
-variants: 256-token tiles 15-40 % slower (except at M = 5), a TMA descriptor for the
-weight tile +-5 %, 4 stages or 128-column K steps slower.
-Next steps: the row-interleaved layout as the only copy (the dot, expand and
-gather kernels reading it too, so the option costs no memory); a mid-token (8-64)
-kernel that decodes the weights once per call at full bandwidth without holding
-expanded weights; V = 128 patterns where prefill matters; a feature-major x
-produced by the previous op (fused transpose).
+What was tried and not kept, with the measurements: docs/experiments.md.
 
 References: VENOM (Castro et al., SC'23) for the format; the Triton
 matmul tutorial (03-matrix-multiplication.py) for the tile loop.

@@ -15,6 +15,7 @@ from .context import CompileContext, CompileOptions, CompileReport, LayerCompile
 from .expand_weights import expand_weights
 from .find_linears import find_linears
 from .fold_permutations import fold_permutations, permutation_nodes
+from .fuse_compressed import fuse_compressed
 from .fuse_siblings import fuse_siblings
 from .interleave_rows import interleave_rows
 from .keep_dense_off_gpu import keep_dense_off_gpu
@@ -31,6 +32,7 @@ __all__ = [
     "fold_permutations",
     "lower_linears",
     "fuse_siblings",
+    "fuse_compressed",
     "expand_weights",
     "interleave_rows",
     "sparse_tc_weights",
@@ -52,7 +54,7 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # that read the same input (q/k/v, gate/up); 7. with the expand_weights option, the expanded
 # weights for the gather GEMM; 8. with the interleave_rows option, the decode kernel's layout;
 # 9. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
-# kernels' packed weights.
+# kernels' packed weights; 10. one launch for sibling vnm::compressed_linear calls (compressed models).
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,
@@ -63,6 +65,7 @@ PASSES: list[Pass] = [
     expand_weights,
     interleave_rows,
     sparse_tc_weights,
+    fuse_compressed,
 ]
 
 

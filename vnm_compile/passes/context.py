@@ -84,6 +84,13 @@ class CompileOptions:
             reference path, or the Triton kernels under TRITON_INTERPRET=1; for tests, far slower than
             dense). Default False: there such layers run their masked weights as dense matmuls, and the
             report says so.
+        permutations: how a permuted layer (sparsify_ with permute=True) runs. "index" (default): its
+            weight is held in the coordinates in which it obeys the pattern and the permutations become
+            index ops on x and on the output (inductor fuses them into the ops producing x and consuming
+            the output), so the kernels read contiguous kept columns; the layer runs
+            vnm::compressed_linear, which picks sparse or dense per call by measurement (no dense weight
+            copy). "fold": the permutations folded into the kernels' column indices and row store (the
+            kept columns scattered over the whole input: slower from a few tokens up, measured).
     """
 
     pattern: VNMPattern | str | None = None
@@ -100,8 +107,11 @@ class CompileOptions:
     interleave_rows: bool = False
     sparse_tensor_cores: bool | int | str | None = "auto"
     force_sparse: bool = False
+    permutations: str = "index"
 
     def __post_init__(self) -> None:
+        if self.permutations not in ("index", "fold"):
+            raise ValueError(f"vnm backend option 'permutations' must be 'index' or 'fold', got {self.permutations!r}")
         if self.pattern is not None:
             object.__setattr__(self, "pattern", as_pattern(self.pattern))
         if self.score not in SCORES:
@@ -196,6 +206,7 @@ class LinearSite:
     tc_decode: tuple[int, int] | None = None  # and at these token counts (lo, hi), their decode kernel
     aliases: tuple[str, ...] = ()  # other names of the weight (a tied weight: the calling module, the owner)
     masked_copy: bool = False  # kept dense on a masked copy of the weight (compile-time pruning off the GPU)
+    index_perms: bool = False  # permutations run as index ops around vnm::compressed_linear (option)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -221,6 +232,7 @@ class LayerCompileReport:
     tc_bytes: int = 0
     tc_min_tokens: int | None = None
     tc_decode: tuple[int, int] | None = None
+    index_perms: bool = False
 
     @property
     def mode(self) -> str:
@@ -232,6 +244,8 @@ class LayerCompileReport:
         from N tokens" when their decode kernel also runs it at A-B tokens)."""
         if not self.lowered:
             return "dense"
+        if self.index_perms:
+            return "compressed (dense or sparse per call), permutations as index ops"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""
@@ -253,6 +267,8 @@ class CompileReport:
 
     layers: list[LayerCompileReport] = field(default_factory=list)
     graph_id: int = 0
+    compressed_calls: int = 0  # vnm::compressed_linear calls of compressed modules (VNMLinear) in the graph
+    compressed_launches: int = 0  # the launches they run as after sibling fusion
 
     @property
     def lowered(self) -> list[LayerCompileReport]:
@@ -288,9 +304,14 @@ class CompileReport:
         expanded_note += f", row-interleaved copies held: {sum(inter.values()) / 2**20:.1f} MiB" if inter else ""
         tc = {r.fused_with or (r.name,): r.tc_bytes for r in self.lowered if r.tc_bytes}
         expanded_note += f", sparse-tensor-core packings held: {sum(tc.values()) / 2**20:.1f} MiB" if tc else ""
+        compressed = (
+            f", {self.compressed_calls} vnm::compressed_linear calls in {self.compressed_launches} launches"
+            if self.compressed_calls
+            else ""
+        )
         return (
             f"vnm graph {self.graph_id}: {len(self.lowered)} linears lowered to vnm::linear{ratio}{hybrid_note}"
-            f"{fused_note}{expanded_note}, "
+            f"{fused_note}{expanded_note}{compressed}, "
             f"{len(self.dense)} left dense"
         )
 
@@ -301,6 +322,7 @@ class CompileReport:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             if r.lowered:
                 note = r.origin + (", permuted" if r.permuted else "")
+                note += " (folded into the kernel indices)" if r.permuted and not r.index_perms else ""
                 lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {r.mode:<44} {note}")
             else:
                 lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'-':>9}  {r.mode:<44} {r.reason}")
@@ -317,6 +339,8 @@ class CompileContext:
     options: CompileOptions
     example_inputs: list[Any]
     sites: list[LinearSite] = field(default_factory=list)
+    compressed_calls: int = 0
+    compressed_launches: int = 0
 
     def to_lower(self) -> list[LinearSite]:
         return [s for s in self.sites if s.dense_reason is None]
@@ -341,6 +365,7 @@ class CompileContext:
             r.tc_bytes = s.tc_bytes if r.lowered else 0
             r.tc_min_tokens = s.tc_min_tokens if r.tc_bytes else None
             r.tc_decode = s.tc_decode if r.tc_bytes else None
+            r.index_perms = s.index_perms and r.lowered
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin
@@ -348,7 +373,7 @@ class CompileContext:
                 if s.compressed is not None:
                     r.sparse_bytes = s.compressed.nbytes
             layers.append(r)
-        return CompileReport(layers, graph_id)
+        return CompileReport(layers, graph_id, self.compressed_calls, self.compressed_launches)
 
 
 def placeholder_source(node: fx.Node):

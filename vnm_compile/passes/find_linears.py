@@ -312,6 +312,14 @@ def _tc_decode(site: LinearSite, device: torch.device, pattern, option, opts) ->
     return dispatch.sparse_tc_decode_window(site.shape[0], site.shape[1], pattern, device, **held)
 
 
+def index_lowered(site: LinearSite, opts) -> bool:
+    """Whether the layer's permutations run as index ops around vnm::compressed_linear (option permutations)."""
+    state = site.state
+    return (
+        opts.permutations == "index" and state is not None and (state.in_perm is not None or state.out_perm is not None)
+    )
+
+
 def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     """Dense, vnm::linear or vnm::hybrid_linear (``site.max_sparse_tokens``) from the measured table,
     and from how many tokens the sparse tensor cores take over (``site.tc_min_tokens``, option) and at
@@ -321,6 +329,9 @@ def _dispatch(site: LinearSite, opts, ctx: CompileContext) -> None:
     (sparsify_) stays pruned, but one the ``pattern`` option would have pruned at
     compile time is left unpruned, and the reason says so.
     """
+    if index_lowered(site, opts):
+        site.index_perms = True  # vnm::compressed_linear picks dense or sparse per call, by measurement
+        return None
     device = site.weight.device
     pattern = site.state.pattern if site.state is not None else opts.pattern
     option = tc_option(opts.sparse_tensor_cores, device)

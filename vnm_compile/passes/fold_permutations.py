@@ -54,14 +54,24 @@ def permutation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return out
 
 
-def compress(weight: torch.Tensor, state: LinearSparsity) -> VNMWeight:
-    """``state.compress(weight)`` with both permutations folded in, cached while the weight is unchanged."""
+def compress(weight: torch.Tensor, state: LinearSparsity, *, permuted: bool = False) -> VNMWeight:
+    """``state.compress(weight)`` with both permutations folded in, cached while the weight is unchanged;
+    ``permuted``: instead the weight in the coordinates in which it obeys the pattern,
+    ``weight[out_perm][:, in_perm]`` (no permutation in the compressed weight: the graph applies them)."""
     hit = _COMPRESSED.get(weight)
-    if hit is not None and hit[0] == weight._version and hit[1] is state:
+    if hit is not None and hit[0] == weight._version and hit[1] is state and hit[3] == permuted:
         return hit[2]
     with torch.no_grad():
-        packed = state.compress(weight.detach())
-    _COMPRESSED[weight] = (weight._version, state, packed)
+        if permuted:
+            w, mask = weight.detach(), state.mask.to(weight.device)
+            if state.out_perm is not None:
+                w, mask = w[state.out_perm.to(w.device)], mask[state.out_perm.to(w.device)]
+            if state.in_perm is not None:
+                w, mask = w[:, state.in_perm.to(w.device)], mask[:, state.in_perm.to(w.device)]
+            packed = VNMWeight.from_dense(w, mask, state.pattern)
+        else:
+            packed = state.compress(weight.detach())
+    _COMPRESSED[weight] = (weight._version, state, packed, permuted)
     return packed
 
 
@@ -69,7 +79,7 @@ def rebind(weight: torch.Tensor, state: LinearSparsity, old: VNMWeight, new: VNM
     """Cache ``new`` (the same compressed weight, e.g. views into a fused copy) in place of ``old``."""
     hit = _COMPRESSED.get(weight)
     if hit is not None and hit[1] is state and hit[2] is old:
-        _COMPRESSED[weight] = (hit[0], state, new)
+        _COMPRESSED[weight] = (hit[0], state, new, hit[3])
 
 
 def fold_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
@@ -79,11 +89,11 @@ def fold_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         if site.state is None:
             continue
         try:
-            site.compressed = compress(site.weight, site.state)
+            site.compressed = compress(site.weight, site.state, permuted=site.index_perms)
         except ValueError as e:
             ctx.keep_dense(site, f"cannot compress: {e}")
             continue
-        folded += site.state.in_perm is not None or site.state.out_perm is not None
+        folded += not site.index_perms and (site.state.in_perm is not None or site.state.out_perm is not None)
     stray = [n.name for n in permutation_nodes(gm) if any(_touches(n, s.nodes) for s in ctx.to_lower())]
     if stray:
         logger.warning("permutation ops next to lowered linears were not folded: %s", stray)

@@ -47,8 +47,10 @@ def _constant(gm: fx.GraphModule, graph: fx.Graph, name: str, tensor: torch.Tens
 
 
 def _fresh_prefix(gm: fx.GraphModule) -> int:
+    """The first index whose ``_vnm<index>_`` names no buffer of ``gm`` holds yet."""
+    taken = {name for name, _ in gm.named_buffers()} | set(gm.__dict__)
     index = 0
-    while hasattr(gm, f"{_PREFIX}{index}_values"):
+    while any(name.startswith(f"{_PREFIX}{index}_") for name in taken):
         index += 1
     return index
 
@@ -71,6 +73,60 @@ def _dense_weight(gm: fx.GraphModule, graph: fx.Graph, site: LinearSite, prefix:
     return _constant(gm, graph, f"{prefix}_dense", masked)
 
 
+def _layout_tensors(w) -> tuple[list[torch.Tensor], list[int]]:
+    """The compressed weight in the layout vnm::compressed_linear runs best on its device, and the op's spec."""
+    from ..deploy.linear import tc_layout_supported
+    from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC
+
+    spec = [LAYOUT_ROWS, w.block_rows, w.pattern.n, w.pattern.m, w.out_features]
+    if tc_layout_supported(w.pattern, w.dtype, w.in_features, w.device):
+        from ..kernels.sparse_tc import pack_sparse_tc
+
+        packed = pack_sparse_tc(w)
+        return [packed.records, packed.columns], [LAYOUT_TC, *spec[1:]]
+    return [w.values, w.columns, w.meta], spec
+
+
+def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, selects: dict) -> int:
+    """``y = compressed_linear(x[..., in_perm])[..., inverse(out_perm)] (+ bias)``: the weight held in the
+    coordinates in which it obeys the pattern, the permutations as index ops that inductor fuses into the
+    neighbouring ops (the ``permutations`` option)."""
+    from ..kernels.compressed import OP as COMPRESSED_OP
+
+    graph = gm.graph
+    state, w = site.state, site.compressed
+    tensors, spec = _layout_tensors(w)
+    device = w.device
+    first = site.nodes[0]
+    with graph.inserting_before(first):
+        weights = [_constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(tensors)]
+        out_inv = None
+        if state.out_perm is not None:
+            perm = state.out_perm.to(device=device, dtype=torch.int64)
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=device)
+            out_inv = _constant(gm, graph, f"{prefix}_out_inv", inverse)
+    for node in site.nodes:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            if state.in_perm is not None:
+                key = (x, id(state.in_perm))
+                if key not in selects:
+                    perm = _constant(gm, graph, f"{prefix}_in_perm", state.in_perm.to(device=device, dtype=torch.int64))
+                    selects[key] = graph.call_function(torch.index_select, (x, -1, perm))
+                x = selects[key]
+            y = graph.call_function(COMPRESSED_OP, (x, weights, spec, bias if out_inv is None else None))
+            y.meta[LAYER_META] = site.name
+            if out_inv is not None:
+                y = graph.call_function(torch.index_select, (y, -1, out_inv))
+                if bias is not None:
+                    y = graph.call_function(torch.add, (y, bias))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+    return len(site.nodes)
+
+
 def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     """Rewrite linear -> vnm.linear (or vnm.hybrid_linear) for every site with a compressed weight.
 
@@ -79,12 +135,16 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     graph = gm.graph
     lowered = 0
     index = _fresh_prefix(gm)
+    selects: dict[tuple, fx.Node] = {}  # (x node, permutation tensor id) -> its index op: siblings share one
     for site in ctx.to_lower():
         w = site.compressed
         if w is None:
             continue
         prefix = f"{_PREFIX}{index}"
         index += 1
+        if site.index_perms:
+            lowered += _lower_with_index_perms(gm, site, prefix, selects)
+            continue
         first = site.nodes[0]
         hybrid = site.max_sparse_tokens is not None
         with graph.inserting_before(first):

@@ -161,8 +161,8 @@ def set_mask_(module: nn.Linear, mask: Tensor) -> None:
         raise ValueError("the module has no recorded V:N:M state")
     if mask.shape != state.mask.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool of shape {tuple(state.mask.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-    # Plain attribute: set_sparsity would evaluate a parametrized weight to index it.
-    setattr(module, ATTR, replace(state, mask=mask))
+    # index=False: indexing would evaluate a parametrized weight.
+    set_sparsity(module, replace(state, mask=mask), index=False)
     if _recovery_parametrized(module):
         for p in module.parametrizations.weight:
             if isinstance(p, RecoveryParametrization) and isinstance(getattr(p, "mask", None), Tensor):

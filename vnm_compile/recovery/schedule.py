@@ -1,6 +1,6 @@
 """When masks change: the three-stage LoRA schedule (TS3) and the SR-STE update interval (TS2).
 
-Steps are counted from 0. Three-stage LoRA (paper section 3, DESIGN.md):
+Steps are counted from 0. Three-stage LoRA (paper section 3, docs/design.md):
 stage 1 ``[0, s1)`` dense LoRA (no mask); stage 2 ``[s1, s2)`` masked, masks
 recomputed from RIA on ``W + BA`` at its first step and every ``interval``
 steps after; stage 3 ``[s2, steps)`` fixed masks. ``s1 = round(f1 * steps)``,

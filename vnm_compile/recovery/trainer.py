@@ -1,6 +1,6 @@
 """recover_: one call that trains a V:N:M-sparsified model back towards its dense quality.
 
-Methods (paper sections 3 and 4.3, DESIGN.md "Recovery training"):
+Methods (paper sections 3 and 4.3, docs/design.md "Recovery training"):
 
 * ``"fixed"`` (TS1): full fine-tuning, masks fixed (``MaskGuard``).
 * ``"srste"`` (TS2): full fine-tuning with SR-STE dynamic masks, recomputed every ``srste_interval`` steps.

@@ -819,34 +819,6 @@ extern "C" __global__ void probe_mma_sp(const u32* a, const u32* b, const u32* e
     for (int i = 0; i < 4; ++i) d[4 * l + i] = c[i];
 }
 
-// Peak-rate probes: every warp runs `iters` x 8 independent mma on registers.
-extern "C" __global__ void peak_mma_sp(float* out, int iters) {
-    u32x4 a = {threadIdx.x, threadIdx.x * 3u, 7u, 9u};
-    u32 b[4] = {threadIdx.x, 5u, 11u, 13u};
-    u32 e = 0x44444444u;
-    float c[8][4] = {};
-    for (int i = 0; i < iters; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) mma_sp<0>(c[j], a, b, e);
-    float s = 0.f;
-    for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
-    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
-}
-extern "C" __global__ void peak_mma(float* out, int iters) {
-    u32 a[4] = {threadIdx.x, threadIdx.x * 3u, 7u, 9u};
-    u32 b[2] = {threadIdx.x, 5u};
-    float c[8][4] = {};
-    for (int i = 0; i < iters; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                         : "+f"(c[j][0]), "+f"(c[j][1]), "+f"(c[j][2]), "+f"(c[j][3])
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    float s = 0.f;
-    for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
-    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
-}
-
 #ifdef WGMMA
 // The Hopper GEMM (WGMMA=1, sm_90a): wgmma.mma_async.sp, one warpgroup per 64-row V block (m64), WG blocks and
 // TNW tokens per CTA, the same records and gather indices as vnm_mma_sp_gemm. Per k-step (32 kept columns)
@@ -855,10 +827,9 @@ extern "C" __global__ void peak_mma(float* out, int iters) {
 // gathered x^T rows in shared memory in wgmma's canonical MN-major layout with the 128-byte swizzle (per 64
 // tokens a 32 x 128-byte region: row k at k * 128, 16-byte chunk c at (c ^ (k % 8)) * 16; the descriptor's
 // stride between 8-row groups 1024). All threads gather with cp.async (WST stages, WST - 2 k-steps ahead; each
-// thread's WXL row indices in one shared-memory load), then each warpgroup issues TNW / WNI wgmma
-// m64nWNIk32 per k-step, asynchronous: retired before the registers they read are reused (WPIPE=0: before the
-// next k-step's operands are read; WPIPE=1: a k-step later, with two operand register sets). Where the time
-// goes (benchmarks/bench_wgmma_variants.py, WPROBE): the gathers alone take 77-96 % of the kernel's time.
+// thread's WXL row indices in one shared-memory load), then each warpgroup issues TNW / 64 wgmma m64n64k32
+// per k-step, asynchronous: retired before the next k-step's operands are read into the registers they read.
+// Where the time goes (docs/kernels.md): the gathers alone take 77-96 % of the kernel's time.
 // SHARE=1 lets warpgroups 2i and 2i + 1 (the two halves of a 128-row V block, same kept columns) read one B
 // tile. (Gathering through L1, cp.async.ca, so that a CTA's blocks share the rows they all keep, was slower.)
 #ifndef WG
@@ -872,15 +843,6 @@ extern "C" __global__ void peak_mma(float* out, int iters) {
 #endif
 #ifndef SHARE
 #define SHARE 0  // 1: warpgroups 2i and 2i + 1 take the halves of one 128-row V block and share its B tiles
-#endif
-#ifndef WNI
-#define WNI 64  // tokens per wgmma instruction (m64nWNIk32): 64, 128 or 256, at most TNW
-#endif
-#ifndef WPIPE
-#define WPIPE 0  // 1: a k-step's wgmma stay in flight while the next k-step's operands are read (two A sets)
-#endif
-#ifndef WPROBE
-#define WPROBE 0  // measurement only (bench_wgmma_variants.py): 1 skips the wgmma (loads alone), 2 the B gathers
 #endif
 #define WREC REC  // the mma.sp records: A fragments 2048, metadata 256, local rows 32
 #define WXB (32 * TNW * 2)
@@ -903,33 +865,14 @@ __device__ __forceinline__ u64 wdesc(u32 addr, u32 lbo, u32 sbo, u32 swizzle) {
 #define WDEC(t) "%" #t "0, %" #t "1, %" #t "2, %" #t "3, %" #t "4, %" #t "5, %" #t "6, %" #t "7, %" #t "8, %" #t "9"
 #define WF4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define WF16(i) WF4(i), WF4(i + 4), WF4(i + 8), WF4(i + 12)
-// d (m64 x nWNI, WNI / 2 fp32 per thread) += A (64 x 32, 2:4: this warp's m16 tile as the mma.sp.m16n8k32
-// fragment a + metadata e) B (32 x WNI, tokens contiguous: bdesc; 64-token swizzle atoms 4096 bytes apart)
+// d (m64 x n64, 32 fp32 per thread) += A (64 x 32, 2:4: this warp's m16 tile as the mma.sp.m16n8k32
+// fragment a + metadata e) B (32 x 64, tokens contiguous: bdesc; a 64-token swizzle atom)
 __device__ __forceinline__ void wgmma_sp(float* d, const u32x4& a, u64 bdesc, u32 e) {
-#if WNI == 64
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
                  "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." WTYPE "." WTYPE " {" WDEC() ", " WDEC(1) ", "
                  WDEC(2) ", %30, %31}, {%32, %33, %34, %35}, %36, %37, 0, p, 1, 1, 1;\n}\n"
                  : WF16(0), WF16(16)
                  : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(bdesc), "r"(e), "r"(1));
-#elif WNI == 128
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
-                 "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." WTYPE "." WTYPE " {" WDEC() ", " WDEC(1) ", "
-                 WDEC(2) ", " WDEC(3) ", " WDEC(4) ", " WDEC(5) ", %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, "
-                 "%69, 0, p, 1, 1, 1;\n}\n"
-                 : WF16(0), WF16(16), WF16(32), WF16(48)
-                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(bdesc), "r"(e), "r"(1));
-#elif WNI == 256
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %134, 0;\n"
-                 "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32." WTYPE "." WTYPE " {" WDEC() ", " WDEC(1) ", "
-                 WDEC(2) ", " WDEC(3) ", " WDEC(4) ", " WDEC(5) ", " WDEC(6) ", " WDEC(7) ", " WDEC(8) ", " WDEC(9)
-                 ", " WDEC(10) ", " WDEC(11) ", %120, %121, %122, %123, %124, %125, %126, %127}, "
-                 "{%128, %129, %130, %131}, %132, %133, 0, p, 1, 1, 1;\n}\n"
-                 : WF16(0), WF16(16), WF16(32), WF16(48), WF16(64), WF16(80), WF16(96), WF16(112)
-                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(bdesc), "r"(e), "r"(1));
-#else
-#error "WNI must be 64, 128 or 256"
-#endif
 }
 
 // A thread's WXL consecutive gather indices, read from shared memory as one vector
@@ -992,7 +935,7 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
             const u32 s = sbase + (st * WG + b) * WXB;
 #pragma unroll
             for (int i = 0; i < WXL; ++i)
-                if (WPROBE != 2) cp_async16(s + xdst[i], xcol + (size_t)idx.h[i] * ldx, xsize);
+                cp_async16(s + xdst[i], xcol + (size_t)idx.h[i] * ldx, xsize);
         }
 #pragma unroll
         for (int i = 0; i < WRL; ++i)
@@ -1015,17 +958,15 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
     const u32 eofs = EOFS + ((wi >> 1) * 32 + (lane ^ ((wi & 1) << 1))) * 4;
     // One k-step into the operand registers (a, e). The wgmma read those registers until they retire, and
     // ptxas does not keep them from being reused (measured: the last wgmma of a group went wrong), so they are
-    // tied to the wait that retires their last reader. WPIPE=0: every wgmma retires before the k-step's
-    // operands are read (the previous k-step's run during the __syncthreads and the next loads' issue).
-    // WPIPE=1: one k-step stays in flight; two register sets alternate, each tied to the wait two k-steps
-    // later, which comes before the __syncthreads. Either way, at that barrier every warpgroup has retired the
-    // wgmma of k-step ks - 2, whose stage the loads (WST - 2 k-steps ahead) refill.
+    // tied to the wait that retires their last reader: every wgmma retires before the k-step's operands are
+    // read (the previous k-step's run during the __syncthreads and the next loads' issue), so at that barrier
+    // every warpgroup has retired the wgmma of k-step ks - 2, whose stage the loads (WST - 2 k-steps ahead)
+    // refill.
     auto wait = [&](u32x4& a, u32& e) {
         asm volatile("wgmma.wait_group.sync.aligned %5;\n"
-                     : "+r"(a.x), "+r"(a.y), "+r"(a.z), "+r"(a.w), "+r"(e) : "n"(WPIPE) : "memory");
+                     : "+r"(a.x), "+r"(a.y), "+r"(a.z), "+r"(a.w), "+r"(e) : "n"(0) : "memory");
     };
     auto step = [&](int ks, u32x4& a, u32& e) {
-        if (WPIPE) wait(a, e);
         asm volatile("cp.async.wait_group %0;\n" ::"n"(WST - 3));
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to the tensor cores
         __syncthreads();  // every thread's copies of k-step ks landed; every warpgroup's k-step ks - 2 retired
@@ -1034,7 +975,7 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
             if (nx < nkc) load_stage(nx % WST, nx);
             asm volatile("cp.async.commit_group;\n");
         }
-        if (!WPIPE) wait(a, e);
+        wait(a, e);
         const int st = ks % WST;
         const u32 ra = sbase + RBASE + (st * WG + wg) * WREC, rb = sbase + (st * WG + (SHARE ? wg & ~1 : wg)) * WXB;
         asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(e) : "r"(ra + eofs) : "memory");
@@ -1042,20 +983,13 @@ extern "C" __global__ void __launch_bounds__(WTHREADS, MINB) vnm_wgmma_sp_gemm(
                      : "=r"(a.x), "=r"(a.y), "=r"(a.z), "=r"(a.w) : "r"(ra + (wi * 32 + lane) * 16) : "memory");
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int n = 0; n < TNW / WNI; ++n)
-            if (WPROBE != 1) wgmma_sp(acc + WNI / 2 * n, a, wdesc(rb + n * (WNI / 64) * (32 * 128), 4096, 1024, 1), e);
+        for (int n = 0; n < TNW / 64; ++n) wgmma_sp(acc + 32 * n, a, wdesc(rb + n * (32 * 128), 4096, 1024, 1), e);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
-    static_assert(TNW % WNI == 0, "TNW must be a multiple of WNI");
-    u32x4 a0 = {0, 0, 0, 0}, a1 = {0, 0, 0, 0};
-    u32 e0 = 0, e1 = 0;
-    int ks = 0;
-    if (WPIPE)
-        for (; ks + 1 < nkc; ks += 2) {
-            step(ks, a0, e0);
-            step(ks + 1, a1, e1);
-        }
-    for (; ks < nkc; ++ks) step(ks, a0, e0);
+    static_assert(TNW % 64 == 0, "TNW must be a multiple of 64 (tokens per wgmma)");
+    u32x4 a0 = {0, 0, 0, 0};
+    u32 e0 = 0;
+    for (int ks = 0; ks < nkc; ++ks) step(ks, a0, e0);
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     asm volatile("cp.async.wait_group 0;\n");
     __syncthreads();

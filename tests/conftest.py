@@ -1,0 +1,40 @@
+"""Test-suite wide: the ``gpu`` marker skips tests on machines without the GPU they need.
+
+``@pytest.mark.gpu``: needs a CUDA GPU. ``@pytest.mark.gpu(sparse_tc=True)``: needs one that runs the
+sparse tensor-core kernels (kernels.sparse_tc: compute capability >= 8.0 and PyTorch's NVRTC helpers).
+Run only the GPU tests with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+
+@functools.cache
+def _missing(sparse_tc: bool) -> str | None:
+    """Why a ``gpu`` test cannot run here, or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if sparse_tc:
+        from vnm_compile.kernels.sparse_tc import sparse_tc_available
+
+        if not sparse_tc_available():
+            return "needs a CUDA GPU of compute capability >= 8.0 with NVRTC (the sparse tensor-core kernels)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        unknown = set(marker.kwargs) - {"sparse_tc"}
+        if marker.args or unknown:
+            raise pytest.UsageError(f"{item.nodeid}: pytest.mark.gpu takes only sparse_tc=True, got {marker}")
+        reason = _missing(bool(marker.kwargs.get("sparse_tc")))
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))

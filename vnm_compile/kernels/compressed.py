@@ -1,0 +1,180 @@
+"""vnm::compressed_linear — the op a compressed model (``compress_``, ``VNMLinear``) runs.
+
+The weight travels as one small bundle: ``weight`` is the layout's tensors, ``spec`` says how to read
+them (``[layout, V, n, M, out_features]``). Two layouts, one held per weight:
+
+- ``LAYOUT_ROWS`` (values, columns, meta): ``VNMWeight``'s row-major storage, what the Triton kernels
+  and the CPU reference read;
+- ``LAYOUT_TC`` (records, columns): ``SparseTCWeight``'s packing for the sparse tensor cores (mma.sp /
+  wgmma.sp decode kernel and GEMMs), on GPUs where they run (fp16/bf16, n = 2, V a multiple of 64).
+
+The weights are stored in the coordinates in which they obey the pattern (permutations are applied by
+the module around the op), so every block's kept columns lie inside its own M-column group: the
+kernels read contiguous columns.
+
+Dense or sparse is decided per call from the token count: up to ``DECODE_TOKENS`` the sparse kernels
+(decode is memory-bound: rebuilding the dense weight would read more than dense itself); above it the
+sparse path is timed against rebuilding the dense weight into a temporary (the caching allocator hands
+every layer the same block: one workspace per device and stream, the size of the largest layer) and
+cuBLAS, once per (device, layout, shape, pattern, token bucket), outside CUDA-graph capture, and the
+faster is cached (``vnm_triton._choose``; ``VNM_AUTOTUNE=0`` takes the measured table's answer).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+from ..format import VNMWeight, decompress
+from ..pattern import VNMPattern
+
+__all__ = ["LAYOUT_ROWS", "LAYOUT_TC", "LAYOUTS", "OP", "rebuild_dense", "compressed_linear_reference", "choose_path"]
+
+log = logging.getLogger(__name__)
+
+LAYOUT_ROWS, LAYOUT_TC = 0, 1
+LAYOUTS = {"rows": LAYOUT_ROWS, "tc": LAYOUT_TC}
+DECODE_TOKENS = 32  # up to this many rows of x the sparse kernels always run (sparse_tc.DECODE_MAX_TOKENS)
+
+
+def _check(weight: list[Tensor], spec: list[int]) -> tuple[int, int, int, int, int]:
+    if len(spec) != 5:
+        raise ValueError(f"vnm::compressed_linear: spec must be [layout, V, n, M, out_features], got {spec}")
+    layout, v, n, m, out = (int(s) for s in spec)
+    expected = {LAYOUT_ROWS: 3, LAYOUT_TC: 2}.get(layout)
+    if expected is None:
+        raise ValueError(f"vnm::compressed_linear: unknown layout {layout} (rows {LAYOUT_ROWS}, tc {LAYOUT_TC})")
+    if len(weight) != expected:
+        raise ValueError(f"vnm::compressed_linear: layout {layout} takes {expected} tensors, got {len(weight)}")
+    return layout, v, n, m, out
+
+
+def _pattern(v: int, n: int, m: int) -> VNMPattern:
+    return VNMPattern(v if m > 4 else 1, n, m)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_rows(rows: int, in_features: int, device: torch.device) -> Tensor:
+    """The dense mma.sp kernel's x^T row order for a weight without input permutation: 0, 1, ..., -1 past
+    the last feature."""
+    table = torch.arange(rows, dtype=torch.int32, device=device)
+    return table.masked_fill(table >= in_features, -1)
+
+
+def _tc_weight(weight: list[Tensor], v: int, m: int, out: int, in_features: int, dtype: torch.dtype):
+    from .sparse_tc import SparseTCWeight
+
+    records, columns = weight
+    rows = _identity_rows(records.shape[1] * 8 * m, in_features, records.device) if 8 * m <= 256 else None
+    return SparseTCWeight(
+        records, columns, None, out, in_features, dtype, rows, m if rows is not None else 0, rows is not None,
+        block_rows=v,
+    )  # fmt: skip
+
+
+def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> VNMWeight:
+    """The row-major VNMWeight of either layout."""
+    layout, v, n, m, out = _check(weight, spec)
+    pattern = _pattern(v, n, m)
+    if layout == LAYOUT_ROWS:
+        values, columns, meta = weight
+        return VNMWeight(values, columns, meta, None, pattern, (out, in_features))
+    from .sparse_tc import unpack_sparse_tc
+
+    return unpack_sparse_tc(_tc_weight(weight, v, m, out, in_features, dtype), pattern)
+
+
+def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
+    """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates."""
+    layout, v, n, m, out = _check(weight, spec)
+    if layout == LAYOUT_TC:
+        from .tc_dense import tc_to_dense
+
+        return tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
+    w = unpack(weight, spec, in_features, dtype)
+    return decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape)
+
+
+def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
+    """Plain PyTorch: rebuild the dense weight, multiply in float32 (float64 for float64 x)."""
+    dense = rebuild_dense(weight, spec, x.shape[-1], x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.nn.functional.linear(x.to(acc), dense.to(acc), None if bias is None else bias.to(acc))
+    return y.to(x.dtype)
+
+
+def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
+    layout, v, n, m, out = _check(weight, spec)
+    if layout == LAYOUT_TC:
+        from .sparse_tc import sparse_tc_linear
+
+        return sparse_tc_linear(x, _tc_weight(weight, v, m, out, x.shape[-1], x.dtype), bias)
+    from .vnm_linear import _sparse_linear
+
+    values, columns, meta = weight
+    return _sparse_linear(x, values, columns, meta, None, bias, v, n, m, out)
+
+
+def _dense(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, rebuild_dense(weight, spec, x.shape[-1], x.dtype), bias)
+
+
+def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> str:
+    """ "sparse" or "dense" for this call (module docstring)."""
+    layout, v, n, m, out = _check(weight, spec)
+    if not x.is_cuda:
+        return "sparse" if layout == LAYOUT_ROWS else "dense"  # the sparse-TC kernels run on CUDA only
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if tokens <= DECODE_TOKENS:
+        return "sparse"
+    from . import dispatch
+    from .vnm_triton import _choose, _token_bucket
+
+    pattern = _pattern(v, n, m)
+    if layout == LAYOUT_TC:
+        floor = dispatch.sparse_tc_token_floor(out, x.shape[-1], pattern, x.device)
+        seed = "sparse" if floor is not None and tokens >= floor else "dense"
+    else:
+        limit = dispatch.sparse_token_limit(out, x.shape[-1], pattern, x.device)
+        seed = "sparse" if limit is None or tokens <= limit else "dense"
+    cands = [seed, "dense" if seed == "sparse" else "sparse"]
+    key = ("vnm_path", x.device.index, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
+    x2 = x.reshape(-1, x.shape[-1])
+    paths = {"sparse": _sparse, "dense": _dense}
+    return _choose(key, cands, lambda path: paths[path](x2, weight, spec, bias))
+
+
+@torch.library.custom_op("vnm::compressed_linear", mutates_args=())
+def _compressed_linear_op(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
+    path = choose_path(x, weight, spec, bias)
+    if path == "dense" and not x.is_cuda:
+        return compressed_linear_reference(x, weight, spec, bias)
+    y = (_sparse if path == "sparse" else _dense)(x, weight, spec, bias)
+    return y.clone() if y._base is not None else y  # a custom op's output must not be a view
+
+
+@_compressed_linear_op.register_fake
+def _(x, weight, spec, bias):
+    return x.new_empty((*x.shape[:-1], int(spec[4])))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, spec, bias = inputs
+    ctx.save_for_backward(*weight)
+    ctx.spec, ctx.in_features, ctx.has_bias = list(spec), x.shape[-1], bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradients for x and bias (the compressed weight is a constant)."""
+    dense = rebuild_dense(list(ctx.saved_tensors), ctx.spec, ctx.in_features, grad.dtype)
+    grad_x = grad @ dense.to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_b = grad.reshape(-1, dense.shape[0]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return grad_x, [None] * len(ctx.saved_tensors), None, grad_b
+
+
+_compressed_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+OP = torch.ops.vnm.compressed_linear.default

@@ -1,0 +1,130 @@
+"""Rebuild the dense weight from the sparse-tensor-core packing (``SparseTCWeight`` records).
+
+A compressed model holds one layout per weight; on GPUs that run the sparse tensor cores that is their
+packing. Where the dense GEMM is faster (a prefill at token counts where the sparse GEMM loses), the dense
+weight is rebuilt into a temporary and cuBLAS runs on it: this kernel writes it, from the records' A
+fragments, metadata and kept-column indices, in one pass over the compressed bytes.
+
+1. No autotuning: one program per (64-row block, k-step of 8 groups) writes that tile's 64 x 8 x 2 kept
+   values; the work per program is fixed by the format.
+2. ``_tc_to_dense_kernel`` below.
+3. ``tc_to_dense`` (launcher: checks, zero-filled output, launch; CPU tensors without TRITON_INTERPRET=1 take
+   the reference).
+4. ``tc_to_dense_reference``: ``unpack_sparse_tc`` then ``decompress`` (plain PyTorch).
+
+Only weights stored in the coordinates in which they obey the pattern (no input permutation folded into the
+columns, as ``VNMLinear`` stores them): a slot whose column lies outside its own M-column group is padding
+(``from_dense`` points it at column 0) and is skipped.
+References: the record layout is ``sparse_tc.pack_sparse_tc``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready
+
+__all__ = ["tc_to_dense", "tc_to_dense_reference"]
+
+RECORD = 584  # int32 words per (64-row block, k-step): 512 A fragments, 64 metadata, 8 x^T row bytes
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tc_to_dense_kernel(
+        # pointers: records as int32 and as 16-bit halves (the same memory), kept columns, index tables, output
+        rec_ptr, half_ptr, cols_ptr, a_off_ptr, e_word_ptr, e_shift_ptr, out_ptr,
+        # sizes
+        STEPS, OUT, IN, M,
+        # strides (elements) of the output rows
+        stride_o,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        f = tl.arange(0, 1024)  # (row 0..63, group 0..7, slot 0..1) of this tile
+        r = f // 16
+        g = (f // 2) % 8
+        slot = f % 2
+        rec = (b * STEPS + s).to(tl.int64) * 584
+        val = tl.load(half_ptr + 2 * rec + tl.load(a_off_ptr + f))
+        word = tl.load(rec_ptr + rec + 512 + tl.load(e_word_ptr + r * 8 + g))
+        code = (word >> tl.load(e_shift_ptr + r * 8 + g)) & 0xF
+        pos = (code >> (2 * slot)) & 3
+        col = tl.load(cols_ptr + (b * STEPS + s).to(tl.int64) * 32 + g * 4 + pos).to(tl.int32) & 0xFFFF
+        row = b * 64 + r
+        ok = (row < OUT) & (col < IN) & (col >= (s * 8 + g) * M)
+        tl.store(out_ptr + row.to(tl.int64) * stride_o + col, val, mask=ok)
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (row, group, slot) of a tile: its half-word offset among the A fragments; per (row, group): the
+    metadata word and bit shift of its 4-bit code (the packer's layout, sparse_tc.pack_sparse_tc)."""
+    from .sparse_tc import METADATA_MAP, selector1_map
+
+    src = torch.arange(64 * 8 * 2).reshape(1, 4, 2, 8, 1, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).reshape(-1)
+    a_off = torch.empty(1024, dtype=torch.int32)
+    a_off[src] = torch.arange(1024, dtype=torch.int32)
+    e_word = torch.empty(64, 8, dtype=torch.int32)
+    e_shift = torch.empty(64, 8, dtype=torch.int32)
+    for mt in range(4):
+        for (lane, field), (r, c) in (selector1_map(METADATA_MAP) if mt % 2 else METADATA_MAP).items():
+            e_word[mt * 16 + r, c] = (mt // 2) * 32 + lane
+            e_shift[mt * 16 + r, c] = 4 * field
+    return a_off.to(device), e_word.flatten().to(device), e_shift.flatten().to(device)
+
+
+def tc_to_dense_reference(records: Tensor, columns: Tensor, out_features: int, in_features: int, pattern,
+                          dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """Plain PyTorch: unpack the records, then decompress."""
+    from ..format import decompress
+    from ..masks import block_rows
+    from .sparse_tc import SparseTCWeight, unpack_sparse_tc
+
+    packed = SparseTCWeight(records, columns, None, out_features, in_features, dtype, block_rows=block_rows(pattern))
+    w = unpack_sparse_tc(packed, pattern)
+    return decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape)
+
+
+def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features: int, pattern,
+                dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """The dense (out_features, in_features) ``dtype`` weight of a packing in its stored coordinates."""
+    if records.dim() != 3 or records.shape[2] != RECORD or records.dtype != torch.int32:
+        raise ValueError(f"records must be (blocks, steps, {RECORD}) int32, got {tuple(records.shape)} {records.dtype}")
+    if columns.shape != (*records.shape[:2], 32) or columns.dtype != torch.int16:
+        raise ValueError(
+            f"columns must be {(*records.shape[:2], 32)} int16, got {tuple(columns.shape)} {columns.dtype}"
+        )
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the packing holds float16 or bfloat16 values, got {dtype}")
+    use_triton = HAS_TRITON and (
+        records.is_cuda or (records.device.type == "cpu" and interpret_mode() and interpreter_ready())
+    )
+    if not use_triton:
+        return tc_to_dense_reference(records, columns, out_features, in_features, pattern, dtype)
+    out = torch.zeros(out_features, in_features, dtype=dtype, device=records.device)
+    blocks, steps = records.shape[:2]
+    if out.numel() == 0 or blocks * steps == 0:
+        return out
+    a_off, e_word, e_shift = _tables(records.device)
+    halves = records.view(dtype)
+    _tc_to_dense_kernel[(blocks, steps)](
+        records,
+        halves,
+        columns,
+        a_off,
+        e_word,
+        e_shift,
+        out,
+        steps,
+        out_features,
+        in_features,
+        pattern.m,
+        out.stride(0),
+    )
+    return out
