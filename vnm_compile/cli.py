@@ -18,12 +18,14 @@ def _demo(args: argparse.Namespace) -> int:
         patterns=tuple(args.patterns), scores=tuple(args.scores), n_calibration=args.calibration, n_eval=args.eval,
         permute=(False,) if args.no_permute else (False, True), permute_scores=tuple(args.permute_scores),
         progress=not args.no_progress, recover_steps=args.recover_steps, compile_check=not args.no_compile,
+        reconstruct_scores=tuple(args.reconstruct_scores),
     )  # fmt: skip
     print(format_results(results))
     print("\nsparsify reports:")
     for r in results:
         if r.summary and not r.note:
-            print(f"  {r.pattern} {r.score}{' permuted' if r.permute else ''}: {r.summary}")
+            recon = "+reconstruct" if r.reconstruct else ""
+            print(f"  {r.pattern} {r.score}{recon}{' permuted' if r.permute else ''}: {r.summary}")
     return 0
 
 
@@ -33,9 +35,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--scores", nargs="+", default=["abs", "ria"], choices=["abs", "wanda", "ria"])
     p.add_argument("--calibration", type=int, default=256, help="calibration paragraphs (default 256)")
     p.add_argument("--eval", type=int, default=256, help="held-out evaluation paragraphs (default 256)")
-    p.add_argument("--permute-scores", nargs="+", default=["ria"], choices=["abs", "wanda", "ria"],
+    p.add_argument("--permute-scores", nargs="+", default=["ria"], choices=["abs", "wanda", "ria", "obs"],
                    help="scores also run with channel permutation (default: ria)")  # fmt: skip
     p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation runs")
+    p.add_argument("--reconstruct-scores", nargs="*", default=["obs"], choices=["abs", "wanda", "ria", "obs"],
+                   help="scores also run with reconstruct=True, second-order pruning (default: obs; none to skip)")  # fmt: skip
     p.add_argument("--recover-steps", type=int, default=20,
                    help="recovery-training steps for the best V:N:M row (default 20; 0 skips it)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(backend='vnm') check")

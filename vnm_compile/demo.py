@@ -35,6 +35,7 @@ class DemoResult:
     cosine: float
     seconds: float
     note: str = ""
+    reconstruct: bool = False  # second-order: kept weights re-solved, layer-by-layer calibration
     summary: str = ""  # the SparsifyReport summary of this row
     compiled_max_diff: float | None = None  # |torch.compile(backend="vnm") - eager|, for the checked row
     lowered: int | None = None  # linears lowered to vnm.linear in that compiled model
@@ -54,11 +55,14 @@ def run_demo(
     progress: bool = True,
     recover_steps: int = 0,
     compile_check: bool = False,
+    reconstruct_scores: tuple[str, ...] = (),
 ) -> list[DemoResult]:
     """Prune MiniLM at each (pattern, score, permute) and measure embedding cosine to the dense model.
 
     ``permute_scores`` limits the permuted runs to these scores (None: every score).
     ``recover_steps`` > 0 adds a row: the best V:N:M row after that many recovery-training steps.
+    ``reconstruct_scores`` adds, per pattern, rows with those scores and ``reconstruct=True``
+    (second-order pruning, calibrated layer by layer on the same calibration batches).
     ``compile_check`` compiles the last V:N:M model with ``torch.compile(backend="vnm")`` and records
     how many linears were lowered and the largest difference to eager on held-out text.
     """
@@ -71,8 +75,9 @@ def run_demo(
     stats = calibrate(model, calib, progress=progress)
     results = []
     best_vnm = None  # (row, pruned model) with the highest cosine among V:N:M rows, for the recovery row
+    rows = [(score, False) for score in scores] + [(score, True) for score in reconstruct_scores]
     for pattern in patterns:
-        for score in scores:
+        for score, rec in rows:
             for perm in permute:
                 if perm and VNMConfig(pattern).pattern.is_nm:
                     continue  # N:4 has no column choice to permute for
@@ -80,14 +85,19 @@ def run_demo(
                     continue
                 start = time.perf_counter()
                 pruned = copy.deepcopy(model)
-                report = sparsify_(pruned, VNMConfig(pattern, score=score, permute=perm), stats, progress=progress)
+                config = VNMConfig(pattern, score=score, permute=perm, reconstruct=rec)
+                report = sparsify_(pruned, config, stats, data=calib if rec else None, progress=progress)
                 seconds = time.perf_counter() - start
                 cos = _cosine(embed(pruned, held_out), dense)
                 density = sum(r.density * r.shape[0] * r.shape[1] for r in report.sparsified) / max(
                     1, sum(r.shape[0] * r.shape[1] for r in report.sparsified)
                 )
                 kept = report.mean_importance_kept()
-                results.append(DemoResult(pattern, score, perm, density, kept, cos, seconds, summary=report.summary()))
+                results.append(
+                    DemoResult(
+                        pattern, score, perm, density, kept, cos, seconds, reconstruct=rec, summary=report.summary()
+                    )
+                )
                 logger.info("%s", report.summary())
                 is_best = best_vnm is None or cos > best_vnm[0].cosine
                 if not VNMConfig(pattern).pattern.is_nm and is_best:
@@ -131,11 +141,11 @@ def _recovery_row(model, tokenizer, texts, held_out, dense, best, student, steps
 
 
 def format_results(results: list[DemoResult]) -> str:
-    head = f"{'pattern':>8} {'score':>6} {'permute':>8} {'density':>8} {'imp. kept':>10} {'cosine':>8} {'time s':>7}"
+    head = f"{'pattern':>8} {'score':>10} {'permute':>8} {'density':>8} {'imp. kept':>10} {'cosine':>8} {'time s':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.pattern:>8} {r.score:>6} {str(r.permute):>8} {r.density:>8.3f} {r.importance_kept:>10.3f} "
+            f"{r.pattern:>8} {r.score + ('+recon' if r.reconstruct else ''):>10} {str(r.permute):>8} {r.density:>8.3f} {r.importance_kept:>10.3f} "
             f"{r.cosine:>8.4f} {r.seconds:>7.1f}" + (f"  {r.note}" if r.note else "")
         )
     for r in results:

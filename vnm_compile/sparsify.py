@@ -6,7 +6,7 @@ import contextlib
 import fnmatch
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from .calibration.importance import SCORES, importance
 from .calibration.observer import CalibrationStats
+from .calibration.reconstruct import METHODS as RECONSTRUCT_METHODS
 from .linears import is_conv1d, is_linear_like, linear_like_modules, to_linear
 from .masks import vnm_mask
 from .pattern import VNMPattern, as_pattern
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IGNORE = ("lm_head", "classifier")
 ALREADY = "already sparsified"
+CONFIG_SCORES = (*SCORES, "obs")  # "obs": second-order saliency, from calibration data (sparsify_'s data)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,12 @@ class VNMConfig:
         min_numel: linears with fewer weights than this are left dense.
         overwrite: re-prune linears that are already sparsified (from their current, masked weights);
             False: such a layer recorded with another pattern is an error, one with this pattern is kept.
+        reconstruct: re-solve the kept weights of each row from the layer input's second
+            moments H = XᵀX (with any score); needs ``data`` in sparsify_.
+        sequential: with second moments, calibrate each layer on what the already-pruned
+            layers before it produce (False: on the dense model's activations).
+        damp: dampening of H, a fraction of its mean diagonal.
+        reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -51,20 +59,35 @@ class VNMConfig:
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
     min_numel: int = 4096
     overwrite: bool = False
+    reconstruct: bool = False
+    sequential: bool = True
+    damp: float = 0.01
+    reconstruct_method: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))
         if isinstance(self.ignore, str):
             raise ValueError("VNMConfig.ignore must be a list of names, not a single string")
         object.__setattr__(self, "ignore", tuple(self.ignore))
-        if self.score not in SCORES:
-            raise ValueError(f"VNMConfig.score must be one of {SCORES}, got {self.score!r}")
+        if self.score not in CONFIG_SCORES:
+            raise ValueError(f"VNMConfig.score must be one of {CONFIG_SCORES}, got {self.score!r}")
         if not self.alpha >= 0:
             raise ValueError(f"VNMConfig.alpha must be >= 0, got {self.alpha}")
         if self.permute_rounds < 0:
             raise ValueError(f"VNMConfig.permute_rounds must be >= 0, got {self.permute_rounds}")
         if self.min_numel < 0:
             raise ValueError(f"VNMConfig.min_numel must be >= 0, got {self.min_numel}")
+        if not self.damp > 0:
+            raise ValueError(f"VNMConfig.damp must be > 0, got {self.damp}")
+        if self.reconstruct_method not in RECONSTRUCT_METHODS:
+            raise ValueError(
+                f"VNMConfig.reconstruct_method must be one of {RECONSTRUCT_METHODS}, got {self.reconstruct_method!r}"
+            )
+
+    @property
+    def needs_second_moments(self) -> bool:
+        """Score "obs" or reconstruct=True: sparsify_ calibrates layer by layer on ``data``."""
+        return self.score == "obs" or self.reconstruct
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -91,6 +114,9 @@ class LayerReport:
     dense_bytes: int = 0  # the weight as it is (dense), in the model's dtype
     mask_bytes: int = 0  # what the masked form holds beyond it: the bool mask and the permutations
     compressed_bytes: int = 0  # what compress_ holds instead of both (weight, permutations)
+    # Relative output error tr(dW H dWᵀ) / tr(W H Wᵀ) on the calibration data (configs with second moments):
+    error_masked: float | None = None  # of the plain masked weight
+    error: float | None = None  # of the weight kept (after reconstruction, when on)
 
 
 @dataclass
@@ -162,6 +188,8 @@ class SparsifyReport:
                 note = ", ".join(x for x in (r.note, "permuted" if r.permuted else "") if x)
                 if r.shares_input_perm:
                     note += f" (input perm shared by {len(r.shares_input_perm) + 1})"
+                if r.error is not None:
+                    note += f" output error {r.error_masked:.4f} -> {r.error:.4f}"
                 lines.append(f"{r.name:<48} {shape:>12} {str(r.pattern):>9} {r.density:>8.3f} {kept:>6}  {note}")
         return "\n".join(lines)
 
@@ -361,6 +389,7 @@ def sparsify_(
     *,
     groups: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
+    data: Iterable | None = None,
 ) -> SparsifyReport:
     """Prune every eligible nn.Linear (and transformers Conv1D) of ``model`` **in place** to ``config.pattern``.
 
@@ -380,6 +409,13 @@ def sparsify_(
     made before sparsify_ holds its old Parameter. A tied weight (an LM head tied to the embedding)
     is never pruned. Editing a weight afterwards (training, load_state_dict) must keep its zeros:
     ``torch.compile(backend="vnm")`` refuses weights with nonzeros outside their recorded mask.
+    With ``config.score == "obs"`` or ``config.reconstruct``, ``data`` (calibration
+    batches, as for ``calibrate``) is required: calibration then runs layer by
+    layer (calibration/sequential.py), each layer on what the already-pruned
+    layers before it produce (``config.sequential``), from the second moments
+    H = XᵀX of its input; ``stats`` and ``groups`` are not used (the layers that
+    share an input are traced block by block). The report then gives each
+    layer's output error on the calibration data before and after reconstruction.
 
     Returns:
         SparsifyReport listing every linear with its pattern or the reason it was left dense.
@@ -390,11 +426,27 @@ def sparsify_(
     eligible, skipped = eligible_linears(model, config)
     if not eligible and not skipped:
         raise ValueError("the model has no nn.Linear (or transformers Conv1D) layers to sparsify")
-    _check_stats(stats, eligible, config)
     report = SparsifyReport(config)
     reports = {name: LayerReport(name, _out_in(m)) for name, m in linear_like_modules(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
+    if config.needs_second_moments:
+        if data is None:
+            raise ValueError(
+                f"VNMConfig(score={config.score!r}, reconstruct={config.reconstruct}) needs the layer inputs' "
+                "second moments: pass data=<calibration batches> to sparsify_"
+            )
+        from .calibration.second_order import sparsify_second_order
+
+        for name, module in list(eligible.items()):  # the layer-by-layer driver takes nn.Linear layers
+            if is_conv1d(module):
+                eligible[name] = _convert_conv1d(model, module)
+                reports[name].note = "Conv1D converted to nn.Linear"
+        sparsify_second_order(model, config, data, eligible, reports, progress)
+        report.layers = list(reports.values())
+        logger.info("%s", report.summary())
+        return report
+    _check_stats(stats, eligible, config)
     units = _permutation_units(list(eligible), config, stats, groups)
     # 1. Choose every mask; the model is not touched, so an error leaves it as it was.
     plans: list[tuple[str, torch.Tensor, Perms]] = []
@@ -411,7 +463,7 @@ def sparsify_(
             perms = _permutations(scores, config)
         for name, s in scores.items():
             with _layer_errors(name, reports[name].shape):
-                mask = _choose_mask(s, perms[name], config, reports[name])
+                mask = _plan_mask(s, perms[name], config, reports[name])
             plans.append((name, mask, perms[name]))
             if len(scores) > 1 and perms[name][0] is not None:
                 reports[name].shares_input_perm = tuple(n for n in scores if n != name)
@@ -441,16 +493,10 @@ def _convert_conv1d(model: nn.Module, conv: nn.Module) -> nn.Linear:
     return linear
 
 
-def _choose_mask(scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerReport) -> torch.Tensor:
-    """The mask in original coordinates (chosen in permuted ones); fills the report's pattern, density, kept."""
+def _plan_mask(scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerReport) -> torch.Tensor:
+    """The mask in original coordinates (_choose_mask); fills the report's pattern, density, importance kept."""
     in_perm, out_perm = perms
-    permuted = scores
-    if out_perm is not None:
-        permuted = permuted[out_perm]
-    if in_perm is not None:
-        permuted = permuted[:, in_perm]
-    mask_p = vnm_mask(permuted, config.pattern)
-    mask = _unpermute(mask_p, in_perm, out_perm)
+    mask = _choose_mask(scores, perms, config.pattern)
     total = float(scores.sum())
     kept = float((scores * mask).sum()) / total if total > 0 else 1.0
     r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
@@ -467,6 +513,17 @@ def _account(r: LayerReport, weight: torch.Tensor, pattern: VNMPattern, in_perm,
     r.dense_bytes = weight.numel() * weight.element_size()
     r.mask_bytes = rows * cols + perms  # bool mask, one byte per weight
     r.compressed_bytes = compressed_nbytes(rows, cols, pattern, weight.dtype) + perms
+
+
+def _choose_mask(scores: torch.Tensor, perms: Perms, pattern: VNMPattern) -> torch.Tensor:
+    """S_{V:N:M} of ``scores`` in permuted coordinates, returned in original ones."""
+    in_perm, out_perm = perms
+    permuted = scores
+    if out_perm is not None:
+        permuted = permuted[out_perm]
+    if in_perm is not None:
+        permuted = permuted[:, in_perm]
+    return _unpermute(vnm_mask(permuted, pattern), in_perm, out_perm)
 
 
 def _unpermute(mask_p: torch.Tensor, in_perm, out_perm) -> torch.Tensor:

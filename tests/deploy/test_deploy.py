@@ -322,3 +322,21 @@ def test_sparsify_report_accounts_the_bytes_of_each_form():
         held = m.nbytes - m.vnm_header.numel() * 8 - (0 if m._out_inv is None else m._out_inv.numel() * 8)
         assert r.compressed_bytes == held, (r.name, r.compressed_bytes, held)
     assert "total" in report.memory() and "0.29" in report.memory()
+
+
+def test_measured_path_choices_are_kept_in_the_user_cache(tmp_path, monkeypatch):
+    from vnm_compile.kernels import compressed as C
+
+    file = tmp_path / "gpu" / "paths.json"
+    C._disk_choices.cache_clear()
+    C._remember(file, "1|torch.float16|4096|4096|64|2|8|256", "dense")
+    C._remember(file, "1|torch.float16|4096|4096|64|2|8|512", "sparse")
+    C._disk_choices.cache_clear()
+    assert C._disk_choices(str(file)) == {
+        "1|torch.float16|4096|4096|64|2|8|256": "dense",
+        "1|torch.float16|4096|4096|64|2|8|512": "sparse",
+    }
+    file.write_text("{not json")
+    C._disk_choices.cache_clear()
+    assert C._disk_choices(str(file)) == {}  # a damaged cache is ignored, not fatal
+    C._disk_choices.cache_clear()

@@ -17,13 +17,19 @@ Dense or sparse is decided per call from the token count: up to ``DECODE_TOKENS`
 sparse path is timed against rebuilding the dense weight into a temporary (the caching allocator hands
 every layer the same block: one workspace per device and stream, the size of the largest layer) and
 cuBLAS, once per (device, layout, shape, pattern, token bucket), outside CUDA-graph capture, and the
-faster is cached (``vnm_triton._choose``; ``VNM_AUTOTUNE=0`` takes the measured table's answer).
+faster is cached (``vnm_triton._choose``; ``VNM_AUTOTUNE=0`` takes the measured table's answer), in
+memory and in the user's cache folder (``$VNM_CACHE_DIR``, default ``~/.cache/vnm_compile``:
+``<gpu>/paths-torch<version>-cuda<version>.json``), so later processes on that GPU start from the
+measured choices; the shipped tables only seed the first measurement.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -122,6 +128,37 @@ def _dense(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None
     return torch.nn.functional.linear(x, rebuild_dense(weight, spec, x.shape[-1], x.dtype), bias)
 
 
+def path_cache_file(device: torch.device) -> Path:
+    """Where the measured dense-or-sparse choices for this GPU and software are kept."""
+    from .dispatch import gpu_slug
+    from .tables import cache_dir
+
+    name = f"paths-torch{torch.__version__.split('+')[0]}-cuda{torch.version.cuda}.json"
+    return cache_dir() / gpu_slug(device) / name
+
+
+@functools.lru_cache(maxsize=8)
+def _disk_choices(path: str) -> dict[str, str]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in data.items() if v in ("sparse", "dense")} if isinstance(data, dict) else {}
+
+
+def _remember(path: Path, key: str, choice: str) -> None:
+    """Add a measured choice to the cache file (written whole, atomically; a read-only cache is skipped)."""
+    choices = _disk_choices(str(path))
+    choices[key] = choice
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices, indent=0, sort_keys=True))
+        tmp.replace(path)
+    except OSError as err:
+        log.debug("cannot write %s: %s", path, err)
+
+
 def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> str:
     """ "sparse" or "dense" for this call (module docstring)."""
     layout, v, n, m, out = _check(weight, spec)
@@ -142,9 +179,17 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
         seed = "sparse" if limit is None or tokens <= limit else "dense"
     cands = [seed, "dense" if seed == "sparse" else "sparse"]
     key = ("vnm_path", x.device.index, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
+    file = path_cache_file(x.device)
+    disk_key = "|".join(str(k) for k in key[2:])
+    known = _disk_choices(str(file)).get(disk_key)
+    if known is not None:
+        return known
     x2 = x.reshape(-1, x.shape[-1])
     paths = {"sparse": _sparse, "dense": _dense}
-    return _choose(key, cands, lambda path: paths[path](x2, weight, spec, bias))
+    choice = _choose(key, cands, lambda path: paths[path](x2, weight, spec, bias))
+    if not torch.cuda.is_current_stream_capturing() and os.environ.get("VNM_AUTOTUNE") != "0":
+        _remember(file, disk_key, choice)  # measured (inside a capture, or with autotuning off, it was not)
+    return choice
 
 
 @torch.library.custom_op("vnm::compressed_linear", mutates_args=())

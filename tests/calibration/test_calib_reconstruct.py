@@ -1,0 +1,195 @@
+import pytest
+import torch
+
+from vnm_compile import VNMPattern, is_vnm, vnm_mask
+from vnm_compile.calibration.hessian import HessianObserver, damped_hessian
+from vnm_compile.calibration.reconstruct import (
+    exact_reconstruct,
+    inverse_diagonal,
+    obs_saliency,
+    output_error,
+    prune_second_order,
+)
+
+PATTERNS = [VNMPattern(16, 2, 5), VNMPattern(8, 2, 8), VNMPattern.parse("2:4")]
+
+
+def _layer(out: int, inp: int, tokens: int, seed: int = 0):
+    """A random weight and correlated, non-centred activations (like a real layer's input)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) / inp**0.5
+    x = torch.randn(tokens, inp, generator=g) @ mix + 0.5 * torch.randn(inp, generator=g)
+    w = torch.randn(out, inp, generator=g)
+    return w, x
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    obs = HessianObserver(x.shape[1])
+    for chunk in x.split(37):  # streamed in uneven pieces
+        obs.add_batch(chunk.unsqueeze(0))
+    return obs.hessian
+
+
+def test_hessian_observer_streams_xtx_in_float32():
+    _, x = _layer(3, 23, 200)
+    obs = HessianObserver(23, "enc.q")
+    obs.add_batch(x[:150].view(3, 50, 23).to(torch.bfloat16))
+    obs.add_batch(x[150:])
+    ref = x[:150].to(torch.bfloat16).double()
+    ref = ref.T @ ref + x[150:].double().T @ x[150:].double()
+    assert obs.hessian.dtype == torch.float32 and obs.tokens == 200
+    torch.testing.assert_close(obs.hessian.double(), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="enc.q.*22"):
+        obs.add_batch(torch.randn(4, 22))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bad_activations_name_the_layer(bad):
+    obs = HessianObserver(8, "encoder.layer.3.output.dense")
+    x = torch.randn(5, 8)
+    x[2, 3] = bad
+    with pytest.raises(ValueError, match=r"encoder\.layer\.3\.output\.dense.*NaN or Inf"):
+        obs.add_batch(x)
+
+
+def test_exact_matches_float64_least_squares_per_row():
+    w, x = _layer(37, 41, 300)
+    h = _hessian(x)
+    mask = vnm_mask(w.abs(), VNMPattern(8, 2, 5))
+    hd = damped_hessian(h, 0.01).double()
+    got = exact_reconstruct(w, damped_hessian(h, 0.01), mask)
+    for i in range(w.shape[0]):
+        s = mask[i].nonzero().squeeze(1)
+        ref = torch.linalg.solve(hd[s][:, s], (hd @ w[i].double())[s])
+        torch.testing.assert_close(got[i, s].double(), ref, rtol=1e-3, atol=1e-4)
+    assert not bool(got[~mask].any())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("method", ["sparsegpt", "exact", "auto"])
+@pytest.mark.parametrize("shape", [(48, 64), (53, 97), (130, 41)])
+def test_reconstruction_never_raises_the_output_error(pattern, method, shape):
+    w, x = _layer(*shape, tokens=400, seed=shape[0])
+    h = _hessian(x)
+    mask = vnm_mask(w.abs(), pattern)
+    rec = prune_second_order(w, h, pattern, mask=mask, method=method)
+    assert torch.equal(rec.mask, mask)
+    assert not bool(rec.weight[~mask].any())
+    assert bool(torch.isfinite(rec.weight).all())
+    masked_err = output_error(w, w * mask, h)
+    assert rec.error_masked == pytest.approx(masked_err)
+    assert rec.error == pytest.approx(output_error(w, rec.weight, h), rel=1e-4)
+    assert rec.error < 0.9 * masked_err  # correlated inputs leave much to recover
+
+
+def test_output_error_against_float64_outputs():
+    w, x = _layer(20, 30, 100)
+    h = _hessian(x)
+    pruned = w * vnm_mask(w.abs(), "4:2:5")
+    xd = x.double()
+    ref = ((xd @ (w.double() - pruned.double()).T) ** 2).sum() / ((xd @ w.double().T) ** 2).sum()
+    assert output_error(w, pruned, h) == pytest.approx(float(ref), rel=1e-4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS[:2], ids=str)
+def test_obs_mask_is_exact_with_and_without_permutations(pattern):
+    w, x = _layer(64, 80, 500, seed=3)
+    h = _hessian(x)
+    g = torch.Generator().manual_seed(1)
+    in_perm, out_perm = torch.randperm(80, generator=g), torch.randperm(64, generator=g)
+    plain = prune_second_order(w, h, pattern, method="sparsegpt")
+    assert is_vnm(plain.mask, pattern)
+    permuted = prune_second_order(w, h, pattern, in_perm=in_perm, out_perm=out_perm, method="sparsegpt")
+    assert is_vnm(permuted.mask, pattern, in_perm, out_perm)
+    assert not is_vnm(permuted.mask, pattern)  # the pattern holds in permuted coordinates only
+    for rec in (plain, permuted):
+        assert not bool(rec.weight[~rec.mask].any())
+        assert rec.error < rec.error_masked
+
+
+def test_obs_saliency_is_the_single_weight_obs_error():
+    """Removing w_ij alone and re-solving the rest of row i costs w_ij² / [H⁻¹]_jj (in output error units)."""
+    w, x = _layer(4, 12, 200)
+    hd = damped_hessian(_hessian(x), 0.01).double()
+    sal = obs_saliency(w, inverse_diagonal(hd.float()))
+    i, j = 2, 5
+    keep = [k for k in range(12) if k != j]
+    sol = torch.linalg.solve(hd[keep][:, keep], (hd @ w[i].double())[keep])
+    new = torch.zeros(12, dtype=torch.float64)
+    new[keep] = sol
+    delta = w[i].double() - new
+    assert float(sal[i, j]) == pytest.approx(float(delta @ hd @ delta), rel=1e-3)
+
+
+def test_singular_hessian_dead_and_duplicated_channels():
+    w, x = _layer(32, 40, 300)
+    x[:, 7] = 0.0  # dead channel
+    x[:, 11] = x[:, 12]  # duplicated channel
+    h = _hessian(x)
+    for mask in (None, vnm_mask(w.abs(), "16:2:5")):
+        rec = prune_second_order(w, h, "16:2:5", mask=mask)
+        assert bool(torch.isfinite(rec.weight).all())
+        assert rec.error <= rec.error_masked
+        assert is_vnm(rec.mask, "16:2:5")
+
+
+def test_all_zero_hessian_falls_back_without_nan():
+    w, _ = _layer(16, 20, 10)
+    rec = prune_second_order(w, torch.zeros(20, 20), "8:2:5")
+    assert bool(torch.isfinite(rec.weight).all()) and is_vnm(rec.mask, "8:2:5")
+    assert rec.error == 0.0 and rec.error_masked == 0.0
+
+
+def test_too_few_tokens_still_lowers_the_error():
+    w, x = _layer(24, 64, 20)  # 20 tokens for a 64-wide input: H has rank 20
+    h = _hessian(x)
+    rec = prune_second_order(w, h, "8:2:5", mask=vnm_mask(w.abs(), "8:2:5"))
+    assert bool(torch.isfinite(rec.weight).all())
+    assert rec.error < rec.error_masked
+
+
+def test_reproducible():
+    w, x = _layer(40, 50, 300)
+    h = _hessian(x)
+    a = prune_second_order(w, h, "8:2:5")
+    b = prune_second_order(w.clone(), h.clone(), "8:2:5")
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+
+
+def test_bad_arguments():
+    w, x = _layer(8, 10, 50)
+    with pytest.raises(ValueError, match="method"):
+        prune_second_order(w, _hessian(x), "4:2:5", method="cholesky")
+    with pytest.raises(ValueError, match="square"):
+        damped_hessian(torch.zeros(3, 4))
+
+
+def test_hessian_observer_leaves_padding_out():
+    _, x = _layer(3, 9, 24)
+    x = x.view(2, 12, 9)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    obs = HessianObserver(9)
+    obs.add_batch(x, mask)
+    kept = torch.cat([x[0], x[1, :7]]).double()
+    assert obs.tokens == 19
+    torch.testing.assert_close(obs.hessian.double(), kept.T @ kept, rtol=1e-5, atol=1e-5)
+    obs.add_batch(x[0], mask)  # a mask of another shape is ignored
+    assert obs.tokens == 31
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_conjugate_gradients_reach_the_exact_solution(pattern):
+    from vnm_compile.calibration.reconstruct import refine_cg
+
+    w, x = _layer(40, 97, 500, seed=7)
+    h = _hessian(x)
+    hd = damped_hessian(h, 0.01)
+    mask = vnm_mask(w.abs(), pattern)
+    exact = exact_reconstruct(w, hd, mask)
+    cg = refine_cg(w, hd, mask, w * mask, iters=60)
+    assert not bool(cg[~mask].any())
+    assert output_error(w, cg, h) == pytest.approx(output_error(w, exact, h), rel=1e-3)
+    torch.testing.assert_close(cg, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
+    few = refine_cg(w, hd, mask, w * mask, iters=2)  # every iteration lowers the error
+    assert output_error(w, exact, h) <= output_error(w, few, h) * (1 + 1e-4) < output_error(w, w * mask, h)

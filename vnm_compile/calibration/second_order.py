@@ -1,0 +1,96 @@
+"""sparsify_ with second moments: score "obs" and/or reconstruct=True, calibrated layer by layer.
+
+Per group of linears reading one input (sequential.py hands them over with
+the HessianObserver of that input):
+
+1. scores: the OBS saliency w² / [H⁻¹]ⱼⱼ for "obs"; ABS, Wanda or RIA
+   otherwise, with the activation norms ||X_j|| = sqrt(H_jj) of the same
+   (sequential) inputs;
+2. permutations: the existing search on those scores, one input permutation
+   shared by the group;
+3. mask and weights: reconstruct=False masks the weight as sparsify_ always
+   did; reconstruct=True re-solves the kept weights (reconstruct.py), the
+   "obs" mask then chosen block by block from the updated weights.
+
+Fewer calibration tokens than the input width leave H rank-deficient: a
+warning says so, and the dampening (``VNMConfig.damp``) keeps the solve
+well-posed by pulling unseen directions towards the original weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..state import LinearSparsity, set_sparsity
+from .hessian import HessianObserver, damped_hessian
+from .importance import importance
+from .reconstruct import inverse_diagonal, obs_saliency, output_error, prune_second_order
+from .sequential import run_layerwise
+
+__all__ = ["sparsify_second_order"]
+
+logger = logging.getLogger(__name__)
+
+
+def _scores(module: nn.Linear, h: torch.Tensor, config, name: str) -> torch.Tensor:
+    w = module.weight.detach()
+    if config.score == "obs":
+        return obs_saliency(w, inverse_diagonal(damped_hessian(h, config.damp, name), name))
+    norm = h.diagonal().clamp_min(0).sqrt()
+    return importance(w, config.score, None if config.score == "abs" else norm, config.alpha)
+
+
+def sparsify_second_order(
+    model: nn.Module, config, data: Iterable, eligible: dict[str, nn.Linear], reports: dict, progress: bool
+) -> None:
+    """Prune ``eligible`` in place block by block and fill their LayerReports (sparsify_'s second-order path)."""
+    from ..sparsify import _account, _choose_mask, _permutations
+
+    def prune_group(names: tuple[str, ...], obs: HessianObserver) -> None:
+        if obs.hessian is None or obs.tokens == 0:
+            for name in names:
+                reports[name].skipped = "no calibration data (layer never called on the calibration batches)"
+            return
+        h = obs.hessian
+        if obs.tokens < obs.in_features:
+            logger.warning(
+                "%s: %d calibration tokens for a %d-wide input, so H is rank-deficient; the dampening "
+                "(damp=%g) pulls the directions the data does not see towards the original weights; "
+                "more calibration data gives a better reconstruction",
+                names[0], obs.tokens, obs.in_features, config.damp,
+            )  # fmt: skip
+        scores = {name: _scores(eligible[name], h, config, name) for name in names}
+        perms = _permutations(scores, config)
+        for name in names:
+            module, r, (in_perm, out_perm) = eligible[name], reports[name], perms[name]
+            weight = module.weight
+            if config.reconstruct:
+                fixed = None if config.score == "obs" else _choose_mask(scores[name], perms[name], config.pattern)
+                rec = prune_second_order(
+                    weight, h.to(weight.device), config.pattern, mask=fixed, in_perm=in_perm, out_perm=out_perm,
+                    method=config.reconstruct_method, damp=config.damp, name=name,
+                )  # fmt: skip
+                mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
+                weight.copy_(rec.weight)
+            else:
+                mask = _choose_mask(scores[name], perms[name], config.pattern)
+                dense = weight.detach().float().clone()
+                weight.mul_(mask.to(weight.dtype))
+                r.error_masked = r.error = output_error(dense, weight, h.to(weight.device))
+            set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
+            total = float(scores[name].sum())
+            r.pattern, r.density = config.pattern, float(mask.float().mean())
+            r.importance_kept = float((scores[name] * mask).sum()) / total if total > 0 else 1.0
+            r.permuted = in_perm is not None or out_perm is not None
+            _account(r, weight, config.pattern, in_perm, out_perm)
+            if len(names) > 1 and in_perm is not None:
+                r.shares_input_perm = tuple(n for n in names if n != name)
+
+    run_layerwise(model, data, eligible, prune_group, sequential=config.sequential, progress=progress)
+    never = [n for n in eligible if reports[n].pattern is None and reports[n].skipped is None]
+    for name in never:
+        reports[name].skipped = "no calibration data (layer never called on the calibration batches)"
