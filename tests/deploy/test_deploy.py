@@ -340,3 +340,42 @@ def test_measured_path_choices_are_kept_in_the_user_cache(tmp_path, monkeypatch)
     C._disk_choices.cache_clear()
     assert C._disk_choices(str(file)) == {}  # a damaged cache is ignored, not fatal
     C._disk_choices.cache_clear()
+
+
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_streaming_prune_and_compress_equals_pruning_in_memory(reconstruct):
+    """Block by block (each block moved to the device, pruned, compressed) = sparsify_(data=) then compress_."""
+    transformers, cfg = _llama()
+    from vnm_compile.deploy import sparsify_and_compress_
+
+    config = VNMConfig("64:2:8", score="obs", reconstruct=reconstruct)
+    torch.manual_seed(0)
+    base = transformers.LlamaModel(cfg).eval()
+    batches = [torch.randint(0, 300, (2, 16)) for _ in range(3)]
+    streamed, in_memory = copy.deepcopy(base), copy.deepcopy(base)
+    report = sparsify_and_compress_(streamed, config, batches, device="cpu", progress=False)
+    sparsify_(in_memory, config, data=batches, progress=False)
+    compress_(in_memory, progress=False)
+    assert len(report.sparsified) == 14 and set(compressed_linears(streamed)) == set(compressed_linears(in_memory))
+    for name, m in compressed_linears(in_memory).items():
+        assert torch.equal(compressed_linears(streamed)[name].to_dense(), m.to_dense()), name
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).last_hidden_state, in_memory(ids).last_hidden_state)
+
+
+def test_streaming_with_ria_scores_calibrates_each_block_on_the_pruned_ones():
+    transformers, cfg = _llama()
+    from vnm_compile import is_vnm
+    from vnm_compile.deploy import sparsify_and_compress_
+
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    batches = [torch.randint(0, 300, (2, 16)) for _ in range(3)]
+    report = sparsify_and_compress_(model, VNMConfig("64:2:5"), batches, device="cpu", progress=False)
+    assert len(report.sparsified) == 14 and not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    for m in compressed_linears(model).values():
+        p = m.pattern
+        assert is_vnm(m.mask(), p, m.in_perm, m.out_perm)
+    with torch.no_grad():
+        assert model(torch.randint(0, 300, (1, 5))).last_hidden_state.isfinite().all()

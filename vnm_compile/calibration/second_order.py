@@ -45,9 +45,18 @@ def _scores(module: nn.Linear, h: torch.Tensor, config, name: str) -> torch.Tens
 
 
 def sparsify_second_order(
-    model: nn.Module, config, data: Iterable, eligible: dict[str, nn.Linear], reports: dict, progress: bool
+    model: nn.Module,
+    config,
+    data: Iterable,
+    eligible: dict[str, nn.Linear],
+    reports: dict,
+    progress: bool,
+    *,
+    before_block=None,
+    after_block=None,
 ) -> None:
-    """Prune ``eligible`` in place block by block and fill their LayerReports (sparsify_'s second-order path)."""
+    """Prune ``eligible`` in place block by block and fill their LayerReports (sparsify_'s second-order path;
+    ``before_block`` / ``after_block``: run_layerwise's callbacks, e.g. streaming blocks through a GPU)."""
     from ..sparsify import _account, _choose_mask, _permutations
 
     def prune_group(names: tuple[str, ...], obs: HessianObserver) -> None:
@@ -90,7 +99,10 @@ def sparsify_second_order(
             if len(names) > 1 and in_perm is not None:
                 r.shares_input_perm = tuple(n for n in names if n != name)
 
-    run_layerwise(model, data, eligible, prune_group, sequential=config.sequential, progress=progress)
+    run_layerwise(
+        model, data, eligible, prune_group, sequential=config.sequential, progress=progress,
+        before_block=before_block, after_block=after_block,
+    )  # fmt: skip
     never = [n for n in eligible if reports[n].pattern is None and reports[n].skipped is None]
     for name in never:
         reports[name].skipped = "no calibration data (layer never called on the calibration batches)"

@@ -3,10 +3,12 @@
 ``recover_(model, data, method="fixed" | "srste" | "three_stage", teacher=dense)``
 is the one-call entry point; the building blocks (``fix_masks_``, ``srste_``,
 ``lora_``, ``update_masks_``, ``merge_``, ``ThreeStageSchedule``) serve custom
-training loops.
+training loops. ``recover_`` also trains models sharded with FSDP2 (``fully_shard``) with fixed masks
+(``distributed.py``: shard-wise masks, ``torch.distributed.checkpoint`` checkpoints).
 """
 
 from .data import length_bucketed_batches
+from .distributed import SHARDED_METHODS
 from .lora import LoRAHandle, LoRAWeight, lora_, lora_weight
 from .losses import DistillLoss, masked_mse
 from .masking import (
@@ -14,6 +16,8 @@ from .masking import (
     apply_masks_,
     dense_weight,
     fix_masks_,
+    is_sharded,
+    mask_like,
     merge_,
     recompute_mask,
     set_mask_,
@@ -29,6 +33,9 @@ __all__ = [
     "RecoveryConfig",
     "RecoveryResult",
     "METHODS",
+    "SHARDED_METHODS",
+    "is_sharded",
+    "mask_like",
     "MaskGuard",
     "fix_masks_",
     "apply_masks_",

@@ -26,6 +26,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..calibration.importance import importance
 from ..calibration.observer import CalibrationStats
@@ -45,6 +46,8 @@ __all__ = [
     "set_mask_",
     "merge_",
     "RecoveryParametrization",
+    "is_sharded",
+    "mask_like",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,13 +75,62 @@ def dense_weight(module: nn.Linear) -> Tensor:
     return module.weight
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds DTensor parameters (FSDP2 ``fully_shard``, tensor parallel)."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+# mask -> {(mesh, placements): the mask as a DTensor sharded like the weight}; weak, so a replaced mask drops out.
+_SHARDED_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def mask_like(mask: Tensor, weight: Tensor) -> Tensor:
+    """The bool ``mask`` laid out as ``weight`` is: on its device, or, for a DTensor weight (FSDP2
+    ``fully_shard``), as a DTensor sharded with the weight's mesh and placements, so that every rank
+    multiplies its own shard of the weight by exactly the matching shard of the mask.
+
+    The local shard is cut on each rank without communication (``src_data_rank=None``): every rank
+    holds the same full mask (sparsify_ ran on identical weights). The sharded mask is cached per mask.
+    """
+    if not _is_dtensor(weight):
+        return mask.to(weight.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    key = (id(weight.device_mesh), tuple(weight.placements))
+    cached = _SHARDED_MASKS.get(mask)
+    if cached is None:
+        cached = _SHARDED_MASKS[mask] = {}
+    if key not in cached:
+        cached[key] = distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None)
+    return cached[key]
+
+
+def _mul_mask_(t: Tensor, mask: Tensor) -> None:
+    """``t *= mask`` in place; DTensors shard by shard (same sharding: no DTensor dispatch per layer and step)."""
+    m = mask_like(mask, t)
+    if _is_dtensor(t):
+        t.to_local().mul_(m.to_local())
+    else:
+        t.mul_(m)
+
+
 @torch.no_grad()
 def apply_masks_(model: nn.Module) -> int:
-    """Multiply every sparse linear's dense weight by its recorded mask; returns how many were masked."""
+    """Multiply every sparse linear's dense weight by its recorded mask; returns how many were masked.
+
+    Works shard-wise on DTensor (FSDP2) weights: each rank masks its own shard.
+    """
     mods = sparse_linears(model)
     for module in mods.values():
-        w = dense_weight(module)
-        w.mul_(sparsity_of(module).mask.to(device=w.device, dtype=w.dtype))
+        _mul_mask_(dense_weight(module), sparsity_of(module).mask)
     return len(mods)
 
 
@@ -91,6 +143,10 @@ class MaskGuard:
     optimizer state carried over from dense training. Hooks read the mask
     recorded on the module at call time, so mask updates are picked up.
 
+    On a model sharded with FSDP2 (DTensor weights) gradient hooks on the sharded weights never fire
+    (FSDP assigns the reduce-scattered gradient directly): call ``mask_grads()`` after ``backward()``
+    and before gradient clipping; ``recover_`` does.
+
     Use as a context manager or call ``remove()``.
     """
 
@@ -99,7 +155,7 @@ class MaskGuard:
         self._handles: list = []
         for module in sparse_linears(model).values():
             w = dense_weight(module)
-            if w.requires_grad:
+            if w.requires_grad and not _is_dtensor(w):  # sharded: mask_grads()
                 self._handles.append(w.register_hook(_grad_masker(module)))
         if optimizer is not None:
             self.attach(optimizer)
@@ -108,6 +164,17 @@ class MaskGuard:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Re-apply the masks after every step of ``optimizer``."""
         self._handles.append(optimizer.register_step_post_hook(lambda *_: apply_masks_(self.model)))
+
+    @torch.no_grad()
+    def mask_grads(self) -> int:
+        """Zero the masked gradient entries of DTensor (sharded) weights, shard-wise; returns how many."""
+        n = 0
+        for module in sparse_linears(self.model).values():
+            w = dense_weight(module)
+            if _is_dtensor(w) and w.grad is not None:
+                _mul_mask_(w.grad, sparsity_of(module).mask)
+                n += 1
+        return n
 
     def remove(self) -> None:
         for h in self._handles:
@@ -220,6 +287,6 @@ def merge_(model: nn.Module) -> int:
     mods = sparse_linears(model)
     for module in mods.values():
         state = sparsity_of(module)
-        module.weight.mul_(state.mask.to(device=module.weight.device, dtype=module.weight.dtype))
+        _mul_mask_(module.weight, state.mask)
         set_sparsity(module, state)  # re-index the (possibly new) weight Parameter
     return len(mods)

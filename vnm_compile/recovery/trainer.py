@@ -7,6 +7,10 @@ Methods (paper sections 3 and 4.3, docs/design.md "Recovery training"):
 * ``"three_stage"`` (TS3): LoRA on every linear; stage 1 dense, stage 2 masks recomputed
   from RIA on ``W + BA`` every ``stage2_interval`` steps, stage 3 fixed masks.
 
+On a model sharded with FSDP2 (``fully_shard``: DTensor parameters) ``"fixed"`` runs shard-wise
+and checkpoints through ``torch.distributed.checkpoint`` (``distributed.py``); the other methods
+raise NotImplementedError there, saying why.
+
 Every run ends with a merge that leaves plain ``nn.Linear`` weights obeying
 their recorded (possibly updated) V:N:M masks, so ``torch.compile(model,
 backend="vnm")`` lowers them. Checkpoints hold everything a run needs to
@@ -30,9 +34,19 @@ from torch import Tensor, nn
 
 from ..calibration.importance import SCORES
 from ..calibration.observer import CalibrationStats, calibrate
+from .distributed import check_sharded_method, latest_checkpoint, load_sharded, save_sharded
 from .lora import LoRAHandle, lora_, lora_weight
 from .losses import DistillLoss
-from .masking import MaskGuard, dense_weight, merge_, set_mask_, sparse_linears, sparsity_of, update_masks_
+from .masking import (
+    MaskGuard,
+    dense_weight,
+    is_sharded,
+    merge_,
+    set_mask_,
+    sparse_linears,
+    sparsity_of,
+    update_masks_,
+)
 from .schedule import ThreeStageSchedule, srste_update_due
 from .srste import srste_
 
@@ -137,13 +151,19 @@ class RecoveryConfig:
 
 @dataclass
 class RecoveryResult:
-    """What a run did: per-step losses and learning rates, eval results, and timing."""
+    """What a run did: per-step losses and learning rates, eval results, and timing.
+
+    ``checkpoints``: ``{"step", "seconds"}`` of every checkpoint this call wrote; ``resume_seconds``:
+    the time the resume took (reading the checkpoint into the model and optimizer; 0 without one).
+    """
 
     config: RecoveryConfig
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    checkpoints: list[dict] = field(default_factory=list)
+    resume_seconds: float = 0.0
 
     @property
     def final_eval(self) -> dict | None:
@@ -274,17 +294,25 @@ def recover_(
             8 batches when needed and not given.
         eval_fn: ``eval_fn(model) -> float | dict``, run under no_grad in eval mode every
             ``eval_every`` steps and after the merge.
-        checkpoint_dir: where ``recovery.pt`` is written every ``checkpoint_every`` steps.
-        resume: continue from ``checkpoint_dir/recovery.pt`` when it exists (the model must be
-            set up as for the first run: same sparsify_ call).
+        checkpoint_dir: where ``recovery.pt`` is written every ``checkpoint_every`` steps (a sharded
+            model: a ``torch.distributed.checkpoint`` folder per step and ``latest``; one folder all
+            ranks see).
+        resume: continue from the checkpoint in ``checkpoint_dir`` when there is one (the model must be
+            set up as for the first run: same sparsify_ call, same sharding or another world size).
         optimizer: ``factory(params) -> Optimizer`` (default AdamW(lr, weight_decay)).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0 only when distributed).
+
+    Sharded (FSDP2) models: every rank calls ``recover_`` with its own batches; losses in the
+    history are this rank's; ``eval_fn`` runs on every rank (it may run collectives).
     """
     from tqdm.auto import tqdm
 
     config = replace(config or RecoveryConfig(), **overrides)
     if not sparse_linears(model):
         raise ValueError("the model has no sparsified linears: call vnm_compile.sparsify_(model, ...) first")
+    sharded = is_sharded(model)
+    if sharded:
+        check_sharded_method(config.method)
     loss_fn = _make_loss(loss, teacher)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if config.checkpoint_every and ckpt_path is None:
@@ -325,14 +353,20 @@ def recover_(
 
     # 2. Resume.
     start = 0
-    if ckpt_path is not None and resume and ckpt_path.exists():
+    t_resume = time.perf_counter()
+    if sharded and checkpoint_dir is not None and resume and latest_checkpoint(checkpoint_dir) is not None:
+        start = _load_sharded_checkpoint(latest_checkpoint(checkpoint_dir), model, opt, sched, result, config)
+    elif not sharded and ckpt_path is not None and resume and ckpt_path.exists():
         start = _load_checkpoint(ckpt_path, model, opt, sched, result, config)
+    if start:
+        result.resume_seconds = time.perf_counter() - t_resume
     score = config.score or ("ria" if config.method == "three_stage" else None)
     mode = model.train if config.train_mode else model.eval
     mode()
     t0 = time.perf_counter()
     batches = _batches(data, start, config)
-    bar = tqdm(total=config.steps, initial=start, desc=f"recover {config.method}", disable=not progress)
+    rank = torch.distributed.get_rank() if sharded and torch.distributed.is_initialized() else 0
+    bar = tqdm(total=config.steps, initial=start, desc=f"recover {config.method}", disable=not progress or rank > 0)
     try:
         # 3. Train.
         for step in range(start, config.steps):
@@ -345,6 +379,8 @@ def recover_(
             value = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
             value.backward()
+            if guard is not None:
+                guard.mask_grads()  # sharded weights: their gradient hooks do not fire
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
@@ -355,7 +391,14 @@ def recover_(
             bar.update(1)
             bar.set_postfix(loss=f"{float(value.detach()):.4g}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save(ckpt_path, _checkpoint(step + 1, model, opt, sched, result, config))
+                t_save = time.perf_counter()
+                if sharded:
+                    trainer_state = {"config": asdict(config), "scheduler": sched.state_dict()}
+                    local = {"history": result.history, "evals": result.evals}
+                    save_sharded(checkpoint_dir, step + 1, model, opt, trainer_state, local)
+                else:
+                    _save(ckpt_path, _checkpoint(step + 1, model, opt, sched, result, config))
+                result.checkpoints.append({"step": step + 1, "seconds": time.perf_counter() - t_save})
             if eval_fn is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 _evaluate(model, eval_fn, step + 1, result, bar)
                 mode()
@@ -407,14 +450,27 @@ def _checkpoint(step: int, model, opt, sched, result: RecoveryResult, config: Re
     }
 
 
-def _load_checkpoint(path: Path, model, opt, sched, result: RecoveryResult, config: RecoveryConfig) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt["config"]
+def _check_same_run(path: Path, saved: dict, config: RecoveryConfig) -> None:
     for key in ("method", "steps", "seed"):
         if saved[key] != getattr(config, key):
             raise ValueError(
                 f"checkpoint {path} was written with {key}={saved[key]!r}, this run has {getattr(config, key)!r}"
             )
+
+
+def _load_sharded_checkpoint(path: Path, model, opt, sched, result: RecoveryResult, config: RecoveryConfig) -> int:
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    _check_same_run(path, trainer["config"], config)  # before any collective load: every rank raises alike
+    trainer, local = load_sharded(path, model, opt)
+    sched.load_state_dict(trainer["scheduler"])
+    result.history, result.evals, result.resumed_from = list(local["history"]), list(local["evals"]), trainer["step"]
+    logger.info("resumed recovery from %s at step %d", path, trainer["step"])
+    return trainer["step"]
+
+
+def _load_checkpoint(path: Path, model, opt, sched, result: RecoveryResult, config: RecoveryConfig) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    _check_same_run(path, ckpt["config"], config)
     mods = sparse_linears(model)
     if set(ckpt["masks"]) != set(mods):
         raise ValueError(f"checkpoint {path} holds masks for other layers than this model's sparse linears")

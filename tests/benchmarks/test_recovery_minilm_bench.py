@@ -1,0 +1,69 @@
+"""benchmarks/recovery_minilm.py helpers: method specs, step timing, results rendering (the GPU run's parts
+that a CPU can check without the minutes of pruning and training)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import recovery_minilm as rm  # noqa: E402
+
+
+def test_method_specs():
+    args = argparse.Namespace(stage_fractions=[0.025, 0.025, 0.95])
+    assert rm.method_spec("fixed", args) == ("fixed", {})
+    assert rm.method_spec("three_stage", args) == ("three_stage", {"stage_fractions": (0.025, 0.025, 0.95)})
+    assert rm.method_spec("lora_fixed", args) == ("three_stage", {"stage_fractions": (0.0, 0.0, 1.0)})
+    assert rm.method_spec("three_stage@0.1,0.1,0.8", args) == ("three_stage", {"stage_fractions": (0.1, 0.1, 0.8)})
+    assert rm.method_spec("three_stage@0.1,0.1,0.8:pruned", args) == (
+        "three_stage",
+        {"stage_fractions": (0.1, 0.1, 0.8), "dense_start": False},
+    )
+    assert rm.method_spec("srste:pruned", args) == ("srste", {"dense_start": False})
+    with pytest.raises(SystemExit, match="three stage shares"):
+        rm.method_spec("three_stage@0.5,0.5", args)
+    with pytest.raises(SystemExit, match="unknown method"):
+        rm.method_spec("fixd", args)
+
+
+def test_step_times_skip_warmup():
+    clock = rm.TrainClock("cpu")
+    times = iter([0.0, 5.0, 6.0, 7.0, 8.5, 10.0])  # two slow warm-up steps, then 1.0, 1.5, 1.5
+    clock._now = lambda: next(times)
+    timed = rm.StepTimes(lambda model, batch: torch.tensor(0.0), clock)
+    for _ in range(6):
+        timed(None, None)
+    assert timed.step_seconds() == pytest.approx((1.0 + 1.5 + 1.5) / 3)
+
+
+def test_nn_agreement():
+    a = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    assert rm.nn_agreement(a, a) == 1.0
+    b = a.clone()
+    b[[0, 1]] = b[[1, 0]]
+    assert rm.nn_agreement(a, b) < 1.0
+
+
+def test_results_render(tmp_path):
+    pytest.importorskip("matplotlib")
+    curve = [{"step": 10, "cosine": 0.7, "nn_agreement": 0.6, "train_s": 1.0},
+             {"step": 20, "cosine": 0.8, "nn_agreement": 0.7, "train_s": 2.0}]  # fmt: skip
+    run = {"method": "three_stage@0.1,0.1,0.8", "recover_method": "three_stage", "lr": 2e-3, "steps": 20,
+           "stage_fractions": [0.1, 0.1, 0.8], "probe_ms_per_step": 100.0, "train_seconds": 2.1, "cosine": 0.81,
+           "nn_agreement": 0.7, "merged_weights_vnm": True, "curve": curve, "final_loss": 0.01}  # fmt: skip
+    result = {"command": "python x", "machine": {"cpu": "x86_64", "threads": 2, "torch": "2.13", "device": "cpu"},
+              "model": "all-MiniLM-L6-v2", "train_text": "wide", "train_texts": 3000, "train_batches": 188,
+              "eval_texts": 512, "batch_size": 16, "max_length": 128, "distill": "all", "seconds_per_method": 2,
+              "experiments": [{"pattern": "64:2:5", "prune": "ria", "one_shot": {"cosine": 0.55, "nn_agreement": 0.5},
+                               "runs": [run]}]}  # fmt: skip
+    stem = tmp_path / "r"
+    stem.with_suffix(".json").write_text(json.dumps(result))
+    rm.write(result, stem)
+    md = stem.with_suffix(".md").read_text()
+    assert "| 64:2:5 | ria | three_stage@0.1,0.1,0.8 [0.1, 0.1, 0.8] | 20 | 0.002 | 0.8100 |" in md
+    assert "20/2s: 0.800" in md
+    assert stem.with_suffix(".png").stat().st_size > 10_000
