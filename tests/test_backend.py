@@ -45,7 +45,9 @@ def count_vnm(gm):
 
 
 def compile_fast(model, **options):
-    return torch.compile(model, backend="vnm", options={"inductor": False, **options}, fullgraph=True)
+    return torch.compile(
+        model, backend="vnm", options={"inductor": False, "force_sparse": True, **options}, fullgraph=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,9 +70,10 @@ def compile_fast(model, **options):
 def test_bad_options_give_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
         vnm_backend(torch.fx.symbolic_trace(Block()), [torch.randn(2, 64)], options=options)
-    # through torch.compile the same message surfaces (wrapped by Dynamo)
-    with pytest.raises(Exception, match=match):
+    # through torch.compile the same message surfaces (wrapped by Dynamo), saying whose error it is
+    with pytest.raises(Exception, match=match) as info:
         torch.compile(Block(), backend="vnm", options=options)(torch.randn(2, 64))
+    assert "vnm_compile: a bad option of torch.compile(backend='vnm'), not a PyTorch bug" in str(info.value)
 
 
 def test_registered_on_import_and_through_the_entry_point(monkeypatch):
@@ -180,7 +183,10 @@ def test_one_graph_serves_other_modules_and_updated_weights(inductor):
     torch.manual_seed(5)
     blocks = [Block().eval() for _ in range(3)]
     for b in blocks:
-        b.compile(backend="vnm", options={"pattern": "64:2:8", "min_numel": 0, "ignore": [], "inductor": inductor})
+        b.compile(
+            backend="vnm",
+            options={"pattern": "64:2:8", "min_numel": 0, "ignore": [], "inductor": inductor, "force_sparse": True},
+        )
     refs = [eager_abs(b, "64:2:8", ignore=(), min_numel=0) for b in blocks]
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
@@ -217,7 +223,9 @@ def test_inductor_end_to_end_on_a_tiny_model():
     torch.manual_seed(4)
     model = Block(d=32, f=80).eval()
     ref = eager_abs(model, "16:2:8", ignore=(), min_numel=0)
-    compiled = torch.compile(model, backend="vnm", options={"pattern": "16:2:8", "min_numel": 0, "ignore": []})
+    compiled = torch.compile(
+        model, backend="vnm", options={"pattern": "16:2:8", "min_numel": 0, "ignore": [], "force_sparse": True}
+    )
     with torch.no_grad():
         for seq in (5, 12):
             x = torch.randn(2, seq, 32)
@@ -253,7 +261,7 @@ def test_a_restarted_compile_leaves_one_report():
     torch._dynamo.reset()
     counters.clear()
     clear_reports()
-    options = {"pattern": "64:2:8", "ignore": [], "min_numel": 0}
+    options = {"pattern": "64:2:8", "ignore": [], "min_numel": 0, "force_sparse": True}
     compiled = torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for length in (7, 33):
@@ -268,3 +276,96 @@ def test_a_restarted_compile_leaves_one_report():
             )
     assert counters["stats"]["unique_graphs"] == 1
     assert len(reports()) == 1 and len(reports()[0].lowered) == 6
+
+
+# --- issue 31: reliability -------------------------------------------------------------------------------
+
+
+def test_weights_that_left_their_mask_are_refused_at_compile_time_naming_the_layers():
+    torch.manual_seed(7)
+    model = Block()
+    sparsify_(model, VNMConfig("2:4", score="abs", permute=False, ignore=("out",), min_numel=0), progress=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 64)).square().sum().backward()
+    opt.step()  # a plain step: dense gradients put nonzeros outside the masks
+    with pytest.raises(Exception, match=r"2 sparsified layer\(s\) have nonzero weights outside .*'fc1'.*'fc2'"):
+        compile_fast(model)(torch.randn(2, 64))
+    from vnm_compile.recovery import apply_masks_
+
+    apply_masks_(model)  # the fix the message names
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(compile_fast(model)(torch.randn(2, 64) * 0 + 1), model(torch.ones(2, 64)))
+
+
+def test_a_weight_edited_in_place_after_compiling_is_refused_at_the_next_call():
+    torch.manual_seed(8)
+    model = Block().eval()
+    sparsify_(model, VNMConfig("2:4", score="abs", permute=False, ignore=("out",), min_numel=0), progress=False)
+    compiled = compile_fast(model)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        compiled(x)
+        model.fc2.weight.add_(0.01)  # every pruned position becomes nonzero
+        with pytest.raises(ValueError, match=r"outside their recorded V:N:M mask: 'fc2'.*apply_masks_"):
+            compiled(x)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(128, 64)
+        self.body = nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 128, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.body(self.wte(ids)))
+
+
+@pytest.mark.parametrize("ignore, reason", [(None, "ignored by name"), ([], "weight tied to the embedding 'wte'")])
+def test_a_tied_lm_head_keeps_its_weight_with_the_pattern_option(ignore, reason):
+    torch.manual_seed(9)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 128, (2, 7))
+    options = {"pattern": "16:2:8", "min_numel": 0} | ({} if ignore is None else {"ignore": ignore})
+    with torch.no_grad():
+        got = compile_fast(model, **options)(ids)
+    report = last_report()
+    assert report["lm_head"].reason.startswith(reason) and not report["lm_head"].lowered
+    assert report["body"].lowered
+    body = model.body.weight * vnm_compile.vnm_mask(model.body.weight.abs(), "16:2:8")
+    with torch.no_grad():
+        want = model.lm_head(nn.functional.linear(model.wte(ids), body, model.body.bias))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_layers_are_reported_then_lowered_once_sparsified():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=32, vocab_size=101, use_cache=False)
+    torch.manual_seed(10)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        torch.compile(model, backend="vnm", options={"pattern": "16:2:8", "inductor": False, "min_numel": 0})(ids)
+    report = last_report()
+    convs = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"]
+    for name in convs:
+        assert report[name].reason.startswith("transformers Conv1D") and report[name].shape[1] == 64
+    assert report["lm_head"].reason == "ignored by name"
+    sparsify_(model, VNMConfig("16:2:8", score="abs", min_numel=0), progress=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = compile_fast(model)(ids).logits
+        want = model(ids).logits
+    assert {r.name for r in last_report().lowered} >= set(convs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 0), (0, 8)])
+def test_zero_size_layers_stay_dense_with_the_reason(shape):
+    model = nn.Sequential(nn.Linear(*shape))
+    x = torch.randn(2, shape[0])
+    got = compile_fast(model, pattern="16:2:5", min_numel=0, strict=True)(x)
+    assert got.shape == (2, shape[1])
+    assert last_report()["0"].reason == f"zero-size weight {(shape[1], shape[0])}"

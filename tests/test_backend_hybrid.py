@@ -65,7 +65,11 @@ def sparsified(pattern="16:2:5"):
 def test_one_graph_runs_sparse_up_to_the_limit_and_dense_above(sparse_calls):
     model = sparsified()
     compiled = torch.compile(
-        model, backend="vnm", options={"inductor": False, "permutations": "fold"}, fullgraph=True, dynamic=True
+        model,
+        backend="vnm",
+        options={"inductor": False, "force_sparse": True, "permutations": "fold"},
+        fullgraph=True,
+        dynamic=True,
     )
     # (batch, seq): 6 and 8 tokens <= LIMIT, 9, 14 and 33 above
     with torch.no_grad():
@@ -88,7 +92,9 @@ def test_one_graph_runs_sparse_up_to_the_limit_and_dense_above(sparse_calls):
 
 def test_dense_branch_reads_the_models_weight_and_follows_updates(sparse_calls):
     model = sparsified("16:2:8")
-    compiled = torch.compile(model, backend="vnm", options={"inductor": False, "permutations": "fold"}, fullgraph=True)
+    compiled = torch.compile(
+        model, backend="vnm", options={"inductor": False, "force_sparse": True, "permutations": "fold"}, fullgraph=True
+    )
     with torch.no_grad():
         for seq in (3, 13):
             x = torch.randn(2, seq, 40)
@@ -109,7 +115,14 @@ def test_compile_time_pruning_keeps_a_masked_copy_for_the_dense_branch():
     before = copy.deepcopy(model.state_dict())
     ref = copy.deepcopy(model)
     sparsify_(ref, VNMConfig("16:2:5", score="abs", permute=False, ignore=(), min_numel=0), progress=False)
-    options = {"pattern": "16:2:5", "min_numel": 0, "ignore": [], "inductor": False, "permutations": "fold"}
+    options = {
+        "pattern": "16:2:5",
+        "min_numel": 0,
+        "ignore": [],
+        "inductor": False,
+        "force_sparse": True,
+        "permutations": "fold",
+    }
     compiled = torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for batch, seq in [(2, 3), (3, 5)]:  # 6 tokens sparse, 15 dense
@@ -124,7 +137,11 @@ def test_gradients_for_x_and_bias_on_both_branches(tokens):
     model = sparsified()
     model.train()
     compiled = torch.compile(
-        model, backend="vnm", options={"inductor": False, "permutations": "fold"}, fullgraph=True, dynamic=True
+        model,
+        backend="vnm",
+        options={"inductor": False, "force_sparse": True, "permutations": "fold"},
+        fullgraph=True,
+        dynamic=True,
     )
     ref = copy.deepcopy(model)
     x = torch.randn(*tokens, 40, requires_grad=True)
@@ -140,7 +157,7 @@ def test_gradients_for_x_and_bias_on_both_branches(tokens):
 
 def test_dense_fallback_off_decides_once_per_graph(sparse_calls):
     model = sparsified()
-    options = {"inductor": False, "dense_fallback": False, "permutations": "fold"}
+    options = {"inductor": False, "dense_fallback": False, "force_sparse": True, "permutations": "fold"}
     compiled = torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for batch, seq in [(2, 3), (3, 11)]:
@@ -153,7 +170,7 @@ def test_dense_fallback_off_decides_once_per_graph(sparse_calls):
 
 def test_inductor_keeps_the_switch_at_run_time(sparse_calls):
     model = sparsified("16:2:8")
-    compiled = torch.compile(model, backend="vnm", options={"permutations": "fold"})
+    compiled = torch.compile(model, backend="vnm", options={"force_sparse": True, "permutations": "fold"})
     with torch.no_grad():
         for seq in (3, 9):  # 6 tokens sparse, 18 dense
             x = torch.randn(2, seq, 40)

@@ -33,7 +33,7 @@ class Recorder:
     """A vnm backend that keeps every lowered GraphModule and its report, to count what is in the graph."""
 
     def __init__(self, **options):
-        self.options = {"inductor": False, **options}
+        self.options = {"inductor": False, "force_sparse": True, **options}
         self.graphs = []
         self.reports = []
         self.index_ops = []  # (before, after) the passes: channel-reordering ops of the model itself

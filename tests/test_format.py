@@ -160,3 +160,29 @@ def test_cat_rows_rejects_mismatched_weights():
         cat_rows([])
     with pytest.raises(TypeError, match="non-empty list"):
         cat_rows([a, a.values])
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.float32, torch.int32), (torch.float16, torch.int16)])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_to_dense_is_bit_exact_with_nan_inf_and_signed_zeros(dtype, bits, permuted):
+    torch.manual_seed(11)
+    rows, cols, p = 37, 29, VNMPattern(16, 2, 5)
+    w = torch.randn(rows, cols).to(dtype)
+    mask = vnm_mask(torch.rand(rows, cols), p)
+    mask[::3] &= torch.rand(cols) < 0.3  # rows keeping fewer than n values: filler slots in use
+    pruned, kept = (~mask).nonzero(), mask.nonzero()
+    w[tuple(pruned[::4].t())] = float("nan")  # NaN / inf where the mask drops them
+    w[tuple(pruned[1::4].t())] = float("inf")
+    w[tuple(pruned[2::4].t())] = -0.0
+    w[tuple(kept[::5].t())] = -0.0  # kept -0.0, inf and NaN must survive bit for bit
+    w[tuple(kept[1::7].t())] = float("-inf")
+    w[tuple(kept[2::11].t())] = float("nan")
+    in_perm = torch.randperm(cols) if permuted else None
+    out_perm = torch.randperm(rows) if permuted else None
+    pm = mask if not permuted else torch.empty_like(mask)
+    if permuted:  # a mask that obeys the pattern after the permutations
+        pm[out_perm.unsqueeze(1), in_perm.unsqueeze(0)] = mask
+    cw = VNMWeight.from_dense(w, pm, p, in_perm=in_perm, out_perm=out_perm)
+    want = torch.where(pm, w, torch.zeros((), dtype=dtype))
+    got = cw.to_dense()
+    assert torch.equal(got.view(bits), want.view(bits))

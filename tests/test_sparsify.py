@@ -92,6 +92,161 @@ def test_glob_ignore():
     assert report["up"].skipped == "ignored by name" and report["classifier"].skipped is None
 
 
+# --- issue 31: reliability -------------------------------------------------------------------------------
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=101)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval(), transformers
+
+
+def test_gpt2_conv1d_layers_are_calibrated_pruned_and_keep_their_checkpoint_layout():
+    model, transformers = _tiny_gpt2()
+    ids = torch.randint(0, 101, (2, 12))
+    dense = copy.deepcopy(model)
+    stats = calibrate(model, [{"input_ids": ids}], progress=False)
+    assert "transformer.h.0.attn.c_attn" in stats.names() and "transformer.h.1.mlp.c_proj" in stats.names()
+    report = sparsify_(model, VNMConfig("16:2:8", min_numel=0), stats, progress=False)
+    names = {r.name for r in report.sparsified}
+    conv_names = {n for n, m in dense.named_modules() if type(m).__name__ == "Conv1D"}
+    assert len(conv_names) == 8 and names == conv_names
+    assert report["lm_head"].skipped.startswith("ignored by name")
+    for name in conv_names:
+        lin = model.get_submodule(name)
+        assert isinstance(lin, nn.Linear) and report[name].note == "Conv1D converted to nn.Linear"
+        conv = dense.get_submodule(name)
+        state = get_sparsity(lin)
+        assert state.mask.shape == (conv.nf, conv.nx) and is_vnm(state.mask, "16:2:8", state.in_perm, state.out_perm)
+        assert torch.equal(lin.weight, conv.weight.t() * state.mask)  # the same weights, transposed and masked
+    # the pruned model computes with the masked Conv1D weights
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name in conv_names:
+            ref.get_submodule(name).weight.mul_(get_sparsity(model.get_submodule(name)).mask.t())
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    # its state_dict keeps transformers' Conv1D layout: a fresh GPT-2 loads it and matches
+    sd = model.state_dict()
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == dense.transformer.h[0].attn.c_attn.weight.shape
+    fresh = transformers.GPT2LMHeadModel(model.config).eval()
+    unexpected = fresh.load_state_dict(sd, strict=False).unexpected_keys
+    assert unexpected and all(".vnm_" in k for k in unexpected)  # only the sparsity buffers are extra
+    torch.testing.assert_close(fresh(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    model.load_state_dict(sd)  # and the converted model reads it back
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_lm_head_is_never_pruned_and_ignored_under_any_of_its_names():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(128, 64)
+            self.body = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 128, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.wte(ids)))
+
+    model = TiedLM()
+    before = model.wte.weight.detach().clone()
+    report = sparsify_(model, VNMConfig("16:2:8", score="abs", ignore=[], min_numel=0), progress=False)
+    assert "tied to 'wte'" in report["head"].skipped and report["body"].skipped is None
+    assert torch.equal(model.wte.weight, before) and get_sparsity(model.head) is None
+    report = sparsify_(TiedLM(), VNMConfig("16:2:8", score="abs", ignore=["wte"], min_numel=0), progress=False)
+    assert report["head"].skipped.startswith("ignored by name")
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all(), k
+    assert not any(get_sparsity(m) is not None for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize("score", ["abs", "ria"])
+def test_sparsify_is_atomic_and_names_the_layer_with_nan_weights(score):
+    torch.manual_seed(2)
+    model = Tiny()
+    stats = calibrate(model, [torch.randn(4, 96)], progress=False)
+    with torch.no_grad():
+        model.down.weight[3, 5] = float("nan")
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"layer 'down' 96x130: .*1 NaN"):
+        sparsify_(model, VNMConfig("16:2:5", score=score, min_numel=1024), stats, progress=False)
+    _assert_untouched(model, before)  # 'up' (before 'down') is not half pruned
+
+
+def test_stats_of_another_model_are_refused():
+    torch.manual_seed(3)
+    other = nn.Sequential(nn.Linear(96, 96), nn.Linear(96, 96))
+    stats = calibrate(other, [torch.randn(4, 96)], progress=False)
+    model = Tiny()
+    before = _weights(model)
+    with pytest.raises(ValueError, match="match none of the model's 2 eligible linears"):
+        sparsify_(model, VNMConfig("16:2:5", min_numel=1024), stats, progress=False)
+    _assert_untouched(model, before)
+
+
+def test_zero_size_and_meta_layers_and_none_batches_give_clear_errors():
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8), nn.Linear(8, 64))
+    stats = calibrate(model, [torch.randn(3, 8)], progress=False)  # a layer with 0 inputs does not crash
+    report = sparsify_(model, VNMConfig("16:2:5", min_numel=0), stats, progress=False)
+    assert report["0"].skipped == "zero-size weight (0, 8)" and report["1"].skipped == "zero-size weight (8, 0)"
+    assert report["2"].skipped is None
+    with pytest.raises(ValueError, match="calibration batch 1 is None"):
+        calibrate(model, [torch.randn(3, 8), None], progress=False)
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="layer '0' is on the meta device"):
+        sparsify_(meta, VNMConfig("16:2:5", score="abs", min_numel=0), progress=False)
+    with pytest.raises(ValueError, match="meta device"):
+        vnm_mask(torch.empty(64, 64, device="meta"), "16:2:5")
+
+
+def test_huge_activations_do_not_overflow_act_norm():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 64))
+    x = torch.randn(16, 64)
+    big = calibrate(model, [x * 1e30], progress=False)  # squares overflow float32
+    small = calibrate(model, [x], progress=False)
+    assert torch.isfinite(big.act_norm("0")).all()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    for score in ("wanda", "ria"):
+        cfg = VNMConfig("16:2:8", score=score, permute=False, min_numel=0, overwrite=True)
+        sparsify_(a, cfg, big, progress=False)
+        sparsify_(b, cfg, small, progress=False)
+        assert torch.equal(get_sparsity(a[0]).mask, get_sparsity(b[0]).mask)
+    with pytest.raises(ValueError, match=r"layer '0'.*NaN or Inf"):
+        calibrate(model, [torch.full((2, 64), float("inf"))], progress=False)
+
+
+def test_resparsify_with_another_pattern_raises_or_overwrites_and_the_summary_is_true():
+    torch.manual_seed(5)
+    model = Tiny()
+    cfg = VNMConfig("16:2:5", score="abs", permute=False, min_numel=1024)
+    sparsify_(model, cfg, progress=False)
+    again = sparsify_(model, cfg, progress=False)
+    assert "0 linears sparsified" in again.summary() and "2 already sparsified (kept)" in again.summary()
+    assert "3 left dense" in again.summary()  # small, classifier, frozen
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"already sparsified with another pattern: up \(16:2:5\), down \(16:2:5\)"):
+        sparsify_(model, VNMConfig("16:2:8", score="abs", permute=False, min_numel=1024), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    masked_up = model.up.weight.detach().clone()
+    report = sparsify_(
+        model, VNMConfig("16:2:8", score="abs", permute=False, min_numel=1024, overwrite=True), progress=False
+    )
+    assert {r.name for r in report.sparsified} == {"up", "down"}
+    state = get_sparsity(model.up)
+    assert state.pattern == VNMPattern(16, 2, 8) and torch.equal(state.mask, vnm_mask(masked_up.abs(), "16:2:8"))
+    assert torch.equal(model.up.weight, masked_up * state.mask)
+
+
 class MLP(nn.Module):
     def __init__(self, d: int, f: int):
         super().__init__()

@@ -61,7 +61,7 @@ def test_deepcopy_keeps_the_state_visible_from_the_weights(monkeypatch):
         assert copied.mask.data_ptr() != state.mask.data_ptr()
     torch._dynamo.reset()
     x = torch.randn(3, 64)
-    compiled = torch.compile(clone, backend="vnm", options={"inductor": False})
+    compiled = torch.compile(clone, backend="vnm", options={"inductor": False, "force_sparse": True})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert len(last_report().lowered) == 2
@@ -112,7 +112,7 @@ def test_state_dict_round_trip_keeps_the_state_visible_to_the_compiler(assign, m
         assert torch.equal(state.mask, get_sparsity(model[i]).mask)
     torch._dynamo.reset()
     x = torch.randn(3, 64)
-    compiled = torch.compile(other, backend="vnm", options={"inductor": False})
+    compiled = torch.compile(other, backend="vnm", options={"inductor": False, "force_sparse": True})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert len(last_report().lowered) == 2
@@ -141,5 +141,7 @@ def test_a_loaded_pickle_compiles_sparse_without_touching_the_modules(tmp_path, 
     torch._dynamo.reset()
     x = torch.randn(3, 64)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(loaded, backend="vnm", options={"inductor": False})(x), model(x))
+        torch.testing.assert_close(
+            torch.compile(loaded, backend="vnm", options={"inductor": False, "force_sparse": True})(x), model(x)
+        )
     assert len(last_report().lowered) == 2

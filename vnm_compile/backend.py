@@ -51,11 +51,16 @@ def vnm_backend(
         The compiled callable.
     """
     mode = kwargs.pop("mode", None)
-    opts = CompileOptions.from_dict({**(options or {}), **kwargs})
+    try:
+        opts = CompileOptions.from_dict({**(options or {}), **kwargs})
+    except (ValueError, TypeError) as e:  # Dynamo wraps this; say whose error it is
+        raise type(e)(f"{e} (vnm_compile: a bad option of torch.compile(backend='vnm'), not a PyTorch bug)") from None
     inputs = list(example_inputs)
     pristine = _Snapshot(gm)
     fn, ctx = _lower_and_compile(gm, inputs, opts, mode)
-    watched = sorted({s.input_index for s in ctx.to_lower() if s.compressed is not None and s.input_index is not None})
+    # the lowered weights, and those kept dense on a masked copy, depend on the weights' values
+    lowered = [s for s in ctx.to_lower() if s.compressed is not None] + [s for s in ctx.sites if s.masked_copy]
+    watched = sorted({s.input_index for s in lowered if s.input_index is not None})
     if not watched:
         return fn
     return _WeightGuard(fn, watched, inputs, pristine, opts, mode)

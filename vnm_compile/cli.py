@@ -48,9 +48,18 @@ def _add_demo(sub) -> None:
 
 
 def _select(args: argparse.Namespace) -> int:
+    import json
+
     from .calibration.selection import load_speedups, sift_patterns
 
-    result = sift_patterns(load_speedups(args.speedups), args.threshold)
+    try:
+        result = sift_patterns(load_speedups(args.speedups), args.threshold)
+    except FileNotFoundError:
+        print(f"vnm select: {args.speedups}: no such file (vnm bench writes speedups.json)", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        print(f"vnm select: {args.speedups}: {e}", file=sys.stderr)
+        return 2
     print(
         f"vnm select: {len(result.candidates)} measured patterns from {args.speedups}, threshold {args.threshold:g}x\n"
     )

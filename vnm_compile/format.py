@@ -88,9 +88,12 @@ def decompress(
     dst_rows = torch.where((dst_rows >= 0) & (dst_rows < rows), dst_rows, torch.full((), rows_p, device=values.device))
     flat = dst_rows.view(-1, 1, 1) * cols + abs_cols
     vals = values.view(rows_p, groups, n)
-    # Every (row, column) is written at most once with a real value; unused
-    # slots carry 0 and may repeat a column, so accumulate.
-    dense.view(-1).index_add_(0, flat.reshape(-1), vals.reshape(-1))
+    # Every (row, column) is written at most once with a kept value. Unused slots hold +0.0 and may
+    # repeat a kept column: they (and kept +0.0s, which change nothing) go to the scratch row rows_p,
+    # so the kept values land bit-exact (-0.0, inf and NaN included) with no sum in between.
+    unused = (vals == 0) & ~torch.signbit(vals)
+    flat = torch.where(unused, torch.full((), rows_p * cols, device=values.device), flat)
+    dense.view(-1).scatter_(0, flat.reshape(-1), vals.reshape(-1))
     return dense[:rows]
 
 
@@ -141,8 +144,9 @@ class VNMWeight:
         if not is_vnm(mask, p, in_perm, out_perm):
             raise ValueError(f"mask does not obey the {p} pattern (after the given permutations)")
 
-        # 1. Move to the coordinates in which the pattern holds and pad.
-        w = weight.detach() * mask
+        # 1. Move to the coordinates in which the pattern holds and pad. (where, not weight * mask:
+        #    a pruned NaN or inf is dropped, not turned into a NaN; kept values are copied bit-exact.)
+        w = torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
         m = mask
         if out_perm is not None:
             w, m = w[out_perm], m[out_perm]
@@ -169,7 +173,8 @@ class VNMWeight:
         cand_w = torch.gather(wb, 3, expand)
         slot_key = cand_m.to(torch.int64) * 8 - torch.arange(KEPT_COLUMNS, device=weight.device)
         pos = torch.sort(torch.topk(slot_key, p.n, dim=-1).indices, dim=-1).values  # (B, G, V, n)
-        vals = torch.gather(cand_w * cand_m, 3, pos)
+        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        vals = torch.gather(torch.where(cand_m, cand_w, zero), 3, pos)  # filler slots: +0.0
 
         # 4. Absolute original column indices (padding columns point at column 0, value 0).
         abs_cols = kept_cols + (torch.arange(groups, device=weight.device) * p.m).view(1, -1, 1)
@@ -188,7 +193,8 @@ class VNMWeight:
 
     # ------------------------------------------------------------------- use
     def to_dense(self) -> Tensor:
-        """Exactly ``weight * mask`` in the original shape and order."""
+        """Exactly ``weight * mask`` in the original shape and order: every kept value bit for bit
+        (-0.0, inf, NaN), +0.0 at every pruned position (also where the weight held NaN or inf there)."""
         return decompress(self.values, self.columns, self.meta, self.row_index, self.pattern, self.shape)
 
     @property

@@ -73,6 +73,8 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     """
     p = as_pattern(pattern)
     _check_2d(scores, "scores")
+    if scores.is_meta:
+        raise ValueError("scores are on the meta device (no data): materialise the weights before choosing masks")
     s = (scores if scores.is_floating_point() else scores.float()).contiguous()
     rows, cols = s.shape
     v, m = block_rows(p), p.m

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,15 +15,17 @@ from torch import nn
 from .calibration.importance import SCORES, importance
 from .calibration.observer import CalibrationStats
 from .calibration.reconstruct import METHODS as RECONSTRUCT_METHODS
+from .linears import is_conv1d, is_linear_like, linear_like_modules, to_linear
 from .masks import vnm_mask
 from .pattern import VNMPattern, as_pattern
-from .state import LinearSparsity, get_sparsity, set_sparsity, unique_linears
+from .state import LinearSparsity, clear_sparsity, get_sparsity, set_sparsity
 
 __all__ = ["VNMConfig", "LayerReport", "SparsifyReport", "sparsify_", "eligible_linears", "matches_ignore"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IGNORE = ("lm_head", "classifier")
+ALREADY = "already sparsified"
 CONFIG_SCORES = (*SCORES, "obs")  # "obs": second-order saliency, from calibration data (sparsify_'s data)
 
 
@@ -38,6 +41,8 @@ class VNMConfig:
         permute_rounds: alternating assignment rounds of the permutation search.
         ignore: module names (exact, dotted suffix or glob) left dense.
         min_numel: linears with fewer weights than this are left dense.
+        overwrite: re-prune linears that are already sparsified (from their current, masked weights);
+            False: such a layer recorded with another pattern is an error, one with this pattern is kept.
         reconstruct: re-solve the kept weights of each row from the layer input's second
             moments H = XᵀX (with any score); needs ``data`` in sparsify_.
         sequential: with second moments, calibrate each layer on what the already-pruned
@@ -53,6 +58,7 @@ class VNMConfig:
     permute_rounds: int = 2
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
     min_numel: int = 4096
+    overwrite: bool = False
     reconstruct: bool = False
     sequential: bool = True
     damp: float = 0.01
@@ -104,6 +110,7 @@ class LayerReport:
     permuted: bool = False
     skipped: str | None = None
     shares_input_perm: tuple[str, ...] = ()  # other layers reading the same tensor (one shared in_perm)
+    note: str = ""  # e.g. "Conv1D converted to nn.Linear"
     dense_bytes: int = 0  # the weight as it is (dense), in the model's dtype
     mask_bytes: int = 0  # what the masked form holds beyond it: the bool mask and the permutations
     compressed_bytes: int = 0  # what compress_ holds instead of both (weight, permutations)
@@ -127,6 +134,11 @@ class SparsifyReport:
     def skipped(self) -> list[LayerReport]:
         return [r for r in self.layers if r.skipped is not None]
 
+    @property
+    def dense(self) -> list[LayerReport]:
+        """Skipped layers that stay dense (not those skipped because they are sparsified already)."""
+        return [r for r in self.skipped if r.skipped != ALREADY]
+
     def __getitem__(self, name: str) -> LayerReport:
         for r in self.layers:
             if r.name == name:
@@ -140,9 +152,11 @@ class SparsifyReport:
     def summary(self) -> str:
         n_params = sum(r.shape[0] * r.shape[1] for r in self.sparsified)
         kept = sum(r.shape[0] * r.shape[1] * r.density for r in self.sparsified)
+        already = len(self.skipped) - len(self.dense)
+        already_note = f", {already} already sparsified (kept)" if already else ""
         return (
             f"{len(self.sparsified)} linears sparsified at {self.config.pattern} "
-            f"({n_params - kept:,.0f} of {n_params:,} weights zeroed), {len(self.skipped)} left dense; "
+            f"({n_params - kept:,.0f} of {n_params:,} weights zeroed){already_note}, {len(self.dense)} left dense; "
             f"mean importance kept {self.mean_importance_kept():.3f}"
         )
 
@@ -171,7 +185,7 @@ class SparsifyReport:
                 lines.append(f"{r.name:<48} {shape:>12} {'dense':>9} {1.0:>8.3f} {'':>6}  {r.skipped}")
             else:
                 kept = "" if r.importance_kept is None else f"{r.importance_kept:.3f}"
-                note = "permuted" if r.permuted else ""
+                note = ", ".join(x for x in (r.note, "permuted" if r.permuted else "") if x)
                 if r.shares_input_perm:
                     note += f" (input perm shared by {len(r.shares_input_perm) + 1})"
                 if r.error is not None:
@@ -188,22 +202,118 @@ def matches_ignore(name: str, ignore: tuple[str, ...]) -> bool:
     return any(name == pat or name.endswith("." + pat) or fnmatch.fnmatchcase(name, pat) for pat in ignore)
 
 
-def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.Linear], dict[str, str]]:
-    """Split the model's nn.Linear layers into eligible ones and skipped ones (with reasons)."""
-    eligible: dict[str, nn.Linear] = {}
+def _weight_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every (name, module) holding each ``weight`` Parameter directly: tied weights have several."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight")
+        if isinstance(w, torch.Tensor):
+            holders.setdefault(id(w), []).append((name, module))
+    return holders
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a transformers Conv1D (weight (in, out))."""
+    w = module.weight
+    return (int(w.shape[1]), int(w.shape[0])) if is_conv1d(module) else (int(w.shape[0]), int(w.shape[1]))
+
+
+def _skip_reason(name: str, module: nn.Module, holders: list[tuple[str, nn.Module]], config: VNMConfig) -> str | None:
+    """Why a linear stays dense (None: eligible, or already sparsified; see eligible_linears)."""
+    if matches_ignore(name, config.ignore):
+        return "ignored by name"
+    ignored = [n for n, _ in holders if matches_ignore(n, config.ignore)]
+    if ignored:  # a tied weight is ignored when any of its names is
+        return f"ignored by name (its weight is tied to {ignored[0]!r})"
+    tied = [(n, m) for n, m in holders if not is_linear_like(m)]
+    if tied:
+        return f"weight tied to {tied[0][0]!r} ({type(tied[0][1]).__name__}), which is never pruned"
+    w = module.weight
+    if not w.is_floating_point():
+        return f"non-float weight ({w.dtype})"
+    if w.numel() == 0:
+        return f"zero-size weight {tuple(w.shape)}"
+    if w.numel() < config.min_numel:
+        return f"too small ({w.numel()} < min_numel={config.min_numel})"
+    if w.is_meta:
+        raise ValueError(
+            f"sparsify_: layer {name!r} is on the meta device (no weights): materialise and load the model's "
+            "weights (e.g. model.to_empty(device=...) then load_state_dict) first"
+        )
+    return None
+
+
+def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Split the model's nn.Linear and transformers Conv1D layers into eligible ones and skipped ones (with reasons).
+
+    A layer already sparsified is skipped with the same pattern, eligible with ``config.overwrite``,
+    and an error (naming every such layer) with another pattern.
+    """
+    eligible: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
-    for name, module in unique_linears(model):  # a shared module is sparsified once, under its first name
-        if matches_ignore(name, config.ignore):
-            skipped[name] = "ignored by name"
-        elif not module.weight.is_floating_point():
-            skipped[name] = f"non-float weight ({module.weight.dtype})"
-        elif module.weight.numel() < config.min_numel:
-            skipped[name] = f"too small ({module.weight.numel()} < min_numel={config.min_numel})"
-        elif get_sparsity(module) is not None:
-            skipped[name] = "already sparsified"
-        else:
-            eligible[name] = module
+    holders = _weight_holders(model)
+    first_of: dict[int, str] = {}
+    conflicts = []
+    for name, module in linear_like_modules(model):  # a shared module is sparsified once, under its first name
+        w = module.weight
+        same = holders.get(id(w), [(name, module)])
+        reason = _skip_reason(name, module, same, config)
+        if reason is None and id(w) in first_of:
+            reason = f"shares its weight with {first_of[id(w)]!r} (pruned there)"
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        first_of[id(w)] = name
+        state = get_sparsity(module)
+        if state is not None and not config.overwrite:
+            if state.pattern != config.pattern:
+                conflicts.append(f"{name} ({state.pattern})")
+            skipped[name] = ALREADY
+            continue
+        eligible[name] = module
+    if conflicts:
+        raise ValueError(
+            f"sparsify_ at {config.pattern}: {len(conflicts)} layer(s) are already sparsified with another pattern: "
+            f"{', '.join(conflicts[:6])}{' ...' if len(conflicts) > 6 else ''}. Pass VNMConfig(..., overwrite=True) "
+            "to prune them again from their current (masked) weights, or vnm_compile.state.clear_sparsity(module) "
+            "and reload the dense weights first"
+        )
     return eligible, skipped
+
+
+def _check_stats(stats: CalibrationStats | None, eligible: dict[str, nn.Module], config: VNMConfig) -> None:
+    """Calibration statistics of another model would leave every layer dense: say so."""
+    if stats is None or config.score == "abs" or not eligible:
+        return
+    if not any(name in stats for name in eligible):
+        known = list(getattr(stats, "observers", {}))
+        raise ValueError(
+            f"the calibration statistics match none of the model's {len(eligible)} eligible linears "
+            f"(stats hold {known[:3]}{' ...' if len(known) > 3 else ''}; the model has {list(eligible)[:3]} ...): "
+            "run calibrate() on this model"
+        )
+
+
+@contextlib.contextmanager
+def _layer_errors(name: str, shape: tuple[int, int]) -> Iterator[None]:
+    """Name the layer in an error raised while pruning it (ValueError reworded, anything else annotated)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"sparsify_: layer {name!r} {shape[0]}x{shape[1]}: {e}") from e
+    except Exception as e:
+        e.add_note(f"(raised by sparsify_ while pruning layer {name!r} {shape[0]}x{shape[1]})")
+        raise
+
+
+def _weight_2d(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in), a view: a transformers Conv1D stores it transposed."""
+    w = module.weight
+    w = w.t() if is_conv1d(module) else w
+    if not bool(torch.isfinite(w).all()):
+        nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+        raise ValueError(f"the weight holds {nan} NaN and {inf} Inf values; fix or reload the weights first")
+    return w
 
 
 def _act_norm(stats: CalibrationStats | None, name: str, config: VNMConfig) -> torch.Tensor | None:
@@ -281,7 +391,7 @@ def sparsify_(
     progress: bool = True,
     data: Iterable | None = None,
 ) -> SparsifyReport:
-    """Prune every eligible nn.Linear of ``model`` **in place** to ``config.pattern``.
+    """Prune every eligible nn.Linear (and transformers Conv1D) of ``model`` **in place** to ``config.pattern``.
 
     Each weight is multiplied by its V:N:M mask; the mask and permutations are
     recorded (``vnm_compile.get_sparsity(module)``) so torch.compile's "vnm"
@@ -293,6 +403,12 @@ def sparsify_(
     or ``groups`` (e.g. ``find_input_groups(model, batch)``) when given; with
     neither (score="abs" without stats), input permutations are per layer.
 
+    All masks are chosen before any weight changes: an error (naming the layer) leaves the model
+    as it was. A transformers ``Conv1D`` that is pruned is replaced by an equivalent nn.Linear
+    (``vnm_compile.linears.Conv1DLinear``, its state_dict still in Conv1D's layout): an optimizer
+    made before sparsify_ holds its old Parameter. A tied weight (an LM head tied to the embedding)
+    is never pruned. Editing a weight afterwards (training, load_state_dict) must keep its zeros:
+    ``torch.compile(backend="vnm")`` refuses weights with nonzeros outside their recorded mask.
     With ``config.score == "obs"`` or ``config.reconstruct``, ``data`` (calibration
     batches, as for ``calibrate``) is required: calibration then runs layer by
     layer (calibration/sequential.py), each layer on what the already-pruned
@@ -309,9 +425,9 @@ def sparsify_(
     config = config or VNMConfig()
     eligible, skipped = eligible_linears(model, config)
     if not eligible and not skipped:
-        raise ValueError("the model has no nn.Linear layers to sparsify")
+        raise ValueError("the model has no nn.Linear (or transformers Conv1D) layers to sparsify")
     report = SparsifyReport(config)
-    reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in unique_linears(model)}
+    reports = {name: LayerReport(name, _out_in(m)) for name, m in linear_like_modules(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
     if config.needs_second_moments:
@@ -322,40 +438,70 @@ def sparsify_(
             )
         from .calibration.second_order import sparsify_second_order
 
+        for name, module in list(eligible.items()):  # the layer-by-layer driver takes nn.Linear layers
+            if is_conv1d(module):
+                eligible[name] = _convert_conv1d(model, module)
+                reports[name].note = "Conv1D converted to nn.Linear"
         sparsify_second_order(model, config, data, eligible, reports, progress)
         report.layers = list(reports.values())
         logger.info("%s", report.summary())
         return report
+    _check_stats(stats, eligible, config)
     units = _permutation_units(list(eligible), config, stats, groups)
+    # 1. Choose every mask; the model is not touched, so an error leaves it as it was.
+    plans: list[tuple[str, torch.Tensor, Perms]] = []
     for unit in tqdm(units, desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
         scores = {}
         for name in unit:
-            norm = _act_norm(stats, name, config)
-            if config.score != "abs" and norm is None:
-                reports[name].skipped = "no calibration data (layer never called during calibrate)"
-                continue
-            scores[name] = importance(eligible[name].weight, config.score, norm, config.alpha)
-        perms = _permutations(scores, config)
+            with _layer_errors(name, reports[name].shape):
+                norm = _act_norm(stats, name, config)
+                if config.score != "abs" and norm is None:
+                    reports[name].skipped = "no calibration data (layer never called during calibrate)"
+                    continue
+                scores[name] = importance(_weight_2d(eligible[name]), config.score, norm, config.alpha)
+        with _layer_errors(", ".join(scores), reports[next(iter(scores))].shape if scores else (0, 0)):
+            perms = _permutations(scores, config)
         for name, s in scores.items():
-            _prune_layer(eligible[name], s, perms[name], config, reports[name])
+            with _layer_errors(name, reports[name].shape):
+                mask = _plan_mask(s, perms[name], config, reports[name])
+            plans.append((name, mask, perms[name]))
             if len(scores) > 1 and perms[name][0] is not None:
                 reports[name].shares_input_perm = tuple(n for n in scores if n != name)
+    # 2. Apply them.
+    for name, mask, perms in plans:
+        module = eligible[name]
+        if is_conv1d(module):
+            module = _convert_conv1d(model, module)
+            reports[name].note = "Conv1D converted to nn.Linear"
+        if config.overwrite:
+            clear_sparsity(module)
+        module.weight.mul_(mask.to(module.weight.dtype))
+        set_sparsity(module, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score))
+        _account(reports[name], module.weight, config.pattern, perms[0], perms[1])
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report
 
 
-def _prune_layer(module: nn.Linear, scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerReport) -> None:
-    """Mask ``module.weight`` in place (mask chosen in permuted coordinates, stored in original ones)."""
+def _convert_conv1d(model: nn.Module, conv: nn.Module) -> nn.Linear:
+    """Replace a transformers Conv1D (every reference to it in ``model``) with an equivalent Conv1DLinear."""
+    linear = to_linear(conv)
+    for parent in model.modules():
+        for child_name, child in list(parent._modules.items()):
+            if child is conv:
+                parent._modules[child_name] = linear
+    return linear
+
+
+def _plan_mask(scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerReport) -> torch.Tensor:
+    """The mask in original coordinates (_choose_mask); fills the report's pattern, density, importance kept."""
     in_perm, out_perm = perms
     mask = _choose_mask(scores, perms, config.pattern)
     total = float(scores.sum())
     kept = float((scores * mask).sum()) / total if total > 0 else 1.0
-    module.weight.mul_(mask.to(module.weight.dtype))
-    set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
     r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
     r.permuted = in_perm is not None or out_perm is not None
-    _account(r, module.weight, config.pattern, in_perm, out_perm)
+    return mask
 
 
 def _account(r: LayerReport, weight: torch.Tensor, pattern: VNMPattern, in_perm, out_perm) -> None:

@@ -107,3 +107,21 @@ def test_cli_select(tmp_path, capsys):
         assert key in out
     assert main(["select", "--speedups", str(path), "--threshold", "9"]) == 1
     assert "no pattern reaches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "Expecting property name"),
+        ('{"64-2-5": 1.5}', "not a V:N:M pattern"),
+        ('[["64:2:5", 1.5]]', "expected a JSON object"),
+    ],
+)
+def test_cli_select_bad_input_is_one_line_and_nonzero(tmp_path, capsys, content, message):
+    path = tmp_path / "speedups.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["select", "--speedups", str(path), "--threshold", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vnm select: ") and message in err and "\n" not in err

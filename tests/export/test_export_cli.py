@@ -70,3 +70,40 @@ def test_export_tensorrt_without_tensorrt_fails_fast(tmp_path, monkeypatch, caps
     assert main(["export", "tensorrt", "--out", str(tmp_path / "m.engine")]) == 1
     assert "pip install 'tensorrt>=10.8'" in capsys.readouterr().err
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_export_onnx_without_the_extra_fails_before_calibrating(tmp_path, monkeypatch, capsys):
+    from vnm_compile.export import cli as export_cli
+    from vnm_compile.export import onnx as export_onnx
+
+    def missing():
+        raise ImportError("ONNX export needs onnxscript: pip install 'vnm_compile[export]'")
+
+    def never(args):
+        raise AssertionError("calibrated before checking the export extra")
+
+    monkeypatch.setattr(export_onnx, "_require_onnx", missing)
+    monkeypatch.setattr(export_cli, "_prepare_minilm", never)
+    assert main(["export", "onnx", "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vnm export onnx: ONNX export needs onnxscript") and "\n" not in err
+    monkeypatch.setattr(export_onnx, "_require_onnx", lambda: None)
+    assert main(["export", "onnx", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.onnx")]) == 2
+
+
+def test_export_onnx_of_a_user_model_directory(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+    )
+    model_dir = tmp_path / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(model_dir)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz") + list("0123456789")
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab[:40]) + "\n")
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    out = tmp_path / "user.onnx"
+    args = ["export", "onnx", "--model", str(model_dir), "--pattern", "16:2:5", "--score", "abs", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "VNMLinear nodes" in text
+    assert float(text.split("max |diff|")[1].split()[0]) < 1e-4

@@ -337,8 +337,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         to_onnx(model, x, tmp_path / "m.onnx", opset="18")
     with pytest.raises(TypeError, match="example_inputs"):
         to_onnx(model, "not a tensor", tmp_path / "m.onnx")
-    with pytest.raises(ValueError, match="sizes >= 2"):
-        to_onnx(model, torch.randn(1, 3, 67), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="size 0 on axis 0"):
+        to_onnx(model, torch.randn(0, 3, 67), tmp_path / "m.onnx")
     with pytest.raises(TypeError, match="nn.Module"):
         to_onnx(lambda t: t, x, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -349,3 +349,42 @@ def test_static_shapes_when_not_dynamic(tmp_path):
     path = to_onnx(model, torch.randn(1, 3, 67), tmp_path / "static.onnx", dynamic=False)
     dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 67]
+
+
+# --- issue 31: the defaults work for 2-D inputs, batch-1 examples and causal LMs with a KV cache ------------
+
+
+@pytest.mark.parametrize("example", [(1, 67), (5, 67), (1, 1, 67), (1, 4, 67)])
+def test_default_axes_take_2d_inputs_and_size_1_examples(tmp_path, example):
+    model = _mlp(torch.float32, permute=False)
+    path = to_onnx(model, torch.randn(example), tmp_path / "m.onnx")
+    _assert_compressed(path, model)
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and dims[-1] == 67  # features static, batch dynamic
+    if len(example) == 3:
+        assert dims[1] == "sequence"
+    for shape in [(3,) + example[1:], (1,) + example[1:]] + ([(2, 7, 67)] if len(example) == 3 else []):
+        x = torch.randn(shape)
+        got = _session(path).run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_causal_lm_with_its_default_kv_cache_exports_at_batch_1(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=32, vocab_size=101)
+    assert cfg.use_cache
+    torch.manual_seed(12)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # distinct biases (zeros are shared by the exporter, which would skew the byte count)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    sparsify_(model, VNMConfig("16:2:5", score="abs", min_numel=0), progress=False)  # Conv1D layers too
+    path = to_onnx(model, {"input_ids": torch.randint(0, 101, (1, 6))}, tmp_path / "gpt2.onnx")
+    _assert_compressed(path, model)
+    sess = _session(path)
+    ids = torch.randint(0, 101, (3, 9))
+    got = sess.run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(ids, use_cache=False).logits.numpy(), rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ class Recorder:
     tests are about vnm::linear launches; "index" lowering has its own tests in tests/deploy)."""
 
     def __init__(self, **options):
-        self.options = {"inductor": False, "permutations": "fold", **options}
+        self.options = {"inductor": False, "force_sparse": True, "permutations": "fold", **options}
         self.graphs = []
 
     def __call__(self, gm, example_inputs):

@@ -169,7 +169,37 @@ def test_merged_model_lowers_with_vnm_backend(method):
         expected = model(x)
         torch._dynamo.reset()
         backend.clear_reports()
-        got = torch.compile(model, backend="vnm", options={"inductor": False})(x)
+        got = torch.compile(model, backend="vnm", options={"inductor": False, "force_sparse": True})(x)
     report = backend.last_report()
     assert len(report.lowered) == 3, report.table()
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_KW))
+def test_gpt2_conv1d_layers_recover_from_a_dense_conv1d_teacher(method):
+    transformers = pytest.importorskip("transformers")
+    from vnm_compile.recovery.trainer import _copy_dense_weights
+
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=50, use_cache=False)
+    torch.manual_seed(0)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.load_state_dict(teacher.state_dict())
+    sparsify_(model, VNMConfig("16:2:5", score="abs", min_numel=0), progress=False)
+    assert _copy_dense_weights(model, teacher) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj: transposed
+    torch.testing.assert_close(
+        model.transformer.h[0].attn.c_attn.weight, teacher.transformer.h[0].attn.c_attn.weight.t()
+    )
+    ids = [torch.randint(0, 50, (2, 8)) for _ in range(3)]
+
+    def loss(m, batch):  # a task loss (the distillation losses read hidden states from dict batches)
+        return nn.functional.cross_entropy(m(batch).logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+    recover_(
+        model, ids, teacher=teacher, loss=loss, method=method, steps=4, lr=1e-3, progress=False, **METHOD_KW[method]
+    )
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        module = model.transformer.h[0].get_submodule(name)
+        state = get_sparsity(module)
+        assert is_vnm(state.mask, "16:2:5", state.in_perm, state.out_perm)
+        assert not module.weight.masked_fill(state.mask, 0).any()  # merged: zeros off the mask

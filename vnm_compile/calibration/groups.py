@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..linears import linear_like_modules
+
 __all__ = ["InputGroupRecorder", "find_input_groups"]
 
 logger = logging.getLogger(__name__)
@@ -68,11 +70,8 @@ class InputGroupRecorder:
             self._last_seen = {k: v for k, v in self._last_seen.items() if v[0]() is not None}
 
     def __enter__(self) -> InputGroupRecorder:
-        seen_modules: set[int] = set()
-        for name, module in self.model.named_modules():
-            if not isinstance(module, nn.Linear) or id(module) in seen_modules:
-                continue  # a shared module is recorded under its first name, as sparsify_ does
-            seen_modules.add(id(module))
+        # a shared module is recorded under its first name, as sparsify_ does
+        for name, module in linear_like_modules(self.model):
             if self.filter_fn is not None and not self.filter_fn(name, module):
                 continue
             self._parent.setdefault(name, name)

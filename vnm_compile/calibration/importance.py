@@ -44,9 +44,22 @@ def importance(
         raise ValueError(
             f"act_norm must have shape ({weight.shape[1]},) (one per input channel), got {tuple(act_norm.shape)}"
         )
-    norm = act_norm.detach().float().to(w.device)
+    norm = act_norm.detach()
+    if norm.is_meta or weight.is_meta:
+        raise ValueError("importance: weight or act_norm is on the meta device (no data); load the weights first")
     if not bool(torch.isfinite(norm).all()) or bool((norm < 0).any()):
         raise ValueError("act_norm must be finite and non-negative")
+    scores = _scores(w, norm.float().to(w.device), method, alpha)
+    if not bool(torch.isfinite(scores).all()):
+        # Huge activations (act_norm near or past float32's range): a layer's mask depends only on the
+        # ratios of its scores, and both scores scale with act_norm (** alpha), so rescale it to max 1.
+        top = norm.max()
+        scaled = (norm.double() / top).float() if top > 0 else norm.float()
+        scores = _scores(w, scaled.to(w.device), method, alpha)
+    return scores
+
+
+def _scores(w: Tensor, norm: Tensor, method: str, alpha: float) -> Tensor:
     if method == "wanda":
         return w * norm
     relative = _safe_div(w, w.sum(0, keepdim=True)) + _safe_div(w, w.sum(1, keepdim=True))

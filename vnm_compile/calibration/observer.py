@@ -8,12 +8,16 @@ calibration streams over any number of batches in constant memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from ..linears import in_features_of, linear_like_modules
 
 __all__ = ["ChannelObserver", "CalibrationStats", "calibrate", "observe_linears", "run_batch"]
 
@@ -32,18 +36,23 @@ class ChannelObserver:
         """Add the activations ``x`` (..., in_features) of one forward call."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected activations with {self.in_features} features, got shape {tuple(x.shape)}")
-        flat = x.detach().reshape(-1, self.in_features).float()
+        if x.is_meta:
+            raise ValueError("activations are on the meta device (no data): load the model's weights first")
+        # (an explicit row count: reshape(-1, 0) is ambiguous for a layer with no input features)
+        flat = x.detach().reshape(math.prod(x.shape[:-1]), self.in_features)
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("activations contain NaN or Inf; check the model and calibration inputs")
-        sq = flat.square().sum(0)
+        # float64 sums: squares of large fp32 activations (> 1.8e19) overflow float32
+        sq = flat.double().square().sum(0)
         self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq.to(self.sum_sq.device)
         self.tokens += flat.shape[0]
 
     def act_norm(self) -> Tensor:
-        """L2 norm of each input channel over all tokens seen."""
+        """L2 norm of each input channel over all tokens seen (float32, or float64 where float32 overflows)."""
         if self.sum_sq is None:
             raise ValueError("the observer has seen no activations")
-        return self.sum_sq.sqrt()
+        norm = self.sum_sq.sqrt()
+        return norm.float() if bool(norm.max() <= torch.finfo(torch.float32).max) else norm
 
 
 @dataclass
@@ -78,19 +87,28 @@ class CalibrationStats:
 def observe_linears(
     model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None
 ) -> Iterator[dict[str, ChannelObserver]]:
-    """Attach a ChannelObserver to every (selected) nn.Linear; hooks are always removed."""
+    """Attach a ChannelObserver to every (selected) nn.Linear or transformers Conv1D; hooks are always removed."""
     observers: dict[str, ChannelObserver] = {}
     handles = []
     try:
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or (filter_fn is not None and not filter_fn(name, module)):
+        for name, module in linear_like_modules(model):
+            if filter_fn is not None and not filter_fn(name, module):
                 continue
-            obs = observers[name] = ChannelObserver(module.in_features)
-            handles.append(module.register_forward_pre_hook(lambda _m, args, obs=obs: obs.add_batch(args[0])))
+            obs = observers[name] = ChannelObserver(in_features_of(module))
+            handles.append(module.register_forward_pre_hook(functools.partial(_observe, name, obs)))
         yield observers
     finally:
         for h in handles:
             h.remove()
+
+
+def _observe(name: str, obs: ChannelObserver, _module: nn.Module, args: tuple) -> None:
+    if not args or not isinstance(args[0], Tensor):
+        raise ValueError(f"calibration: layer {name!r} was called without a tensor input")
+    try:
+        obs.add_batch(args[0])
+    except ValueError as e:
+        raise ValueError(f"calibration: layer {name!r}: {e}") from e
 
 
 def run_batch(model: nn.Module, batch) -> object:
@@ -126,9 +144,11 @@ def calibrate(
     stats = CalibrationStats()
     with observe_linears(model, filter_fn) as observers, InputGroupRecorder(model, filter_fn) as rec, torch.no_grad():
         if not observers:
-            raise ValueError("the model has no nn.Linear layers to calibrate (or filter_fn selected none)")
+            raise ValueError("the model has no nn.Linear (or Conv1D) layers to calibrate (or filter_fn selected none)")
         total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, total=total, desc="calibrate", disable=not progress, leave=False)):
+            if batch is None:
+                raise ValueError(f"calibration batch {i} is None: pass tensors, tuples or dicts of the model's inputs")
             run_batch(model, batch)
             stats.batches += 1
     if stats.batches == 0:

@@ -1,4 +1,5 @@
-"""`vnm export onnx|tensorrt`: sparsify the bundled MiniLM and export it.
+"""`vnm export onnx|tensorrt`: sparsify the bundled MiniLM (or a transformers model directory, ``--model``)
+and export it.
 
 Heavy imports (transformers, onnx, tensorrt) happen inside the handlers.
 """
@@ -12,14 +13,26 @@ from pathlib import Path
 __all__ = ["add_export_parser"]
 
 
+def _load_model_dir(path: Path):
+    """(model, tokenizer) of a transformers model directory (config, weights and tokenizer files), offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token is None:  # causal LMs ship without one; batches of several texts need it
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
 def _prepare_minilm(args: argparse.Namespace):
-    """(sparsified model, tokenizer, export example batch, held-out check batch, report)."""
+    """(sparsified model, export example batch, held-out check batch, report): the bundled MiniLM, or the
+    transformers model directory ``args.model``."""
     from ..calibration import calibrate
     from ..data import calibration_and_eval_texts
     from ..models import load_minilm, text_batches
     from ..sparsify import VNMConfig, sparsify_
 
-    model, tokenizer = load_minilm()
+    model, tokenizer = load_minilm() if getattr(args, "model", None) is None else _load_model_dir(args.model)
     calib_texts, eval_texts = calibration_and_eval_texts(args.calibration, 8)
     stats = None
     if args.score != "abs":
@@ -28,7 +41,27 @@ def _prepare_minilm(args: argparse.Namespace):
     report = sparsify_(model, config, stats, progress=not args.no_progress)
     example = text_batches(tokenizer, eval_texts[:2])[0]
     check = text_batches(tokenizer, eval_texts[2:8], batch_size=6)[0]
+    if "token_type_ids" in example and "token_type_ids" not in _forward_args(model):
+        example.pop("token_type_ids")
+        check.pop("token_type_ids")
     return model, example, check, report
+
+
+def _forward_args(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _check_model_dir(path: Path | None) -> str | None:
+    """Why ``--model`` cannot be loaded (before any slow step), or None."""
+    if path is None:
+        return None
+    if not path.is_dir():
+        return f"--model {path}: not a directory (give a transformers model directory: config.json, weights, tokenizer)"
+    if not (path / "config.json").is_file():
+        return f"--model {path}: no config.json (save the model with save_pretrained, tokenizer included)"
+    return None
 
 
 def _dense_bytes(model) -> int:
@@ -36,8 +69,17 @@ def _dense_bytes(model) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from .onnx import onnx_summary, to_onnx
+    from .onnx import _require_onnx, onnx_summary, to_onnx
 
+    try:
+        _require_onnx()  # fail before calibrating
+    except ImportError as e:
+        print(f"vnm export onnx: {e}", file=sys.stderr)
+        return 1
+    problem = _check_model_dir(getattr(args, "model", None))
+    if problem:
+        print(f"vnm export onnx: {problem}", file=sys.stderr)
+        return 2
     model, example, check, report = _prepare_minilm(args)
     path = to_onnx(model, example, args.out, opset=args.opset)
     summary = onnx_summary(path)
@@ -68,7 +110,7 @@ def _onnxruntime_error(model, path: Path, batch: dict) -> float | None:
     names = [i.name for i in sess.get_inputs()]
     got = sess.run(None, {k: batch[k].cpu().numpy() for k in names})[0]
     with torch.no_grad():
-        ref = model(**batch).last_hidden_state
+        ref = model(**batch)[0]  # last_hidden_state (or a head's first output)
     return float((torch.from_numpy(got) - ref.cpu()).abs().max())
 
 
@@ -80,6 +122,10 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
     except (ImportError, RuntimeError) as e:
         print(f"vnm export tensorrt: {e}", file=sys.stderr)
         return 1
+    problem = _check_model_dir(getattr(args, "model", None))
+    if problem:
+        print(f"vnm export tensorrt: {problem}", file=sys.stderr)
+        return 2
     import torch
 
     model, example, _, report = _prepare_minilm(args)
@@ -98,12 +144,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permute", action="store_true", help="search channel permutations (slower)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23, default 18)")
     p.add_argument("--out", type=Path, required=True, help="file to write")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a transformers model directory (save_pretrained, tokenizer included) instead of the bundled MiniLM",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def add_export_parser(sub) -> None:
     """The `export` sub-command with its `onnx` and `tensorrt` targets."""
-    p = sub.add_parser("export", help="sparsify the bundled MiniLM and export it to ONNX or a TensorRT engine")
+    p = sub.add_parser(
+        "export", help="sparsify the bundled MiniLM (or --model DIR) and export it to ONNX or a TensorRT engine"
+    )
     targets = p.add_subparsers(dest="target", required=True)
     onnx_p = targets.add_parser(
         "onnx", help="ONNX file with one VNMLinear node per sparse linear (runs in onnxruntime)"

@@ -97,30 +97,73 @@ def _split_inputs(example_inputs: ExportInputs) -> tuple[tuple, dict]:
 _AXIS_NAMES = {0: "batch", 1: "sequence"}
 
 
-def _default_dynamic_shapes(args: tuple, kwargs: dict) -> tuple | dict:
-    """Axis 0 (batch) and axis 1 (sequence) of every tensor input dynamic where the model allows.
+def _dynamic_axes(x: Tensor) -> list[int]:
+    """The batch/sequence axes of an example input: axes 0 and 1 of token ids and masks (integer or bool)
+    and of (batch, sequence, features) activations; axis 0 only of a 2-D float input (tokens, features)
+    or an image (batch, channels, ...): a feature or channel axis is never dynamic."""
+    if x.dim() == 0:
+        return []
+    if x.dim() == 1:
+        return [0]
+    if not x.is_floating_point() or x.dim() == 3:
+        return [0, 1]
+    return [0]
 
-    Dim.AUTO lets torch.export refine ranges (e.g. sequence <= max positions) and
-    keep an axis static that the model fixes (e.g. the features of a 2-D input);
+
+def _default_dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple | dict]:
+    """(args, kwargs, dynamic_shapes): the batch and sequence axes (_dynamic_axes) of every tensor input dynamic.
+
+    torch.export specialises sizes 0 and 1, so an example of size 1 on such an axis (batch 1, one
+    token) is traced repeated to size 2: the file still takes any size. Dim.AUTO lets torch.export
+    refine ranges (e.g. sequence <= max positions) and keep an axis static that the model fixes;
     _name_dynamic_axes logs which axes stayed static.
     """
 
-    def spec(name: str, x: Any) -> dict | None:
-        if not isinstance(x, Tensor) or x.dim() == 0:
-            return None
-        axes = [0] if x.dim() == 1 else [0, 1]
+    def prepare(name: str, x: Any) -> tuple[Any, dict | None]:
+        if not isinstance(x, Tensor):
+            return x, None
+        axes = _dynamic_axes(x)
         for axis in axes:
-            if x.shape[axis] < 2:
+            if x.shape[axis] == 0:
                 raise ValueError(
-                    f"example input {name!r} has size {x.shape[axis]} on axis {axis}; dynamic batch/sequence axes "
-                    "need example sizes >= 2 (torch.export specialises sizes 0 and 1): use a bigger example, "
-                    "pass dynamic=False, or give dynamic_shapes explicitly"
+                    f"example input {name!r} has size 0 on axis {axis}: give an example with data (or pass "
+                    "dynamic=False, or dynamic_shapes explicitly)"
                 )
-        return {axis: torch.export.Dim.AUTO for axis in axes}
+            if x.shape[axis] == 1:
+                logger.info("to_onnx: %s has size 1 on axis %d; traced at size 2 (the axis stays dynamic)", name, axis)
+                x = torch.cat([x, x], dim=axis)
+        return x, ({axis: torch.export.Dim.AUTO for axis in axes} or None)
 
-    if kwargs:
-        return {k: spec(k, v) for k, v in kwargs.items()}
-    return tuple(spec(f"args[{i}]", a) for i, a in enumerate(args))
+    new_args, specs = [], []
+    for i, a in enumerate(args):
+        a, spec = prepare(f"args[{i}]", a)
+        new_args.append(a)
+        specs.append(spec)
+    new_kwargs, kw_specs = {}, {}
+    for k, v in kwargs.items():
+        new_kwargs[k], kw_specs[k] = prepare(k, v)
+    if not args:
+        return (), new_kwargs, kw_specs
+    if not kwargs:
+        return tuple(new_args), {}, tuple(specs)
+    return tuple(new_args), new_kwargs, (*specs, *kw_specs.values())
+
+
+def _without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """A transformers model's KV cache (``use_cache=True`` by default for causal LMs) returns a Cache
+    object that torch.export cannot flatten: export without it unless the caller passed use_cache."""
+    import inspect
+
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and getattr(getattr(model, "config", None), "use_cache", False):
+        logger.info("to_onnx: exporting with use_cache=False (a KV cache does not export); pass use_cache to choose")
+        return {**kwargs, "use_cache": False}
+    return kwargs
 
 
 def _name_dynamic_axes(proto) -> None:
@@ -236,7 +279,11 @@ def to_onnx(
         example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
         path: the .onnx file to write (its directory must exist).
         opset: ONNX opset of the standard ops (18..23).
-        dynamic: make axis 0 ("batch") and axis 1 ("sequence") of every tensor input dynamic.
+        dynamic: make the batch (axis 0) and sequence (axis 1) axes of every tensor input dynamic:
+            both for token ids, masks and (batch, sequence, features) inputs, axis 0 only for 2-D
+            float (tokens, features) and image inputs. An example of size 1 there is traced at size 2.
+            A transformers model whose config has use_cache=True is exported with use_cache=False
+            unless ``example_inputs`` passes use_cache (a KV cache object does not export).
         dynamic_shapes: torch.export-style dynamic shapes; overrides ``dynamic``.
         input_names, output_names: graph input/output names (defaults: argument names;
             a ModelOutput's keys).
@@ -261,9 +308,10 @@ def to_onnx(
             UserWarning,
             stacklevel=2,
         )
+    kwargs = _without_cache(model, kwargs)
     default_axes = dynamic_shapes is None and dynamic
     if default_axes:
-        dynamic_shapes = _default_dynamic_shapes(args, kwargs)
+        args, kwargs, dynamic_shapes = _default_dynamic_shapes(args, kwargs)
 
     # 2. torch.export, then ONNX with vnm::linear translated into the custom node.
     program = torch.export.export(clone, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)

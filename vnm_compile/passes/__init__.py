@@ -18,6 +18,7 @@ from .fold_permutations import fold_permutations, permutation_nodes
 from .fuse_compressed import fuse_compressed
 from .fuse_siblings import fuse_siblings
 from .interleave_rows import interleave_rows
+from .keep_dense_off_gpu import keep_dense_off_gpu
 from .lower_linears import lower_linears
 from .prune_linears import prune_linears
 from .sparse_tc_weights import sparse_tc_weights
@@ -27,6 +28,7 @@ __all__ = [
     "run_passes",
     "find_linears",
     "prune_linears",
+    "keep_dense_off_gpu",
     "fold_permutations",
     "lower_linears",
     "fuse_siblings",
@@ -47,14 +49,16 @@ logger = logging.getLogger(__name__)
 Pass = Callable[[fx.GraphModule, CompileContext], bool]
 
 # 1. find linears and decide which can be lowered; 2. prune those without recorded state;
-# 3. compress with permutations folded in; 4. rewrite to vnm.linear; 5. one launch for siblings
-# that read the same input (q/k/v, gate/up); 6. with the expand_weights option, the expanded
-# weights for the gather GEMM; 7. with the interleave_rows option, the decode kernel's layout;
-# 8. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
-# kernels' packed weights; 9. one launch for sibling vnm::compressed_linear calls (compressed models).
+# 3. off the GPU (no fast kernels), keep them dense on their masked weights unless forced;
+# 4. compress with permutations folded in; 5. rewrite to vnm.linear; 6. one launch for siblings
+# that read the same input (q/k/v, gate/up); 7. with the expand_weights option, the expanded
+# weights for the gather GEMM; 8. with the interleave_rows option, the decode kernel's layout;
+# 9. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
+# kernels' packed weights; 10. one launch for sibling vnm::compressed_linear calls (compressed models).
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,
+    keep_dense_off_gpu,
     fold_permutations,
     lower_linears,
     fuse_siblings,

@@ -30,7 +30,13 @@ DEFAULT_MIN_NUMEL = VNMConfig.min_numel
 
 # Reasons for leaving a layer dense that the user chose; every other reason is an
 # error under ``strict=True``.
-USER_CHOICES = ("ignored by name", "too small", "no V:N:M state and no pattern option")
+USER_CHOICES = (
+    "ignored by name",
+    "too small",
+    "no V:N:M state and no pattern option",
+    "weight tied to",
+    "zero-size weight",
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,10 @@ class CompileOptions:
             passes/sparse_tc_weights.py) and on CUDA runs inputs of those many rows on them; a layer
             whose Triton kernels never beat dense is then lowered too, running dense at the other
             counts. False (or None): off, the Triton kernels only and no packed copy.
+        force_sparse: lower eligible layers on a device without fast V:N:M kernels too (the CPU: the
+            reference path, or the Triton kernels under TRITON_INTERPRET=1; for tests, far slower than
+            dense). Default False: there such layers run their masked weights as dense matmuls, and the
+            report says so.
         permutations: how a permuted layer (sparsify_ with permute=True) runs. "index" (default): its
             weight is held in the coordinates in which it obeys the pattern and the permutations become
             index ops on x and on the output (inductor fuses them into the ops producing x and consuming
@@ -96,6 +106,7 @@ class CompileOptions:
     expand_weights: bool = False
     interleave_rows: bool = False
     sparse_tensor_cores: bool | int | str | None = "auto"
+    force_sparse: bool = False
     permutations: str = "index"
 
     def __post_init__(self) -> None:
@@ -146,6 +157,7 @@ class CompileOptions:
             "fuse_siblings",
             "expand_weights",
             "interleave_rows",
+            "force_sparse",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"vnm backend option {name!r} must be True or False, got {getattr(self, name)!r}")
@@ -192,6 +204,8 @@ class LinearSite:
     tc_bytes: int = 0  # its weight packed for the sparse tensor cores (sparse_tensor_cores option)
     tc_min_tokens: int | None = None  # run on the sparse tensor cores from this many tokens (same option)
     tc_decode: tuple[int, int] | None = None  # and at these token counts (lo, hi), their decode kernel
+    aliases: tuple[str, ...] = ()  # other names of the weight (a tied weight: the calling module, the owner)
+    masked_copy: bool = False  # kept dense on a masked copy of the weight (compile-time pruning off the GPU)
     index_perms: bool = False  # permutations run as index ops around vnm::compressed_linear (option)
 
     @property

@@ -38,9 +38,17 @@ logger = logging.getLogger(__name__)
 
 # What nn.Linear / F.linear become in a Dynamo graph (torch IR) or after decomposition (aten).
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+# What a transformers Conv1D (GPT-2; weight (in, out)) becomes: addmm(bias, x, weight).
+_ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+_EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.ops.aten.embedding.default)
+CONV1D_REASON = (
+    "transformers Conv1D (weight stored transposed) is not lowered at compile time: sparsify_ prunes it "
+    "and converts it to nn.Linear, which is"
+)
 
 _KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]|\.([A-Za-z_]\w*)")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
+_STACK_PATH = re.compile(r"^L\[[^\]]*\](?:\[\d+\])*\.?(.*)$")  # nn_module_stack: the frame's root, then the path
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -99,6 +107,31 @@ def _weight_of(gm: fx.GraphModule, node, inputs: dict[fx.Node, object]) -> tuple
     return None, None
 
 
+def _caller(node: fx.Node) -> tuple[str | None, str | None]:
+    """(name, class name) of the module whose forward made this call (Dynamo's nn_module_stack), if known."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None, None
+    path, cls = list(stack.values())[-1]
+    name = None
+    if isinstance(path, str):  # "L['self'].layers.0.mlp" (numeric parts as attributes), or a Source's form
+        m = _STACK_PATH.match(path)
+        name = m.group(1) if m and "[" not in m.group(1) else module_name_from_source(path)
+    return name or None, getattr(cls, "__name__", None) if not isinstance(cls, str) else cls.rsplit(".", 1)[-1]
+
+
+def _feeds_embedding(node) -> bool:
+    return isinstance(node, fx.Node) and any(
+        u.op == "call_function" and u.target in _EMBEDDING_TARGETS for u in node.users
+    )
+
+
+def _outside_mask(weight: Tensor, mask: Tensor) -> int:
+    """Nonzero (or NaN) weights where the recorded mask is False."""
+    with torch.no_grad():
+        return int(torch.count_nonzero(weight.detach().masked_fill(mask.to(weight.device, torch.bool), 0)))
+
+
 def _example(x):
     val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
     return val if isinstance(val, Tensor) and val.dim() >= 1 else None
@@ -147,9 +180,13 @@ def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     by_weight: dict[int, LinearSite] = {}
     opts = ctx.options
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _ADDMM_TARGETS and _caller(node)[1] == "Conv1D":
+            _conv1d_site(gm, node, inputs, opts, ctx)
+            continue
         if not is_linear(node):
             continue
         weight, name = _weight_of(gm, _arg(node, 1, "weight"), inputs)
+        caller = _caller(node)[0]
         if weight is None:
             site = LinearSite(name or node.name, torch.empty(0, 0), [node])
             ctx.sites.append(site)
@@ -159,24 +196,64 @@ def find_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             by_weight[id(weight)].nodes.append(node)
             continue
         site = by_weight[id(weight)] = LinearSite(name, weight, [node], tokens=_tokens(_arg(node, 0, "input")))
+        if caller and caller != name:  # a tied weight: report it under the linear that calls it
+            site.name, site.aliases = caller, (name,)
         w_node = _arg(node, 1, "weight")
         if w_node in inputs:
             site.input_index = placeholders.index(w_node)
         ctx.sites.append(site)
-        _decide(site, opts, ctx)
+        _decide(site, opts, ctx, tied=name if _feeds_embedding(w_node) else None)
+    _check_masks(ctx)
     for site in ctx.to_lower():  # after every call of a shared weight is known
         _dispatch(site, opts, ctx)
     logger.debug("find_linears: %d linear layers, %d to lower", len(ctx.sites), len(ctx.to_lower()))
     return False
 
 
-def _decide(site: LinearSite, opts, ctx: CompileContext) -> None:
+def _conv1d_site(gm: fx.GraphModule, node: fx.Node, inputs: dict, opts, ctx: CompileContext) -> None:
+    """A transformers Conv1D call: reported (dense, with the reason), never lowered."""
+    weight, name = _weight_of(gm, _arg(node, 2, "mat2"), inputs)
+    if weight is None or weight.dim() != 2:
+        return
+    site = LinearSite(_caller(node)[0] or name, weight.t(), [node], tokens=_tokens(_arg(node, 1, "mat1")))
+    ctx.sites.append(site)
+    _decide(site, opts, ctx)
+    if site.dense_reason is None:
+        ctx.keep_dense(site, f"{CONV1D_REASON} (option pattern={opts.pattern})")
+
+
+def _check_masks(ctx: CompileContext) -> None:
+    """Recorded layers whose weights have nonzeros outside their mask (trained, reloaded or edited after
+    sparsify_) would silently compute another function once lowered: refuse them, naming every one."""
+    bad = []
+    for site in ctx.to_lower():
+        if site.origin == "recorded":
+            n = _outside_mask(site.weight, site.state.mask)
+            if n:
+                bad.append(f"{site.name!r} ({n} of {site.weight.numel()})")
+    if bad:
+        raise ValueError(
+            f"vnm backend: {len(bad)} sparsified layer(s) have nonzero weights outside their recorded V:N:M mask: "
+            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. The weights changed after sparsify_ (optimizer "
+            "steps, load_state_dict of dense weights, in-place edits), so the compiled model would differ from "
+            "eager. Fix: vnm_compile.recovery.apply_masks_(model) to zero them (train with fix_masks_ to keep "
+            "them), sparsify_(model, VNMConfig(..., overwrite=True)) to choose new masks, or "
+            "vnm_compile.state.clear_sparsity(module) to run the layer dense"
+        )
+
+
+def _decide(site: LinearSite, opts, ctx: CompileContext, tied: str | None = None) -> None:
+    """Keep ``site`` dense for the first reason that applies (``tied``: the embedding its weight is tied to)."""
     weight = site.weight
     recorded = get_sparsity(weight) is not None
-    if matches_ignore(site.name, opts.ignore_for(recorded)):
+    if any(matches_ignore(n, opts.ignore_for(recorded)) for n in (site.name, *site.aliases)):
         return ctx.keep_dense(site, "ignored by name")
+    if tied is not None and not recorded:  # the default never prunes embeddings
+        return ctx.keep_dense(site, f"weight tied to the embedding {tied!r}, which is never pruned")
     if weight.dim() != 2:
         return ctx.keep_dense(site, f"unsupported weight shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        return ctx.keep_dense(site, f"zero-size weight {tuple(weight.shape)}")
     if not recorded and opts.pattern is None:
         return ctx.keep_dense(site, "no V:N:M state and no pattern option")
     min_numel = opts.min_numel_for(recorded)

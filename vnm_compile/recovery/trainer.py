@@ -242,6 +242,8 @@ def _needs_stats(model: nn.Module, config: RecoveryConfig) -> bool:
 @torch.no_grad()
 def _copy_dense_weights(model: nn.Module, dense: nn.Module) -> int:
     """Copy the dense weights of every sparse linear from ``dense`` (same module names and shapes)."""
+    from ..linears import is_conv1d
+
     src = dict(dense.named_modules())
     n = 0
     for name, module in sparse_linears(model).items():
@@ -249,6 +251,9 @@ def _copy_dense_weights(model: nn.Module, dense: nn.Module) -> int:
         w = dense_weight(module)
         if isinstance(other, nn.Linear) and other.weight.shape == w.shape:
             w.copy_(other.weight.to(w.dtype))
+            n += 1
+        elif other is not None and is_conv1d(other) and other.weight.t().shape == w.shape:  # a GPT-2 teacher
+            w.copy_(other.weight.t().to(w.dtype))
             n += 1
     return n
 
