@@ -408,3 +408,10 @@ def test_prefill_sized_static_graphs_of_masked_models_run_their_own_dense_weight
     site = LinearSite("fc", cuda_weight, [node], state=state)
     fl._dispatch_index(site, CompileContext(CompileOptions(), []))
     assert site.index_perms and site.dense_reason is None
+
+
+def test_folded_weight_is_the_module_weight_in_original_order():
+    model = _sparse(torch.float16, "16:2:5", permute=True)
+    compress_(model, progress=False)
+    for m in compressed_linears(model).values():
+        assert torch.equal(m.folded_weight().to_dense(), m.to_dense())

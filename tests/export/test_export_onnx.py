@@ -388,3 +388,22 @@ def test_causal_lm_with_its_default_kv_cache_exports_at_batch_1(tmp_path):
     got = sess.run(None, {"input_ids": ids.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(ids, use_cache=False).logits.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_compressed_model_exports_the_same_op_and_matches(tmp_path):
+    """compress_'d model (VNMLinear: permuted coordinates, permutations as index ops) -> the same ONNX op with
+    the permutations folded in; onnxruntime computes what the compressed model does."""
+    from vnm_compile import compress_
+
+    model = _tiny_llama()
+    sparsify_(model, VNMConfig("16:2:5", score="abs", permute=True), progress=False)
+    compress_(model, progress=False)
+    ids = torch.randint(0, 211, (2, 9))
+    path = to_onnx(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "c.onnx")
+    assert len(_vnm_nodes(onnx.load(str(path)))) == 7
+    ids = torch.randint(0, 211, (3, 13))
+    mask = torch.ones_like(ids)
+    got = _session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)

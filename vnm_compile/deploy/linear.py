@@ -223,6 +223,18 @@ class VNMLinear(nn.Module):
         """The row-major VNMWeight in the stored (permuted) coordinates."""
         return unpack(self._weight_tensors(), self._spec, self.in_features, self.weight_dtype)
 
+    def folded_weight(self) -> VNMWeight:
+        """The compressed weight in original coordinates: the input permutation folded into the absolute
+        column indices and the output permutation into the row store (what ONNX export holds)."""
+        w = self.compressed_weight()
+        columns, row_index = w.columns, None
+        if self.in_perm is not None:
+            columns = self.in_perm[columns.long()].to(columns.dtype)  # padding slots: column 0, value 0
+        if self.out_perm is not None:
+            row_index = torch.full((w.values.shape[0],), -1, dtype=torch.int32, device=w.device)
+            row_index[: self.out_features] = self.out_perm.to(torch.int32)
+        return VNMWeight(w.values, columns, w.meta, row_index, w.pattern, w.shape)
+
     def _to_original(self, t: Tensor) -> Tensor:
         """A (out, in) tensor in stored (permuted) coordinates -> original row and column order."""
         if self.in_perm is not None:

@@ -93,6 +93,10 @@ def lowered_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
     replacement: dict[int, VNMLinearExport] = {}
     for name, module in targets.items():
         replacement[id(module)] = VNMLinearExport(_compress(name, module), module.bias)
+    from ..deploy.convert import compressed_linears  # compressed models (compress_) export the same op
+
+    for module in compressed_linears(model).values():
+        replacement[id(module)] = VNMLinearExport(module.folded_weight(), module.bias)
     if id(model) in replacement:  # the model is itself one sparsified linear
         return replacement[id(model)], [""]
     originals = dict(model.named_modules(remove_duplicate=False))
