@@ -237,15 +237,9 @@ class VNMLinear(nn.Module):
 
     def _to_original(self, t: Tensor) -> Tensor:
         """A (out, in) tensor in stored (permuted) coordinates -> original row and column order."""
-        if self.in_perm is not None:
-            tmp = torch.empty_like(t)
-            tmp[:, self.in_perm] = t
-            t = tmp
-        if self.out_perm is not None:
-            tmp = torch.empty_like(t)
-            tmp[self.out_perm] = t
-            t = tmp
-        return t
+        from ..sparsify import _unpermute
+
+        return _unpermute(t, self.in_perm, self.out_perm)
 
     def to_dense(self) -> Tensor:
         """The masked dense weight in the original row and column order (what the model computes with)."""
