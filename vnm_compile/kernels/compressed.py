@@ -168,8 +168,19 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
     if tokens <= DECODE_TOKENS:
         return "sparse"
     from . import dispatch
-    from .vnm_triton import _choose, _token_bucket
+    from .vnm_triton import _AUTOTUNE_CACHE, _choose, _token_bucket
 
+    key = ("vnm_path", x.device.index, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
+    known = _AUTOTUNE_CACHE.get(key)  # 1. decided earlier in this process: nothing else on the hot path
+    if known is not None:
+        return known
+    file = path_cache_file(x.device)  # 2. measured by an earlier process on this GPU and software
+    disk_key = "|".join(str(k) for k in key[2:])
+    known = _disk_choices(str(file)).get(disk_key)
+    if known is not None:
+        _AUTOTUNE_CACHE[key] = known
+        return known
+    # 3. measure, the measured table's answer first (kept unless the other path is clearly faster)
     pattern = _pattern(v, n, m)
     if layout == LAYOUT_TC:
         floor = dispatch.sparse_tc_token_floor(out, x.shape[-1], pattern, x.device)
@@ -178,17 +189,12 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
         limit = dispatch.sparse_token_limit(out, x.shape[-1], pattern, x.device)
         seed = "sparse" if limit is None or tokens <= limit else "dense"
     cands = [seed, "dense" if seed == "sparse" else "sparse"]
-    key = ("vnm_path", x.device.index, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
-    file = path_cache_file(x.device)
-    disk_key = "|".join(str(k) for k in key[2:])
-    known = _disk_choices(str(file)).get(disk_key)
-    if known is not None:
-        return known
     x2 = x.reshape(-1, x.shape[-1])
     paths = {"sparse": _sparse, "dense": _dense}
+    measured = not torch.cuda.is_current_stream_capturing() and os.environ.get("VNM_AUTOTUNE") != "0"
     choice = _choose(key, cands, lambda path: paths[path](x2, weight, spec, bias))
-    if not torch.cuda.is_current_stream_capturing() and os.environ.get("VNM_AUTOTUNE") != "0":
-        _remember(file, disk_key, choice)  # measured (inside a capture, or with autotuning off, it was not)
+    if measured:
+        _remember(file, disk_key, choice)  # once per key (inside a capture, or with autotuning off, not measured)
     return choice
 
 
