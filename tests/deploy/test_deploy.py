@@ -164,6 +164,19 @@ def _llama():
     return transformers, cfg
 
 
+def _shared_perm_llama(model_class: str):
+    """A tiny Llama (``LlamaModel`` or ``LlamaForCausalLM``) pruned at 64:2:8 with q/k/v and gate/up sharing
+    one input permutation (one tensor per group)."""
+    transformers, cfg = _llama()
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(cfg).eval()
+    prefix = "model." if model_class == "LlamaForCausalLM" else ""
+    groups = [[f"{prefix}layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
+    groups += [[f"{prefix}layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in range(2)]
+    sparsify_(model, VNMConfig("64:2:8", score="abs", permute=True), groups=groups, progress=False)
+    return transformers, cfg, model
+
+
 class _Allocations(TorchDispatchMode):
     """Records the element count of every floating-point tensor an op produces."""
 
@@ -181,13 +194,8 @@ class _Allocations(TorchDispatchMode):
 
 @pytest.mark.parametrize("shard", [1 << 30, 40_000])
 def test_save_and_load_into_a_meta_model(tmp_path, shard):
-    transformers, cfg = _llama()
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
     # q/k/v and gate/up share one input permutation (one tensor: stored once in the checkpoint)
-    groups = [[f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
-    groups += [[f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in range(2)]
-    sparsify_(model, VNMConfig("64:2:8", score="abs", permute=True), groups=groups, progress=False)
+    transformers, cfg, model = _shared_perm_llama("LlamaForCausalLM")
     assert (
         get_sparsity(model.model.layers[0].self_attn.k_proj).in_perm
         is get_sparsity(model.model.layers[0].self_attn.q_proj).in_perm
@@ -284,12 +292,7 @@ def test_tc_dense_rebuild_kernel_matches_the_weight(pattern, dtype, monkeypatch)
 
 def test_vnm_backend_fuses_compressed_siblings_without_copying():
     """q/k/v and gate/up of a compressed Llama share one storage (share_storage_) and run as one launch each."""
-    transformers, cfg = _llama()
-    torch.manual_seed(0)
-    model = transformers.LlamaModel(cfg).eval()
-    groups = [[f"layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
-    groups += [[f"layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in range(2)]
-    sparsify_(model, VNMConfig("64:2:8", score="abs", permute=True), groups=groups, progress=False)
+    _, _, model = _shared_perm_llama("LlamaModel")
     ids = torch.randint(0, 300, (2, 5))
     with torch.no_grad():
         ref = model(ids).last_hidden_state
