@@ -359,7 +359,8 @@ def run_speed(args) -> dict:
 
 
 def _md(result: dict) -> str:
-    lines = [f"# {result['mode']} — {result['gpu']}", "", f"Command: `{result['command']}`", "",
+    lines = [f"# {result['mode']} ({result.get('shapes', 'llama2-7b')} shapes) — {result['gpu']}", "",
+             f"Command: `{result['command']}`", "",
              f"Versions: {result['versions']}", ""]  # fmt: skip
     recs = result["records"]
     if result["mode"] == "memory":
@@ -396,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=["memory", "speed", "big"])
     parser.add_argument("--cap-gb", type=float, default=80.0, help="big: cap the process's GPU memory (GiB)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (memory: 32, speed: 2)")
+    parser.add_argument(
+        "--shapes", choices=sorted(e2e.LLAMA_SHAPES), default="llama2-7b", help="memory/speed: the model"
+    )
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     parser.add_argument("--kv-len", type=int, default=1024)
     parser.add_argument("--prefill", type=int, default=2048)
@@ -421,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     args.llama_layers = args.layers
     result = {"memory": run_memory, "speed": run_speed, "big": run_big}[args.mode](args)
     result.update(gpu=torch.cuda.get_device_name(), versions=e2e._versions(), command=command_line("python "),
-                  wall_s=time.perf_counter() - args.t0)  # fmt: skip
+                  shapes=args.shapes, wall_s=time.perf_counter() - args.t0)  # fmt: skip
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"deploy_{args.mode}.json").write_text(json.dumps(result, indent=1))
-    (out / f"deploy_{args.mode}.md").write_text(_md(result))
+    stem = f"deploy_{args.mode}" + ("" if args.shapes == "llama2-7b" or args.mode == "big" else f"_{args.shapes}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(_md(result))
     print(_md(result))
     return 0
 
