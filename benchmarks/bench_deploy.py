@@ -311,6 +311,19 @@ def _prepared(base, variant: str, cache: dict):
     return cache[(pattern, form)]
 
 
+def _kernel_launches(fn) -> int:
+    """GPU kernels one call launches (torch.profiler, outside a CUDA graph: what a capture records),
+    memcpy and memset included."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
 @torch_no_grad_decorator
 def run_speed(args) -> dict:
     import torch
@@ -346,7 +359,11 @@ def run_speed(args) -> dict:
                 if getattr(call, "overhead", None) is not None:
                     rec["overhead_ms"] = e2e._time(call.overhead)[1]
                     ms -= rec["overhead_ms"]
-            rec.update(ms=ms, compile_s=compile_s)
+            rec.update(
+                ms=ms,
+                compile_s=compile_s,
+                kernels=_kernel_launches(lambda compiled=compiled, call=call: call(compiled)),
+            )
             log.warning("%s", rec)
             records.append(rec)
             del compiled
@@ -380,15 +397,18 @@ def _md(result: dict) -> str:
                          f"{r['decode_peak_bytes'] / 1e9:.1f} | {r['tokens_per_s']:.1f} | {r['per_layer_ms']:.3f} | "
                          f"{r['dense_layer_ms']:.3f} | {r['build_s']:.0f} |")  # fmt: skip
     else:
-        lines += ["| phase | batch | tokens | variant | ms | vs dense |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| phase | batch | tokens | variant | ms | vs dense | GPU kernels per call |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in recs:
             if "ms" not in r:
                 lines.append(
-                    f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | skipped: {r.get('skipped')} | |"
+                    f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | skipped: {r.get('skipped')} | | |"
                 )
                 continue
             lines.append(f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | {r['ms']:.3f} | "
-                         f"{r.get('speedup', float('nan')):.2f}x |")  # fmt: skip
+                         f"{r.get('speedup', float('nan')):.2f}x | {r.get('kernels', '')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
