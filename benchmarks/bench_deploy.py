@@ -34,12 +34,14 @@ PATTERNS = ("64:2:8", "64:2:5")
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def random_sparsify_(model, pattern: str, seed: int = 0, layers=None) -> int:
-    """sparsify_'s pruning of every decoder linear with random permutations (siblings share the input one)."""
+def random_sparsify_(model, pattern: str, seed: int = 0, layers=None, permute: bool = True) -> int:
+    """sparsify_'s pruning of every decoder linear with random permutations (siblings share the input one;
+    ``permute=False``: none, the kept columns of a block inside one M-column group)."""
     import torch
 
     from vnm_compile import VNMConfig
-    from vnm_compile.sparsify import LayerReport, _prune_layer
+    from vnm_compile.sparsify import LayerReport, _account, _plan_mask
+    from vnm_compile.state import LinearSparsity, set_sparsity
 
     config = VNMConfig(pattern, score="abs")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -52,9 +54,13 @@ def random_sparsify_(model, pattern: str, seed: int = 0, layers=None) -> int:
             in_perm = torch.randperm(group[0].in_features, generator=gen).to(dev)
             for lin in group:
                 out_perm = torch.randperm(lin.out_features, generator=gen).to(dev)
-                scores = lin.weight.detach().abs().float()
-                with torch.no_grad():
-                    _prune_layer(lin, scores, (in_perm, out_perm), config, LayerReport("", tuple(lin.weight.shape)))
+                perms = (in_perm, out_perm) if permute else (None, None)
+                report = LayerReport("", tuple(lin.weight.shape))
+                with torch.no_grad():  # sparsify_'s own two steps: choose the mask, then apply it
+                    mask = _plan_mask(lin.weight.detach().abs().float(), perms, config, report)
+                    lin.weight.mul_(mask.to(lin.weight.dtype))
+                    set_sparsity(lin, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score))
+                    _account(report, lin.weight, config.pattern, *perms)
                 count += 1
     return count
 
@@ -288,7 +294,7 @@ def run_big(args) -> dict:
 def _speed_variants(args) -> list[str]:
     out = ["dense"]
     for p in args.patterns:
-        out += [f"{p} masked", f"{p} compressed"]
+        out += [f"{p} masked", f"{p} compressed"] + ([f"{p} unpermuted"] if args.unpermuted else [])
     if args.cslt:
         out.append(e2e.CSLT)
     return out
@@ -302,6 +308,9 @@ def _prepared(base, variant: str, cache: dict):
     from vnm_compile.deploy import compress_
 
     pattern, form = variant.split()
+    if form == "unpermuted" and (pattern, form) not in cache:
+        cache[(pattern, form)] = copy.deepcopy(base)
+        random_sparsify_(cache[(pattern, form)], pattern, permute=False)
     if (pattern, "masked") not in cache:
         masked = copy.deepcopy(base)
         random_sparsify_(masked, pattern)
@@ -425,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--no-cslt", dest="cslt", action="store_false")
+    parser.add_argument(
+        "--unpermuted", action="store_true", help="speed: also the masked form pruned without permutations"
+    )
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--tmp", default=None, help="folder for the checkpoint (default: the system's temp)")
     parser.add_argument("--out", type=Path, default=None)
