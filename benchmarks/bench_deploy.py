@@ -218,6 +218,9 @@ def _build_big(args, cfg, pattern: str):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         layer_s.append(time.perf_counter() - t1)
+        if i % 10 == 0:
+            log.warning("%s: layer %d/%d built in %.2f s, %.1f GB allocated", pattern, i + 1, len(model.layers),
+                        layer_s[-1], torch.cuda.memory_allocated() / 1e9)  # fmt: skip
     return model, layer_s
 
 
