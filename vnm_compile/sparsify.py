@@ -55,7 +55,8 @@ class VNMConfig:
             compressed models pass the activation between them in that order with no index op. Off by
             default: the producers then cannot choose their own output permutation, which cost MiniLM (RIA)
             0.37 % (64:2:5) and 0.83 % (64:2:8) of the MLP importance kept, relative
-            (benchmarks/results/cpu/joint_permutation_minilm.md).
+            (benchmarks/results/cpu/joint_permutation_minilm.md). Not used by the second-order path
+            (score "obs" or reconstruct=True), whose permutations are chosen block by block.
     """
 
     pattern: VNMPattern | str = "64:2:5"

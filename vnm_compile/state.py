@@ -2,8 +2,8 @@
 
 The state is a LinearSparsity on the nn.Linear (attribute ``vnm_sparsity``) whose tensors are also the
 module's buffers ``vnm_mask`` (bool), ``vnm_pattern`` (int64 [v, n, m]) and, when present,
-``vnm_in_perm`` / ``vnm_out_perm``: so ``state_dict()`` / ``load_state_dict()`` (in place or with
-``assign=True``), ``torch.save`` / ``torch.load`` and ``copy.deepcopy`` carry it (apex ASP keeps its masks
+``vnm_in_perm`` / ``vnm_out_perm`` / ``vnm_links`` (joint permutations): so ``state_dict()`` /
+``load_state_dict()`` (in place or with ``assign=True``), ``torch.save`` / ``torch.load`` and ``copy.deepcopy`` carry it (apex ASP keeps its masks
 the same way). torch.compile hands the backend parameters, not modules, so the state is also indexed by
 the weight Parameter (weakly); a new Parameter set on the module (``load_state_dict(assign=True)``, a
 parameter swap) is indexed again by a global parameter-registration hook, and an unpickled state indexes
