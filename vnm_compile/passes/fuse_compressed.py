@@ -172,11 +172,11 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     call.meta = dict(first.meta)
+    selects = [c["x"] for c in calls[1:]]  # (read before erase_node clears the members' args)
     for node, out in zip(members, outs, strict=True):
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    for call in calls[1:]:  # the siblings' own index ops of x, now unused
-        sel = call["x"]
+    for sel in selects:  # the siblings' own index ops of x, now unused
         if isinstance(sel, fx.Node) and sel is not x and not sel.users and _index_select(sel) is not None:
             graph.erase_node(sel)
     logger.info("fused %d compressed linears into one launch (%d output features)", len(members), sum(sizes))
