@@ -2,7 +2,8 @@
 
 A checkpoint is a folder in the transformers layout: safetensors shards ``model-0000i-of-0000N.safetensors``
 and ``model.safetensors.index.json`` (``weight_map``: tensor -> shard; ``metadata``: the format, its version,
-every compressed layer's pattern, shape, dtype and permutations, tied tensors, non-persistent buffers). A
+every compressed layer's pattern, shape, dtype and permutations, tied tensors, non-persistent buffers), and for
+a transformers model its ``config.json`` (``architectures``: the saved class). A
 compressed layer is stored row-major (``values``, ``columns``, ``meta``: the portable layout; loading lays it
 out for the target device), with its permutations, bias and ``vnm_header``; every other tensor as the model
 holds it. Nothing dense is stored for a compressed layer, and nothing dense is materialised when loading one:
@@ -16,6 +17,7 @@ while its shard is open, a whole checkpoint for a GPU target.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -128,8 +130,20 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, max_shard_size
         "weight_map": weight_map,
     }  # fmt: skip
     (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    _save_config(model, out)
     log.info("saved %d tensors (%.1f MiB) in %d shard(s) to %s", len(stored), total / 2**20, len(shards), out)
     return out / INDEX_NAME
+
+
+def _save_config(model: nn.Module, out: Path) -> None:
+    """A transformers model's config.json (with its class in ``architectures``), so that the folder alone
+    rebuilds the model on the meta device (``vnm export onnx --compressed``)."""
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_json_file", None)):
+        return
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    config.to_json_file(out / "config.json")
 
 
 def _owned(t: Tensor) -> Tensor:
