@@ -3,7 +3,7 @@ of the sparse-tensor-core layout would save (no GPU needed: the modules are buil
 
     python tools/deploy_bytes.py [--patterns 64:2:5 64:2:8] [--out FILE.md]
 
-Rows: ``VNMLinear`` as ``compress_`` builds it (layout "rows" and "tc", random input and output permutations
+Rows: ``VNMLinear`` as ``compress_`` builds it (layout "rows", "tc" and "tc-compact", random input and output permutations
 as bench_deploy.py prunes them: q/k/v and gate/up share one input permutation tensor) and
 ``format.compressed_nbytes`` (values + columns + meta of the row-major form). Then the "tc" layout without
 parts the kernels read today (each a kernel change): the records' 32 local x^T rows (read only by the mma.sp
@@ -49,7 +49,7 @@ def layer_rows(p: VNMPattern) -> list[tuple[str, int]]:
     mods = {
         layout: [VNMLinear(i, o, p, bias=False, dtype=torch.float16, device="meta", layout=layout, in_permuted=True,
                            out_permuted=True) for _, o, i, _ in LAYER]
-        for layout in ("rows", "tc")
+        for layout in ("rows", "tc", "tc-compact")
     }  # fmt: skip
     perms = _perms(8, inverse=True)  # int64 in_perm (shared per group), out_perm and its inverse
     header = sum(m.vnm_header.numel() * 8 for m in mods["tc"])
@@ -64,6 +64,8 @@ def layer_rows(p: VNMPattern) -> list[tuple[str, int]]:
         ("format.compressed_nbytes (values, int16 columns, meta)", fmt),
         ("rows layout + permutations (int64, in shared per group)", weights["rows"] + perms + header),
         ("tc layout as stored today + permutations", weights["tc"] + perms + header),
+        ("tc-compact layout (576-word records, k-steps padded to 1) + permutations",
+         weights["tc-compact"] + perms + header),
         ("  tc records without the 32 local x^T rows (576 words)", sum(_tc(o, i, p, words=576) for _, o, i, _ in LAYER)
          + perms + header),
         ("  ... and kept columns as uint8 group-local indices",
@@ -75,6 +77,7 @@ def layer_rows(p: VNMPattern) -> list[tuple[str, int]]:
          + header),
     ]  # fmt: skip
     assert weights["tc"] == sum(_tc(o, i, p) for _, o, i, _ in LAYER)  # the formula is the module's shapes
+    assert weights["tc-compact"] == sum(_tc(o, i, p, words=576, step_multiple=1) for _, o, i, _ in LAYER)
     return rows
 
 

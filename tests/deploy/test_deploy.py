@@ -446,3 +446,29 @@ def test_folded_weight_is_the_module_weight_in_original_order():
     compress_(model, progress=False)
     for m in compressed_linears(model).values():
         assert torch.equal(m.folded_weight().to_dense(), m.to_dense())
+
+
+def test_tc_compact_layout_converts_through_state_dicts():
+    """A "tc-compact" module (packed here on the CPU) loads into "tc", "rows" and "tc-compact" modules and back,
+    exactly, and holds fewer bytes than "tc"."""
+    model = _sparse(torch.float16, "64:2:5")
+    compress_(model, layout="rows", progress=False)
+    source = model[0]
+    want = source.to_dense()
+    tc_bytes = copy.deepcopy(source)
+    tc_bytes._to_layout("tc")
+    source._to_layout("tc-compact")
+    assert source.layout == "tc-compact" and source.nbytes < tc_bytes.nbytes
+    assert torch.equal(source.to_dense(), want)
+    state = source.state_dict()
+    assert int(state["vnm_header"][6]) == 2 and state["tc_records"].shape[-1] == 576
+    for layout in ("tc", "rows", "tc-compact"):
+        fresh = VNMLinear(97, 131, "64:2:5", dtype=torch.float16, layout=layout, in_permuted=True, out_permuted=True)
+        fresh.load_state_dict(copy.deepcopy(state))
+        assert fresh.layout == layout and torch.equal(fresh.to_dense(), want), layout
+        back = VNMLinear(97, 131, "64:2:5", dtype=torch.float16, layout="tc-compact", in_permuted=True,
+                         out_permuted=True)  # fmt: skip
+        back.load_state_dict(fresh.state_dict())
+        assert torch.equal(back.tc_records, source.tc_records) and torch.equal(back.tc_columns, source.tc_columns)
+    with pytest.raises(ValueError, match="layout 'tc-compact' is not available"):
+        compress_(_sparse(torch.float16), layout="tc-compact")

@@ -22,7 +22,7 @@ def _interpret(monkeypatch):
         pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter cannot run here")
 
 
-def _packed(rows, cols, pattern, dtype, *, thin=0.0, seed=0):
+def _packed(rows, cols, pattern, dtype, *, thin=0.0, seed=0, compact=False):
     """A random weight pruned to ``pattern`` (``thin``: the fraction of kept values dropped as well, so that
     blocks keep fewer than 4 columns and rows fewer than n values: padding slots), its mask and packing."""
     p = VNMPattern.parse(pattern)
@@ -32,7 +32,7 @@ def _packed(rows, cols, pattern, dtype, *, thin=0.0, seed=0):
     if thin:
         mask &= torch.rand(rows, cols, generator=gen, dtype=torch.float64) >= thin
     expected = (w * mask).to(dtype)  # the float64 reference, cast once
-    packed = pack_sparse_tc(VNMWeight.from_dense(w.to(dtype), mask, p))
+    packed = pack_sparse_tc(VNMWeight.from_dense(w.to(dtype), mask, p), compact=compact)
     return p, expected, packed
 
 
@@ -47,7 +47,7 @@ SHAPES = [(131, 203), (1, 37), (200, 640), (67, 1281)]
 @pytest.mark.parametrize("pattern", ["64:2:5", "64:2:8", "128:2:5", "64:2:6", "128:2:16"])
 def test_every_element_written_from_the_records(pattern, dtype):
     for rows, cols in SHAPES:
-        p, expected, packed = _packed(rows, cols, pattern, dtype)
+        p, expected, packed = _packed(rows, cols, pattern, dtype, compact=cols % 2 == 1)  # compact records too
         out = _poisoned(rows, cols, dtype)
         got = tc_to_dense(packed.records, packed.columns, rows, cols, p, dtype, out=out)
         assert got is out
@@ -83,8 +83,9 @@ def test_without_out_matches_the_reference():
     assert torch.equal(ref, expected)
 
 
+@pytest.mark.parametrize("layout", ["tc", "tc-compact"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_permuted_compressed_linear_rebuilds_and_runs(dtype):
+def test_permuted_compressed_linear_rebuilds_and_runs(dtype, layout):
     """A VNMLinear with input and output permutations in the sparse-tensor-core layout: the op's dense path
     rebuilds the weight in its stored coordinates, the module puts the order back; against float64."""
     from vnm_compile.deploy import VNMLinear
@@ -100,8 +101,8 @@ def test_permuted_compressed_linear_rebuilds_and_runs(dtype):
     bias = torch.randn(rows, generator=gen, dtype=torch.float64)
     weight = VNMWeight.from_dense(stored.to(dtype), mask, p)
     mod = VNMLinear.from_weight(weight, bias.to(dtype), in_perm=in_perm, out_perm=out_perm, layout="rows")
-    mod._to_layout("tc")  # the GPU layout, packed here on the CPU
-    assert mod.layout == "tc"
+    mod._to_layout(layout)  # the GPU layout, packed here on the CPU
+    assert mod.layout == layout and mod.tc_records.shape[-1] == (576 if layout == "tc-compact" else 584)
     dense = rebuild_dense(mod._weight_tensors(), mod._spec, cols, dtype)
     assert torch.equal(dense, (stored * mask).to(dtype))
     original = torch.empty_like(w)

@@ -272,7 +272,9 @@ def _plan(model: nn.Module, index: dict, handles: dict) -> tuple[dict, list[str]
     return layers, saved
 
 
-def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+def load_compressed(
+    model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, *, layout: str = "auto"
+) -> nn.Module:
     """Fill ``model`` **in place** from a ``save_compressed`` folder and return it.
 
     ``model`` may be built on the meta device (``with torch.device("meta"): ...``); its sparsified linears
@@ -280,6 +282,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
     ``device`` (default: where the model's tensors are, CPU for a meta model); every other tensor is
     loaded as saved. Nothing dense is materialised for a compressed layer. A checkpoint whose layers or
     shapes do not match the model raises ValueError naming the first mismatch, before anything changes.
+    ``layout``: as ``compress_``'s ("auto": the sparse-tensor-core packing where it runs, else row-major).
     """
     _safetensors()
     root = Path(path)
@@ -308,7 +311,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
         if header[0] != FORMAT_VERSION or header[1:4] != [pattern.v, pattern.n, pattern.m]:
             raise ValueError(f"load_compressed: {name!r}: its header {header} does not match the index")
         w = VNMWeight(t["values"], t["columns"], t["meta"], None, pattern, tuple(info["shape"]))
-        new = VNMLinear.from_weight(w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"])
+        new = VNMLinear.from_weight(w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"], layout=layout)
         old = modules[name]
         new.train(old.training)
         if old is model:

@@ -31,7 +31,7 @@ from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready
 
 __all__ = ["tc_to_dense", "tc_to_dense_reference"]
 
-RECORD = 584  # int32 words per (64-row block, k-step): 512 A fragments, 64 metadata, 8 x^T row bytes
+RECORDS = (584, 576)  # int32 words per (64-row block, k-step): 512 A fragments, 64 metadata (+ 8 x^T row words)
 
 if HAS_TRITON:
     import triton
@@ -41,8 +41,8 @@ if HAS_TRITON:
     def _tc_to_dense_kernel(
         # pointers: records as int32 and as 16-bit halves (the same memory), kept columns, index tables, output
         rec_ptr, half_ptr, cols_ptr, a_off_ptr, e_word_ptr, e_shift_ptr, out_ptr,
-        # sizes
-        STEPS, OUT, IN,
+        # sizes (REC_W: int32 words per record)
+        STEPS, OUT, IN, REC_W,
         # strides (elements) of the output rows
         stride_o,
         # M of the pattern and the next power of two
@@ -53,7 +53,7 @@ if HAS_TRITON:
         r = tl.arange(0, 64)[:, None]  # row of the tile
         g = tl.arange(0, 8)[None, :]  # group of the k-step
         rg = r * 8 + g
-        rec = (b * STEPS + s).to(tl.int64) * 584
+        rec = (b * STEPS + s).to(tl.int64) * REC_W
         # 1. per (row, group): its two kept values and their positions among the block's 4 kept columns
         v0 = tl.load(half_ptr + 2 * rec + tl.load(a_off_ptr + 2 * rg))
         v1 = tl.load(half_ptr + 2 * rec + tl.load(a_off_ptr + 2 * rg + 1))
@@ -109,8 +109,11 @@ def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features
 
     ``out``: where to write it (every element is written; its contents do not matter), else a fresh
     uninitialised tensor."""
-    if records.dim() != 3 or records.shape[2] != RECORD or records.dtype != torch.int32:
-        raise ValueError(f"records must be (blocks, steps, {RECORD}) int32, got {tuple(records.shape)} {records.dtype}")
+    if records.dim() != 3 or records.shape[2] not in RECORDS or records.dtype != torch.int32:
+        raise ValueError(
+            f"records must be (blocks, steps, {RECORDS[0]} or {RECORDS[1]}) int32, got {tuple(records.shape)} "
+            f"{records.dtype}"
+        )
     if columns.shape != (*records.shape[:2], 32) or columns.dtype != torch.int16:
         raise ValueError(
             f"columns must be {(*records.shape[:2], 32)} int16, got {tuple(columns.shape)} {columns.dtype}"
@@ -155,6 +158,7 @@ def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features
         steps,
         out_features,
         in_features,
+        records.shape[2],
         out.stride(0),
         M=m,
         MP=triton.next_power_of_2(m),
