@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..format import VNMWeight, decompress
+from ..format import VNMWeight
 from ..pattern import VNMPattern
 from .sparse_tc import RECORD
 
@@ -113,8 +113,9 @@ def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype
         from .tc_dense import tc_to_dense
 
         return tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
-    w = unpack(weight, spec, in_features, dtype)
-    return decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape)
+    from .rows_dense import rows_to_dense
+
+    return rows_to_dense(unpack(weight, spec, in_features, dtype))
 
 
 def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
