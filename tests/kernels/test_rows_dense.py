@@ -1,6 +1,7 @@
 """rows_to_dense: the dense weight rebuilt from the row-major compressed layout in one pass (no zero fill).
 
-On CPU through the Triton interpreter (TRITON_INTERPRET=1). The rebuild copies values: the reference is the
+On CPU through the Triton interpreter (TRITON_INTERPRET=1), and compiled on a GPU (``-m gpu``). The rebuild copies
+values: the reference is the
 masked weight computed in float64 and cast, compared bit for bit, written into NaN-poisoned outputs.
 """
 
@@ -12,7 +13,9 @@ from vnm_compile.kernels.rows_dense import rows_to_dense
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
+def _interpret(monkeypatch, request):
+    if request.node.get_closest_marker("gpu"):  # the compiled kernel on CUDA tensors
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from vnm_compile.kernels.vnm_triton import interpreter_ready
 
@@ -56,3 +59,17 @@ def test_bad_arguments_are_named():
     folded = VNMWeight(w.values, w.columns, w.meta, torch.arange(64, dtype=torch.int32), w.pattern, w.shape)
     with pytest.raises(ValueError, match="stored coordinates"):
         rows_to_dense(folded)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "pattern, dtype",
+    [("16:2:5", torch.float32), ("64:2:8", torch.float16), ("128:2:5", torch.bfloat16), ("32:1:6", torch.float32),
+     ("16:3:7", torch.float64)],
+)  # fmt: skip
+def test_every_element_written_on_the_gpu(pattern, dtype):
+    for rows, cols in ((131, 203), (4096, 4096), (4096, 11008)):
+        expected, w = _weight(rows, cols, pattern, dtype, thin=0.5 if rows % 2 else 0.0, seed=rows)
+        out = torch.full((rows, cols + 3), float("nan"), dtype=dtype, device="cuda")[:, :cols]
+        got = rows_to_dense(w.to("cuda"), out=out)
+        assert not got.isnan().any() and torch.equal(got.cpu(), expected), f"{rows}x{cols} at {pattern}"

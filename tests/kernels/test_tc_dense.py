@@ -1,6 +1,7 @@
 """tc_to_dense: the dense weight rebuilt from the sparse-tensor-core packing in one pass (no zero fill).
 
-Run on CPU through the Triton interpreter (TRITON_INTERPRET=1). The rebuild copies values, so the reference
+Run on CPU through the Triton interpreter (TRITON_INTERPRET=1), and compiled on a GPU (``-m gpu``, Llama-2-7B
+shapes as well). The rebuild copies values, so the reference
 is exact: the masked weight computed in float64 and cast, compared bit for bit. Every call writes into a
 NaN-poisoned tensor: an element the kernel skipped stays NaN and fails the comparison.
 """
@@ -14,7 +15,9 @@ from vnm_compile.kernels.tc_dense import tc_to_dense, tc_to_dense_reference
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
+def _interpret(monkeypatch, request):
+    if request.node.get_closest_marker("gpu"):  # the compiled kernel on CUDA tensors
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from vnm_compile.kernels.vnm_triton import interpreter_ready
 
@@ -126,3 +129,17 @@ def test_bad_arguments_are_named():
         tc_to_dense(packed.records, packed.columns, 65, 80, p, torch.float16)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         tc_to_dense(packed.records, packed.columns, 64, 80, p, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["64:2:5", "64:2:8", "128:2:5"])
+def test_every_element_written_on_the_gpu(pattern, dtype, compact):
+    for rows, cols in ((131, 203), (4096, 4096), (11008, 4096), (4096, 11008), (67, 1281)):
+        p, expected, packed = _packed(rows, cols, pattern, dtype, thin=0.3 if rows % 2 else 0.0, compact=compact)
+        records, columns = packed.records.cuda(), packed.columns.cuda()
+        out = _poisoned(rows, cols, dtype, extra=8).cuda()
+        got = tc_to_dense(records, columns, rows, cols, p, dtype, out=out)
+        assert not got.isnan().any() and torch.equal(got.cpu(), expected), f"{rows}x{cols} at {pattern}"
+        assert torch.equal(tc_to_dense(records, columns, rows, cols, p, dtype).cpu(), expected)
