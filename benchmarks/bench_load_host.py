@@ -14,7 +14,7 @@ The child process imports everything and builds the meta model, then resets the 
 minus VmRSS before; file pages mapped from the checkpoint count, as they do against a machine's memory), the
 bytes the loaded model holds on the host (0 for a GPU target), and the difference: the loader's own
 overhead. Linux only. Writes load_host_<device>.json/.md to --out (default benchmarks/results/cpu/ for a CPU
-target).
+target, benchmarks/results/<gpu>/ for a GPU one).
 """
 
 from __future__ import annotations
@@ -162,12 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         device=args.device, pattern=args.pattern, linears=args.linears, checkpoint_bytes=size, shards=shards,
         command=command_line("python "), commit=commit + (" + uncommitted changes" if dirty.strip() else ""),
-        machine=f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPU cores",
+        machine=f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPU cores"
+        + (f", {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""),
         versions={"torch": torch.__version__, "safetensors": __import__("safetensors").__version__,
                   "python": platform.python_version()},
         date=time.strftime("%Y-%m-%d"),
     )  # fmt: skip
-    out = args.out or (Path(__file__).resolve().parent / "results" / "cpu" if args.device == "cpu" else Path("."))
+    if args.out is None:
+        from vnm_compile.kernels.dispatch import gpu_slug
+
+        where = "cpu" if torch.device(args.device).type == "cpu" else gpu_slug(torch.device(args.device))
+        args.out = Path(__file__).resolve().parent / "results" / where
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / f"load_host_{args.device}.json").write_text(json.dumps(result, indent=1))
     (out / f"load_host_{args.device}.md").write_text(_md(result))
