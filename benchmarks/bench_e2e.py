@@ -208,16 +208,24 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
+# hidden, intermediate, attention heads, KV heads, vocab (Meta's configs)
+LLAMA_SHAPES = {
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "llama2-13b": (5120, 13824, 40, 40, 32000),
+    "llama3-8b": (4096, 14336, 32, 8, 128256),
+}
+
+
 def build_llama_config(args):
-    """The Llama-2-7B shapes (--smoke: tiny ones) with --llama-layers layers."""
+    """The shapes of ``args.shapes`` (default Llama-2-7B; --smoke: tiny ones) with --llama-layers layers."""
     from transformers import LlamaConfig
 
-    shape = (256, 704, 4, 512) if args.smoke else (4096, 11008, 32, 32000)
+    shape = (256, 704, 4, 4, 512) if args.smoke else LLAMA_SHAPES[getattr(args, "shapes", "llama2-7b")]
     cfg = LlamaConfig(
         hidden_size=shape[0],
         intermediate_size=shape[1],
         num_attention_heads=shape[2],
-        num_key_value_heads=shape[2],
+        num_key_value_heads=shape[3],
         num_hidden_layers=args.llama_layers,
         vocab_size=shape[3],
         max_position_embeddings=4096,
