@@ -139,7 +139,7 @@ def run_memory(args) -> dict:
         prune_s = time.perf_counter() - t0
         masked_all = _allocated_after_warmup(model, args.device)
         t0 = time.perf_counter()
-        compress_(model, progress=False)
+        compress_(model, layout=args.layout, progress=False)
         compress_s = time.perf_counter() - t0
         comp_all = _allocated_after_warmup(model, args.device)
         comp_linear = _linear_bytes(model)
@@ -164,7 +164,7 @@ def run_memory(args) -> dict:
             with torch.device("meta"):
                 fresh = LlamaModel(e2e.build_llama_config(args))
             t0 = time.perf_counter()
-            load_compressed(fresh, tmp, device=args.device)
+            load_compressed(fresh, tmp, device=args.device, layout=args.layout)
             torch.cuda.synchronize()
             load_s = time.perf_counter() - t0
             rec.update(checkpoint_bytes=size, load_s=load_s, load_gb_s=size / load_s / 1e9,
@@ -214,7 +214,7 @@ def _build_big(args, cfg, pattern: str):
             else:
                 p.data = torch.randn(p.shape, device=args.device, dtype=args.dtype) * 0.02
         random_sparsify_(model, pattern, seed=i, layers=[layer])
-        compress_(layer, progress=False)
+        compress_(layer, layout=args.layout, progress=False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         layer_s.append(time.perf_counter() - t1)
@@ -303,7 +303,7 @@ def _speed_variants(args) -> list[str]:
     return out
 
 
-def _prepared(base, variant: str, cache: dict):
+def _prepared(base, variant: str, cache: dict, layout: str = "auto"):
     """The model a variant runs (built once per pattern and kept: the masked and compressed forms of one
     pruning)."""
     import copy
@@ -319,7 +319,7 @@ def _prepared(base, variant: str, cache: dict):
         random_sparsify_(masked, pattern)
         cache[(pattern, "masked")] = masked
     if form == "compressed" and (pattern, form) not in cache:
-        cache[(pattern, form)] = compress_(copy.deepcopy(cache[(pattern, "masked")]), progress=False)
+        cache[(pattern, form)] = compress_(copy.deepcopy(cache[(pattern, "masked")]), layout=layout, progress=False)
     return cache[(pattern, form)]
 
 
@@ -361,9 +361,13 @@ def run_speed(args) -> dict:
                 cslt, _ = e2e._cslt_model(base, tokens)
                 compiled = torch.compile(cslt, fullgraph=True, dynamic=False)
             elif variant.endswith("masked"):
-                compiled = torch.compile(_prepared(base, variant, cache), backend="vnm", fullgraph=True, dynamic=False)
+                compiled = torch.compile(
+                    _prepared(base, variant, cache, args.layout), backend="vnm", fullgraph=True, dynamic=False
+                )
             else:  # the README's recipe: the "vnm" backend runs compressed siblings as one launch
-                compiled = torch.compile(_prepared(base, variant, cache), backend="vnm", fullgraph=True, dynamic=False)
+                compiled = torch.compile(
+                    _prepared(base, variant, cache, args.layout), backend="vnm", fullgraph=True, dynamic=False
+                )
             model = getattr(compiled, "_orig_mod", compiled)
             call, _ = make(args, model, batch)
             with torch.no_grad():
@@ -390,7 +394,7 @@ def run_speed(args) -> dict:
 def _md(result: dict) -> str:
     lines = [f"# {result['mode']} ({result.get('shapes', 'llama2-7b')} shapes) — {result['gpu']}", "",
              f"Command: `{result['command']}`", "",
-             f"Versions: {result['versions']}", ""]  # fmt: skip
+             f"Versions: {result['versions']}", "", f"compress_ layout: {result.get('layout', 'auto')}", ""]  # fmt: skip
     recs = result["records"]
     if result["mode"] == "memory":
         lines += ["| pattern | layers | dense GB | masked GB | compressed GB | model ratio | linears ratio | "
@@ -442,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--tmp", default=None, help="folder for the checkpoint (default: the system's temp)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "tc", "tc-compact", "rows"],
+                        help="compress_'s layout (tc-compact: the sparse-tensor-core records without the dense "
+                        "GEMM's rows; results are written as deploy_<mode>_<layout>.*)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -460,10 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     args.llama_layers = args.layers
     result = {"memory": run_memory, "speed": run_speed, "big": run_big}[args.mode](args)
     result.update(gpu=torch.cuda.get_device_name(), versions=e2e._versions(), command=command_line("python "),
-                  shapes=args.shapes, wall_s=time.perf_counter() - args.t0)  # fmt: skip
+                  shapes=args.shapes, wall_s=time.perf_counter() - args.t0, layout=args.layout)  # fmt: skip
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     stem = f"deploy_{args.mode}" + ("" if args.shapes == "llama2-7b" or args.mode == "big" else f"_{args.shapes}")
+    stem += "" if args.layout == "auto" else f"_{args.layout}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(_md(result))
     print(_md(result))

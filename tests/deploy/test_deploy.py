@@ -263,6 +263,34 @@ def test_load_rejects_bad_files(tmp_path):
         load_compressed(_mlp(torch.float16), tmp_path / "nowhere")
 
 
+def test_shard_reader_reads_each_tensor_into_its_own_memory(tmp_path):
+    """load_compressed's reader (plain file reads, no memory map) against safetensors, every dtype and odd
+    shapes; a shard cut after its header was checked raises."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vnm_compile.deploy.checkpoint import _ShardReader
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"{dt}".split(".")[1]: (torch.randn(3, 5, 7, generator=gen) * 100).to(dt)
+               for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                          torch.int16, torch.int8, torch.uint8, torch.bool)}  # fmt: skip
+    tensors.update(scalar=torch.tensor(3.5, dtype=torch.float16), empty=torch.empty(0, 4, dtype=torch.int16))
+    file = tmp_path / "x.safetensors"
+    save_file(tensors, file)
+    handle = safe_open(str(file), framework="pt", device="cpu")
+    reader = _ShardReader(file, handle)
+    for key, t in tensors.items():
+        got = reader.read(key)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), key
+        assert got.untyped_storage().nbytes() == t.numel() * t.element_size()  # its own memory, nothing more
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 10])
+    last = max(tensors, key=lambda k: reader.header[k]["data_offsets"][1])
+    with pytest.raises(ValueError, match="truncated"):
+        reader.read(last)
+
+
 def test_errors_for_models_without_state():
     with pytest.raises(ValueError, match="no sparsified linears"):
         compress_(_mlp(torch.float32))
@@ -418,3 +446,29 @@ def test_folded_weight_is_the_module_weight_in_original_order():
     compress_(model, progress=False)
     for m in compressed_linears(model).values():
         assert torch.equal(m.folded_weight().to_dense(), m.to_dense())
+
+
+def test_tc_compact_layout_converts_through_state_dicts():
+    """A "tc-compact" module (packed here on the CPU) loads into "tc", "rows" and "tc-compact" modules and back,
+    exactly, and holds fewer bytes than "tc"."""
+    model = _sparse(torch.float16, "64:2:5")
+    compress_(model, layout="rows", progress=False)
+    source = model[0]
+    want = source.to_dense()
+    tc_bytes = copy.deepcopy(source)
+    tc_bytes._to_layout("tc")
+    source._to_layout("tc-compact")
+    assert source.layout == "tc-compact" and source.nbytes < tc_bytes.nbytes
+    assert torch.equal(source.to_dense(), want)
+    state = source.state_dict()
+    assert int(state["vnm_header"][6]) == 2 and state["tc_records"].shape[-1] == 576
+    for layout in ("tc", "rows", "tc-compact"):
+        fresh = VNMLinear(97, 131, "64:2:5", dtype=torch.float16, layout=layout, in_permuted=True, out_permuted=True)
+        fresh.load_state_dict(copy.deepcopy(state))
+        assert fresh.layout == layout and torch.equal(fresh.to_dense(), want), layout
+        back = VNMLinear(97, 131, "64:2:5", dtype=torch.float16, layout="tc-compact", in_permuted=True,
+                         out_permuted=True)  # fmt: skip
+        back.load_state_dict(fresh.state_dict())
+        assert torch.equal(back.tc_records, source.tc_records) and torch.equal(back.tc_columns, source.tc_columns)
+    with pytest.raises(ValueError, match="layout 'tc-compact' is not available"):
+        compress_(_sparse(torch.float16), layout="tc-compact")

@@ -12,7 +12,7 @@ from vnm_compile.kernels import compressed as C
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _layer(rows, cols, pattern, dtype, seed):
+def _layer(rows, cols, pattern, dtype, seed, layout="auto"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(rows, cols, device="cuda", generator=g).to(dtype)
     in_perm = torch.randperm(cols, device="cuda", generator=g)
@@ -21,7 +21,7 @@ def _layer(rows, cols, pattern, dtype, seed):
     mask_p = vnm_mask(w[out_perm][:, in_perm].float().abs(), p)
     bias = torch.randn(rows, device="cuda", generator=g).to(dtype)
     mod = VNMLinear.from_weight(VNMWeight.from_dense(w[out_perm][:, in_perm], mask_p, p), bias, in_perm=in_perm,
-                                out_perm=out_perm)  # fmt: skip
+                                out_perm=out_perm, layout=layout)  # fmt: skip
     return mod
 
 
@@ -81,3 +81,51 @@ def test_compress_on_the_gpu_moves_and_checkpoints(tmp_path):
         assert torch.equal(fresh(x), model(x))
         torch._dynamo.reset()
         assert torch.equal(torch.compile(fresh, backend="vnm")(x), torch.compile(model)(x))
+
+
+@pytest.mark.parametrize("shape", [(1000, 2304), (4096, 4096), (4096, 11008)])
+@pytest.mark.parametrize("pattern", ["64:2:5", "128:2:8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tc_compact_layout_both_paths_match_float64(shape, pattern, dtype):
+    """layout="tc-compact" (records without the dense GEMM's rows, k-steps padded to one): the sparse
+    kernels (compiled with REC=2304) and the dense rebuild against float64, as the "tc" layout's test."""
+    mod = _layer(*shape, pattern, dtype, seed=7, layout="tc-compact")
+    assert mod.layout == "tc-compact" and mod.tc_records.shape[-1] == 576
+    dense = mod.to_dense().double()
+    for tokens in (1, 7, 16, 32, 33, 2048):
+        x = torch.randn(tokens, shape[1], device="cuda").to(dtype)
+        want = torch.nn.functional.linear(x.double(), dense, mod.bias.double())
+        ref_err = (torch.nn.functional.linear(x, mod.to_dense(), mod.bias).double() - want).abs().max().item()
+        bound = max(2 * ref_err, 1e-2 * want.abs().max().item())
+        xp = x.index_select(-1, mod.in_perm)
+        for fn in (C._sparse, C._dense):
+            if fn is C._dense and tokens <= C.DECODE_TOKENS:
+                continue
+            y = fn(xp, mod._weight_tensors(), mod._spec, None).index_select(-1, mod._out_inv) + mod.bias
+            err = (y.double() - want).abs().max().item()
+            assert not y.isnan().any() and err <= bound, (tokens, fn.__name__, err, ref_err)
+
+
+def test_tc_compact_model_moves_checkpoints_and_compiles(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 2816), nn.SiLU(), nn.Linear(2816, 1024)).cuda().half()
+    sparsify_(model, VNMConfig("64:2:5", score="abs", permute=True), progress=False)
+    x = torch.randn(7, 1024, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        ref = model(x)
+        compress_(model, layout="tc-compact", progress=False)
+        assert {m.layout for m in model.modules() if isinstance(m, VNMLinear)} == {"tc-compact"}
+        y = model(x)
+        torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+        model.cpu()
+        model.cuda()
+        assert model[0].layout == "tc-compact"
+        save_compressed(model, tmp_path)
+        with torch.device("meta"):
+            fresh = nn.Sequential(nn.Linear(1024, 2816), nn.SiLU(), nn.Linear(2816, 1024)).half()
+        load_compressed(fresh, tmp_path, device="cuda", layout="tc-compact")
+        assert fresh[0].layout == "tc-compact"
+        assert torch.equal(fresh(x), model(x))
+        long = torch.randn(300, 1024, device="cuda", dtype=torch.half)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fresh, backend="vnm")(long), model(long), rtol=2e-2, atol=2e-2)

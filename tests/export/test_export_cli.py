@@ -107,3 +107,56 @@ def test_export_onnx_of_a_user_model_directory(tmp_path, capsys):
     text = capsys.readouterr().out
     assert out.is_file() and "VNMLinear nodes" in text
     assert float(text.split("max |diff|")[1].split()[0]) < 1e-4
+
+
+def _compressed_checkpoint(tmp_path):
+    """A tiny permuted Llama (causal LM), compressed and saved; (model, folder)."""
+    from vnm_compile import compress_, save_compressed
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=151, hidden_size=64, intermediate_size=112, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    sparsify_(model, VNMConfig("16:2:5", score="abs", permute=True, min_numel=0), progress=False)
+    compress_(model, progress=False)
+    folder = tmp_path / "ckpt"
+    save_compressed(model, folder, max_shard_size=20_000)
+    return model, folder
+
+
+def test_export_onnx_of_a_compressed_checkpoint(tmp_path, capsys):
+    """`vnm export onnx --compressed DIR`: the checkpoint's model built on the meta device, loaded, exported;
+    onnxruntime on the file matches the model that was saved."""
+    import onnx
+    import onnxruntime as ort
+
+    model, folder = _compressed_checkpoint(tmp_path)
+    assert (folder / "config.json").is_file()
+    out = tmp_path / "c.onnx"
+    assert main(["export", "onnx", "--compressed", str(folder), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "VNMLinear nodes                    7" in text  # q, k, v, o, gate, up, down (lm_head stays dense)
+    assert float(text.split("max |diff|")[1].split()[0]) < 1e-4
+    proto = onnx.load(str(out))
+    assert sum(n.op_type == "VNMLinear" for n in proto.graph.node) == 7
+    ids = torch.randint(0, 151, (2, 13))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    )[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_of_a_compressed_checkpoint_rejects_bad_folders(tmp_path, capsys):
+    _, folder = _compressed_checkpoint(tmp_path)
+    out = str(tmp_path / "c.onnx")
+    assert main(["export", "onnx", "--compressed", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert "not a save_compressed folder" in capsys.readouterr().err
+    assert main(["export", "onnx", "--compressed", str(folder), "--model", str(folder), "--out", out]) == 2
+    assert "not both" in capsys.readouterr().err
+    (folder / "config.json").unlink()
+    assert main(["export", "onnx", "--compressed", str(folder), "--out", out]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -264,6 +264,38 @@ def test_kernel_matches_float32(rows, cols, lead, pattern, permute, dtype, with_
 
 
 @pytest.mark.gpu(sparse_tc=True)
+@pytest.mark.parametrize(
+    "rows, cols, lead, pattern, permute",
+    [(64, 40, (5,), "64:2:5", False), (200, 97, (3, 13), "64:2:8", True), (257, 515, (2, 150), "128:2:8", True),
+     (192, 4096, (129,), "64:2:5", True), (131, 4096, (1,), "64:2:5", False), (131, 4096, (7,), "64:2:5", True),
+     (64, 11008, (16,), "64:2:5", True), (64, 11008, (32,), "64:2:8", False)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c or c["KERNEL"] != "dense"],
+                         ids=[i for c, i in zip(CONFIGS, CONFIG_IDS, strict=True) if not c or c["KERNEL"] != "dense"])  # fmt: skip
+def test_compact_records_run_the_gather_wgmma_and_decode_kernels(rows, cols, lead, pattern, permute, dtype, config):
+    """pack_sparse_tc(compact=True): the kernels compiled with REC=2304 against float32 (up to 32 tokens the
+    default is the decode kernel, autotuned over its grid); the dense GEMM refuses the records."""
+    if config and config["KERNEL"] == "wgmma" and not wgmma_available("cuda"):
+        pytest.skip("the wgmma kernel needs compute capability 9.0")
+    if config and config.get("SHARE") and not pattern.startswith("128:"):
+        pytest.skip("SHARE=1 takes 128-row V blocks")
+    w = vnm_weight(rows, cols, pattern, permute, dtype, device="cuda", seed=5)
+    packed = pack_sparse_tc(w, compact=True)
+    x = torch.randn(*lead, cols + 5, device="cuda", dtype=dtype)[..., :cols]
+    bias = torch.randn(rows, device="cuda", dtype=dtype)
+    ref = x.float() @ w.to_dense().float().t() + bias.float()
+    if config is not None and x.numel() // cols <= DECODE_MAX_TOKENS:
+        pytest.skip("a GEMM config at decode token counts: the default (None) covers the decode kernel")
+    y = sparse_tc_linear(x, packed, bias, config)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+    with pytest.raises(ValueError, match="no dense x\\^T row order"):
+        dense = {"KERNEL": "dense", "WR": 2, "WN": 2, "NT": 4, "STAGES": 3, "KSUB": 2, "MINB": 1}
+        launch(torch.zeros(1, 8, device="cuda", dtype=dtype), 1, packed, y.reshape(-1, rows), None, dense)
+
+
+@pytest.mark.gpu(sparse_tc=True)
 def test_kernel_refuses_mismatched_input():
     packed = pack_sparse_tc(vnm_weight(64, 40, "64:2:5", False, torch.float16, device="cuda"))
     with pytest.raises(ValueError, match="features"):
@@ -393,6 +425,33 @@ def test_packed_bytes_count_what_the_packing_adds():
     packed = pack_sparse_tc(vnm_weight(200, 97, "64:2:8", True, torch.float16))
     parts = [packed.records, packed.columns] + ([packed.group_columns] if packed.group_columns is not None else [])
     assert packed.nbytes == sum(t.numel() * t.element_size() for t in parts) > 0
+
+
+PACK_CASES = [(200, 97, "64:2:8", False), (257, 515, "128:2:8", True), (64, 40, "64:2:5", True),
+              (130, 300, "64:2:16", False), (70, 45, "64:2:7", False), (131, 4096, "64:2:5", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows, cols, pattern, permute", PACK_CASES)
+def test_compact_packing_is_the_default_less_local_rows_and_step_padding(rows, cols, pattern, permute):
+    """compact=True: the same A fragments, metadata and kept columns, records of 576 words (no dense-kernel
+    rows), k-steps padded to whole steps only; the dense mma.sp GEMM is never chosen for it."""
+    from vnm_compile.kernels.sparse_tc import GATHER_CONFIG, mma_sp_config, unpack_sparse_tc
+
+    w = vnm_weight(rows, cols, pattern, permute, torch.bfloat16)
+    full, compact = pack_sparse_tc(w), pack_sparse_tc(w, compact=True)
+    groups = -(-cols // w.pattern.m)
+    steps = -(-groups // 8)
+    assert compact.records.shape == (full.records.shape[0], steps, 576) and compact.columns.shape[1] == steps
+    assert torch.equal(compact.records, full.records[:, :steps, :576])
+    assert torch.equal(compact.columns, full.columns[:, :steps])
+    assert compact.group_columns is None and mma_sp_config(compact) is GATHER_CONFIG
+    assert (compact.record_bytes, compact.rec_define(), full.rec_define()) == (2304, {"REC": 2304}, {})
+    assert compact.nbytes < full.nbytes
+    a, b = unpack_sparse_tc(full, w.pattern), unpack_sparse_tc(compact, w.pattern)
+    for name in ("values", "columns", "meta", "row_index"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+    assert _smem_bytes(WGMMA_CONFIG, 10, 0, compact.record_bytes) == 4 * (64 * 256 + 2304) + 10 * 64 + 1024
 
 
 def test_decode_split_and_configs():

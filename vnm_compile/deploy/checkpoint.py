@@ -2,18 +2,26 @@
 
 A checkpoint is a folder in the transformers layout: safetensors shards ``model-0000i-of-0000N.safetensors``
 and ``model.safetensors.index.json`` (``weight_map``: tensor -> shard; ``metadata``: the format, its version,
-every compressed layer's pattern, shape, dtype and permutations, tied tensors, non-persistent buffers). A
+every compressed layer's pattern, shape, dtype and permutations, tied tensors, non-persistent buffers), and for
+a transformers model its ``config.json`` (``architectures``: the saved class). A
 compressed layer is stored row-major (``values``, ``columns``, ``meta``: the portable layout; loading lays it
 out for the target device), with its permutations, bias and ``vnm_header``; every other tensor as the model
 holds it. Nothing dense is stored for a compressed layer, and nothing dense is materialised when loading one:
 ``load_compressed`` fills a model built on the meta device (or any nn.Module of the same architecture).
+
+Loading reads each tensor with plain file reads into memory of its own and moves it to the target device
+at once (``_ShardReader``), so the host holds about one tensor at a time beyond what stays there: reading
+through safetensors' memory map would keep every page read resident (and counted against the process)
+while its shard is open, a whole checkpoint for a GPU target.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -122,8 +130,20 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, max_shard_size
         "weight_map": weight_map,
     }  # fmt: skip
     (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    _save_config(model, out)
     log.info("saved %d tensors (%.1f MiB) in %d shard(s) to %s", len(stored), total / 2**20, len(shards), out)
     return out / INDEX_NAME
+
+
+def _save_config(model: nn.Module, out: Path) -> None:
+    """A transformers model's config.json (with its class in ``architectures``), so that the folder alone
+    rebuilds the model on the meta device (``vnm export onnx --compressed``)."""
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_json_file", None)):
+        return
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    config.to_json_file(out / "config.json")
 
 
 def _owned(t: Tensor) -> Tensor:
@@ -151,6 +171,48 @@ def _read_index(path: Path) -> dict:
             f"(this vnm_compile reads version {FORMAT_VERSION}; upgrade vnm_compile)"
         )
     return index
+
+
+# safetensors dtype names -> torch (the ones a checkpoint of this package holds and a few more)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _ShardReader:
+    """Reads tensors of one safetensors file (whose header safetensors has checked) with plain file reads,
+    each into a fresh CPU tensor: no page of the file stays mapped, so host memory holds what the caller
+    keeps (a tensor moved to a GPU is freed on the host at once)."""
+
+    def __init__(self, file: Path, handle) -> None:
+        self.file, self.handle = file, handle
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(size))
+        self.base = 8 + size
+
+    def read(self, key: str) -> Tensor:
+        entry = self.header[key]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:  # a dtype not mapped here: through safetensors, copied out of its memory map
+            return self.handle.get_tensor(key).clone()
+        start, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=dtype)
+        if t.numel() * t.element_size() != end - start:
+            raise ValueError(f"load_compressed: {key} in {self.file.name} has {end - start} bytes for its shape")
+        if t.numel() == 0:
+            return t
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"load_compressed: shard {self.file.name} is truncated (reading {key})")
+                done += got
+        return t
 
 
 def _open_shards(root: Path, index: dict) -> dict[str, object]:
@@ -210,7 +272,9 @@ def _plan(model: nn.Module, index: dict, handles: dict) -> tuple[dict, list[str]
     return layers, saved
 
 
-def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+def load_compressed(
+    model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, *, layout: str = "auto"
+) -> nn.Module:
     """Fill ``model`` **in place** from a ``save_compressed`` folder and return it.
 
     ``model`` may be built on the meta device (``with torch.device("meta"): ...``); its sparsified linears
@@ -218,6 +282,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
     ``device`` (default: where the model's tensors are, CPU for a meta model); every other tensor is
     loaded as saved. Nothing dense is materialised for a compressed layer. A checkpoint whose layers or
     shapes do not match the model raises ValueError naming the first mismatch, before anything changes.
+    ``layout``: as ``compress_``'s ("auto": the sparse-tensor-core packing where it runs, else row-major).
     """
     _safetensors()
     root = Path(path)
@@ -225,6 +290,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
     root = root if root.is_dir() else root.parent
     handles = _open_shards(root, index)
     layers, rest = _plan(model, index, handles)
+    readers = {name: _ShardReader(root / name, h) for name, h in handles.items()}
     if device is None:
         devices = {t.device for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
         device = devices.pop() if len(devices) == 1 else torch.device("cpu")
@@ -233,7 +299,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
 
     def read(key: str) -> Tensor:
         key = aliases.get(key, key)
-        return handles[weight_map[key]].get_tensor(key).to(device)
+        return readers[weight_map[key]].read(key).to(device)
 
     # 1. the compressed layers, straight to their layout on the device
     modules = dict(model.named_modules())
@@ -245,7 +311,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
         if header[0] != FORMAT_VERSION or header[1:4] != [pattern.v, pattern.n, pattern.m]:
             raise ValueError(f"load_compressed: {name!r}: its header {header} does not match the index")
         w = VNMWeight(t["values"], t["columns"], t["meta"], None, pattern, tuple(info["shape"]))
-        new = VNMLinear.from_weight(w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"], links=t["perm_links"])
+        new = VNMLinear.from_weight(
+            w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"], links=t["perm_links"], layout=layout
+        )
         old = modules[name]
         new.train(old.training)
         if old is model:

@@ -42,7 +42,8 @@ def compress_(model: nn.Module, *, layout: str = "auto", progress: bool = True) 
 
     ``layout`` "auto" (default) lays each weight out for the sparse tensor cores where they run on its device
     (CUDA, fp16/bf16, n = 2, V a multiple of 64), else row-major; "rows" forces row-major; "tc" the sparse-tensor
-    core packing (ValueError where it is unavailable). Eager, ``torch.compile(model)`` and
+    core packing (ValueError where it is unavailable); "tc-compact" that packing without the dense mma.sp
+    GEMM's rows and k-step padding (fewer bytes; kernels/sparse_tc.pack_sparse_tc). Eager, ``torch.compile(model)`` and
     ``torch.compile(model, backend="vnm")`` run it; ``decompress_`` goes back.
     """
     from tqdm.auto import tqdm

@@ -4,7 +4,9 @@ What ``compress_`` puts in place of a sparsified ``nn.Linear``. It holds one lay
 so ``state_dict``, ``torch.save`` and ``copy.deepcopy`` carry it) and no dense weight or mask:
 
 - ``"tc"`` on a GPU where the sparse-tensor-core kernels run (fp16/bf16, n = 2, V a multiple of 64):
-  ``tc_records``, ``tc_columns`` (kernels/sparse_tc.py's packing);
+  ``tc_records``, ``tc_columns`` (kernels/sparse_tc.py's packing); ``"tc-compact"`` (asked for, never
+  chosen by "auto") the same without the dense mma.sp GEMM's local rows and k-step padding (64:2:5: 1.3 %
+  fewer bytes; that GEMM, the pre-Hopper default at M <= 8, does not run it);
 - ``"rows"`` elsewhere (CPU, fp32, other patterns): ``values``, ``columns``, ``meta`` (format.VNMWeight).
 
 The weight is stored in the coordinates in which it obeys the pattern, ``W[out_perm][:, in_perm]``, so the
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..format import VNMWeight, _unpack_meta, groups_per_word
-from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC, LAYOUTS, OP, unpack
+from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC, LAYOUT_TC_COMPACT, LAYOUTS, OP, unpack
 from ..masks import block_rows
 from ..pattern import VNMPattern, as_pattern
 
@@ -40,7 +42,7 @@ FORMAT_VERSION = 1
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 _ROWS_KEYS = ("values", "columns", "meta")
 _TC_KEYS = ("tc_records", "tc_columns")
-_KEYS = {LAYOUT_ROWS: _ROWS_KEYS, LAYOUT_TC: _TC_KEYS}
+_KEYS = {LAYOUT_ROWS: _ROWS_KEYS, LAYOUT_TC: _TC_KEYS, LAYOUT_TC_COMPACT: _TC_KEYS}
 
 
 def tc_layout_supported(pattern: VNMPattern, dtype: torch.dtype, in_features: int, device: torch.device) -> bool:
@@ -87,6 +89,7 @@ class VNMLinear(nn.Module):
         self.pattern = as_pattern(pattern)
         self.weight_dtype = dtype
         self.layout = layout
+        self.tc_layout = layout if layout != "rows" else "tc"  # the sparse-tensor-core layout a move lands in
         for name, shape, dt in self._buffer_shapes(layout):
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         idx = dict(dtype=torch.int64, device=device)
@@ -111,9 +114,10 @@ class VNMLinear(nn.Module):
                 ("columns", (rows_p // v, groups, 4), index),
                 ("meta", (rows_p, words), torch.int32),
             ]
-        steps = -(-groups // 16) * 2
+        compact = layout == "tc-compact"
+        steps = -(-groups // 8) if compact else -(-groups // 16) * 2
         return [
-            ("tc_records", (rows_p // 64, steps, 584), torch.int32),
+            ("tc_records", (rows_p // 64, steps, 576 if compact else 584), torch.int32),
             ("tc_columns", (rows_p // 64, steps, 32), torch.int16),
         ]
 
@@ -165,8 +169,8 @@ class VNMLinear(nn.Module):
             mod.bias = nn.Parameter(
                 bias.detach().to(device=device, dtype=weight.dtype), requires_grad=bias.requires_grad
             )
-        if layout == "tc":
-            mod._to_layout("tc")
+        if layout != "rows":
+            mod._to_layout(layout)
         return mod
 
     @classmethod
@@ -192,12 +196,12 @@ class VNMLinear(nn.Module):
         if layout == "auto":
             return "tc" if tc_layout_supported(pattern, dtype, in_f, device) else "rows"
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be 'auto', 'rows' or 'tc', got {layout!r}")
-        if layout == "tc" and not tc_layout_supported(pattern, dtype, in_f, device):
+            raise ValueError(f"layout must be 'auto', 'rows', 'tc' or 'tc-compact', got {layout!r}")
+        if layout != "rows" and not tc_layout_supported(pattern, dtype, in_f, device):
             from ..kernels.sparse_tc import unsupported
 
             why = unsupported(pattern, dtype, in_f) or f"the sparse tensor cores do not run on {device}"
-            raise ValueError(f"layout 'tc' is not available: {why}")
+            raise ValueError(f"layout {layout!r} is not available: {why}")
         return layout
 
     def _set_rows(self, w: VNMWeight, device) -> None:
@@ -225,11 +229,11 @@ class VNMLinear(nn.Module):
         else:
             from ..kernels.sparse_tc import pack_sparse_tc
 
-            packed = pack_sparse_tc(w)
+            packed = pack_sparse_tc(w, compact=layout == "tc-compact")
             for k in _ROWS_KEYS:
                 self._buffers.pop(k, None)
             self._buffers["tc_records"], self._buffers["tc_columns"] = packed.records, packed.columns
-            self.layout = "tc"
+            self.layout = self.tc_layout = layout
         self._refresh()
 
     # ------------------------------------------------------------------ reading the weight
@@ -333,9 +337,9 @@ class VNMLinear(nn.Module):
         self._to_layout("rows")
         super()._apply(fn, recurse)
         self.weight_dtype = self.values.dtype
-        # 2. the layout for where it landed
+        # 2. the layout for where it landed (the sparse-tensor-core one it last held, if any)
         if tc_layout_supported(self.pattern, self.weight_dtype, self.in_features, probe.device):
-            self._to_layout("tc")
+            self._to_layout(getattr(self, "tc_layout", "tc"))
         self._refresh()
         return self
 
@@ -378,11 +382,11 @@ class VNMLinear(nn.Module):
         tensors = [state_dict.pop(prefix + k) for k in _KEYS[LAYOUTS[saved]]]
         spec = [LAYOUTS[saved], *self._spec[1:]]
         w = unpack(tensors, spec, self.in_features, self.weight_dtype)
-        if self.layout == "tc":
+        if self.layout != "rows":
             from ..kernels.sparse_tc import pack_sparse_tc
 
             device = self.tc_records.device
-            packed = pack_sparse_tc(w.to(device) if device.type != "meta" else w)
+            packed = pack_sparse_tc(w.to(device) if device.type != "meta" else w, compact=self.layout == "tc-compact")
             state_dict[prefix + "tc_records"], state_dict[prefix + "tc_columns"] = packed.records, packed.columns
         else:
             for k in _ROWS_KEYS:

@@ -1,5 +1,6 @@
 """`vnm export onnx|tensorrt`: sparsify the bundled MiniLM (or a transformers model directory, ``--model``)
-and export it.
+and export it; `vnm export onnx --compressed DIR` exports a compressed checkpoint (``save_compressed``)
+as it is.
 
 Heavy imports (transformers, onnx, tensorrt) happen inside the handlers.
 """
@@ -64,6 +65,77 @@ def _check_model_dir(path: Path | None) -> str | None:
     return None
 
 
+def _check_compressed_dir(path: Path) -> str | None:
+    """Why ``--compressed`` cannot be exported (before any slow step), or None."""
+    from ..deploy.checkpoint import INDEX_NAME
+
+    if not path.is_dir() or not (path / INDEX_NAME).is_file():
+        return f"--compressed {path}: not a save_compressed folder (no {INDEX_NAME})"
+    if not (path / "config.json").is_file():
+        return (f"--compressed {path}: no config.json (save_compressed writes it for transformers models; "
+                "for another model, load_compressed it and call vnm_compile.export.to_onnx from Python)")  # fmt: skip
+    return None
+
+
+def _prepare_compressed(path: Path):
+    """(compressed model, export example batch, check batch): the transformers model of a save_compressed
+    folder (config.json's ``architectures``), built on the meta device and filled by load_compressed on the
+    CPU (nothing dense is materialised); random token ids as inputs."""
+    import torch
+    import transformers
+
+    from ..deploy import load_compressed
+
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise ValueError(f"--compressed {path}: config.json names no transformers model class ({arch!r})")
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise ValueError(f"--compressed {path}: {arch} takes no token ids (no vocab_size): use to_onnx from Python")
+    with torch.device("meta"):
+        model = cls(config)
+    load_compressed(model, path, device="cpu")
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(rows: int, tokens: int) -> dict:
+        ids = torch.randint(0, vocab, (rows, tokens), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return model, batch(2, 8), batch(3, 11)
+
+
+def _export_compressed_onnx(args: argparse.Namespace) -> int:
+    from .onnx import onnx_summary, to_onnx
+
+    problem = _check_compressed_dir(args.compressed)
+    if problem:
+        print(f"vnm export onnx: {problem}", file=sys.stderr)
+        return 2
+    try:
+        model, example, check = _prepare_compressed(args.compressed)
+    except ValueError as e:
+        print(f"vnm export onnx: {e}", file=sys.stderr)
+        return 2
+    path = to_onnx(model, example, args.out, opset=args.opset)
+    summary = onnx_summary(path)
+    ckpt = sum(f.stat().st_size for f in args.compressed.glob("*.safetensors"))
+    print(f"{'file':<34} {str(path)}")
+    print(f"{'VNMLinear nodes':<34} {summary['vnm_nodes']}")
+    print(f"{'file size':<34} {summary['file_bytes'] / 1e6:9.2f} MB")
+    print(f"{'compressed checkpoint':<34} {ckpt / 1e6:9.2f} MB")
+    print(f"{'V:N:M layer tensors in the file':<34} {summary['vnm_initializer_bytes'] / 1e6:9.2f} MB")
+    if not args.no_check:
+        err = _onnxruntime_error(model, path, check)
+        if err is None:
+            print("onnxruntime not installed: file not run (pip install onnxruntime)")
+        else:
+            print(f"{'onnxruntime vs PyTorch, max |diff|':<34} {err:.3g} (3 random token sequences)")
+    return 0
+
+
 def _dense_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -76,6 +148,12 @@ def _export_onnx(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"vnm export onnx: {e}", file=sys.stderr)
         return 1
+    if getattr(args, "compressed", None) is not None:
+        if getattr(args, "model", None) is not None:
+            print("vnm export onnx: give --model (prune it) or --compressed (export it as saved), not both",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return _export_compressed_onnx(args)
     problem = _check_model_dir(getattr(args, "model", None))
     if problem:
         print(f"vnm export onnx: {problem}", file=sys.stderr)
@@ -164,6 +242,13 @@ def add_export_parser(sub) -> None:
     )
     _common(onnx_p)
     onnx_p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    onnx_p.add_argument(
+        "--compressed",
+        type=Path,
+        default=None,
+        help="export a compressed checkpoint (a save_compressed folder of a transformers model, config.json "
+        "included) as saved, instead of pruning a model (--pattern, --score, --permute do not apply)",
+    )
     onnx_p.set_defaults(func=_export_onnx)
     trt_p = targets.add_parser(
         "tensorrt", help="experimental: TensorRT engine with the V:N:M plugin (needs TensorRT >= 10.8 and a GPU)"

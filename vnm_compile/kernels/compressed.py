@@ -6,7 +6,9 @@ them (``[layout, V, n, M, out_features]``). Two layouts, one held per weight:
 - ``LAYOUT_ROWS`` (values, columns, meta): ``VNMWeight``'s row-major storage, what the Triton kernels
   and the CPU reference read;
 - ``LAYOUT_TC`` (records, columns): ``SparseTCWeight``'s packing for the sparse tensor cores (mma.sp /
-  wgmma.sp decode kernel and GEMMs), on GPUs where they run (fp16/bf16, n = 2, V a multiple of 64).
+  wgmma.sp decode kernel and GEMMs), on GPUs where they run (fp16/bf16, n = 2, V a multiple of 64);
+  ``LAYOUT_TC_COMPACT`` the same packing without the dense mma.sp GEMM's local rows and k-step padding
+  (``pack_sparse_tc(compact=True)``: fewer bytes, that GEMM not among the candidates).
 
 The weights are stored in the coordinates in which they obey the pattern (permutations are applied by
 the module around the op), so every block's kept columns lie inside its own M-column group: the
@@ -34,12 +36,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..format import VNMWeight, decompress
+from ..format import VNMWeight
 from ..pattern import VNMPattern
+from .sparse_tc import RECORD
 
 __all__ = [
     "LAYOUT_ROWS",
     "LAYOUT_TC",
+    "LAYOUT_TC_COMPACT",
     "LAYOUTS",
     "OP",
     "rebuild_dense",
@@ -50,8 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LAYOUT_ROWS, LAYOUT_TC = 0, 1
-LAYOUTS = {"rows": LAYOUT_ROWS, "tc": LAYOUT_TC}
+LAYOUT_ROWS, LAYOUT_TC, LAYOUT_TC_COMPACT = 0, 1, 2
+LAYOUTS = {"rows": LAYOUT_ROWS, "tc": LAYOUT_TC, "tc-compact": LAYOUT_TC_COMPACT}
 DECODE_TOKENS = 32  # up to this many rows of x the sparse kernels always run (sparse_tc.DECODE_MAX_TOKENS)
 
 
@@ -59,9 +63,9 @@ def _check(weight: list[Tensor], spec: list[int]) -> tuple[int, int, int, int, i
     if len(spec) != 5:
         raise ValueError(f"vnm::compressed_linear: spec must be [layout, V, n, M, out_features], got {spec}")
     layout, v, n, m, out = (int(s) for s in spec)
-    expected = {LAYOUT_ROWS: 3, LAYOUT_TC: 2}.get(layout)
+    expected = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2}.get(layout)
     if expected is None:
-        raise ValueError(f"vnm::compressed_linear: unknown layout {layout} (rows {LAYOUT_ROWS}, tc {LAYOUT_TC})")
+        raise ValueError(f"vnm::compressed_linear: unknown layout {layout} ({LAYOUTS})")
     if len(weight) != expected:
         raise ValueError(f"vnm::compressed_linear: layout {layout} takes {expected} tensors, got {len(weight)}")
     return layout, v, n, m, out
@@ -83,7 +87,8 @@ def _tc_weight(weight: list[Tensor], v: int, m: int, out: int, in_features: int,
     from .sparse_tc import SparseTCWeight
 
     records, columns = weight
-    rows = _identity_rows(records.shape[1] * 8 * m, in_features, records.device) if 8 * m <= 256 else None
+    identity = 8 * m <= 256 and records.shape[-1] == RECORD  # compact records have no dense-kernel rows
+    rows = _identity_rows(records.shape[1] * 8 * m, in_features, records.device) if identity else None
     return SparseTCWeight(
         records, columns, None, out, in_features, dtype, rows, m if rows is not None else 0, rows is not None,
         block_rows=v,
@@ -105,12 +110,13 @@ def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch
 def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
     """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates."""
     layout, v, n, m, out = _check(weight, spec)
-    if layout == LAYOUT_TC:
+    if layout != LAYOUT_ROWS:
         from .tc_dense import tc_to_dense
 
         return tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
-    w = unpack(weight, spec, in_features, dtype)
-    return decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape)
+    from .rows_dense import rows_to_dense
+
+    return rows_to_dense(unpack(weight, spec, in_features, dtype))
 
 
 def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
@@ -123,7 +129,7 @@ def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int]
 
 def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
     layout, v, n, m, out = _check(weight, spec)
-    if layout == LAYOUT_TC:
+    if layout != LAYOUT_ROWS:
         from .sparse_tc import sparse_tc_linear
 
         return sparse_tc_linear(x, _tc_weight(weight, v, m, out, x.shape[-1], x.dtype), bias)
@@ -181,7 +187,7 @@ def _seed(layout: int, out: int, in_f: int, pattern: VNMPattern, tokens: int, de
     """What the shipped table predicts: timed first, kept unless the other path is clearly faster."""
     from . import dispatch
 
-    if layout == LAYOUT_TC:
+    if layout != LAYOUT_ROWS:
         floor = dispatch.sparse_tc_token_floor(out, in_f, pattern, device)
         return "sparse" if floor is not None and tokens >= floor else "dense"
     limit = dispatch.sparse_token_limit(out, in_f, pattern, device)

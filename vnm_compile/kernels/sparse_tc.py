@@ -185,7 +185,8 @@ class SparseTCWeight:
 
     records: Tensor  # (blocks, steps, 584) int32: per 64-row block and 8-group k-step, A fragments (512),
     # metadata (64: word p of a lane serves m16 tiles 2p and 2p + 1 through mma.sp's sparsity selector), and the
-    # k-step's 32 kept columns as rows of the dense kernel's x^T tile (32 uint8)
+    # k-step's 32 kept columns as rows of the dense kernel's x^T tile (32 uint8); compact packing (576 words):
+    # without those rows
     columns: Tensor  # (blocks, steps, 32) int16: the k-step's 32 kept input columns (as unsigned 16-bit)
     row_index: Tensor | None  # output row of each stored row (output permutation), or None
     out_features: int
@@ -201,6 +202,15 @@ class SparseTCWeight:
     @property
     def device(self) -> torch.device:
         return self.records.device
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one record: REC_BYTES, or COMPACT_RECORD * 4 for a compact packing."""
+        return self.records.shape[-1] * 4
+
+    def rec_define(self) -> dict:
+        """The kernels' compile-time REC for these records (none for the default ones: the same modules)."""
+        return {} if self.record_bytes == REC_BYTES else {"REC": self.record_bytes}
 
     @property
     def nbytes(self) -> int:
@@ -233,14 +243,18 @@ def unsupported(pattern: VNMPattern, dtype: torch.dtype, in_features: int) -> st
     return None
 
 
-def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWeight:
+def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None, *, compact: bool = False) -> SparseTCWeight:
     """Lay ``w`` out for the mma.sp kernels (same bytes as its values + metadata, plus 3 bytes per kept
     column). Per 64-row block and k-step of 8 groups: the 4 m16 tiles' A fragments (compressed 16x16,
     dense m16n8k16 register layout, lane-major), their metadata (tiles 2p and 2p + 1 share word p of each
     lane: sparsity selector 0 reads lanes 4g and 4g + 1, selector 1 lanes 4g + 2 and 4g + 3, so no lane
     loads a word the instruction ignores), and the 32 kept columns' rows in the dense kernel's x^T tile;
     separately the 32 kept input columns (the gather kernel's indices) and the dense kernel's x^T row
-    order. The number of k-steps is padded to even with zero groups."""
+    order. The number of k-steps is padded to even with zero groups.
+
+    ``compact=True``: records of COMPACT_RECORD words, without the local rows, and the k-steps padded to
+    whole steps only (1.3-2 % fewer bytes at 64:2:5): the gather, wgmma and decode kernels run it (compiled
+    with REC=COMPACT_RECORD * 4), the dense mma.sp GEMM does not (no x^T row order)."""
     if not isinstance(w, VNMWeight):
         raise TypeError(f"pack_sparse_tc takes a VNMWeight, got {type(w).__name__}")
     why = unsupported(w.pattern, w.dtype, w.in_features)
@@ -251,7 +265,7 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
         raise ValueError("pack_sparse_tc: the metadata map must use lanes 4g and 4g + 1 (sparsity selector 0): "
                          "the other two lanes of each quad carry the odd m16 tiles (selector 1)")  # fmt: skip
     rows_p, groups = w.values.shape[0], w.columns.shape[1]
-    blocks, steps = rows_p // 64, -(-groups // 16) * 2
+    blocks, steps = rows_p // 64, (-(-groups // 8) if compact else -(-groups // 16) * 2)
     gp = steps * 8
     vals = w.values.view(rows_p, groups, 2)
     pos = _unpack_meta(w.meta, 2, groups)
@@ -274,8 +288,11 @@ def pack_sparse_tc(w: VNMWeight, metadata_map: dict | None = None) -> SparseTCWe
             e[:, :, mt // 2, lane] |= code[:, mt, r, :, c] << (4 * field)
     efrag = torch.where(e >= 2**31, e - 2**32, e).to(torch.int32).reshape(blocks, steps, 64)
     idx = cols.reshape(blocks, steps, 32)
-    group_columns, local, identity = _group_rows(cols, w.pattern.m, w.in_features)
     idx = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
+    if compact:
+        return SparseTCWeight(torch.cat([afrag, efrag], -1).contiguous(), idx.contiguous(), w.row_index,
+                              w.out_features, w.in_features, w.dtype, block_rows=w.block_rows)  # fmt: skip
+    group_columns, local, identity = _group_rows(cols, w.pattern.m, w.in_features)
     if local is None:
         local = torch.zeros(blocks, gp, 4, dtype=torch.int64, device=cols.device)
     lrows = (local + w.pattern.m * (torch.arange(gp, device=cols.device) % 8).view(1, gp, 1)).to(torch.uint8)
@@ -437,6 +454,7 @@ def _check_device(device: torch.device) -> None:
 
 
 REC_BYTES = 2336  # one record: A fragments 2048, metadata 256, local rows 32 (records.shape[-1] * 4)
+RECORD, COMPACT_RECORD = 584, 576  # int32 words of a record, with and without the local rows
 KERNELS = {"gather": "vnm_mma_sp_gemm", "dense": "vnm_mma_sp_dense", "wgmma": "vnm_wgmma_sp_gemm"}
 
 _COUNTERS: dict[tuple[int, int], Tensor] = {}  # (device, stream) -> the decode kernel's arrival counters
@@ -561,12 +579,12 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     bf16 = int(w.dtype == torch.bfloat16)
     if cfg["CL"]:
         cfg["DS"] = split
-    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
+    k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg, **w.rec_define())
     if cfg["CL"] and not _clusters_fit(k, (blocks, split, 1), (cfg["DW"] * 32, 1, 1), smem):
         cfg["CL"] = 0
         del cfg["DS"]
         smem = decode_smem(cfg, tokens, kcols)
-        k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg)
+        k = _kernels().get("vnm_mma_sp_decode", DECODE=1, NT=nt, BF16=bf16, **cfg, **w.rec_define())
     global_sum = split > 1 and not cfg["CL"]
     work = torch.empty(blocks * split * 64 * 8 * nt if global_sum else 1, dtype=torch.float32, device=y.device)
     counters = _counters(y.device, blocks) if global_sum else work
@@ -579,14 +597,14 @@ def launch_decode(x2: Tensor, w: SparseTCWeight, y: Tensor, bias: Tensor | None,
     )  # fmt: skip
 
 
-def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
+def _smem_bytes(cfg: dict, steps: int, group_width: int, rec_bytes: int = REC_BYTES) -> int:
     """Shared memory of one CTA: the pipeline (+ the gather kernel's index table), or the epilogue's
     staging tile if larger."""
     if cfg.get("KERNEL") == "wgmma":  # B tiles and records per stage, the index table, 1024-byte alignment
-        pipeline = cfg["WST"] * cfg["WG"] * (64 * cfg["TNW"] + REC_BYTES) + cfg["WG"] * steps * 64
+        pipeline = cfg["WST"] * cfg["WG"] * (64 * cfg["TNW"] + rec_bytes) + cfg["WG"] * steps * 64
         return max(pipeline, cfg["WG"] * cfg["TNW"] * 144) + 1024
     tn = 8 * cfg["NT"] * cfg["WN"]
-    records = cfg["WR"] * cfg["KSUB"] * REC_BYTES
+    records = cfg["WR"] * cfg["KSUB"] * rec_bytes
     epilogue = cfg["WR"] * cfg["WN"] * 8 * cfg["NT"] * 144
     if cfg.get("KERNEL", "gather") == "dense":  # + the stages' mbarriers (used with BULK)
         return max(cfg["STAGES"] * (cfg["KSUB"] * 8 * group_width * tn * 2 + records), epilogue) + 8 * cfg["STAGES"]
@@ -595,7 +613,7 @@ def _smem_bytes(cfg: dict, steps: int, group_width: int) -> int:
 
 def _shared_memory(config: dict, steps: int, w: SparseTCWeight, device: torch.device, advice: str) -> int:
     """The GEMM config's shared memory for ``w`` (_smem_bytes), or a ValueError where the device has less."""
-    smem = _smem_bytes(config, steps, w.group_width)
+    smem = _smem_bytes(config, steps, w.group_width, w.record_bytes)
     limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 << 10)
     if smem > limit:
         raise ValueError(
@@ -631,7 +649,7 @@ def launch(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: Tensor |
         cfg.update(GM=w.group_width, BULK=cfg.get("BULK", 0))
         if cfg["BULK"] and torch.cuda.get_device_capability(y.device) < (9, 0):
             raise ValueError("BULK=1 (bulk copies on mbarriers) needs compute capability >= 9.0")
-    k = _kernels().get(KERNELS[kind], **cfg)
+    k = _kernels().get(KERNELS[kind], **cfg, **w.rec_define())
     blocks, steps = w.records.shape[:2]
     if steps % cfg["KSUB"]:
         raise ValueError(f"KSUB={cfg['KSUB']} does not divide the weight's {steps} k-steps")
@@ -680,7 +698,7 @@ def _launch_wgmma(xt: Tensor, tokens: int, w: SparseTCWeight, y: Tensor, bias: T
             f"(feature_major(x) builds it), got {tuple(xt.shape)} with strides {xt.stride()}"
         )
     cfg = check_wgmma_config(config, w)
-    k = _kernels().get(KERNELS["wgmma"], "90a", WGMMA=1, BF16=int(w.dtype == torch.bfloat16), **cfg)
+    k = _kernels().get(KERNELS["wgmma"], "90a", WGMMA=1, BF16=int(w.dtype == torch.bfloat16), **cfg, **w.rec_define())
     blocks, steps = w.records.shape[:2]
     smem = _shared_memory(config, steps, w, y.device, "fewer stages (WST), tokens (TNW) or blocks (WG)")
     k(
@@ -791,7 +809,7 @@ def unpack_sparse_tc(w: SparseTCWeight, pattern: VNMPattern | str) -> VNMWeight:
     blocks, steps = w.records.shape[:2]
     rows_p, gp = blocks * 64, steps * 8
     groups = -(-w.in_features // p.m)
-    if gp < groups or gp - groups >= 16:
+    if gp < groups or gp - groups >= (8 if w.records.shape[-1] == COMPACT_RECORD else 16):
         raise ValueError(f"the packed weight has {steps} k-steps, not those of {w.in_features} features at {p}")
     # 1. values: the A fragments back to (row, group, slot); see pack_sparse_tc's permute
     a = w.records[..., :512].contiguous().view(w.dtype).reshape(blocks, steps, 4, 8, 4, 2, 2, 2)

@@ -3,18 +3,20 @@
 A compressed model holds one layout per weight; on GPUs that run the sparse tensor cores that is their
 packing. Where the dense GEMM is faster (a prefill at token counts where the sparse GEMM loses), the dense
 weight is rebuilt into a temporary and cuBLAS runs on it: this kernel writes it, from the records' A
-fragments, metadata and kept-column indices, in one pass over the compressed bytes.
+fragments, metadata and kept-column indices, in one pass that writes every element of the output once,
+zeros included, so the temporary (the caching allocator's block, shared by the layers) needs no memset.
 
-1. No autotuning: one program per (64-row block, k-step of 8 groups) writes that tile's 64 x 8 x 2 kept
-   values; the work per program is fixed by the format.
+1. No autotuning: one program per (64-row block, k-step of 8 groups) writes that tile's 64 rows x 8 M
+   columns (the work per program is fixed by the format; M is a compile-time constant, padded to a power
+   of two inside the program).
 2. ``_tc_to_dense_kernel`` below.
-3. ``tc_to_dense`` (launcher: checks, zero-filled output, launch; CPU tensors without TRITON_INTERPRET=1 take
-   the reference).
+3. ``tc_to_dense`` (launcher: checks, output allocated uninitialised or given as ``out``, launch; CPU tensors
+   without TRITON_INTERPRET=1 take the reference).
 4. ``tc_to_dense_reference``: ``unpack_sparse_tc`` then ``decompress`` (plain PyTorch).
 
 Only weights stored in the coordinates in which they obey the pattern (no input permutation folded into the
-columns, as ``VNMLinear`` stores them): a slot whose column lies outside its own M-column group is padding
-(``from_dense`` points it at column 0) and is skipped.
+columns, as ``VNMLinear`` stores them): every kept column lies inside its own M-column group. A padding slot
+(``from_dense`` points it at column 0 with a zero value) adds zero wherever it lands.
 References: the record layout is ``sparse_tc.pack_sparse_tc``'s.
 """
 
@@ -29,7 +31,7 @@ from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready
 
 __all__ = ["tc_to_dense", "tc_to_dense_reference"]
 
-RECORD = 584  # int32 words per (64-row block, k-step): 512 A fragments, 64 metadata, 8 x^T row bytes
+RECORDS = (584, 576)  # int32 words per (64-row block, k-step): 512 A fragments, 64 metadata (+ 8 x^T row words)
 
 if HAS_TRITON:
     import triton
@@ -39,26 +41,36 @@ if HAS_TRITON:
     def _tc_to_dense_kernel(
         # pointers: records as int32 and as 16-bit halves (the same memory), kept columns, index tables, output
         rec_ptr, half_ptr, cols_ptr, a_off_ptr, e_word_ptr, e_shift_ptr, out_ptr,
-        # sizes
-        STEPS, OUT, IN, M,
+        # sizes (REC_W: int32 words per record)
+        STEPS, OUT, IN, REC_W,
         # strides (elements) of the output rows
         stride_o,
+        # M of the pattern and the next power of two
+        M: tl.constexpr, MP: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         s = tl.program_id(1)
-        f = tl.arange(0, 1024)  # (row 0..63, group 0..7, slot 0..1) of this tile
-        r = f // 16
-        g = (f // 2) % 8
-        slot = f % 2
-        rec = (b * STEPS + s).to(tl.int64) * 584
-        val = tl.load(half_ptr + 2 * rec + tl.load(a_off_ptr + f))
-        word = tl.load(rec_ptr + rec + 512 + tl.load(e_word_ptr + r * 8 + g))
-        code = (word >> tl.load(e_shift_ptr + r * 8 + g)) & 0xF
-        pos = (code >> (2 * slot)) & 3
-        col = tl.load(cols_ptr + (b * STEPS + s).to(tl.int64) * 32 + g * 4 + pos).to(tl.int32) & 0xFFFF
-        row = b * 64 + r
-        ok = (row < OUT) & (col < IN) & (col >= (s * 8 + g) * M)
-        tl.store(out_ptr + row.to(tl.int64) * stride_o + col, val, mask=ok)
+        r = tl.arange(0, 64)[:, None]  # row of the tile
+        g = tl.arange(0, 8)[None, :]  # group of the k-step
+        rg = r * 8 + g
+        rec = (b * STEPS + s).to(tl.int64) * REC_W
+        # 1. per (row, group): its two kept values and their positions among the block's 4 kept columns
+        v0 = tl.load(half_ptr + 2 * rec + tl.load(a_off_ptr + 2 * rg))
+        v1 = tl.load(half_ptr + 2 * rec + tl.load(a_off_ptr + 2 * rg + 1))
+        word = tl.load(rec_ptr + rec + 512 + tl.load(e_word_ptr + rg))
+        code = (word >> tl.load(e_shift_ptr + rg)) & 0xF
+        cbase = cols_ptr + (b * STEPS + s).to(tl.int64) * 32 + g * 4
+        c0 = tl.load(cbase + (code & 3)).to(tl.int32) & 0xFFFF
+        c1 = tl.load(cbase + ((code >> 2) & 3)).to(tl.int32) & 0xFFFF
+        # 2. every column of the group: a kept value or zero (a padding slot holds zero: the sum stays exact)
+        j = tl.arange(0, MP)[None, None, :]
+        col = (s * 8 + g[:, :, None]) * M + j
+        zero = tl.zeros([64, 8, MP], dtype=v0.dtype)
+        val = tl.where(col == c0[:, :, None], v0[:, :, None], zero)
+        val += tl.where(col == c1[:, :, None], v1[:, :, None], zero)
+        row = b * 64 + r[:, :, None]
+        ok = (row < OUT) & (col < IN) & (j < M)
+        tl.store(out_ptr + row.to(tl.int64) * stride_o + col, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,27 +104,49 @@ def tc_to_dense_reference(records: Tensor, columns: Tensor, out_features: int, i
 
 
 def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features: int, pattern,
-                dtype: torch.dtype) -> Tensor:  # fmt: skip
-    """The dense (out_features, in_features) ``dtype`` weight of a packing in its stored coordinates."""
-    if records.dim() != 3 or records.shape[2] != RECORD or records.dtype != torch.int32:
-        raise ValueError(f"records must be (blocks, steps, {RECORD}) int32, got {tuple(records.shape)} {records.dtype}")
+                dtype: torch.dtype, out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """The dense (out_features, in_features) ``dtype`` weight of a packing in its stored coordinates.
+
+    ``out``: where to write it (every element is written; its contents do not matter), else a fresh
+    uninitialised tensor."""
+    if records.dim() != 3 or records.shape[2] not in RECORDS or records.dtype != torch.int32:
+        raise ValueError(
+            f"records must be (blocks, steps, {RECORDS[0]} or {RECORDS[1]}) int32, got {tuple(records.shape)} "
+            f"{records.dtype}"
+        )
     if columns.shape != (*records.shape[:2], 32) or columns.dtype != torch.int16:
         raise ValueError(
             f"columns must be {(*records.shape[:2], 32)} int16, got {tuple(columns.shape)} {columns.dtype}"
         )
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the packing holds float16 or bfloat16 values, got {dtype}")
+    blocks, steps = records.shape[:2]
+    if blocks * 64 < out_features or steps * 8 * pattern.m < in_features:
+        raise ValueError(
+            f"records of {blocks} 64-row blocks and {steps} k-steps at M = {pattern.m} cannot hold a "
+            f"{out_features}x{in_features} weight"
+        )
+    if out is not None and (
+        out.shape != (out_features, in_features) or out.dtype != dtype or out.device != records.device
+        or out.stride(1) != 1
+    ):  # fmt: skip
+        raise ValueError(
+            f"out must be a ({out_features}, {in_features}) {dtype} tensor on {records.device} with unit column "
+            f"stride, got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}"
+        )
     use_triton = HAS_TRITON and (
         records.is_cuda or (records.device.type == "cpu" and interpret_mode() and interpreter_ready())
     )
     if not use_triton:
-        return tc_to_dense_reference(records, columns, out_features, in_features, pattern, dtype)
-    out = torch.zeros(out_features, in_features, dtype=dtype, device=records.device)
-    blocks, steps = records.shape[:2]
-    if out.numel() == 0 or blocks * steps == 0:
+        dense = tc_to_dense_reference(records, columns, out_features, in_features, pattern, dtype)
+        return dense if out is None else out.copy_(dense)
+    if out is None:
+        out = torch.empty(out_features, in_features, dtype=dtype, device=records.device)
+    if out.numel() == 0:
         return out
     a_off, e_word, e_shift = _tables(records.device)
     halves = records.view(dtype)
+    m = pattern.m
     _tc_to_dense_kernel[(blocks, steps)](
         records,
         halves,
@@ -124,7 +158,9 @@ def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features
         steps,
         out_features,
         in_features,
-        pattern.m,
+        records.shape[2],
         out.stride(0),
+        M=m,
+        MP=triton.next_power_of_2(m),
     )
     return out

@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import fx
 
-from ..kernels.compressed import LAYOUT_TC
+from ..kernels.compressed import LAYOUT_ROWS
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
 from .fuse_siblings import _drop_unused_buffers, _slices_ok
@@ -92,7 +92,7 @@ class _Inputs:
 
 
 def _rows(spec, weights: list[torch.Tensor]) -> int:
-    return weights[0].shape[0] * (64 if int(spec[0]) == LAYOUT_TC else 1)
+    return weights[0].shape[0] * (1 if int(spec[0]) == LAYOUT_ROWS else 64)  # tc layouts: 64-row records
 
 
 def _adjacent(tensors: list[torch.Tensor]) -> torch.Tensor | None:

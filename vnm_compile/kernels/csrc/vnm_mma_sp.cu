@@ -53,7 +53,9 @@ typedef unsigned short u16;
 #define TN (8 * NT * WN)          // tokens per CTA
 #define CH (TN / 8)               // 16-byte chunks per x^T row
 #define SWZ (CH < 8 ? CH - 1 : 7)
+#ifndef REC
 #define REC 2336                  // record: A fragments 2048, metadata 256, 32 local x^T rows (dense kernel)
+#endif                            // REC=2304: compact records without the local rows (no dense kernel)
 #define EOFS 2048                 // the metadata: 2 words per lane, word p for m16 tiles 2p (lanes 4g, 4g + 1)
                                   // and 2p + 1 (lanes 4g + 2, 4g + 3: sparsity selector 1)
 #define XB (32 * KSUB * TN * 2)   // bytes of one block's gathered x^T tile (KSUB sub-steps)
@@ -124,7 +126,11 @@ __device__ __forceinline__ void load_frags(Frags& f, const unsigned char* as) {
     for (int mt = 0; mt < MT; ++mt) f.a[mt] = reinterpret_cast<const u32x4*>(as)[mt * 32 + lane];
 #pragma unroll
     for (int p = 0; p < MT / 2; ++p) f.e[p] = reinterpret_cast<const u32*>(as + EOFS)[p * 32 + lane];
+#if REC > EOFS + 256
     f.row = as[EOFS + 256 + lane];
+#else
+    f.row = 0;  // compact records: no local rows (only the dense kernel reads them)
+#endif
 }
 // B (k32 x n8 per n-tile) by ldmatrix.trans from the row addresses in baddr (this lane's kept column), then
 // the warp's 4 x NT mma.sp.
