@@ -6,8 +6,8 @@ import contextlib
 import fnmatch
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -49,6 +49,12 @@ class VNMConfig:
             layers before it produce (False: on the dense model's activations).
         damp: dampening of H, a fraction of its mean diagonal.
         reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
+        layer_patterns: per-layer patterns, ``{name or glob: pattern or "dense"}`` (e.g. from
+            ``plan_patterns(...).layer_patterns``); a layer takes the first entry that matches its name
+            or a dotted suffix of it (exactly or as a glob: "layers.0.*" matches
+            "model.layers.0.mlp.up_proj"), else ``pattern``. "dense" (or None)
+            leaves it dense. Layers that read one input share an input permutation only with those
+            of the same pattern.
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -63,9 +69,11 @@ class VNMConfig:
     sequential: bool = True
     damp: float = 0.01
     reconstruct_method: str = "auto"
+    layer_patterns: tuple[tuple[str, VNMPattern | None], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))
+        object.__setattr__(self, "layer_patterns", _parse_layer_patterns(self.layer_patterns))
         if isinstance(self.ignore, str):
             raise ValueError("VNMConfig.ignore must be a list of names, not a single string")
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -89,15 +97,55 @@ class VNMConfig:
         """Score "obs" or reconstruct=True: sparsify_ calibrates layer by layer on ``data``."""
         return self.score == "obs" or self.reconstruct
 
+    def pattern_for(self, name: str) -> VNMPattern | None:
+        """The pattern of layer ``name``: its first matching ``layer_patterns`` entry, else ``pattern``
+        (None: left dense)."""
+        parts = name.split(".")
+        suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+        for key, pattern in self.layer_patterns:
+            if any(fnmatch.fnmatchcase(suffix, key) for suffix in suffixes):
+                return pattern
+        return self.pattern
+
+    def for_pattern(self, pattern: VNMPattern) -> VNMConfig:
+        """This config with one pattern for every layer (what each layer is pruned with)."""
+        if pattern == self.pattern and not self.layer_patterns:
+            return self
+        return replace(self, pattern=pattern, layer_patterns=())
+
     def to_json(self) -> str:
         d = asdict(self)
         d["pattern"] = str(self.pattern)
         d["ignore"] = list(self.ignore)
+        d["layer_patterns"] = {k: DENSE if p is None else str(p) for k, p in self.layer_patterns}
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> VNMConfig:
         return cls(**json.loads(text))
+
+
+DENSE = "dense"  # a layer_patterns value: keep the layer dense
+
+
+def _parse_layer_patterns(value) -> tuple[tuple[str, VNMPattern | None], ...]:
+    """VNMConfig.layer_patterns as ((name or glob, pattern or None), ...), from a mapping or pairs."""
+    if isinstance(value, str):
+        raise ValueError("VNMConfig.layer_patterns must map layer names (or globs) to patterns, not be a string")
+    items = value.items() if isinstance(value, Mapping) else value
+    parsed = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(f"VNMConfig.layer_patterns entries must be (name or glob, pattern) pairs, got {item!r}")
+        key, pattern = item
+        if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == DENSE):
+            parsed.append((key, None))
+            continue
+        try:
+            parsed.append((key, as_pattern(pattern)))
+        except ValueError as e:
+            raise ValueError(f"VNMConfig.layer_patterns[{key!r}]: {e} (or 'dense')") from None
+    return tuple(parsed)
 
 
 @dataclass
@@ -154,8 +202,13 @@ class SparsifyReport:
         kept = sum(r.shape[0] * r.shape[1] * r.density for r in self.sparsified)
         already = len(self.skipped) - len(self.dense)
         already_note = f", {already} already sparsified (kept)" if already else ""
+        counts: dict[str, int] = {}
+        for r in self.sparsified:
+            counts[str(r.pattern)] = counts.get(str(r.pattern), 0) + 1
+        at = " / ".join(f"{p} x{n}" for p, n in counts.items()) if len(counts) > 1 else next(iter(counts), None)
+        at = at or str(self.config.pattern)
         return (
-            f"{len(self.sparsified)} linears sparsified at {self.config.pattern} "
+            f"{len(self.sparsified)} linears sparsified at {at} "
             f"({n_params - kept:,.0f} of {n_params:,} weights zeroed){already_note}, {len(self.dense)} left dense; "
             f"mean importance kept {self.mean_importance_kept():.3f}"
         )
@@ -260,13 +313,16 @@ def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.
         reason = _skip_reason(name, module, same, config)
         if reason is None and id(w) in first_of:
             reason = f"shares its weight with {first_of[id(w)]!r} (pruned there)"
+        pattern = config.pattern_for(name)
+        if reason is None and pattern is None:
+            reason = "dense by VNMConfig.layer_patterns"
         if reason is not None:
             skipped[name] = reason
             continue
         first_of[id(w)] = name
         state = get_sparsity(module)
         if state is not None and not config.overwrite:
-            if state.pattern != config.pattern:
+            if state.pattern != pattern:
                 conflicts.append(f"{name} ({state.pattern})")
             skipped[name] = ALREADY
             continue
@@ -355,7 +411,7 @@ def _permutation_units(
     Groups come from ``groups`` if given, else from ``stats.input_groups`` (traced by
     calibrate()); without either, every layer gets its own input permutation.
     """
-    if not config.permute or config.pattern.is_nm:
+    if not config.permute:
         return [[n] for n in names]
     if groups is None:
         groups = getattr(stats, "input_groups", None)
@@ -367,10 +423,10 @@ def _permutation_units(
             groups = []
     unit_of: dict[str, list[str]] = {}
     eligible = set(names)
-    for group in groups:
+    for group in groups:  # one input permutation per pattern among the layers reading one tensor
         members = [n for n in group if n in eligible and n not in unit_of]
         for n in members:
-            unit_of[n] = members
+            unit_of.setdefault(n, [m for m in members if config.pattern_for(m) == config.pattern_for(n)])
     units, done = [], set()
     for n in names:
         if n in done:
@@ -451,6 +507,7 @@ def sparsify_(
     # 1. Choose every mask; the model is not touched, so an error leaves it as it was.
     plans: list[tuple[str, torch.Tensor, Perms]] = []
     for unit in tqdm(units, desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
+        unit_config = config.for_pattern(config.pattern_for(unit[0]))  # a unit's layers share one pattern
         scores = {}
         for name in unit:
             with _layer_errors(name, reports[name].shape):
@@ -460,10 +517,10 @@ def sparsify_(
                     continue
                 scores[name] = importance(_weight_2d(eligible[name]), config.score, norm, config.alpha)
         with _layer_errors(", ".join(scores), reports[next(iter(scores))].shape if scores else (0, 0)):
-            perms = _permutations(scores, config)
+            perms = _permutations(scores, unit_config)
         for name, s in scores.items():
             with _layer_errors(name, reports[name].shape):
-                mask = _plan_mask(s, perms[name], config, reports[name])
+                mask = _plan_mask(s, perms[name], unit_config, reports[name])
             plans.append((name, mask, perms[name]))
             if len(scores) > 1 and perms[name][0] is not None:
                 reports[name].shares_input_perm = tuple(n for n in scores if n != name)
@@ -475,9 +532,10 @@ def sparsify_(
             reports[name].note = "Conv1D converted to nn.Linear"
         if config.overwrite:
             clear_sparsity(module)
+        pattern = reports[name].pattern
         module.weight.mul_(mask.to(module.weight.dtype))
-        set_sparsity(module, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score))
-        _account(reports[name], module.weight, config.pattern, perms[0], perms[1])
+        set_sparsity(module, LinearSparsity(pattern, mask, perms[0], perms[1], config.score))
+        _account(reports[name], module.weight, pattern, perms[0], perms[1])
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report
