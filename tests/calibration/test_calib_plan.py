@@ -180,3 +180,35 @@ def test_layer_costs_plan_and_sparsify_end_to_end():
     with pytest.raises(ValueError, match="second moments"):
         layer_costs(model, ["64:2:8"], config, stats, metric="error")
     assert math.isfinite(plan.cost)
+
+
+def test_vnm_select_per_layer(tmp_path, capsys):
+    import json
+
+    from vnm_compile.calibration.plan import load_layer_costs, save_layer_costs
+    from vnm_compile.cli import main
+
+    layers = {"mlp.up": (4096, 1024), "attn.q": (1024, 1024)}
+    costs = {"mlp.up": {"64:2:8": 0.3, "128:2:8": 0.35}, "attn.q": {"64:2:8": 0.5}}
+    save_layer_costs(tmp_path / "costs.json", layers, costs)
+    assert load_layer_costs(tmp_path / "costs.json") == (layers, costs)
+    records = [{"out_features": o, "in_features": i, "tokens": t, "dense_us": 10.0,
+                "vnm_us": {"64:2:8": 10 / (2.0 if t == 1 else 0.9), "128:2:8": 10 / (2.2 if t == 1 else 1.3)}}
+               for o, i in layers.values() for t in (1, 2048)]  # fmt: skip
+    (tmp_path / "linear.json").write_text(json.dumps({"records": records}))
+    args = ["select", "--speedups", str(tmp_path / "linear.json"), "--per-layer", str(tmp_path / "costs.json")]
+    out = tmp_path / "patterns.json"
+    assert main([*args, "--threshold", "1.2", "--tokens", "1:256", "2048:1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mlp.up" in printed and "expected" in printed
+    # up holds 4x the time of q: 64:2:8 there is the cheapest way to 1.2x; 1.75x needs its 128:2:8
+    assert json.loads(out.read_text()) == {"mlp.up": "64:2:8", "attn.q": "dense"}
+    assert main([*args, "--threshold", "1.75", "--tokens", "1:256", "2048:1", "--out", str(out)]) == 0
+    chosen = json.loads(out.read_text())
+    assert chosen == {"mlp.up": "128:2:8", "attn.q": "dense"}
+    assert VNMConfig("64:2:8", layer_patterns=chosen).pattern_for("model.mlp.up") == VNMPattern(128, 2, 8)
+    assert main([*args, "--threshold", "5"]) == 1
+    assert "no per-layer choice reaches speed-up 5" in capsys.readouterr().err
+    assert main(args) == 2 and "exactly one of --threshold" in capsys.readouterr().err
+    assert main([*args, "--max-cost", "1", "--tokens", "1-2"]) == 2
+    assert main(["select", "--speedups", str(tmp_path / "linear.json")]) == 2  # the paper's sifting needs --threshold

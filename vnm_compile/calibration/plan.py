@@ -40,6 +40,7 @@ save their time) are never chosen.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,16 @@ from torch import nn
 
 from ..pattern import VNMPattern, as_pattern
 
-__all__ = ["plan_patterns", "PatternPlan", "LayerPlan", "layer_costs", "speed_model", "RIDGE_TOKENS"]
+__all__ = [
+    "plan_patterns",
+    "PatternPlan",
+    "LayerPlan",
+    "layer_costs",
+    "speed_model",
+    "save_layer_costs",
+    "load_layer_costs",
+    "RIDGE_TOKENS",
+]
 
 # Tokens at which a dense fp16 GEMM turns from memory- to compute-bound (H100 SXM: 990 TFLOP/s / 3.35 TB/s).
 RIDGE_TOKENS = 295
@@ -371,3 +381,32 @@ def layer_costs(
             costs.setdefault(r.name, {})[str(pattern)] = max(0.0, float(value))
         del pruned
     return costs
+
+
+def save_layer_costs(path, layers: nn.Module | Mapping[str, tuple[int, int]], costs: Mapping) -> None:
+    """Write ``{"layers": {name: {"shape": [out, in], "costs": {pattern: cost}}}}`` (what ``vnm select
+    --per-layer`` reads) for the layers ``costs`` names."""
+    shapes = _shapes(layers)
+    data = {"layers": {n: {"shape": list(shapes[n]), "costs": {str(k): float(v) for k, v in c.items()}}
+                       for n, c in costs.items()}}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def load_layer_costs(path) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, float]]]:
+    """Read a file written by save_layer_costs: ({name: (out, in)}, {name: {pattern: cost}})."""
+    with open(path) as f:
+        data = json.load(f)
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f'{path}: expected {{"layers": {{name: {{"shape": [out, in], "costs": {{...}}}}}}}}')
+    shapes, costs = {}, {}
+    for name, entry in layers.items():
+        try:
+            out, inp = entry["shape"]
+            shapes[name], costs[name] = (int(out), int(inp)), dict(entry["costs"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f'{path}: layer {name!r} needs "shape": [out, in] and "costs": {{pattern: cost}}'
+            ) from None
+    return shapes, costs
