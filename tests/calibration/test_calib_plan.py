@@ -29,7 +29,11 @@ def _brute(layers, speed, costs, mix, other_fraction=0.0):
             if p is None:
                 time += dense[n]
                 continue
-            time += sum(w * roofline_time(*layers[n], t) / f(*layers[n], p, t) for t, w in mix.items())
+            speeds = {t: f(*layers[n], p, t) for t in mix}
+            # a token count where the pattern wins by less than 1.1x runs dense (the dispatcher's rule)
+            time += sum(
+                w * roofline_time(*layers[n], t) / (s if (s := speeds[t]) >= 1.1 else 1.0) for t, w in mix.items()
+            )
             cost += costs[n][str(p)]
         out.append(((sum(dense.values()) + other) / time, cost, dict(zip(names, combo, strict=True))))
     return out
@@ -113,7 +117,12 @@ def test_speed_table_forms_agree_and_the_token_mix_decides():
     mix = {1: 256, 2048: 1}
     plan = plan_patterns(layers, points, costs, max_cost=10, token_mix=mix)
     d, p = 256 * 1.0, 2048 / 295
-    assert plan["mlp"].pattern == P8 and plan.speedup == pytest.approx((d + p) / (d / 2.5 + p / 0.8))
+    # 64:2:8 loses at 2048 tokens: the compiled model runs dense there (dispatch.MIN_SPEEDUP)
+    assert plan["mlp"].pattern == P8 and plan.speedup == pytest.approx((d + p) / (d / 2.5 + p))
+    from vnm_compile.calibration.plan import MIN_SPEEDUP
+    from vnm_compile.kernels import dispatch
+
+    assert MIN_SPEEDUP == dispatch.MIN_SPEEDUP
     # speedups.json: one speed-up per pattern for every layer; other_fraction: the time no linear holds
     plan = plan_patterns(layers, {"64:2:8": 2.0}, costs, max_cost=10, other_fraction=0.5)
     assert plan.speedup == pytest.approx(2 / 1.5)
@@ -121,7 +130,7 @@ def test_speed_table_forms_agree_and_the_token_mix_decides():
 
 def test_unmeasured_and_losing_patterns_stay_out():
     layers = {"a": (512, 512), "b": (512, 512)}
-    speed = lambda o, i, p, t: None if p == P16 else 0.9  # noqa: E731 (nothing wins)
+    speed = lambda o, i, p, t: None if p == P16 else 1.05  # noqa: E731 (below MIN_SPEEDUP: runs dense)
     plan = plan_patterns(layers, speed, {"a": {"64:2:8": 0.1, "64:2:16": 0.1}}, max_cost=5)
     assert plan.layer_patterns == {"a": "dense", "b": "dense"} and plan.speedup == 1.0
     assert "no measured speed-up for 64:2:16" in plan["a"].note and plan["b"].note == "no accuracy cost given"
@@ -212,3 +221,11 @@ def test_vnm_select_per_layer(tmp_path, capsys):
     assert main(args) == 2 and "exactly one of --threshold" in capsys.readouterr().err
     assert main([*args, "--max-cost", "1", "--tokens", "1-2"]) == 2
     assert main(["select", "--speedups", str(tmp_path / "linear.json")]) == 2  # the paper's sifting needs --threshold
+
+
+def test_a_measured_table_reads_the_faster_of_triton_and_the_sparse_tensor_cores():
+    rec = {"out_features": 4096, "in_features": 4096, "tokens": 2048, "dense_us": 100.0,
+           "vnm_us": {"64:2:8": 125.0, "32:2:8": 125.0}, "vnm_tc_us": {"64:2:8": 62.5}}  # fmt: skip
+    f = speed_model({"records": [rec]})
+    assert f(4096, 4096, P8, 2048) == pytest.approx(1.6)
+    assert f(4096, 4096, VNMPattern(32, 2, 8), 2048) == pytest.approx(0.8)  # V = 32: no sparse tensor cores

@@ -17,7 +17,8 @@ cost, or the most speed within a total cost.
 The time model. A layer (out x in) at t tokens takes dense time ``dense_time(out, in, t)``, by default the
 roofline max(weight bytes / bandwidth, FLOPs / peak) in units of one weight read: out * in * max(1, t /
 RIDGE_TOKENS) (H100 SXM fp16: 990 TFLOP/s / 3.35 TB/s = 295 tokens). With pattern p it takes dense /
-speed-up(p, t). The layer's time over the mix is sum_t w_t * time_t; the model's is the sum over
+speed-up(p, t), or the dense time where that speed-up is below ``min_speedup`` (the compiled model runs
+such token counts dense). The layer's time over the mix is sum_t w_t * time_t; the model's is the sum over
 layers, plus ``other_fraction`` of the dense model's time that no linear holds (attention, norms),
 which no pattern shortens. Speed-up = dense model time / planned model time.
 
@@ -60,6 +61,9 @@ __all__ = [
     "RIDGE_TOKENS",
 ]
 
+# A pattern runs at a token count only where it is at least this much faster (kernels.dispatch.MIN_SPEEDUP;
+# not imported: that would load the kernels package).
+MIN_SPEEDUP = 1.1
 # Tokens at which a dense fp16 GEMM turns from memory- to compute-bound (H100 SXM: 990 TFLOP/s / 3.35 TB/s).
 RIDGE_TOKENS = 295
 
@@ -75,7 +79,8 @@ def speed_model(speed) -> SpeedFn:
     """A function (out, in, pattern, tokens) -> speed-up over dense (None: not measured) from any of:
 
     * a linear.json / dispatch table (``{"records": [...]}``): the nearest measured shape, token count
-      and pattern, as the dispatcher reads it (kernels.dispatch.sparse_speedup);
+      and pattern, as the dispatcher reads it (kernels.dispatch), the faster of the Triton kernels and
+      the sparse tensor cores where both were measured;
     * ``{((out, in), pattern, tokens): speed-up}``: the same nearest lookup over those points;
     * ``{pattern: speed-up}`` (speedups.json): that speed-up for every shape and token count;
     * a function (out, in, pattern, tokens) -> speed-up or None.
@@ -111,9 +116,21 @@ def _check_speedup(key, value) -> None:
 
 
 def _table_speed(table: Mapping) -> SpeedFn:
-    from ..kernels.dispatch import sparse_speedup
+    """The faster of the Triton kernels and the sparse tensor cores (measured as ``vnm_tc_us``; the compiler
+    uses them by default for n = 2 and V a multiple of 64) at the nearest measured shape, tokens and pattern."""
+    from ..kernels.dispatch import _log_dist, _speedups_by_tokens
 
-    return lambda out, inp, pattern, tokens: sparse_speedup(table, out, inp, pattern, tokens)
+    def speed(out: int, inp: int, pattern: VNMPattern, tokens: int) -> float | None:
+        kernels = [False] + [True] * (pattern.n == 2 and not pattern.is_nm and pattern.v % 64 == 0)
+        best = None
+        for tc in kernels:
+            by_tokens = _speedups_by_tokens(table, out, inp, pattern, tc=tc)
+            if by_tokens:
+                s = by_tokens[min(by_tokens, key=lambda t: _log_dist(t, tokens))]
+                best = s if best is None else max(best, s)
+        return best
+
+    return speed
 
 
 @dataclass
@@ -224,6 +241,7 @@ def plan_patterns(
     token_mix: Mapping[int, float] | None = None,
     other_fraction: float = 0.0,
     dense_time: Callable[[int, int, int], float] = roofline_time,
+    min_speedup: float = MIN_SPEEDUP,
 ) -> PatternPlan:
     """Choose one pattern (or dense) per layer under one global budget (module docstring: time model, algorithm).
 
@@ -238,6 +256,8 @@ def plan_patterns(
             batch 1); e.g. ``{1: 256, 2048: 1}``: 256 decode steps per 2048-token prefill.
         other_fraction: the dense model's time share outside these linears (attention, norms): 0..1.
         dense_time: (out, in, tokens) -> the dense layer's time (default: the roofline, roofline_time).
+        min_speedup: at a token count where a pattern's speed-up is below this, the layer runs dense there
+            (the compiled model's hybrid dispatch: kernels.dispatch.MIN_SPEEDUP), so it counts as 1.
 
     Raises:
         ValueError: on bad arguments, or when no choice reaches ``target_speedup`` (naming the fastest).
@@ -269,6 +289,7 @@ def plan_patterns(
             if any(s is None or not s > 0 for s in speeds):
                 skipped.append(str(pattern))
                 continue
+            speeds = [s if s >= min_speedup else 1.0 for s in speeds]  # dense where it loses
             time = sum(w * dense_time(out, inp, t) / s for (t, w), s in zip(mix.items(), speeds, strict=True))
             options.append(_Option(pattern, base - time, float(cost)))
         note = "no accuracy cost given" if name not in accuracy_cost else ""
