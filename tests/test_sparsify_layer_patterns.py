@@ -1,6 +1,7 @@
 """VNMConfig.layer_patterns: one pattern per layer (or dense), through sparsify_, compile, compress_ and checkpoints."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,3 +126,7 @@ def test_already_sparsified_layers_are_checked_against_their_own_pattern():
     with pytest.raises(ValueError, match=r"3 layer\(s\) are already sparsified with another pattern: "
                                          r"layers.0.mlp.gate_proj \(128:2:5\)"):  # fmt: skip
         sparsify_(model, changed, progress=False)
+    dense = VNMConfig("64:2:8", score="abs", layer_patterns={"layers.0.mlp.up_proj": "dense", **LAYER_PATTERNS})
+    for overwrite in (False, True):  # a pruned layer cannot be made dense again by sparsify_
+        with pytest.raises(ValueError, match=r"layers.0.mlp.up_proj \(128:2:5, asked dense\)"):
+            sparsify_(model, replace(dense, overwrite=overwrite), progress=False)

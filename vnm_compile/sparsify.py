@@ -313,14 +313,16 @@ def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.
         reason = _skip_reason(name, module, same, config)
         if reason is None and id(w) in first_of:
             reason = f"shares its weight with {first_of[id(w)]!r} (pruned there)"
-        pattern = config.pattern_for(name)
+        pattern, state = config.pattern_for(name), get_sparsity(module)
+        if reason is None and pattern is None and state is not None:  # its zeros cannot be undone here
+            conflicts.append(f"{name} ({state.pattern}, asked dense)")
+            continue
         if reason is None and pattern is None:
             reason = "dense by VNMConfig.layer_patterns"
         if reason is not None:
             skipped[name] = reason
             continue
         first_of[id(w)] = name
-        state = get_sparsity(module)
         if state is not None and not config.overwrite:
             if state.pattern != pattern:
                 conflicts.append(f"{name} ({state.pattern})")
