@@ -34,12 +34,14 @@ PATTERNS = ("64:2:8", "64:2:5")
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def random_sparsify_(model, pattern: str, seed: int = 0, layers=None) -> int:
-    """sparsify_'s pruning of every decoder linear with random permutations (siblings share the input one)."""
+def random_sparsify_(model, pattern: str, seed: int = 0, layers=None, permute: bool = True) -> int:
+    """sparsify_'s pruning of every decoder linear with random permutations (siblings share the input one;
+    ``permute=False``: none, the kept columns of a block inside one M-column group)."""
     import torch
 
     from vnm_compile import VNMConfig
-    from vnm_compile.sparsify import LayerReport, _prune_layer
+    from vnm_compile.sparsify import LayerReport, _account, _plan_mask
+    from vnm_compile.state import LinearSparsity, set_sparsity
 
     config = VNMConfig(pattern, score="abs")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -52,9 +54,13 @@ def random_sparsify_(model, pattern: str, seed: int = 0, layers=None) -> int:
             in_perm = torch.randperm(group[0].in_features, generator=gen).to(dev)
             for lin in group:
                 out_perm = torch.randperm(lin.out_features, generator=gen).to(dev)
-                scores = lin.weight.detach().abs().float()
-                with torch.no_grad():
-                    _prune_layer(lin, scores, (in_perm, out_perm), config, LayerReport("", tuple(lin.weight.shape)))
+                perms = (in_perm, out_perm) if permute else (None, None)
+                report = LayerReport("", tuple(lin.weight.shape))
+                with torch.no_grad():  # sparsify_'s own two steps: choose the mask, then apply it
+                    mask = _plan_mask(lin.weight.detach().abs().float(), perms, config, report)
+                    lin.weight.mul_(mask.to(lin.weight.dtype))
+                    set_sparsity(lin, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score))
+                    _account(report, lin.weight, config.pattern, *perms)
                 count += 1
     return count
 
@@ -212,6 +218,9 @@ def _build_big(args, cfg, pattern: str):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         layer_s.append(time.perf_counter() - t1)
+        if i % 10 == 0:
+            log.warning("%s: layer %d/%d built in %.2f s, %.1f GB allocated", pattern, i + 1, len(model.layers),
+                        layer_s[-1], torch.cuda.memory_allocated() / 1e9)  # fmt: skip
     return model, layer_s
 
 
@@ -288,7 +297,7 @@ def run_big(args) -> dict:
 def _speed_variants(args) -> list[str]:
     out = ["dense"]
     for p in args.patterns:
-        out += [f"{p} masked", f"{p} compressed"]
+        out += [f"{p} masked", f"{p} compressed"] + ([f"{p} unpermuted"] if args.unpermuted else [])
     if args.cslt:
         out.append(e2e.CSLT)
     return out
@@ -302,6 +311,9 @@ def _prepared(base, variant: str, cache: dict):
     from vnm_compile.deploy import compress_
 
     pattern, form = variant.split()
+    if form == "unpermuted" and (pattern, form) not in cache:
+        cache[(pattern, form)] = copy.deepcopy(base)
+        random_sparsify_(cache[(pattern, form)], pattern, permute=False)
     if (pattern, "masked") not in cache:
         masked = copy.deepcopy(base)
         random_sparsify_(masked, pattern)
@@ -309,6 +321,19 @@ def _prepared(base, variant: str, cache: dict):
     if form == "compressed" and (pattern, form) not in cache:
         cache[(pattern, form)] = compress_(copy.deepcopy(cache[(pattern, "masked")]), progress=False)
     return cache[(pattern, form)]
+
+
+def _kernel_launches(fn) -> int:
+    """GPU kernels one call launches (torch.profiler, outside a CUDA graph: what a capture records),
+    memcpy and memset included."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
 
 
 @torch_no_grad_decorator
@@ -346,7 +371,11 @@ def run_speed(args) -> dict:
                 if getattr(call, "overhead", None) is not None:
                     rec["overhead_ms"] = e2e._time(call.overhead)[1]
                     ms -= rec["overhead_ms"]
-            rec.update(ms=ms, compile_s=compile_s)
+            rec.update(
+                ms=ms,
+                compile_s=compile_s,
+                kernels=_kernel_launches(lambda compiled=compiled, call=call: call(compiled)),
+            )
             log.warning("%s", rec)
             records.append(rec)
             del compiled
@@ -359,7 +388,8 @@ def run_speed(args) -> dict:
 
 
 def _md(result: dict) -> str:
-    lines = [f"# {result['mode']} — {result['gpu']}", "", f"Command: `{result['command']}`", "",
+    lines = [f"# {result['mode']} ({result.get('shapes', 'llama2-7b')} shapes) — {result['gpu']}", "",
+             f"Command: `{result['command']}`", "",
              f"Versions: {result['versions']}", ""]  # fmt: skip
     recs = result["records"]
     if result["mode"] == "memory":
@@ -379,15 +409,18 @@ def _md(result: dict) -> str:
                          f"{r['decode_peak_bytes'] / 1e9:.1f} | {r['tokens_per_s']:.1f} | {r['per_layer_ms']:.3f} | "
                          f"{r['dense_layer_ms']:.3f} | {r['build_s']:.0f} |")  # fmt: skip
     else:
-        lines += ["| phase | batch | tokens | variant | ms | vs dense |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| phase | batch | tokens | variant | ms | vs dense | GPU kernels per call |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in recs:
             if "ms" not in r:
                 lines.append(
-                    f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | skipped: {r.get('skipped')} | |"
+                    f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | skipped: {r.get('skipped')} | | |"
                 )
                 continue
             lines.append(f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | {r['ms']:.3f} | "
-                         f"{r.get('speedup', float('nan')):.2f}x |")  # fmt: skip
+                         f"{r.get('speedup', float('nan')):.2f}x | {r.get('kernels', '')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -396,11 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=["memory", "speed", "big"])
     parser.add_argument("--cap-gb", type=float, default=80.0, help="big: cap the process's GPU memory (GiB)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (memory: 32, speed: 2)")
+    parser.add_argument(
+        "--shapes", choices=sorted(e2e.LLAMA_SHAPES), default="llama2-7b", help="memory/speed: the model"
+    )
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     parser.add_argument("--kv-len", type=int, default=1024)
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--no-cslt", dest="cslt", action="store_false")
+    parser.add_argument(
+        "--unpermuted", action="store_true", help="speed: also the masked form pruned without permutations"
+    )
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--tmp", default=None, help="folder for the checkpoint (default: the system's temp)")
     parser.add_argument("--out", type=Path, default=None)
@@ -421,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     args.llama_layers = args.layers
     result = {"memory": run_memory, "speed": run_speed, "big": run_big}[args.mode](args)
     result.update(gpu=torch.cuda.get_device_name(), versions=e2e._versions(), command=command_line("python "),
-                  wall_s=time.perf_counter() - args.t0)  # fmt: skip
+                  shapes=args.shapes, wall_s=time.perf_counter() - args.t0)  # fmt: skip
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"deploy_{args.mode}.json").write_text(json.dumps(result, indent=1))
-    (out / f"deploy_{args.mode}.md").write_text(_md(result))
+    stem = f"deploy_{args.mode}" + ("" if args.shapes == "llama2-7b" or args.mode == "big" else f"_{args.shapes}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(_md(result))
     print(_md(result))
     return 0
 

@@ -16,8 +16,16 @@ device lease; every layer has the same shapes, so the per-layer speed-up is what
 count scales.
 
 Every variant is compiled with fullgraph=True in inductor's default mode and timed under CUDA
-graphs (triton.testing.do_bench_cudagraph, median). Sparse variants prune at compile time
-(options={"pattern": ..., "score": "abs"}): timing does not depend on which weights are kept.
+graphs (triton.testing.do_bench_cudagraph, median). Sparse V:N:M variants run what a user runs:
+--permute random (default) prunes a copy of the model with the real sparsify_ path (permute=True, the
+input groups and MLP chains traced on one batch) whose permutation search is replaced by random
+permutations (shared by siblings, as the search returns them; random weights give a search nothing
+better to find, and its permutations are as scattered); --permute calibrated calibrates on random token
+batches and runs sparsify_(permute=True) with the real search (its seconds recorded separately,
+"search_s"); --permute none prunes at compile time without permutations
+(options={"pattern": ..., "score": "abs"}), the earlier results' setting. --joint-permutations passes
+VNMConfig(joint_permutations=True) (gate/up's output permutation = down_proj's input one: no index op
+between them). Timing does not depend on which weights are kept; it does on the permutations.
 V:N:M variants run q/k/v and gate/up as one launch each (the fuse_siblings pass); at decode
 batch 1 the "separate" variants (fuse_siblings=False) time the same kernels unfused.
 "2:4 cuSPARSELt" is PyTorch's 2:4 path: the same layers pruned 2:4 (ABS) in a copy of the model,
@@ -29,6 +37,7 @@ Writes e2e.json, e2e.md and e2e.png to --out (default benchmarks/results/<gpu>/)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -90,6 +99,95 @@ def _compile(model, variant: str, smoke: bool = False):
         "sparse_tensor_cores": True if "tc" in flags else False if "triton" in flags else "auto",
     }  # fmt: skip
     return torch.compile(model, backend="vnm", options=options, fullgraph=True, dynamic=False)
+
+
+def example_batch(args, name: str, batch: int = 1, seed: int = 0):
+    """One input of the model ``name`` (random token ids or pixels) on the benchmark's device."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if name == "llama":
+        vocab = build_llama_config(args).vocab_size
+        return torch.randint(0, vocab, (batch, 32 if args.smoke else 256), generator=gen).to(args.device)
+    size = 64 if args.smoke else 224
+    return torch.randn(batch, 3, size, size, generator=gen).to(device=args.device, dtype=args.dtype)
+
+
+@contextlib.contextmanager
+def _searched(mode: str, seed: int = 0):
+    """sparsify_'s permutation search as ``mode`` runs it: "random" replaces it with random permutations (the
+    input one shared by a unit, the output ones given by joint permutations kept); "calibrated" runs it.
+    Yields a dict whose "search_s" is the time spent in it."""
+    import torch
+
+    from vnm_compile.calibration import permutation
+
+    real = permutation.find_shared_permutation
+    spent = {"search_s": 0.0}
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_search(scores, pattern, rounds=2, *, fixed_out=None):
+        device = scores[0].device
+        in_perm = torch.randperm(scores[0].shape[1], generator=gen).to(device)
+        fixed = fixed_out or {}
+        outs = [fixed[i] if i in fixed else torch.randperm(s.shape[0], generator=gen).to(device)
+                for i, s in enumerate(scores)]  # fmt: skip
+        return in_perm, outs
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        try:
+            return (random_search if mode == "random" else real)(*a, **k)
+        finally:
+            spent["search_s"] += time.perf_counter() - start
+
+    permutation.find_shared_permutation = timed
+    try:
+        yield spent
+    finally:
+        permutation.find_shared_permutation = real
+
+
+def sparsified(args, name: str, model, pattern: str) -> tuple[object, dict]:
+    """A copy of ``model`` pruned to ``pattern`` through sparsify_ as --permute says (cached per model and
+    pattern), and what it took: {"sparsify_s", "search_s", "permuted", "linked"}."""
+    import copy
+
+    from vnm_compile import VNMConfig, calibrate, sparsify_
+    from vnm_compile.calibration.chains import find_chains
+    from vnm_compile.calibration.groups import find_input_groups
+
+    key = (name, pattern)
+    if key in args.sparsified:
+        return args.sparsified[key]
+    sparse = copy.deepcopy(model)
+    batch = example_batch(args, name)
+    start = time.perf_counter()
+    with torch_no_grad(), _searched(args.permute) as spent:
+        if args.permute == "random":
+            config = VNMConfig(pattern, score="abs", joint_permutations=args.joint_permutations)
+            groups, chains = find_input_groups(sparse, batch), find_chains(sparse, batch)
+            report = sparsify_(sparse, config, groups=groups, chains=chains, progress=False)
+        else:
+            config = VNMConfig(pattern, score="ria", joint_permutations=args.joint_permutations)
+            stats = calibrate(sparse, [example_batch(args, name, seed=s) for s in range(4)], progress=False)
+            report = sparsify_(sparse, config, stats, progress=False)
+    info = {"sparsify_s": time.perf_counter() - start, "search_s": spent["search_s"],
+            "permuted": sum(r.permuted for r in report.sparsified),
+            "linked": sum(bool(r.in_perm_from or r.out_perm_to) for r in report.sparsified)}  # fmt: skip
+    log.warning("%s %s: sparsify_ (--permute %s) %s", name, pattern, args.permute, info)
+    args.sparsified[key] = (sparse, info)
+    return sparse, info
+
+
+def _sparsified_variant(variant: str, permute: str) -> bool:
+    """Whether ``variant`` runs on a model pruned by sparsify_ (--permute random / calibrated)."""
+    from vnm_compile import VNMPattern
+
+    if permute == "none" or variant in ("dense", CSLT):
+        return False
+    pattern, *flags = variant.split()
+    return "permuted" not in flags and not VNMPattern.parse(pattern).is_nm
 
 
 def permuted_copy(model, pattern: str, seed: int = 0):
@@ -208,16 +306,24 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
+# hidden, intermediate, attention heads, KV heads, vocab (Meta's configs)
+LLAMA_SHAPES = {
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "llama2-13b": (5120, 13824, 40, 40, 32000),
+    "llama3-8b": (4096, 14336, 32, 8, 128256),
+}
+
+
 def build_llama_config(args):
-    """The Llama-2-7B shapes (--smoke: tiny ones) with --llama-layers layers."""
+    """The shapes of ``args.shapes`` (default Llama-2-7B; --smoke: tiny ones) with --llama-layers layers."""
     from transformers import LlamaConfig
 
-    shape = (256, 704, 4, 512) if args.smoke else (4096, 11008, 32, 32000)
+    shape = (256, 704, 4, 4, 512) if args.smoke else LLAMA_SHAPES[getattr(args, "shapes", "llama2-7b")]
     cfg = LlamaConfig(
         hidden_size=shape[0],
         intermediate_size=shape[1],
         num_attention_heads=shape[2],
-        num_key_value_heads=shape[2],
+        num_key_value_heads=shape[3],
         num_hidden_layers=args.llama_layers,
         vocab_size=shape[3],
         max_position_embeddings=4096,
@@ -361,6 +467,7 @@ def run_cases(args) -> list[dict]:
         if args.prefill > 0:
             cases.append(("llama", "prefill", 1, llama_prefill))
     records: list[dict] = []
+    args.sparsified = {}
     for name, phase, batch, make in cases:
         model = models[name]
         call, tokens = make(args, model, batch)
@@ -382,6 +489,10 @@ def run_cases(args) -> list[dict]:
                     records.append(_skipped(rec, f"cuSPARSELt failed: {str(err).splitlines()[0][:80]}"))
                     continue
                 compiled = _compile(cslt, "dense", args.smoke)
+            elif _sparsified_variant(variant, args.permute):
+                sparse, info = sparsified(args, name, model, variant.split()[0])
+                rec.update(info)
+                compiled = _compile(sparse, variant, args.smoke)
             else:
                 compiled = _compile(model, variant, args.smoke)
             with torch_no_grad():
@@ -432,6 +543,15 @@ TARGETS = {
 }
 
 
+def _permute_note(cfg: dict) -> str:
+    mode = cfg.get("permute", "none")
+    if mode == "none":
+        return "V:N:M weights pruned at compile time, unpermuted. "
+    how = "random permutations" if mode == "random" else "the permutation search on calibration batches"
+    joint = " with joint MLP permutations" if cfg.get("joint_permutations") else ""
+    return f"V:N:M weights pruned by sparsify_(permute=True){joint}, {how} (--permute {mode}). "
+
+
 def _md(result: dict) -> str:
     cfg = result["config"]
     lines = [
@@ -452,6 +572,7 @@ def _md(result: dict) -> str:
         'table says they win); "triton" variants run with the option off, "tc" with True. '
         'V:N:M variants fuse q/k/v and gate/up into one launch each; "separate" variants do not '
         "(fuse_siblings=False). "
+        + _permute_note(cfg)
         + (
             "Attention: SDPA without a materialized mask for DeiT and the prefill, as in eager "
             "(bench_e2e.skip_unneeded_masks; every variant)."
@@ -528,6 +649,8 @@ def _result(args, records: list[dict]) -> dict:
             "deit_batch": args.deit_batch,
             "variants": list(args.variants),
             "skip_masks": args.skip_masks,
+            "permute": args.permute,
+            "joint_permutations": args.joint_permutations,
         },
         "records": _with_speedups(records),
         "wall_s": time.perf_counter() - args.t0,
@@ -559,6 +682,13 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-masks", dest="skip_masks", action="store_false",
         help="keep the attention masks transformers materializes under torch.compile (see skip_unneeded_masks)",
     )  # fmt: skip
+    parser.add_argument(
+        "--permute", choices=["none", "random", "calibrated"], default="random",
+        help="how the V:N:M variants' weights are permuted (module docstring); default random",
+    )  # fmt: skip
+    parser.add_argument(
+        "--joint-permutations", action="store_true", help="sparsify_ with VNMConfig(joint_permutations=True)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU, no inductor: checks the code paths"

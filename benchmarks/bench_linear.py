@@ -3,6 +3,11 @@
     python benchmarks/bench_linear.py --grid default   # ~5 min on an H100
     python benchmarks/bench_linear.py --grid quick     # one shape, a minute
     python benchmarks/bench_linear.py --shapes vit-b 4096x4096 --tokens 16 2048 --patterns 64:2:8
+    python benchmarks/bench_linear.py --grid quick --permute none   # unpermuted masks (earlier results)
+
+--permute random (default) / calibrated: masks chosen inside random / searched permutations, the weight held
+in permuted coordinates as the backend holds it; linear.json then also has vnm_index_us (the op with its
+two index ops as separate launches) and search_s.
 
 Writes benchmarks/results/<gpu>/linear.json, linear.md, linear.png and
 speedups.json (see vnm_compile/kernels/benchmark.py). Same as `vnm bench`.
@@ -28,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         "--from-json", type=Path, default=None, help="only rewrite .md/.png/speedups from a linear.json"
     )
     parser.add_argument("--configs", action="store_true", help="time every kernel config at Llama-2-7B shapes instead")
+    parser.add_argument(
+        "--permute", choices=["none", "random", "calibrated"], default="random",
+        help="V:N:M masks chosen inside random permutations (default), the permutation search's (timed), or "
+        "none; the weight held permuted as the backend holds it (kernels/benchmark.py _time_case)",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "configs.json").write_text(json.dumps(rows, indent=1))
         return 0
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
-    results = run_benchmark(grid, checkpoint=out / "linear.json")
+    results = run_benchmark(grid, checkpoint=out / "linear.json", permute=args.permute)
     for p in write_results(results, out):
         print(f"wrote {p}")
     print(Path(out, "linear.md").read_text())

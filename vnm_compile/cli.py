@@ -161,11 +161,54 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"vnm bench: {err}", file=sys.stderr)
         return 2
 
+    if args.prewarm or args.model_config:
+        return _prewarm(args, grid)
     out = args.out or cache_dir() / gpu_slug()  # the dispatcher reads it from there before the shipped table
     results = run_benchmark(grid, progress=not args.no_progress, checkpoint=out / "linear.json")
     for p in write_results(results, out):
         print(f"wrote {p}")
     print(Path(out, "linear.md").read_text())
+    return 0
+
+
+def model_shapes(config: dict) -> list[tuple[int, int]]:
+    """(out, in) of a transformer's linears from its config.json (hidden_size, intermediate_size, heads, KV
+    heads, head_dim), with the sibling launches a compiled model fuses (q+k+v, gate+up)."""
+    h, i = int(config["hidden_size"]), int(config["intermediate_size"])
+    heads = int(config.get("num_attention_heads", 1))
+    kv = int(config.get("num_key_value_heads") or heads)
+    hd = int(config.get("head_dim") or h // heads)
+    q, k = heads * hd, kv * hd
+    shapes = [(q, h), (k, h), (h, q), (i, h), (h, i), (q + 2 * k, h)]
+    if config.get("hidden_act", "") in ("silu", "swish") or "llama" in str(config.get("model_type", "")):
+        shapes.append((2 * i, h))  # gate + up
+    return sorted(set(shapes))
+
+
+def _prewarm(args: argparse.Namespace, grid) -> int:
+    """`vnm bench --prewarm`: measure and store the dense-or-sparse choices of vnm::compressed_linear."""
+    import json
+
+    import torch
+
+    from .kernels.compressed import DECODE_TOKENS, path_cache_file, prewarm_paths
+
+    shapes = [(o, i) for o, i, _ in grid.shapes]
+    if args.model_config:
+        try:
+            shapes = model_shapes(json.loads(args.model_config.read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"vnm bench: cannot read the shapes of {args.model_config}: {err!r}", file=sys.stderr)
+            return 2
+    tokens = args.tokens or [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    done = prewarm_paths(shapes, grid.patterns, tokens, progress=not args.no_progress)
+    print(
+        f"{'out x in':>14} {'pattern':>8} {'tokens':>6} choice  (measured now; decode <= {DECODE_TOKENS} runs sparse)"
+    )
+    for key, choice in done.items():
+        _layout, _dtype, out, in_f, v, n, m, bucket = key.split("|")
+        print(f"{f'{out}x{in_f}':>14} {f'{v}:{n}:{m}':>8} {bucket:>6} {choice}")
+    print(f"{len(done)} choices written to {path_cache_file(torch.device('cuda', torch.cuda.current_device()))}")
     return 0
 
 
@@ -193,6 +236,16 @@ def _add_bench(sub) -> None:
         help="results folder (default $VNM_CACHE_DIR/<gpu>, ~/.cache/vnm_compile/<gpu>; the compiler reads it there)",
     )
     add_grid_arguments(p)
+    p.add_argument(
+        "--prewarm",
+        action="store_true",
+        help="instead: time dense against sparse for compressed linears of these shapes and patterns at prefill "
+        "token counts (--tokens, default 64-8192) and store the choices in the path cache, so a compressed "
+        "model's first calls find them decided",
+    )
+    p.add_argument(
+        "--model-config", type=Path, default=None, help="with --prewarm: the shapes of this transformers config.json"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_bench)
 

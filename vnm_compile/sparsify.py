@@ -49,6 +49,14 @@ class VNMConfig:
             layers before it produce (False: on the dense model's activations).
         damp: dampening of H, a fraction of its mean diagonal.
         reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
+        joint_permutations: with ``permute``, linears joined by element-wise ops only (gate/up -> down_proj,
+            fc1 -> fc2; traced by calibrate(), calibration/chains.py) share one permutation: the consumer's
+            input permutation, searched first, is the producers' output permutation, so the compiled and
+            compressed models pass the activation between them in that order with no index op. Off by
+            default: the producers then cannot choose their own output permutation, which cost MiniLM (RIA)
+            0.37 % (64:2:5) and 0.83 % (64:2:8) of the MLP importance kept, relative
+            (benchmarks/results/cpu/joint_permutation_minilm.md). Not used by the second-order path
+            (score "obs" or reconstruct=True), whose permutations are chosen block by block.
         layer_patterns: per-layer patterns, ``{name or glob: pattern or "dense"}`` (e.g. from
             ``plan_patterns(...).layer_patterns``); a layer takes the first entry that matches its name
             or a dotted suffix of it (exactly or as a glob: "layers.0.*" matches
@@ -69,6 +77,7 @@ class VNMConfig:
     sequential: bool = True
     damp: float = 0.01
     reconstruct_method: str = "auto"
+    joint_permutations: bool = False
     layer_patterns: tuple[tuple[str, VNMPattern | None], ...] = ()
 
     def __post_init__(self) -> None:
@@ -158,6 +167,10 @@ class LayerReport:
     permuted: bool = False
     skipped: str | None = None
     shares_input_perm: tuple[str, ...] = ()  # other layers reading the same tensor (one shared in_perm)
+    # joint permutations: the producers whose output permutation is this layer's input permutation, and the
+    # consumers whose input permutation is this layer's output permutation
+    in_perm_from: tuple[str, ...] = ()
+    out_perm_to: tuple[str, ...] = ()
     note: str = ""  # e.g. "Conv1D converted to nn.Linear"
     dense_bytes: int = 0  # the weight as it is (dense), in the model's dtype
     mask_bytes: int = 0  # what the masked form holds beyond it: the bool mask and the permutations
@@ -241,6 +254,8 @@ class SparsifyReport:
                 note = ", ".join(x for x in (r.note, "permuted" if r.permuted else "") if x)
                 if r.shares_input_perm:
                     note += f" (input perm shared by {len(r.shares_input_perm) + 1})"
+                if r.in_perm_from or r.out_perm_to:
+                    note += f" (joint perm with {', '.join(_short(n) for n in r.in_perm_from + r.out_perm_to)})"
                 if r.error is not None:
                     note += f" output error {r.error_masked:.4f} -> {r.error:.4f}"
                 lines.append(f"{r.name:<48} {shape:>12} {str(r.pattern):>9} {r.density:>8.3f} {kept:>6}  {note}")
@@ -248,6 +263,10 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         return self.table() + "\n" + self.summary()
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
 
 
 def matches_ignore(name: str, ignore: tuple[str, ...]) -> bool:
@@ -387,18 +406,23 @@ def _act_norm(stats: CalibrationStats | None, name: str, config: VNMConfig) -> t
 Perms = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
-def _permutations(scores: dict[str, torch.Tensor], config: VNMConfig) -> dict[str, Perms]:
-    """(in_perm, out_perm) per layer of one unit; layers of a unit share in_perm. None = identity."""
+def _permutations(
+    scores: dict[str, torch.Tensor], config: VNMConfig, fixed_out: dict[str, torch.Tensor] | None = None
+) -> dict[str, Perms]:
+    """(in_perm, out_perm) per layer of one unit; layers of a unit share in_perm. None = identity.
+    ``fixed_out``: layers whose output permutation is given (joint permutations), not searched."""
     if not config.permute or config.permute_rounds == 0 or config.pattern.is_nm or not scores:
         return {name: (None, None) for name in scores}
-    from .calibration.permutation import find_permutation, find_shared_permutation
+    from .calibration.permutation import find_shared_permutation
 
-    if len(scores) == 1:
-        ((name, s),) = scores.items()
-        in_perm, out_perm = find_permutation(s, config.pattern, rounds=config.permute_rounds)
-        return {name: (_none_if_identity(in_perm), _none_if_identity(out_perm))}
-    in_perm, out_perms = find_shared_permutation(list(scores.values()), config.pattern, rounds=config.permute_rounds)
-    return {name: (_none_if_identity(in_perm), _none_if_identity(o)) for name, o in zip(scores, out_perms, strict=True)}
+    fixed = {i: fixed_out[n] for i, n in enumerate(scores) if fixed_out and n in fixed_out}
+    in_perm, out_perms = find_shared_permutation(
+        list(scores.values()), config.pattern, rounds=config.permute_rounds, fixed_out=fixed
+    )
+    return {
+        name: (_none_if_identity(in_perm), _none_if_identity(fixed_out[name] if i in fixed else o))
+        for i, (name, o) in enumerate(zip(scores, out_perms, strict=True))
+    }
 
 
 def _none_if_identity(perm: torch.Tensor) -> torch.Tensor | None:
@@ -439,6 +463,65 @@ def _permutation_units(
     return units
 
 
+Chain = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _joint_chains(units: list[list[str]], config: VNMConfig, stats, chains) -> list[Chain]:
+    """The chains (producers, consumers) whose permutation is chosen jointly: every layer eligible, the
+    consumers exactly one permutation unit (one shared input permutation)."""
+    if not (config.permute and config.joint_permutations) or config.pattern.is_nm or config.permute_rounds == 0:
+        return []
+    chains = chains if chains is not None else getattr(stats, "chains", None) or []
+    unit_of = {n: tuple(u) for u in units for n in u}
+    out = []
+    for producers, consumers in chains:
+        producers, consumers = tuple(producers), tuple(consumers)
+        if not all(n in unit_of for n in producers + consumers) or unit_of[consumers[0]] != consumers:
+            logger.debug("joint permutation skipped for %s -> %s (not all eligible, or grouped otherwise)",
+                         producers, consumers)  # fmt: skip
+            continue
+        if set(producers) & {n for u in (unit_of[c] for c in consumers) for n in u}:
+            continue
+        if any(config.pattern_for(n).is_nm for n in producers + consumers):  # layer_patterns: N:4 never permutes
+            continue
+        out.append((producers, consumers))
+    return out
+
+
+def _consumers_first(units: list[list[str]], joint: list[Chain]) -> list[list[str]]:
+    """``units`` with each chain's consumer unit moved before the first unit holding one of its producers."""
+    if not joint:
+        return units
+    units = list(units)
+    for producers, consumers in joint:
+        cons = next(u for u in units if list(u) == list(consumers))
+        first = min(i for i, u in enumerate(units) if set(u) & set(producers))
+        if units.index(cons) > first:
+            units.remove(cons)
+            units.insert(first, cons)
+    return units
+
+
+def _links(plans, joint: list[Chain], reports: dict[str, LayerReport]) -> dict[str, torch.Tensor]:
+    """Per layer the LinearSparsity links [in_linked, out_linked] of the chains whose every layer was planned
+    with the shared permutation (a layer left without calibration data breaks its chain: no link)."""
+    perms = {name: p for name, _, p in plans}
+    flags: dict[str, list[int]] = {}
+    for producers, consumers in joint:
+        if not all(n in perms for n in producers + consumers):
+            continue
+        shared = perms[consumers[0]][0]
+        if shared is None or not all(perms[p][1] is shared for p in producers):
+            continue
+        for p in producers:
+            flags.setdefault(p, [0, 0])[1] = 1
+            reports[p].out_perm_to = consumers
+        for c in consumers:
+            flags.setdefault(c, [0, 0])[0] = 1
+            reports[c].in_perm_from = producers
+    return {n: torch.tensor(f, dtype=torch.int64, device=perms[n][0 if f[0] else 1].device) for n, f in flags.items()}
+
+
 @torch.no_grad()
 def sparsify_(
     model: nn.Module,
@@ -448,6 +531,7 @@ def sparsify_(
     groups: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
     data: Iterable | None = None,
+    chains: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
 ) -> SparsifyReport:
     """Prune every eligible nn.Linear (and transformers Conv1D) of ``model`` **in place** to ``config.pattern``.
 
@@ -460,6 +544,9 @@ def sparsify_(
     permutation: the groups are those traced by ``calibrate()`` (in ``stats``),
     or ``groups`` (e.g. ``find_input_groups(model, batch)``) when given; with
     neither (score="abs" without stats), input permutations are per layer.
+    With ``config.joint_permutations`` too, linears joined by element-wise ops
+    (``stats.chains``, or ``chains``: e.g. ``find_chains(model, batch)``) share one
+    permutation between the producers' outputs and the consumers' inputs.
 
     All masks are chosen before any weight changes: an error (naming the layer) leaves the model
     as it was. A transformers ``Conv1D`` that is pruned is replaced by an equivalent nn.Linear
@@ -506,8 +593,11 @@ def sparsify_(
         return report
     _check_stats(stats, eligible, config)
     units = _permutation_units(list(eligible), config, stats, groups)
+    joint = _joint_chains(units, config, stats, chains)
+    units = _consumers_first(units, joint)
     # 1. Choose every mask; the model is not touched, so an error leaves it as it was.
     plans: list[tuple[str, torch.Tensor, Perms]] = []
+    fixed_out: dict[str, torch.Tensor] = {}  # producer -> its output permutation (its consumers' input one)
     for unit in tqdm(units, desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
         unit_config = config.for_pattern(config.pattern_for(unit[0]))  # a unit's layers share one pattern
         scores = {}
@@ -519,13 +609,18 @@ def sparsify_(
                     continue
                 scores[name] = importance(_weight_2d(eligible[name]), config.score, norm, config.alpha)
         with _layer_errors(", ".join(scores), reports[next(iter(scores))].shape if scores else (0, 0)):
-            perms = _permutations(scores, unit_config)
+            perms = _permutations(scores, unit_config, fixed_out)
+        for producers, consumers in joint:
+            # searched first: its input permutation becomes the producers' output permutation
+            if list(scores) == list(consumers) and perms[consumers[0]][0] is not None:
+                fixed_out.update(dict.fromkeys(producers, perms[consumers[0]][0]))
         for name, s in scores.items():
             with _layer_errors(name, reports[name].shape):
                 mask = _plan_mask(s, perms[name], unit_config, reports[name])
             plans.append((name, mask, perms[name]))
             if len(scores) > 1 and perms[name][0] is not None:
                 reports[name].shares_input_perm = tuple(n for n in scores if n != name)
+    links = _links(plans, joint, reports)
     # 2. Apply them.
     for name, mask, perms in plans:
         module = eligible[name]
@@ -536,7 +631,7 @@ def sparsify_(
             clear_sparsity(module)
         pattern = reports[name].pattern
         module.weight.mul_(mask.to(module.weight.dtype))
-        set_sparsity(module, LinearSparsity(pattern, mask, perms[0], perms[1], config.score))
+        set_sparsity(module, LinearSparsity(pattern, mask, perms[0], perms[1], config.score, links.get(name)))
         _account(reports[name], module.weight, pattern, perms[0], perms[1])
     report.layers = list(reports.values())
     logger.info("%s", report.summary())

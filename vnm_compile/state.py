@@ -2,8 +2,8 @@
 
 The state is a LinearSparsity on the nn.Linear (attribute ``vnm_sparsity``) whose tensors are also the
 module's buffers ``vnm_mask`` (bool), ``vnm_pattern`` (int64 [v, n, m]) and, when present,
-``vnm_in_perm`` / ``vnm_out_perm``: so ``state_dict()`` / ``load_state_dict()`` (in place or with
-``assign=True``), ``torch.save`` / ``torch.load`` and ``copy.deepcopy`` carry it (apex ASP keeps its masks
+``vnm_in_perm`` / ``vnm_out_perm`` / ``vnm_links`` (joint permutations): so ``state_dict()`` /
+``load_state_dict()`` (in place or with ``assign=True``), ``torch.save`` / ``torch.load`` and ``copy.deepcopy`` carry it (apex ASP keeps its masks
 the same way). torch.compile hands the backend parameters, not modules, so the state is also indexed by
 the weight Parameter (weakly); a new Parameter set on the module (``load_state_dict(assign=True)``, a
 parameter swap) is indexed again by a global parameter-registration hook, and an unpickled state indexes
@@ -39,7 +39,7 @@ __all__ = [
 
 ATTR = "vnm_sparsity"
 # LinearSparsity field -> the module buffer that holds it
-BUFFERS = {"mask": "vnm_mask", "in_perm": "vnm_in_perm", "out_perm": "vnm_out_perm"}
+BUFFERS = {"mask": "vnm_mask", "in_perm": "vnm_in_perm", "out_perm": "vnm_out_perm", "links": "vnm_links"}
 PATTERN_BUFFER = "vnm_pattern"
 _BY_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -47,13 +47,28 @@ _BY_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 @dataclass
 class LinearSparsity:
     """A linear's V:N:M state: the mask in original coordinates and the permutations
-    in which it obeys the pattern (``mask[out_perm][:, in_perm]``)."""
+    in which it obeys the pattern (``mask[out_perm][:, in_perm]``).
+
+    ``links`` (int64 [in_linked, out_linked], or None): the input permutation is the output permutation of
+    the linears producing x through element-wise ops only, or the output permutation is the input
+    permutation of the linear(s) consuming y that way (sparsify_'s joint_permutations): the permuted
+    forms (VNMLinear, the compiled graph) then pass the activation between them in permuted order.
+    """
 
     pattern: VNMPattern
     mask: Tensor
     in_perm: Tensor | None = None
     out_perm: Tensor | None = None
     score: str = "abs"
+    links: Tensor | None = None
+
+    @property
+    def in_linked(self) -> bool:
+        return self.links is not None and bool(self.links[0])
+
+    @property
+    def out_linked(self) -> bool:
+        return self.links is not None and bool(self.links[1])
 
     def compress(self, weight: Tensor) -> VNMWeight:
         """The weight in the kernels' compressed format, permutations folded in."""
@@ -214,7 +229,7 @@ def sparsity_state_dict(model: nn.Module) -> dict[str, Tensor]:
             continue
         p = state.pattern
         entries = {"vnm_mask": state.mask, "vnm_in_perm": state.in_perm, "vnm_out_perm": state.out_perm,
-                   "vnm_pattern": torch.tensor([p.v, p.n, p.m], dtype=torch.int64)}  # fmt: skip
+                   "vnm_links": state.links, "vnm_pattern": torch.tensor([p.v, p.n, p.m], dtype=torch.int64)}  # fmt: skip
         for key, t in entries.items():
             if t is None:
                 continue
@@ -248,10 +263,11 @@ def load_sparsity_(model: nn.Module, state_dict: dict[str, Tensor], *, apply_mas
         pattern = VNMPattern(*(int(x) for x in state_dict[f"{name}.vnm_pattern"].tolist()))
         in_perm = state_dict.get(f"{name}.vnm_in_perm")
         out_perm = state_dict.get(f"{name}.vnm_out_perm")
+        links = state_dict.get(f"{name}.vnm_links")
         if not is_vnm(mask, pattern, in_perm, out_perm):
             raise ValueError(f"saved mask for {name!r} does not obey {pattern}")
         if apply_mask:
             with torch.no_grad():
                 module.weight.mul_(mask.to(module.weight.dtype))
-        set_sparsity(module, LinearSparsity(pattern, mask, in_perm, out_perm))
+        set_sparsity(module, LinearSparsity(pattern, mask, in_perm, out_perm, links=links))
     return names

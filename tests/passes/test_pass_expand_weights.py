@@ -9,6 +9,7 @@ from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels import dispatch
 from vnm_compile.kernels.vnm_triton import expand_weights, interpreter_ready
+from vnm_compile.passes.graph import op_args
 
 
 def test_expanded_weights_are_passed_to_every_launch_and_change_nothing():
@@ -21,14 +22,15 @@ def test_expanded_weights_are_passed_to_every_launch_and_change_nothing():
     launches = rec.op_nodes()
     assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
     for node in launches:
-        assert len(node.args) == 11
-        values, meta, e = (getattr(gm, a.target) for a in (node.args[1], node.args[3], node.args[10]))
+        args = op_args(node)
+        assert args["rows_values"] is None and args["tc_records"] is None  # only the expanded copy asked for
+        values, meta, e = (getattr(gm, args[k].target) for k in ("values", "meta", "expanded"))
         assert e.dtype == torch.float32 and torch.equal(e, expand_weights(values, meta, torch.float32))
     report = rec.report
     attn = "layers.1.self_attn"
     assert report[f"{attn}.q_proj"].mode == "sparse, fused x3, expanded"
     assert report["layers.0.mlp.down_proj"].mode == "sparse, expanded"
-    held = sum(getattr(gm, n.args[10].target).numel() * 4 for n in launches)
+    held = sum(getattr(gm, op_args(n)["expanded"].target).numel() * 4 for n in launches)
     assert f"expanded weights held: {held / 2**20:.1f} MiB" in report.summary()
 
 

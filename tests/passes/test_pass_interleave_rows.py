@@ -8,6 +8,7 @@ from test_pass_fuse_siblings import Recorder, _llama, compile_llama  # the share
 
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels.vnm_triton import default_interleave, interleave_rows, interpreter_ready
+from vnm_compile.passes.graph import op_args
 
 
 def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
@@ -21,9 +22,10 @@ def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
     assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
     held = 0
     for node in launches:
-        assert len(node.args) == 13 and node.args[10] is None  # no expanded weights asked for
-        values, meta = getattr(gm, node.args[1].target), getattr(gm, node.args[3].target)
-        rv, rm = getattr(gm, node.args[11].target), getattr(gm, node.args[12].target)
+        args = op_args(node)
+        assert args["expanded"] is None and args["tc_records"] is None  # no expanded weights asked for
+        values, meta = getattr(gm, args["values"].target), getattr(gm, args["meta"].target)
+        rv, rm = getattr(gm, args["rows_values"].target), getattr(gm, args["rows_meta"].target)
         want = interleave_rows(values, meta, 16, default_interleave(values.shape[0], 16))
         assert torch.equal(rv, want[0]) and torch.equal(rm, want[1])
         held += rv.numel() * rv.element_size() + rm.numel() * rm.element_size()
@@ -41,8 +43,9 @@ def test_with_expanded_weights_both_are_passed():
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     gm = rec.graphs[-1]
     for node in rec.op_nodes():
-        assert len(node.args) == 13 and all(isinstance(a, torch.fx.Node) for a in node.args[10:])
-        assert getattr(gm, node.args[10].target).dim() == 2 and getattr(gm, node.args[11].target).dim() == 4
+        args = op_args(node)
+        assert all(isinstance(args[k], torch.fx.Node) for k in ("expanded", "rows_values", "rows_meta"))
+        assert getattr(gm, args["expanded"].target).dim() == 2 and getattr(gm, args["rows_values"].target).dim() == 4
     assert rec.report["layers.0.mlp.down_proj"].mode == "sparse, expanded, interleaved"
 
 
@@ -91,6 +94,7 @@ def test_hybrid_launches_take_the_interleaved_copies(monkeypatch):
     assert len(nodes) == 8
     gm = rec.graphs[0]
     for node in nodes:
-        assert len(node.args) == 15 and node.args[12] is None
-        assert getattr(gm, node.args[13].target).dim() == 4 and getattr(gm, node.args[14].target).dim() == 2
+        args = op_args(node)
+        assert args["expanded"] is None and args["tc_records"] is None
+        assert getattr(gm, args["rows_values"].target).dim() == 4 and getattr(gm, args["rows_meta"].target).dim() == 2
     assert rec.report["layers.1.mlp.up_proj"].mode == "hybrid (sparse up to 4 tokens), fused x2, interleaved"

@@ -3,6 +3,7 @@ import torch
 
 from vnm_compile.kernels.vnm_linear import OP
 from vnm_compile.passes import PASSES, lower_linears, run_passes
+from vnm_compile.passes.graph import op_args
 
 
 def lowered(h, model, x, **options):
@@ -23,15 +24,18 @@ def test_every_eligible_linear_is_replaced(h, toy):
     assert h.count_linear(gm) == 1  # head (ignored)
     vnm_nodes = [n for n in gm.graph.nodes if n.target is OP]
     for n in vnm_nodes:
-        assert "stack_trace" in n.meta and n.meta["example_value"].shape[-1] == n.args[-1]  # meta copied
-        assert all(a.op == "get_attr" for a in n.args[1:4])
+        args = op_args(n)
+        assert "stack_trace" in n.meta and n.meta["example_value"].shape[-1] == args["out_features"]  # meta copied
+        assert all(args[k].op == "get_attr" for k in ("values", "columns", "meta"))
     # the shared weight is stored once and read by both calls
     shared = [
         n
         for n in vnm_nodes
-        if n.args[-1] == 40 and n.args[5] is not None and n.args[5].name.endswith("shared_parameters_bias_")
+        if op_args(n)["out_features"] == 40
+        and op_args(n)["bias"] is not None
+        and op_args(n)["bias"].name.endswith("shared_parameters_bias_")
     ]
-    assert len(shared) == 2 and shared[0].args[1] is shared[1].args[1]
+    assert len(shared) == 2 and op_args(shared[0])["values"] is op_args(shared[1])["values"]
     with torch.no_grad():
         for a, b in zip(gm(*inputs), ref(x), strict=True):
             # the CPU op decompresses and multiplies in float32: the same products as eager F.linear

@@ -13,6 +13,7 @@ from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import dispatch, vnm_linear
 from vnm_compile.kernels.sparse_tc import pack_sparse_tc
 from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER
+from vnm_compile.passes.graph import op_args
 from vnm_compile.pattern import VNMPattern
 from vnm_compile.state import get_sparsity
 
@@ -45,15 +46,18 @@ def test_packed_weights_are_passed_and_change_nothing(pattern, permute, mode):
     assert len(launches) == 2
     held = 0
     for node in launches:
-        assert len(node.args) == 20 and node.args[16] == mode and node.args[17] == 256
-        assert node.args[18:] == (0, 0)  # no decode counts (an int option sets only the floor)
-        values, columns, meta = (getattr(gm, a.target) for a in (node.args[1], node.args[2], node.args[3]))
-        row_index = getattr(gm, node.args[4].target) if node.args[4] is not None else None
-        w = VNMWeight(values, columns, meta, row_index, VNMPattern.parse(pattern), (node.args[9], _in(node, gm)))
+        args = op_args(node)
+        assert args["tc_mode"] == mode and args["tc_min_tokens"] == 256
+        assert (args["tc_decode_min"], args["tc_decode_max"]) == (0, 0)  # an int option sets only the floor
+        values, columns, meta = (getattr(gm, args[k].target) for k in ("values", "columns", "meta"))
+        row_index = getattr(gm, args["row_index"].target) if args["row_index"] is not None else None
+        w = VNMWeight(
+            values, columns, meta, row_index, VNMPattern.parse(pattern), (args["out_features"], _in(node, gm))
+        )
         packed = pack_sparse_tc(w)
-        records, cols = getattr(gm, node.args[13].target), getattr(gm, node.args[14].target)
+        records, cols = getattr(gm, args["tc_records"].target), getattr(gm, args["tc_columns"].target)
         assert torch.equal(records, packed.records) and torch.equal(cols, packed.columns)
-        rows = node.args[15]
+        rows = args["tc_rows"]
         assert (rows is None) == (mode == TC_GATHER)
         if rows is not None:
             assert torch.equal(getattr(gm, rows.target), packed.group_columns)
@@ -147,7 +151,8 @@ def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypat
     out, rec = _compile(model, x, sparse_tensor_cores=True)
     torch.testing.assert_close(out, want)  # CPU: dense above the (zero) limit, as the hybrid op says
     nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-    assert len(nodes) == 2 and all(n.args[11] == 0 and n.args[19] == 512 for n in nodes)
+    assert len(nodes) == 2
+    assert all(op_args(n)["max_sparse_tokens"] == 0 and op_args(n)["tc_min_tokens"] == 512 for n in nodes)
     assert rec.report["0"].mode == "hybrid (dense below the sparse tensor cores), sparse TC from 512 tokens"
     # fewer tokens than the floor in a static graph: dense, and the reason says why
     out, rec = _compile(model, x[:100], sparse_tensor_cores=True)
@@ -166,7 +171,9 @@ def test_a_layer_the_decode_kernel_wins_is_lowered_for_those_token_counts(monkey
     out, rec = _compile(model, x, sparse_tensor_cores=True)
     torch.testing.assert_close(out, want)  # CPU: the hybrid op's dense branch (CUDA only runs the kernels)
     nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-    assert len(nodes) == 2 and all(n.args[11] == 0 and n.args[19:] == (0, 4, 16) for n in nodes)
+    limits = [tuple(op_args(n)[k] for k in ("max_sparse_tokens", "tc_min_tokens", "tc_decode_min", "tc_decode_max"))
+              for n in nodes]  # fmt: skip
+    assert limits == [(0, 0, 4, 16)] * 2
     assert rec.report["0"].mode == "hybrid (dense where the sparse tensor cores do not run), sparse TC at 4-16 tokens"
     # a static token count outside the window: dense, and the reason names the window
     out, rec = _compile(model, x[:2], sparse_tensor_cores=True)

@@ -63,6 +63,8 @@ class CalibrationStats:
     batches: int = 0
     # Linears that read the same input tensor (traced during calibrate(); see groups.py).
     input_groups: list[tuple[str, ...]] = field(default_factory=list)
+    # (producers, consumers): linears joined by element-wise ops only (traced on the first batch; chains.py).
+    chains: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
 
     def __contains__(self, name: str) -> bool:
         obs = self.observers.get(name)
@@ -139,6 +141,7 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
+    from .chains import ChainRecorder
     from .groups import InputGroupRecorder
 
     stats = CalibrationStats()
@@ -151,10 +154,16 @@ def calibrate(
                 raise ValueError(f"calibration batch {i} is None: pass tensors, tuples or dicts of the model's inputs")
             run_batch(model, batch)
             stats.batches += 1
+            if i == 0:
+                first = batch
     if stats.batches == 0:
         raise ValueError("calibrate() got no batches: pass at least one calibration batch")
     stats.observers = observers
     stats.input_groups = rec.groups()
+    # one more pass over the first batch, without the hooks above (their ops would count as uses)
+    with ChainRecorder(model, filter_fn) as chains, torch.no_grad():
+        run_batch(model, first)
+    stats.chains = chains.chains()
     unseen = [n for n, o in observers.items() if o.tokens == 0]
     if unseen:
         logger.warning("%d linear layers were never called during calibration: %s", len(unseen), unseen[:5])

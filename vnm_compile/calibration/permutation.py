@@ -111,7 +111,11 @@ def find_permutation(scores: Tensor, pattern: VNMPattern | str, rounds: int = 2)
 
 
 def find_shared_permutation(
-    scores: Sequence[Tensor], pattern: VNMPattern | str, rounds: int = 2
+    scores: Sequence[Tensor],
+    pattern: VNMPattern | str,
+    rounds: int = 2,
+    *,
+    fixed_out: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One input permutation shared by layers that read the same tensor, one output permutation each.
 
@@ -123,6 +127,9 @@ def find_shared_permutation(
         scores: (out_i, in) score matrices with the same number of columns.
         pattern: the V:N:M pattern.
         rounds: alternating rounds.
+        fixed_out: layer index -> an output permutation that layer must keep (not searched): the rows of a
+            layer whose output feeds the next linear through element-wise ops only (gate/up -> down_proj)
+            are ordered as that linear's input permutation (joint permutations, sparsify_).
     Returns:
         ``(in_perm, [out_perm_i])``, int64 tensors on the scores' device.
     """
@@ -134,13 +141,19 @@ def find_shared_permutation(
     cols = mats[0].shape[1]
     in_perm = torch.arange(cols, device=device)
     out_perms = [torch.arange(s.shape[0], device=device) for s in mats]
+    fixed_out = dict(fixed_out or {})
+    for i, perm in fixed_out.items():
+        if not 0 <= i < len(mats):
+            raise ValueError(f"fixed_out names layer {i}, but there are {len(mats)} score matrices")
+        checked = check_permutation(perm, mats[i].shape[0], f"fixed_out[{i}]")
+        out_perms[i] = checked.to(device) if checked is not None else out_perms[i]
     if p.is_nm or rounds == 0:
         return in_perm, out_perms
 
     # Kept importance as a fraction of each layer's total (layers of a group weigh the same).
     totals = [max(float(s.sum(dtype=torch.float64)), 1e-30) for s in mats]
     base = [kept_importance(s, p) / t for s, t in zip(mats, totals, strict=True)]
-    kept = list(base)
+    kept = [kept_importance(s, p, None, o) / t for s, o, t in zip(mats, out_perms, totals, strict=True)]
     for r in range(rounds):
         changed = False
         # 1. Input step, shared by all layers: kept only if no layer loses and the total gains.
@@ -150,6 +163,8 @@ def find_shared_permutation(
             in_perm, kept, changed = cand_in, cand_kept, True
         # 2. Output step, per layer: each layer's rows are independent of the others.
         for i, s in enumerate(mats):
+            if i in fixed_out:
+                continue
             cand_out = _output_step(s, p, in_perm, out_perms[i])
             k = kept_importance(s, p, in_perm, cand_out) / totals[i]
             if k > kept[i] * (1 + _REL_TOL):

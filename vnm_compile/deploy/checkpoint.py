@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..format import VNMWeight
 from ..pattern import VNMPattern
-from .convert import _replace, compressed_linears, share_storage_
+from .convert import _replace, check_links, compressed_linears, share_storage_
 from .linear import FORMAT_VERSION, VNMLinear
 
 __all__ = ["save_compressed", "load_compressed", "INDEX_NAME", "FORMAT_NAME"]
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 FORMAT_NAME = "vnm_compile.compressed"
-_LAYER_KEYS = ("values", "columns", "meta", "in_perm", "out_perm", "bias", "vnm_header")
+_LAYER_KEYS = ("values", "columns", "meta", "in_perm", "out_perm", "perm_links", "bias", "vnm_header")
 
 
 def _safetensors():
@@ -47,7 +47,7 @@ def _layer_tensors(prefix: str, m: VNMLinear) -> dict[str, Tensor]:
     header[6] = 0  # stored row-major whatever the layout in memory
     out = {f"{prefix}values": w.values, f"{prefix}columns": w.columns, f"{prefix}meta": w.meta,
            f"{prefix}vnm_header": header}  # fmt: skip
-    for name in ("in_perm", "out_perm", "bias"):
+    for name in ("in_perm", "out_perm", "perm_links", "bias"):
         t = getattr(m, name)
         if t is not None:
             out[prefix + name] = t.detach()
@@ -245,7 +245,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
         if header[0] != FORMAT_VERSION or header[1:4] != [pattern.v, pattern.n, pattern.m]:
             raise ValueError(f"load_compressed: {name!r}: its header {header} does not match the index")
         w = VNMWeight(t["values"], t["columns"], t["meta"], None, pattern, tuple(info["shape"]))
-        new = VNMLinear.from_weight(w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"])
+        new = VNMLinear.from_weight(w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"], links=t["perm_links"])
         old = modules[name]
         new.train(old.training)
         if old is model:
@@ -262,5 +262,6 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, device: torch.dev
     for key in buffers:
         owner, _, name = key.rpartition(".")
         model.get_submodule(owner)._buffers[name] = read(key)
+    check_links(model)
     share_storage_(model)
     return model

@@ -57,6 +57,7 @@ def compress_(model: nn.Module, *, layout: str = "auto", progress: bool = True) 
         new = VNMLinear.from_linear(module, get_sparsity(module), layout=layout)
         new.train(module.training)
         _replace(model, module, new)
+    check_links(model)
     share_storage_(model)
     log.info("%s", memory_report(model).splitlines()[-1])
     return model
@@ -82,9 +83,30 @@ def decompress_(model: nn.Module, *, progress: bool = True) -> nn.Module:
         linear.train(module.training)
         in_perm = None if module.in_perm is None else module.in_perm.clone()
         out_perm = None if module.out_perm is None else module.out_perm.clone()
-        set_sparsity(linear, LinearSparsity(module.pattern, module.mask(), in_perm, out_perm))
+        links = None if module.perm_links is None else module.perm_links.clone()
+        set_sparsity(linear, LinearSparsity(module.pattern, module.mask(), in_perm, out_perm, links=links))
         _replace(model, module, linear)
     return model
+
+
+def check_links(model: nn.Module) -> None:
+    """Every VNMLinear that reads its input in permuted order (``in_linked``) needs a producer that writes it
+    so (``out_linked``, the same permutation), and the other way round: else the model would compute
+    another function. Raises ValueError naming the first layer without its partner."""
+    layers = compressed_linears(model)
+    outs = [m.out_perm for m in layers.values() if m.out_linked]
+    ins = [m.in_perm for m in layers.values() if m.in_linked]
+
+    def paired(perm, others) -> bool:
+        return any(o.shape == perm.shape and o.device == perm.device and torch.equal(o, perm) for o in others)
+
+    for name, m in layers.items():
+        if m.in_linked and not paired(m.in_perm, outs):
+            raise ValueError(f"{name}: its input permutation is linked to a producer's output permutation "
+                             "(joint permutations), but no compressed layer writes that order")  # fmt: skip
+        if m.out_linked and not paired(m.out_perm, ins):
+            raise ValueError(f"{name}: its output permutation is linked to a consumer's input permutation "
+                             "(joint permutations), but no compressed layer reads that order")  # fmt: skip
 
 
 def _storage_key(m: VNMLinear) -> tuple:

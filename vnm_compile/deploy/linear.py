@@ -10,7 +10,11 @@ so ``state_dict``, ``torch.save`` and ``copy.deepcopy`` carry it) and no dense w
 The weight is stored in the coordinates in which it obeys the pattern, ``W[out_perm][:, in_perm]``, so the
 kernels read each block's kept columns inside its own M-column group. The module applies the permutations
 around the op, ``y = op(x[..., in_perm])[..., inverse(out_perm)]``: two index ops that inductor fuses into
-the ops producing x and consuming y. ``vnm_header`` (int64: format version, V, n, M, out, in, layout, dtype)
+the ops producing x and consuming y. Where the permutations were chosen jointly with the neighbours
+(sparsify_'s joint_permutations: gate/up's output permutation is down_proj's input permutation, with only
+element-wise ops between them), ``perm_links`` (int64 [in_linked, out_linked]) says so and the module
+skips that index op: a producer returns its output in permuted order, the consumer reads it as it is
+(``compress_`` converts such layers together and checks that the permutations pair up). ``vnm_header`` (int64: format version, V, n, M, out, in, layout, dtype)
 makes a state dict self-describing: ``load_state_dict`` accepts either layout and converts.
 
 Moving the module (``.to``, ``.cuda()``, ``.half()``) re-lays the weight out for where it lands.
@@ -89,6 +93,8 @@ class VNMLinear(nn.Module):
         self.register_buffer("in_perm", torch.arange(in_features, **idx) if in_permuted else None)
         self.register_buffer("out_perm", torch.arange(out_features, **idx) if out_permuted else None)
         self.register_buffer("_out_inv", self.out_perm, persistent=False)
+        self.register_buffer("perm_links", None)  # int64 [in_linked, out_linked] (joint permutations), or None
+        self._links = (False, False)  # perm_links as Python bools (forward branches on them under torch.compile)
         self.register_buffer("vnm_header", self._header(), persistent=True)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
@@ -135,6 +141,7 @@ class VNMLinear(nn.Module):
         in_perm: Tensor | None = None,
         out_perm: Tensor | None = None,
         layout: str = "auto",
+        links: Tensor | None = None,
     ) -> VNMLinear:
         """From a VNMWeight stored in permuted coordinates (no permutation folded in: ``row_index`` None)
         and the permutations that map them back (``W = P_o^-1 weight P_i^-1``: the original weight is
@@ -151,6 +158,8 @@ class VNMLinear(nn.Module):
             mod.in_perm = in_perm.to(device=device, dtype=torch.int64)
         if out_perm is not None:
             mod.out_perm = out_perm.to(device=device, dtype=torch.int64)
+        if links is not None and bool(links.any()):
+            mod.perm_links = links.detach().to(device=device, dtype=torch.int64).clone()
         mod._refresh()
         if bias is not None:
             mod.bias = nn.Parameter(
@@ -174,7 +183,9 @@ class VNMLinear(nn.Module):
         if state.in_perm is not None:
             w, mask = w[:, state.in_perm], mask[:, state.in_perm]
         packed = VNMWeight.from_dense(w, mask, state.pattern)
-        return cls.from_weight(packed, linear.bias, in_perm=state.in_perm, out_perm=state.out_perm, layout=layout)
+        return cls.from_weight(
+            packed, linear.bias, in_perm=state.in_perm, out_perm=state.out_perm, layout=layout, links=state.links
+        )
 
     @staticmethod
     def _resolve_layout(layout: str, pattern: VNMPattern, dtype: torch.dtype, in_f: int, device) -> str:
@@ -200,6 +211,9 @@ class VNMLinear(nn.Module):
         """Derived state after the stored tensors changed: the inverse output permutation, the header."""
         self._out_inv = None if self.out_perm is None else _inverse(self.out_perm)
         self.vnm_header = self._header()
+        links = self.perm_links
+        if links is not None and links.device.type != "meta":
+            self._links = (bool(links[0]), bool(links[1]))
 
     def _to_layout(self, layout: str) -> None:
         """Re-lay the weight out in place (same device)."""
@@ -271,11 +285,24 @@ class VNMLinear(nn.Module):
         return (self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)) * size
 
     # ------------------------------------------------------------------ forward
+    @property
+    def in_linked(self) -> bool:
+        """x arrives in ``in_perm`` order (the producers skip their output index op; joint permutations)."""
+        return self._links[0]
+
+    @property
+    def out_linked(self) -> bool:
+        """The output is returned in ``out_perm`` order, as the consumer reads it (joint permutations)."""
+        return self._links[1]
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != self.weight_dtype:
             raise TypeError(f"VNMLinear holds a {self.weight_dtype} weight but got a {x.dtype} input")
-        if self.in_perm is not None:
+        if self.in_perm is not None and not self.in_linked:
             x = x.index_select(-1, self.in_perm)
+        if self.out_perm is not None and self.out_linked:
+            bias = None if self.bias is None else self.bias.index_select(0, self.out_perm)
+            return OP(x, self._weight_tensors(), self._spec, bias)
         if self.out_perm is None:
             return OP(x, self._weight_tensors(), self._spec, self.bias)
         y = OP(x, self._weight_tensors(), self._spec, None).index_select(-1, self._out_inv)
@@ -284,9 +311,11 @@ class VNMLinear(nn.Module):
     def extra_repr(self) -> str:
         perms = "in+out" if self.in_perm is not None and self.out_perm is not None else (
             "in" if self.in_perm is not None else "out" if self.out_perm is not None else "none")  # fmt: skip
+        linked = "+".join(k for k, on in (("in", self.in_linked), ("out", self.out_linked)) if on)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
             f"bias={self.bias is not None}, dtype={self.weight_dtype}, layout={self.layout}, permutations={perms}"
+            + (f" (linked with neighbours: {linked})" if linked else "")
         )
 
     # ------------------------------------------------------------------ moving and loading
@@ -322,7 +351,7 @@ class VNMLinear(nn.Module):
             layout = {v: k for k, v in LAYOUTS.items()}[int(header[6])]
             if layout != self.layout and all(prefix + k in state_dict for k in _KEYS[LAYOUTS[layout]]):
                 self._convert_entries(state_dict, prefix, layout)
-        for name in ("in_perm", "out_perm"):  # permutations the empty module was not built with
+        for name in ("in_perm", "out_perm", "perm_links"):  # permutations the empty module was not built with
             if prefix + name in state_dict and getattr(self, name) is None:
                 ref = self._weight_tensors()[0]
                 self._buffers[name] = torch.zeros_like(state_dict[prefix + name], device=ref.device)

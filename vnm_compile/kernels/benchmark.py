@@ -249,6 +249,25 @@ def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, t
     return VNMWeight.from_dense(weight, mask, pattern), mask
 
 
+PERMUTE_MODES = ("none", "random", "calibrated")
+
+
+def _permutations(weight: torch.Tensor, pattern: VNMPattern, mode: str, seed: int) -> tuple:
+    """(in_perm, out_perm, search seconds) for ``mode``: "none" (None, None), "random" (random permutations,
+    as scattered as what a search returns), "calibrated" (the permutation search on |W|, timed)."""
+    if mode == "none" or pattern.is_nm:
+        return None, None, 0.0
+    rows, cols = weight.shape
+    if mode == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(cols, generator=gen), torch.randperm(rows, generator=gen), 0.0
+    from ..calibration.permutation import find_permutation
+
+    start = time.perf_counter()
+    in_perm, out_perm = find_permutation(weight.abs().float(), pattern)
+    return in_perm.cpu(), out_perm.cpu(), time.perf_counter() - start
+
+
 def _clone_vnm(w: VNMWeight) -> VNMWeight:
     return VNMWeight(
         w.values.clone(), w.columns.clone(), w.meta.clone(),
@@ -257,16 +276,31 @@ def _clone_vnm(w: VNMWeight) -> VNMWeight:
 
 
 def _time_case(
-    out_f: int, in_f: int, tokens: int, patterns: Sequence[str], device, dtype, with_cslt: bool, with_held: bool
+    out_f: int,
+    in_f: int,
+    tokens: int,
+    patterns: Sequence[str],
+    device,
+    dtype,
+    with_cslt: bool,
+    with_held: bool,
+    permute: str = "none",
 ) -> dict:
     """One (shape, tokens) row: dense, cuSPARSELt 2:4 and every pattern (``with_held``: also with the layout an
-    option holds: the row-interleaved copy at 1-4 tokens, the expanded weights above)."""
+    option holds: the row-interleaved copy at 1-4 tokens, the expanded weights above).
+
+    ``permute`` "random" / "calibrated": each pattern's mask is chosen inside input and output permutations
+    (PERMUTE_MODES) and the weight held in the coordinates in which it obeys the pattern, as the backend's
+    default (permutations="index") and VNMLinear hold it; "vnm_us" times the op on it, "vnm_index_us" the op
+    with its two index ops around it as separate launches (the compiled model fuses them into neighbouring
+    ops: an upper bound), "search_s" the permutation search."""
     gen = torch.Generator(device=device).manual_seed(out_f * 7 + in_f * 13 + tokens)
     weight = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen) / math.sqrt(in_f)
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
     rec: dict = {
         "out_features": out_f, "in_features": in_f, "tokens": tokens, "vnm_us": {}, "vnm_bytes": {},
-        "vnm_expanded_us": {}, "vnm_interleaved_us": {}, "vnm_tc_us": {},
+        "vnm_expanded_us": {}, "vnm_interleaved_us": {}, "vnm_tc_us": {}, "permute": permute,
+        "vnm_index_us": {}, "search_s": {},
     }  # fmt: skip
 
     dense_bytes = weight.numel() * weight.element_size()
@@ -288,15 +322,30 @@ def _time_case(
             log.info("cuSPARSELt %dx%d, %d tokens: %s", out_f, in_f, tokens, str(err).splitlines()[0])
 
     for p in patterns:
-        w, mask = _random_vnm(weight, VNMPattern.parse(p))
+        in_perm, out_perm, rec["search_s"][p] = _permutations(weight, VNMPattern.parse(p), permute, out_f + in_f)
+        held = weight if in_perm is None else weight[out_perm.to(device)][:, in_perm.to(device)]
+        w, mask = _random_vnm(held, VNMPattern.parse(p))
         y = vnm_linear(x, w)
-        ref = F.linear(x.float(), (weight * mask).float())
+        ref = F.linear(x.float(), (held * mask).float())
         rel = ((y.float() - ref).norm() / ref.norm()).item()
         if not rel < 2e-2:
             raise RuntimeError(f"V:N:M {p} {out_f}x{in_f} {tokens} tokens: relative error {rel:.3g}")
         copies = [w] + [_clone_vnm(w) for _ in range(_copies(w.nbytes, device) - 1)]
         rec["vnm_us"][p] = time_graph([lambda w=w: vnm_linear(x, w) for w in copies])
         rec["vnm_bytes"][p] = w.nbytes
+        if in_perm is not None:  # x[..., in_perm] -> op -> y[..., out_perm^-1], three launches
+            i_p, o_p = in_perm.to(device), out_perm.to(device)
+            o_inv = torch.argsort(o_p)
+            original = torch.empty_like(held)  # the masked weight in original coordinates
+            original[o_p.unsqueeze(1), i_p.unsqueeze(0)] = held * mask
+            y_orig = vnm_linear(x.index_select(-1, i_p), w).index_select(-1, o_inv)
+            ref_orig = F.linear(x.float(), original.float())
+            rel = ((y_orig.float() - ref_orig).norm() / ref_orig.norm()).item()
+            if not rel < 2e-2:
+                raise RuntimeError(f"V:N:M {p} {out_f}x{in_f} {tokens} tokens, permuted: relative error {rel:.3g}")
+            rec["vnm_index_us"][p] = time_graph(
+                [lambda w=w, i=i_p, o=o_inv: vnm_linear(x.index_select(-1, i), w).index_select(-1, o) for w in copies]
+            )
         del copies
         if not with_held or w.pattern.n != 2:
             continue
@@ -333,8 +382,12 @@ def run_benchmark(
     dtype=torch.float16,
     progress: bool = True,
     checkpoint: Path | None = None,
+    permute: str = "none",
 ) -> dict:
-    """Measure the grid; returns the JSON-able results dict (also written to ``checkpoint`` after each case)."""
+    """Measure the grid; returns the JSON-able results dict (also written to ``checkpoint`` after each case).
+    ``permute``: how the V:N:M weights are permuted (PERMUTE_MODES, _time_case)."""
+    if permute not in PERMUTE_MODES:
+        raise ValueError(f"permute must be one of {PERMUTE_MODES}, got {permute!r}")
     from tqdm import tqdm
 
     device = torch.device(device or "cuda")
@@ -353,10 +406,11 @@ def run_benchmark(
         "timing": "median of 30 CUDA-graph replays; each replay calls the op once per weight copy "
         "(copies > 3x L2) and the time is divided by the copies",
         "cslt_layout": "feature-major activations (in, tokens), algorithm searched per token count",
+        "permute": permute,
     }
     records: list[dict] = []
     for o, i, name, t, pats, part in tqdm(cases, disable=not progress, desc="bench_linear"):
-        rec = _time_case(o, i, t, pats, device, dtype, with_cslt and part != "sweep", part != "sweep")
+        rec = _time_case(o, i, t, pats, device, dtype, with_cslt and part != "sweep", part != "sweep", permute)
         rec.update(name=name, part=part)
         records.append(rec)
         log.info("%s %dx%d t=%d dense %.1fus %s", name, o, i, t, rec["dense_us"], rec["vnm_us"])

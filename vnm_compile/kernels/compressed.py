@@ -37,7 +37,16 @@ from torch import Tensor
 from ..format import VNMWeight, decompress
 from ..pattern import VNMPattern
 
-__all__ = ["LAYOUT_ROWS", "LAYOUT_TC", "LAYOUTS", "OP", "rebuild_dense", "compressed_linear_reference", "choose_path"]
+__all__ = [
+    "LAYOUT_ROWS",
+    "LAYOUT_TC",
+    "LAYOUTS",
+    "OP",
+    "rebuild_dense",
+    "compressed_linear_reference",
+    "choose_path",
+    "prewarm_paths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +168,102 @@ def _remember(path: Path, key: str, choice: str) -> None:
         log.debug("cannot write %s: %s", path, err)
 
 
+def _path_key(device: torch.device, layout: int, dtype, out: int, in_f: int, v: int, n: int, m: int, bucket: int):
+    """The in-memory key of a dense-or-sparse choice (its tail, ``_disk_key``, is the cache file's key)."""
+    return ("vnm_path", device.index, layout, dtype, out, in_f, v, n, m, bucket)
+
+
+def _disk_key(key: tuple) -> str:
+    return "|".join(str(k) for k in key[2:])
+
+
+def _seed(layout: int, out: int, in_f: int, pattern: VNMPattern, tokens: int, device: torch.device) -> str:
+    """What the shipped table predicts: timed first, kept unless the other path is clearly faster."""
+    from . import dispatch
+
+    if layout == LAYOUT_TC:
+        floor = dispatch.sparse_tc_token_floor(out, in_f, pattern, device)
+        return "sparse" if floor is not None and tokens >= floor else "dense"
+    limit = dispatch.sparse_token_limit(out, in_f, pattern, device)
+    return "sparse" if limit is None or tokens <= limit else "dense"
+
+
+def prewarm_paths(
+    shapes,
+    patterns,
+    tokens,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float16,
+    *,
+    timer=None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Measure and store the dense-or-sparse choice of vnm::compressed_linear for these shapes, so a model's
+    first prefill calls find them decided (``vnm bench --prewarm``). Returns {cache key: choice} of the
+    entries measured now (those already in the cache file are kept as they are).
+
+    Args:
+        shapes: (out_features, in_features) pairs (a model's sparsified linears, or the standard shapes).
+        patterns: V:N:M patterns ("64:2:8").
+        tokens: token counts; each is measured for its bucket (the next power of two), and only above
+            ``DECODE_TOKENS`` (below it the sparse kernels always run).
+        device: the CUDA device (default: the current one).
+        timer: ``timer(path, fn) -> ms`` for path "sparse" or "dense" (default: fn timed as a CUDA-graph
+            replay, vnm_triton._replay_ms); tests pass a fake one to check the cache logic without a GPU.
+    Each (shape, pattern, bucket) is measured in the layout compress_ holds on ``device``: the sparse
+    tensor cores' packing where they run, else the row-major one. The cache file is
+    ``path_cache_file(device)``, the one choose_path reads.
+    """
+    from tqdm.auto import tqdm
+
+    from ..deploy.linear import tc_layout_supported
+    from ..masks import block_rows, vnm_mask
+    from .vnm_triton import _AUTOTUNE_CACHE, _replay_ms, _token_bucket
+
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    timer = timer or (lambda _path, fn: _replay_ms(fn))
+    file = path_cache_file(device)
+    done: dict[str, str] = {}
+    buckets = sorted({_token_bucket(int(t)) for t in tokens if int(t) > DECODE_TOKENS})
+    cases = [(int(o), int(i), VNMPattern.parse(str(p)), b) for o, i in shapes for p in patterns for b in buckets]
+    for out, in_f, pattern, bucket in tqdm(cases, desc="prewarm paths", disable=not progress, leave=False):
+        tc = tc_layout_supported(pattern, dtype, in_f, device)
+        layout = LAYOUT_TC if tc else LAYOUT_ROWS
+        v = block_rows(pattern)
+        key = _path_key(device, layout, dtype, out, in_f, v, pattern.n, pattern.m, bucket)
+        disk_key = _disk_key(key)
+        if disk_key in _disk_choices(str(file)):
+            continue
+        # 1. a random weight of this shape in that layout, and x of the bucket's token count
+        gen = torch.Generator(device=device).manual_seed(out * 7 + in_f)
+        dense = torch.randn(out, in_f, device=device, dtype=dtype, generator=gen)
+        w = VNMWeight.from_dense(dense, vnm_mask(dense.abs().float(), pattern), pattern)
+        weight, spec = [w.values, w.columns, w.meta], [LAYOUT_ROWS, w.block_rows, pattern.n, pattern.m, out]
+        if tc:
+            from .sparse_tc import pack_sparse_tc
+
+            packed = pack_sparse_tc(w)
+            weight, spec = [packed.records, packed.columns], [LAYOUT_TC, *spec[1:]]
+        x = torch.randn(bucket, in_f, device=device, dtype=dtype, generator=gen)
+        # 2. time both paths, the table's prediction first (kept unless the other is > 3 % faster)
+        seed = _seed(layout, out, in_f, pattern, bucket, device)
+        paths = {"sparse": _sparse, "dense": _dense}
+        best, best_ms = seed, float("inf")
+        for path in (seed, "dense" if seed == "sparse" else "sparse"):
+            try:
+                ms = timer(path, functools.partial(paths[path], x, weight, spec, None))
+            except (RuntimeError, ValueError) as err:
+                log.debug("prewarm %s %s: %s", disk_key, path, err)
+                continue
+            if ms < 0.97 * best_ms:
+                best, best_ms = path, ms
+        # 3. stored where choose_path looks: this process's cache and the GPU's cache file
+        _AUTOTUNE_CACHE[key] = best
+        _remember(file, disk_key, best)
+        done[disk_key] = best
+    return done
+
+
 def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> str:
     """ "sparse" or "dense" for this call (module docstring)."""
     layout, v, n, m, out = _check(weight, spec)
@@ -167,27 +272,20 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens <= DECODE_TOKENS:
         return "sparse"
-    from . import dispatch
     from .vnm_triton import _AUTOTUNE_CACHE, _choose, _token_bucket
 
-    key = ("vnm_path", x.device.index, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
+    key = _path_key(x.device, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
     known = _AUTOTUNE_CACHE.get(key)  # 1. decided earlier in this process: nothing else on the hot path
     if known is not None:
         return known
     file = path_cache_file(x.device)  # 2. measured by an earlier process on this GPU and software
-    disk_key = "|".join(str(k) for k in key[2:])
+    disk_key = _disk_key(key)
     known = _disk_choices(str(file)).get(disk_key)
     if known is not None:
         _AUTOTUNE_CACHE[key] = known
         return known
     # 3. measure, the measured table's answer first (kept unless the other path is clearly faster)
-    pattern = _pattern(v, n, m)
-    if layout == LAYOUT_TC:
-        floor = dispatch.sparse_tc_token_floor(out, x.shape[-1], pattern, x.device)
-        seed = "sparse" if floor is not None and tokens >= floor else "dense"
-    else:
-        limit = dispatch.sparse_token_limit(out, x.shape[-1], pattern, x.device)
-        seed = "sparse" if limit is None or tokens <= limit else "dense"
+    seed = _seed(layout, out, x.shape[-1], _pattern(v, n, m), tokens, x.device)
     cands = [seed, "dense" if seed == "sparse" else "sparse"]
     x2 = x.reshape(-1, x.shape[-1])
     paths = {"sparse": _sparse, "dense": _dense}

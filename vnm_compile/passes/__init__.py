@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import fx
 
+from .cancel_permutations import cancel_permutations
 from .context import CompileContext, CompileOptions, CompileReport, LayerCompileReport, LinearSite
 from .expand_weights import expand_weights
 from .find_linears import find_linears
@@ -31,6 +32,7 @@ __all__ = [
     "keep_dense_off_gpu",
     "fold_permutations",
     "lower_linears",
+    "cancel_permutations",
     "fuse_siblings",
     "fuse_compressed",
     "expand_weights",
@@ -50,7 +52,9 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 
 # 1. find linears and decide which can be lowered; 2. prune those without recorded state;
 # 3. off the GPU (no fast kernels), keep them dense on their masked weights unless forced;
-# 4. compress with permutations folded in; 5. rewrite to vnm.linear; 6. one launch for siblings
+# 4. compress with permutations folded in (or held permuted); 5. rewrite to vnm.linear (or index ops around
+# vnm::compressed_linear); 5b. cancel an output index op against the next layer's input one across
+# element-wise ops (joint permutations); 6. one launch for siblings
 # that read the same input (q/k/v, gate/up); 7. with the expand_weights option, the expanded
 # weights for the gather GEMM; 8. with the interleave_rows option, the decode kernel's layout;
 # 9. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
@@ -61,6 +65,7 @@ PASSES: list[Pass] = [
     keep_dense_off_gpu,
     fold_permutations,
     lower_linears,
+    cancel_permutations,
     fuse_siblings,
     expand_weights,
     interleave_rows,

@@ -207,6 +207,9 @@ class LinearSite:
     aliases: tuple[str, ...] = ()  # other names of the weight (a tied weight: the calling module, the owner)
     masked_copy: bool = False  # kept dense on a masked copy of the weight (compile-time pruning off the GPU)
     index_perms: bool = False  # permutations run as index ops around vnm::compressed_linear (option)
+    in_perm_readers: list[str] = field(default_factory=list)  # the layers reading its input index op (itself too)
+    in_perm_cancelled: tuple[str, ...] = ()  # input permutation cancelled with these producers' output ones
+    out_perm_cancelled: tuple[str, ...] = ()  # output permutation cancelled with these consumers' input one
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -233,6 +236,7 @@ class LayerCompileReport:
     tc_min_tokens: int | None = None
     tc_decode: tuple[int, int] | None = None
     index_perms: bool = False
+    permutations: str = "none"  # how the input and output permutations were applied (CompileContext.report)
 
     @property
     def mode(self) -> str:
@@ -321,8 +325,7 @@ class CompileReport:
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             if r.lowered:
-                note = r.origin + (", permuted" if r.permuted else "")
-                note += " (folded into the kernel indices)" if r.permuted and not r.index_perms else ""
+                note = r.origin + (f"; permutations: {r.permutations}" if r.permuted else "")
                 lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {str(r.pattern):>9}  {r.mode:<44} {note}")
             else:
                 lines.append(f"{r.name:<48} {shape:>12} {r.calls:>5} {'-':>9}  {r.mode:<44} {r.reason}")
@@ -370,10 +373,39 @@ class CompileContext:
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin
                 r.permuted = s.state.in_perm is not None or s.state.out_perm is not None
+                r.permutations = _permutations_applied(s)
                 if s.compressed is not None:
                     r.sparse_bytes = s.compressed.nbytes
             layers.append(r)
         return CompileReport(layers, graph_id, self.compressed_calls, self.compressed_launches)
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _permutations_applied(site: LinearSite) -> str:
+    """How a lowered layer's permutations run: "in: index op on x shared by 3, out: cancelled with
+    down_proj", "in+out: folded into the kernel indices", "none"."""
+    state = site.state
+    if state is None or (state.in_perm is None and state.out_perm is None):
+        return "none"
+    if not site.index_perms:
+        return "in+out folded into the kernel indices" if state.in_perm is not None and state.out_perm is not None else (
+            ("in" if state.in_perm is not None else "out") + " folded into the kernel indices")  # fmt: skip
+    parts = []
+    if state.in_perm is not None:
+        if site.in_perm_cancelled:
+            parts.append(f"in: cancelled with {', '.join(map(_short, site.in_perm_cancelled))}")
+        else:
+            n = len(site.in_perm_readers)
+            parts.append("in: index op on x" + (f" shared by {n}" if n > 1 else ""))
+    if state.out_perm is not None:
+        if site.out_perm_cancelled:
+            parts.append(f"out: cancelled with {', '.join(map(_short, site.out_perm_cancelled))}")
+        else:
+            parts.append("out: index op on y")
+    return ", ".join(parts)
 
 
 def placeholder_source(node: fx.Node):

@@ -27,7 +27,8 @@ from ..kernels.vnm_linear import HYBRID_OP, OP
 from ..kernels.vnm_triton import expand_weights as _expand
 from .context import CompileContext
 from .find_linears import _example
-from .fuse_siblings import _attr, _sparse_args
+from .fuse_siblings import _sparse_args
+from .graph import attr_tensor, op_args, set_op_args
 from .lower_linears import LAYER_META, _constant
 
 __all__ = ["expand_weights", "attach_constants", "LayerTensors"]
@@ -35,12 +36,7 @@ __all__ = ["expand_weights", "attach_constants", "LayerTensors"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The optional trailing arguments of the two ops, by name: their positions.
-_TC = ("tc_records", "tc_columns", "tc_rows", "tc_mode", "tc_min_tokens", "tc_decode_min", "tc_decode_max")
-_OPTIONAL = {
-    OP: {name: 10 + i for i, name in enumerate(("expanded", "rows_values", "rows_meta", *_TC))},
-    HYBRID_OP: {name: 12 + i for i, name in enumerate(("expanded", "rows_values", "rows_meta", *_TC))},
-}
+_TARGETS = (OP, HYBRID_OP)
 # (kind, values tensor) -> (meta, dtype, made): recompiles (new shapes, guards) reuse what was built.
 _CACHE: dict[str, WeakIdKeyDictionary] = {}
 
@@ -93,17 +89,16 @@ def attach_constants(
     sites = {s.name: s for s in ctx.sites}
     added = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _OPTIONAL:
+        if node.op != "call_function" or node.target not in _TARGETS:
             continue
-        positions = [_OPTIONAL[node.target][name] for name in names]
         x, values, columns, meta, row_index, _, v, n, m, out_features = _sparse_args(node)[:10]
-        vals, cols, words, example = _attr(gm, values), _attr(gm, columns), _attr(gm, meta), _example(x)
-        rows = _attr(gm, row_index)
-        if n != 2 or vals is None or cols is None or words is None or node.kwargs:
+        vals, cols, words = attr_tensor(gm, values), attr_tensor(gm, columns), attr_tensor(gm, meta)
+        rows, example = attr_tensor(gm, row_index), _example(x)
+        if n != 2 or vals is None or cols is None or words is None:
             continue
         if row_index is not None and rows is None:
             continue
-        if len(node.args) > positions[0] and node.args[positions[0]] is not None:
+        if op_args(node)[names[0]] is not None:
             continue  # already passed
         overrides = per_call(node) if per_call is not None else {}
         if overrides is None:
@@ -124,10 +119,7 @@ def attach_constants(
                 attr = f"{values.target}_{name}"
                 exists = hasattr(gm, attr)  # another call of the same weight
                 consts.append(graph.get_attr(attr) if exists else _constant(gm, graph, attr, value))
-        args = list(node.args) + [None] * (positions[-1] + 1 - len(node.args))
-        for pos, const in zip(positions, consts, strict=True):
-            args[pos] = const
-        node.args = tuple(args)
+        set_op_args(node, **dict(zip(names, consts, strict=True)))
         nbytes = sum(t.numel() * t.element_size() for t in made if isinstance(t, torch.Tensor))
         for layer in str(node.meta.get(LAYER_META, "")).split("+"):
             if layer in sites:

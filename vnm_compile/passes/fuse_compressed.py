@@ -27,6 +27,7 @@ from ..kernels.compressed import LAYOUT_TC
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
 from .fuse_siblings import _drop_unused_buffers, _slices_ok
+from .graph import op_args, set_op_args
 from .lower_linears import _constant, _fresh_prefix
 
 __all__ = ["fuse_compressed", "COMPRESSED_TARGETS"]
@@ -120,9 +121,9 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     inputs = _Inputs(values, gm)
     groups: dict[tuple, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in COMPRESSED_TARGETS or node.kwargs or len(node.args) != 4:
+        if node.op != "call_function" or node.target not in COMPRESSED_TARGETS:
             continue
-        x, weights, spec, bias = node.args
+        x, weights, spec, bias = op_args(node).values()
         key = inputs.key(x)
         tensors = [_value(w, values, gm) for w in weights]
         if key is None or any(t is None for t in tensors) or not _slices_ok(node, int(spec[4])):
@@ -145,8 +146,9 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
 
 def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bool:
     graph = gm.graph
-    specs = [[int(s) for s in node.args[2]] for node in members]
-    weights = [[_value(w, values, gm) for w in node.args[1]] for node in members]
+    calls = [op_args(node) for node in members]
+    specs = [[int(s) for s in call["spec"]] for call in calls]
+    weights = [[_value(w, values, gm) for w in call["weight"]] for call in calls]
     sizes = [s[4] for s in specs]
     if any(_rows(s, w) != s[4] for s, w in zip(specs[:-1], weights[:-1], strict=True)):
         return False  # padding rows between members: their outputs would not be contiguous slices
@@ -155,25 +157,26 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
         parts = [w[k] for w in weights]
         view = _adjacent(parts)
         if view is None:
-            if not all(node.args[1][k].op == "get_attr" for node in members):
+            if not all(call["weight"][k].op == "get_attr" for call in calls):
                 return False  # model buffers in separate storages: fusing would copy the weights
             view = torch.cat(parts)
         stacked.append(view)
     first = members[0]
-    x = first.args[0]
-    biases = [node.args[3] for node in members]
+    x = calls[0]["x"]
+    biases = [call["bias"] for call in calls]
     with graph.inserting_before(first):
         tensors = [_constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(stacked)]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
-        call = graph.call_function(COMPRESSED_OP, (x, tensors, [*specs[0][:4], sum(sizes)], bias))
+        call = graph.call_function(COMPRESSED_OP, ())
+        set_op_args(call, x=x, weight=tensors, spec=[*specs[0][:4], sum(sizes)], bias=bias)
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     call.meta = dict(first.meta)
+    selects = [c["x"] for c in calls[1:]]  # (read before erase_node clears the members' args)
     for node, out in zip(members, outs, strict=True):
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    for node in members[1:]:  # the siblings' own index ops of x, now unused
-        sel = node.args[0]
+    for sel in selects:  # the siblings' own index ops of x, now unused
         if isinstance(sel, fx.Node) and sel is not x and not sel.users and _index_select(sel) is not None:
             graph.erase_node(sel)
     logger.info("fused %d compressed linears into one launch (%d output features)", len(members), sum(sizes))

@@ -41,6 +41,7 @@ from ..format import VNMWeight, cat_rows
 from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
 from .fold_permutations import rebind
+from .graph import attr_tensor, op_args, set_op_args
 from .lower_linears import _PREFIX, LAYER_META, _constant, _fresh_prefix
 
 __all__ = ["fuse_siblings"]
@@ -54,36 +55,33 @@ _VIEW_TARGETS = (torch.Tensor.view, torch.ops.aten.view.default)
 _INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.Tensor.as_strided, torch.as_strided)
 
 
-def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = getattr(gm, node.target, None)
-    return value if isinstance(value, torch.Tensor) else None
+_OPTIONAL_TENSORS = ("expanded", "rows_values", "rows_meta", "tc_records", "tc_columns", "tc_rows")
+_SPARSE_ARGS = ("x", "values", "columns", "meta", "row_index", "bias", "v", "n", "m", "out_features")
 
 
 def _sparse_args(node: fx.Node) -> tuple:
     """(x, values, columns, meta, row_index, bias, v, n, m, out_features) of vnm.linear or vnm.hybrid_linear."""
-    if node.target is HYBRID_OP:  # (x, dense_weights, values .. out_features, max_sparse_tokens[, expanded])
-        return (node.args[0], *node.args[2:11])
-    return tuple(node.args[:10])  # [, expanded]
+    args = op_args(node)
+    return tuple(args[name] for name in _SPARSE_ARGS)
 
 
 def _group_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """What siblings must share, or None when ``node`` cannot be fused at all."""
     hybrid = node.target is HYBRID_OP
-    if len(node.args) != (12 if hybrid else 10) or node.kwargs or node.meta.get(LAYER_META) is None:
-        return None
+    args = op_args(node)
+    if any(args[name] is not None for name in _OPTIONAL_TENSORS) or node.meta.get(LAYER_META) is None:
+        return None  # expanded / interleaved / packed copies are attached after fusion
     x, values, columns, meta, row_index, bias, v, n, m, out_features = _sparse_args(node)
-    tensors = [_attr(gm, a) for a in (values, columns, meta)]
-    if any(t is None for t in tensors) or (row_index is not None and _attr(gm, row_index) is None):
+    tensors = [attr_tensor(gm, a) for a in (values, columns, meta)]
+    if any(t is None for t in tensors) or (row_index is not None and attr_tensor(gm, row_index) is None):
         return None
     if (bias is not None and not isinstance(bias, fx.Node)) or not _slices_ok(node, out_features):
         return None
     limit = None
     if hybrid:  # the dense weights: the model's Parameters (graph inputs) or masked copies (get_attr)
-        if not all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") for w in node.args[1]):
+        if not all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") for w in args["dense_weights"]):
             return None
-        limit = node.args[11]
+        limit = args["max_sparse_tokens"]
     vals, cols, _ = tensors
     return (node.target, limit, x, v, n, m, vals.dtype, vals.device, vals.shape[1], cols.dtype, bias is None)
 
@@ -125,8 +123,9 @@ def _fusible(members: list[fx.Node], order: dict[fx.Node, int], sites: dict[str,
     kept, seen = [], set()
     for node in members:
         site = sites.get(node.meta[LAYER_META])
-        bias = _sparse_args(node)[5]
-        if site is None or site.compressed is None or site.compressed.values is not _attr(gm, _sparse_args(node)[1]):
+        args = op_args(node)
+        bias = args["bias"]
+        if site is None or site.compressed is None or site.compressed.values is not attr_tensor(gm, args["values"]):
             continue
         if len(site.nodes) != 1 or id(site) in seen or (bias is not None and order.get(bias, first) >= first):
             continue
@@ -202,21 +201,24 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], sites: list[LinearSite], p
     for site in sites:
         site.fused_with = names
     first = members[0]
-    x, _, _, _, _, _, v, n, m, _ = _sparse_args(first)
-    sizes = [int(_sparse_args(node)[9]) for node in members]
+    first_args = op_args(first)
+    x, v, n, m = (first_args[k] for k in ("x", "v", "n", "m"))
+    sizes = [int(op_args(node)["out_features"]) for node in members]
     with graph.inserting_before(first):
         tensors = {k: _constant(gm, graph, f"{prefix}_{k}", t) for k, t in fused.tensors().items()}
-        biases = [_sparse_args(node)[5] for node in members]
+        biases = [op_args(node)["bias"] for node in members]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
-        args = (x, tensors["values"], tensors["columns"], tensors["meta"], tensors.get("row_index"), bias)
-        args = (*args, v, n, m, sum(sizes))
+        args = {"x": x, "values": tensors["values"], "columns": tensors["columns"], "meta": tensors["meta"],
+                "row_index": tensors.get("row_index"), "bias": bias, "v": v, "n": n, "m": m,
+                "out_features": sum(sizes)}  # fmt: skip
         if first.target is HYBRID_OP:
             # the dense branch's weights, one per member in row order; a masked copy (get_attr) may be
             # defined after the first member: read it again here
-            dense = [w if w.op == "placeholder" else graph.get_attr(w.target) for node in members for w in node.args[1]]
-            call = graph.call_function(HYBRID_OP, (x, dense, *args[1:], first.args[11]))
-        else:
-            call = graph.call_function(OP, args)
+            dense = [w if w.op == "placeholder" else graph.get_attr(w.target) for node in members
+                     for w in op_args(node)["dense_weights"]]  # fmt: skip
+            args.update(dense_weights=dense, max_sparse_tokens=first_args["max_sparse_tokens"])
+        call = graph.call_function(first.target, ())
+        set_op_args(call, **args)
         call.meta[LAYER_META] = "+".join(names)
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]

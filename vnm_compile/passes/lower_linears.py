@@ -22,12 +22,15 @@ from torch import fx
 from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
 
-__all__ = ["lower_linears", "LAYER_META"]
+__all__ = ["lower_linears", "LAYER_META", "PERM_META"]
 
 logger = logging.getLogger(__name__)
 
 _PREFIX = "_vnm"
 LAYER_META = "vnm_layer"  # node.meta key: the layer name(s) a vnm op computes
+# node.meta key of the index ops _lower_with_index_perms adds: ("in", layer) on x, ("out", layer) on the
+# output, ("bias", layer) on the bias add after it (cancel_permutations reads them)
+PERM_META = "vnm_perm"
 
 
 def _constant(gm: fx.GraphModule, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
@@ -114,14 +117,21 @@ def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, s
                 key = (x, id(state.in_perm))
                 if key not in selects:
                     perm = _constant(gm, graph, f"{prefix}_in_perm", state.in_perm.to(device=device, dtype=torch.int64))
-                    selects[key] = graph.call_function(torch.index_select, (x, -1, perm))
-                x = selects[key]
+                    select = graph.call_function(torch.index_select, (x, -1, perm))
+                    select.meta[PERM_META] = ("in", site.name)
+                    selects[key] = (select, [])
+                x, readers = selects[key]
+                if site.name not in readers:
+                    readers.append(site.name)
+                site.in_perm_readers = readers  # one list per index op: every layer reading it
             y = graph.call_function(COMPRESSED_OP, (x, weights, spec, bias if out_inv is None else None))
             y.meta[LAYER_META] = site.name
             if out_inv is not None:
                 y = graph.call_function(torch.index_select, (y, -1, out_inv))
+                y.meta[PERM_META] = ("out", site.name)
                 if bias is not None:
                     y = graph.call_function(torch.add, (y, bias))
+                    y.meta[PERM_META] = ("bias", site.name)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
     return len(site.nodes)
@@ -135,7 +145,8 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     graph = gm.graph
     lowered = 0
     index = _fresh_prefix(gm)
-    selects: dict[tuple, fx.Node] = {}  # (x node, permutation tensor id) -> its index op: siblings share one
+    # (x node, permutation tensor id) -> its index op and the layers reading it: siblings share one
+    selects: dict[tuple, tuple[fx.Node, list[str]]] = {}
     for site in ctx.to_lower():
         w = site.compressed
         if w is None:

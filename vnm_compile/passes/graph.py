@@ -1,0 +1,71 @@
+"""FX helpers the passes share: the arguments of a vnm op call by name, and graph constants.
+
+The vnm ops take their weight as several tensors plus sizes; a pass reads and rewrites a call's
+arguments by the names in the op's schema (``op_args`` / ``set_op_args``), never by position, so a new
+argument touches the op and the passes that use it, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["op_args", "set_op_args", "attr_tensor"]
+
+
+def _schema_args(node: fx.Node):
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):  # torch.ops.vnm.linear: its one overload
+        target = target.default
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        raise TypeError(f"{node.format_node()} does not call an operator with a schema")
+    return schema.arguments
+
+
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """Every argument of the op call ``node`` by its schema name, defaults filled in."""
+    out = {}
+    for i, arg in enumerate(_schema_args(node)):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def set_op_args(node: fx.Node, **changes: Any) -> None:
+    """Rewrite the named arguments of the op call ``node`` (others kept). The call is written
+    positionally up to the last argument that differs from its default."""
+    args = _schema_args(node)
+    names = {a.name for a in args}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise TypeError(
+            f"{node.target} has no argument {', '.join(unknown)}; it takes {', '.join(a.name for a in args)}"
+        )
+    values = {**op_args(node), **changes}
+    last = 0
+    for i, arg in enumerate(args):
+        if i < len(node.args) or not arg.has_default_value() or not _is_default(values[arg.name], arg.default_value):
+            last = i + 1
+    node.args = tuple(values[a.name] for a in args[:last])
+    node.kwargs = {}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is None or default is None or isinstance(value, fx.Node):
+        return value is default
+    return type(value) is type(default) and value == default
+
+
+def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = getattr(gm, node.target, None)
+    return value if isinstance(value, torch.Tensor) else None
