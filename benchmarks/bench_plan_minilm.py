@@ -92,9 +92,9 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. Token mix {mix}. RIA"
         f"{' + permutations' if args.permute else ' (no permutations)'}; per-layer cost = importance lost. "
         "'expected' speed-ups are plan_patterns' time model on the speed table "
-        f"`{args.table}` (nearest measured shape; not measured on MiniLM); the cosines are measured (mean "
-        "embedding cosine to the dense model on held-out docstrings). The lm head is absent; the pooler "
-        "stays dense.", "",
+        f"`{args.table}` (a linear.json: the nearest measured shape; a speedups.json: one speed-up per pattern "
+        "for every layer; not measured on MiniLM); the cosines are measured (mean embedding cosine to the "
+        "dense model on held-out docstrings). Every linear but none of the embeddings is a candidate.", "",
         "| uniform | expected speed-up | plan's expected | cosine uniform | cosine per-layer | density uniform "
         "| density per-layer | plan |",
         "|---|---|---|---|---|---|---|---|",
