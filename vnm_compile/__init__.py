@@ -28,6 +28,7 @@ __all__ = [
     "importance",
     "mask_diversity",
     "select_pattern",
+    "plan_patterns",
     "find_permutation",
     # calibration and pruning
     "calibrate",
@@ -56,6 +57,7 @@ __all__ = [
 # importable (``from vnm_compile import ChannelObserver``).
 _LAZY = {
     "select_pattern": (".calibration.selection", "select_pattern"),
+    "plan_patterns": (".calibration.plan", "plan_patterns"),
     "find_permutation": (".calibration.permutation", "find_permutation"),
     "recover_": (".recovery", "recover_"),
     "RecoveryConfig": (".recovery", "RecoveryConfig"),

@@ -52,6 +52,11 @@ def _select(args: argparse.Namespace) -> int:
 
     from .calibration.selection import load_speedups, sift_patterns
 
+    if args.per_layer is not None:
+        return _select_per_layer(args)
+    if args.threshold is None:
+        print("vnm select: --threshold is required (the speed-up over dense you need)", file=sys.stderr)
+        return 2
     try:
         result = sift_patterns(load_speedups(args.speedups), args.threshold)
     except FileNotFoundError:
@@ -78,12 +83,57 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select_per_layer(args: argparse.Namespace) -> int:
+    """`vnm select --per-layer COSTS`: one pattern per layer (calibration/plan.py)."""
+    import json
+
+    from .calibration.plan import load_layer_costs, plan_patterns
+
+    if (args.threshold is None) == (args.max_cost is None):
+        print(
+            "vnm select --per-layer: give exactly one of --threshold (target speed-up) and --max-cost", file=sys.stderr
+        )
+        return 2
+    try:
+        mix = {int(t): float(w) for t, w in (item.split(":") for item in args.tokens)}
+    except ValueError:
+        print(f"vnm select: --tokens takes TOKENS:WEIGHT pairs (e.g. 1:256 2048:1), got {args.tokens}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.speedups) as f:
+            speed = json.load(f)
+        shapes, costs = load_layer_costs(args.per_layer)
+        plan = plan_patterns(shapes, speed, costs, target_speedup=args.threshold, max_cost=args.max_cost,
+                             token_mix=mix, other_fraction=args.other_fraction)  # fmt: skip
+    except FileNotFoundError as e:
+        print(f"vnm select: {e.filename}: no such file", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        print(f"vnm select: {e}", file=sys.stderr)
+        return 1 if "reaches speed-up" in str(e) else 2
+    print(f"vnm select --per-layer: {len(shapes)} layers from {args.per_layer}, speed-ups from {args.speedups}\n")
+    print(plan.table())
+    if args.out is not None:
+        args.out.write_text(json.dumps(plan.layer_patterns, indent=1))
+        print(f"\nwrote {args.out}: VNMConfig(pattern=..., layer_patterns=json.load(open({str(args.out)!r})))")
+    return 0
+
+
 def _add_select(sub) -> None:
     from pathlib import Path
 
-    p = sub.add_parser("select", help="choose V:N:M from measured speed-ups (paper section 4.1)")
-    p.add_argument("--speedups", type=Path, required=True, help='JSON {"64:2:5": 1.8, ...} (vnm bench writes one)')
-    p.add_argument("--threshold", type=float, required=True, help="the speed-up over dense you need")
+    p = sub.add_parser("select", help="choose V:N:M from measured speed-ups (paper section 4.1), or one per layer")
+    p.add_argument("--speedups", type=Path, required=True,
+                   help='JSON {"64:2:5": 1.8, ...} (vnm bench writes one); with --per-layer also a linear.json')  # fmt: skip
+    p.add_argument("--threshold", type=float, default=None, help="the speed-up over dense you need")
+    p.add_argument("--per-layer", type=Path, default=None, metavar="COSTS",
+                   help="choose one pattern per layer from these accuracy costs (plan.save_layer_costs writes them)")  # fmt: skip
+    p.add_argument("--max-cost", type=float, default=None, help="--per-layer: the total accuracy cost allowed")
+    p.add_argument("--tokens", nargs="+", default=["1:1"], metavar="TOKENS:WEIGHT",
+                   help="--per-layer: the token mix, e.g. 1:256 2048:1 (default 1:1, decode at batch 1)")  # fmt: skip
+    p.add_argument("--other-fraction", type=float, default=0.0,
+                   help="--per-layer: the dense model's time share outside the linears (attention, norms)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="--per-layer: write {layer: pattern} here (JSON)")
     p.set_defaults(func=_select)
 
 

@@ -6,8 +6,8 @@ import contextlib
 import fnmatch
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -57,6 +57,12 @@ class VNMConfig:
             0.37 % (64:2:5) and 0.83 % (64:2:8) of the MLP importance kept, relative
             (benchmarks/results/cpu/joint_permutation_minilm.md). Not used by the second-order path
             (score "obs" or reconstruct=True), whose permutations are chosen block by block.
+        layer_patterns: per-layer patterns, ``{name or glob: pattern or "dense"}`` (e.g. from
+            ``plan_patterns(...).layer_patterns``); a layer takes the first entry that matches its name
+            or a dotted suffix of it (exactly or as a glob: "layers.0.*" matches
+            "model.layers.0.mlp.up_proj"), else ``pattern``. "dense" (or None)
+            leaves it dense. Layers that read one input share an input permutation only with those
+            of the same pattern.
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -72,9 +78,11 @@ class VNMConfig:
     damp: float = 0.01
     reconstruct_method: str = "auto"
     joint_permutations: bool = False
+    layer_patterns: tuple[tuple[str, VNMPattern | None], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))
+        object.__setattr__(self, "layer_patterns", _parse_layer_patterns(self.layer_patterns))
         if isinstance(self.ignore, str):
             raise ValueError("VNMConfig.ignore must be a list of names, not a single string")
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -98,15 +106,55 @@ class VNMConfig:
         """Score "obs" or reconstruct=True: sparsify_ calibrates layer by layer on ``data``."""
         return self.score == "obs" or self.reconstruct
 
+    def pattern_for(self, name: str) -> VNMPattern | None:
+        """The pattern of layer ``name``: its first matching ``layer_patterns`` entry, else ``pattern``
+        (None: left dense)."""
+        parts = name.split(".")
+        suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+        for key, pattern in self.layer_patterns:
+            if any(fnmatch.fnmatchcase(suffix, key) for suffix in suffixes):
+                return pattern
+        return self.pattern
+
+    def for_pattern(self, pattern: VNMPattern) -> VNMConfig:
+        """This config with one pattern for every layer (what each layer is pruned with)."""
+        if pattern == self.pattern and not self.layer_patterns:
+            return self
+        return replace(self, pattern=pattern, layer_patterns=())
+
     def to_json(self) -> str:
         d = asdict(self)
         d["pattern"] = str(self.pattern)
         d["ignore"] = list(self.ignore)
+        d["layer_patterns"] = {k: DENSE if p is None else str(p) for k, p in self.layer_patterns}
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> VNMConfig:
         return cls(**json.loads(text))
+
+
+DENSE = "dense"  # a layer_patterns value: keep the layer dense
+
+
+def _parse_layer_patterns(value) -> tuple[tuple[str, VNMPattern | None], ...]:
+    """VNMConfig.layer_patterns as ((name or glob, pattern or None), ...), from a mapping or pairs."""
+    if isinstance(value, str):
+        raise ValueError("VNMConfig.layer_patterns must map layer names (or globs) to patterns, not be a string")
+    items = value.items() if isinstance(value, Mapping) else value
+    parsed = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(f"VNMConfig.layer_patterns entries must be (name or glob, pattern) pairs, got {item!r}")
+        key, pattern = item
+        if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == DENSE):
+            parsed.append((key, None))
+            continue
+        try:
+            parsed.append((key, as_pattern(pattern)))
+        except ValueError as e:
+            raise ValueError(f"VNMConfig.layer_patterns[{key!r}]: {e} (or 'dense')") from None
+    return tuple(parsed)
 
 
 @dataclass
@@ -167,8 +215,13 @@ class SparsifyReport:
         kept = sum(r.shape[0] * r.shape[1] * r.density for r in self.sparsified)
         already = len(self.skipped) - len(self.dense)
         already_note = f", {already} already sparsified (kept)" if already else ""
+        counts: dict[str, int] = {}
+        for r in self.sparsified:
+            counts[str(r.pattern)] = counts.get(str(r.pattern), 0) + 1
+        at = " / ".join(f"{p} x{n}" for p, n in counts.items()) if len(counts) > 1 else next(iter(counts), None)
+        at = at or str(self.config.pattern)
         return (
-            f"{len(self.sparsified)} linears sparsified at {self.config.pattern} "
+            f"{len(self.sparsified)} linears sparsified at {at} "
             f"({n_params - kept:,.0f} of {n_params:,} weights zeroed){already_note}, {len(self.dense)} left dense; "
             f"mean importance kept {self.mean_importance_kept():.3f}"
         )
@@ -279,13 +332,18 @@ def eligible_linears(model: nn.Module, config: VNMConfig) -> tuple[dict[str, nn.
         reason = _skip_reason(name, module, same, config)
         if reason is None and id(w) in first_of:
             reason = f"shares its weight with {first_of[id(w)]!r} (pruned there)"
+        pattern, state = config.pattern_for(name), get_sparsity(module)
+        if reason is None and pattern is None and state is not None:  # its zeros cannot be undone here
+            conflicts.append(f"{name} ({state.pattern}, asked dense)")
+            continue
+        if reason is None and pattern is None:
+            reason = "dense by VNMConfig.layer_patterns"
         if reason is not None:
             skipped[name] = reason
             continue
         first_of[id(w)] = name
-        state = get_sparsity(module)
         if state is not None and not config.overwrite:
-            if state.pattern != config.pattern:
+            if state.pattern != pattern:
                 conflicts.append(f"{name} ({state.pattern})")
             skipped[name] = ALREADY
             continue
@@ -379,7 +437,7 @@ def _permutation_units(
     Groups come from ``groups`` if given, else from ``stats.input_groups`` (traced by
     calibrate()); without either, every layer gets its own input permutation.
     """
-    if not config.permute or config.pattern.is_nm:
+    if not config.permute:
         return [[n] for n in names]
     if groups is None:
         groups = getattr(stats, "input_groups", None)
@@ -391,10 +449,10 @@ def _permutation_units(
             groups = []
     unit_of: dict[str, list[str]] = {}
     eligible = set(names)
-    for group in groups:
+    for group in groups:  # one input permutation per pattern among the layers reading one tensor
         members = [n for n in group if n in eligible and n not in unit_of]
         for n in members:
-            unit_of[n] = members
+            unit_of.setdefault(n, [m for m in members if config.pattern_for(m) == config.pattern_for(n)])
     units, done = [], set()
     for n in names:
         if n in done:
@@ -423,6 +481,8 @@ def _joint_chains(units: list[list[str]], config: VNMConfig, stats, chains) -> l
                          producers, consumers)  # fmt: skip
             continue
         if set(producers) & {n for u in (unit_of[c] for c in consumers) for n in u}:
+            continue
+        if any(config.pattern_for(n).is_nm for n in producers + consumers):  # layer_patterns: N:4 never permutes
             continue
         out.append((producers, consumers))
     return out
@@ -539,6 +599,7 @@ def sparsify_(
     plans: list[tuple[str, torch.Tensor, Perms]] = []
     fixed_out: dict[str, torch.Tensor] = {}  # producer -> its output permutation (its consumers' input one)
     for unit in tqdm(units, desc=f"sparsify {config.pattern}", disable=not progress, leave=False):
+        unit_config = config.for_pattern(config.pattern_for(unit[0]))  # a unit's layers share one pattern
         scores = {}
         for name in unit:
             with _layer_errors(name, reports[name].shape):
@@ -548,14 +609,14 @@ def sparsify_(
                     continue
                 scores[name] = importance(_weight_2d(eligible[name]), config.score, norm, config.alpha)
         with _layer_errors(", ".join(scores), reports[next(iter(scores))].shape if scores else (0, 0)):
-            perms = _permutations(scores, config, fixed_out)
+            perms = _permutations(scores, unit_config, fixed_out)
         for producers, consumers in joint:
             # searched first: its input permutation becomes the producers' output permutation
             if list(scores) == list(consumers) and perms[consumers[0]][0] is not None:
                 fixed_out.update(dict.fromkeys(producers, perms[consumers[0]][0]))
         for name, s in scores.items():
             with _layer_errors(name, reports[name].shape):
-                mask = _plan_mask(s, perms[name], config, reports[name])
+                mask = _plan_mask(s, perms[name], unit_config, reports[name])
             plans.append((name, mask, perms[name]))
             if len(scores) > 1 and perms[name][0] is not None:
                 reports[name].shares_input_perm = tuple(n for n in scores if n != name)
@@ -568,9 +629,10 @@ def sparsify_(
             reports[name].note = "Conv1D converted to nn.Linear"
         if config.overwrite:
             clear_sparsity(module)
+        pattern = reports[name].pattern
         module.weight.mul_(mask.to(module.weight.dtype))
-        set_sparsity(module, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score, links.get(name)))
-        _account(reports[name], module.weight, config.pattern, perms[0], perms[1])
+        set_sparsity(module, LinearSparsity(pattern, mask, perms[0], perms[1], config.score, links.get(name)))
+        _account(reports[name], module.weight, pattern, perms[0], perms[1])
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report

@@ -78,6 +78,8 @@ SHAPES = [
     (1, 29, "32:2:7"),
     (67, 131, "64:2:8"),
     (131, 47, "128:2:16"),
+    (200, 97, "128:2:5"),
+    (300, 61, "256:2:8"),
     (33, 50, "2:4"),
     (5, 9, "16:2:6"),
 ]
@@ -500,7 +502,8 @@ def test_prefer_sparse_without_table_or_gpu():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 16, 33, 300, 2048])
 @pytest.mark.parametrize(
-    "rows,cols,pattern", [(4096, 4096, "64:2:8"), (331, 1031, "16:2:5"), (517, 999, "128:2:16"), (130, 258, "2:4")]
+    "rows,cols,pattern",
+    [(4096, 4096, "64:2:8"), (331, 1031, "16:2:5"), (517, 999, "128:2:16"), (300, 1031, "256:2:8"), (130, 258, "2:4")],
 )
 def test_gpu_matches_fp64(rows, cols, pattern, tokens, dtype):
     vw, dense = make_weight(rows, cols, pattern, permute=rows % 2 == 1, dtype=dtype, device="cuda", seed=tokens)

@@ -73,31 +73,37 @@ def sparsify_second_order(
                 names[0], obs.tokens, obs.in_features, config.damp,
             )  # fmt: skip
         scores = {name: _scores(eligible[name], h, config, name) for name in names}
-        perms = _permutations(scores, config)
+        configs = {name: config.for_pattern(config.pattern_for(name)) for name in names}
+        perms = {}
+        for pattern in dict.fromkeys(c.pattern for c in configs.values()):  # one input permutation per pattern
+            same = [name for name in names if configs[name].pattern == pattern]
+            perms.update(_permutations({name: scores[name] for name in same}, configs[same[0]]))
         for name in names:
             module, r, (in_perm, out_perm) = eligible[name], reports[name], perms[name]
+            cfg = configs[name]  # this layer's pattern
             weight = module.weight
-            if config.reconstruct:
-                fixed = None if config.score == "obs" else _choose_mask(scores[name], perms[name], config.pattern)
+            if cfg.reconstruct:
+                fixed = None if cfg.score == "obs" else _choose_mask(scores[name], perms[name], cfg.pattern)
                 rec = prune_second_order(
-                    weight, h.to(weight.device), config.pattern, mask=fixed, in_perm=in_perm, out_perm=out_perm,
-                    method=config.reconstruct_method, damp=config.damp, name=name,
+                    weight, h.to(weight.device), cfg.pattern, mask=fixed, in_perm=in_perm, out_perm=out_perm,
+                    method=cfg.reconstruct_method, damp=cfg.damp, name=name,
                 )  # fmt: skip
                 mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
                 weight.copy_(rec.weight)
             else:
-                mask = _choose_mask(scores[name], perms[name], config.pattern)
+                mask = _choose_mask(scores[name], perms[name], cfg.pattern)
                 dense = weight.detach().float().clone()
                 weight.mul_(mask.to(weight.dtype))
                 r.error_masked = r.error = output_error(dense, weight, h.to(weight.device))
-            set_sparsity(module, LinearSparsity(config.pattern, mask, in_perm, out_perm, config.score))
+            set_sparsity(module, LinearSparsity(cfg.pattern, mask, in_perm, out_perm, cfg.score))
             total = float(scores[name].sum())
-            r.pattern, r.density = config.pattern, float(mask.float().mean())
+            r.pattern, r.density = cfg.pattern, float(mask.float().mean())
             r.importance_kept = float((scores[name] * mask).sum()) / total if total > 0 else 1.0
             r.permuted = in_perm is not None or out_perm is not None
-            _account(r, weight, config.pattern, in_perm, out_perm)
-            if len(names) > 1 and in_perm is not None:
-                r.shares_input_perm = tuple(n for n in names if n != name)
+            _account(r, weight, cfg.pattern, in_perm, out_perm)
+            sharing = tuple(n for n in names if n != name and configs[n].pattern == cfg.pattern)
+            if sharing and in_perm is not None:
+                r.shares_input_perm = sharing
 
     run_layerwise(
         model, data, eligible, prune_group, sequential=config.sequential, progress=progress,

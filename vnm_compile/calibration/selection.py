@@ -11,6 +11,9 @@ speed-up threshold s:
 
 Ties on diversity go to the higher speed-up, then the smaller V, then the
 smaller M. N:4 entries (e.g. "2:4", V irrelevant) take part as V = 1.
+
+One pattern per layer, from per-layer speed-ups at a token mix and per-layer accuracy costs under one
+global budget: plan.py (``plan_patterns``).
 """
 
 from __future__ import annotations
