@@ -49,6 +49,14 @@ class VNMConfig:
             layers before it produce (False: on the dense model's activations).
         damp: dampening of H, a fraction of its mean diagonal.
         reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
+        correct_bias: with reconstruct, fit the weights to the centred inputs and move the bias to
+            restore the mean output (layers with a bias).
+        mask_blocksize: with score "obs" and reconstruct, the columns whose mask is chosen at once on
+            the updated weights (None: SparseGPT's 128-column block; M: each M-column group).
+        block_error: with score "obs" and reconstruct, choose each V x M block's 4 columns for the least
+            pruned saliency (every set of 4 tried) instead of the largest summed saliency.
+        dense_target: with reconstruct and sequential, fit each layer to the dense model's outputs
+            from the pruned model's inputs (calibration/dense_target.py).
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -63,6 +71,10 @@ class VNMConfig:
     sequential: bool = True
     damp: float = 0.01
     reconstruct_method: str = "auto"
+    correct_bias: bool = False
+    mask_blocksize: int | None = None
+    block_error: bool = False
+    dense_target: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))
@@ -79,6 +91,8 @@ class VNMConfig:
             raise ValueError(f"VNMConfig.min_numel must be >= 0, got {self.min_numel}")
         if not self.damp > 0:
             raise ValueError(f"VNMConfig.damp must be > 0, got {self.damp}")
+        if self.mask_blocksize is not None and self.mask_blocksize < 1:
+            raise ValueError(f"VNMConfig.mask_blocksize must be >= 1 or None, got {self.mask_blocksize}")
         if self.reconstruct_method not in RECONSTRUCT_METHODS:
             raise ValueError(
                 f"VNMConfig.reconstruct_method must be one of {RECONSTRUCT_METHODS}, got {self.reconstruct_method!r}"

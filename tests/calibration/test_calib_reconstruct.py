@@ -193,3 +193,75 @@ def test_conjugate_gradients_reach_the_exact_solution(pattern):
     torch.testing.assert_close(cg, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
     few = refine_cg(w, hd, mask, w * mask, iters=2)  # every iteration lowers the error
     assert output_error(w, exact, h) <= output_error(w, few, h) * (1 + 1e-4) < output_error(w, w * mask, h)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("mask_blocksize", [None, 1, 16])
+def test_adaptive_mask_blocks_exact_pattern_and_lower_error(pattern, mask_blocksize):
+    """The mask chosen group by group on the updated weights: pattern exact (with and without
+    permutations), never above the plain masked weight's error, and the same from the same inputs."""
+    w, x = _layer(67, 83, 500, seed=11)
+    h = _hessian(x)
+    g = torch.Generator().manual_seed(2)
+    in_perm, out_perm = torch.randperm(83, generator=g), torch.randperm(67, generator=g)
+    for perms in ({}, {"in_perm": in_perm, "out_perm": out_perm}):
+        rec = prune_second_order(w, h, pattern, mask_blocksize=mask_blocksize, **perms)
+        assert is_vnm(rec.mask, pattern, perms.get("in_perm"), perms.get("out_perm"))
+        assert not bool(rec.weight[~rec.mask].any()) and bool(torch.isfinite(rec.weight).all())
+        assert rec.error_masked == pytest.approx(output_error(w, w * rec.mask, h))
+        assert rec.error == pytest.approx(output_error(w, rec.weight, h), rel=1e-4)
+        assert rec.error < rec.error_masked
+        again = prune_second_order(w.clone(), h.clone(), pattern, mask_blocksize=mask_blocksize, **perms)
+        assert torch.equal(again.weight, rec.weight) and torch.equal(again.mask, rec.mask)
+
+
+def test_bias_correction_is_the_joint_weight_and_bias_optimum():
+    """With Σx, the kept weights fit the centred inputs and the bias restores the mean output: the
+    output error (measured in float64 on the data, bias included) is the reported one, never above
+    the plain masked weight's, and no worse than reconstruction without the bias."""
+    w, x = _layer(40, 57, 400, seed=5)
+    x = x + 2.0 * torch.rand(57, generator=torch.Generator().manual_seed(9))  # a large input mean
+    obs = HessianObserver(57)
+    for chunk in x.split(61):
+        obs.add_batch(chunk)
+    torch.testing.assert_close(obs.sum, x.double().sum(0), rtol=1e-6, atol=1e-6)
+    mask = vnm_mask(w.abs(), "8:2:5")
+    plain = prune_second_order(w, obs.hessian, "8:2:5", mask=mask, method="exact")
+    rec = prune_second_order(w, obs.hessian, "8:2:5", mask=mask, method="exact", input_sum=obs.sum, tokens=obs.tokens)
+    assert plain.bias_delta is None and rec.bias_delta.shape == (40,)
+    xd, wd = x.double(), w.double()
+    ref = xd @ wd.T
+    got = xd @ rec.weight.double().T + rec.bias_delta.double()
+    err = float(((ref - got) ** 2).sum() / (ref**2).sum())
+    assert rec.error == pytest.approx(err, rel=1e-3)
+    assert rec.error_masked == pytest.approx(plain.error_masked)
+    assert rec.error < plain.error < rec.error_masked
+    # The bias is what least squares on [x, 1] gives for these weights: the residual has zero mean.
+    assert float((ref - got).mean(0).abs().max()) < 1e-3 * float(ref.abs().mean())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + [VNMPattern(4, 1, 6)], ids=str)
+@pytest.mark.parametrize("shape", [(16, 40), (19, 23)])
+def test_block_error_mask_keeps_the_most_saliency_per_block(pattern, shape):
+    """Exact pattern; per V x M block, the kept saliency is the best over every choice of 4 columns
+    (brute force in float64), so never below vnm_mask's."""
+    from itertools import combinations
+
+    from vnm_compile.calibration.reconstruct import block_error_mask
+    from vnm_compile.masks import block_rows
+
+    sal = torch.rand(*shape, generator=torch.Generator().manual_seed(shape[1])) ** 3
+    mask = block_error_mask(sal, pattern)
+    assert is_vnm(mask, pattern)
+    assert float((sal * mask).sum()) >= float((sal * vnm_mask(sal, pattern)).sum()) - 1e-6
+    v, m = block_rows(pattern), pattern.m
+    for r0 in range(0, shape[0], v):
+        for c0 in range(0, shape[1], m):
+            block = sal[r0 : r0 + v, c0 : c0 + m].double()
+            width = block.shape[1]
+            best = max(
+                float(block[:, list(cs)].topk(min(pattern.n, len(cs)), dim=1).values.sum())
+                for cs in combinations(range(width), min(4, width))
+            )
+            got = float((block * mask[r0 : r0 + v, c0 : c0 + m]).sum())
+            assert got == pytest.approx(best, rel=1e-6)

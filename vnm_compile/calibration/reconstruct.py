@@ -76,6 +76,7 @@ class Reconstruction:
     error: float
     method: str
     note: str = ""
+    bias_delta: Tensor | None = None  # (W - Ŵ)μ, to add to the bias (prune_second_order's input_sum)
 
 
 def _cholesky(h: Tensor, name: str, upper: bool = False) -> Tensor | None:
@@ -131,8 +132,46 @@ def _block_width(pattern: VNMPattern, blocksize: int) -> int:
     return max(pattern.m, blocksize // pattern.m * pattern.m)
 
 
+def block_error_mask(saliency: Tensor, pattern: VNMPattern) -> Tensor:
+    """S_{V:N:M} with the 4 columns of each V x M block chosen for the least pruned saliency.
+
+    ``vnm_mask`` keeps the 4 columns with the largest summed saliency, then n per
+    row; but a row keeps only its n best of those 4, so the block's error is
+    Σ_rows (total - the n largest among the 4). This tries every 4 of the M
+    columns (5 sets at M = 5, 70 at M = 8) and keeps the set with the least
+    error (ties: the first set in lexicographic order). N:4 has one set: the
+    same mask as ``vnm_mask``. Rows and columns past the last whole block are padded.
+    """
+    from itertools import combinations
+
+    from ..masks import block_rows
+    from ..pattern import KEPT_COLUMNS
+
+    rows, cols = saliency.shape
+    v, m = block_rows(pattern), pattern.m
+    rows_p, cols_p = -(-rows // v) * v, -(-cols // m) * m
+    s = torch.zeros(rows_p, cols_p, dtype=torch.float32, device=saliency.device)
+    s[:rows, :cols] = saliency.float()
+    sets = torch.tensor(list(combinations(range(m), KEPT_COLUMNS)), device=s.device)  # (K, 4)
+    groups = s.view(rows_p, cols_p // m, m)[:, :, sets]  # (rows, G, K, 4)
+    kept = groups.topk(pattern.n, dim=-1).values.sum(-1)  # (rows, G, K): each row's best n of the set
+    best = kept.view(rows_p // v, v, cols_p // m, -1).sum(1).argmax(-1)  # (B, G)
+    cols_kept = sets[best].repeat_interleave(v, 0)  # (rows, G, 4)
+    vals = s.view(rows_p, cols_p // m, m).gather(2, cols_kept)
+    top = vals.topk(pattern.n, dim=-1).indices
+    mask = torch.zeros(rows_p, cols_p // m, m, dtype=torch.bool, device=s.device)
+    mask.scatter_(2, cols_kept.gather(2, top), True)
+    return mask.view(rows_p, cols_p)[:rows, :cols].contiguous()
+
+
 def sparsegpt_prune(
-    weight: Tensor, hinv_upper: Tensor, pattern: VNMPattern, mask: Tensor | None = None, blocksize: int = 128
+    weight: Tensor,
+    hinv_upper: Tensor,
+    pattern: VNMPattern,
+    mask: Tensor | None = None,
+    blocksize: int = 128,
+    mask_blocksize: int | None = None,
+    block_error: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT with a V:N:M mask, in the coordinates the pattern holds in (permute first).
 
@@ -142,6 +181,9 @@ def sparsegpt_prune(
         pattern: the V:N:M pattern.
         mask: a fixed mask, or None to choose it block by block from the OBS saliency.
         blocksize: columns per lazy-update block (rounded down to a multiple of M).
+        mask_blocksize: columns whose mask is chosen at once (rounded down to a multiple of M, at
+            most ``blocksize``); None: the whole lazy-update block. M chooses each group of M
+            columns just before it is fixed, on the weights updated by every column before it.
     Returns:
         (pruned weight, mask).
     """
@@ -149,18 +191,22 @@ def sparsegpt_prune(
     rows, cols = w.shape
     chosen = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.bool()
     width = _block_width(pattern, blocksize)
+    step = width if mask_blocksize is None else min(width, _block_width(pattern, mask_blocksize))
     for i1 in range(0, cols, width):
         i2 = min(i1 + width, cols)
         w1 = w[:, i1:i2].clone()
         hinv1 = hinv_upper[i1:i2, i1:i2]
-        # 1. The block's mask, from the saliency of the weights as updated so far.
-        if mask is None:
-            saliency = w1.square() / hinv1.diagonal().square().unsqueeze(0)
-            chosen[:, i1:i2] = vnm_mask(saliency, pattern)
         keep = chosen[:, i1:i2].to(w1.dtype)
-        # 2. Fix the block's columns one by one, spreading each one's error over the later ones.
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
+            # 1. The next columns' mask, from the saliency of the weights as updated so far.
+            if mask is None and i % step == 0:
+                j = min(i + step, i2 - i1)
+                saliency = w1[:, i:j].square() / hinv1.diagonal()[i:j].square().unsqueeze(0)
+                select = block_error_mask if block_error else vnm_mask
+                chosen[:, i1 + i : i1 + j] = select(saliency, pattern)
+                keep[:, i:j] = chosen[:, i1 + i : i1 + j].to(w1.dtype)
+            # 2. Fix the column, spreading its error over the later ones.
             col = w1[:, i]
             err = col * (1 - keep[:, i]) / hinv1[i, i]
             w1[:, i:].sub_(err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
@@ -270,7 +316,11 @@ def prune_second_order(
     method: str = "auto",
     damp: float = 0.01,
     blocksize: int = 128,
+    mask_blocksize: int | None = None,
+    block_error: bool = False,
     cg_iters: int = 25,
+    input_sum: Tensor | None = None,
+    tokens: int = 0,
     name: str = "layer",
 ) -> Reconstruction:
     """Prune one linear to ``pattern`` and re-solve its kept weights from H.
@@ -288,6 +338,11 @@ def prune_second_order(
         cg_iters: the most conjugate-gradient iterations of "auto".
         damp: dampening, a fraction of mean(diag H).
         blocksize: SparseGPT's columns per block.
+        mask_blocksize: columns whose mask the SparseGPT pass chooses at once (``sparsegpt_prune``).
+        input_sum, tokens: Σx over the ``tokens`` calibration inputs behind H, for a layer with a
+            bias: the weights are then fitted to the centred inputs, H - n·μμᵀ, and
+            ``Reconstruction.bias_delta`` = (W - Ŵ)μ, added to the bias, restores the mean output
+            (the joint optimum of weight and bias).
         name: the layer name for messages.
     Returns:
         Reconstruction with the weight (the input's dtype) and mask in original coordinates.
@@ -296,7 +351,13 @@ def prune_second_order(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     w = weight.detach().float()
-    h = hessian.float().to(w.device)
+    h_full = hessian.float().to(w.device)
+    mean = None
+    if input_sum is not None and tokens > 0:
+        mean = input_sum.double().to(w.device) / tokens
+        h = (h_full.double() - tokens * torch.outer(mean, mean)).float()  # Σ (x - μ)ᵀ(x - μ)
+    else:
+        h = h_full
     h_d = damped_hessian(h, damp, name)
     notes, used = [], "none"
     # 1. In the coordinates where the pattern holds: rows by out_perm (V-row blocks), columns by in_perm.
@@ -307,7 +368,7 @@ def prune_second_order(
     if mask_p is None or method == "sparsegpt":
         hinv_u = inverse_cholesky(hp, name)
         if hinv_u is not None:
-            new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize)
+            new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize, mask_blocksize, block_error)
             used = "sparsegpt"
         elif mask_p is None:  # documented fallback: H cannot be factored even with more dampening
             logger.warning("%s: H could not be factored; the mask uses w^2 * diag(H) instead of the OBS saliency", name)
@@ -328,14 +389,22 @@ def prune_second_order(
         new_p = wp * mask_p
     new = _unpermute(new_p, out_perm, in_perm)
     mask_o = _unpermute(mask_p, out_perm, in_perm)
-    # 4. Never worse than the plain masked weight (and never NaN).
+    # 4. Never worse than the plain masked weight (and never NaN); with a mean, both get their bias fixed.
     masked = w * mask_o
-    err_masked = output_error(w, masked, h)
-    err = output_error(w, new, h) if bool(torch.isfinite(new).all()) else float("inf")
-    if not err <= err_masked:
+    err_masked = output_error(w, masked, h_full)
+    scale = _output_energy(w, h) / max(_output_energy(w, h_full), torch.finfo(torch.float32).tiny)
+    floor = output_error(w, masked, h) * scale  # <= err_masked: h_full - h = n·μμᵀ is PSD
+    err = output_error(w, new, h) * scale if bool(torch.isfinite(new).all()) else float("inf")
+    if not err <= floor:
         logger.warning("%s: reconstruction did not lower the output error (%.3g vs %.3g); kept the masked weight",
-                       name, err, err_masked)  # fmt: skip
+                       name, err, floor)  # fmt: skip
         notes.append("kept masked weight")
-        new, err, used = masked, err_masked, "none"
+        new, err, used = masked, floor, "none"
     new = torch.where(mask_o, new, torch.zeros((), dtype=new.dtype, device=new.device))
-    return Reconstruction(new.to(weight.dtype), mask_o, err_masked, err, used, "; ".join(notes))
+    bias_delta = None if mean is None else ((w - new).double() @ mean).float()
+    return Reconstruction(new.to(weight.dtype), mask_o, err_masked, err, used, "; ".join(notes), bias_delta)
+
+
+def _output_energy(weight: Tensor, hessian: Tensor) -> float:
+    w = weight.float()
+    return float(((w @ hessian) * w).sum())

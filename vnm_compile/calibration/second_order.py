@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..state import LinearSparsity, set_sparsity
+from .dense_target import dense_target
 from .hessian import HessianObserver, damped_hessian
 from .importance import importance
 from .reconstruct import inverse_diagonal, obs_saliency, output_error, prune_second_order
@@ -36,8 +37,7 @@ __all__ = ["sparsify_second_order"]
 logger = logging.getLogger(__name__)
 
 
-def _scores(module: nn.Linear, h: torch.Tensor, config, name: str) -> torch.Tensor:
-    w = module.weight.detach()
+def _scores(w: torch.Tensor, h: torch.Tensor, config, name: str) -> torch.Tensor:
     if config.score == "obs":
         return obs_saliency(w, inverse_diagonal(damped_hessian(h, config.damp, name), name))
     norm = h.diagonal().clamp_min(0).sqrt()
@@ -72,19 +72,42 @@ def sparsify_second_order(
                 "more calibration data gives a better reconstruction",
                 names[0], obs.tokens, obs.in_features, config.damp,
             )  # fmt: skip
-        scores = {name: _scores(eligible[name], h, config, name) for name in names}
+        # The weights to prune: with dense targets, those that best map these inputs to the dense outputs.
+        fitted = {}
+        for name in names:
+            if config.reconstruct and config.dense_target and obs.cross is not None:
+                centre = config.correct_bias and eligible[name].bias is not None
+                target = dense_target(obs, centre)
+                fitted[name] = (target, target.fit(eligible[name].weight, config.damp, name))
+        targets = {n: fitted[n][1] if n in fitted else eligible[n].weight.detach() for n in names}
+        scores = {name: _scores(targets[name], h, config, name) for name in names}
         perms = _permutations(scores, config)
         for name in names:
             module, r, (in_perm, out_perm) = eligible[name], reports[name], perms[name]
             weight = module.weight
             if config.reconstruct:
                 fixed = None if config.score == "obs" else _choose_mask(scores[name], perms[name], config.pattern)
+                centre = config.correct_bias and module.bias is not None
                 rec = prune_second_order(
-                    weight, h.to(weight.device), config.pattern, mask=fixed, in_perm=in_perm, out_perm=out_perm,
-                    method=config.reconstruct_method, damp=config.damp, name=name,
+                    targets[name], h.to(weight.device), config.pattern, mask=fixed, in_perm=in_perm,
+                    out_perm=out_perm, method=config.reconstruct_method, damp=config.damp,
+                    mask_blocksize=config.mask_blocksize, block_error=config.block_error,
+                    input_sum=obs.sum if centre else None, tokens=obs.tokens, name=name,
                 )  # fmt: skip
                 mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
-                weight.copy_(rec.weight)
+                new, bias_delta = rec.weight, rec.bias_delta
+                if name in fitted:  # errors against the dense outputs; never above the plain masked weight's
+                    target, plain = fitted[name][0], dense_target(obs, False)
+                    r.error_masked = plain.error(weight, weight * mask)
+                    r.error = target.error(weight, new)
+                    bias_delta = target.bias_shift(weight, new)
+                    if not r.error <= r.error_masked:
+                        logger.warning("%s: fitting the dense outputs did not lower the error; kept the masked weight",
+                                       name)  # fmt: skip
+                        new, bias_delta, r.error = weight * mask, None, r.error_masked
+                weight.copy_(new)
+                if bias_delta is not None:
+                    module.bias.add_(bias_delta.to(module.bias))
             else:
                 mask = _choose_mask(scores[name], perms[name], config.pattern)
                 dense = weight.detach().float().clone()
@@ -101,7 +124,7 @@ def sparsify_second_order(
 
     run_layerwise(
         model, data, eligible, prune_group, sequential=config.sequential, progress=progress,
-        before_block=before_block, after_block=after_block,
+        before_block=before_block, after_block=after_block, dense_target=config.reconstruct and config.dense_target,
     )  # fmt: skip
     never = [n for n in eligible if reports[n].pattern is None and reports[n].skipped is None]
     for name in never:
