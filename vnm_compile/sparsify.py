@@ -49,14 +49,13 @@ class VNMConfig:
             layers before it produce (False: on the dense model's activations).
         damp: dampening of H, a fraction of its mean diagonal.
         reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
-        correct_bias: with reconstruct, fit the weights to the centred inputs and move the bias to
-            restore the mean output (layers with a bias).
         mask_blocksize: with score "obs" and reconstruct, the columns whose mask is chosen at once on
-            the updated weights (None: SparseGPT's 128-column block; M: each M-column group).
+            the updated weights (None: M, each group of M columns; 128: SparseGPT's lazy-update block).
         block_error: with score "obs" and reconstruct, choose each V x M block's 4 columns for the least
             pruned saliency (every set of 4 tried) instead of the largest summed saliency.
         dense_target: with reconstruct and sequential, fit each layer to the dense model's outputs
-            from the pruned model's inputs (calibration/dense_target.py).
+            from the pruned model's inputs (calibration/dense_target.py; a second, dense, forward
+            pass per block and that block's weights held twice).
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -71,10 +70,9 @@ class VNMConfig:
     sequential: bool = True
     damp: float = 0.01
     reconstruct_method: str = "auto"
-    correct_bias: bool = False
     mask_blocksize: int | None = None
     block_error: bool = False
-    dense_target: bool = False
+    dense_target: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))

@@ -36,12 +36,10 @@ class HessianObserver:
         self.in_features = in_features
         self.name = name
         self.hessian: Tensor | None = None
-        self.sum: Tensor | None = None  # Σx (float64), for the input mean (bias correction)
         self.tokens = 0
-        # add_pair only: Σ xᵀx_dense, Σ x_denseᵀx_dense (float32) and Σ x_dense (float64).
+        # add_pair only: Σ xᵀx_dense and Σ x_denseᵀx_dense (float32).
         self.cross: Tensor | None = None
         self.dense_hessian: Tensor | None = None
-        self.dense_sum: Tensor | None = None
 
     def add_batch(self, x: Tensor, token_mask: Tensor | None = None) -> None:
         """Add the activations ``x`` (..., in_features) of one forward call.
@@ -64,17 +62,15 @@ class HessianObserver:
             )
         if self.hessian is None:
             self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=flat.device)
-            self.sum = torch.zeros(self.in_features, dtype=torch.float64, device=flat.device)
         self.hessian.addmm_(flat.T, flat.to(self.hessian.device))
-        self.sum.add_(flat.sum(0).to(self.sum.device, torch.float64))
         self.tokens += flat.shape[0]
 
     def add_pair(self, x: Tensor, x_dense: Tensor, token_mask: Tensor | None = None) -> None:
         """Add the pruned model's activations ``x`` and the dense model's ``x_dense`` for the same tokens.
 
-        Besides H = Σ xᵀx this accumulates the cross moment Σ xᵀx_dense, the dense
-        second moment Σ x_denseᵀx_dense and Σ x_dense, so that the layer can be
-        fitted to the dense model's outputs (``dense_target`` in second_order.py).
+        Besides H = Σ xᵀx this accumulates the cross moment Σ xᵀx_dense and the
+        dense second moment Σ x_denseᵀx_dense, so that the layer can be fitted to
+        the dense model's outputs (dense_target.py).
         """
         if tuple(x_dense.shape) != tuple(x.shape):
             raise ValueError(
@@ -93,10 +89,8 @@ class HessianObserver:
         if self.cross is None:
             self.cross = torch.zeros_like(self.hessian)
             self.dense_hessian = torch.zeros_like(self.hessian)
-            self.dense_sum = torch.zeros_like(self.sum)
         self.cross.addmm_(flat.float().to(dense.device).T, dense)
         self.dense_hessian.addmm_(dense.T, dense)
-        self.dense_sum.add_(dense.sum(0).to(torch.float64))
 
 
 def damped_hessian(hessian: Tensor, damp: float = 0.01, name: str = "layer") -> Tensor:

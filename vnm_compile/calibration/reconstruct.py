@@ -8,10 +8,13 @@ kept weights of every row to make it small, the V:N:M pattern kept exactly:
 - "sparsegpt": SparseGPT's blocked OBS updates (Frantar & Alistarh, 2023):
   columns are fixed left to right (in permuted coordinates) and each one's
   pruning error is compensated on the columns not yet fixed, through the
-  upper Cholesky factor of H⁻¹. With no mask given, the mask is chosen per
-  block of columns from the OBS saliency w² / [H⁻¹]ⱼⱼ of the *updated*
-  weights: S_{V:N:M} on that block (4 columns per V x M block by the L1 norm
-  of saliency, then n per row). O(in³ + out·in²).
+  upper Cholesky factor of H⁻¹. With no mask given, the mask of each group of
+  M columns is chosen just before the group is fixed, from the OBS saliency
+  w² / [H⁻¹]ⱼⱼ of the weights *as updated by every column before it*:
+  S_{V:N:M} on the group (4 columns per V x M block by the L1 norm of
+  saliency, then n per row). O(in³ + out·in²). Choosing the mask of a whole
+  128-column block at once (``mask_blocksize=128``, the first version) gave
+  MiniLM 64:2:5 a lower embedding cosine (0.824 against 0.829, validation split).
 - "exact": per row, least squares on the row's kept support S:
   ŵ_S = H_SS⁻¹ (H w)_S (batched Cholesky, rows in chunks). The optimum for a
   fixed mask; O(out·k³) for k kept weights per row, so only for small layers.
@@ -76,7 +79,6 @@ class Reconstruction:
     error: float
     method: str
     note: str = ""
-    bias_delta: Tensor | None = None  # (W - Ŵ)μ, to add to the bias (prune_second_order's input_sum)
 
 
 def _cholesky(h: Tensor, name: str, upper: bool = False) -> Tensor | None:
@@ -182,8 +184,8 @@ def sparsegpt_prune(
         mask: a fixed mask, or None to choose it block by block from the OBS saliency.
         blocksize: columns per lazy-update block (rounded down to a multiple of M).
         mask_blocksize: columns whose mask is chosen at once (rounded down to a multiple of M, at
-            most ``blocksize``); None: the whole lazy-update block. M chooses each group of M
-            columns just before it is fixed, on the weights updated by every column before it.
+            most ``blocksize``); None: M, each group of M columns chosen just before it is fixed,
+            on the weights updated by every column before it (SparseGPT's N:M choice).
     Returns:
         (pruned weight, mask).
     """
@@ -191,7 +193,7 @@ def sparsegpt_prune(
     rows, cols = w.shape
     chosen = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.bool()
     width = _block_width(pattern, blocksize)
-    step = width if mask_blocksize is None else min(width, _block_width(pattern, mask_blocksize))
+    step = pattern.m if mask_blocksize is None else min(width, _block_width(pattern, mask_blocksize))
     for i1 in range(0, cols, width):
         i2 = min(i1 + width, cols)
         w1 = w[:, i1:i2].clone()
@@ -319,8 +321,6 @@ def prune_second_order(
     mask_blocksize: int | None = None,
     block_error: bool = False,
     cg_iters: int = 25,
-    input_sum: Tensor | None = None,
-    tokens: int = 0,
     name: str = "layer",
 ) -> Reconstruction:
     """Prune one linear to ``pattern`` and re-solve its kept weights from H.
@@ -339,10 +339,6 @@ def prune_second_order(
         damp: dampening, a fraction of mean(diag H).
         blocksize: SparseGPT's columns per block.
         mask_blocksize: columns whose mask the SparseGPT pass chooses at once (``sparsegpt_prune``).
-        input_sum, tokens: Σx over the ``tokens`` calibration inputs behind H, for a layer with a
-            bias: the weights are then fitted to the centred inputs, H - n·μμᵀ, and
-            ``Reconstruction.bias_delta`` = (W - Ŵ)μ, added to the bias, restores the mean output
-            (the joint optimum of weight and bias).
         name: the layer name for messages.
     Returns:
         Reconstruction with the weight (the input's dtype) and mask in original coordinates.
@@ -351,13 +347,7 @@ def prune_second_order(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     w = weight.detach().float()
-    h_full = hessian.float().to(w.device)
-    mean = None
-    if input_sum is not None and tokens > 0:
-        mean = input_sum.double().to(w.device) / tokens
-        h = (h_full.double() - tokens * torch.outer(mean, mean)).float()  # Σ (x - μ)ᵀ(x - μ)
-    else:
-        h = h_full
+    h = hessian.float().to(w.device)
     h_d = damped_hessian(h, damp, name)
     notes, used = [], "none"
     # 1. In the coordinates where the pattern holds: rows by out_perm (V-row blocks), columns by in_perm.
@@ -389,22 +379,14 @@ def prune_second_order(
         new_p = wp * mask_p
     new = _unpermute(new_p, out_perm, in_perm)
     mask_o = _unpermute(mask_p, out_perm, in_perm)
-    # 4. Never worse than the plain masked weight (and never NaN); with a mean, both get their bias fixed.
+    # 4. Never worse than the plain masked weight (and never NaN).
     masked = w * mask_o
-    err_masked = output_error(w, masked, h_full)
-    scale = _output_energy(w, h) / max(_output_energy(w, h_full), torch.finfo(torch.float32).tiny)
-    floor = output_error(w, masked, h) * scale  # <= err_masked: h_full - h = n·μμᵀ is PSD
-    err = output_error(w, new, h) * scale if bool(torch.isfinite(new).all()) else float("inf")
-    if not err <= floor:
+    err_masked = output_error(w, masked, h)
+    err = output_error(w, new, h) if bool(torch.isfinite(new).all()) else float("inf")
+    if not err <= err_masked:
         logger.warning("%s: reconstruction did not lower the output error (%.3g vs %.3g); kept the masked weight",
-                       name, err, floor)  # fmt: skip
+                       name, err, err_masked)  # fmt: skip
         notes.append("kept masked weight")
-        new, err, used = masked, floor, "none"
+        new, err, used = masked, err_masked, "none"
     new = torch.where(mask_o, new, torch.zeros((), dtype=new.dtype, device=new.device))
-    bias_delta = None if mean is None else ((w - new).double() @ mean).float()
-    return Reconstruction(new.to(weight.dtype), mask_o, err_masked, err, used, "; ".join(notes), bias_delta)
-
-
-def _output_energy(weight: Tensor, hessian: Tensor) -> float:
-    w = weight.float()
-    return float(((w @ hessian) * w).sum())
+    return Reconstruction(new.to(weight.dtype), mask_o, err_masked, err, used, "; ".join(notes))

@@ -3,14 +3,20 @@
 Per group of linears reading one input (sequential.py hands them over with
 the HessianObserver of that input):
 
-1. scores: the OBS saliency w² / [H⁻¹]ⱼⱼ for "obs"; ABS, Wanda or RIA
-   otherwise, with the activation norms ||X_j|| = sqrt(H_jj) of the same
-   (sequential) inputs;
+0. with reconstruct and ``dense_target`` (sequential mode), the weight to
+   prune is W' = W Cᵀ H⁻¹, the one that maps the pruned model's inputs to the
+   dense model's outputs (dense_target.py); otherwise W;
+1. scores of that weight: the OBS saliency w² / [H⁻¹]ⱼⱼ for "obs"; ABS,
+   Wanda or RIA otherwise, with the activation norms ||X_j|| = sqrt(H_jj) of
+   the same (sequential) inputs;
 2. permutations: the existing search on those scores, one input permutation
    shared by the group;
 3. mask and weights: reconstruct=False masks the weight as sparsify_ always
    did; reconstruct=True re-solves the kept weights (reconstruct.py), the
-   "obs" mask then chosen block by block from the updated weights.
+   "obs" mask then chosen group by group (``mask_blocksize``) from the
+   updated weights. With dense targets the report's errors are against the
+   dense model's outputs, and a result above the plain masked weight's is
+   replaced by it.
 
 Fewer calibration tokens than the input width leave H rank-deficient: a
 warning says so, and the dampening (``VNMConfig.damp``) keeps the solve
@@ -74,11 +80,10 @@ def sparsify_second_order(
             )  # fmt: skip
         # The weights to prune: with dense targets, those that best map these inputs to the dense outputs.
         fitted = {}
-        for name in names:
-            if config.reconstruct and config.dense_target and obs.cross is not None:
-                centre = config.correct_bias and eligible[name].bias is not None
-                target = dense_target(obs, centre)
-                fitted[name] = (target, target.fit(eligible[name].weight, config.damp, name))
+        # (Identical inputs, e.g. the first stage of the first block, give W' = W: nothing to fit.)
+        if config.reconstruct and config.dense_target and obs.cross is not None and not torch.equal(obs.cross, h):
+            target = dense_target(obs)
+            fitted = {name: (target, target.fit(eligible[name].weight, config.damp, name)) for name in names}
         targets = {n: fitted[n][1] if n in fitted else eligible[n].weight.detach() for n in names}
         scores = {name: _scores(targets[name], h, config, name) for name in names}
         perms = _permutations(scores, config)
@@ -87,27 +92,22 @@ def sparsify_second_order(
             weight = module.weight
             if config.reconstruct:
                 fixed = None if config.score == "obs" else _choose_mask(scores[name], perms[name], config.pattern)
-                centre = config.correct_bias and module.bias is not None
                 rec = prune_second_order(
                     targets[name], h.to(weight.device), config.pattern, mask=fixed, in_perm=in_perm,
                     out_perm=out_perm, method=config.reconstruct_method, damp=config.damp,
                     mask_blocksize=config.mask_blocksize, block_error=config.block_error,
-                    input_sum=obs.sum if centre else None, tokens=obs.tokens, name=name,
+                    name=name,
                 )  # fmt: skip
                 mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
-                new, bias_delta = rec.weight, rec.bias_delta
+                new = rec.weight
                 if name in fitted:  # errors against the dense outputs; never above the plain masked weight's
-                    target, plain = fitted[name][0], dense_target(obs, False)
-                    r.error_masked = plain.error(weight, weight * mask)
-                    r.error = target.error(weight, new)
-                    bias_delta = target.bias_shift(weight, new)
+                    target = fitted[name][0]
+                    r.error_masked, r.error = target.error(weight, weight * mask), target.error(weight, new)
                     if not r.error <= r.error_masked:
                         logger.warning("%s: fitting the dense outputs did not lower the error; kept the masked weight",
                                        name)  # fmt: skip
-                        new, bias_delta, r.error = weight * mask, None, r.error_masked
+                        new, r.error = weight * mask, r.error_masked
                 weight.copy_(new)
-                if bias_delta is not None:
-                    module.bias.add_(bias_delta.to(module.bias))
             else:
                 mask = _choose_mask(scores[name], perms[name], config.pattern)
                 dense = weight.detach().float().clone()
