@@ -51,8 +51,6 @@ class VNMConfig:
         reconstruct_method: "auto", "sparsegpt" or "exact" (calibration/reconstruct.py).
         mask_blocksize: with score "obs" and reconstruct, the columns whose mask is chosen at once on
             the updated weights (None: M, each group of M columns; 128: SparseGPT's lazy-update block).
-        block_error: with score "obs" and reconstruct, choose each V x M block's 4 columns for the least
-            pruned saliency (every set of 4 tried) instead of the largest summed saliency.
         dense_target: with reconstruct and sequential, fit each layer to the dense model's outputs
             from the pruned model's inputs (calibration/dense_target.py; a second, dense, forward
             pass per block and that block's weights held twice).
@@ -71,7 +69,6 @@ class VNMConfig:
     damp: float = 0.01
     reconstruct_method: str = "auto"
     mask_blocksize: int | None = None
-    block_error: bool = False
     dense_target: bool = True
 
     def __post_init__(self) -> None:

@@ -213,30 +213,3 @@ def test_adaptive_mask_blocks_exact_pattern_and_lower_error(pattern, mask_blocks
         assert rec.error < rec.error_masked
         again = prune_second_order(w.clone(), h.clone(), pattern, mask_blocksize=mask_blocksize, **perms)
         assert torch.equal(again.weight, rec.weight) and torch.equal(again.mask, rec.mask)
-
-
-@pytest.mark.parametrize("pattern", PATTERNS + [VNMPattern(4, 1, 6)], ids=str)
-@pytest.mark.parametrize("shape", [(16, 40), (19, 23)])
-def test_block_error_mask_keeps_the_most_saliency_per_block(pattern, shape):
-    """Exact pattern; per V x M block, the kept saliency is the best over every choice of 4 columns
-    (brute force in float64), so never below vnm_mask's."""
-    from itertools import combinations
-
-    from vnm_compile.calibration.reconstruct import block_error_mask
-    from vnm_compile.masks import block_rows
-
-    sal = torch.rand(*shape, generator=torch.Generator().manual_seed(shape[1])) ** 3
-    mask = block_error_mask(sal, pattern)
-    assert is_vnm(mask, pattern)
-    assert float((sal * mask).sum()) >= float((sal * vnm_mask(sal, pattern)).sum()) - 1e-6
-    v, m = block_rows(pattern), pattern.m
-    for r0 in range(0, shape[0], v):
-        for c0 in range(0, shape[1], m):
-            block = sal[r0 : r0 + v, c0 : c0 + m].double()
-            width = block.shape[1]
-            best = max(
-                float(block[:, list(cs)].topk(min(pattern.n, len(cs)), dim=1).values.sum())
-                for cs in combinations(range(width), min(4, width))
-            )
-            got = float((block * mask[r0 : r0 + v, c0 : c0 + m]).sum())
-            assert got == pytest.approx(best, rel=1e-6)

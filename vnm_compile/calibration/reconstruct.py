@@ -134,38 +134,6 @@ def _block_width(pattern: VNMPattern, blocksize: int) -> int:
     return max(pattern.m, blocksize // pattern.m * pattern.m)
 
 
-def block_error_mask(saliency: Tensor, pattern: VNMPattern) -> Tensor:
-    """S_{V:N:M} with the 4 columns of each V x M block chosen for the least pruned saliency.
-
-    ``vnm_mask`` keeps the 4 columns with the largest summed saliency, then n per
-    row; but a row keeps only its n best of those 4, so the block's error is
-    Σ_rows (total - the n largest among the 4). This tries every 4 of the M
-    columns (5 sets at M = 5, 70 at M = 8) and keeps the set with the least
-    error (ties: the first set in lexicographic order). N:4 has one set: the
-    same mask as ``vnm_mask``. Rows and columns past the last whole block are padded.
-    """
-    from itertools import combinations
-
-    from ..masks import block_rows
-    from ..pattern import KEPT_COLUMNS
-
-    rows, cols = saliency.shape
-    v, m = block_rows(pattern), pattern.m
-    rows_p, cols_p = -(-rows // v) * v, -(-cols // m) * m
-    s = torch.zeros(rows_p, cols_p, dtype=torch.float32, device=saliency.device)
-    s[:rows, :cols] = saliency.float()
-    sets = torch.tensor(list(combinations(range(m), KEPT_COLUMNS)), device=s.device)  # (K, 4)
-    groups = s.view(rows_p, cols_p // m, m)[:, :, sets]  # (rows, G, K, 4)
-    kept = groups.topk(pattern.n, dim=-1).values.sum(-1)  # (rows, G, K): each row's best n of the set
-    best = kept.view(rows_p // v, v, cols_p // m, -1).sum(1).argmax(-1)  # (B, G)
-    cols_kept = sets[best].repeat_interleave(v, 0)  # (rows, G, 4)
-    vals = s.view(rows_p, cols_p // m, m).gather(2, cols_kept)
-    top = vals.topk(pattern.n, dim=-1).indices
-    mask = torch.zeros(rows_p, cols_p // m, m, dtype=torch.bool, device=s.device)
-    mask.scatter_(2, cols_kept.gather(2, top), True)
-    return mask.view(rows_p, cols_p)[:rows, :cols].contiguous()
-
-
 def sparsegpt_prune(
     weight: Tensor,
     hinv_upper: Tensor,
@@ -173,7 +141,6 @@ def sparsegpt_prune(
     mask: Tensor | None = None,
     blocksize: int = 128,
     mask_blocksize: int | None = None,
-    block_error: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT with a V:N:M mask, in the coordinates the pattern holds in (permute first).
 
@@ -205,8 +172,7 @@ def sparsegpt_prune(
             if mask is None and i % step == 0:
                 j = min(i + step, i2 - i1)
                 saliency = w1[:, i:j].square() / hinv1.diagonal()[i:j].square().unsqueeze(0)
-                select = block_error_mask if block_error else vnm_mask
-                chosen[:, i1 + i : i1 + j] = select(saliency, pattern)
+                chosen[:, i1 + i : i1 + j] = vnm_mask(saliency, pattern)
                 keep[:, i:j] = chosen[:, i1 + i : i1 + j].to(w1.dtype)
             # 2. Fix the column, spreading its error over the later ones.
             col = w1[:, i]
@@ -319,7 +285,6 @@ def prune_second_order(
     damp: float = 0.01,
     blocksize: int = 128,
     mask_blocksize: int | None = None,
-    block_error: bool = False,
     cg_iters: int = 25,
     name: str = "layer",
 ) -> Reconstruction:
@@ -358,7 +323,7 @@ def prune_second_order(
     if mask_p is None or method == "sparsegpt":
         hinv_u = inverse_cholesky(hp, name)
         if hinv_u is not None:
-            new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize, mask_blocksize, block_error)
+            new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize, mask_blocksize)
             used = "sparsegpt"
         elif mask_p is None:  # documented fallback: H cannot be factored even with more dampening
             logger.warning("%s: H could not be factored; the mask uses w^2 * diag(H) instead of the OBS saliency", name)

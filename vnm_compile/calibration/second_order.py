@@ -95,7 +95,7 @@ def sparsify_second_order(
                 rec = prune_second_order(
                     targets[name], h.to(weight.device), config.pattern, mask=fixed, in_perm=in_perm,
                     out_perm=out_perm, method=config.reconstruct_method, damp=config.damp,
-                    mask_blocksize=config.mask_blocksize, block_error=config.block_error,
+                    mask_blocksize=config.mask_blocksize,
                     name=name,
                 )  # fmt: skip
                 mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
