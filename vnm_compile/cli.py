@@ -33,7 +33,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="prune the bundled MiniLM model end to end and print a quality table")
     p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "2:4"], help="patterns to try")
     p.add_argument("--scores", nargs="+", default=["abs", "ria"], choices=["abs", "wanda", "ria"])
-    p.add_argument("--calibration", type=int, default=256, help="calibration paragraphs (default 256)")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="calibration paragraphs (default: all, 980 from the calibration modules)")  # fmt: skip
     p.add_argument("--eval", type=int, default=256, help="held-out evaluation paragraphs (default 256)")
     p.add_argument("--permute-scores", nargs="+", default=["ria"], choices=["abs", "wanda", "ria", "obs"],
                    help="scores also run with channel permutation (default: ria)")  # fmt: skip

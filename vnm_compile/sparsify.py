@@ -63,6 +63,11 @@ class VNMConfig:
             "model.layers.0.mlp.up_proj"), else ``pattern``. "dense" (or None)
             leaves it dense. Layers that read one input share an input permutation only with those
             of the same pattern.
+        mask_blocksize: with score "obs" and reconstruct, the columns whose mask is chosen at once on
+            the updated weights (None: M, each group of M columns; 128: SparseGPT's lazy-update block).
+        dense_target: with reconstruct and sequential, fit each layer to the dense model's outputs
+            from the pruned model's inputs (calibration/dense_target.py; a second, dense, forward
+            pass per block and that block's weights held twice).
     """
 
     pattern: VNMPattern | str = "64:2:5"
@@ -79,6 +84,8 @@ class VNMConfig:
     reconstruct_method: str = "auto"
     joint_permutations: bool = False
     layer_patterns: tuple[tuple[str, VNMPattern | None], ...] = ()
+    mask_blocksize: int | None = None
+    dense_target: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", as_pattern(self.pattern))
@@ -96,6 +103,8 @@ class VNMConfig:
             raise ValueError(f"VNMConfig.min_numel must be >= 0, got {self.min_numel}")
         if not self.damp > 0:
             raise ValueError(f"VNMConfig.damp must be > 0, got {self.damp}")
+        if self.mask_blocksize is not None and self.mask_blocksize < 1:
+            raise ValueError(f"VNMConfig.mask_blocksize must be >= 1 or None, got {self.mask_blocksize}")
         if self.reconstruct_method not in RECONSTRUCT_METHODS:
             raise ValueError(
                 f"VNMConfig.reconstruct_method must be one of {RECONSTRUCT_METHODS}, got {self.reconstruct_method!r}"

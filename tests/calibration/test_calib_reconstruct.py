@@ -193,3 +193,23 @@ def test_conjugate_gradients_reach_the_exact_solution(pattern):
     torch.testing.assert_close(cg, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
     few = refine_cg(w, hd, mask, w * mask, iters=2)  # every iteration lowers the error
     assert output_error(w, exact, h) <= output_error(w, few, h) * (1 + 1e-4) < output_error(w, w * mask, h)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("mask_blocksize", [None, 1, 16])
+def test_adaptive_mask_blocks_exact_pattern_and_lower_error(pattern, mask_blocksize):
+    """The mask chosen group by group on the updated weights: pattern exact (with and without
+    permutations), never above the plain masked weight's error, and the same from the same inputs."""
+    w, x = _layer(67, 83, 500, seed=11)
+    h = _hessian(x)
+    g = torch.Generator().manual_seed(2)
+    in_perm, out_perm = torch.randperm(83, generator=g), torch.randperm(67, generator=g)
+    for perms in ({}, {"in_perm": in_perm, "out_perm": out_perm}):
+        rec = prune_second_order(w, h, pattern, mask_blocksize=mask_blocksize, **perms)
+        assert is_vnm(rec.mask, pattern, perms.get("in_perm"), perms.get("out_perm"))
+        assert not bool(rec.weight[~rec.mask].any()) and bool(torch.isfinite(rec.weight).all())
+        assert rec.error_masked == pytest.approx(output_error(w, w * rec.mask, h))
+        assert rec.error == pytest.approx(output_error(w, rec.weight, h), rel=1e-4)
+        assert rec.error < rec.error_masked
+        again = prune_second_order(w.clone(), h.clone(), pattern, mask_blocksize=mask_blocksize, **perms)
+        assert torch.equal(again.weight, rec.weight) and torch.equal(again.mask, rec.mask)

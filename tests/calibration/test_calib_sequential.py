@@ -132,3 +132,40 @@ def test_callbacks_around_each_block():
 def test_no_batches():
     with pytest.raises(ValueError, match="no calibration batches"):
         run_layerwise(Stack(1), [], {}, lambda *a: None, progress=False)
+
+
+def _acts_of(model, name, batches):
+    got = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: got.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    return torch.cat(got).double()
+
+
+def test_dense_target_pairs_the_pruned_and_dense_inputs_of_each_token():
+    """Each observer holds the pruned model's inputs (as sequential) and the dense model's for the same
+    tokens: H = XᵀX, cross = XᵀX_d, dense = X_dᵀX_d; the head (outside the blocks) gets plain moments."""
+    torch.manual_seed(0)
+    model = Stack(2)
+    dense = Stack(2)
+    dense.load_state_dict(model.state_dict())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed"}
+    seen = {}
+
+    def prune_group(names, obs: HessianObserver):
+        seen[names[0]] = obs
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    run_layerwise(model, _batches(), linears, prune_group, progress=False, dense_target=True)
+    batches = _batches()
+    for name in ("layers.0.q", "layers.1.up", "layers.1.down"):
+        x, xd = _acts_of(model, name, batches), _acts_of(dense, name, batches)
+        obs = seen[name]
+        for got, ref in ((obs.hessian, x.T @ x), (obs.cross, x.T @ xd), (obs.dense_hessian, xd.T @ xd)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(seen["layers.1.up"].cross, seen["layers.1.up"].hessian, rtol=1e-2, atol=1e-2)
+    assert seen["head"].cross is None

@@ -37,6 +37,9 @@ class HessianObserver:
         self.name = name
         self.hessian: Tensor | None = None
         self.tokens = 0
+        # add_pair only: Σ xᵀx_dense and Σ x_denseᵀx_dense (float32).
+        self.cross: Tensor | None = None
+        self.dense_hessian: Tensor | None = None
 
     def add_batch(self, x: Tensor, token_mask: Tensor | None = None) -> None:
         """Add the activations ``x`` (..., in_features) of one forward call.
@@ -61,6 +64,33 @@ class HessianObserver:
             self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=flat.device)
         self.hessian.addmm_(flat.T, flat.to(self.hessian.device))
         self.tokens += flat.shape[0]
+
+    def add_pair(self, x: Tensor, x_dense: Tensor, token_mask: Tensor | None = None) -> None:
+        """Add the pruned model's activations ``x`` and the dense model's ``x_dense`` for the same tokens.
+
+        Besides H = Σ xᵀx this accumulates the cross moment Σ xᵀx_dense and the
+        dense second moment Σ x_denseᵀx_dense, so that the layer can be fitted to
+        the dense model's outputs (dense_target.py).
+        """
+        if tuple(x_dense.shape) != tuple(x.shape):
+            raise ValueError(
+                f"{self.name}: the dense model's activations have shape {tuple(x_dense.shape)}, "
+                f"the pruned model's {tuple(x.shape)}"
+            )
+        flat = x.detach().reshape(-1, self.in_features)
+        dense = x_dense.detach().reshape(-1, self.in_features)
+        if token_mask is not None and tuple(token_mask.shape) == tuple(x.shape[:-1]):
+            keep = token_mask.reshape(-1).to(device=flat.device, dtype=torch.bool)
+            flat, dense = flat[keep], dense[keep]
+        self.add_batch(flat)
+        dense = dense.float().to(self.hessian.device)
+        if not bool(torch.isfinite(dense).all()):
+            raise ValueError(f"{self.name}: the dense model's input activations contain NaN or Inf")
+        if self.cross is None:
+            self.cross = torch.zeros_like(self.hessian)
+            self.dense_hessian = torch.zeros_like(self.hessian)
+        self.cross.addmm_(flat.float().to(dense.device).T, dense)
+        self.dense_hessian.addmm_(dense.T, dense)
 
 
 def damped_hessian(hessian: Tensor, damp: float = 0.01, name: str = "layer") -> Tensor:

@@ -8,10 +8,13 @@ kept weights of every row to make it small, the V:N:M pattern kept exactly:
 - "sparsegpt": SparseGPT's blocked OBS updates (Frantar & Alistarh, 2023):
   columns are fixed left to right (in permuted coordinates) and each one's
   pruning error is compensated on the columns not yet fixed, through the
-  upper Cholesky factor of H⁻¹. With no mask given, the mask is chosen per
-  block of columns from the OBS saliency w² / [H⁻¹]ⱼⱼ of the *updated*
-  weights: S_{V:N:M} on that block (4 columns per V x M block by the L1 norm
-  of saliency, then n per row). O(in³ + out·in²).
+  upper Cholesky factor of H⁻¹. With no mask given, the mask of each group of
+  M columns is chosen just before the group is fixed, from the OBS saliency
+  w² / [H⁻¹]ⱼⱼ of the weights *as updated by every column before it*:
+  S_{V:N:M} on the group (4 columns per V x M block by the L1 norm of
+  saliency, then n per row). O(in³ + out·in²). Choosing the mask of a whole
+  128-column block at once (``mask_blocksize=128``, the first version) gave
+  MiniLM 64:2:5 a lower embedding cosine (0.824 against 0.829, validation split).
 - "exact": per row, least squares on the row's kept support S:
   ŵ_S = H_SS⁻¹ (H w)_S (batched Cholesky, rows in chunks). The optimum for a
   fixed mask; O(out·k³) for k kept weights per row, so only for small layers.
@@ -132,7 +135,12 @@ def _block_width(pattern: VNMPattern, blocksize: int) -> int:
 
 
 def sparsegpt_prune(
-    weight: Tensor, hinv_upper: Tensor, pattern: VNMPattern, mask: Tensor | None = None, blocksize: int = 128
+    weight: Tensor,
+    hinv_upper: Tensor,
+    pattern: VNMPattern,
+    mask: Tensor | None = None,
+    blocksize: int = 128,
+    mask_blocksize: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT with a V:N:M mask, in the coordinates the pattern holds in (permute first).
 
@@ -142,6 +150,9 @@ def sparsegpt_prune(
         pattern: the V:N:M pattern.
         mask: a fixed mask, or None to choose it block by block from the OBS saliency.
         blocksize: columns per lazy-update block (rounded down to a multiple of M).
+        mask_blocksize: columns whose mask is chosen at once (rounded down to a multiple of M, at
+            most ``blocksize``); None: M, each group of M columns chosen just before it is fixed,
+            on the weights updated by every column before it (SparseGPT's N:M choice).
     Returns:
         (pruned weight, mask).
     """
@@ -149,18 +160,21 @@ def sparsegpt_prune(
     rows, cols = w.shape
     chosen = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.bool()
     width = _block_width(pattern, blocksize)
+    step = pattern.m if mask_blocksize is None else min(width, _block_width(pattern, mask_blocksize))
     for i1 in range(0, cols, width):
         i2 = min(i1 + width, cols)
         w1 = w[:, i1:i2].clone()
         hinv1 = hinv_upper[i1:i2, i1:i2]
-        # 1. The block's mask, from the saliency of the weights as updated so far.
-        if mask is None:
-            saliency = w1.square() / hinv1.diagonal().square().unsqueeze(0)
-            chosen[:, i1:i2] = vnm_mask(saliency, pattern)
         keep = chosen[:, i1:i2].to(w1.dtype)
-        # 2. Fix the block's columns one by one, spreading each one's error over the later ones.
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
+            # 1. The next columns' mask, from the saliency of the weights as updated so far.
+            if mask is None and i % step == 0:
+                j = min(i + step, i2 - i1)
+                saliency = w1[:, i:j].square() / hinv1.diagonal()[i:j].square().unsqueeze(0)
+                chosen[:, i1 + i : i1 + j] = vnm_mask(saliency, pattern)
+                keep[:, i:j] = chosen[:, i1 + i : i1 + j].to(w1.dtype)
+            # 2. Fix the column, spreading its error over the later ones.
             col = w1[:, i]
             err = col * (1 - keep[:, i]) / hinv1[i, i]
             w1[:, i:].sub_(err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
@@ -270,6 +284,7 @@ def prune_second_order(
     method: str = "auto",
     damp: float = 0.01,
     blocksize: int = 128,
+    mask_blocksize: int | None = None,
     cg_iters: int = 25,
     name: str = "layer",
 ) -> Reconstruction:
@@ -288,6 +303,7 @@ def prune_second_order(
         cg_iters: the most conjugate-gradient iterations of "auto".
         damp: dampening, a fraction of mean(diag H).
         blocksize: SparseGPT's columns per block.
+        mask_blocksize: columns whose mask the SparseGPT pass chooses at once (``sparsegpt_prune``).
         name: the layer name for messages.
     Returns:
         Reconstruction with the weight (the input's dtype) and mask in original coordinates.
@@ -307,7 +323,7 @@ def prune_second_order(
     if mask_p is None or method == "sparsegpt":
         hinv_u = inverse_cholesky(hp, name)
         if hinv_u is not None:
-            new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize)
+            new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize, mask_blocksize)
             used = "sparsegpt"
         elif mask_p is None:  # documented fallback: H cannot be factored even with more dampening
             logger.warning("%s: H could not be factored; the mask uses w^2 * diag(H) instead of the OBS saliency", name)

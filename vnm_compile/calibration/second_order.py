@@ -3,14 +3,20 @@
 Per group of linears reading one input (sequential.py hands them over with
 the HessianObserver of that input):
 
-1. scores: the OBS saliency w² / [H⁻¹]ⱼⱼ for "obs"; ABS, Wanda or RIA
-   otherwise, with the activation norms ||X_j|| = sqrt(H_jj) of the same
-   (sequential) inputs;
+0. with reconstruct and ``dense_target`` (sequential mode), the weight to
+   prune is W' = W Cᵀ H⁻¹, the one that maps the pruned model's inputs to the
+   dense model's outputs (dense_target.py); otherwise W;
+1. scores of that weight: the OBS saliency w² / [H⁻¹]ⱼⱼ for "obs"; ABS,
+   Wanda or RIA otherwise, with the activation norms ||X_j|| = sqrt(H_jj) of
+   the same (sequential) inputs;
 2. permutations: the existing search on those scores, one input permutation
    shared by the group;
 3. mask and weights: reconstruct=False masks the weight as sparsify_ always
    did; reconstruct=True re-solves the kept weights (reconstruct.py), the
-   "obs" mask then chosen block by block from the updated weights.
+   "obs" mask then chosen group by group (``mask_blocksize``) from the
+   updated weights. With dense targets the report's errors are against the
+   dense model's outputs, and a result above the plain masked weight's is
+   replaced by it.
 
 Fewer calibration tokens than the input width leave H rank-deficient: a
 warning says so, and the dampening (``VNMConfig.damp``) keeps the solve
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from ..state import LinearSparsity, set_sparsity
+from .dense_target import dense_target
 from .hessian import HessianObserver, damped_hessian
 from .importance import importance
 from .reconstruct import inverse_diagonal, obs_saliency, output_error, prune_second_order
@@ -36,8 +43,7 @@ __all__ = ["sparsify_second_order"]
 logger = logging.getLogger(__name__)
 
 
-def _scores(module: nn.Linear, h: torch.Tensor, config, name: str) -> torch.Tensor:
-    w = module.weight.detach()
+def _scores(w: torch.Tensor, h: torch.Tensor, config, name: str) -> torch.Tensor:
     if config.score == "obs":
         return obs_saliency(w, inverse_diagonal(damped_hessian(h, config.damp, name), name))
     norm = h.diagonal().clamp_min(0).sqrt()
@@ -72,7 +78,14 @@ def sparsify_second_order(
                 "more calibration data gives a better reconstruction",
                 names[0], obs.tokens, obs.in_features, config.damp,
             )  # fmt: skip
-        scores = {name: _scores(eligible[name], h, config, name) for name in names}
+        # The weights to prune: with dense targets, those that best map these inputs to the dense outputs.
+        fitted = {}
+        # (Identical inputs, e.g. the first stage of the first block, give W' = W: nothing to fit.)
+        if config.reconstruct and config.dense_target and obs.cross is not None and not torch.equal(obs.cross, h):
+            target = dense_target(obs)
+            fitted = {name: (target, target.fit(eligible[name].weight, config.damp, name)) for name in names}
+        targets = {n: fitted[n][1] if n in fitted else eligible[n].weight.detach() for n in names}
+        scores = {name: _scores(targets[name], h, config, name) for name in names}
         configs = {name: config.for_pattern(config.pattern_for(name)) for name in names}
         perms = {}
         for pattern in dict.fromkeys(c.pattern for c in configs.values()):  # one input permutation per pattern
@@ -85,11 +98,20 @@ def sparsify_second_order(
             if cfg.reconstruct:
                 fixed = None if cfg.score == "obs" else _choose_mask(scores[name], perms[name], cfg.pattern)
                 rec = prune_second_order(
-                    weight, h.to(weight.device), cfg.pattern, mask=fixed, in_perm=in_perm, out_perm=out_perm,
-                    method=cfg.reconstruct_method, damp=cfg.damp, name=name,
+                    targets[name], h.to(weight.device), cfg.pattern, mask=fixed, in_perm=in_perm,
+                    out_perm=out_perm, method=cfg.reconstruct_method, damp=cfg.damp,
+                    mask_blocksize=cfg.mask_blocksize, name=name,
                 )  # fmt: skip
                 mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
-                weight.copy_(rec.weight)
+                new = rec.weight
+                if name in fitted:  # errors against the dense outputs; never above the plain masked weight's
+                    target = fitted[name][0]
+                    r.error_masked, r.error = target.error(weight, weight * mask), target.error(weight, new)
+                    if not r.error <= r.error_masked:
+                        logger.warning("%s: fitting the dense outputs did not lower the error; kept the masked weight",
+                                       name)  # fmt: skip
+                        new, r.error = weight * mask, r.error_masked
+                weight.copy_(new)
             else:
                 mask = _choose_mask(scores[name], perms[name], cfg.pattern)
                 dense = weight.detach().float().clone()
@@ -107,7 +129,7 @@ def sparsify_second_order(
 
     run_layerwise(
         model, data, eligible, prune_group, sequential=config.sequential, progress=progress,
-        before_block=before_block, after_block=after_block,
+        before_block=before_block, after_block=after_block, dense_target=config.reconstruct and config.dense_target,
     )  # fmt: skip
     never = [n for n in eligible if reports[n].pattern is None and reports[n].skipped is None]
     for name in never:

@@ -34,6 +34,7 @@ compress it); stored inputs follow the block's device.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -245,6 +246,45 @@ def _collect(
     return observers, outputs
 
 
+def _collect_pairs(
+    block: nn.Module,
+    dense_block: nn.Module,
+    calls: list[_Call],
+    dense_calls: list[_Call],
+    leader: tuple[str, nn.Linear],
+    prefix: str,
+    whole_model: bool,
+    token_masks: list[Tensor | None],
+) -> HessianObserver:
+    """One observer fed, call by call, the leader's input in ``block`` (pruned so far) and in
+    ``dense_block`` (the dense copy, on the dense model's inputs) for the same tokens."""
+    name, module = leader
+    obs = HessianObserver(module.in_features, name)
+    dense_module = dense_block.get_submodule(name if whole_model else name[len(prefix) + 1 :])
+    seen: list[Tensor] = []
+
+    def hook(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    for call, dense_call, token_mask in zip(calls, dense_calls, token_masks, strict=True):
+        for mod, blk, c in ((module, block, call), (dense_module, dense_block, dense_call)):
+            handle = mod.register_forward_pre_hook(hook)
+            try:
+                run_batch(blk, c.args[0]) if whole_model else _run(blk, c)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+        if not seen:
+            continue  # the leader is not called on this input (as _collect)
+        if len(seen) != 2:
+            raise RuntimeError(f"{name} was called in only one of the pruned and the dense block")
+        obs.add_pair(seen[0], seen[1], token_mask)
+        seen.clear()
+    return obs
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -256,6 +296,7 @@ def run_layerwise(
     before_block: BlockCallback | None = None,
     after_block: BlockCallback | None = None,
     progress: bool = True,
+    dense_target: bool = False,
 ) -> None:
     """Calibrate and prune ``linears`` of ``model`` block by block (module docstring).
 
@@ -269,6 +310,10 @@ def run_layerwise(
         before_block, after_block: ``(index, name, block)`` callbacks around each block
             (e.g. move it to the GPU and back, or compress it).
         progress: tqdm bar over the blocks.
+        dense_target: (sequential only) also run a dense copy of each block on the dense model's
+            inputs, so each observer holds the pruned and the dense activations of the same tokens
+            (``HessianObserver.add_pair``): the layer can then be fitted to the dense model's
+            outputs. Costs a second forward pass per stage and one block's weights twice.
     """
     from tqdm.auto import tqdm
 
@@ -289,6 +334,8 @@ def run_layerwise(
         calls = [_Call((b,), {}) for b in batches]
     inside = {n for n in linears for b, _ in blocks if whole_model or n.startswith(b + ".")}
     rest = {n: m for n, m in linears.items() if n not in inside}
+    dense_target = dense_target and sequential
+    dense_calls = list(calls) if dense_target else None
     if rest and not sequential:  # dense-input mode: their H comes from the dense model, before anything is pruned
         rest_obs = _collect_rest(model, batches, rest, progress)
     for index, (name, block) in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress, leave=False)):
@@ -297,11 +344,21 @@ def run_layerwise(
         own = {n: m for n, m in linears.items() if whole_model or n.startswith(name + ".")}
         stages = _stages(block, name, own, calls[0], whole_model) if own else []
         if sequential:
+            dense_block = copy.deepcopy(block) if dense_target and stages else None
             for stage in stages:
-                observers, _ = _collect(block, calls, {stage[0]: own[stage[0]]}, whole_model, True, token_masks)
-                prune_group(stage, observers[stage[0]])
-                del observers
-            outputs = [] if index == len(blocks) - 1 else [_run(block, c) for c in calls]
+                if dense_block is not None:
+                    leader = (stage[0], own[stage[0]])
+                    obs = _collect_pairs(block, dense_block, calls, dense_calls, leader, name, whole_model, token_masks)
+                else:
+                    obs = _collect(block, calls, {stage[0]: own[stage[0]]}, whole_model, True, token_masks)[0][stage[0]]
+                prune_group(stage, obs)
+                del obs
+            last = index == len(blocks) - 1
+            outputs = [] if last else [_run(block, c) for c in calls]
+            if dense_target and not last:
+                dense_outputs = [_run(dense_block or block, c) for c in dense_calls]
+                dense_calls = [_next_call(c, o) for c, o in zip(dense_calls, dense_outputs, strict=True)]
+            del dense_block
         else:
             leaders = {s[0]: own[s[0]] for s in stages}
             observers, outputs = _collect(block, calls, leaders, whole_model, False, token_masks)
