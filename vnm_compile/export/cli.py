@@ -108,8 +108,6 @@ def _prepare_compressed(path: Path):
 
 
 def _export_compressed_onnx(args: argparse.Namespace) -> int:
-    from .onnx import onnx_summary, to_onnx
-
     problem = _check_compressed_dir(args.compressed)
     if problem:
         print(f"vnm export onnx: {problem}", file=sys.stderr)
@@ -119,20 +117,27 @@ def _export_compressed_onnx(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"vnm export onnx: {e}", file=sys.stderr)
         return 2
+    ckpt = sum(f.stat().st_size for f in args.compressed.glob("*.safetensors"))
+    return _write_and_check(args, model, example, check, ("compressed checkpoint", ckpt), "3 random token sequences")
+
+
+def _write_and_check(args, model, example, check, source: tuple[str, int], inputs: str) -> int:
+    """Export, print what the file holds beside ``source`` (label, bytes), and run it in onnxruntime."""
+    from .onnx import onnx_summary, to_onnx
+
     path = to_onnx(model, example, args.out, opset=args.opset)
     summary = onnx_summary(path)
-    ckpt = sum(f.stat().st_size for f in args.compressed.glob("*.safetensors"))
     print(f"{'file':<34} {str(path)}")
     print(f"{'VNMLinear nodes':<34} {summary['vnm_nodes']}")
     print(f"{'file size':<34} {summary['file_bytes'] / 1e6:9.2f} MB")
-    print(f"{'compressed checkpoint':<34} {ckpt / 1e6:9.2f} MB")
+    print(f"{source[0]:<34} {source[1] / 1e6:9.2f} MB")
     print(f"{'V:N:M layer tensors in the file':<34} {summary['vnm_initializer_bytes'] / 1e6:9.2f} MB")
     if not args.no_check:
         err = _onnxruntime_error(model, path, check)
         if err is None:
             print("onnxruntime not installed: file not run (pip install onnxruntime)")
         else:
-            print(f"{'onnxruntime vs PyTorch, max |diff|':<34} {err:.3g} (3 random token sequences)")
+            print(f"{'onnxruntime vs PyTorch, max |diff|':<34} {err:.3g} ({inputs})")
     return 0
 
 
@@ -141,7 +146,7 @@ def _dense_bytes(model) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from .onnx import _require_onnx, onnx_summary, to_onnx
+    from .onnx import _require_onnx
 
     try:
         _require_onnx()  # fail before calibrating
@@ -159,22 +164,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
         print(f"vnm export onnx: {problem}", file=sys.stderr)
         return 2
     model, example, check, report = _prepare_minilm(args)
-    path = to_onnx(model, example, args.out, opset=args.opset)
-    summary = onnx_summary(path)
-    dense = _dense_bytes(model)
     print(report.summary())
-    print(f"{'file':<34} {str(path)}")
-    print(f"{'VNMLinear nodes':<34} {summary['vnm_nodes']}")
-    print(f"{'file size':<34} {summary['file_bytes'] / 1e6:9.2f} MB")
-    print(f"{'dense parameters (fp32)':<34} {dense / 1e6:9.2f} MB")
-    print(f"{'V:N:M layer tensors in the file':<34} {summary['vnm_initializer_bytes'] / 1e6:9.2f} MB")
-    if not args.no_check:
-        err = _onnxruntime_error(model, path, check)
-        if err is None:
-            print("onnxruntime not installed: file not run (pip install onnxruntime)")
-        else:
-            print(f"{'onnxruntime vs PyTorch, max |diff|':<34} {err:.3g} (6 held-out docstrings)")
-    return 0
+    dense = ("dense parameters (fp32)", _dense_bytes(model))
+    return _write_and_check(args, model, example, check, dense, "6 held-out docstrings")
 
 
 def _onnxruntime_error(model, path: Path, batch: dict) -> float | None:
