@@ -11,16 +11,7 @@ import torch
 from vnm_compile import VNMPattern, VNMWeight, vnm_mask
 from vnm_compile.kernels.rows_dense import rows_to_dense
 
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch, request):
-    if request.node.get_closest_marker("gpu"):  # the compiled kernel on CUDA tensors
-        return
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from vnm_compile.kernels.vnm_triton import interpreter_ready
-
-    if not interpreter_ready():
-        pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter cannot run here")
+pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/kernels/conftest.py
 
 
 def _weight(rows, cols, pattern, dtype, *, thin=0.0, seed=0):

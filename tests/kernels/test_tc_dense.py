@@ -13,16 +13,7 @@ from vnm_compile import VNMPattern, VNMWeight, vnm_mask
 from vnm_compile.kernels.sparse_tc import pack_sparse_tc
 from vnm_compile.kernels.tc_dense import tc_to_dense, tc_to_dense_reference
 
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch, request):
-    if request.node.get_closest_marker("gpu"):  # the compiled kernel on CUDA tensors
-        return
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from vnm_compile.kernels.vnm_triton import interpreter_ready
-
-    if not interpreter_ready():
-        pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter cannot run here")
+pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/kernels/conftest.py
 
 
 def _packed(rows, cols, pattern, dtype, *, thin=0.0, seed=0, compact=False):
