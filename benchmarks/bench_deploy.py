@@ -40,8 +40,7 @@ def random_sparsify_(model, pattern: str, seed: int = 0, layers=None, permute: b
     import torch
 
     from vnm_compile import VNMConfig
-    from vnm_compile.sparsify import LayerReport, _account, _plan_mask
-    from vnm_compile.state import LinearSparsity, set_sparsity
+    from vnm_compile.sparsify import LayerReport, _apply_mask, _plan_mask
 
     config = VNMConfig(pattern, score="abs")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -58,9 +57,7 @@ def random_sparsify_(model, pattern: str, seed: int = 0, layers=None, permute: b
                 report = LayerReport("", tuple(lin.weight.shape))
                 with torch.no_grad():  # sparsify_'s own two steps: choose the mask, then apply it
                     mask = _plan_mask(lin.weight.detach().abs().float(), perms, config, report)
-                    lin.weight.mul_(mask.to(lin.weight.dtype))
-                    set_sparsity(lin, LinearSparsity(config.pattern, mask, perms[0], perms[1], config.score))
-                    _account(report, lin.weight, config.pattern, *perms)
+                    _apply_mask(lin, mask, perms, config.score, report)
                 count += 1
     return count
 

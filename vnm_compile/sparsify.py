@@ -638,10 +638,7 @@ def sparsify_(
             reports[name].note = "Conv1D converted to nn.Linear"
         if config.overwrite:
             clear_sparsity(module)
-        pattern = reports[name].pattern
-        module.weight.mul_(mask.to(module.weight.dtype))
-        set_sparsity(module, LinearSparsity(pattern, mask, perms[0], perms[1], config.score, links.get(name)))
-        _account(reports[name], module.weight, pattern, perms[0], perms[1])
+        _apply_mask(module, mask, perms, config.score, reports[name], links.get(name))
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report
@@ -666,6 +663,13 @@ def _plan_mask(scores: torch.Tensor, perms: Perms, config: VNMConfig, r: LayerRe
     r.pattern, r.density, r.importance_kept = config.pattern, float(mask.float().mean()), kept
     r.permuted = in_perm is not None or out_perm is not None
     return mask
+
+
+def _apply_mask(module: nn.Module, mask: torch.Tensor, perms: Perms, score: str, r: LayerReport, links=None) -> None:
+    """Zero the pruned weights, record the state (pattern from the report, filled by _plan_mask), count bytes."""
+    module.weight.mul_(mask.to(module.weight.dtype))
+    set_sparsity(module, LinearSparsity(r.pattern, mask, perms[0], perms[1], score, links))
+    _account(r, module.weight, r.pattern, perms[0], perms[1])
 
 
 def _account(r: LayerReport, weight: torch.Tensor, pattern: VNMPattern, in_perm, out_perm) -> None:
