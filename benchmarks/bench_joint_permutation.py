@@ -54,26 +54,34 @@ def _mean(xs) -> float:
 
 
 def _compare(model, stats, patterns, evaluate=None) -> list[str]:
-    """independent vs joint (MLP chains and attention v/o pairs, stats.attention); attn kept: mean over the
-    v_proj / o_proj layers of the attention pairs."""
-    attention = {n for link in getattr(stats, "attention", []) for n in (link.v, link.o)}
-    lines = [f"{'pattern':>8} {'permutations':>12} {'MLP kept':>9} {'attn kept':>9} {'all kept':>9} {'linked':>6} "
-             f"{'cosine':>7} {'search s':>8}"]  # fmt: skip
+    """independent vs joint MLP chains only vs joint (MLP chains and attention v/o pairs, stats.attention);
+    attn kept: mean over the v_proj / o_proj layers of the attention pairs (v, o: each side alone)."""
+    v_names = {link.v for link in getattr(stats, "attention", [])}
+    o_names = {link.o for link in getattr(stats, "attention", [])}
+    attention = v_names | o_names
+    variants = [("independent", False, None), ("joint", True, None)]
+    if attention:
+        variants.insert(1, ("joint MLP", True, []))
+    lines = [f"{'pattern':>8} {'permutations':>12} {'MLP kept':>9} {'attn kept':>9} {'v kept':>7} {'o kept':>7} "
+             f"{'all kept':>9} {'linked':>6} {'cosine':>7} {'search s':>8}"]  # fmt: skip
     for pattern in patterns:
         base = None
-        for joint in (False, True):
+        for label, joint, links in variants:
             m = copy.deepcopy(model)
             start = time.perf_counter()
-            report = sparsify_(m, VNMConfig(pattern, score="ria", joint_permutations=joint), stats, progress=False)
+            config = VNMConfig(pattern, score="ria", joint_permutations=joint)
+            report = sparsify_(m, config, stats, progress=False, attention=links)
             seconds = time.perf_counter() - start
             mlp = _mean(r.importance_kept for r in _mlp_layers(report, attention))
             attn = _mean(r.importance_kept for r in _attention_layers(report, attention))
+            v_kept = _mean(r.importance_kept for r in _attention_layers(report, v_names))
+            o_kept = _mean(r.importance_kept for r in _attention_layers(report, o_names))
             linked = sum(bool(r.in_perm_from or r.out_perm_to) for r in report.sparsified)
             cos = f"{evaluate(m):.4f}" if evaluate is not None else "-"
             rel = "" if base is None else (f"  ({(mlp - base[0]) / base[0] * 100:+.2f} % MLP, "
-                                           f"{(attn - base[1]) / base[1] * 100:+.2f} % attn, rel. to independent)")  # fmt: skip
+                                           f"{(attn - base[1]) / base[1] * 100:+.2f} % attn)")  # fmt: skip
             base = (mlp, attn) if base is None else base
-            lines.append(f"{pattern:>8} {'joint' if joint else 'independent':>12} {mlp:>9.4f} {attn:>9.4f} "
+            lines.append(f"{pattern:>8} {label:>12} {mlp:>9.4f} {attn:>9.4f} {v_kept:>7.4f} {o_kept:>7.4f} "
                          f"{report.mean_importance_kept():>9.4f} {linked:>6} {cos:>7} {seconds:>8.1f}{rel}")  # fmt: skip
     return lines
 
