@@ -663,8 +663,9 @@ def sparsify_(
         link = heads.get(unit[0]) if list(scores) == [unit[0]] else None
         with _layer_errors(", ".join(scores), reports[next(iter(scores))].shape if scores else (0, 0)):
             perms = _permutations(scores, unit_config, fixed_out, link)
-        if link is not None and perms[link.o][0] is not None:  # searched first: v_proj writes in its order
-            fixed_out[link.v] = link.v_perm(perms[link.o][0])
+        v_perm = link.v_perm(perms[link.o][0]) if link is not None and perms[link.o][0] is not None else None
+        if v_perm is not None:  # searched first: v_proj writes in its order
+            fixed_out[link.v] = v_perm
         for producers, consumers in joint:
             # searched first: its input permutation becomes the producers' output permutation
             if list(scores) == list(consumers) and perms[consumers[0]][0] is not None:
