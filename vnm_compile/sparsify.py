@@ -57,7 +57,9 @@ class VNMConfig:
             0.37 % (64:2:5) and 0.83 % (64:2:8) of the MLP importance kept, relative
             (benchmarks/results/cpu/joint_permutation_minilm.md). Attention too: o_proj's input permutation,
             searched per head (shared by the query heads of one kv head), is v_proj's output permutation
-            (pairs proven by calibrate(), calibration/attention.py). Not used by the second-order path
+            (pairs proven by calibrate(), calibration/attention.py; sparsify_(..., attention=[]) keeps them
+            independent), which cost MiniLM another 1.27 % (64:2:5) and 2.59 % (64:2:8) of the attention
+            layers' importance kept, relative (same file). Not used by the second-order path
             (score "obs" or reconstruct=True), whose permutations are chosen block by block.
         layer_patterns: per-layer patterns, ``{name or glob: pattern or "dense"}`` (e.g. from
             ``plan_patterns(...).layer_patterns``); a layer takes the first entry that matches its name
