@@ -287,3 +287,43 @@ def test_pass_cancels_per_head_permutations_only(whole_heads):
     report = rec.reports[-1]
     assert report[o_name].permutations.startswith("in: cancelled") is not whole_heads
     assert ("cancelled with dense" in report[v_name].permutations) is not whole_heads
+
+
+class _VariantAttention(nn.Module):
+    """4 heads of 16; ``variant`` "cast": the value goes through a dtype cast (followed by the pass);
+    "gate": the attention output is gated per channel before o_proj (an element-wise op with another tensor:
+    v_proj's permutation would not commute with it)."""
+
+    def __init__(self, variant: str, hidden: int = 64) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.gate = (nn.Linear(hidden, hidden) for _ in range(5))
+        self.num_heads, self.head_dim, self.variant = 4, 16, variant
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, 4, 16).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.variant == "cast":
+            v = v.float()
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        if self.variant == "gate":
+            out = out * torch.sigmoid(self.gate(x))
+        return x + self.o_proj(out)
+
+
+@pytest.mark.parametrize("variant", ["cast", "gate"])
+def test_pass_follows_casts_and_refuses_gates(variant):
+    torch.manual_seed(0)
+    model = nn.Sequential(_VariantAttention(variant)).eval()
+    batches, x = [torch.randn(2, 9, 64) for _ in range(2)], torch.randn(3, 5, 64)
+    stats = calibrate(model, batches, progress=False)
+    assert len(stats.attention) == (1 if variant == "cast" else 0)  # the gate fails the eager proof
+    link = [AttentionLink("0.v_proj", "0.o_proj", 16, 4, 4)]  # for the gate: claimed by hand
+    sparsify_(model, VNMConfig(PATTERN, min_numel=0, joint_permutations=True), stats, progress=False,
+              attention=link)  # fmt: skip
+    assert get_sparsity(model[0].o_proj).in_linked
+    rec = Recorder()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=rec, fullgraph=True)(x), model(x), rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+    cancelled = rec.reports[-1]["0.o_proj"].permutations.startswith("in: cancelled with v_proj")
+    assert cancelled is (variant == "cast")

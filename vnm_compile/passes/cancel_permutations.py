@@ -23,8 +23,8 @@ that dropping both index ops gives the consumer what it read before: integer lab
 index) run through the data movement on both sides of the attention op, and (1) the value operand's channels
 must move only along its last dim, the same way for every token (a per-(batch, head) permutation that
 attention commutes with), (2) the consumer's input channels must then be that permutation, read through
-its input permutation. A cast, a second use (a KV cache returned from the graph), or anything else keeps
-the index ops.
+its input permutation. Casts are followed (element-wise); a second use (a KV cache returned from the graph),
+an element-wise op with another tensor (a gate), or anything else keeps the index ops.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ def _cancel(gm: fx.GraphModule, select: fx.Node, h: fx.Node, leaves, producers, 
 _RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
 _MOVES = frozenset({"transpose", "permute", "unsqueeze", "squeeze", "expand", "getitem", "contiguous", "clone",
                     "detach", "movedim", "swapaxes", "t"})  # fmt: skip
+_CASTS = frozenset({"to", "float", "half", "bfloat16", "double"})  # element-wise: the same element, rounded
 _ATTENTION = {"scaled_dot_product_attention": 2, "matmul": 1, "bmm": 1}  # op -> position of the value operand
 _MAX_ATTENTION_REGION = 32
 
@@ -256,7 +257,7 @@ def _move(node: fx.Node, labels: torch.Tensor) -> torch.Tensor:
         moved = labels.reshape(out_shape)
     elif name == "expand":
         moved = labels.expand(out_shape)
-    elif name in ("contiguous", "clone", "detach"):
+    elif name in ("contiguous", "clone", "detach") or name in _CASTS:
         moved = labels
     elif name == "getitem":
         moved = labels[_resolve(node.args[1])]
@@ -287,7 +288,7 @@ def _chain(h: fx.Node) -> tuple[list[fx.Node], fx.Node, list[fx.Node], fx.Node] 
             if attention is not None:
                 return None
             attention, nxt = node, _value_arg(node)
-        elif name in _RESHAPES or name in _MOVES:
+        elif name in _RESHAPES or name in _MOVES or name in _CASTS:
             nxt = node.args[0] if node.args else None
             others = [*node.args[1:], *node.kwargs.values()]
             if any(isinstance(_value(a), torch.Tensor) for a in others if isinstance(a, fx.Node)):
