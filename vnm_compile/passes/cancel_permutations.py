@@ -24,8 +24,8 @@ from torch import fx
 
 from ..calibration.chains import ELEMENTWISE
 from .context import CompileContext, LinearSite
-from .fuse_siblings import _drop_unused_buffers
-from .lower_linears import PERM_META, _constant, _fresh_prefix
+from .graph import PREFIX, constant, finish, fresh_prefix
+from .lower_linears import PERM_META
 
 __all__ = ["cancel_permutations"]
 
@@ -98,7 +98,7 @@ def cancel_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     graph = gm.graph
     sites = {s.name: s for s in ctx.sites}
     selects = [n for n in graph.nodes if (n.meta.get(PERM_META) or ("",))[0] == "in"]
-    index = _fresh_prefix(gm)
+    index = fresh_prefix(gm)
     cancelled = 0
     for select in selects:
         h, perm = select.args[0], _perm(gm, select)
@@ -124,7 +124,7 @@ def cancel_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             else:  # ("bias", layer): add(index_select(y, -1, inv), bias)
                 y_sel, bias = leaf.args
                 with graph.inserting_before(leaf):
-                    p = _constant(gm, graph, f"_vnm{index}_bias_perm", perm)
+                    p = constant(gm, graph, f"{PREFIX}{index}_bias_perm", perm)
                     index += 1
                     gathered = graph.call_function(torch.index_select, (bias, 0, p))
                 leaf.args = (y_sel.args[0], gathered)
@@ -145,8 +145,6 @@ def cancel_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             p.out_perm_cancelled = tuple(c.name for c in consumers)
         cancelled += 1
     if cancelled:
-        _drop_unused_buffers(gm)
-        graph.lint()
-        gm.recompile()
+        finish(gm)
     logger.debug("cancel_permutations: %d output/input permutation pairs cancelled", cancelled)
     return cancelled > 0
