@@ -4,6 +4,8 @@
     python benchmarks/bench_e2e.py --llama-layers 32    # the whole 7B stack (long compiles)
     python benchmarks/bench_e2e.py --llama-layers 32 --models llama --decode-batches 1 --prefill 0 \
         --variants dense 64:2:8 64:2:5 --no-separate           # decode only, the whole stack
+    python benchmarks/bench_e2e.py --dynamic            # one dynamic-shape graph, decode to prefill (below)
+    python benchmarks/bench_e2e.py --dynamic --llama-layers 4 --tokens 1 16 512 2048
 
 Models (random fp16 weights, shapes from transformers configs):
 - a Llama-2-7B-shaped decoder (LlamaConfig: hidden 4096, MLP 11008, 32 heads), run as
@@ -33,6 +35,18 @@ batch 1 the "separate" variants (fuse_siblings=False) time the same kernels unfu
 run by torch._cslt_sparse_mm (algorithm searched per case) inside dense inductor; "2:4" is the
 vnm backend's Triton kernel on N:4 storage.
 Writes e2e.json, e2e.md and e2e.png to --out (default benchmarks/results/<gpu>/).
+
+--dynamic (formerly benchmarks/bench_dynamic.py): one dynamic-shape "vnm" graph serving decode and prefill
+sizes (the runtime dense/sparse switch). The Llama stack, pruned in place with sparsify_ to the first V:N:M
+pattern of --variants (default 64:2:8; ABS, no permutation), compiled three ways with dynamic=True: dense
+inductor (on the pruned weights), the vnm backend (default dense_fallback=True: each linear runs sparse up
+to the token count where the measured table says V:N:M wins, dense cuBLAS on its masked weight above it,
+decided inside the op at run time) and the vnm backend with dense_fallback=False (the choice made once per
+compiled graph from its example token count). No KV cache: each call is a forward over --tokens positions
+at batch 1, the counts visited in the order given; the number of vnm graphs compiled shows whether new
+sizes recompile. Reports median ms under CUDA graphs and the relative difference between each vnm variant
+and the dense one (all three compute the same pruned model, so only rounding differs). Writes
+dynamic.json/.md to --out.
 """
 
 from __future__ import annotations
@@ -46,6 +60,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES  # hidden, intermediate, heads, KV heads, vocab
 
 log = logging.getLogger("bench_e2e")
 
@@ -316,14 +332,6 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
-# hidden, intermediate, attention heads, KV heads, vocab (Meta's configs)
-LLAMA_SHAPES = {
-    "llama2-7b": (4096, 11008, 32, 32, 32000),
-    "llama2-13b": (5120, 13824, 40, 40, 32000),
-    "llama3-8b": (4096, 14336, 32, 8, 128256),
-}
-
-
 def build_llama_config(args):
     """The shapes of ``args.shapes`` (default Llama-2-7B; --smoke: tiny ones) with --llama-layers layers."""
     from transformers import LlamaConfig
@@ -335,7 +343,7 @@ def build_llama_config(args):
         num_attention_heads=shape[2],
         num_key_value_heads=shape[3],
         num_hidden_layers=args.llama_layers,
-        vocab_size=shape[3],
+        vocab_size=shape[4],
         max_position_embeddings=4096,
     )
     return cfg
@@ -641,6 +649,92 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_dynamic(args) -> dict:
+    """The --dynamic case (module docstring): the result dict dynamic.json holds."""
+    import torch
+
+    from vnm_compile import VNMConfig, sparsify_
+    from vnm_compile.backend import clear_reports, reports
+    from vnm_compile.kernels.benchmark import command_line
+
+    pattern = next(v.split()[0] for v in args.variants if v not in ("dense", CSLT))
+    model = build_llama(args)
+    report = sparsify_(model, VNMConfig(pattern, score="abs", permute=False), progress=False)
+    log.warning("%s", report.summary())
+    dense = torch.compile(model, backend="eager" if args.smoke else "inductor", dynamic=True, fullgraph=True)
+    clear_reports()
+    options = {"inductor": False, "force_sparse": True} if args.smoke else {}  # smoke: the op runs on the CPU
+    hybrid = torch.compile(model, backend="vnm", options=options, dynamic=True, fullgraph=True)
+    pergraph = torch.compile(
+        model, backend="vnm", options={**options, "dense_fallback": False}, dynamic=True, fullgraph=True
+    )
+    rows = []
+    with torch.no_grad():
+        for t in args.tokens:
+            ids = torch.randint(0, model.config.vocab_size, (1, t), device=args.device)
+            fns = {name: (lambda c=c, ids=ids: c(input_ids=ids, use_cache=False).last_hidden_state)
+                   for name, c in (("dense", dense), ("hybrid", hybrid), ("pergraph", pergraph))}  # fmt: skip
+            timed = {name: _time(fn, args.smoke) for name, fn in fns.items()}  # (first call s, ms)
+            outs = {name: fn().float() for name, fn in fns.items()}
+            ref = outs["dense"]
+            diff = {k: ((outs[k] - ref).norm() / ref.norm()).item() for k in ("hybrid", "pergraph")}
+            ms = {name: v[1] for name, v in timed.items()}
+            rows.append({"tokens": t, "ms": ms, "first_call_s": {name: v[0] for name, v in timed.items()},
+                         "rel_diff_vs_dense": diff, "vnm_graphs_so_far": len(reports())})  # fmt: skip
+            log.warning(
+                "tokens %5d: dense %.3f ms, hybrid %.3f ms (%.2fx), per-graph %.3f ms (%.2fx), rel. diff %s",
+                t, ms["dense"], ms["hybrid"], ms["dense"] / ms["hybrid"], ms["pergraph"], ms["dense"] / ms["pergraph"], diff,
+            )  # fmt: skip
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
+        "versions": _versions(),
+        "command": command_line("python "),
+        "config": {
+            "layers": args.llama_layers,
+            "pattern": pattern,
+            "tokens": list(args.tokens),
+            "shapes": args.shapes,
+            "out": str(args.out),
+        },
+        "vnm_graphs": len(reports()),
+        "reports": [r.summary() for r in reports()],
+        "rows": rows,
+        "wall_s": time.perf_counter() - args.t0,
+    }
+
+
+def _dynamic_md(result: dict) -> str:
+    cfg = result["config"]
+    v = result["versions"]
+    lines = [
+        f"# One dynamic-shape graph, decode to prefill, on {result['gpu']}",
+        "",
+        f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}, CUDA {v['cuda']}. "
+        f"Command: `{result['command']}`",
+        "",
+        f"{cfg['shapes']}-shaped LlamaModel, {cfg['layers']} layers, fp16, batch 1, no KV cache; every variant "
+        f"compiled once with dynamic=True, then called at each token count in this order. Pruned in place "
+        f"to {cfg['pattern']} (ABS) before compiling, so every variant computes the same model. hybrid = vnm "
+        "backend default (dense_fallback=True: sparse or dense decided in the op at run time); per-graph = "
+        "dense_fallback=False (decided once per compiled graph). Median ms of CUDA-graph replays; rel. diff = "
+        "||y - y_dense|| / ||y_dense|| (fp16 rounding only).",
+        "",
+        "| tokens | dense ms | hybrid ms | hybrid speed-up | per-graph ms | per-graph speed-up "
+        "| rel. diff hybrid / per-graph | vnm graphs so far |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        ms = r["ms"]
+        lines.append(
+            f"| {r['tokens']} | {ms['dense']:.3f} | {ms['hybrid']:.3f} | {ms['dense'] / ms['hybrid']:.2f}x "
+            f"| {ms['pergraph']:.3f} | {ms['dense'] / ms['pergraph']:.2f}x "
+            f"| {r['rel_diff_vs_dense']['hybrid']:.1e} / {r['rel_diff_vs_dense']['pergraph']:.1e} "
+            f"| {r['vnm_graphs_so_far']} |"
+        )
+    lines += ["", "Compile reports:", "", "```", *result["reports"], "```"]
+    return "\n".join(lines) + "\n"
+
+
 def _result(args, records: list[dict]) -> dict:
     import torch
 
@@ -682,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deit-batch", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip cases that would start after this")
     parser.add_argument("--models", nargs="+", default=["llama", "deit"], choices=["llama", "deit"])
+    parser.add_argument("--shapes", choices=sorted(LLAMA_SHAPES), default="llama2-7b", help="the Llama model's shapes")
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS, help="dense comes first"
     )
@@ -698,6 +793,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--joint-permutations", action="store_true", help="sparsify_ with VNMConfig(joint_permutations=True)"
+    )
+    parser.add_argument(
+        "--dynamic", action="store_true", help="one dynamic-shape graph over --tokens (module docstring)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[1, 16, 2048, 7, 300], help="--dynamic: token counts, in order"
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -727,6 +828,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.device, args.dtype = "cuda", torch.float16
     args.out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
+    if args.dynamic:
+        if not any(v not in ("dense", CSLT) for v in args.variants):
+            parser.error("--dynamic needs a V:N:M pattern in --variants")
+        if args.smoke:
+            args.tokens = [min(t, 32) for t in args.tokens]
+        result = run_dynamic(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "dynamic.json").write_text(json.dumps(result, indent=1))
+        (args.out / "dynamic.md").write_text(_dynamic_md(result))
+        print(_dynamic_md(result))
+        return 0
     records = run_cases(args)
     result = _result(args, records)
     args.out.mkdir(parents=True, exist_ok=True)

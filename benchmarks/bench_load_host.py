@@ -28,7 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = ((11008, 4096), (11008, 4096), (4096, 11008))
+from vnm_compile.kernels.benchmark import llama_linears
+
+_, _GATE_UP, _DOWN = (shape[:2] for shape in llama_linears())  # Llama-2-7B
+SHAPES = (_GATE_UP, _GATE_UP, _DOWN)
 NAMES = ("gate_proj", "up_proj", "down_proj")
 
 

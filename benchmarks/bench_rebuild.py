@@ -17,7 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+from vnm_compile.kernels.benchmark import llama_linears
+
+SHAPES = tuple((out_f, in_f) for out_f, in_f, _ in llama_linears())  # Llama-2-7B
 
 
 def _case(name: str, out_f: int, in_f: int, tokens: int) -> list[dict]:

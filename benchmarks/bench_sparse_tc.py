@@ -39,6 +39,8 @@ import math
 import time
 from pathlib import Path
 
+from vnm_compile.kernels.benchmark import llama_linears
+
 log = logging.getLogger("bench_sparse_tc")
 # KERNEL: "gather" (each V block's kept x^T rows) or "dense" (the 8 groups' x^T rows, shared by WR blocks);
 # dense: BULK=1 records by bulk copy on mbarriers (sm_90), PF=1 fragments read one k-step ahead; "wgmma" (sm_90
@@ -57,7 +59,7 @@ CONFIGS = [
     dict(KERNEL="wgmma", WG=2, TNW=256, WST=4, SHARE=1),
 ]
 KINDS = ("gather", "dense", "wgmma")
-LLAMA = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008)]
+LLAMA = [(name, out_f, in_f) for out_f, in_f, name in llama_linears()]
 DEIT = [("deit-b qkv", 2304, 768), ("deit-b proj", 768, 768), ("deit-b fc1", 3072, 768), ("deit-b fc2", 768, 3072)]
 
 

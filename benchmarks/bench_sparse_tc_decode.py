@@ -27,9 +27,10 @@ import logging
 import time
 from pathlib import Path
 
+from vnm_compile.kernels.benchmark import llama_linears
+
 log = logging.getLogger("bench_sparse_tc_decode")
-SHAPES = [("llama2-7b qkvo", 4096, 4096), ("llama2-7b gate/up", 11008, 4096), ("llama2-7b down", 4096, 11008),
-          ("vit-b fc1", 3072, 768)]  # fmt: skip
+SHAPES = [(name, out_f, in_f) for out_f, in_f, name in llama_linears()] + [("vit-b fc1", 3072, 768)]
 
 
 def _key(cfg: dict) -> str:

@@ -25,9 +25,10 @@ import torch
 
 from vnm_compile.calibration.importance import importance
 from vnm_compile.calibration.permutation import find_permutation, kept_importance
+from vnm_compile.kernels.benchmark import llama_linears
 from vnm_compile.masks import is_vnm, vnm_mask
 
-LLAMA_MLP = [[11008, 4096], [4096, 11008]]
+LLAMA_MLP = [[out_f, in_f] for out_f, in_f, _ in llama_linears()[1:]]  # Llama-2-7B gate/up, down
 
 
 def _header(what: str) -> None:

@@ -38,7 +38,9 @@ VARIANTS = ("dense", "unpermuted", "permuted", "joint", "folded")
 def build(args):
     from transformers import LlamaConfig, LlamaModel
 
-    shape = (256, 896, 4, 2) if args.smoke else (4096, 14336, 32, 8)  # Llama-3-8B: 32 heads, 8 KV heads
+    from vnm_compile.kernels.benchmark import LLAMA_SHAPES
+
+    shape = (256, 896, 4, 2) if args.smoke else LLAMA_SHAPES["llama3-8b"][:4]  # 32 heads, 8 KV heads
     cfg = LlamaConfig(hidden_size=shape[0], intermediate_size=shape[1], num_attention_heads=shape[2],
                       num_key_value_heads=shape[3], num_hidden_layers=args.layers, vocab_size=512,
                       max_position_embeddings=4096)  # fmt: skip

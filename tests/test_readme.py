@@ -1,5 +1,6 @@
-"""The README's Python examples run as written (in order, one namespace, on CPU), and its first two
-commands are the ones CI runs."""
+"""The README's Python examples run as written (in order, one namespace, on CPU), its first two
+commands are the ones CI runs, and the scripts the README and docs/ name exist (or, in docs/, are named
+with the commit that holds them; docs/lean_core.md maps the removed ones result files still quote)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# a benchmark or tool script named by its path from the repository root (not tests/benchmarks/...)
+SCRIPT = re.compile(r"(?<![\w/])(?:benchmarks|tools)/[\w/-]+\.py\b")
+COMMIT = re.compile(r"`[0-9a-f]{7,40}`")
 
 
 def _python_blocks() -> list[str]:
@@ -64,3 +68,51 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert isinstance(fresh[0], VNMLinear) and isinstance(fresh[2], VNMLinear)
     with torch.no_grad():
         torch.testing.assert_close(namespace["y_deployed"], namespace["deployed"](x), rtol=1e-4, atol=1e-4)
+
+
+def _missing(paths) -> list[str]:
+    return sorted({p for p in paths if not (ROOT / p).is_file()})
+
+
+def test_readme_names_only_scripts_that_exist():
+    assert SCRIPT.findall(README), "the README quotes benchmark commands"
+    assert not _missing(SCRIPT.findall(README)), "README.md names scripts that are not in the tree"
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs; a table counts as part of the paragraph that introduces it."""
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", text):
+        if out and block.lstrip().startswith("|"):
+            out[-1] += "\n" + block
+        else:
+            out.append(block)
+    return out
+
+
+def test_docs_name_scripts_that_exist_or_their_commit():
+    """A command in docs/ (``python benchmarks/x.py``) runs a script in the tree; a script named only as
+    history has the commit that holds it in the same paragraph."""
+    bad = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        if doc.name == "lean_core.md":  # the map from removed commands to their replacements
+            continue
+        for para in _paragraphs(doc.read_text()):
+            commands = re.findall(r"python3? (?:-m \S+ )?((?:benchmarks|tools)/[\w/-]+\.py)", para)
+            bad += [f"{doc.name}: command {p}" for p in _missing(commands)]
+            if not COMMIT.search(para):
+                bad += [f"{doc.name}: {p} (no commit named)" for p in _missing(SCRIPT.findall(para))]
+    assert not bad, bad
+
+
+def test_removed_scripts_that_results_quote_are_mapped():
+    """Result files keep the command that made them; where its script left the tree, docs/lean_core.md says
+    what replaces it."""
+    note = (ROOT / "docs" / "lean_core.md").read_text()
+    quoted = {
+        p: md.relative_to(ROOT)
+        for md in sorted((ROOT / "benchmarks" / "results").rglob("*.md"))
+        for p in SCRIPT.findall(md.read_text())
+    }
+    unmapped = [f"{p} (quoted in {quoted[p]})" for p in _missing(quoted) if p not in note]
+    assert not unmapped, f"docs/lean_core.md does not map: {unmapped}"

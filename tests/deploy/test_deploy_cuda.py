@@ -9,7 +9,7 @@ from vnm_compile import VNMConfig, VNMPattern, VNMWeight, sparsify_, vnm_mask
 from vnm_compile.deploy import VNMLinear, compress_, load_compressed, save_compressed
 from vnm_compile.kernels import compressed as C
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu
 
 
 def _layer(rows, cols, pattern, dtype, seed, layout="auto"):

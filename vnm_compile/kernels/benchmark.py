@@ -40,8 +40,23 @@ __all__ = ["GRIDS", "BenchGrid", "custom_grid", "run_benchmark", "write_results"
 
 log = logging.getLogger(__name__)
 
-LLAMA2_7B = [(4096, 4096, "llama2-7b qkvo"), (11008, 4096, "llama2-7b gate/up"), (4096, 11008, "llama2-7b down")]
-LLAMA2_13B = [(5120, 5120, "llama2-13b qkvo"), (13824, 5120, "llama2-13b gate/up"), (5120, 13824, "llama2-13b down")]
+# The model shapes every benchmark reads (benchmarks/ imports them from here): hidden, intermediate,
+# attention heads, KV heads, vocab (Meta's configs).
+LLAMA_SHAPES = {
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "llama2-13b": (5120, 13824, 40, 40, 32000),
+    "llama3-8b": (4096, 14336, 32, 8, 128256),
+}
+
+
+def llama_linears(model: str = "llama2-7b") -> list[tuple[int, int, str]]:
+    """(out, in, name) of the model's three linear shapes: q/o (and k/v without GQA), gate/up, down."""
+    hidden, inter = LLAMA_SHAPES[model][:2]
+    return [(hidden, hidden, f"{model} qkvo"), (inter, hidden, f"{model} gate/up"), (hidden, inter, f"{model} down")]
+
+
+LLAMA2_7B = llama_linears("llama2-7b")
+LLAMA2_13B = llama_linears("llama2-13b")
 VIT = [
     (768, 768, "vit-b qkvo"), (3072, 768, "vit-b fc1"), (768, 3072, "vit-b fc2"),
     (1024, 1024, "vit-l qkvo"), (4096, 1024, "vit-l fc1"), (1024, 4096, "vit-l fc2"),

@@ -98,15 +98,15 @@ DENSE_CONFIG = {"KERNEL": "dense", "WR": 4, "WN": 1, "NT": 8, "STAGES": 3, "KSUB
 # (the earlier XS=0/1 grid, its XS=2 copies and six more XS=2 configs; sparse_tc_decode_xs_explore.md) at the
 # Llama-2-7B shapes, 1, 4, 16 and 32 tokens, 64:2:5 and 64:2:8, plus configs without clusters; DECODE_CONFIGS,
 # the configs without autotuning by token count (up to the key), are the best on average there.
-# benchmarks/sweep_sparse_tc_decode_xs.py re-times the grid with each XS (sparse_tc_decode_xs_sweep.md: XS=2
+# benchmarks/sweep_sparse_tc_decode_xs.py re-timed the grid with each XS (sparse_tc_decode_xs_sweep.md: XS=2
 # the best in all 24 cases, 1.01-1.42x faster than the best XS=0 config, most at 16 and 32 tokens; the grid's
-# first 5 configs within 0.03 % of the best on average).
+# first 5 configs within 0.03 % of the best on average). That script and both files are at commit 4d7df79.
 # The Hopper GEMM (vnm_wgmma_sp_gemm, KERNEL="wgmma", sm_90 only): one warpgroup per 64-row V block, WG blocks
 # and TNW tokens per CTA, WST pipeline stages, MINB CTAs per SM; SHARE=1 (V a multiple of 128) lets the two
 # 64-row halves of a V block read one copy of its gathered x^T rows. WGMMA_CONFIG is the best on average on
 # an H200 at the Llama-2-7B shapes (2048 and 8192 tokens, 64:2:5/8/16; sparse_tc.md), WGMMA_GRID what
 # sparse_tc_linear's autotuning times after it (the best per shape there, DeiT-B's included). The gathers of
-# x^T rows, at L2 bandwidth, take 77-96 % of the kernel's time (wgmma_variants.md), so how the multiplies are
+# x^T rows, at L2 bandwidth, take 77-96 % of the kernel's time (wgmma_variants.md at 4d7df79), so how the multiplies are
 # issued hardly matters: wider instructions and pipelined wgmma were level or slower (docs/experiments.md).
 WGMMA_CONFIG = {"KERNEL": "wgmma", "WG": 1, "TNW": 256, "WST": 4, "MINB": 2}
 WGMMA_SHARE_CONFIG = {"KERNEL": "wgmma", "WG": 2, "TNW": 256, "WST": 4, "SHARE": 1}

@@ -183,8 +183,44 @@ def _dot_acc(acc, w, xg, IN_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
     return tl.dot(w, xg, acc, input_precision=IN_PREC)
 
 
+def _gather_x4(x_row, cw0, cw1, stride_xk, COL_BITS: tl.constexpr):
+    """x (fp32, one value per group) at every group's 4 kept columns, unpacked from its column words: one
+    int64 word per group for 16-bit columns (cw1 = cw0), two for 32-bit ones."""
+    cmask = (1 << COL_BITS) - 1
+    c0 = (cw0 & cmask).to(tl.int32)
+    c1 = ((cw0 >> COL_BITS) & cmask).to(tl.int32)
+    c2 = ((cw1 >> (64 - 2 * COL_BITS)) & cmask).to(tl.int32)
+    c3 = ((cw1 >> (64 - COL_BITS)) & cmask).to(tl.int32)
+    xa = tl.load(x_row + c0 * stride_xk).to(tl.float32)
+    xb = tl.load(x_row + c1 * stride_xk).to(tl.float32)
+    xc = tl.load(x_row + c2 * stride_xk).to(tl.float32)
+    xd = tl.load(x_row + c3 * stride_xk).to(tl.float32)
+    return xa, xb, xc, xd
+
+
+def _select2(codes, xa, xb, xc, xd):
+    """The x values under each row's two kept values: each 4-bit code holds their 2-bit positions p0, p1
+    among the group's 4 columns, whose x values are xa..xd (a select tree picks them)."""
+    p0 = codes & 3
+    p1 = (codes >> 2) & 3
+    xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
+    xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
+    return xs0, xs1
+
+
+def _fma_chunk(acc, vals, words, shifts, xa, xb, xc, xd, BLOCK_R: tl.constexpr, GC: tl.constexpr):
+    """One chunk of _fma_kernel: values (BLOCK_R, 2GC) -> two slots, metadata 4 bits per (row, group)."""
+    v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
+    codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
+    xs0, xs1 = _select2(codes, xa[None, :], xb[None, :], xc[None, :], xd[None, :])
+    return acc + (v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1)  # this order of rounding: as before
+
+
 if HAS_TRITON:
     _dest_rows = triton.jit(_dest_rows)
+    _gather_x4 = triton.jit(_gather_x4)
+    _select2 = triton.jit(_select2)
+    _fma_chunk = triton.jit(_fma_chunk)
     _store_rows = triton.jit(_store_rows)
     _store_tile = triton.jit(_store_tile)
     _dot_acc = triton.jit(_dot_acc)
@@ -239,7 +275,6 @@ def _fma_kernel(
     # gather offsets: 2-7 % faster at 1 token on an H100 (fewer address instructions per value).
     wpg = COL_BITS // 16  # int64 words per group
     col_blk = col_ptr + blk.to(tl.int64) * G * wpg
-    cmask = (1 << COL_BITS) - 1
 
     # Full chunks run unmasked (16-byte vector loads); a partial last chunk runs once after the loop.
     n_full = G // GC
@@ -253,29 +288,15 @@ def _fma_kernel(
     cw1 = tl.load(col_blk + gg * wpg + (wpg - 1), mask=gm, other=0)  # = cw0 for int16 columns
     for i in range(0, NUM_CHUNKS if CHUNKS_CONST is None else CHUNKS_CONST):  # = n_full
         # 1. x at the current chunk's 4 columns per group (gathered once for all BLOCK_R rows)
-        c0 = (cw0 & cmask).to(tl.int32)
-        c1 = ((cw0 >> COL_BITS) & cmask).to(tl.int32)
-        c2 = ((cw1 >> (64 - 2 * COL_BITS)) & cmask).to(tl.int32)
-        c3 = ((cw1 >> (64 - COL_BITS)) & cmask).to(tl.int32)
-        xa = tl.load(x_row + c0 * stride_xk).to(tl.float32)[None, :]
-        xb = tl.load(x_row + c1 * stride_xk).to(tl.float32)[None, :]
-        xc = tl.load(x_row + c2 * stride_xk).to(tl.float32)[None, :]
-        xd = tl.load(x_row + c3 * stride_xk).to(tl.float32)[None, :]
+        xa, xb, xc, xd = _gather_x4(x_row, cw0, cw1, stride_xk, COL_BITS)
         # 2. prefetch the next full chunk (the last iteration re-reads its own chunk: cache hits)
         g0 = (i + 1 - (i + 1) // n_full) * GC
         vals_n = tl.load(val_rows + (2 * g0 + jj)[None, :])
         words_n = tl.load(meta_rows + (g0 // 8 + ww)[None, :])
         cw0n = tl.load(col_blk + (g0 + gg) * wpg)
         cw1n = tl.load(col_blk + (g0 + gg) * wpg + (wpg - 1))
-        # 3. values (BLOCK_R, 2GC) -> two slots; metadata 4 bits per (row, group) -> two 2-bit positions
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
-        p0 = codes & 3
-        p1 = (codes >> 2) & 3
-        # 4. each row picks its two inputs (2-bit select tree) and accumulates elementwise
-        xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
-        xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
-        acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+        # 3. each row's two values times the inputs its metadata selects
+        acc = _fma_chunk(acc, vals, words, shifts, xa, xb, xc, xd, BLOCK_R, GC)
         vals, words, cw0, cw1 = vals_n, words_n, cw0n, cw1n
 
     if not EVEN_G:  # the partial last chunk, masked
@@ -285,17 +306,8 @@ def _fma_kernel(
         words = tl.load(meta_rows + (g0 // 8 + ww)[None, :], mask=(g0 // 8 + ww < n_words)[None, :], other=0)
         cw0 = tl.load(col_blk + (g0 + gg) * wpg, mask=gm, other=0)
         cw1 = tl.load(col_blk + (g0 + gg) * wpg + (wpg - 1), mask=gm, other=0)
-        xa = tl.load(x_row + (cw0 & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :]
-        xb = tl.load(x_row + ((cw0 >> COL_BITS) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :]
-        xc = tl.load(x_row + ((cw1 >> (64 - 2 * COL_BITS)) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :]
-        xd = tl.load(x_row + ((cw1 >> (64 - COL_BITS)) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :]
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, GC, 2)))
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_R, GC))
-        p0 = codes & 3
-        p1 = (codes >> 2) & 3
-        xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
-        xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
-        acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+        xa, xb, xc, xd = _gather_x4(x_row, cw0, cw1, stride_xk, COL_BITS)  # masked groups read column 0
+        acc = _fma_chunk(acc, vals, words, shifts, xa, xb, xc, xd, BLOCK_R, GC)
 
     y = tl.sum(acc, axis=1)
     _store_rows(y, rows, t, y_ptr, stride_yt, ridx_ptr, bias_ptr, OUT, HAS_RIDX, HAS_BIAS)
@@ -423,6 +435,7 @@ def _rows_chunk(
 ):
     """One chunk of _rows_kernel: x at the chunk's 4 columns per group, gathered once for the
     R rows a thread holds; each row picks its two inputs from its 4-bit code."""
+    # (loaded and broadcast one by one, not through _gather_x4: that order keeps the compiled code as measured)
     cmask = (1 << COL_BITS) - 1
     xa = tl.load(x_row + (cw0 & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
     xb = tl.load(x_row + ((cw0 >> COL_BITS) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
@@ -430,10 +443,7 @@ def _rows_chunk(
     xd = tl.load(x_row + ((cw1 >> (64 - COL_BITS)) & cmask).to(tl.int32) * stride_xk).to(tl.float32)[None, :, None]
     v0, v1 = tl.split(tl.reshape(vals, (BLOCK_Q, GC, R, 2)))
     codes = (m[:, :, None] >> (4 * tl.arange(0, R))[None, None, :]) & 15
-    p0 = codes & 3
-    p1 = (codes >> 2) & 3
-    xs0 = tl.where((p0 & 2) != 0, tl.where((p0 & 1) != 0, xd, xc), tl.where((p0 & 1) != 0, xb, xa))
-    xs1 = tl.where((p1 & 2) != 0, tl.where((p1 & 1) != 0, xd, xc), tl.where((p1 & 1) != 0, xb, xa))
+    xs0, xs1 = _select2(codes, xa, xb, xc, xd)
     return acc + v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
 
 

@@ -37,8 +37,8 @@ from torch import fx
 
 from ..calibration.chains import ELEMENTWISE
 from .context import CompileContext, LinearSite
-from .fuse_siblings import _drop_unused_buffers
-from .lower_linears import PERM_META, _constant, _fresh_prefix
+from .graph import PREFIX, constant, finish, fresh_prefix
+from .lower_linears import PERM_META
 
 __all__ = ["cancel_permutations"]
 
@@ -111,7 +111,7 @@ def cancel_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     graph = gm.graph
     sites = {s.name: s for s in ctx.sites}
     selects = [n for n in graph.nodes if (n.meta.get(PERM_META) or ("",))[0] == "in"]
-    index = _fresh_prefix(gm)
+    index = fresh_prefix(gm)
     cancelled = 0
     for select in selects:
         h, perm = select.args[0], _perm(gm, select)
@@ -138,9 +138,7 @@ def cancel_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             index = _cancel(gm, select, select.args[0], [found[0]], [found[1]], sites, index)
             cancelled += 1
     if cancelled:
-        _drop_unused_buffers(gm)
-        graph.lint()
-        gm.recompile()
+        finish(gm)
     logger.debug("cancel_permutations: %d output/input permutation pairs cancelled", cancelled)
     return cancelled > 0
 
@@ -158,7 +156,7 @@ def _cancel(gm: fx.GraphModule, select: fx.Node, h: fx.Node, leaves, producers, 
         else:  # ("bias", layer): add(index_select(y, -1, inv), bias)
             y_sel, bias = leaf.args
             with graph.inserting_before(leaf):
-                p = _constant(gm, graph, f"_vnm{index}_bias_perm", _out_perm(producer))
+                p = constant(gm, graph, f"{PREFIX}{index}_bias_perm", _out_perm(producer))
                 index += 1
                 gathered = graph.call_function(torch.index_select, (bias, 0, p))
             leaf.args = (y_sel.args[0], gathered)

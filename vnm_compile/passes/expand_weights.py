@@ -28,8 +28,8 @@ from ..kernels.vnm_triton import expand_weights as _expand
 from .context import CompileContext
 from .find_linears import _example
 from .fuse_siblings import _sparse_args
-from .graph import attr_tensor, op_args, set_op_args
-from .lower_linears import LAYER_META, _constant
+from .graph import attr_tensor, constant, op_args, set_op_args
+from .lower_linears import LAYER_META
 
 __all__ = ["expand_weights", "attach_constants", "LayerTensors"]
 
@@ -118,7 +118,7 @@ def attach_constants(
                     continue
                 attr = f"{values.target}_{name}"
                 exists = hasattr(gm, attr)  # another call of the same weight
-                consts.append(graph.get_attr(attr) if exists else _constant(gm, graph, attr, value))
+                consts.append(graph.get_attr(attr) if exists else constant(gm, graph, attr, value))
         set_op_args(node, **dict(zip(names, consts, strict=True)))
         nbytes = sum(t.numel() * t.element_size() for t in made if isinstance(t, torch.Tensor))
         for layer in str(node.meta.get(LAYER_META, "")).split("+"):

@@ -26,9 +26,8 @@ from torch import fx
 from ..kernels.compressed import LAYOUT_ROWS
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
-from .fuse_siblings import _drop_unused_buffers, _slices_ok
-from .graph import op_args, set_op_args
-from .lower_linears import _constant, _fresh_prefix
+from .fuse_siblings import _slices_ok
+from .graph import PREFIX, constant, finish, fresh_prefix, op_args, set_op_args
 
 __all__ = ["fuse_compressed", "COMPRESSED_TARGETS"]
 
@@ -129,16 +128,14 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         if key is None or any(t is None for t in tensors) or not _slices_ok(node, int(spec[4])):
             continue
         groups.setdefault((*key, *map(int, spec[:4]), tensors[0].dtype, bias is None), []).append(node)
-    index = _fresh_prefix(gm)
+    index = fresh_prefix(gm)
     fused = 0
     for members in groups.values():
-        if len(members) > 1 and _fuse(gm, members, values, f"_vnm{index}"):
+        if len(members) > 1 and _fuse(gm, members, values, f"{PREFIX}{index}"):
             index += 1
             fused += 1
     if fused:
-        _drop_unused_buffers(gm)  # the members' own constants (weights this compile created, now concatenated)
-        graph.lint()
-        gm.recompile()
+        finish(gm)  # drops the members' own constants (weights this compile created, now concatenated)
     ctx.compressed_launches = sum(n.op == "call_function" and n.target in COMPRESSED_TARGETS for n in graph.nodes)
     logger.debug("fuse_compressed: %d fused launches", fused)
     return fused > 0
@@ -165,7 +162,7 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
     x = calls[0]["x"]
     biases = [call["bias"] for call in calls]
     with graph.inserting_before(first):
-        tensors = [_constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(stacked)]
+        tensors = [constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(stacked)]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
         call = graph.call_function(COMPRESSED_OP, ())
         set_op_args(call, x=x, weight=tensors, spec=[*specs[0][:4], sum(sizes)], bias=bias)

@@ -41,8 +41,8 @@ from ..format import VNMWeight, cat_rows
 from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
 from .fold_permutations import rebind
-from .graph import attr_tensor, op_args, set_op_args
-from .lower_linears import _PREFIX, LAYER_META, _constant, _fresh_prefix
+from .graph import PREFIX, attr_tensor, constant, finish, fresh_prefix, op_args, set_op_args
+from .lower_linears import LAYER_META
 
 __all__ = ["fuse_siblings"]
 
@@ -177,18 +177,16 @@ def fuse_siblings(gm: fx.GraphModule, ctx: CompileContext) -> bool:
             if key is not None:
                 groups.setdefault(key, []).append(node)
     sites = {s.name: s for s in ctx.sites}
-    index = _fresh_prefix(gm)
+    index = fresh_prefix(gm)
     launches = 0
     for candidates in groups.values():
         members = _fusible(candidates, order, sites, gm)
         if members:
-            _fuse(gm, members, [sites[node.meta[LAYER_META]] for node in members], f"_vnm{index}")
+            _fuse(gm, members, [sites[node.meta[LAYER_META]] for node in members], f"{PREFIX}{index}")
             index += 1
             launches += 1
     if launches:
-        _drop_unused_buffers(gm)
-        graph.lint()
-        gm.recompile()
+        finish(gm)
     logger.debug("fuse_siblings: %d fused launches", launches)
     return launches > 0
 
@@ -205,7 +203,7 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], sites: list[LinearSite], p
     x, v, n, m = (first_args[k] for k in ("x", "v", "n", "m"))
     sizes = [int(op_args(node)["out_features"]) for node in members]
     with graph.inserting_before(first):
-        tensors = {k: _constant(gm, graph, f"{prefix}_{k}", t) for k, t in fused.tensors().items()}
+        tensors = {k: constant(gm, graph, f"{prefix}_{k}", t) for k, t in fused.tensors().items()}
         biases = [op_args(node)["bias"] for node in members]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
         args = {"x": x, "values": tensors["values"], "columns": tensors["columns"], "meta": tensors["meta"],
@@ -226,17 +224,3 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], sites: list[LinearSite], p
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     logger.info("fused %s into one vnm::linear launch (%d output features)", ", ".join(names), sum(sizes))
-
-
-def _drop_unused_buffers(gm: fx.GraphModule) -> None:
-    """Erase get_attr nodes left without users and the buffers no node reads any more."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users and str(node.target).startswith(_PREFIX):
-            graph.erase_node(node)
-    read = {node.target for node in graph.nodes if node.op == "get_attr"}
-    sources = getattr(gm, "_param_name_to_source", None)
-    for name in [b for b, _ in gm.named_buffers() if b.startswith(_PREFIX) and b not in read]:
-        delattr(gm, name)
-        if isinstance(sources, dict):
-            sources.pop(name, None)

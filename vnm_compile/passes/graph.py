@@ -1,4 +1,5 @@
-"""FX helpers the passes share: the arguments of a vnm op call by name, and graph constants.
+"""FX helpers the passes share: the arguments of a vnm op call by name, and graph constants (the
+buffers a pass adds under ``PREFIX``, found again, named afresh and dropped once unread).
 
 The vnm ops take their weight as several tensors plus sizes; a pass reads and rewrites a call's
 arguments by the names in the op's schema (``op_args`` / ``set_op_args``), never by position, so a new
@@ -12,7 +13,18 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["op_args", "set_op_args", "attr_tensor"]
+__all__ = [
+    "PREFIX",
+    "op_args",
+    "set_op_args",
+    "attr_tensor",
+    "constant",
+    "fresh_prefix",
+    "drop_unused_buffers",
+    "finish",
+]
+
+PREFIX = "_vnm"  # names of the buffers the passes add: f"{PREFIX}{index}_..."
 
 
 def _schema_args(node: fx.Node):
@@ -69,3 +81,49 @@ def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
         return None
     value = getattr(gm, node.target, None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def constant(gm: fx.GraphModule, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
+    """Register ``tensor`` as a buffer of ``gm`` and read it with get_attr.
+
+    AOTAutograd maps every parameter/buffer of a Dynamo graph to a source
+    (``gm._param_name_to_source``), as Dynamo does for the constants it registers;
+    these tensors exist only in the compiled copy, so they get a ConstantSource.
+    """
+    gm.register_buffer(name, tensor)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if isinstance(sources, dict):
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(name)
+    return graph.get_attr(name)
+
+
+def fresh_prefix(gm: fx.GraphModule) -> int:
+    """The first index whose ``_vnm<index>_`` names no buffer of ``gm`` holds yet."""
+    taken = {name for name, _ in gm.named_buffers()} | set(gm.__dict__)
+    index = 0
+    while any(name.startswith(f"{PREFIX}{index}_") for name in taken):
+        index += 1
+    return index
+
+
+def drop_unused_buffers(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes left without users and the buffers no node reads any more."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and str(node.target).startswith(PREFIX):
+            graph.erase_node(node)
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    sources = getattr(gm, "_param_name_to_source", None)
+    for name in [b for b, _ in gm.named_buffers() if b.startswith(PREFIX) and b not in read]:
+        delattr(gm, name)
+        if isinstance(sources, dict):
+            sources.pop(name, None)
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """After a pass rewrote ``gm``: drop the constants nothing reads, check the graph, regenerate its code."""
+    drop_unused_buffers(gm)
+    gm.graph.lint()
+    gm.recompile()

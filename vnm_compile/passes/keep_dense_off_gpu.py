@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from .context import CompileContext, LinearSite
-from .lower_linears import _constant
+from .graph import constant
 
 __all__ = ["keep_dense_off_gpu", "REASON"]
 
@@ -34,7 +34,7 @@ def _use_masked_copy(gm: fx.GraphModule, site: LinearSite, index: int) -> None:
     with torch.no_grad():
         masked = site.weight.detach() * site.state.mask.to(site.weight.device, torch.bool)
     with gm.graph.inserting_before(site.nodes[0]):
-        node = _constant(gm, gm.graph, f"_vnm_masked{index}", masked)
+        node = constant(gm, gm.graph, f"_vnm_masked{index}", masked)
     for call in site.nodes:
         if len(call.args) > 1:
             call.args = (call.args[0], node, *call.args[2:])

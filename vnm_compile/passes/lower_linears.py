@@ -21,41 +21,16 @@ from torch import fx
 
 from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
+from .graph import PREFIX, constant, fresh_prefix
 
 __all__ = ["lower_linears", "LAYER_META", "PERM_META"]
 
 logger = logging.getLogger(__name__)
 
-_PREFIX = "_vnm"
 LAYER_META = "vnm_layer"  # node.meta key: the layer name(s) a vnm op computes
 # node.meta key of the index ops _lower_with_index_perms adds: ("in", layer) on x, ("out", layer) on the
 # output, ("bias", layer) on the bias add after it (cancel_permutations reads them)
 PERM_META = "vnm_perm"
-
-
-def _constant(gm: fx.GraphModule, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
-    """Register ``tensor`` as a buffer of ``gm`` and read it with get_attr.
-
-    AOTAutograd maps every parameter/buffer of a Dynamo graph to a source
-    (``gm._param_name_to_source``), as Dynamo does for the constants it registers;
-    these tensors exist only in the compiled copy, so they get a ConstantSource.
-    """
-    gm.register_buffer(name, tensor)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if isinstance(sources, dict):
-        from torch._dynamo.source import ConstantSource
-
-        sources[name] = ConstantSource(name)
-    return graph.get_attr(name)
-
-
-def _fresh_prefix(gm: fx.GraphModule) -> int:
-    """The first index whose ``_vnm<index>_`` names no buffer of ``gm`` holds yet."""
-    taken = {name for name, _ in gm.named_buffers()} | set(gm.__dict__)
-    index = 0
-    while any(name.startswith(f"{_PREFIX}{index}_") for name in taken):
-        index += 1
-    return index
 
 
 def _dense_weight(gm: fx.GraphModule, graph: fx.Graph, site: LinearSite, prefix: str) -> fx.Node | torch.Tensor:
@@ -73,7 +48,7 @@ def _dense_weight(gm: fx.GraphModule, graph: fx.Graph, site: LinearSite, prefix:
         site.name,
         masked.numel() * masked.element_size(),
     )
-    return _constant(gm, graph, f"{prefix}_dense", masked)
+    return constant(gm, graph, f"{prefix}_dense", masked)
 
 
 def _layout_tensors(w) -> tuple[list[torch.Tensor], list[int]]:
@@ -102,13 +77,13 @@ def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, s
     device = w.device
     first = site.nodes[0]
     with graph.inserting_before(first):
-        weights = [_constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(tensors)]
+        weights = [constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(tensors)]
         out_inv = None
         if state.out_perm is not None:
             perm = state.out_perm.to(device=device, dtype=torch.int64)
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.numel(), device=device)
-            out_inv = _constant(gm, graph, f"{prefix}_out_inv", inverse)
+            out_inv = constant(gm, graph, f"{prefix}_out_inv", inverse)
     for node in site.nodes:
         x = node.args[0] if node.args else node.kwargs["input"]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -116,7 +91,7 @@ def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, s
             if state.in_perm is not None:
                 key = (x, id(state.in_perm))
                 if key not in selects:
-                    perm = _constant(gm, graph, f"{prefix}_in_perm", state.in_perm.to(device=device, dtype=torch.int64))
+                    perm = constant(gm, graph, f"{prefix}_in_perm", state.in_perm.to(device=device, dtype=torch.int64))
                     select = graph.call_function(torch.index_select, (x, -1, perm))
                     select.meta[PERM_META] = ("in", site.name)
                     selects[key] = (select, [])
@@ -144,14 +119,14 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     """
     graph = gm.graph
     lowered = 0
-    index = _fresh_prefix(gm)
+    index = fresh_prefix(gm)
     # (x node, permutation tensor id) -> its index op and the layers reading it: siblings share one
     selects: dict[tuple, tuple[fx.Node, list[str]]] = {}
     for site in ctx.to_lower():
         w = site.compressed
         if w is None:
             continue
-        prefix = f"{_PREFIX}{index}"
+        prefix = f"{PREFIX}{index}"
         index += 1
         if site.index_perms:
             lowered += _lower_with_index_perms(gm, site, prefix, selects)
@@ -159,7 +134,7 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         first = site.nodes[0]
         hybrid = site.max_sparse_tokens is not None
         with graph.inserting_before(first):
-            tensors = {k: _constant(gm, graph, f"{prefix}_{k}", t) for k, t in w.tensors().items()}
+            tensors = {k: constant(gm, graph, f"{prefix}_{k}", t) for k, t in w.tensors().items()}
             dense = _dense_weight(gm, graph, site, prefix) if hybrid else None
         for node in site.nodes:
             x = node.args[0] if node.args else node.kwargs["input"]
