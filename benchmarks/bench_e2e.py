@@ -26,8 +26,9 @@ better to find, and its permutations are as scattered); --permute calibrated cal
 batches and runs sparsify_(permute=True) with the real search (its seconds recorded separately,
 "search_s"); --permute none prunes at compile time without permutations
 (options={"pattern": ..., "score": "abs"}), the earlier results' setting. --joint-permutations passes
-VNMConfig(joint_permutations=True) (gate/up's output permutation = down_proj's input one: no index op
-between them). Timing does not depend on which weights are kept; it does on the permutations.
+VNMConfig(joint_permutations=True) (gate/up's output permutation = down_proj's input one, and v_proj's
+output = o_proj's input one per head: no index op between them; not at decode with a KV cache, which
+keeps v_proj's output in original order). Timing does not depend on which weights are kept; it does on the permutations.
 V:N:M variants run q/k/v and gate/up as one launch each (the fuse_siblings pass); at decode
 batch 1 the "separate" variants (fuse_siblings=False) time the same kernels unfused.
 "2:4 cuSPARSELt" is PyTorch's 2:4 path: the same layers pruned 2:4 (ABS) in a copy of the model,
@@ -142,9 +143,16 @@ def _searched(mode: str, seed: int = 0):
     spent = {"search_s": 0.0}
     gen = torch.Generator().manual_seed(seed)
 
-    def random_search(scores, pattern, rounds=2, *, fixed_out=None):
+    def random_search(scores, pattern, rounds=2, *, fixed_out=None, in_segments=None, in_ties=None):
         device = scores[0].device
-        in_perm = torch.randperm(scores[0].shape[1], generator=gen).to(device)
+        base = scores[0].shape[1] if in_ties is None else in_ties.shape[1]
+        in_perm = torch.randperm(base, generator=gen)
+        if in_segments is not None:  # joint attention: random inside each head
+            in_perm = torch.arange(base)
+            for seg in in_segments.unique():
+                idx = (in_segments == seg).nonzero().flatten()
+                in_perm[idx] = idx[torch.randperm(idx.numel(), generator=gen)]
+        in_perm = permutation._expand_ties(in_perm, in_ties).to(device)
         fixed = fixed_out or {}
         outs = [fixed[i] if i in fixed else torch.randperm(s.shape[0], generator=gen).to(device)
                 for i, s in enumerate(scores)]  # fmt: skip
@@ -170,6 +178,7 @@ def sparsified(args, name: str, model, pattern: str) -> tuple[object, dict]:
     import copy
 
     from vnm_compile import VNMConfig, calibrate, sparsify_
+    from vnm_compile.calibration.attention import find_attention_links
     from vnm_compile.calibration.chains import find_chains
     from vnm_compile.calibration.groups import find_input_groups
 
@@ -183,7 +192,8 @@ def sparsified(args, name: str, model, pattern: str) -> tuple[object, dict]:
         if args.permute == "random":
             config = VNMConfig(pattern, score="abs", joint_permutations=args.joint_permutations)
             groups, chains = find_input_groups(sparse, batch), find_chains(sparse, batch)
-            report = sparsify_(sparse, config, groups=groups, chains=chains, progress=False)
+            attention = find_attention_links(sparse, batch) if args.joint_permutations else []
+            report = sparsify_(sparse, config, groups=groups, chains=chains, attention=attention, progress=False)
         else:
             config = VNMConfig(pattern, score="ria", joint_permutations=args.joint_permutations)
             stats = calibrate(sparse, [example_batch(args, name, seed=s) for s in range(4)], progress=False)
@@ -556,7 +566,7 @@ def _permute_note(cfg: dict) -> str:
     if mode == "none":
         return "V:N:M weights pruned at compile time, unpermuted. "
     how = "random permutations" if mode == "random" else "the permutation search on calibration batches"
-    joint = " with joint MLP permutations" if cfg.get("joint_permutations") else ""
+    joint = " with joint MLP and attention permutations" if cfg.get("joint_permutations") else ""
     return f"V:N:M weights pruned by sparsify_(permute=True){joint}, {how} (--permute {mode}). "
 
 

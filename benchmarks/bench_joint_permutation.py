@@ -1,4 +1,5 @@
-"""Importance kept by joint MLP permutations (VNMConfig.joint_permutations) against independent ones.
+"""Importance kept by joint permutations (VNMConfig.joint_permutations: MLP chains and attention v/o pairs)
+against independent ones.
 
     python benchmarks/bench_joint_permutation.py minilm [--patterns 64:2:5 64:2:8] [--out FILE]
     python benchmarks/bench_joint_permutation.py llama-mlp [--hidden 4096 --intermediate 11008] [--out FILE]
@@ -6,6 +7,8 @@
 Joint: the consumer's (down_proj / fc2) input permutation is searched first and used as the producers'
 (gate/up, fc1) output permutation, so no index op runs between them. Independent: every layer's
 permutations searched on their own (the input permutation still shared by layers reading one tensor).
+Attention: o_proj's input permutation, searched per head, is v_proj's output permutation ("attn kept": the
+mean over those layers).
 
 minilm: all-MiniLM-L6-v2 (real weights, the demo's model), RIA with calibration on the demo's docstrings;
 also the embedding cosine to the dense model on held-out docstrings. llama-mlp: one Llama MLP block of
@@ -29,8 +32,14 @@ import torch
 from vnm_compile import VNMConfig, calibrate, sparsify_
 
 
-def _mlp_layers(report) -> list:
-    return [r for r in report.sparsified if r.in_perm_from or r.out_perm_to or _is_mlp(r.name)]
+def _mlp_layers(report, attention=frozenset()) -> list:
+    return [
+        r for r in report.sparsified if r.name not in attention and (r.in_perm_from or r.out_perm_to or _is_mlp(r.name))
+    ]
+
+
+def _attention_layers(report, attention) -> list:
+    return [r for r in report.sparsified if r.name in attention]
 
 
 def _is_mlp(name: str) -> bool:
@@ -45,21 +54,34 @@ def _mean(xs) -> float:
 
 
 def _compare(model, stats, patterns, evaluate=None) -> list[str]:
-    lines = [f"{'pattern':>8} {'permutations':>12} {'MLP kept':>9} {'all kept':>9} {'linked':>6} "
-             f"{'cosine':>7} {'search s':>8}"]  # fmt: skip
+    """independent vs joint MLP chains only vs joint (MLP chains and attention v/o pairs, stats.attention);
+    attn kept: mean over the v_proj / o_proj layers of the attention pairs (v, o: each side alone)."""
+    v_names = {link.v for link in getattr(stats, "attention", [])}
+    o_names = {link.o for link in getattr(stats, "attention", [])}
+    attention = v_names | o_names
+    variants = [("independent", False, None), ("joint", True, None)]
+    if attention:
+        variants.insert(1, ("joint MLP", True, []))
+    lines = [f"{'pattern':>8} {'permutations':>12} {'MLP kept':>9} {'attn kept':>9} {'v kept':>7} {'o kept':>7} "
+             f"{'all kept':>9} {'linked':>6} {'cosine':>7} {'search s':>8}"]  # fmt: skip
     for pattern in patterns:
         base = None
-        for joint in (False, True):
+        for label, joint, links in variants:
             m = copy.deepcopy(model)
             start = time.perf_counter()
-            report = sparsify_(m, VNMConfig(pattern, score="ria", joint_permutations=joint), stats, progress=False)
+            config = VNMConfig(pattern, score="ria", joint_permutations=joint)
+            report = sparsify_(m, config, stats, progress=False, attention=links)
             seconds = time.perf_counter() - start
-            mlp = _mean(r.importance_kept for r in _mlp_layers(report))
+            mlp = _mean(r.importance_kept for r in _mlp_layers(report, attention))
+            attn = _mean(r.importance_kept for r in _attention_layers(report, attention))
+            v_kept = _mean(r.importance_kept for r in _attention_layers(report, v_names))
+            o_kept = _mean(r.importance_kept for r in _attention_layers(report, o_names))
             linked = sum(bool(r.in_perm_from or r.out_perm_to) for r in report.sparsified)
             cos = f"{evaluate(m):.4f}" if evaluate is not None else "-"
-            rel = "" if base is None else f"  ({(mlp - base) / base * 100:+.2f} % MLP, rel. to independent)"
-            base = mlp if base is None else base
-            lines.append(f"{pattern:>8} {'joint' if joint else 'independent':>12} {mlp:>9.4f} "
+            rel = "" if base is None else (f"  ({(mlp - base[0]) / base[0] * 100:+.2f} % MLP, "
+                                           f"{(attn - base[1]) / base[1] * 100:+.2f} % attn)")  # fmt: skip
+            base = (mlp, attn) if base is None else base
+            lines.append(f"{pattern:>8} {label:>12} {mlp:>9.4f} {attn:>9.4f} {v_kept:>7.4f} {o_kept:>7.4f} "
                          f"{report.mean_importance_kept():>9.4f} {linked:>6} {cos:>7} {seconds:>8.1f}{rel}")  # fmt: skip
     return lines
 
@@ -77,7 +99,8 @@ def bench_minilm(args) -> list[str]:
     def cosine(m) -> float:
         return float((embed(m, held_out) * dense).sum(-1).mean())
 
-    head = [f"all-MiniLM-L6-v2, RIA, {args.calibration} calibration docstrings; chains traced: {len(stats.chains)}"]
+    head = [f"all-MiniLM-L6-v2, RIA, {args.calibration} calibration docstrings; chains traced: {len(stats.chains)}, "
+            f"attention pairs proven: {len(stats.attention)}"]  # fmt: skip
     return head + _compare(model, stats, args.patterns, cosine)
 
 

@@ -9,7 +9,8 @@ Variants (the same random fp16 weights; V:N:M ones pruned by sparsify_ with ABS)
 - unpermuted: sparsify_(permute=False);
 - permuted: sparsify_(permute=True) with random permutations shared as the search shares them
   (bench_e2e --permute random), the backend's default permutations="index";
-- joint: the same with VNMConfig(joint_permutations=True) (no index op between gate/up and down_proj);
+- joint: the same with VNMConfig(joint_permutations=True) (no index op between gate/up and down_proj, nor
+  between v_proj and o_proj: per-head random permutations, attention pairs from find_attention_links);
 - folded: permuted, compiled with permutations="fold" (the kept columns scattered in the kernels' indices).
 Each is compiled with fullgraph=True (options force nothing else). "kernels" counts the CUDA kernels one
 call launches (torch.profiler, outside CUDA graphs: the nodes a captured graph replays); "index" the
@@ -54,6 +55,7 @@ def sparsified(model, pattern: str, variant: str, device: str):
     from bench_e2e import _searched
 
     from vnm_compile import VNMConfig, sparsify_
+    from vnm_compile.calibration.attention import find_attention_links
     from vnm_compile.calibration.chains import find_chains
     from vnm_compile.calibration.groups import find_input_groups
 
@@ -63,7 +65,8 @@ def sparsified(model, pattern: str, variant: str, device: str):
     config = VNMConfig(pattern, score="abs", permute=permute, joint_permutations=variant == "joint")
     with torch.no_grad(), _searched("random") if permute else contextlib.nullcontext():
         groups, chains = find_input_groups(sparse, batch), find_chains(sparse, batch)
-        sparsify_(sparse, config, groups=groups, chains=chains, progress=False)
+        attention = find_attention_links(sparse, batch) if variant == "joint" else []
+        sparsify_(sparse, config, groups=groups, chains=chains, attention=attention, progress=False)
     return sparse
 
 

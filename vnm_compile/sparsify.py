@@ -55,7 +55,11 @@ class VNMConfig:
             compressed models pass the activation between them in that order with no index op. Off by
             default: the producers then cannot choose their own output permutation, which cost MiniLM (RIA)
             0.37 % (64:2:5) and 0.83 % (64:2:8) of the MLP importance kept, relative
-            (benchmarks/results/cpu/joint_permutation_minilm.md). Not used by the second-order path
+            (benchmarks/results/cpu/joint_permutation_minilm.md). Attention too: o_proj's input permutation,
+            searched per head (shared by the query heads of one kv head), is v_proj's output permutation
+            (pairs proven by calibrate(), calibration/attention.py; sparsify_(..., attention=[]) keeps them
+            independent), which cost MiniLM another 1.27 % (64:2:5) and 2.59 % (64:2:8) of the attention
+            layers' importance kept, relative (same file). Not used by the second-order path
             (score "obs" or reconstruct=True), whose permutations are chosen block by block.
         layer_patterns: per-layer patterns, ``{name or glob: pattern or "dense"}`` (e.g. from
             ``plan_patterns(...).layer_patterns``); a layer takes the first entry that matches its name
@@ -416,17 +420,24 @@ Perms = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 def _permutations(
-    scores: dict[str, torch.Tensor], config: VNMConfig, fixed_out: dict[str, torch.Tensor] | None = None
+    scores: dict[str, torch.Tensor],
+    config: VNMConfig,
+    fixed_out: dict[str, torch.Tensor] | None = None,
+    heads=None,
 ) -> dict[str, Perms]:
     """(in_perm, out_perm) per layer of one unit; layers of a unit share in_perm. None = identity.
-    ``fixed_out``: layers whose output permutation is given (joint permutations), not searched."""
+    ``fixed_out``: layers whose output permutation is given (joint permutations), not searched.
+    ``heads``: the AttentionLink of a unit that is one o_proj: its input permutation stays per head."""
     if not config.permute or config.permute_rounds == 0 or config.pattern.is_nm or not scores:
         return {name: (None, None) for name in scores}
     from .calibration.permutation import find_shared_permutation
 
     fixed = {i: fixed_out[n] for i, n in enumerate(scores) if fixed_out and n in fixed_out}
+    constraint = {}
+    if heads is not None:
+        constraint = {"in_segments": heads.segments(), "in_ties": heads.ties() if heads.n_rep > 1 else None}
     in_perm, out_perms = find_shared_permutation(
-        list(scores.values()), config.pattern, rounds=config.permute_rounds, fixed_out=fixed
+        list(scores.values()), config.pattern, rounds=config.permute_rounds, fixed_out=fixed, **constraint
     )
     return {
         name: (_none_if_identity(in_perm), _none_if_identity(fixed_out[name] if i in fixed else o))
@@ -497,6 +508,26 @@ def _joint_chains(units: list[list[str]], config: VNMConfig, stats, chains) -> l
     return out
 
 
+def _joint_attention(units: list[list[str]], config: VNMConfig, stats, attention, joint: list[Chain]) -> list:
+    """The attention pairs (calibration/attention.py's AttentionLink) whose v/o permutation is chosen jointly:
+    both eligible, o_proj alone in its unit, neither in an MLP chain nor N:4."""
+    if not (config.permute and config.joint_permutations) or config.pattern.is_nm or config.permute_rounds == 0:
+        return []
+    attention = attention if attention is not None else getattr(stats, "attention", None) or []
+    unit_of = {n: tuple(u) for u in units for n in u}
+    in_chains = {n for ps, cs in joint for n in ps + cs}
+    out = []
+    for link in attention:
+        if link.v not in unit_of or unit_of.get(link.o) != (link.o,) or {link.v, link.o} & in_chains:
+            logger.debug("joint attention permutation skipped for %s -> %s (not eligible, o_proj shares its input, "
+                         "or in an MLP chain)", link.v, link.o)  # fmt: skip
+            continue
+        if config.pattern_for(link.v).is_nm or config.pattern_for(link.o).is_nm:
+            continue
+        out.append(link)
+    return out
+
+
 def _consumers_first(units: list[list[str]], joint: list[Chain]) -> list[list[str]]:
     """``units`` with each chain's consumer unit moved before the first unit holding one of its producers."""
     if not joint:
@@ -511,9 +542,10 @@ def _consumers_first(units: list[list[str]], joint: list[Chain]) -> list[list[st
     return units
 
 
-def _links(plans, joint: list[Chain], reports: dict[str, LayerReport]) -> dict[str, torch.Tensor]:
-    """Per layer the LinearSparsity links [in_linked, out_linked] of the chains whose every layer was planned
-    with the shared permutation (a layer left without calibration data breaks its chain: no link)."""
+def _links(plans, joint: list[Chain], reports: dict[str, LayerReport], attention=()) -> dict[str, torch.Tensor]:
+    """Per layer the LinearSparsity links [in_linked, out_linked] of the chains (and attention v/o pairs) whose
+    every layer was planned with the shared permutation (a layer left without calibration data breaks its
+    chain: no link)."""
     perms = {name: p for name, _, p in plans}
     flags: dict[str, list[int]] = {}
     for producers, consumers in joint:
@@ -528,6 +560,16 @@ def _links(plans, joint: list[Chain], reports: dict[str, LayerReport]) -> dict[s
         for c in consumers:
             flags.setdefault(c, [0, 0])[0] = 1
             reports[c].in_perm_from = producers
+    for link in attention:  # v_proj's output permutation is o_proj's input one, per kv head
+        if link.v not in perms or link.o not in perms:
+            continue
+        v_out, o_in = perms[link.v][1], perms[link.o][0]
+        if v_out is None or o_in is None or not torch.equal(link.o_perm(v_out), o_in):
+            continue
+        flags.setdefault(link.v, [0, 0])[1] = 1
+        reports[link.v].out_perm_to = (link.o,)
+        flags.setdefault(link.o, [0, 0])[0] = 1
+        reports[link.o].in_perm_from = (link.v,)
     return {n: torch.tensor(f, dtype=torch.int64, device=perms[n][0 if f[0] else 1].device) for n, f in flags.items()}
 
 
@@ -541,6 +583,7 @@ def sparsify_(
     progress: bool = True,
     data: Iterable | None = None,
     chains: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
+    attention: Sequence | None = None,
 ) -> SparsifyReport:
     """Prune every eligible nn.Linear (and transformers Conv1D) of ``model`` **in place** to ``config.pattern``.
 
@@ -555,7 +598,8 @@ def sparsify_(
     neither (score="abs" without stats), input permutations are per layer.
     With ``config.joint_permutations`` too, linears joined by element-wise ops
     (``stats.chains``, or ``chains``: e.g. ``find_chains(model, batch)``) share one
-    permutation between the producers' outputs and the consumers' inputs.
+    permutation between the producers' outputs and the consumers' inputs, and so do attention value and
+    output projections (``stats.attention``, or ``attention``: ``find_attention_links(model, batch)``), per head.
 
     All masks are chosen before any weight changes: an error (naming the layer) leaves the model
     as it was. A transformers ``Conv1D`` that is pruned is replaced by an equivalent nn.Linear
@@ -603,7 +647,8 @@ def sparsify_(
     _check_stats(stats, eligible, config)
     units = _permutation_units(list(eligible), config, stats, groups)
     joint = _joint_chains(units, config, stats, chains)
-    units = _consumers_first(units, joint)
+    heads = {link.o: link for link in _joint_attention(units, config, stats, attention, joint)}
+    units = _consumers_first(units, joint + [((link.v,), (link.o,)) for link in heads.values()])
     # 1. Choose every mask; the model is not touched, so an error leaves it as it was.
     plans: list[tuple[str, torch.Tensor, Perms]] = []
     fixed_out: dict[str, torch.Tensor] = {}  # producer -> its output permutation (its consumers' input one)
@@ -617,8 +662,12 @@ def sparsify_(
                     reports[name].skipped = "no calibration data (layer never called during calibrate)"
                     continue
                 scores[name] = importance(_weight_2d(eligible[name]), config.score, norm, config.alpha)
+        link = heads.get(unit[0]) if list(scores) == [unit[0]] else None
         with _layer_errors(", ".join(scores), reports[next(iter(scores))].shape if scores else (0, 0)):
-            perms = _permutations(scores, unit_config, fixed_out)
+            perms = _permutations(scores, unit_config, fixed_out, link)
+        v_perm = link.v_perm(perms[link.o][0]) if link is not None and perms[link.o][0] is not None else None
+        if v_perm is not None:  # searched first: v_proj writes in its order
+            fixed_out[link.v] = v_perm
         for producers, consumers in joint:
             # searched first: its input permutation becomes the producers' output permutation
             if list(scores) == list(consumers) and perms[consumers[0]][0] is not None:
@@ -629,7 +678,7 @@ def sparsify_(
             plans.append((name, mask, perms[name]))
             if len(scores) > 1 and perms[name][0] is not None:
                 reports[name].shares_input_perm = tuple(n for n in scores if n != name)
-    links = _links(plans, joint, reports)
+    links = _links(plans, joint, reports, list(heads.values()))
     # 2. Apply them.
     for name, mask, perms in plans:
         module = eligible[name]

@@ -65,6 +65,9 @@ class CalibrationStats:
     input_groups: list[tuple[str, ...]] = field(default_factory=list)
     # (producers, consumers): linears joined by element-wise ops only (traced on the first batch; chains.py).
     chains: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
+    # attention value/output pairs (v_proj -> o_proj) with their head structure, proven on the first batch
+    # (attention.py's AttentionLink)
+    attention: list = field(default_factory=list)
 
     def __contains__(self, name: str) -> bool:
         obs = self.observers.get(name)
@@ -141,6 +144,7 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
+    from .attention import find_attention_links
     from .chains import ChainRecorder
     from .groups import InputGroupRecorder
 
@@ -164,6 +168,7 @@ def calibrate(
     with ChainRecorder(model, filter_fn) as chains, torch.no_grad():
         run_batch(model, first)
     stats.chains = chains.chains()
+    stats.attention = find_attention_links(model, first, filter_fn=filter_fn)
     unseen = [n for n, o in observers.items() if o.tokens == 0]
     if unseen:
         logger.warning("%d linear layers were never called during calibration: %s", len(unseen), unseen[:5])

@@ -49,6 +49,14 @@ the input step on all of them stacked (each layer's scores divided by its
 total importance, its rows padded to whole V-row blocks) and the output step
 per layer; a shared step is kept only if no layer loses.
 
+Constrained input search (joint attention permutations, sparsify_): ``in_segments`` keeps every column inside
+its segment (a head: the LSA forbids moves across segments, and the groups of one LSA chunk are drawn from
+one segment where possible); ``in_ties`` searches one permutation of base columns repeated over tied copies
+(grouped-query attention: the n_rep query heads reading one kv head take that kv head's permutation). The
+tied input step runs on the copies stacked as extra rows (exact when the head size is a multiple of M;
+otherwise an M-group straddling two heads is scored as if its neighbours were those of the stacked copy),
+and every step is accepted on the true kept importance of the real matrix.
+
 References: Zhao et al., "Beyond 2:4: exploring V:N:M sparsity for efficient
 transformer inference on GPUs", arXiv 2410.16135, section 4.2; Zhang et al.,
 "Plug-and-Play: an efficient post-training pruning method for LLMs" (ICLR
@@ -116,6 +124,8 @@ def find_shared_permutation(
     rounds: int = 2,
     *,
     fixed_out: dict[int, Tensor] | None = None,
+    in_segments: Tensor | None = None,
+    in_ties: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One input permutation shared by layers that read the same tensor, one output permutation each.
 
@@ -130,6 +140,13 @@ def find_shared_permutation(
         fixed_out: layer index -> an output permutation that layer must keep (not searched): the rows of a
             layer whose output feeds the next linear through element-wise ops only (gate/up -> down_proj)
             are ordered as that linear's input permutation (joint permutations, sparsify_).
+        in_segments: (in,) int64 segment id per column (per base column with ``in_ties``): the input
+            permutation maps every column to a column of the same segment (``segments[in_perm] == segments``;
+            one permutation per attention head).
+        in_ties: (copies, base) int64 column ids, every column once: column ``in_ties[r, k]`` is copy r of base
+            column k, and the input permutation is one permutation ``b`` of the base columns applied to every
+            copy: ``in_perm[in_ties[r, k]] == in_ties[r, b[k]]`` (grouped-query attention: o_proj's input
+            columns of the query heads that read one kv head).
     Returns:
         ``(in_perm, [out_perm_i])``, int64 tensors on the scores' device.
     """
@@ -147,8 +164,10 @@ def find_shared_permutation(
             raise ValueError(f"fixed_out names layer {i}, but there are {len(mats)} score matrices")
         checked = check_permutation(perm, mats[i].shape[0], f"fixed_out[{i}]")
         out_perms[i] = checked.to(device) if checked is not None else out_perms[i]
+    ties, segments = _check_constraints(in_ties, in_segments, cols, device)
     if p.is_nm or rounds == 0:
         return in_perm, out_perms
+    base_perm = torch.arange(cols if ties is None else ties.shape[1], device=device)
 
     # Kept importance as a fraction of each layer's total (layers of a group weigh the same).
     totals = [max(float(s.sum(dtype=torch.float64)), 1e-30) for s in mats]
@@ -157,10 +176,16 @@ def find_shared_permutation(
     for r in range(rounds):
         changed = False
         # 1. Input step, shared by all layers: kept only if no layer loses and the total gains.
-        cand_in = _input_step(mats, p, in_perm, out_perms, seed=r)
+        if ties is None:
+            cand_base = _input_step(mats, p, base_perm, out_perms, seed=r, segments=segments)
+        else:  # the tied copies stacked as rows of one matrix of base columns
+            copies = [s[:, t] for s in mats for t in ties]
+            copy_outs = [o for o in out_perms for _ in ties]
+            cand_base = _input_step(copies, p, base_perm, copy_outs, seed=r, segments=segments)
+        cand_in = _expand_ties(cand_base, ties)
         cand_kept = [kept_importance(s, p, cand_in, o) / t for s, o, t in zip(mats, out_perms, totals, strict=True)]
         if _better(cand_kept, kept):
-            in_perm, kept, changed = cand_in, cand_kept, True
+            in_perm, base_perm, kept, changed = cand_in, cand_base, cand_kept, True
         # 2. Output step, per layer: each layer's rows are independent of the others.
         for i, s in enumerate(mats):
             if i in fixed_out:
@@ -202,6 +227,37 @@ def _check_scores(scores: Sequence[Tensor]) -> list[Tensor]:
     return mats
 
 
+def _check_constraints(
+    ties: Tensor | None, segments: Tensor | None, cols: int, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """in_ties and in_segments checked and moved to ``device`` (find_shared_permutation)."""
+    base = cols
+    if ties is not None:
+        ties = torch.as_tensor(ties, dtype=torch.int64).to(device)
+        if ties.dim() != 2 or ties.numel() != cols:
+            raise ValueError(
+                f"in_ties must be (copies, base) column ids covering {cols} columns, got {tuple(ties.shape)}"
+            )
+        if not torch.equal(ties.flatten().sort().values, torch.arange(cols, device=device)):
+            raise ValueError("in_ties must hold every column id exactly once")
+        base = ties.shape[1]
+    if segments is not None:
+        segments = torch.as_tensor(segments, dtype=torch.int64).to(device)
+        if segments.shape != (base,):
+            raise ValueError(f"in_segments must have one id per {'base ' if ties is not None else ''}column "
+                             f"({base}), got {tuple(segments.shape)}")  # fmt: skip
+    return ties, segments
+
+
+def _expand_ties(base: Tensor, ties: Tensor | None) -> Tensor:
+    """The input permutation of the real columns from the permutation ``base`` of the tied base columns."""
+    if ties is None:
+        return base
+    real = torch.empty(ties.numel(), dtype=torch.int64, device=base.device)
+    real[ties.flatten()] = ties[:, base].flatten()
+    return real
+
+
 def _permuted(s: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
     out_perm = check_permutation(out_perm, s.shape[0], "out_perm")
     in_perm = check_permutation(in_perm, s.shape[1], "in_perm")
@@ -240,12 +296,21 @@ def _stacked_rows(mats: list[Tensor], p: VNMPattern, out_perms: list[Tensor]) ->
     return torch.cat([stacked, stacked.new_zeros(stacked.shape[0], 1)], 1)
 
 
-def _input_step(mats: list[Tensor], p: VNMPattern, in_perm: Tensor, out_perms: list[Tensor], seed: int) -> Tensor:
+def _input_step(
+    mats: list[Tensor],
+    p: VNMPattern,
+    in_perm: Tensor,
+    out_perms: list[Tensor],
+    seed: int,
+    segments: Tensor | None = None,
+) -> Tensor:
     """One sweep over the M slot positions, re-seating one channel per group by LSA each time.
 
     For large layers the groups are split at random into chunks (redrawn at
     every position) so that one position costs about ``_INPUT_BUDGET``
-    element operations; a channel then moves only within its chunk.
+    element operations; a channel then moves only within its chunk. With
+    ``segments`` a channel moves only to a slot of its own segment (the groups
+    are ordered by the segment of their slot before chunking).
     """
     m = p.m
     v = block_rows(p)
@@ -266,6 +331,8 @@ def _input_step(mats: list[Tensor], p: VNMPattern, in_perm: Tensor, out_perms: l
         if g_all.numel() < 2:
             continue
         g_all = g_all[torch.randperm(g_all.numel(), generator=gen)].to(perm.device)
+        if segments is not None:  # chunks of one segment where possible: moves across segments are forbidden
+            g_all = g_all[torch.sort(segments[g_all * m + pos], stable=True).indices]
         # 2. Equal chunks of K groups (plus one shorter remainder), solved as a batch.
         n_chunks = -(-g_all.numel() // chunk)
         k = -(-g_all.numel() // n_chunks)
@@ -277,6 +344,8 @@ def _input_step(mats: list[Tensor], p: VNMPattern, in_perm: Tensor, out_perms: l
             moving = perm[slots]  # channels taken out, one per group
             rest = members[g_idx][..., [i for i in range(m) if i != pos]]  # (Bc, K, M-1)
             gain = _input_gain(s, c, rest, moving, p)  # (Bc, K, K)
+            if segments is not None:  # channel j may only take a slot of its own segment (j's own slot is one)
+                gain[segments[moving][:, :, None] != segments[slots][:, None, :]] = float("-inf")
             # 3. Re-seat them: maximise the importance kept, with everyone else fixed.
             for b, cost in enumerate(gain.cpu().double().numpy()):
                 rows, assigned = linear_sum_assignment(cost, maximize=True)

@@ -101,11 +101,25 @@ def check_links(model: nn.Module) -> None:
     def paired(perm, others) -> bool:
         return any(o.shape == perm.shape and o.device == perm.device and torch.equal(o, perm) for o in others)
 
+    def heads_paired(o_in: torch.Tensor, v_out: torch.Tensor) -> bool:
+        """o_in is v_out repeated per kv head (joint attention permutations with grouped-query attention)."""
+        if v_out.device != o_in.device or o_in.numel() % v_out.numel() or o_in.numel() == v_out.numel():
+            return False
+        rep = o_in.numel() // v_out.numel()
+        for d in (d for d in range(1, v_out.numel() + 1) if v_out.numel() % d == 0):
+            kv = torch.arange(v_out.numel(), device=o_in.device)
+            ties = torch.stack([(kv // d * rep + r) * d + kv % d for r in range(rep)])
+            expanded = torch.empty_like(o_in)
+            expanded[ties.flatten()] = ties[:, v_out].flatten()
+            if torch.equal(expanded, o_in):
+                return True
+        return False
+
     for name, m in layers.items():
-        if m.in_linked and not paired(m.in_perm, outs):
+        if m.in_linked and not (paired(m.in_perm, outs) or any(heads_paired(m.in_perm, v) for v in outs)):
             raise ValueError(f"{name}: its input permutation is linked to a producer's output permutation "
                              "(joint permutations), but no compressed layer writes that order")  # fmt: skip
-        if m.out_linked and not paired(m.out_perm, ins):
+        if m.out_linked and not (paired(m.out_perm, ins) or any(heads_paired(o, m.out_perm) for o in ins)):
             raise ValueError(f"{name}: its output permutation is linked to a consumer's input permutation "
                              "(joint permutations), but no compressed layer reads that order")  # fmt: skip
 
