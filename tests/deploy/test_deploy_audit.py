@@ -176,3 +176,26 @@ def test_compressed_transformers_models_compile_with_inductor_and_equal_eager(bu
         compiled = torch.compile(model)(x).last_hidden_state
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_prune_and_compress_takes_gpt2_conv1d_layers():
+    """sparsify_and_compress_ on GPT-2 (transformers Conv1D) equals sparsify_(data=) then compress_; it raised
+    "'Conv1D' object has no attribute 'in_features'" (sparsify_ converted the Conv1D layers, streaming did not)."""
+    transformers, cfg = _gpt2()
+    from vnm_compile.deploy import sparsify_and_compress_
+
+    torch.manual_seed(0)
+    base = transformers.GPT2Model(cfg).eval()
+    batches = [torch.randint(0, 101, (2, 16)) for _ in range(2)]
+    config = VNMConfig("16:2:5", score="obs", reconstruct=True, min_numel=0)
+    streamed, in_memory = copy.deepcopy(base), copy.deepcopy(base)
+    report = sparsify_and_compress_(streamed, config, batches, device="cpu", progress=False)
+    sparsify_(in_memory, config, data=batches, progress=False)
+    compress_(in_memory, progress=False)
+    assert len(report.sparsified) == 8 and all(r.note == "Conv1D converted to nn.Linear" for r in report.sparsified)
+    assert set(compressed_linears(streamed)) == set(compressed_linears(in_memory))
+    for name, m in compressed_linears(in_memory).items():
+        assert torch.equal(compressed_linears(streamed)[name].to_dense(), m.to_dense()), name
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).last_hidden_state, in_memory(ids).last_hidden_state)
