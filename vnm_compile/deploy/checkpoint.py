@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..format import VNMWeight
-from ..linears import is_conv1d
+from ..linears import Conv1DLinear, is_conv1d
 from ..pattern import VNMPattern
 from .convert import _replace, check_links, compressed_linears, share_storage_
 from .linear import FORMAT_VERSION, VNMLinear
@@ -331,6 +331,7 @@ def load_compressed(
             w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"], links=t["perm_links"], layout=layout
         )
         old = modules[name]
+        new.from_conv1d = is_conv1d(old) or isinstance(old, Conv1DLinear) or getattr(old, "from_conv1d", False)
         new.train(old.training)
         if old is model:
             raise ValueError("load_compressed: the model itself is a compressed linear; wrap it in a module")
