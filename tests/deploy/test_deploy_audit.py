@@ -102,7 +102,8 @@ def _gpt2():
 
 def test_a_gpt2_compressed_checkpoint_loads_into_a_fresh_meta_gpt2(tmp_path):
     """GPT-2's linears are transformers Conv1D: a model built from the config has Conv1D where the saved
-    model had VNMLinear (sparsify_ converted them); load_compressed replaces them too."""
+    model had VNMLinear (sparsify_ converted them); load_compressed replaces them too, and decompress_
+    gives back linears whose state_dict keeps Conv1D's (in, out) layout."""
     transformers, cfg = _gpt2()
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
@@ -125,6 +126,14 @@ def test_a_gpt2_compressed_checkpoint_loads_into_a_fresh_meta_gpt2(tmp_path):
         assert torch.equal(fresh.get_submodule(name).to_dense(), m.to_dense()), name
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    # decompress_ gives GPT-2's own checkpoint layout back (Conv1D weights (in, out)): a dense GPT-2 loads it
+    dense = transformers.GPT2LMHeadModel(cfg).eval()
+    for m in (model, fresh):
+        sd = decompress_(copy.deepcopy(m), progress=False).state_dict()
+        assert sd["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
+        dense.load_state_dict({k: v for k, v in sd.items() if ".vnm_" not in k})
+        with torch.no_grad():
+            torch.testing.assert_close(dense(ids).logits, ref, rtol=1e-5, atol=1e-5)
     wrong = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32,
                                                                  vocab_size=101, n_inner=128))  # fmt: skip
     with pytest.raises(ValueError, match=r"'transformer\.h\.0\.mlp\.c_fc' is 128x64"):
