@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..format import VNMWeight
+from ..linears import Conv1DLinear, is_conv1d
 from ..pattern import VNMPattern
 from .convert import _replace, check_links, compressed_linears, share_storage_
 from .linear import FORMAT_VERSION, VNMLinear
@@ -251,6 +252,8 @@ def _plan(model: nn.Module, index: dict, handles: dict) -> tuple[dict, list[str]
         out_f, in_f = info["shape"]
         if isinstance(m, (nn.Linear, VNMLinear)):
             have = (m.out_features, m.in_features, m.bias is not None)
+        elif m is not None and is_conv1d(m):  # a fresh GPT-2-style model: its Conv1D becomes a VNMLinear too
+            have = (m.nf, int(m.weight.shape[0]), m.bias is not None)
         else:
             raise ValueError(f"load_compressed: the checkpoint's compressed layer {name!r} is "
                              f"{'missing from' if m is None else type(m).__name__ + ' in'} the model")  # fmt: skip
@@ -272,15 +275,28 @@ def _plan(model: nn.Module, index: dict, handles: dict) -> tuple[dict, list[str]
     return layers, saved
 
 
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Tied tensors (stored once, e.g. an LM head tied to its embedding) become one Parameter again:
+    ``load_state_dict(assign=True)`` would give each name its own copy."""
+    for alias, target in aliases.items():
+        owner, _, name = alias.rpartition(".")
+        t_owner, _, t_name = target.rpartition(".")
+        module, source = model.get_submodule(owner), model.get_submodule(t_owner)
+        if name in module._parameters and t_name in source._parameters:
+            module._parameters[name] = source._parameters[t_name]
+        elif name in module._buffers and t_name in source._buffers:
+            module._buffers[name] = source._buffers[t_name]
+
+
 def load_compressed(
     model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, *, layout: str = "auto"
 ) -> nn.Module:
     """Fill ``model`` **in place** from a ``save_compressed`` folder and return it.
 
     ``model`` may be built on the meta device (``with torch.device("meta"): ...``); its sparsified linears
-    (nn.Linear or VNMLinear) become VNMLinear modules holding only the compressed weight, laid out for
-    ``device`` (default: where the model's tensors are, CPU for a meta model); every other tensor is
-    loaded as saved. Nothing dense is materialised for a compressed layer. A checkpoint whose layers or
+    (nn.Linear, transformers Conv1D or VNMLinear) become VNMLinear modules holding only the compressed
+    weight, laid out for ``device`` (default: where the model's tensors are, CPU for a meta model); every
+    other tensor is loaded as saved. Nothing dense is materialised for a compressed layer. A checkpoint whose layers or
     shapes do not match the model raises ValueError naming the first mismatch, before anything changes.
     ``layout``: as ``compress_``'s ("auto": the sparse-tensor-core packing where it runs, else row-major).
     """
@@ -315,6 +331,7 @@ def load_compressed(
             w, t["bias"], in_perm=t["in_perm"], out_perm=t["out_perm"], links=t["perm_links"], layout=layout
         )
         old = modules[name]
+        new.from_conv1d = is_conv1d(old) or isinstance(old, Conv1DLinear) or getattr(old, "from_conv1d", False)
         new.train(old.training)
         if old is model:
             raise ValueError("load_compressed: the model itself is a compressed linear; wrap it in a module")
@@ -330,6 +347,7 @@ def load_compressed(
     for key in buffers:
         owner, _, name = key.rpartition(".")
         model.get_submodule(owner)._buffers[name] = read(key)
+    _retie(model, {a: t for a, t in aliases.items() if a in state and t in state})
     check_links(model)
     share_storage_(model)
     return model

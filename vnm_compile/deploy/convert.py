@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from ..linears import Conv1DLinear
 from ..state import LinearSparsity, get_sparsity, set_sparsity, sparse_linears
 from .linear import VNMLinear
 
@@ -56,6 +57,7 @@ def compress_(model: nn.Module, *, layout: str = "auto", progress: bool = True) 
         if module.weight.device.type == "meta":
             raise ValueError(f"compress_: {name} is on the meta device; load its weights first")
         new = VNMLinear.from_linear(module, get_sparsity(module), layout=layout)
+        new.from_conv1d = isinstance(module, Conv1DLinear)  # decompress_ gives it back (GPT-2 checkpoint layout)
         new.train(module.training)
         _replace(model, module, new)
     check_links(model)
@@ -76,8 +78,9 @@ def decompress_(model: nn.Module, *, progress: bool = True) -> nn.Module:
         raise ValueError("decompress_: the model has no compressed linears (VNMLinear)")
     for _name, module in tqdm(found.items(), desc="decompress", disable=not progress, leave=False):
         device = module.compressed_weight().device
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device="meta", dtype=module.weight_dtype)  # fmt: skip
+        kind = Conv1DLinear if module.from_conv1d else nn.Linear  # a converted Conv1D keeps its state_dict layout
+        linear = kind(module.in_features, module.out_features, bias=module.bias is not None,
+                      device="meta", dtype=module.weight_dtype)  # fmt: skip
         linear.weight = nn.Parameter(module.to_dense().to(device))
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)

@@ -67,6 +67,8 @@ class VNMLinear(nn.Module):
     the right buffer shapes (e.g. on the meta device) for ``load_state_dict``.
     """
 
+    from_conv1d = False  # made from a transformers Conv1D: decompress_ builds a Conv1DLinear (its state_dict layout)
+
     def __init__(
         self,
         in_features: int,

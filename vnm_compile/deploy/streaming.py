@@ -15,8 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..sparsify import LayerReport, SparsifyReport, VNMConfig, eligible_linears
-from ..state import sparse_linears, unique_linears
+from ..linears import is_conv1d, linear_like_modules
+from ..sparsify import LayerReport, SparsifyReport, VNMConfig, _convert_conv1d, _out_in, eligible_linears
+from ..state import sparse_linears
 from .convert import compress_
 
 __all__ = ["sparsify_and_compress_"]
@@ -49,9 +50,13 @@ def sparsify_and_compress_(
     eligible, skipped = eligible_linears(model, config)
     if not eligible:
         raise ValueError(f"sparsify_and_compress_: no linear of the model is eligible ({len(skipped)} skipped)")
-    reports = {name: LayerReport(name, (m.out_features, m.in_features)) for name, m in unique_linears(model)}
+    reports = {name: LayerReport(name, _out_in(m)) for name, m in linear_like_modules(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
+    for name, module in list(eligible.items()):  # as sparsify_: the layer-by-layer driver takes nn.Linear layers
+        if is_conv1d(module):
+            eligible[name] = _convert_conv1d(model, module)
+            reports[name].note = "Conv1D converted to nn.Linear"
     last = len(find_blocks(model)) - 1
 
     def before(index: int, name: str, block: nn.Module) -> None:
