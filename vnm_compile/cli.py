@@ -41,8 +41,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation runs")
     p.add_argument("--reconstruct-scores", nargs="*", default=["obs"], choices=["abs", "wanda", "ria", "obs"],
                    help="scores also run with reconstruct=True, second-order pruning (default: obs; none to skip)")  # fmt: skip
-    p.add_argument("--recover-steps", type=int, default=20,
-                   help="recovery-training steps for the best V:N:M row (default 20; 0 skips it)")  # fmt: skip
+    p.add_argument("--recover-steps", type=int, default=100,
+                   help="recovery-training steps for the best V:N:M row (default 100; 0 skips it)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(backend='vnm') check")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_demo)
