@@ -23,7 +23,7 @@ from vnm_compile.state import LinearSparsity, set_sparsity
 
 transformers = pytest.importorskip("transformers")
 
-from test_joint_permutations import Recorder  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_joint_permutations import Recorder, _bert, _llama, _vit  # noqa: E402  (tests/ is on sys.path under pytest)
 
 PATTERN = "16:2:8"
 
@@ -33,14 +33,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-    return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 7))
-
-
 def _mistral(dtype=torch.float32):
     torch.manual_seed(1)
     cfg = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -48,22 +40,6 @@ def _mistral(dtype=torch.float32):
                                      max_position_embeddings=64)  # fmt: skip
     model = transformers.MistralForCausalLM(cfg).to(dtype).eval()
     return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 7))
-
-
-def _bert(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
-    model = transformers.BertModel(cfg, add_pooling_layer=False).to(dtype).eval()
-    return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 7))
-
-
-def _vit(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=64, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
-                                 image_size=16, patch_size=4)  # fmt: skip
-    model = transformers.ViTModel(cfg, add_pooling_layer=False).to(dtype).eval()
-    return model, [torch.randn(2, 3, 16, 16, dtype=dtype) for _ in range(2)], torch.randn(3, 3, 16, 16, dtype=dtype)
 
 
 MODELS = {"llama": _llama, "mistral": _mistral, "bert": _bert, "vit": _vit}

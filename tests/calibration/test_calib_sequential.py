@@ -68,13 +68,7 @@ def _record(model, sequential):
 
 
 def _inputs_of(model, name, batches):
-    got = []
-    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: got.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    h.remove()
-    x = torch.cat(got).double()
+    x = _acts_of(model, name, batches)
     return x.T @ x
 
 

@@ -12,29 +12,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
 from vnm_compile.deploy import VNMLinear, compress_, compressed_linears, decompress_, load_compressed, save_compressed
 
 pytest.importorskip("safetensors")
 
+from test_deploy import _Allocations  # noqa: E402  (the allocation counter; same folder, on sys.path under pytest)
+
 SHAPES = ((97, 131), (131, 67), (67, 203))  # (in, out): primes and non-multiples of V and M
-
-
-class _Allocations(TorchDispatchMode):
-    """The element count of every floating-point tensor an op produces off the meta device."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-                self.sizes.append(t.numel())
-        return out
 
 
 def _mlp(dtype=torch.float32, seed=0):
