@@ -636,10 +636,7 @@ def sparsify_(
             )
         from .calibration.second_order import sparsify_second_order
 
-        for name, module in list(eligible.items()):  # the layer-by-layer driver takes nn.Linear layers
-            if is_conv1d(module):
-                eligible[name] = _convert_conv1d(model, module)
-                reports[name].note = "Conv1D converted to nn.Linear"
+        _convert_conv1ds(model, eligible, reports)  # the layer-by-layer driver takes nn.Linear layers
         sparsify_second_order(model, config, data, eligible, reports, progress)
         report.layers = list(reports.values())
         logger.info("%s", report.summary())
@@ -691,6 +688,15 @@ def sparsify_(
     report.layers = list(reports.values())
     logger.info("%s", report.summary())
     return report
+
+
+def _convert_conv1ds(model: nn.Module, eligible: dict[str, nn.Module], reports: dict[str, LayerReport]) -> None:
+    """Every transformers Conv1D among ``eligible`` replaced in ``model`` (and in ``eligible``) with an equivalent
+    Conv1DLinear, noted in its report (the layer-by-layer paths take nn.Linear layers)."""
+    for name, module in list(eligible.items()):
+        if is_conv1d(module):
+            eligible[name] = _convert_conv1d(model, module)
+            reports[name].note = "Conv1D converted to nn.Linear"
 
 
 def _convert_conv1d(model: nn.Module, conv: nn.Module) -> nn.Linear:

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from ..calibration.attention import AttentionLink
 from ..linears import Conv1DLinear
 from ..state import LinearSparsity, get_sparsity, set_sparsity, sparse_linears
 from .linear import VNMLinear
@@ -105,18 +106,14 @@ def check_links(model: nn.Module) -> None:
         return any(o.shape == perm.shape and o.device == perm.device and torch.equal(o, perm) for o in others)
 
     def heads_paired(o_in: torch.Tensor, v_out: torch.Tensor) -> bool:
-        """o_in is v_out repeated per kv head (joint attention permutations with grouped-query attention)."""
-        if v_out.device != o_in.device or o_in.numel() % v_out.numel() or o_in.numel() == v_out.numel():
+        """o_in is v_out repeated per kv head (joint attention permutations with grouped-query attention):
+        AttentionLink.o_perm of v_out for some head size."""
+        n = v_out.numel()
+        if v_out.device != o_in.device or o_in.numel() % n or o_in.numel() == n:
             return False
-        rep = o_in.numel() // v_out.numel()
-        for d in (d for d in range(1, v_out.numel() + 1) if v_out.numel() % d == 0):
-            kv = torch.arange(v_out.numel(), device=o_in.device)
-            ties = torch.stack([(kv // d * rep + r) * d + kv % d for r in range(rep)])
-            expanded = torch.empty_like(o_in)
-            expanded[ties.flatten()] = ties[:, v_out].flatten()
-            if torch.equal(expanded, o_in):
-                return True
-        return False
+        rep = o_in.numel() // n
+        links = (AttentionLink("v", "o", d, n // d * rep, n // d) for d in range(1, n + 1) if n % d == 0)
+        return any(torch.equal(link.o_perm(v_out).to(o_in.dtype), o_in) for link in links)
 
     for name, m in layers.items():
         if m.in_linked and not (paired(m.in_perm, outs) or any(heads_paired(m.in_perm, v) for v in outs)):

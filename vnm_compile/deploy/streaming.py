@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..linears import is_conv1d, linear_like_modules
-from ..sparsify import LayerReport, SparsifyReport, VNMConfig, _convert_conv1d, _out_in, eligible_linears
+from ..linears import linear_like_modules
+from ..sparsify import LayerReport, SparsifyReport, VNMConfig, _convert_conv1ds, _out_in, eligible_linears
 from ..state import sparse_linears
 from .convert import compress_
 
@@ -53,10 +53,7 @@ def sparsify_and_compress_(
     reports = {name: LayerReport(name, _out_in(m)) for name, m in linear_like_modules(model)}
     for name, why in skipped.items():
         reports[name].skipped = why
-    for name, module in list(eligible.items()):  # as sparsify_: the layer-by-layer driver takes nn.Linear layers
-        if is_conv1d(module):
-            eligible[name] = _convert_conv1d(model, module)
-            reports[name].note = "Conv1D converted to nn.Linear"
+    _convert_conv1ds(model, eligible, reports)  # as sparsify_: the layer-by-layer driver takes nn.Linear layers
     last = len(find_blocks(model)) - 1
 
     def before(index: int, name: str, block: nn.Module) -> None:
