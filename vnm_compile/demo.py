@@ -137,8 +137,8 @@ def _recovery_row(model, tokenizer, texts, held_out, dense, best, student, steps
     student.embeddings.requires_grad_(False)  # dense and equal to the teacher's: nothing to recover there
     # A second-order start is already close to the dense model, and the full fine-tuning default (peak 1e-3)
     # first pushes it away. MiniLM 64:2:5 OBS (one-shot 0.8245), cosine after 20 / 100 steps: 1e-3 0.768 /
-    # 0.826, 3e-4 0.817 / 0.833, 1e-4 0.825 / 0.830: 1e-4 is the peak that never lost accuracy. A magnitude
-    # start (RIA) gains most at the default (benchmarks/results/cpu/recovery_minilm.md).
+    # 0.826, 3e-4 0.817 / 0.833, 1e-4 0.825 / 0.830 (benchmarks/results/cpu/demo_recovery_lr.md): 1e-4 never
+    # lost accuracy. A magnitude start (RIA) gains most at the default (benchmarks/results/cpu/recovery_minilm.md).
     lr = 1e-4 if best.reconstruct else None
     config = RecoveryConfig(method="fixed", steps=steps, lr=lr, train_mode=False)
     loss = DistillLoss(model, hidden="all", cache=True)  # batches repeat: the teacher runs once per batch
