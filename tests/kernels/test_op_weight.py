@@ -60,17 +60,14 @@ class Launches:
 
 def _hybrid(x, dense, w, bias, limit, expanded=None, interleaved=None, tc=None):
     """vnm::hybrid_linear on ``w`` with these layout choices (tc: (packed, min_tokens, (lo, hi)))."""
-    from vnm_compile.kernels.vnm_linear import HYBRID_OP, sparse_tc_args
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP, OpWeight
 
-    rows = interleaved if interleaved is not None else (None, None)
-    tc_args = (None, None, None, 0, 0, 0, 0)
-    if tc is not None:
-        packed, floor, (lo, hi) = tc
-        tc_args = (*sparse_tc_args(packed), floor or 0, lo, hi)
-    return HYBRID_OP(
-        x, [dense], w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m,
-        w.out_features, limit, expanded, *rows, *tc_args,
+    packed, floor, window = tc if tc is not None else (None, 1, None)
+    weight = OpWeight.from_vnm(
+        w, expanded=expanded, interleaved=interleaved, sparse_tc=packed, sparse_tc_min_tokens=floor,
+        sparse_tc_decode_tokens=None if window == (0, 0) else window, max_sparse_tokens=limit,
     )  # fmt: skip
+    return HYBRID_OP(x, [dense], *weight.pack(), bias)
 
 
 def _expect_tc(call, x, w, bias, packed, wgmma: bool) -> None:
@@ -187,3 +184,88 @@ def test_cpu_inputs_never_reach_the_cuda_launchers(monkeypatch):
     name, args, kwargs = launches.one()
     assert name == "_reference_from_tensors" and not kwargs and args[0] is x and args[1] is w.values
     assert args[4] is w.row_index and args[6:] == (64, 2, 8, 128)
+
+
+def test_pack_and_unpack_are_inverse():
+    """Every combination of held layouts survives pack/unpack field by field; malformed bundles say what is wrong;
+    vnm::compressed_linear's row-major (weight, spec) unpacks as the weight alone."""
+    from vnm_compile.kernels.op_weight import SPEC, TC_GATHER, OpWeight
+
+    w = vnm_weight(128, 96, "64:2:8", True, torch.float16, seed=5)
+    packed = pack_sparse_tc(w)
+    choices = [{}, {"expanded": expand_weights(w)}, {"interleaved": interleave_rows(w)}, {"max_sparse_tokens": 0},
+               {"sparse_tc": packed, "sparse_tc_min_tokens": None, "sparse_tc_decode_tokens": (2, 9)},
+               {"expanded": expand_weights(w), "interleaved": interleave_rows(w), "sparse_tc": packed,
+                "max_sparse_tokens": 7}]  # fmt: skip
+    fields = [f.name for f in OpWeight.__dataclass_fields__.values()]
+    for kw in choices:
+        one = OpWeight.from_vnm(w, **kw)
+        weight, spec = one.pack()
+        assert len(spec) == len(SPEC) and all(type(s) is int for s in spec)
+        two = OpWeight.unpack(weight, spec)
+        for name in fields:
+            a, b = getattr(one, name), getattr(two, name)
+            assert a is b if isinstance(a, torch.Tensor) or a is None else a == b, (kw, name)
+    rows_only = OpWeight.unpack([w.values, w.columns, w.meta], [0, 64, 2, 8, 128])
+    assert rows_only.row_index is None and rows_only.tc_mode == 0 and rows_only.max_sparse_tokens is None
+    weight, spec = OpWeight.from_vnm(w).pack()
+    with pytest.raises(ValueError, match="takes 4 tensors"):
+        OpWeight.unpack(weight[:3], spec)
+    with pytest.raises(ValueError, match="spec must hold 13 ints"):
+        OpWeight.unpack(weight, spec[:7])
+    with pytest.raises(ValueError, match="row-major layout"):
+        OpWeight.unpack(weight, [1, *spec[1:]])
+    with pytest.raises(ValueError, match="takes tc_rows only"):
+        OpWeight(w.values, w.columns, w.meta, 64, 2, 8, 128, tc_records=packed.records, tc_columns=packed.columns,
+                 tc_rows=packed.group_columns, tc_mode=TC_GATHER, tc_min_tokens=1)  # fmt: skip
+    with pytest.raises(ValueError, match="tc_mode=0"):
+        OpWeight(w.values, w.columns, w.meta, 64, 2, 8, 128, tc_records=packed.records)
+    with pytest.raises(ValueError, match="has no max_sparse_tokens"):
+        torch.ops.vnm.hybrid_linear(torch.randn(2, 96).half(), [w.to_dense()], weight, spec, None)
+    with pytest.raises(ValueError, match="which vnm::hybrid_linear takes"):
+        torch.ops.vnm.linear(torch.randn(2, 96).half(), *OpWeight.from_vnm(w, max_sparse_tokens=3).pack(), None)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_the_ops_trace_with_a_symbolic_token_count(permute, monkeypatch):
+    """torch.compile(dynamic=True) over two token counts: one graph (the fakes run on a symbolic token
+    count), both ops take (x, [dense,] weight, spec, bias) with the spec as plain ints, and the compiled
+    function matches eager and a float64 reference; 6 and 13 tokens take hybrid_linear's two branches."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, OpWeight
+    from vnm_compile.passes.graph import op_args, op_weight
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w = vnm_weight(40, 70, "16:2:5", permute, torch.float32, seed=6)
+    dense = w.to_dense()
+    bias = torch.randn(40)
+    hybrid = OpWeight.from_vnm(w, max_sparse_tokens=6).pack()
+
+    def f(x):
+        return vnm_linear(x, w, bias) - 2 * HYBRID_OP(x, [dense], *hybrid, bias)
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=keep), fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (6, 13):  # sizes no weight tensor has (duck sizing would tie them and recompile)
+            x = torch.randn(1, tokens, 70)
+            y = compiled(x)
+            want = -torch.nn.functional.linear(x.double(), dense.double(), bias.double())
+            torch.testing.assert_close(y, f(x), rtol=0, atol=0)
+            torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target in (OP, HYBRID_OP)]
+    assert sorted(n.target is HYBRID_OP for n in calls) == [False, True]
+    for node in calls:
+        spec = op_args(node)["spec"]
+        assert all(type(s) is int for s in spec) and len(op_args(node)["weight"]) == 3 + permute
+        assert op_weight(node).max_sparse_tokens == (6 if node.target is HYBRID_OP else None)
+        out = node.meta["val"]
+        assert isinstance(out.shape[1], torch.SymInt) and out.shape[-1] == 40  # the token count stays symbolic
