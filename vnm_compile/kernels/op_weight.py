@@ -87,12 +87,15 @@ class OpWeight:
         """The mma.sp kernels run an input of T rows when T >= tc_min_tokens (>= 1; 0: never) or
         tc_decode_min <= T <= tc_decode_max (the decode kernel's token counts, within
         1..sparse_tc.DECODE_MAX_TOKENS; 0, 0: none)."""
-        tensors = (self.tc_records, self.tc_columns, self.tc_rows)
         if self.tc_mode == TC_OFF:
-            if any(t is not None for t in tensors):
+            if any(t is not None for t in (self.tc_records, self.tc_columns, self.tc_rows)):
                 raise ValueError("vnm::linear: sparse-tensor-core tensors given with tc_mode=0 (off)")
             return
-        if self.tc_mode not in (TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY) or None in tensors[:2]:
+        if (
+            self.tc_mode not in (TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY)
+            or self.tc_records is None
+            or self.tc_columns is None
+        ):
             raise ValueError(f"vnm::linear: tc_mode={self.tc_mode} needs tc_records and tc_columns (sparse_tc_args)")
         if (self.tc_mode != TC_GATHER) != (self.tc_rows is not None):
             raise ValueError(f"vnm::linear: tc_mode={self.tc_mode} takes tc_rows only for the dense mma.sp kernel "
@@ -132,23 +135,28 @@ class OpWeight:
 
     @classmethod
     def unpack(cls, weight: list, spec: list[int]) -> OpWeight:
-        """The inverse of ``pack`` (also of vnm::compressed_linear's row-major ``(weight, spec)``)."""
-        if len(spec) not in (_ROWS_SPEC, len(SPEC)):
+        """The inverse of ``pack`` (also of vnm::compressed_linear's row-major ``(weight, spec)``). Runs on
+        every op call: plain indexing, no per-field dictionaries."""
+        if len(spec) == len(SPEC):
+            layout, v, n, m, out, has_rows, has_expanded, has_interleaved, mode, floor, lo, hi, limit = spec
+        elif len(spec) == _ROWS_SPEC:
+            (layout, v, n, m, out), has_rows, has_expanded, has_interleaved = spec, 0, 0, 0
+            mode, floor, lo, hi, limit = TC_OFF, 0, 0, 0, _NO_LIMIT
+        else:
             raise ValueError(f"vnm::linear: spec must hold {len(SPEC)} ints {list(SPEC)}, got {list(spec)}")
-        fields = dict(zip(SPEC, (int(s) for s in spec), strict=False))
-        if fields.pop("layout") != _LAYOUT_ROWS:
+        if layout != _LAYOUT_ROWS:
             raise ValueError(f"vnm::linear: spec {list(spec)}: only the row-major layout ({_LAYOUT_ROWS}) is taken")
-        mode = fields.get("tc_mode", TC_OFF)
-        present = [True, True, True, *(bool(fields.pop(f"has_{k}", 0)) for k in ("row_index", "expanded"))]
-        present += [bool(fields.pop("has_interleaved", 0))] * 2
-        present += [mode != TC_OFF, mode != TC_OFF, mode in (TC_DENSE, TC_DENSE_IDENTITY)]
-        names = [k for k, there in zip((*_TENSORS, *_TC_TENSORS), present, strict=True) if there]
-        if len(weight) != len(names):
+        held = (1, 1, 1, has_rows, has_expanded, has_interleaved, has_interleaved, mode != TC_OFF, mode != TC_OFF,
+                mode in (TC_DENSE, TC_DENSE_IDENTITY))  # fmt: skip
+        if len(weight) != sum(held):
+            names = [k for k, there in zip((*_TENSORS, *_TC_TENSORS), held, strict=True) if there]
             raise ValueError(
                 f"vnm::linear: spec {list(spec)} takes {len(names)} tensors ({', '.join(names)}), got {len(weight)}"
             )
-        limit = fields.pop("max_sparse_tokens", _NO_LIMIT)
-        return cls(**dict(zip(names, weight, strict=True)), **fields, max_sparse_tokens=None if limit < 0 else limit)
+        it = iter(weight)
+        t = [next(it) if there else None for there in held]
+        return cls(t[0], t[1], t[2], v, n, m, out, t[3], t[4], t[5], t[6], t[7], t[8], t[9], mode, floor, lo, hi,
+                   None if limit < 0 else limit)  # fmt: skip
 
     def map_tensors(self, fn: Callable[[str, Any], Any]) -> OpWeight:
         """A copy with every tensor ``t`` (not None) of field ``name`` replaced by ``fn(name, t)``."""

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..format import VNMWeight, decompress
 from ..pattern import VNMPattern
-from .op_weight import SPEC, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER, TC_OFF, OpWeight, sparse_tc_args
+from .op_weight import TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER, TC_OFF, OpWeight, sparse_tc_args
 from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
 __all__ = [
@@ -103,14 +103,16 @@ def uses_triton(x: Tensor, n: int) -> bool:
     return True
 
 
-def _out_shape(x: Tensor, spec: list[int]) -> tuple:
-    return (*x.shape[:-1], int(spec[SPEC.index("out_features")]))
+def _traced_weight(weight: list[Tensor], spec: list[int]) -> OpWeight:
+    """The fakes' view of the weight: a malformed bundle fails at trace time, and the spec's entries
+    become constants of the graph (under dynamic=True, Dynamo makes the ints of the objects a traced
+    function reads symbolic; int() specializes them, as the kernels' choices depend on them)."""
+    return OpWeight.unpack(weight, [int(s) for s in spec])
 
 
 @_linear_op.register_fake
 def _(x, weight, spec, bias):
-    OpWeight.unpack(weight, spec)  # a malformed weight fails at trace time
-    return x.new_empty(_out_shape(x, spec))
+    return x.new_empty((*x.shape[:-1], _traced_weight(weight, spec).out_features))
 
 
 OP = torch.ops.vnm.linear.default
@@ -124,17 +126,18 @@ def _hybrid_linear_op(
     # without a guard (and a recompile) per size. dense_weights are the masked weights in original
     # row/column order whose rows stacked are the compressed weight's rows (several for a fused
     # launch of sibling linears), so both branches compute the same function up to rounding.
-    w = _hybrid_weight(weight, spec)
+    w = _hybrid_weight(OpWeight.unpack(weight, spec))
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > w.max_sparse_tokens and not _tc_runs(w, x):
         return _dense_linear(x, dense_weights, bias, w.out_features)
     return _sparse_linear(x, w, bias)
 
 
-def _hybrid_weight(weight: list[Tensor], spec: list[int]) -> OpWeight:
-    w = OpWeight.unpack(weight, spec)
+def _hybrid_weight(w: OpWeight) -> OpWeight:
     if w.max_sparse_tokens is None:
-        raise ValueError(f"vnm::hybrid_linear: spec {list(spec)} has no max_sparse_tokens (OpWeight.max_sparse_tokens)")
+        raise ValueError(
+            "vnm::hybrid_linear: the spec has no max_sparse_tokens (OpWeight.max_sparse_tokens; -1 is None)"
+        )
     return w
 
 
@@ -160,8 +163,7 @@ def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_fea
 
 @_hybrid_linear_op.register_fake
 def _(x, dense_weights, weight, spec, bias):
-    _hybrid_weight(weight, spec)
-    return x.new_empty(_out_shape(x, spec))
+    return x.new_empty((*x.shape[:-1], _hybrid_weight(_traced_weight(weight, spec)).out_features))
 
 
 HYBRID_OP = torch.ops.vnm.hybrid_linear.default
