@@ -33,7 +33,9 @@ SPEC = (
     "tc_min_tokens", "tc_decode_min", "tc_decode_max", "max_sparse_tokens",
 )  # fmt: skip
 _ROWS_SPEC = 5  # [layout, V, n, M, out_features]: vnm::compressed_linear's row-major spec
-_LAYOUT_ROWS = 0  # kernels.compressed.LAYOUT_ROWS (not imported: compressed imports this module)
+# kernels.compressed.LAYOUT_ROWS, not imported: compressed.py loads the sparse-tensor-core module, and the
+# passes import this one (tests/kernels/test_op_weight.py runs compressed_linear's rows spec through unpack)
+_LAYOUT_ROWS = 0
 _NO_LIMIT = -1  # max_sparse_tokens in the spec of a vnm::linear call (None)
 
 # tc_mode: how the sparse-tensor-core tensors are laid out (sparse_tc_args)
