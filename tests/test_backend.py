@@ -165,6 +165,43 @@ def test_changing_shapes_do_not_recompile_per_size():
     assert all(len(r.lowered) == 3 for r in reports())
 
 
+@pytest.mark.parametrize("limit", [None, 8])
+def test_dynamic_graph_lowers_to_the_op_weight_bundle(limit, monkeypatch):
+    """backend "vnm" with dynamic=True over two token counts: one graph, equal to eager, whose vnm ops
+    take (x, [dense weights,] weight, spec, bias): the weight's tensors graph constants, the spec plain
+    ints (a token limit of 8: hybrid_linear, 6 tokens sparse and 22 dense). The inductor tests trace the
+    same ops through their fakes."""
+    from vnm_compile.kernels import dispatch
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP
+    from vnm_compile.passes.graph import op_args, op_weight
+
+    if limit is not None:
+        monkeypatch.setattr(dispatch, "sparse_token_limit", lambda *a, **k: limit)
+    model = Block().eval()
+    ref = eager_abs(model, "16:2:5", ignore=(), min_numel=0)
+    graphs = []
+
+    def vnm(gm, example_inputs):  # what backend="vnm" runs, keeping the lowered graph
+        fn = vnm_backend(gm, example_inputs, options={"inductor": False, "force_sparse": True, "pattern": "16:2:5",
+                                                      "min_numel": 0, "ignore": []})  # fmt: skip
+        graphs.append(gm)
+        return fn
+
+    compiled = torch.compile(model, backend=vnm, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for seq in (3, 11):
+            x = torch.randn(2, seq, 64)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if n.target in (OP, HYBRID_OP)]
+    assert [n.target is HYBRID_OP for n in calls] == [limit is not None] * 3
+    for node in calls:
+        w, spec = op_weight(node), op_args(node)["spec"]
+        assert all(type(s) is int for s in spec) and w.max_sparse_tokens == limit
+        assert all(t.op == "get_attr" for t in op_args(node)["weight"])
+        assert node.meta["example_value"].shape[-1] == w.out_features
+
+
 def test_mark_dynamic_compiles_once():
     model = Block().eval()
     compiled = compile_fast(model, pattern="64:2:5", min_numel=0)

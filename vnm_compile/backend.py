@@ -175,9 +175,9 @@ def clear_reports() -> None:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, values, columns, meta, row_index, bias, v, n, m, out_features = inputs[:10]  # (expanded: not needed)
-    ctx.save_for_backward(values, columns, meta, row_index)
-    ctx.vnm = (v, n, m, out_features, x.shape[-1], bias is not None)
+    x, weight, spec, bias = inputs
+    ctx.save_for_backward(*weight)
+    ctx.vnm = (list(spec), x.shape[-1], bias is not None)
 
 
 def _input_grads(ctx, grad, dense, bias_index: int, has_bias: bool):
@@ -190,24 +190,24 @@ def _input_grads(ctx, grad, dense, bias_index: int, has_bias: bool):
 def _backward(ctx, grad):
     """Gradients for x and bias (the compressed weight is a constant of the compiled graph)."""
     from .format import decompress
+    from .kernels.op_weight import OpWeight
     from .masks import block_rows
     from .pattern import VNMPattern
 
-    values, columns, meta, row_index = ctx.saved_tensors
-    v, n, m, out_features, in_features, has_bias = ctx.vnm
-    pattern = VNMPattern(v, n, m)
-    if block_rows(pattern) != v:
-        pattern = VNMPattern(1, n, m)  # as the op's reference: only N:4 storage has block_rows != v
-    dense = decompress(values, columns, meta, row_index, pattern, (out_features, in_features))
-    grad_x, grad_b = _input_grads(ctx, grad, dense, 5, has_bias)
-    # One entry per argument actually passed (the dispatcher drops a trailing expanded=None).
-    return (grad_x, None, None, None, None, grad_b) + (None,) * (len(ctx.needs_input_grad) - 6)
+    spec, in_features, has_bias = ctx.vnm
+    w = OpWeight.unpack(list(ctx.saved_tensors), spec)
+    pattern = VNMPattern(w.v, w.n, w.m)
+    if block_rows(pattern) != w.v:
+        pattern = VNMPattern(1, w.n, w.m)  # as the op's reference: only N:4 storage has block_rows != v
+    dense = decompress(w.values, w.columns, w.meta, w.row_index, pattern, (w.out_features, in_features))
+    grad_x, grad_b = _input_grads(ctx, grad, dense, 3, has_bias)
+    return grad_x, [None] * len(ctx.saved_tensors), None, grad_b
 
 
 def _setup_hybrid_context(ctx, inputs, output) -> None:
-    # (x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded)
-    ctx.save_for_backward(*inputs[1])
-    ctx.has_bias = inputs[6] is not None
+    dense_weights, weight, bias = inputs[1], inputs[2], inputs[4]  # (x, dense_weights, weight, spec, bias)
+    ctx.save_for_backward(*dense_weights)
+    ctx.counts, ctx.has_bias = (len(dense_weights), len(weight)), bias is not None
 
 
 def _hybrid_backward(ctx, grad):
@@ -215,8 +215,8 @@ def _hybrid_backward(ctx, grad):
     x @ W^T + b with the same W, the weights stacked); none for the weights, which are frozen."""
     weights = ctx.saved_tensors
     dense = weights[0] if len(weights) == 1 else torch.cat(weights)
-    grad_x, grad_b = _input_grads(ctx, grad, dense, 6, ctx.has_bias)
-    return (grad_x, [None] * len(weights), None, None, None, None, grad_b) + (None,) * (len(ctx.needs_input_grad) - 7)
+    grad_x, grad_b = _input_grads(ctx, grad, dense, 4, ctx.has_bias)
+    return grad_x, [None] * ctx.counts[0], [None] * ctx.counts[1], None, grad_b
 
 
 def _ensure_autograd() -> None:

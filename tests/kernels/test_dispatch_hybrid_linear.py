@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP
+from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, OpWeight
 from vnm_compile.masks import vnm_mask
 from vnm_compile.pattern import VNMPattern
 
@@ -29,10 +29,7 @@ def masked_weight(rows, cols, pattern, *, seed, dtype=torch.float32):
 
 def hybrid(x, dense_weight, vw, bias, limit):
     weights = dense_weight if isinstance(dense_weight, list) else [dense_weight]
-    return HYBRID_OP(
-        x, weights, vw.values, vw.columns, vw.meta, vw.row_index, bias,
-        vw.block_rows, vw.pattern.n, vw.pattern.m, vw.out_features, limit,
-    )  # fmt: skip
+    return HYBRID_OP(x, weights, *OpWeight.from_vnm(vw, max_sparse_tokens=limit).pack(), bias)
 
 
 @pytest.mark.parametrize("pattern", ["16:2:5", "2:4"])
@@ -42,7 +39,7 @@ def test_both_branches_match_the_reference(pattern):
     bias = torch.randn(40)
     x = torch.randn(2, 3, 70)  # 6 tokens
     ref = F.linear(x.double(), dense.double(), bias.double())
-    sparse = OP(x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, vw.pattern.m, 40)
+    sparse = OP(x, *OpWeight.from_vnm(vw).pack(), bias)
     for limit in (6, 1000):  # tokens <= limit: the sparse op
         y = hybrid(x, dense, vw, bias, limit)
         assert y.shape == (2, 3, 40) and y.dtype == torch.float32
@@ -90,7 +87,7 @@ def test_opcheck(limit):
     vw, dense = masked_weight(40, 70, "16:2:5", seed=4)
     x = torch.randn(3, 70, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
-    args = (x, [dense], vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 40, limit)
+    args = (x, [dense], *OpWeight.from_vnm(vw, max_sparse_tokens=limit).pack(), bias)
     torch.library.opcheck(HYBRID_OP, args)
 
 
@@ -140,7 +137,7 @@ def test_stacked_siblings_opcheck_and_gradients(limit):
     vw, denses = stacked(parts)
     x = torch.randn(3, 70, requires_grad=True)
     bias = torch.randn(25, requires_grad=True)
-    args = (x, denses, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 25, limit)
+    args = (x, denses, *OpWeight.from_vnm(vw, max_sparse_tokens=limit).pack(), bias)
     torch.library.opcheck(HYBRID_OP, args)
     x64 = torch.randn(3, 70, dtype=torch.float64, requires_grad=True)
     b64 = torch.randn(25, dtype=torch.float64, requires_grad=True)

@@ -18,7 +18,7 @@ from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import expand_weights, prefer_sparse, vnm_linear, vnm_linear_reference
 from vnm_compile.kernels import interleave_rows as kernels_interleave_rows
 from vnm_compile.kernels.dispatch import sparse_speedup
-from vnm_compile.kernels.vnm_linear import uses_triton
+from vnm_compile.kernels.vnm_linear import OpWeight, uses_triton
 from vnm_compile.kernels.vnm_triton import (
     _ROWS_CONFIGS,
     KernelConfig,
@@ -400,11 +400,10 @@ def test_opcheck(monkeypatch, interpret):
     vw, _ = make_weight(19, 23, "16:2:5", permute=True, dtype=torch.float16, seed=12)
     x = torch.randn(3, 23, dtype=torch.float16)
     bias = torch.randn(19, dtype=torch.float16)
-    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19)
-    torch.library.opcheck(torch.ops.vnm.linear.default, args)
-    torch.library.opcheck(torch.ops.vnm.linear.default, (*args, expand_weights(vw)))  # the optional argument
     rows = interleave_rows(vw.values, vw.meta, vw.block_rows, 4)
-    torch.library.opcheck(torch.ops.vnm.linear.default, (*args, None, *rows))  # interleaved, no expanded
+    # the weight alone, with the expanded copy, with the interleaved one and no expanded
+    for held in ({}, {"expanded": expand_weights(vw)}, {"interleaved": rows}):
+        torch.library.opcheck(torch.ops.vnm.linear.default, (x, *OpWeight.from_vnm(vw, **held).pack(), bias))
 
 
 @pytest.mark.parametrize("interpret", [False, pytest.param(True, marks=interp)])
@@ -425,9 +424,11 @@ def test_vnm_linear_interleaved(monkeypatch, interpret):
         check(y.reshape(-1, 70), x.reshape(-1, 45), dense, bias)
     with pytest.raises(ValueError, match="interleaved must be"):
         vnm_linear(x, vw, interleaved=(inter[0].float(), inter[1]))
-    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 32, 2, 5, 70)
     with pytest.raises(ValueError, match="come together"):
-        torch.ops.vnm.linear(*args, None, inter[0])
+        OpWeight.from_vnm(vw, interleaved=inter).map_tensors(lambda k, t: None if k == "rows_meta" else t)
+    weight, spec = OpWeight.from_vnm(vw, interleaved=inter).pack()
+    with pytest.raises(ValueError, match="takes 6 tensors"):  # rows_meta dropped from the list
+        torch.ops.vnm.linear(x, weight[:-1], spec, None)
     with pytest.raises(ValueError, match="n = 2"):
         kernels_interleave_rows(make_weight(16, 16, "16:1:4")[0])
 
@@ -440,13 +441,14 @@ def test_grad_with_expanded_weights():
     vw, dense = make_weight(19, 23, "16:2:5", permute=True, seed=13)
     bias = torch.randn(19, requires_grad=True)
     rows = interleave_rows(vw.values, vw.meta, vw.block_rows, 8)
-    for extra in ((), (expand_weights(vw),), (None, *rows)):
+    for held in ({}, {"expanded": expand_weights(vw)}, {"interleaved": rows}):
         x = torch.randn(3, 23, requires_grad=True)
-        args = (x, vw.values, vw.columns, vw.meta, vw.row_index, bias, vw.block_rows, 2, 5, 19, *extra)
-        torch.ops.vnm.linear(*args).sum().backward()
+        torch.ops.vnm.linear(x, *OpWeight.from_vnm(vw, **held).pack(), bias).sum().backward()
         torch.testing.assert_close(x.grad, dense.sum(0).expand(3, -1))
-        hy = torch.ops.vnm.hybrid_linear(x, [dense], *args[1:10], 0, *extra)  # dense branch, same function
-        assert hy.shape == (3, 19)
+        hybrid = OpWeight.from_vnm(vw, **held, max_sparse_tokens=0)  # dense branch, same function
+        x.grad = None
+        torch.ops.vnm.hybrid_linear(x, [dense], *hybrid.pack(), bias).sum().backward()
+        torch.testing.assert_close(x.grad, dense.sum(0).expand(3, -1))
     assert bias.grad is not None
 
 
@@ -573,8 +575,7 @@ def test_gpu_rows_kernel(r):
 def test_gpu_opcheck_and_compile():
     vw, dense = make_weight(96, 200, "32:2:6", dtype=torch.float16, device="cuda", seed=2)
     x = torch.randn(5, 200, dtype=torch.float16, device="cuda")
-    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 32, 2, 6, 96)
-    torch.library.opcheck(torch.ops.vnm.linear.default, args)
+    torch.library.opcheck(torch.ops.vnm.linear.default, (x, *OpWeight.from_vnm(vw).pack(), None))
     compiled = torch.compile(lambda x: vnm_linear(x, vw), fullgraph=True)
     check(compiled(x), x, dense, None)
 

@@ -315,7 +315,7 @@ def test_vnm_linear_runs_the_mma_sp_kernel_from_its_token_count(rows, cols, patt
     """vnm_linear(sparse_tc=...) and the hybrid op: the mma.sp kernel from sparse_tc_min_tokens rows of x
     (counted through a spy), the Triton kernels or dense below; every path within fp16/bf16 rounding."""
     import vnm_compile.kernels.sparse_tc as sparse_tc_module
-    from vnm_compile.kernels.vnm_linear import HYBRID_OP, sparse_tc_args, vnm_linear
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP, OpWeight, vnm_linear
 
     calls = []
     real = sparse_tc_module.sparse_tc_linear
@@ -330,11 +330,8 @@ def test_vnm_linear_runs_the_mma_sp_kernel_from_its_token_count(rows, cols, patt
         before = len(calls)
         y = vnm_linear(x, w, bias, sparse_tc=packed, sparse_tc_min_tokens=20)
         assert (len(calls) > before) == want_tc, lead
-        tc_records, tc_columns, tc_rows, tc_mode = sparse_tc_args(packed)
-        y_hybrid = HYBRID_OP(
-            x, [dense], w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m,
-            rows, 0, None, None, None, tc_records, tc_columns, tc_rows, tc_mode, 20,
-        )  # fmt: skip
+        weight = OpWeight.from_vnm(w, sparse_tc=packed, sparse_tc_min_tokens=20, max_sparse_tokens=0)
+        y_hybrid = HYBRID_OP(x, [dense], *weight.pack(), bias)
         assert (len(calls) > before + 1) == want_tc, lead
         for out in (y, y_hybrid):
             assert out.shape == (*lead, rows) and out.dtype == dtype
@@ -646,7 +643,7 @@ def test_vnm_linear_runs_the_decode_kernel_at_its_token_counts(permute, monkeypa
     """sparse_tc_decode_tokens=(4, 16) without a floor: the decode kernel at 4..16 rows only (a spy counts its
     launches), through vnm_linear and the hybrid op (dense branch outside, max_sparse_tokens=0)."""
     import vnm_compile.kernels.sparse_tc as sparse_tc_module
-    from vnm_compile.kernels.vnm_linear import HYBRID_OP, sparse_tc_args, vnm_linear
+    from vnm_compile.kernels.vnm_linear import HYBRID_OP, OpWeight, vnm_linear
 
     monkeypatch.setenv("VNM_AUTOTUNE", "0")  # the autotuner's own launches would count too
     calls = []
@@ -656,16 +653,15 @@ def test_vnm_linear_runs_the_decode_kernel_at_its_token_counts(permute, monkeypa
     packed = pack_sparse_tc(w)
     bias = torch.randn(200, device="cuda", dtype=torch.float16)
     dense = w.to_dense()
-    tc_args = sparse_tc_args(packed)
+    weight = OpWeight.from_vnm(
+        w, sparse_tc=packed, sparse_tc_min_tokens=None, sparse_tc_decode_tokens=(4, 16), max_sparse_tokens=0
+    ).pack()
     for lead, want in (((3,), False), ((4,), True), ((2, 8), True), ((16,), True), ((17,), False), ((40,), False)):
         x = torch.randn(*lead, 300, device="cuda", dtype=torch.float16)
         ref = x.float() @ dense.float().t() + bias.float()
         before = len(calls)
         y = vnm_linear(x, w, bias, sparse_tc=packed, sparse_tc_min_tokens=None, sparse_tc_decode_tokens=(4, 16))
-        y_hybrid = HYBRID_OP(
-            x, [dense], w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, 2, 8, 200, 0, None, None, None,
-            *tc_args, 0, 4, 16,
-        )  # fmt: skip
+        y_hybrid = HYBRID_OP(x, [dense], *weight, bias)
         assert len(calls) - before == (2 if want else 0), lead
         for out in (y, y_hybrid):
             assert out.shape == (*lead, 200)

@@ -9,7 +9,7 @@ from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels import dispatch
 from vnm_compile.kernels.vnm_triton import expand_weights, interpreter_ready
-from vnm_compile.passes.graph import op_args
+from vnm_compile.passes.graph import op_weight
 
 
 def test_expanded_weights_are_passed_to_every_launch_and_change_nothing():
@@ -22,15 +22,15 @@ def test_expanded_weights_are_passed_to_every_launch_and_change_nothing():
     launches = rec.op_nodes()
     assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
     for node in launches:
-        args = op_args(node)
-        assert args["rows_values"] is None and args["tc_records"] is None  # only the expanded copy asked for
-        values, meta, e = (getattr(gm, args[k].target) for k in ("values", "meta", "expanded"))
+        w = op_weight(node)
+        assert w.rows_values is None and w.tc_records is None  # only the expanded copy asked for
+        values, meta, e = (getattr(gm, getattr(w, k).target) for k in ("values", "meta", "expanded"))
         assert e.dtype == torch.float32 and torch.equal(e, expand_weights(values, meta, torch.float32))
     report = rec.report
     attn = "layers.1.self_attn"
     assert report[f"{attn}.q_proj"].mode == "sparse, fused x3, expanded"
     assert report["layers.0.mlp.down_proj"].mode == "sparse, expanded"
-    held = sum(getattr(gm, op_args(n)["expanded"].target).numel() * 4 for n in launches)
+    held = sum(getattr(gm, op_weight(n).expanded.target).numel() * 4 for n in launches)
     assert f"expanded weights held: {held / 2**20:.1f} MiB" in report.summary()
 
 
@@ -45,7 +45,10 @@ def test_expanded_gather_under_the_triton_interpreter(monkeypatch):
     with torch.no_grad():
         want = model(ids).last_hidden_state
     out, rec = compile_llama(model, ids, expand_weights=True)
-    assert all(len(n.args) == 11 for n in rec.op_nodes())
+    nodes = rec.op_nodes()
+    assert len(nodes) == 8 and all(
+        op_weight(n).expanded is not None and op_weight(n).interleaved is None for n in nodes
+    )
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
 
 

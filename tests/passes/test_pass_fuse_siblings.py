@@ -10,6 +10,7 @@ from torch import nn
 from vnm_compile import VNMConfig, calibrate, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels.vnm_linear import OP
+from vnm_compile.passes.graph import op_args
 from vnm_compile.passes.lower_linears import LAYER_META
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -222,7 +223,7 @@ def test_hybrid_siblings_share_one_launch_in_a_dynamic_graph(monkeypatch, h, pru
             torch.testing.assert_close(compiled(ids).last_hidden_state, ref(ids).last_hidden_state, **TOL)
     assert len(rec.graphs) == 1
     nodes = [n for n in rec.graphs[0].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-    assert len(nodes) == 8 and sum(len(n.args[1]) for n in nodes) == 14  # one dense weight per layer
+    assert len(nodes) == 8 and sum(len(op_args(n)["dense_weights"]) for n in nodes) == 14  # one per layer
     assert rec.report["layers.1.mlp.up_proj"].mode == "hybrid (sparse up to 4 tokens), fused x2"
 
 

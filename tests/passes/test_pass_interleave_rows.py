@@ -8,7 +8,7 @@ from test_pass_fuse_siblings import Recorder, _llama, compile_llama  # the share
 
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels.vnm_triton import default_interleave, interleave_rows, interpreter_ready
-from vnm_compile.passes.graph import op_args
+from vnm_compile.passes.graph import op_weight
 
 
 def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
@@ -22,10 +22,10 @@ def test_interleaved_copies_are_passed_to_every_launch_and_change_nothing():
     assert len(launches) == 8  # fused q/k/v and gate/up, o and down alone
     held = 0
     for node in launches:
-        args = op_args(node)
-        assert args["expanded"] is None and args["tc_records"] is None  # no expanded weights asked for
-        values, meta = getattr(gm, args["values"].target), getattr(gm, args["meta"].target)
-        rv, rm = getattr(gm, args["rows_values"].target), getattr(gm, args["rows_meta"].target)
+        w = op_weight(node)
+        assert w.expanded is None and w.tc_records is None  # no expanded weights asked for
+        values, meta = getattr(gm, w.values.target), getattr(gm, w.meta.target)
+        rv, rm = getattr(gm, w.rows_values.target), getattr(gm, w.rows_meta.target)
         want = interleave_rows(values, meta, 16, default_interleave(values.shape[0], 16))
         assert torch.equal(rv, want[0]) and torch.equal(rm, want[1])
         held += rv.numel() * rv.element_size() + rm.numel() * rm.element_size()
@@ -43,9 +43,9 @@ def test_with_expanded_weights_both_are_passed():
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     gm = rec.graphs[-1]
     for node in rec.op_nodes():
-        args = op_args(node)
-        assert all(isinstance(args[k], torch.fx.Node) for k in ("expanded", "rows_values", "rows_meta"))
-        assert getattr(gm, args["expanded"].target).dim() == 2 and getattr(gm, args["rows_values"].target).dim() == 4
+        w = op_weight(node)
+        assert all(isinstance(getattr(w, k), torch.fx.Node) for k in ("expanded", "rows_values", "rows_meta"))
+        assert getattr(gm, w.expanded.target).dim() == 2 and getattr(gm, w.rows_values.target).dim() == 4
     assert rec.report["layers.0.mlp.down_proj"].mode == "sparse, expanded, interleaved"
 
 
@@ -60,7 +60,7 @@ def test_decode_kernel_on_the_interleaved_copies_under_the_triton_interpreter(mo
     with torch.no_grad():
         want = model(ids).last_hidden_state
     out, rec = compile_llama(model, ids, interleave_rows=True)
-    assert all(len(n.args) == 13 for n in rec.op_nodes())
+    assert all(op_weight(n).interleaved is not None and op_weight(n).expanded is None for n in rec.op_nodes())
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
 
 
@@ -71,7 +71,7 @@ def test_interleave_rows_option_is_validated():
 
 @pytest.mark.slow
 def test_hybrid_launches_take_the_interleaved_copies(monkeypatch):
-    """vnm.hybrid_linear (sparse up to 4 tokens) gets them at its own argument positions; one dynamic
+    """vnm.hybrid_linear (sparse up to 4 tokens) gets them in its weight too; one dynamic
     graph still computes the eager function on both branches (under the Triton interpreter when it
     is ready, so the 3-token calls run the decode kernel on the interleaved copies)."""
     from vnm_compile.kernels import dispatch
@@ -94,7 +94,7 @@ def test_hybrid_launches_take_the_interleaved_copies(monkeypatch):
     assert len(nodes) == 8
     gm = rec.graphs[0]
     for node in nodes:
-        args = op_args(node)
-        assert args["expanded"] is None and args["tc_records"] is None
-        assert getattr(gm, args["rows_values"].target).dim() == 4 and getattr(gm, args["rows_meta"].target).dim() == 2
+        w = op_weight(node)
+        assert w.expanded is None and w.tc_records is None
+        assert getattr(gm, w.rows_values.target).dim() == 4 and getattr(gm, w.rows_meta.target).dim() == 2
     assert rec.report["layers.1.mlp.up_proj"].mode == "hybrid (sparse up to 4 tokens), fused x2, interleaved"

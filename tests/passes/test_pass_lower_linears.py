@@ -3,7 +3,7 @@ import torch
 
 from vnm_compile.kernels.vnm_linear import OP
 from vnm_compile.passes import PASSES, lower_linears, run_passes
-from vnm_compile.passes.graph import op_args
+from vnm_compile.passes.graph import op_args, op_weight
 
 
 def lowered(h, model, x, **options):
@@ -24,18 +24,18 @@ def test_every_eligible_linear_is_replaced(h, toy):
     assert h.count_linear(gm) == 1  # head (ignored)
     vnm_nodes = [n for n in gm.graph.nodes if n.target is OP]
     for n in vnm_nodes:
-        args = op_args(n)
-        assert "stack_trace" in n.meta and n.meta["example_value"].shape[-1] == args["out_features"]  # meta copied
-        assert all(args[k].op == "get_attr" for k in ("values", "columns", "meta"))
+        w = op_weight(n)
+        assert "stack_trace" in n.meta and n.meta["example_value"].shape[-1] == w.out_features  # meta copied
+        assert all(getattr(w, k).op == "get_attr" for k in ("values", "columns", "meta"))
     # the shared weight is stored once and read by both calls
     shared = [
         n
         for n in vnm_nodes
-        if op_args(n)["out_features"] == 40
+        if op_weight(n).out_features == 40
         and op_args(n)["bias"] is not None
         and op_args(n)["bias"].name.endswith("shared_parameters_bias_")
     ]
-    assert len(shared) == 2 and op_args(shared[0])["values"] is op_args(shared[1])["values"]
+    assert len(shared) == 2 and op_weight(shared[0]).values is op_weight(shared[1]).values
     with torch.no_grad():
         for a, b in zip(gm(*inputs), ref(x), strict=True):
             # the CPU op decompresses and multiplies in float32: the same products as eager F.linear
@@ -94,9 +94,10 @@ def test_sites_with_a_token_limit_become_hybrid_linear(h, toy, monkeypatch):
     hybrid = [n for n in gm.graph.nodes if n.target is HYBRID_OP]
     assert len(hybrid) == 4 and h.count_vnm(gm) == 2 and h.count_linear(gm) == 0  # up and tiny: vnm.linear
     for n in hybrid:
-        assert n.args[-1] == 16 and len(n.args[1]) == 1 and n.args[1][0].op in ("placeholder", "get_attr")
-        assert n.meta["example_value"].shape[-1] == n.args[-2]
-    by_weight = {n.args[1][0].op for n in hybrid}
+        dense = op_args(n)["dense_weights"]
+        assert op_weight(n).max_sparse_tokens == 16 and len(dense) == 1 and dense[0].op in ("placeholder", "get_attr")
+        assert n.meta["example_value"].shape[-1] == op_weight(n).out_features == 40
+    by_weight = {op_args(n)["dense_weights"][0].op for n in hybrid}
     assert by_weight == {"placeholder", "get_attr"}  # model's masked Parameter / head's masked copy
     dense_buffers = [name for name, _ in gm.named_buffers() if name.endswith("_dense")]
     assert len(dense_buffers) == 1

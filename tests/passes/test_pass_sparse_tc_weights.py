@@ -11,9 +11,10 @@ from vnm_compile import VNMConfig, sparsify_
 from vnm_compile.backend import vnm_backend
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import dispatch, vnm_linear
+from vnm_compile.kernels.op_weight import SPEC, OpWeight
 from vnm_compile.kernels.sparse_tc import pack_sparse_tc
-from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER
-from vnm_compile.passes.graph import op_args
+from vnm_compile.kernels.vnm_linear import HYBRID_OP, OP, TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER, TC_OFF
+from vnm_compile.passes.graph import op_args, op_weight
 from vnm_compile.pattern import VNMPattern
 from vnm_compile.state import get_sparsity
 
@@ -46,18 +47,16 @@ def test_packed_weights_are_passed_and_change_nothing(pattern, permute, mode):
     assert len(launches) == 2
     held = 0
     for node in launches:
-        args = op_args(node)
-        assert args["tc_mode"] == mode and args["tc_min_tokens"] == 256
-        assert (args["tc_decode_min"], args["tc_decode_max"]) == (0, 0)  # an int option sets only the floor
-        values, columns, meta = (getattr(gm, args[k].target) for k in ("values", "columns", "meta"))
-        row_index = getattr(gm, args["row_index"].target) if args["row_index"] is not None else None
-        w = VNMWeight(
-            values, columns, meta, row_index, VNMPattern.parse(pattern), (args["out_features"], _in(node, gm))
-        )
+        args = op_weight(node)
+        assert args.tc_mode == mode and args.tc_min_tokens == 256
+        assert (args.tc_decode_min, args.tc_decode_max) == (0, 0)  # an int option sets only the floor
+        values, columns, meta = (getattr(gm, getattr(args, k).target) for k in ("values", "columns", "meta"))
+        row_index = getattr(gm, args.row_index.target) if args.row_index is not None else None
+        w = VNMWeight(values, columns, meta, row_index, VNMPattern.parse(pattern), (args.out_features, _in(node, gm)))
         packed = pack_sparse_tc(w)
-        records, cols = getattr(gm, args["tc_records"].target), getattr(gm, args["tc_columns"].target)
+        records, cols = getattr(gm, args.tc_records.target), getattr(gm, args.tc_columns.target)
         assert torch.equal(records, packed.records) and torch.equal(cols, packed.columns)
-        rows = args["tc_rows"]
+        rows = args.tc_rows
         assert (rows is None) == (mode == TC_GATHER)
         if rows is not None:
             assert torch.equal(getattr(gm, rows.target), packed.group_columns)
@@ -74,14 +73,15 @@ def _compressed(linear: torch.nn.Linear) -> VNMWeight:
 
 def _in(node, gm) -> int:
     """in_features of a launch: its input's last dim (the example value Dynamo recorded)."""
-    return node.args[0].meta["example_value"].shape[-1]
+    return op_args(node)["x"].meta["example_value"].shape[-1]
 
 
 @pytest.mark.parametrize("pattern, dtype", [("16:2:8", torch.float16), ("64:2:8", torch.float32)])
 def test_ineligible_layers_are_left_as_they_were(pattern, dtype):
     model = _model(pattern, dtype, False)
     out, rec = _compile(model, torch.randn(3, 192, dtype=dtype), sparse_tensor_cores=64)
-    assert all(len(n.args) == 10 for n in rec.op_nodes())
+    nodes = rec.op_nodes()
+    assert len(nodes) == 2 and all(op_weight(n).tc_mode == TC_OFF and op_weight(n).tc_records is None for n in nodes)
     assert rec.report["0"].mode == "sparse" and "sparse-tensor-core" not in rec.report.summary()
 
 
@@ -152,7 +152,7 @@ def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypat
     torch.testing.assert_close(out, want)  # CPU: dense above the (zero) limit, as the hybrid op says
     nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
     assert len(nodes) == 2
-    assert all(op_args(n)["max_sparse_tokens"] == 0 and op_args(n)["tc_min_tokens"] == 512 for n in nodes)
+    assert all(op_weight(n).max_sparse_tokens == 0 and op_weight(n).tc_min_tokens == 512 for n in nodes)
     assert rec.report["0"].mode == "hybrid (dense below the sparse tensor cores), sparse TC from 512 tokens"
     # fewer tokens than the floor in a static graph: dense, and the reason says why
     out, rec = _compile(model, x[:100], sparse_tensor_cores=True)
@@ -160,6 +160,12 @@ def test_a_layer_only_the_sparse_tensor_cores_win_is_lowered_as_hybrid(monkeypat
     # the option off: dense, as before
     out, rec = _compile(model, x, sparse_tensor_cores=None)
     assert not rec.report["0"].lowered
+
+
+def limits(nodes) -> list[tuple[int, ...]]:
+    """(max_sparse_tokens, tc_min_tokens, tc_decode_min, tc_decode_max) of each hybrid_linear call."""
+    fields = ("max_sparse_tokens", "tc_min_tokens", "tc_decode_min", "tc_decode_max")
+    return [tuple(getattr(op_weight(n), k) for k in fields) for n in nodes]
 
 
 def test_a_layer_the_decode_kernel_wins_is_lowered_for_those_token_counts(monkeypatch):
@@ -171,9 +177,7 @@ def test_a_layer_the_decode_kernel_wins_is_lowered_for_those_token_counts(monkey
     out, rec = _compile(model, x, sparse_tensor_cores=True)
     torch.testing.assert_close(out, want)  # CPU: the hybrid op's dense branch (CUDA only runs the kernels)
     nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-    limits = [tuple(op_args(n)[k] for k in ("max_sparse_tokens", "tc_min_tokens", "tc_decode_min", "tc_decode_max"))
-              for n in nodes]  # fmt: skip
-    assert limits == [(0, 0, 4, 16)] * 2
+    assert limits(nodes) == [(0, 0, 4, 16)] * 2
     assert rec.report["0"].mode == "hybrid (dense where the sparse tensor cores do not run), sparse TC at 4-16 tokens"
     # a static token count outside the window: dense, and the reason names the window
     out, rec = _compile(model, x[:2], sparse_tensor_cores=True)
@@ -182,7 +186,8 @@ def test_a_layer_the_decode_kernel_wins_is_lowered_for_those_token_counts(monkey
     _hybrid_setup(monkeypatch, 512, (4, 16))
     out, rec = _compile(model, x, sparse_tensor_cores=True)
     assert rec.report["0"].mode.endswith("sparse TC at 4-16 tokens and from 512 tokens")
-    assert all(n.args[19:] == (512, 4, 16) for n in rec.op_nodes())
+    nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    assert limits(nodes) == [(0, 512, 4, 16)] * 2  # (the positional check before it read no node: all hybrid)
 
 
 def test_a_layer_without_a_measured_win_is_not_packed(monkeypatch):
@@ -251,9 +256,10 @@ def test_vnm_linear_takes_a_packed_weight():
             vnm_linear(x, vw, sparse_tc=packed, sparse_tc_decode_tokens=bad)
     with pytest.raises(ValueError, match="never run"):
         vnm_linear(x, vw, sparse_tc=packed, sparse_tc_min_tokens=None)
+    weight, spec = OpWeight.from_vnm(vw, sparse_tc=packed, sparse_tc_decode_tokens=(3, 8)).pack()
+    spec[SPEC.index("tc_decode_max")] = 40  # past sparse_tc.DECODE_MAX_TOKENS
     with pytest.raises(ValueError, match="tc_decode_min"):
-        OP(x, vw.values, vw.columns, vw.meta, vw.row_index, None, 64, 2, 8, vw.out_features, None, None, None,
-           packed.records, packed.columns, packed.group_columns, TC_DENSE_IDENTITY, 0, 3, 40)  # fmt: skip
+        OP(x, weight, spec, None)
     other = pack_sparse_tc(_compressed(_model("64:2:8", torch.float16, False)[2]))
     with pytest.raises(ValueError, match="packed from another weight"):
         vnm_linear(x, vw, sparse_tc=other)
@@ -266,9 +272,9 @@ def test_opcheck_with_packed_weights():
     vw = _compressed(model[0])
     packed = pack_sparse_tc(vw)
     x = torch.randn(3, 192, dtype=torch.float16)
-    args = (x, vw.values, vw.columns, vw.meta, vw.row_index, None, 64, 2, 8, vw.out_features, None, None, None,
-            packed.records, packed.columns, packed.group_columns, TC_DENSE, 16, 1, 8)  # fmt: skip
-    torch.library.opcheck(OP, args)
+    weight = OpWeight.from_vnm(vw, sparse_tc=packed, sparse_tc_min_tokens=16, sparse_tc_decode_tokens=(1, 8))
+    assert weight.tc_mode == TC_DENSE and weight.tc_rows is packed.group_columns
+    torch.library.opcheck(OP, (x, *weight.pack(), None))
 
 
 @pytest.mark.gpu(sparse_tc=True)
@@ -282,6 +288,6 @@ def test_compiled_model_runs_the_mma_sp_kernel_on_the_gpu(permute):
         with torch.no_grad():
             want = model(x).float()
         out, rec = _compile(model, x, sparse_tensor_cores=256)
-        assert all(len(n.args) == 20 for n in rec.op_nodes())
+        assert all(op_weight(n).tc_mode != TC_OFF and op_weight(n).tc_min_tokens == 256 for n in rec.op_nodes())
         err = ((out.float() - want).norm() / want.norm()).item()
         assert err < 1e-2, (tokens, err)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..kernels.vnm_linear import OP
+from ..kernels.vnm_linear import OP, TC_OFF, OpWeight
 from .lowering import lowered_copy
 from .onnx_function import DOMAIN, DOMAIN_VERSION, MIN_OPSET, OP_TYPE, register_schema, vnm_linear_function
 
@@ -204,12 +204,16 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str] | None:
     return None
 
 
-def _translate_vnm_linear(x, values, columns, meta, row_index, bias, v: int, n: int, m: int, out_features: int):
+def _translate_vnm_linear(x, weight, spec: list[int], bias):
     """torch.ops.vnm.linear -> one vnm_compile.VNMLinear node (absent row_index/bias become empty tensors)."""
     import onnx_ir as ir
     from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
+    w = OpWeight.unpack(list(weight), spec)
+    if w.expanded is not None or w.interleaved is not None or w.tc_mode != TC_OFF or w.max_sparse_tokens is not None:
+        raise ValueError("vnm::linear: the ONNX VNMLinear node takes the compressed weight alone (no held copies)")
+    values, columns, meta, row_index = w.values, w.columns, w.meta, w.row_index
     register_schema()
     custom = Opset(DOMAIN, DOMAIN_VERSION)
     if row_index is None:
@@ -220,8 +224,9 @@ def _translate_vnm_linear(x, values, columns, meta, row_index, bias, v: int, n: 
     if not isinstance(in_features, int):
         raise ValueError("vnm::linear: the input's feature (last) axis must have a static size to export")
     return custom.VNMLinear(
-        x, values, columns, meta, row_index, bias, v=v, n=n, m=m, out_features=out_features, in_features=in_features
-    )
+        x, values, columns, meta, row_index, bias, v=w.v, n=w.n, m=w.m, out_features=w.out_features,
+        in_features=in_features,
+    )  # fmt: skip
 
 
 def _attach_function(proto, opset: int) -> int:

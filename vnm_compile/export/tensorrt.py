@@ -342,13 +342,17 @@ def register_torch_tensorrt_converter() -> None:
     from torch_tensorrt.dynamo.conversion import dynamo_tensorrt_converter
     from torch_tensorrt.dynamo.conversion.converter_utils import get_trt_tensor
 
-    from ..kernels.vnm_linear import OP
+    from ..kernels.vnm_linear import OP, OpWeight
 
     register_plugin()
 
     @dynamo_tensorrt_converter(OP, supports_dynamic_shapes=True)
     def _convert_vnm_linear(ctx, target, args, kwargs, name):
-        x, values, columns, meta, row_index, bias, v, n, m, out_features = args
+        x, weight, spec, bias = args
+        w = OpWeight.unpack(list(weight), spec)  # the lowered copy holds the compressed weight alone
+        values, columns, meta, row_index, v, n, m, out_features = (
+            w.values, w.columns, w.meta, w.row_index, w.v, w.n, w.m, w.out_features
+        )  # fmt: skip
         # Frozen buffers may arrive as numpy arrays; TensorRT has no int16 (columns -> int32).
         values, columns, meta, row_index, bias = (
             torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in (values, columns, meta, row_index, bias)

@@ -74,23 +74,15 @@ def register_plugin() -> str:
     ):
         import torch
 
-        from ..kernels.vnm_linear import OP
+        from ..kernels.vnm_linear import OP, OpWeight
 
         device = torch.device("cuda", torch.cuda.current_device())
         with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
             t = [torch.as_tensor(a, device=device) for a in (x, values, columns, meta, row_index, bias)]
-            y = OP(
-                t[0],
-                t[1],
-                t[2],
-                t[3],
-                t[4] if has_row_index else None,
-                t[5] if has_bias else None,
-                int(v),
-                int(n),
-                int(m),
-                int(out_features),
+            weight = OpWeight(
+                t[1], t[2], t[3], int(v), int(n), int(m), int(out_features), t[4] if has_row_index else None
             )
+            y = OP(t[0], *weight.pack(), t[5] if has_bias else None)
             torch.as_tensor(outputs[0], device=device).copy_(y)
 
     log.debug("registered TensorRT plugin %s (TensorRT %s)", PLUGIN_ID, trt.__version__)

@@ -133,10 +133,9 @@ def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | Non
         from .sparse_tc import sparse_tc_linear
 
         return sparse_tc_linear(x, _tc_weight(weight, v, m, out, x.shape[-1], x.dtype), bias)
-    from .vnm_linear import _sparse_linear
+    from .vnm_linear import OpWeight, _sparse_linear
 
-    values, columns, meta = weight
-    return _sparse_linear(x, values, columns, meta, None, bias, v, n, m, out)
+    return _sparse_linear(x, OpWeight.unpack(weight, spec), bias)  # vnm::linear's spec starts with this one
 
 
 def _dense(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:

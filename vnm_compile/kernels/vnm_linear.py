@@ -2,7 +2,10 @@
 
 This file holds the op's contract: the torch.library definition, its fake
 (meta) implementation for torch.compile/export tracing, and the plain PyTorch
-reference used on CPU, by tests and by benchmarks. The op's
+reference used on CPU, by tests and by benchmarks. The op takes
+``(x, weight, spec, bias)``: the compressed weight and the layouts held beside it
+travel as one bundle, a list of tensors and a list of ints, which
+``op_weight.OpWeight`` names (``OpWeight.from_vnm(w, ...).pack()``). The op's
 implementation dispatches: CUDA tensors -> the Triton kernels
 (vnm_triton.py); CPU tensors -> the reference, unless TRITON_INTERPRET=1 is
 set at call time, then the Triton kernels run under the interpreter.
@@ -11,8 +14,8 @@ n != 2 and float64 always take the reference path.
 ``torch.ops.vnm.hybrid_linear`` (what the compiler lowers to when the
 measured table says sparse wins only up to some token count, see
 dispatch.sparse_token_limit) takes the model's masked dense weights as well
-(one, or one per sibling for a fused launch, stacked along the output rows):
-above ``max_sparse_tokens`` rows of x it runs dense GEMMs on them, otherwise
+(one, or one per sibling for a fused launch, stacked along the output rows)
+before its weight bundle: above ``OpWeight.max_sparse_tokens`` rows of x it runs dense GEMMs on them, otherwise
 exactly what vnm::linear runs. The switch happens inside the op at run time.
 """
 
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from ..format import VNMWeight, decompress
 from ..pattern import VNMPattern
+from .op_weight import TC_DENSE, TC_DENSE_IDENTITY, TC_GATHER, TC_OFF, OpWeight, sparse_tc_args
 from .vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready, vnm_linear_triton
 
 __all__ = [
@@ -36,6 +40,11 @@ __all__ = [
     "HYBRID_OP",
     "uses_triton",
     "sparse_tc_args",
+    "OpWeight",
+    "TC_OFF",
+    "TC_GATHER",
+    "TC_DENSE",
+    "TC_DENSE_IDENTITY",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,114 +54,34 @@ _LIB = "vnm"
 
 
 @torch.library.custom_op(f"{_LIB}::linear", mutates_args=())
-def _linear_op(
-    x: Tensor,
-    values: Tensor,
-    columns: Tensor,
-    meta: Tensor,
-    row_index: Tensor | None,
-    bias: Tensor | None,
-    v: int,
-    n: int,
-    m: int,
-    out_features: int,
-    expanded: Tensor | None = None,
-    rows_values: Tensor | None = None,
-    rows_meta: Tensor | None = None,
-    tc_records: Tensor | None = None,
-    tc_columns: Tensor | None = None,
-    tc_rows: Tensor | None = None,
-    tc_mode: int = 0,
-    tc_min_tokens: int = 0,
-    tc_decode_min: int = 0,
-    tc_decode_max: int = 0,
-) -> Tensor:
-    return _sparse_linear(
-        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta),
-        _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens, tc_decode_min, tc_decode_max),
-    )  # fmt: skip
+def _linear_op(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
+    w = OpWeight.unpack(weight, spec)
+    if w.max_sparse_tokens is not None:
+        raise ValueError(f"vnm::linear: spec {list(spec)} sets max_sparse_tokens, which vnm::hybrid_linear takes")
+    return _sparse_linear(x, w, bias)
 
 
-def _pair(rows_values: Tensor | None, rows_meta: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    if (rows_values is None) != (rows_meta is None):
-        raise ValueError("vnm::linear: rows_values and rows_meta (interleave_rows) come together or not at all")
-    return None if rows_values is None else (rows_values, rows_meta)
+def _tc_runs(w: OpWeight, x: Tensor) -> bool:
+    """Whether the mma.sp kernels take this input (OpWeight.tc_runs; CUDA only)."""
+    return x.is_cuda and w.tc_runs(x.numel() // max(x.shape[-1], 1))
 
 
-# tc_mode: how the op's sparse-tensor-core arguments are laid out (sparse_tc_args)
-TC_OFF, TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY = 0, 1, 2, 3
+def _sparse_linear(x: Tensor, w: OpWeight, bias: Tensor | None) -> Tensor:
+    """vnm::linear's implementation (also hybrid_linear's sparse branch and compressed_linear's row-major
+    one). ``w.expanded`` (optional, vnm_triton.expand_weights of values/meta) only makes the Triton path
+    faster from 2 tokens; ``w.interleaved`` (vnm_triton.interleave_rows of values/meta) only makes it
+    faster at 1-4 tokens; the ``tc_*`` fields (the packed weight for the sparse tensor cores, see
+    sparse_tc_args, and the token counts they run) run the mma.sp kernels on CUDA at those token counts."""
+    if _tc_runs(w, x):
+        from .sparse_tc import sparse_tc_linear
 
-
-def _tc(records, columns, rows, mode, min_tokens, decode_min=0, decode_max=0) -> tuple | None:
-    """The sparse-tensor-core arguments checked, or None (off). The mma.sp kernels run an input of T rows
-    when T >= min_tokens (>= 1; 0: never) or decode_min <= T <= decode_max (the decode kernel's token
-    counts, 1 <= decode_min <= decode_max <= sparse_tc.DECODE_MAX_TOKENS; 0, 0: none)."""
-    if mode == TC_OFF:
-        return None
-    if mode not in (TC_GATHER, TC_DENSE, TC_DENSE_IDENTITY) or records is None or columns is None:
-        raise ValueError(f"vnm::linear: tc_mode={mode} needs tc_records and tc_columns (sparse_tc_args)")
-    if mode != TC_GATHER and rows is None:
-        raise ValueError(f"vnm::linear: tc_mode={mode} (the dense mma.sp kernel) needs tc_rows")
-    from .sparse_tc import DECODE_MAX_TOKENS
-
-    window = (decode_min, decode_max) != (0, 0)
-    if window and not 1 <= decode_min <= decode_max <= DECODE_MAX_TOKENS:
-        raise ValueError(f"vnm::linear: tc_decode_min..tc_decode_max must lie within 1..{DECODE_MAX_TOKENS} "
-                         f"(or be 0, 0), got {decode_min}..{decode_max}")  # fmt: skip
-    if min_tokens < 0 or (min_tokens == 0 and not window):
-        raise ValueError(f"vnm::linear: tc_min_tokens must be >= 1 (0 with a decode window), got {min_tokens}")
-    return records, columns, rows, mode, min_tokens, decode_min, decode_max
-
-
-def _tc_runs(tc: tuple | None, x: Tensor) -> bool:
-    """Whether the mma.sp kernels take this input (see _tc; CUDA only)."""
-    if tc is None or not x.is_cuda:
-        return False
-    tokens = x.numel() // max(x.shape[-1], 1)
-    return (tc[4] >= 1 and tokens >= tc[4]) or tc[5] <= tokens <= tc[6]
-
-
-def _sparse_linear(
-    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, interleaved=None, tc=None
-) -> Tensor:
-    """vnm::linear's implementation (also hybrid_linear's sparse branch). ``expanded`` (optional,
-    vnm_triton.expand_weights of values/meta) only makes the Triton path faster from 2 tokens;
-    ``interleaved`` (vnm_triton.interleave_rows of values/meta) only makes it faster at 1-4 tokens;
-    ``tc`` (the packed weight for the sparse tensor cores, see sparse_tc_args, and the token counts they
-    run, see _tc) runs the mma.sp kernels on CUDA at those token counts."""
-    if _tc_runs(tc, x):
-        return _sparse_tc_linear(x, row_index, bias, v, m, out_features, tc)
-    if uses_triton(x, n):
-        return vnm_linear_triton(
-            x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=expanded,
-            interleaved=interleaved,
-        )  # fmt: skip
+        return sparse_tc_linear(x, w.sparse_tc_weight(x.shape[-1], x.dtype), bias)
+    args = (x, w.values, w.columns, w.meta, w.row_index, bias, w.v, w.n, w.m, w.out_features)
+    if uses_triton(x, w.n):
+        return vnm_linear_triton(*args, expanded=w.expanded, interleaved=w.interleaved)
     if x.is_cuda:
-        log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", n, x.dtype)
-    return _owned(_reference_from_tensors(x, values, columns, meta, row_index, bias, v, n, m, out_features))
-
-
-def _sparse_tc_linear(x, row_index, bias, v, m, out_features, tc) -> Tensor:
-    from .sparse_tc import SparseTCWeight, sparse_tc_linear
-
-    records, columns, rows, mode = tc[:4]
-    packed = SparseTCWeight(
-        records, columns, row_index, out_features, x.shape[-1], x.dtype, None if mode == TC_GATHER else rows,
-        0 if mode == TC_GATHER else m, mode == TC_DENSE_IDENTITY, block_rows=v,
-    )  # fmt: skip
-    return sparse_tc_linear(x, packed, bias)
-
-
-def sparse_tc_args(packed) -> tuple[Tensor, Tensor, Tensor | None, int]:
-    """(tc_records, tc_columns, tc_rows, tc_mode) for vnm::linear from a sparse_tc.SparseTCWeight: the
-    dense mma.sp kernel's x^T row order where its default config picks it (M <= 8, not on Hopper), else
-    only the gather indices (the gather kernel, or on Hopper the wgmma one)."""
-    from .sparse_tc import default_config
-
-    if default_config(packed)["KERNEL"] != "dense":
-        return packed.records, packed.columns, None, TC_GATHER
-    mode = TC_DENSE_IDENTITY if packed.group_identity else TC_DENSE
-    return packed.records, packed.columns, packed.group_columns, mode
+        log.info("vnm::linear: n=%d / %s takes the reference path (decompress + dense) on CUDA", w.n, x.dtype)
+    return _owned(_reference_from_tensors(*args))
 
 
 def _owned(y: Tensor) -> Tensor:
@@ -174,12 +103,16 @@ def uses_triton(x: Tensor, n: int) -> bool:
     return True
 
 
+def _traced_weight(weight: list[Tensor], spec: list[int]) -> OpWeight:
+    """The fakes' view of the weight: a malformed bundle fails at trace time, and the spec's entries
+    become constants of the graph (under dynamic=True, Dynamo makes the ints of the objects a traced
+    function reads symbolic; int() specializes them, as the kernels' choices depend on them)."""
+    return OpWeight.unpack(weight, [int(s) for s in spec])
+
+
 @_linear_op.register_fake
-def _(
-    x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded=None, rows_values=None, rows_meta=None,
-    tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0, tc_decode_min=0, tc_decode_max=0,
-):  # fmt: skip
-    return x.new_empty((*x.shape[:-1], out_features))
+def _(x, weight, spec, bias):
+    return x.new_empty((*x.shape[:-1], _traced_weight(weight, spec).out_features))
 
 
 OP = torch.ops.vnm.linear.default
@@ -187,40 +120,25 @@ OP = torch.ops.vnm.linear.default
 
 @torch.library.custom_op(f"{_LIB}::hybrid_linear", mutates_args=())
 def _hybrid_linear_op(
-    x: Tensor,
-    dense_weights: list[Tensor],
-    values: Tensor,
-    columns: Tensor,
-    meta: Tensor,
-    row_index: Tensor | None,
-    bias: Tensor | None,
-    v: int,
-    n: int,
-    m: int,
-    out_features: int,
-    max_sparse_tokens: int,
-    expanded: Tensor | None = None,
-    rows_values: Tensor | None = None,
-    rows_meta: Tensor | None = None,
-    tc_records: Tensor | None = None,
-    tc_columns: Tensor | None = None,
-    tc_rows: Tensor | None = None,
-    tc_mode: int = 0,
-    tc_min_tokens: int = 0,
-    tc_decode_min: int = 0,
-    tc_decode_max: int = 0,
+    x: Tensor, dense_weights: list[Tensor], weight: list[Tensor], spec: list[int], bias: Tensor | None
 ) -> Tensor:
     # The token count is read here, at run time: one dynamic-shape graph serves decode and prefill
     # without a guard (and a recompile) per size. dense_weights are the masked weights in original
     # row/column order whose rows stacked are the compressed weight's rows (several for a fused
     # launch of sibling linears), so both branches compute the same function up to rounding.
+    w = _hybrid_weight(OpWeight.unpack(weight, spec))
     tokens = x.numel() // max(x.shape[-1], 1)
-    tc = _tc(tc_records, tc_columns, tc_rows, tc_mode, tc_min_tokens, tc_decode_min, tc_decode_max)
-    if tokens > max_sparse_tokens and not _tc_runs(tc, x):
-        return _dense_linear(x, dense_weights, bias, out_features)
-    return _sparse_linear(
-        x, values, columns, meta, row_index, bias, v, n, m, out_features, expanded, _pair(rows_values, rows_meta), tc
-    )
+    if tokens > w.max_sparse_tokens and not _tc_runs(w, x):
+        return _dense_linear(x, dense_weights, bias, w.out_features)
+    return _sparse_linear(x, w, bias)
+
+
+def _hybrid_weight(w: OpWeight) -> OpWeight:
+    if w.max_sparse_tokens is None:
+        raise ValueError(
+            "vnm::hybrid_linear: the spec has no max_sparse_tokens (OpWeight.max_sparse_tokens; -1 is None)"
+        )
+    return w
 
 
 def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_features: int) -> Tensor:
@@ -244,12 +162,8 @@ def _dense_linear(x: Tensor, weights: list[Tensor], bias: Tensor | None, out_fea
 
 
 @_hybrid_linear_op.register_fake
-def _(
-    x, dense_weights, values, columns, meta, row_index, bias, v, n, m, out_features, max_sparse_tokens, expanded=None,
-    rows_values=None, rows_meta=None, tc_records=None, tc_columns=None, tc_rows=None, tc_mode=0, tc_min_tokens=0,
-    tc_decode_min=0, tc_decode_max=0,
-):  # fmt: skip
-    return x.new_empty((*x.shape[:-1], out_features))
+def _(x, dense_weights, weight, spec, bias):
+    return x.new_empty((*x.shape[:-1], _hybrid_weight(_traced_weight(weight, spec)).out_features))
 
 
 HYBRID_OP = torch.ops.vnm.hybrid_linear.default
@@ -321,44 +235,11 @@ def vnm_linear(
     tensor core) kernels: up to DECODE_MAX_TOKENS rows the decode kernel, above them the GEMM.
     """
     check_inputs(x, w, bias)
-    tc_args: tuple = (None, None, None, TC_OFF, 0, 0, 0)
-    if sparse_tc is not None:
-        from .sparse_tc import SparseTCWeight
-
-        if not isinstance(sparse_tc, SparseTCWeight):
-            raise TypeError(f"sparse_tc must be a SparseTCWeight (pack_sparse_tc(w)), got {type(sparse_tc).__name__}")
-        if (sparse_tc.out_features, sparse_tc.in_features) != w.shape or sparse_tc.device != w.device:
-            raise ValueError("sparse_tc was packed from another weight (shape or device differs)")
-        if sparse_tc_min_tokens is not None and (
-            isinstance(sparse_tc_min_tokens, bool)
-            or not isinstance(sparse_tc_min_tokens, int)
-            or sparse_tc_min_tokens < 1
-        ):
-            raise ValueError(f"sparse_tc_min_tokens must be an int >= 1 or None, got {sparse_tc_min_tokens!r}")
-        window = (0, 0)
-        if sparse_tc_decode_tokens is not None:
-            from .sparse_tc import DECODE_MAX_TOKENS
-
-            ok = isinstance(sparse_tc_decode_tokens, tuple) and len(sparse_tc_decode_tokens) == 2
-            ok = ok and all(isinstance(t, int) and not isinstance(t, bool) for t in sparse_tc_decode_tokens)
-            if not ok or not 1 <= sparse_tc_decode_tokens[0] <= sparse_tc_decode_tokens[1] <= DECODE_MAX_TOKENS:
-                raise ValueError(f"sparse_tc_decode_tokens must be a tuple (lo, hi) of ints with 1 <= lo <= hi <= "
-                                 f"{DECODE_MAX_TOKENS}, got {sparse_tc_decode_tokens!r}")  # fmt: skip
-            window = sparse_tc_decode_tokens
-        if sparse_tc_min_tokens is None and window == (0, 0):
-            raise ValueError("sparse_tc given with sparse_tc_min_tokens=None and no sparse_tc_decode_tokens: it "
-                             "would never run")  # fmt: skip
-        tc_args = (*sparse_tc_args(sparse_tc), sparse_tc_min_tokens or 0, *window)
-    rows_values = rows_meta = None
-    if interleaved is not None:
-        from .vnm_triton import _check_interleaved
-
-        _check_interleaved(interleaved, w.values, w.block_rows)  # on every path: a bad pair fails here, not later
-        rows_values, rows_meta = interleaved
-    return _linear_op(
-        x, w.values, w.columns, w.meta, w.row_index, bias, w.block_rows, w.pattern.n, w.pattern.m, w.out_features,
-        expanded, rows_values, rows_meta, *tc_args,
+    weight = OpWeight.from_vnm(
+        w, expanded=expanded, interleaved=interleaved, sparse_tc=sparse_tc, sparse_tc_min_tokens=sparse_tc_min_tokens,
+        sparse_tc_decode_tokens=sparse_tc_decode_tokens,
     )  # fmt: skip
+    return _linear_op(x, *weight.pack(), bias)
 
 
 def expand_weights(w: VNMWeight, dtype: torch.dtype | None = None) -> Tensor:

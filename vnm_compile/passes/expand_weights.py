@@ -4,7 +4,7 @@ For every vnm::linear / vnm::hybrid_linear call left by the earlier passes (fuse
 compressed tensors are graph constants and whose n is 2, the expanded weights
 (``kernels.vnm_triton.expand_weights``: (Rp, 4G) in x's dtype, each row's kept values at its
 block's 4 kept columns per group, 4/M of the dense weight's bytes) become one more constant,
-passed as the op's ``expanded`` argument. The gather GEMM then streams them from 2 tokens up
+passed as the ``expanded`` field of the op's weight (``kernels.op_weight.OpWeight``). The gather GEMM then streams them from 2 tokens up
 instead of rebuilding them on every call; find_linears chose the token limits from the timings
 measured that way (``dispatch.sparse_token_limit(..., expanded=True)``). A recompile that sees the
 same compressed tensors reuses their expanded weights.
@@ -15,6 +15,7 @@ sparse_tc_weights (pass 8).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,8 +28,7 @@ from ..kernels.vnm_linear import HYBRID_OP, OP
 from ..kernels.vnm_triton import expand_weights as _expand
 from .context import CompileContext
 from .find_linears import _example
-from .fuse_siblings import _sparse_args
-from .graph import attr_tensor, constant, op_args, set_op_args
+from .graph import attr_tensor, constant, op_args, op_weight, set_op_weight
 from .lower_linears import LAYER_META
 
 __all__ = ["expand_weights", "attach_constants", "LayerTensors"]
@@ -54,7 +54,7 @@ class LayerTensors(NamedTuple):
     in_features: int
 
 
-# build(layer, x dtype) -> the values of the optional arguments (tensors become graph constants, other
+# build(layer, x dtype) -> the values of OpWeight fields (tensors become graph constants, other
 # values are passed as they are), or None when the layer cannot use them
 Builder = Callable[[LayerTensors, torch.dtype], "tuple | None"]
 
@@ -80,9 +80,8 @@ def attach_constants(
     per_call: Callable[[fx.Node], dict[str, object] | None] | None = None,
 ) -> int:
     """For every vnm op call on constant compressed tensors with n = 2: ``build`` the values of
-    the op's optional arguments ``names`` once per weight, hold the tensors among them as graph
-    constants, pass them (earlier optional arguments left unset become None; None results stay
-    None) and record their bytes on the layers' sites (attribute ``record``). ``per_call(node)``
+    the ``OpWeight`` fields ``names`` once per weight, hold the tensors among them as graph
+    constants, pass them in the op's weight (None results stay None) and record their bytes on the layers' sites (attribute ``record``). ``per_call(node)``
     (optional) gives per-call values for some of ``names`` (non-tensor ones), or None to skip that
     call. Returns how many calls now take them."""
     graph = gm.graph
@@ -91,21 +90,21 @@ def attach_constants(
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _TARGETS:
             continue
-        x, values, columns, meta, row_index, _, v, n, m, out_features = _sparse_args(node)[:10]
-        vals, cols, words = attr_tensor(gm, values), attr_tensor(gm, columns), attr_tensor(gm, meta)
-        rows, example = attr_tensor(gm, row_index), _example(x)
-        if n != 2 or vals is None or cols is None or words is None:
+        w = op_weight(node)
+        vals, cols, words = attr_tensor(gm, w.values), attr_tensor(gm, w.columns), attr_tensor(gm, w.meta)
+        rows, example = attr_tensor(gm, w.row_index), _example(op_args(node)["x"])
+        if w.n != 2 or vals is None or cols is None or words is None:
             continue
-        if row_index is not None and rows is None:
+        if w.row_index is not None and rows is None:
             continue
-        if op_args(node)[names[0]] is not None:
+        if getattr(w, names[0]) is not None:
             continue  # already passed
         overrides = per_call(node) if per_call is not None else {}
         if overrides is None:
             continue
         dtype = example.dtype if example is not None else vals.dtype
         in_features = example.shape[-1] if example is not None else 0
-        layer = LayerTensors(vals, cols, words, rows, v, m, out_features, in_features)
+        layer = LayerTensors(vals, cols, words, rows, w.v, w.m, w.out_features, in_features)
         made = _built(kind, layer, dtype, build) if dtype in _DTYPES else None
         if made is None:
             continue
@@ -116,10 +115,10 @@ def attach_constants(
                 if not isinstance(value, torch.Tensor):
                     consts.append(value)
                     continue
-                attr = f"{values.target}_{name}"
+                attr = f"{w.values.target}_{name}"
                 exists = hasattr(gm, attr)  # another call of the same weight
                 consts.append(graph.get_attr(attr) if exists else constant(gm, graph, attr, value))
-        set_op_args(node, **dict(zip(names, consts, strict=True)))
+        set_op_weight(node, dataclasses.replace(w, **dict(zip(names, consts, strict=True))))
         nbytes = sum(t.numel() * t.element_size() for t in made if isinstance(t, torch.Tensor))
         for layer in str(node.meta.get(LAYER_META, "")).split("+"):
             if layer in sites:

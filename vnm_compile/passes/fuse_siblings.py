@@ -38,10 +38,11 @@ from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..format import VNMWeight, cat_rows
+from ..kernels.op_weight import OpWeight
 from ..kernels.vnm_linear import HYBRID_OP, OP
 from .context import CompileContext, LinearSite
 from .fold_permutations import rebind
-from .graph import PREFIX, attr_tensor, constant, finish, fresh_prefix, op_args, set_op_args
+from .graph import PREFIX, attr_tensor, call_op, constant, finish, fresh_prefix, op_args, op_weight
 from .lower_linears import LAYER_META
 
 __all__ = ["fuse_siblings"]
@@ -55,35 +56,26 @@ _VIEW_TARGETS = (torch.Tensor.view, torch.ops.aten.view.default)
 _INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.Tensor.as_strided, torch.as_strided)
 
 
-_OPTIONAL_TENSORS = ("expanded", "rows_values", "rows_meta", "tc_records", "tc_columns", "tc_rows")
-_SPARSE_ARGS = ("x", "values", "columns", "meta", "row_index", "bias", "v", "n", "m", "out_features")
-
-
-def _sparse_args(node: fx.Node) -> tuple:
-    """(x, values, columns, meta, row_index, bias, v, n, m, out_features) of vnm.linear or vnm.hybrid_linear."""
-    args = op_args(node)
-    return tuple(args[name] for name in _SPARSE_ARGS)
+_HELD = ("expanded", "rows_values", "tc_records")  # OpWeight fields of the copies later passes attach
 
 
 def _group_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """What siblings must share, or None when ``node`` cannot be fused at all."""
-    hybrid = node.target is HYBRID_OP
-    args = op_args(node)
-    if any(args[name] is not None for name in _OPTIONAL_TENSORS) or node.meta.get(LAYER_META) is None:
+    args, w = op_args(node), op_weight(node)
+    if any(getattr(w, name) is not None for name in _HELD) or node.meta.get(LAYER_META) is None:
         return None  # expanded / interleaved / packed copies are attached after fusion
-    x, values, columns, meta, row_index, bias, v, n, m, out_features = _sparse_args(node)
-    tensors = [attr_tensor(gm, a) for a in (values, columns, meta)]
-    if any(t is None for t in tensors) or (row_index is not None and attr_tensor(gm, row_index) is None):
+    tensors = [attr_tensor(gm, a) for a in (w.values, w.columns, w.meta)]
+    if any(t is None for t in tensors) or (w.row_index is not None and attr_tensor(gm, w.row_index) is None):
         return None
-    if (bias is not None and not isinstance(bias, fx.Node)) or not _slices_ok(node, out_features):
+    bias = args["bias"]
+    if (bias is not None and not isinstance(bias, fx.Node)) or not _slices_ok(node, w.out_features):
         return None
-    limit = None
-    if hybrid:  # the dense weights: the model's Parameters (graph inputs) or masked copies (get_attr)
-        if not all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") for w in args["dense_weights"]):
-            return None
-        limit = args["max_sparse_tokens"]
+    # hybrid_linear's dense weights: the model's Parameters (graph inputs) or masked copies (get_attr)
+    if not all(isinstance(d, fx.Node) and d.op in ("placeholder", "get_attr") for d in args.get("dense_weights", ())):
+        return None
     vals, cols, _ = tensors
-    return (node.target, limit, x, v, n, m, vals.dtype, vals.device, vals.shape[1], cols.dtype, bias is None)
+    return (node.target, w.max_sparse_tokens, args["x"], w.v, w.n, w.m, vals.dtype, vals.device, vals.shape[1],
+            cols.dtype, bias is None)  # fmt: skip
 
 
 def _slices_ok(node: fx.Node, out_features: int) -> bool:
@@ -123,9 +115,12 @@ def _fusible(members: list[fx.Node], order: dict[fx.Node, int], sites: dict[str,
     kept, seen = [], set()
     for node in members:
         site = sites.get(node.meta[LAYER_META])
-        args = op_args(node)
-        bias = args["bias"]
-        if site is None or site.compressed is None or site.compressed.values is not attr_tensor(gm, args["values"]):
+        bias = op_args(node)["bias"]
+        if (
+            site is None
+            or site.compressed is None
+            or site.compressed.values is not attr_tensor(gm, op_weight(node).values)
+        ):
             continue
         if len(site.nodes) != 1 or id(site) in seen or (bias is not None and order.get(bias, first) >= first):
             continue
@@ -200,23 +195,20 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], sites: list[LinearSite], p
         site.fused_with = names
     first = members[0]
     first_args = op_args(first)
-    x, v, n, m = (first_args[k] for k in ("x", "v", "n", "m"))
-    sizes = [int(op_args(node)["out_features"]) for node in members]
+    sizes = [op_weight(node).out_features for node in members]
     with graph.inserting_before(first):
-        tensors = {k: constant(gm, graph, f"{prefix}_{k}", t) for k, t in fused.tensors().items()}
+        weight = OpWeight.from_vnm(fused, max_sparse_tokens=op_weight(first).max_sparse_tokens).map_tensors(
+            lambda name, t: constant(gm, graph, f"{prefix}_{name}", t)
+        )
         biases = [op_args(node)["bias"] for node in members]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
-        args = {"x": x, "values": tensors["values"], "columns": tensors["columns"], "meta": tensors["meta"],
-                "row_index": tensors.get("row_index"), "bias": bias, "v": v, "n": n, "m": m,
-                "out_features": sum(sizes)}  # fmt: skip
+        dense = None
         if first.target is HYBRID_OP:
             # the dense branch's weights, one per member in row order; a masked copy (get_attr) may be
             # defined after the first member: read it again here
             dense = [w if w.op == "placeholder" else graph.get_attr(w.target) for node in members
                      for w in op_args(node)["dense_weights"]]  # fmt: skip
-            args.update(dense_weights=dense, max_sparse_tokens=first_args["max_sparse_tokens"])
-        call = graph.call_function(first.target, ())
-        set_op_args(call, **args)
+        call = call_op(graph, first_args["x"], weight, bias, dense)
         call.meta[LAYER_META] = "+".join(names)
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]

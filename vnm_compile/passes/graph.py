@@ -1,9 +1,11 @@
 """FX helpers the passes share: the arguments of a vnm op call by name, and graph constants (the
 buffers a pass adds under ``PREFIX``, found again, named afresh and dropped once unread).
 
-The vnm ops take their weight as several tensors plus sizes; a pass reads and rewrites a call's
-arguments by the names in the op's schema (``op_args`` / ``set_op_args``), never by position, so a new
-argument touches the op and the passes that use it, nothing else.
+A pass reads and rewrites a vnm op call's arguments by the names in the op's schema (``op_args`` /
+``set_op_args``), never by position. vnm::linear and vnm::hybrid_linear take their weight as one bundle
+(``weight``: tensors, ``spec``: ints); ``op_weight`` / ``set_op_weight`` read and write it as a
+``kernels.op_weight.OpWeight`` whose tensors are the graph nodes that hold them, and ``call_op`` adds
+such a call, so a new layout touches OpWeight and the passes that use it, nothing else.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..kernels.op_weight import OpWeight
+
 __all__ = [
     "PREFIX",
     "op_args",
     "set_op_args",
+    "op_weight",
+    "set_op_weight",
+    "call_op",
     "attr_tensor",
     "constant",
     "fresh_prefix",
@@ -67,6 +74,30 @@ def set_op_args(node: fx.Node, **changes: Any) -> None:
             last = i + 1
     node.args = tuple(values[a.name] for a in args[:last])
     node.kwargs = {}
+
+
+def op_weight(node: fx.Node) -> OpWeight:
+    """The weight of the vnm::linear / vnm::hybrid_linear call ``node``, its tensors as graph nodes."""
+    args = op_args(node)
+    return OpWeight.unpack(list(args["weight"]), args["spec"])
+
+
+def set_op_weight(node: fx.Node, weight: OpWeight) -> None:
+    """Make the vnm::linear / vnm::hybrid_linear call ``node`` take ``weight`` (x, bias and the dense
+    weights kept)."""
+    tensors, spec = weight.pack()
+    set_op_args(node, weight=tensors, spec=spec)
+
+
+def call_op(graph: fx.Graph, x: Any, weight: OpWeight, bias: Any, dense_weights: list | None = None) -> fx.Node:
+    """A vnm::linear call on ``weight`` (graph nodes), or vnm::hybrid_linear with ``dense_weights``
+    (``weight.max_sparse_tokens`` set), at the graph's insertion point."""
+    from ..kernels.vnm_linear import HYBRID_OP, OP
+
+    tensors, spec = weight.pack()
+    if dense_weights is None:
+        return graph.call_function(OP, (x, tensors, spec, bias))
+    return graph.call_function(HYBRID_OP, (x, list(dense_weights), tensors, spec, bias))
 
 
 def _is_default(value: Any, default: Any) -> bool:

@@ -1,7 +1,8 @@
 """Replace each lowerable linear call with ``torch.ops.vnm.linear`` on its compressed weight.
 
 The compressed tensors (values, columns, meta, row_index) become buffers of
-the GraphModule read through ``get_attr`` (inductor treats them as parameters
+the GraphModule read through ``get_attr``, passed as the op's weight bundle
+(``kernels.op_weight.OpWeight``, built by ``graph.call_op``) (inductor treats them as parameters
 of the compiled graph);
 the original weight placeholder may stay behind as an unused graph input.
 
@@ -19,9 +20,9 @@ import logging
 import torch
 from torch import fx
 
-from ..kernels.vnm_linear import HYBRID_OP, OP
+from ..kernels.op_weight import OpWeight
 from .context import CompileContext, LinearSite
-from .graph import PREFIX, constant, fresh_prefix
+from .graph import PREFIX, call_op, constant, fresh_prefix
 
 __all__ = ["lower_linears", "LAYER_META", "PERM_META"]
 
@@ -134,27 +135,15 @@ def lower_linears(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         first = site.nodes[0]
         hybrid = site.max_sparse_tokens is not None
         with graph.inserting_before(first):
-            tensors = {k: constant(gm, graph, f"{prefix}_{k}", t) for k, t in w.tensors().items()}
-            dense = _dense_weight(gm, graph, site, prefix) if hybrid else None
+            weight = OpWeight.from_vnm(w, max_sparse_tokens=site.max_sparse_tokens).map_tensors(
+                lambda name, t, prefix=prefix: constant(gm, graph, f"{prefix}_{name}", t)
+            )
+            dense = [_dense_weight(gm, graph, site, prefix)] if hybrid else None
         for node in site.nodes:
             x = node.args[0] if node.args else node.kwargs["input"]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            args = (
-                x,
-                tensors["values"],
-                tensors["columns"],
-                tensors["meta"],
-                tensors.get("row_index"),
-                bias,
-                w.block_rows,
-                w.pattern.n,
-                w.pattern.m,
-                w.out_features,
-            )
-            if hybrid:
-                args = (x, [dense], *args[1:], site.max_sparse_tokens)
             with graph.inserting_before(node):
-                new = graph.call_function(HYBRID_OP if hybrid else OP, args)
+                new = call_op(graph, x, weight, bias, dense)
             new.meta = dict(node.meta)
             new.meta[LAYER_META] = site.name
             node.replace_all_uses_with(new)

@@ -9,8 +9,8 @@ dispatch.sparse_tc_token_floor) and, with True, at which few-token counts their 
 vnm::hybrid_linear call on constant compressed tensors whose layers have either (for a fused launch:
 the largest floor, the common decode counts of its members), ``kernels.sparse_tc.pack_sparse_tc`` of
 the weight becomes graph constants (the records: values and metadata in fragment order, the kept
-columns' indices, the dense kernel's x^T row order) passed as the op's ``tc_*`` arguments, with those
-counts as ``tc_min_tokens`` / ``tc_decode_min`` / ``tc_decode_max``. At run time, on CUDA, an input of
+columns' indices, the dense kernel's x^T row order) passed as the ``tc_*`` fields of the op's weight,
+with those counts as ``tc_min_tokens`` / ``tc_decode_min`` / ``tc_decode_max``. At run time, on CUDA, an input of
 those many rows runs the mma.sp kernels (kernels/sparse_tc.py); other row counts run what they ran
 before (the Triton kernels, or dense above a hybrid layer's token limit). Memory: about the compressed
 bytes once more.
@@ -29,8 +29,8 @@ import torch
 from torch import fx
 
 from ..format import VNMWeight
+from ..kernels.op_weight import sparse_tc_args
 from ..kernels.sparse_tc import pack_sparse_tc, unsupported
-from ..kernels.vnm_linear import sparse_tc_args
 from ..pattern import VNMPattern
 from .context import CompileContext
 from .expand_weights import LayerTensors, attach_constants
