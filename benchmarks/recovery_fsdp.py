@@ -124,19 +124,19 @@ def masks_exact(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def shard_digest(model: nn.Module) -> str:
-    """A digest of this rank's parameter shards, bit for bit (two runs on the same ranks compared).
+def shard_digest(model: nn.Module) -> dict[str, str]:
+    """Per parameter, a digest of this rank's shard, bit for bit (two runs on the same ranks compared).
 
-    Per tensor, on its device: the sum and a position-weighted sum of its bit patterns (integers,
-    wrapping), so any changed bit changes the digest with near certainty; then sha1 over those.
+    On its device: the sum and a position-weighted sum of its bit patterns (integers, wrapping), so any
+    changed bit changes the digest with near certainty; then sha1 over those.
     """
-    h = hashlib.sha1()
+    out = {}
     for name, p in model.named_parameters():
         local = (p.to_local() if hasattr(p, "to_local") else p).detach().contiguous().flatten()
         bits = local.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[local.element_size()]).long()
         weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
-        h.update(f"{name}:{int(bits.sum())}:{int((bits * weights).sum())};".encode())
-    return h.hexdigest()
+        out[name] = hashlib.sha1(f"{int(bits.sum())}:{int((bits * weights).sum())}".encode()).hexdigest()
+    return out
 
 
 class TimedLoss:
@@ -242,10 +242,12 @@ def main() -> int:
     log(f"phase 2: resumed from step {second['resumed_from']}, masks exact {all(second['masks_exact'])}")
     k = args.checkpoint_at
     same_losses = second["losses"][k:] == first["losses"][k:]
-    same_weights = gather(first["digest"] == second["digest"])
+    differing = gather(sorted(n for n, d in first["digest"].items() if second["digest"].get(n) != d))
+    same_weights = [not names for names in differing]
     firsts, seconds = gather(first), gather(second)
     if rank == 0:
         result = report(args, world, device, firsts, seconds, same_losses, all(same_weights))
+        result["resumed_weights_differing"] = sorted({n for names in differing for n in names})
         write(args, world, device, result)
         shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
@@ -319,6 +321,9 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
         f"first step: {r['resume_start_to_first_step_s']:.2f} s resumed, {r['fresh_start_to_first_step_s']:.2f} s "
         f"fresh. Set-up (build, dense targets, prune, shard): {r['setup_s']:.1f} s.",
     ]
+    if r.get("resumed_weights_differing"):
+        md += ["", "Parameters whose final shards differ between the two runs: "
+               + ", ".join(f"`{n}`" for n in r["resumed_weights_differing"]) + "."]  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib

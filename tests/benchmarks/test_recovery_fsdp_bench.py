@@ -36,6 +36,7 @@ def test_tiny_llama_two_ranks(tmp_path):
     assert r["machine"]["world"] == 2
     assert r["masks_exact_every_check"] and r["checks"] == [7, 7, 3, 3]  # every 5 steps + after the merge
     assert r["resumed_losses_bit_for_bit"] and r["resumed_weights_bit_for_bit"]
+    assert r["resumed_weights_differing"] == []
     first = sum(r["losses_rank0"][:5]) / 5
     last = sum(r["losses_rank0"][-5:]) / 5
     assert last < 0.9 * first, (first, last)
