@@ -213,3 +213,30 @@ def test_adaptive_mask_blocks_exact_pattern_and_lower_error(pattern, mask_blocks
         assert rec.error < rec.error_masked
         again = prune_second_order(w.clone(), h.clone(), pattern, mask_blocksize=mask_blocksize, **perms)
         assert torch.equal(again.weight, rec.weight) and torch.equal(again.mask, rec.mask)
+
+
+def test_hessian_factors_match_factoring_per_call():
+    """The shared factors equal what each linear factored on its own (float64: permuting H⁻¹ instead of
+    factoring the permuted H changes nothing but rounding), and a factors object serving several
+    permutations gives each call what a fresh one gives (float32, bit for bit)."""
+    from vnm_compile.calibration.reconstruct import HessianFactors, inverse_cholesky
+
+    w, x = _layer(29, 53, 300, seed=5)
+    h = _hessian(x)
+    g = torch.Generator().manual_seed(4)
+    perms = [torch.randperm(53, generator=g), None, torch.randperm(53, generator=g)]
+    f64 = HessianFactors(h.double(), 0.01)
+    hd = damped_hessian(h.double(), 0.01)
+    assert hd.dtype == torch.float64
+    torch.testing.assert_close(f64.inverse_diagonal(), inverse_diagonal(hd), rtol=1e-9, atol=0)
+    for perm in perms:
+        p = torch.arange(53) if perm is None else perm
+        ref = inverse_cholesky(hd[p][:, p])
+        torch.testing.assert_close(f64.inverse_upper(perm), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+        assert torch.equal(f64.damped_in(perm), hd[p][:, p])
+    shared = HessianFactors(h, 0.01)
+    for perm, mask in zip(perms, (None, vnm_mask(w.abs(), "8:2:5"), None), strict=True):
+        kw = dict(mask=mask, in_perm=perm, out_perm=None if perm is None else torch.arange(29).flip(0))
+        a = prune_second_order(w, h, "8:2:5", factors=shared, **kw)
+        b = prune_second_order(w, h, "8:2:5", **kw)
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) and a.error == b.error

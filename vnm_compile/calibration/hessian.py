@@ -94,7 +94,7 @@ class HessianObserver:
 
 
 def damped_hessian(hessian: Tensor, damp: float = 0.01, name: str = "layer") -> Tensor:
-    """H + λ·I in float32 with λ = ``damp`` x mean(diag H) (and a tiny floor when H is all zeros).
+    """H + λ·I in float32 (float64 for a float64 H) with λ = ``damp`` x mean(diag H) (1 when H is all zeros).
 
     Also warns when H has fewer calibration tokens behind it than its width
     would need to be full rank; that case relies on the dampening.
@@ -103,7 +103,7 @@ def damped_hessian(hessian: Tensor, damp: float = 0.01, name: str = "layer") -> 
         raise ValueError(f"{name}: H must be a square matrix, got shape {tuple(hessian.shape)}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError(f"{name}: H contains NaN or Inf (overflow in the calibration activations?)")
-    h = hessian.float().clone()
+    h = hessian.to(torch.promote_types(hessian.dtype, torch.float32), copy=True)
     diag = h.diagonal()
     dead = diag <= 0
     mean = float(diag.mean()) if h.numel() else 0.0

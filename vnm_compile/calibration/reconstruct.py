@@ -51,6 +51,8 @@ __all__ = [
     "Reconstruction",
     "obs_saliency",
     "inverse_diagonal",
+    "inverse_cholesky",
+    "HessianFactors",
     "output_error",
     "prune_second_order",
     "sparsegpt_prune",
@@ -95,22 +97,82 @@ def _cholesky(h: Tensor, name: str, upper: bool = False) -> Tensor | None:
     return None
 
 
+def _inverse(h_damped: Tensor, name: str) -> Tensor | None:
+    """H⁻¹ of the dampened H through its Cholesky factor, or None when H cannot be factored."""
+    low = _cholesky(h_damped, name)
+    return None if low is None else torch.cholesky_inverse(low)
+
+
+def _inverse_diagonal(h_damped: Tensor, hinv: Tensor | None, name: str) -> Tensor:
+    if hinv is None:
+        logger.warning("%s: H could not be factored; the OBS saliency uses 1 / diag(H) instead of diag(H^-1)", name)
+        return 1.0 / h_damped.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
+    return hinv.diagonal().clone()
+
+
 def inverse_cholesky(h_damped: Tensor, name: str = "layer") -> Tensor | None:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), or None when H cannot be factored."""
-    low = _cholesky(h_damped, name)
-    if low is None:
-        return None
-    hinv = torch.cholesky_inverse(low)
-    return _cholesky(hinv, name, upper=True)
+    hinv = _inverse(h_damped, name)
+    return None if hinv is None else _cholesky(hinv, name, upper=True)
 
 
 def inverse_diagonal(h_damped: Tensor, name: str = "layer") -> Tensor:
     """diag(H⁻¹) of the dampened H; 1 / diag(H) when H cannot be factored (documented fallback)."""
-    low = _cholesky(h_damped, name)
-    if low is None:
-        logger.warning("%s: H could not be factored; the OBS saliency uses 1 / diag(H) instead of diag(H^-1)", name)
-        return 1.0 / h_damped.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.cholesky_inverse(low).diagonal().clone()
+    return _inverse_diagonal(h_damped, _inverse(h_damped, name), name)
+
+
+class HessianFactors:
+    """H + λI of one input factored once, for every linear that reads the input (q/k/v, gate/up).
+
+    Factoring costs O(in³) and is the same for each linear of a group, so it is done here at most
+    once: the dampened H, its inverse (one Cholesky factorisation) and, per input permutation, the
+    permuted dampened H and the upper Cholesky factor of the permuted H⁻¹ (SparseGPT's). Each is
+    computed on first use.
+
+    Args:
+        hessian: H = XᵀX (in, in), undampened, on the device the solves run on (float32, or float64
+            kept as float64).
+        damp: dampening, a fraction of mean(diag H) (``damped_hessian``).
+        name: the layer (or group) name for messages.
+    """
+
+    def __init__(self, hessian: Tensor, damp: float = 0.01, name: str = "layer") -> None:
+        self.hessian = hessian.to(torch.promote_types(hessian.dtype, torch.float32))
+        self.damped = damped_hessian(self.hessian, damp, name)
+        self.name = name
+        self._inverse: Tensor | None = None
+        self._inverted = False
+        self._permuted: list[tuple[Tensor | None, dict[str, Tensor | None]]] = []
+
+    def inverse(self) -> Tensor | None:
+        """H⁻¹ of the dampened H, or None when H cannot be factored even with more dampening."""
+        if not self._inverted:
+            self._inverse, self._inverted = _inverse(self.damped, self.name), True
+        return self._inverse
+
+    def inverse_diagonal(self) -> Tensor:
+        """diag(H⁻¹) (``inverse_diagonal``, with its fallback)."""
+        return _inverse_diagonal(self.damped, self.inverse(), self.name)
+
+    def _entry(self, perm: Tensor | None) -> dict[str, Tensor | None]:
+        for known, entry in self._permuted:
+            if known is perm or (known is not None and perm is not None and torch.equal(known, perm)):
+                return entry
+        entry = {"damped": _permute(self.damped, perm, perm)}
+        self._permuted.append((perm, entry))
+        return entry
+
+    def damped_in(self, perm: Tensor | None) -> Tensor:
+        """The dampened H with rows and columns in the order ``perm`` (None: as is)."""
+        return self._entry(perm)["damped"]
+
+    def inverse_upper(self, perm: Tensor | None) -> Tensor | None:
+        """Upper Cholesky factor U of the permuted H⁻¹ (= UᵀU), or None when H cannot be factored."""
+        entry = self._entry(perm)
+        if "upper" not in entry:
+            hinv = self.inverse()
+            entry["upper"] = None if hinv is None else _cholesky(_permute(hinv, perm, perm), self.name, upper=True)
+        return entry["upper"]
 
 
 def obs_saliency(weight: Tensor, hinv_diag: Tensor) -> Tensor:
@@ -287,6 +349,7 @@ def prune_second_order(
     mask_blocksize: int | None = None,
     cg_iters: int = 25,
     name: str = "layer",
+    factors: HessianFactors | None = None,
 ) -> Reconstruction:
     """Prune one linear to ``pattern`` and re-solve its kept weights from H.
 
@@ -305,6 +368,8 @@ def prune_second_order(
         blocksize: SparseGPT's columns per block.
         mask_blocksize: columns whose mask the SparseGPT pass chooses at once (``sparsegpt_prune``).
         name: the layer name for messages.
+        factors: ``HessianFactors`` of ``hessian`` (with this ``damp``) shared with the other linears
+            reading the same input; None factors H here.
     Returns:
         Reconstruction with the weight (the input's dtype) and mask in original coordinates.
     """
@@ -312,16 +377,17 @@ def prune_second_order(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     w = weight.detach().float()
-    h = hessian.float().to(w.device)
-    h_d = damped_hessian(h, damp, name)
+    if factors is None:
+        factors = HessianFactors(hessian.float().to(w.device), damp, name)
+    h = factors.hessian
     notes, used = [], "none"
     # 1. In the coordinates where the pattern holds: rows by out_perm (V-row blocks), columns by in_perm.
-    wp, hp = _permute(w, out_perm, in_perm), _permute(h_d, in_perm, in_perm)
+    wp, hp = _permute(w, out_perm, in_perm), factors.damped_in(in_perm)
     mask_p = None if mask is None else _permute(mask.bool(), out_perm, in_perm)
     # 2. The mask: given, or chosen by the SparseGPT pass from the OBS saliency (its weights are a start).
     new_p = None
     if mask_p is None or method == "sparsegpt":
-        hinv_u = inverse_cholesky(hp, name)
+        hinv_u = factors.inverse_upper(in_perm)
         if hinv_u is not None:
             new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize, mask_blocksize)
             used = "sparsegpt"
