@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import vnm_mask
+from ..masks import _mask_whole_blocks, block_rows, vnm_mask
 from ..pattern import VNMPattern, as_pattern
 from .hessian import damped_hessian
 
@@ -196,6 +196,17 @@ def _block_width(pattern: VNMPattern, blocksize: int) -> int:
     return max(pattern.m, blocksize // pattern.m * pattern.m)
 
 
+def _mask_no_sync(saliency: Tensor, pattern: VNMPattern) -> Tensor:
+    """``vnm_mask`` of non-negative scores without waiting for the device (SparseGPT's column loop):
+    no NaN/Inf check, a NaN counts as 0."""
+    rows, cols = saliency.shape
+    v, pad_cols = block_rows(pattern), -cols % pattern.m
+    x = torch.nn.functional.pad(torch.nan_to_num(saliency, nan=0.0), (0, pad_cols, 0, -rows % v))
+    out = torch.zeros((rows, cols), dtype=torch.bool, device=saliency.device)
+    _mask_whole_blocks(x, out, pattern, v, nonneg=True, pad_cols=pad_cols, check=False)
+    return out
+
+
 def sparsegpt_prune(
     weight: Tensor,
     hinv_upper: Tensor,
@@ -206,8 +217,14 @@ def sparsegpt_prune(
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT with a V:N:M mask, in the coordinates the pattern holds in (permute first).
 
+    Columns are fixed left to right; each one's pruning error is spread over the later columns
+    through ``hinv_upper``, lazily at two levels: inside a group of M columns column by column, then
+    onto the rest of the block by one (out x M) @ (M x width) product per group, and onto the
+    columns after the block by one product per block. The same updates as column by column,
+    in another order of summation.
+
     Args:
-        weight: (out, in) float32 weight (not modified).
+        weight: (out, in) weight, float32 or float64 (not modified).
         hinv_upper: upper Cholesky factor of the dampened H⁻¹ (``inverse_cholesky``).
         pattern: the V:N:M pattern.
         mask: a fixed mask, or None to choose it block by block from the OBS saliency.
@@ -218,33 +235,37 @@ def sparsegpt_prune(
     Returns:
         (pruned weight, mask).
     """
-    w = weight.float().clone()
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+    hinv_upper = hinv_upper.to(w.dtype)
     rows, cols = w.shape
     chosen = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.bool()
     width = _block_width(pattern, blocksize)
     step = pattern.m if mask_blocksize is None else min(width, _block_width(pattern, mask_blocksize))
     for i1 in range(0, cols, width):
         i2 = min(i1 + width, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2]  # a view: updated in place
         hinv1 = hinv_upper[i1:i2, i1:i2]
-        keep = chosen[:, i1:i2].to(w1.dtype)
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
+        d = hinv1.diagonal()
+        err1 = torch.empty_like(w1)
+        for g1 in range(0, i2 - i1, pattern.m):
+            g2 = min(g1 + pattern.m, i2 - i1)
             # 1. The next columns' mask, from the saliency of the weights as updated so far.
-            if mask is None and i % step == 0:
-                j = min(i + step, i2 - i1)
-                saliency = w1[:, i:j].square() / hinv1.diagonal()[i:j].square().unsqueeze(0)
-                chosen[:, i1 + i : i1 + j] = vnm_mask(saliency, pattern)
-                keep[:, i:j] = chosen[:, i1 + i : i1 + j].to(w1.dtype)
-            # 2. Fix the column, spreading its error over the later ones.
-            col = w1[:, i]
-            err = col * (1 - keep[:, i]) / hinv1[i, i]
-            w1[:, i:].sub_(err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = err
-        w[:, i1:i2] = w1 * keep  # the kept entries were updated; the pruned ones are exactly 0
-        # 3. The lazy update of every column after the block.
+            if mask is None and g1 % step == 0:
+                j = min(g1 + step, i2 - i1)
+                chosen[:, i1 + g1 : i1 + j] = _mask_no_sync(w1[:, g1:j].square() / d[g1:j].square(), pattern)
+            drop = ~chosen[:, i1 + g1 : i1 + g2]
+            # 2. Fix the group's columns one by one, each one's error spread over the group's later ones.
+            for i in range(g1, g2):
+                err = w1[:, i] * drop[:, i - g1] / d[i]
+                w1[:, i + 1 : g2].addr_(err, hinv1[i, i + 1 : g2], alpha=-1)
+                err1[:, i] = err
+            # 3. The group's errors onto the rest of the block.
+            if g2 < i2 - i1:
+                w1[:, g2:].addmm_(err1[:, g1:g2], hinv1[g1:g2, g2:], alpha=-1)
+        w1.mul_(chosen[:, i1:i2])  # the kept entries were updated; the pruned ones are exactly 0
+        # 4. The block's errors onto every column after it.
         if i2 < cols:
-            w[:, i2:].sub_(err1 @ hinv_upper[i1:i2, i2:])
+            w[:, i2:].addmm_(err1, hinv_upper[i1:i2, i2:], alpha=-1)
     return w, chosen
 
 
