@@ -297,3 +297,25 @@ def test_blocked_sparsegpt_matches_column_by_column(pattern, shape, monkeypatch)
             assert torch.equal(got_mask, ref_mask) and is_vnm(got_mask, pattern)
             torch.testing.assert_close(got_w, ref_w, rtol=0, atol=1e-9 * float(ref_w.abs().max()))
             assert not bool(got_w[~got_mask].any())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 3e19])
+def test_bad_activations_found_from_the_diagonal_in_any_batch(bad):
+    """The observers check only diag(H) (and the dense moment's): a NaN, ±Inf or overflowing activation
+    anywhere, in any batch, is still found, on the pruned and on the dense side; damped_hessian finds a
+    non-finite H from its diagonal too."""
+    g = torch.Generator().manual_seed(0)
+    for row, col in ((0, 0), (6, 10), (3, 5)):
+        obs = HessianObserver(11, "blocks.2.fc")
+        obs.add_batch(torch.randn(7, 11, generator=g))  # a good batch first
+        x = torch.randn(7, 11, generator=g)
+        x[row, col] = bad
+        with pytest.raises(ValueError, match=r"blocks\.2\.fc.*NaN or Inf"):
+            obs.add_batch(x)
+        pair = HessianObserver(11, "blocks.2.fc")
+        with pytest.raises(ValueError, match=r"blocks\.2\.fc: the dense model's.*NaN or Inf"):
+            pair.add_pair(torch.randn(7, 11, generator=g), x)
+    h = torch.eye(5)
+    h[2, 2] = bad if bad != 3e19 else float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        damped_hessian(h)
