@@ -319,3 +319,29 @@ def test_bad_activations_found_from_the_diagonal_in_any_batch(bad):
     h[2, 2] = bad if bad != 3e19 else float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         damped_hessian(h)
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_in_place_conjugate_gradients_follow_the_textbook_iterates(iters):
+    """refine_cg's in-place buffers give the iterates of a plain Jacobi-preconditioned CG per row (float64),
+    in the first iterations (near convergence float32 iterates scatter while the objective does not)."""
+    from vnm_compile.calibration.reconstruct import refine_cg
+
+    w, x = _layer(23, 61, 400, seed=9)
+    hd = damped_hessian(_hessian(x), 0.01)
+    mask = vnm_mask(w.abs(), "8:2:5")
+    h64, w64, keep = hd.double(), w.double(), mask.double()
+    inv_diag = 1 / h64.diagonal()
+    ref = w64 * keep
+    r = ((w64 - ref) @ h64) * keep
+    z = r * inv_diag
+    p, rz = z.clone(), (r * z).sum(1, keepdim=True)
+    for _ in range(iters):
+        ap = (p @ h64) * keep
+        alpha = rz / (p * ap).sum(1, keepdim=True)
+        ref, r = ref + alpha * p, r - alpha * ap
+        z = r * inv_diag
+        rz_new = (r * z).sum(1, keepdim=True)
+        p, rz = z + rz_new / rz * p, rz_new
+    got = refine_cg(w, hd, mask, w * mask, iters=iters, tol=0.0)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))

@@ -317,24 +317,28 @@ def refine_cg(
     keep = mask.to(torch.float32)
     w = weight.float()
     x = start.float() * keep
-    inv_diag = 1.0 / h_damped.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
-    r = ((w - x) @ h_damped) * keep  # minus half the gradient, on the support
+    tiny = torch.finfo(torch.float32).tiny
+    inv_diag = h_damped.diagonal().clamp_min(tiny).reciprocal_()
+    # Every (out x in) buffer allocated once: r (minus half the gradient, on the support), z = r / diag H,
+    # p the search direction, ap = (p H) on the support.
+    r = torch.sub(w, x).matmul(h_damped).mul_(keep)
     z = r * inv_diag
     p = z.clone()
-    rz = (r * z).sum(1, keepdim=True)
+    ap = torch.empty_like(p)
+    rz = torch.linalg.vecdot(r, z).unsqueeze(1)
     start_norm = rz.clone()
     for _ in range(iters):
-        ap = (p @ h_damped) * keep
-        pap = (p * ap).sum(1, keepdim=True)
-        alpha = torch.where(pap > 0, rz / pap.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        x.add_(alpha * p)
-        r.sub_(alpha * ap)
-        z = r * inv_diag
-        rz_new = (r * z).sum(1, keepdim=True)
+        torch.mm(p, h_damped, out=ap).mul_(keep)
+        pap = torch.linalg.vecdot(p, ap).unsqueeze(1)
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(tiny), 0.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1)
+        torch.mul(r, inv_diag, out=z)
+        rz_new = torch.linalg.vecdot(r, z).unsqueeze(1)
         if bool((rz_new <= tol * start_norm).all()):
             break
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        p = z + beta * p
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), 0.0)
+        p.mul_(beta).add_(z)
         rz = rz_new
     return x
 
