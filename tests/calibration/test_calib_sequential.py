@@ -210,3 +210,32 @@ def test_dense_targets_run_each_block_once_per_batch():
         for got, ref in ((obs.hessian, x.T @ x), (obs.cross, x.T @ xd), (obs.dense_hessian, xd.T @ xd)):
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     assert not torch.allclose(seen["layers.2.mlp.gate_proj"].cross, seen["layers.2.mlp.gate_proj"].hessian)
+
+
+def test_dense_targets_of_a_model_without_blocks():
+    """A model with no ModuleList is one block: its dense pass stops after the last stage's leader, and
+    every observer still holds the moments of the pruned and the dense model's inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 24), nn.ReLU(), nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 5), nn.ReLU())
+    dense = nn.Sequential(*(nn.Linear(7, 24), nn.ReLU(), nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 5), nn.ReLU()))
+    dense.load_state_dict(model.state_dict())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    after_last = []
+    model[5].register_forward_pre_hook(lambda _m, _a: after_last.append(1))
+    seen = {}
+
+    def prune_group(names, obs: HessianObserver):
+        seen[names[0]] = obs
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    run_layerwise(model, _batches(), linears, prune_group, progress=False, dense_target=True)
+    assert list(seen) == ["0", "2", "4"]
+    assert len(after_last) == 1  # only the stage trace ran past the last linear
+    batches = _batches()
+    for name, obs in seen.items():
+        x, xd = _acts_of(model, name, batches), _acts_of(dense, name, batches)
+        for got, ref in ((obs.hessian, x.T @ x), (obs.cross, x.T @ xd), (obs.dense_hessian, xd.T @ xd)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(seen["4"].cross, seen["4"].hessian, rtol=1e-2, atol=1e-2)

@@ -26,10 +26,11 @@ one block whose inputs are the batches themselves.
 
 Only one block's second moments are alive at a time (one per stage in
 sequential mode), plus the stored block inputs and outputs (2 x tokens x
-hidden; with dense targets, the dense model's too and, per block, each
-stage leader's dense input until its stage is pruned). Device placement stays with the caller: ``before_block(index, name,
-block)`` may move a block onto the GPU and ``after_block`` move it off (or
-compress it); stored inputs follow the block's device.
+hidden; with dense targets the dense model's too and, per block, each stage
+leader's dense input until its stage is pruned). Device placement stays with
+the caller: ``before_block(index, name, block)`` may move a block onto the
+GPU and ``after_block`` move it off (or compress it); stored inputs follow
+the block's device.
 """
 
 from __future__ import annotations
@@ -385,6 +386,9 @@ def run_layerwise(
                 dense_in, dense_outputs = _dense_inputs(block, dense_calls, leaders, whole_model, not last)
             elif dense_target and not last:
                 dense_outputs = [_run(block, c) for c in dense_calls]
+            if dense_target and not last:  # the dense model's inputs of the next block
+                dense_calls = [_next_call(c, o) for c, o in zip(dense_calls, dense_outputs, strict=True)]
+                del dense_outputs
             for stage in stages:
                 if dense_target:
                     leader = (stage[0], own[stage[0]])
@@ -394,9 +398,6 @@ def run_layerwise(
                 prune_group(stage, obs)
                 del obs
             outputs = [] if last else [_run(block, c) for c in calls]
-            if dense_target and not last:
-                dense_calls = [_next_call(c, o) for c, o in zip(dense_calls, dense_outputs, strict=True)]
-                del dense_outputs
         else:
             leaders = {s[0]: own[s[0]] for s in stages}
             observers, outputs = _collect(block, calls, leaders, whole_model, False, token_masks)
