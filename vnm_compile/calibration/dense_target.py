@@ -76,10 +76,19 @@ class DenseTarget:
 
     def error(self, weight: Tensor, new: Tensor) -> float:
         """``||X_d Wᵀ - X Ŵᵀ||² / ||X_d Wᵀ||²`` on the calibration data (0 when the dense outputs are 0)."""
-        w, v = weight.detach().double().to(self.hessian.device), new.detach().double().to(self.hessian.device)
+        return self.errors(weight, [new])[0]
+
+    def errors(self, weight: Tensor, news: list[Tensor]) -> list[float]:
+        """``error(weight, new)`` of each of ``news``; the terms of ``weight`` alone computed once."""
+        w = weight.detach().double().to(self.hessian.device)
         den = float(((w @ self.dense) * w).sum())
-        num = float(((v @ self.hessian) * v).sum() - 2 * ((v @ self.cross) * w).sum()) + den
-        return max(num, 0.0) / den if den > 0 else 0.0
+        w_cross = w @ self.cross.T  # Σ (v C) ∘ w = Σ v ∘ (w Cᵀ)
+        out = []
+        for new in news:
+            v = new.detach().double().to(self.hessian.device)
+            num = float(((v @ self.hessian) * v).sum() - 2 * (v * w_cross).sum()) + den
+            out.append(max(num, 0.0) / den if den > 0 else 0.0)
+        return out
 
 
 def dense_target(obs: HessianObserver) -> DenseTarget:

@@ -108,7 +108,7 @@ def sparsify_second_order(
                 new = rec.weight
                 if name in fitted:  # errors against the dense outputs; never above the plain masked weight's
                     target = fitted[name][0]
-                    r.error_masked, r.error = target.error(weight, weight * mask), target.error(weight, new)
+                    r.error_masked, r.error = target.errors(weight, [weight * mask, new])
                     if not r.error <= r.error_masked:
                         logger.warning("%s: fitting the dense outputs did not lower the error; kept the masked weight",
                                        name)  # fmt: skip
