@@ -239,3 +239,43 @@ def test_dense_targets_of_a_model_without_blocks():
         for got, ref in ((obs.hessian, x.T @ x), (obs.cross, x.T @ xd), (obs.dense_hessian, xd.T @ xd)):
             torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(seen["4"].cross, seen["4"].hessian, rtol=1e-2, atol=1e-2)
+
+
+class ScaledStack(Stack):
+    """Changes the hidden states between blocks: replaying the last block's outputs would be wrong."""
+
+    def forward(self, x, past_key_values="cache"):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = 0.5 * layer(h, scale=torch.full((24,), 0.5), past_key_values=past_key_values, use_cache=True)[0]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cls", [Stack, ScaledStack])
+def test_linears_after_the_blocks_calibrate_on_replayed_block_outputs(cls):
+    """The head (after the blocks) is calibrated with the blocks replaced by the last block's recorded
+    outputs: block 0 no longer runs once per batch for it (only on the first batch, to check the replay);
+    a model that changes the hidden states between blocks fails that check and runs in full. Either way the
+    head's H is that of the final pruned model."""
+    torch.manual_seed(0)
+    model = cls(3)
+    runs = []
+    model.layers[0].register_forward_pre_hook(lambda _m, _a: runs.append(1))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed"}
+    seen = {}
+
+    def prune_group(names, obs: HessianObserver):
+        seen[names[0]] = obs.hessian.clone()
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    batches = _batches(n=4)
+    run_layerwise(model, batches, linears, prune_group, progress=False)
+    # per batch: capturing its inputs, 4 stages, its outputs; + the stage trace, the replay check and the
+    # head's stage trace; + once per batch for the head where the replay is refused
+    replayed = cls is Stack
+    assert len(runs) == 6 * 4 + 3 + (0 if replayed else 4)
+    assert all(isinstance(b, Block) for b in model.layers)  # the blocks are back
+    x = _acts_of(model, "head", batches)
+    torch.testing.assert_close(seen["head"].double(), x.T @ x, rtol=1e-5, atol=1e-4)

@@ -397,7 +397,8 @@ def run_layerwise(
                     obs = _collect(block, calls, {stage[0]: own[stage[0]]}, whole_model, True, token_masks)[0][stage[0]]
                 prune_group(stage, obs)
                 del obs
-            outputs = [] if last else [_run(block, c) for c in calls]
+            # (the last block's outputs stand in for the blocks when the linears after them are calibrated)
+            outputs = [] if last and not rest else [_run(block, c) for c in calls]
         else:
             leaders = {s[0]: own[s[0]] for s in stages}
             observers, outputs = _collect(block, calls, leaders, whole_model, False, token_masks)
@@ -409,15 +410,79 @@ def run_layerwise(
             after_block(index, name, block)
     if rest:
         if sequential:
-            rest_obs = _collect_rest(model, batches, rest, progress)
+            rest_obs = _collect_rest(model, batches, rest, progress, None if whole_model else (blocks, outputs))
         for group, obs in rest_obs:
             prune_group(group, obs)
 
 
-def _collect_rest(model: nn.Module, batches: list, rest: Mapping[str, nn.Linear], progress: bool) -> list:
-    """(group, observer) for the linears outside the blocks, from whole-model passes over the batches."""
+class _Replay(nn.Module):
+    """Stands in for a block: returns the given outputs, one per call, in order (the block does not run)."""
+
+    def __init__(self, outputs: list) -> None:
+        super().__init__()
+        self._outputs = iter(outputs)
+
+    def forward(self, *_args, **_kwargs):
+        out = next(self._outputs, None)
+        if out is None:
+            raise RuntimeError("a block stand-in was called more often than the block's recorded outputs")
+        return out
+
+
+@contextlib.contextmanager
+def _standing_in(model: nn.Module, blocks: list[tuple[str, nn.Module]], outputs: list):
+    """Every block of ``model`` replaced by a ``_Replay`` of ``outputs`` (the last block's), restored after."""
+    saved = []
+    try:
+        for name, block in blocks:
+            parent, _, key = name.rpartition(".")
+            parent = model.get_submodule(parent)
+            saved.append((parent, key, block))
+            setattr(parent, key, _Replay(outputs))
+        yield
+    finally:
+        for parent, key, block in saved:
+            setattr(parent, key, block)
+
+
+def _collect_replayed(model, calls, leaders, token_masks, blocks, outputs) -> dict[str, HessianObserver] | None:
+    """The observers of ``_collect`` over the whole model with its blocks replaced by the last block's
+    ``outputs``, or None unless that gives the first batch's H exactly as the whole model does."""
+    first = _collect(model, calls[:1], leaders, True, False, token_masks[:1])[0]
+    try:
+        with _standing_in(model, blocks, outputs[:1]):
+            replayed = _collect(model, calls[:1], leaders, True, False, token_masks[:1])[0]
+        for name, obs in first.items():
+            ref, got = obs.hessian, replayed[name].hessian
+            if (ref is None) != (got is None) or (ref is not None and not torch.allclose(got, ref, 1e-5, 1e-7)):
+                logger.info("the linears after the blocks see other inputs with the blocks replayed; running them all")
+                return None
+        with _standing_in(model, blocks, outputs):
+            return _collect(model, calls, leaders, True, False, token_masks)[0]
+    except (RuntimeError, TypeError, AttributeError, IndexError, KeyError, ValueError) as e:
+        logger.info("replaying the blocks' outputs failed (%s); running them all", e)
+        return None
+
+
+def _collect_rest(
+    model: nn.Module,
+    batches: list,
+    rest: Mapping[str, nn.Linear],
+    progress: bool,
+    replay: tuple[list[tuple[str, nn.Module]], list] | None = None,
+) -> list:
+    """(group, observer) for the linears outside the blocks, from whole-model passes over the batches.
+
+    ``replay`` = (the blocks, the last block's outputs on every batch): the blocks are replaced by
+    those outputs, so only the model's code before and after them runs, when that gives the first
+    batch's H exactly as the whole model does (not, e.g., for a model that changes its hidden
+    states between blocks or reads its blocks' attributes, which run in full).
+    """
     stages = _stages(model, "", rest, _Call((batches[0],), {}), whole_model=True)
     leaders = {s[0]: rest[s[0]] for s in stages}
     calls = [_Call((b,), {}) for b in batches]
-    observers, _ = _collect(model, calls, leaders, True, False, [_token_mask(b) for b in batches])
+    token_masks = [_token_mask(b) for b in batches]
+    observers = None if replay is None else _collect_replayed(model, calls, leaders, token_masks, *replay)
+    if observers is None:
+        observers, _ = _collect(model, calls, leaders, True, False, token_masks)
     return [(s, observers[s[0]]) for s in stages]
