@@ -97,14 +97,17 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     return mask
 
 
-def _mask_whole_blocks(x: Tensor, out: Tensor, p: VNMPattern, v: int, nonneg: bool, pad_cols: int = 0) -> None:
+def _mask_whole_blocks(
+    x: Tensor, out: Tensor, p: VNMPattern, v: int, nonneg: bool, pad_cols: int = 0, check: bool = True
+) -> None:
     """S_{V:N:M} of ``x`` (rows a multiple of v, columns of m) written into the zeros ``out``.
 
     ``out`` may be smaller than ``x``: the rows/columns of ``x`` past it are zero
     padding owned by the caller (the last ``pad_cols`` columns are overwritten with -inf).
     Works on (B, V, G, M) views of ``x``: the large temporaries are the kept
     columns' scores (B, V, 4, G) and two byte tensors of about that shape (plus
-    abs(x) when some score is negative).
+    abs(x) when some score is negative). ``check=False`` skips the NaN/Inf check, which waits
+    for the device (for callers in a loop whose scores are finite by construction).
     """
     rows, cols = x.shape
     nb, groups = rows // v, cols // p.m
@@ -113,7 +116,7 @@ def _mask_whole_blocks(x: Tensor, out: Tensor, p: VNMPattern, v: int, nonneg: bo
     # 1. Column choice by L1 norm; padded columns rank below every real one.
     norm_dtype = torch.float32 if x.element_size() < 4 else x.dtype
     col_norm = (blocks if nonneg else blocks.abs()).sum(1, dtype=norm_dtype)  # (B, G, M)
-    if not bool(torch.isfinite(col_norm).all()):
+    if check and not bool(torch.isfinite(col_norm).all()):
         raise ValueError("scores contain NaN or Inf (or their column sums overflow)")
     col_norm.abs_()  # a column of -0.0 sums to -0.0 without abs() first; make it +0.0
     if pad_cols:

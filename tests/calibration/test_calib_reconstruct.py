@@ -213,3 +213,135 @@ def test_adaptive_mask_blocks_exact_pattern_and_lower_error(pattern, mask_blocks
         assert rec.error < rec.error_masked
         again = prune_second_order(w.clone(), h.clone(), pattern, mask_blocksize=mask_blocksize, **perms)
         assert torch.equal(again.weight, rec.weight) and torch.equal(again.mask, rec.mask)
+
+
+def test_hessian_factors_match_factoring_per_call():
+    """The shared factors equal what each linear factored on its own (float64: permuting H⁻¹ instead of
+    factoring the permuted H changes nothing but rounding), and a factors object serving several
+    permutations gives each call what a fresh one gives (float32, bit for bit)."""
+    from vnm_compile.calibration.reconstruct import HessianFactors, inverse_cholesky
+
+    w, x = _layer(29, 53, 300, seed=5)
+    h = _hessian(x)
+    g = torch.Generator().manual_seed(4)
+    perms = [torch.randperm(53, generator=g), None, torch.randperm(53, generator=g)]
+    f64 = HessianFactors(h.double(), 0.01)
+    hd = damped_hessian(h.double(), 0.01)
+    assert hd.dtype == torch.float64
+    torch.testing.assert_close(f64.inverse_diagonal(), inverse_diagonal(hd), rtol=1e-9, atol=0)
+    for perm in perms:
+        p = torch.arange(53) if perm is None else perm
+        ref = inverse_cholesky(hd[p][:, p])
+        torch.testing.assert_close(f64.inverse_upper(perm), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+        assert torch.equal(f64.damped_in(perm), hd[p][:, p])
+    shared = HessianFactors(h, 0.01)
+    for perm, mask in zip(perms, (None, vnm_mask(w.abs(), "8:2:5"), None), strict=True):
+        kw = dict(mask=mask, in_perm=perm, out_perm=None if perm is None else torch.arange(29).flip(0))
+        a = prune_second_order(w, h, "8:2:5", factors=shared, **kw)
+        b = prune_second_order(w, h, "8:2:5", **kw)
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) and a.error == b.error
+
+
+def _sparsegpt_column_by_column(weight, hinv_upper, pattern, mask=None, blocksize=128, mask_blocksize=None):
+    """The SparseGPT pass as first written: every column's error spread at once over the rest of its
+    block (rank-1 updates), masks from vnm_mask; the reference for the blocked pass."""
+    w = weight.clone()
+    cols = w.shape[1]
+    chosen = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.bool()
+    width = max(pattern.m, blocksize // pattern.m * pattern.m)
+    step = pattern.m if mask_blocksize is None else min(width, max(pattern.m, mask_blocksize // pattern.m * pattern.m))
+    for i1 in range(0, cols, width):
+        i2 = min(i1 + width, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv_upper[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            if mask is None and i % step == 0:
+                j = min(i + step, i2 - i1)
+                chosen[:, i1 + i : i1 + j] = vnm_mask(w1[:, i:j].square() / hinv1.diagonal()[i:j].square(), pattern)
+            keep = chosen[:, i1 + i].to(w1.dtype)
+            err = w1[:, i] * (1 - keep) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2] = w1 * chosen[:, i1:i2]
+        if i2 < cols:
+            w[:, i2:] -= err1 @ hinv_upper[i1:i2, i2:]
+    return w, chosen
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("shape", [(48, 64), (53, 97), (130, 41), (19, 263)])
+def test_blocked_sparsegpt_matches_column_by_column(pattern, shape, monkeypatch):
+    """Blocked updates per M-column group give the column-by-column pass's masks and weights (float64),
+    permuted and not, with the mask chosen per group, per 16 columns, or fixed; the pattern is exact,
+    and the pass never asks the device for a value (no bool()/item() in the column loop)."""
+    from vnm_compile.calibration.reconstruct import inverse_cholesky, sparsegpt_prune
+
+    w, x = _layer(*shape, tokens=300, seed=sum(shape))
+    w = w.double()
+    hd = damped_hessian(_hessian(x).double(), 0.01)
+    g = torch.Generator().manual_seed(shape[1])
+    in_perm, out_perm = torch.randperm(shape[1], generator=g), torch.randperm(shape[0], generator=g)
+    for perms in ((None, None), (in_perm, out_perm)):
+        ip = torch.arange(shape[1]) if perms[0] is None else perms[0]
+        op = torch.arange(shape[0]) if perms[1] is None else perms[1]
+        wp, hinv_u = w[op][:, ip], inverse_cholesky(hd[ip][:, ip])
+        for mask, mask_blocksize in ((None, None), (None, 16), (vnm_mask(wp.abs(), pattern), None)):
+            ref_w, ref_mask = _sparsegpt_column_by_column(wp, hinv_u, pattern, mask, 32, mask_blocksize)
+            with monkeypatch.context() as m:
+                for attr in ("__bool__", "item", "__float__", "__int__"):
+                    m.setattr(
+                        torch.Tensor, attr, lambda *a, attr=attr: pytest.fail(f"the pass waited on the device: {attr}")
+                    )
+                got_w, got_mask = sparsegpt_prune(wp, hinv_u, pattern, mask, 32, mask_blocksize)
+            assert got_w.dtype == torch.float64
+            assert torch.equal(got_mask, ref_mask) and is_vnm(got_mask, pattern)
+            torch.testing.assert_close(got_w, ref_w, rtol=0, atol=1e-9 * float(ref_w.abs().max()))
+            assert not bool(got_w[~got_mask].any())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 3e19])
+def test_bad_activations_found_from_the_diagonal_in_any_batch(bad):
+    """The observers check only diag(H) (and the dense moment's): a NaN, ±Inf or overflowing activation
+    anywhere, in any batch, is still found, on the pruned and on the dense side; damped_hessian finds a
+    non-finite H from its diagonal too."""
+    g = torch.Generator().manual_seed(0)
+    for row, col in ((0, 0), (6, 10), (3, 5)):
+        obs = HessianObserver(11, "blocks.2.fc")
+        obs.add_batch(torch.randn(7, 11, generator=g))  # a good batch first
+        x = torch.randn(7, 11, generator=g)
+        x[row, col] = bad
+        with pytest.raises(ValueError, match=r"blocks\.2\.fc.*NaN or Inf"):
+            obs.add_batch(x)
+        pair = HessianObserver(11, "blocks.2.fc")
+        with pytest.raises(ValueError, match=r"blocks\.2\.fc: the dense model's.*NaN or Inf"):
+            pair.add_pair(torch.randn(7, 11, generator=g), x)
+    h = torch.eye(5)
+    h[2, 2] = bad if bad != 3e19 else float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        damped_hessian(h)
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_in_place_conjugate_gradients_follow_the_textbook_iterates(iters):
+    """refine_cg's in-place buffers give the iterates of a plain Jacobi-preconditioned CG per row (float64),
+    in the first iterations (near convergence float32 iterates scatter while the objective does not)."""
+    from vnm_compile.calibration.reconstruct import refine_cg
+
+    w, x = _layer(23, 61, 400, seed=9)
+    hd = damped_hessian(_hessian(x), 0.01)
+    mask = vnm_mask(w.abs(), "8:2:5")
+    h64, w64, keep = hd.double(), w.double(), mask.double()
+    inv_diag = 1 / h64.diagonal()
+    ref = w64 * keep
+    r = ((w64 - ref) @ h64) * keep
+    z = r * inv_diag
+    p, rz = z.clone(), (r * z).sum(1, keepdim=True)
+    for _ in range(iters):
+        ap = (p @ h64) * keep
+        alpha = rz / (p * ap).sum(1, keepdim=True)
+        ref, r = ref + alpha * p, r - alpha * ap
+        z = r * inv_diag
+        rz_new = (r * z).sum(1, keepdim=True)
+        p, rz = z + rz_new / rz * p, rz_new
+    got = refine_cg(w, hd, mask, w * mask, iters=iters, tol=0.0)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))

@@ -163,3 +163,119 @@ def test_dense_target_pairs_the_pruned_and_dense_inputs_of_each_token():
             torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(seen["layers.1.up"].cross, seen["layers.1.up"].hessian, rtol=1e-2, atol=1e-2)
     assert seen["head"].cross is None
+
+
+def test_dense_targets_run_each_block_once_per_batch():
+    """With dense targets, a tiny Llama's middle block runs 6 times per batch (4 stages up to their
+    leader, one dense pass before pruning, one pruned pass for the next block's inputs; it was 10 with a
+    dense pass per stage), and every observer holds exactly the moments of the pruned and the dense
+    model's inputs of its leader (float64)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=88, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).double().eval()
+    dense = transformers.LlamaModel(cfg).double().eval()
+    dense.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 9 + i), generator=g), "use_cache": False} for i in range(3)]
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    calls = []
+    model.layers[1].register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    seen = {}
+
+    def prune_group(names, obs: HessianObserver):
+        seen[names[0]] = obs
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    run_layerwise(model, batches, linears, prune_group, progress=False, dense_target=True)
+    assert len(calls) == 6 * len(batches) + 1  # + 1: tracing the stages on the first batch
+    assert [n for n in seen if n.startswith("layers.1.")] == [
+        "layers.1.self_attn.q_proj", "layers.1.self_attn.o_proj", "layers.1.mlp.gate_proj", "layers.1.mlp.down_proj",
+    ]  # fmt: skip
+
+    def acts(m, name):
+        got = []
+        h = m.get_submodule(name).register_forward_pre_hook(lambda _m, a: got.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            for b in batches:
+                m(**b)
+        h.remove()
+        return torch.cat(got)
+
+    for name, obs in seen.items():
+        x, xd = acts(model, name), acts(dense, name)
+        for got, ref in ((obs.hessian, x.T @ x), (obs.cross, x.T @ xd), (obs.dense_hessian, xd.T @ xd)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    assert not torch.allclose(seen["layers.2.mlp.gate_proj"].cross, seen["layers.2.mlp.gate_proj"].hessian)
+
+
+def test_dense_targets_of_a_model_without_blocks():
+    """A model with no ModuleList is one block: its dense pass stops after the last stage's leader, and
+    every observer still holds the moments of the pruned and the dense model's inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 24), nn.ReLU(), nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 5), nn.ReLU())
+    dense = nn.Sequential(*(nn.Linear(7, 24), nn.ReLU(), nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 5), nn.ReLU()))
+    dense.load_state_dict(model.state_dict())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    after_last = []
+    model[5].register_forward_pre_hook(lambda _m, _a: after_last.append(1))
+    seen = {}
+
+    def prune_group(names, obs: HessianObserver):
+        seen[names[0]] = obs
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    run_layerwise(model, _batches(), linears, prune_group, progress=False, dense_target=True)
+    assert list(seen) == ["0", "2", "4"]
+    assert len(after_last) == 1  # only the stage trace ran past the last linear
+    batches = _batches()
+    for name, obs in seen.items():
+        x, xd = _acts_of(model, name, batches), _acts_of(dense, name, batches)
+        for got, ref in ((obs.hessian, x.T @ x), (obs.cross, x.T @ xd), (obs.dense_hessian, xd.T @ xd)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(seen["4"].cross, seen["4"].hessian, rtol=1e-2, atol=1e-2)
+
+
+class ScaledStack(Stack):
+    """Changes the hidden states between blocks: replaying the last block's outputs would be wrong."""
+
+    def forward(self, x, past_key_values="cache"):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = 0.5 * layer(h, scale=torch.full((24,), 0.5), past_key_values=past_key_values, use_cache=True)[0]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cls", [Stack, ScaledStack])
+def test_linears_after_the_blocks_calibrate_on_replayed_block_outputs(cls):
+    """The head (after the blocks) is calibrated with the blocks replaced by the last block's recorded
+    outputs: block 0 no longer runs once per batch for it (only on the first batch, to check the replay);
+    a model that changes the hidden states between blocks fails that check and runs in full. Either way the
+    head's H is that of the final pruned model."""
+    torch.manual_seed(0)
+    model = cls(3)
+    runs = []
+    model.layers[0].register_forward_pre_hook(lambda _m, _a: runs.append(1))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed"}
+    seen = {}
+
+    def prune_group(names, obs: HessianObserver):
+        seen[names[0]] = obs.hessian.clone()
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    batches = _batches(n=4)
+    run_layerwise(model, batches, linears, prune_group, progress=False)
+    # per batch: capturing its inputs, 4 stages, its outputs; + the stage trace, the replay check and the
+    # head's stage trace; + once per batch for the head where the replay is refused
+    replayed = cls is Stack
+    assert len(runs) == 6 * 4 + 3 + (0 if replayed else 4)
+    assert all(isinstance(b, Block) for b in model.layers)  # the blocks are back
+    x = _acts_of(model, "head", batches)
+    torch.testing.assert_close(seen["head"].double(), x.T @ x, rtol=1e-5, atol=1e-4)

@@ -25,7 +25,7 @@ Asymmetric Calibration" (ICML 2025).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -45,29 +45,50 @@ class DenseTarget:
     hessian: Tensor
     cross: Tensor
     dense: Tensor
+    # damp -> (Cholesky factor of H + λI or None, λ): computed once, shared by the group's linears.
+    _factors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def fit(self, weight: Tensor, damp: float, name: str = "layer") -> Tensor:
         """W' = W (C + λI)ᵀ (H + λI)⁻¹ in float32: the dense weight that best maps the pruned inputs
         to the dense outputs (λ = damp x mean(diag H); more when H + λI cannot be factored, and W
-        itself, the plain sequential objective, when it never can)."""
+        itself, the plain sequential objective, when it never can). H + λI is factored once per
+        ``damp`` and reused by every weight fitted to these moments (the linears of one input)."""
+        if damp not in self._factors:
+            self._factors[damp] = self._factor(damp, name)
+        low, lam = self._factors[damp]
+        if low is None:
+            return weight.detach().float()
         w = weight.detach().double().to(self.hessian.device)
+        rhs = self.cross @ w.T + lam * w.T  # (C + λI) wᵀ
+        return torch.cholesky_solve(rhs, low).T.float().to(weight.device)
+
+    def _factor(self, damp: float, name: str) -> tuple[Tensor | None, float]:
+        """(lower Cholesky factor of H + λI, λ), with λ raised 10x per failed try; (None, λ) when it never factors."""
         h_d = damped_hessian(self.hessian.float(), damp, name).double()
         lam = float(h_d.diagonal().mean() - self.hessian.diagonal().mean())
         eye = torch.eye(h_d.shape[0], dtype=h_d.dtype, device=h_d.device)
         for _ in range(_RETRIES + 1):
             low, info = torch.linalg.cholesky_ex(h_d)
             if int(info) == 0:
-                rhs = (self.cross + lam * eye) @ w.T
-                return torch.cholesky_solve(rhs, low).T.float().to(weight.device)
+                return low, lam
             h_d, lam = h_d + 9 * lam * eye, 10 * lam
-        return weight.detach().float()
+        return None, lam
 
     def error(self, weight: Tensor, new: Tensor) -> float:
         """``||X_d Wᵀ - X Ŵᵀ||² / ||X_d Wᵀ||²`` on the calibration data (0 when the dense outputs are 0)."""
-        w, v = weight.detach().double().to(self.hessian.device), new.detach().double().to(self.hessian.device)
+        return self.errors(weight, [new])[0]
+
+    def errors(self, weight: Tensor, news: list[Tensor]) -> list[float]:
+        """``error(weight, new)`` of each of ``news``; the terms of ``weight`` alone computed once."""
+        w = weight.detach().double().to(self.hessian.device)
         den = float(((w @ self.dense) * w).sum())
-        num = float(((v @ self.hessian) * v).sum() - 2 * ((v @ self.cross) * w).sum()) + den
-        return max(num, 0.0) / den if den > 0 else 0.0
+        w_cross = w @ self.cross.T  # Σ (v C) ∘ w = Σ v ∘ (w Cᵀ)
+        out = []
+        for new in news:
+            v = new.detach().double().to(self.hessian.device)
+            num = float(((v @ self.hessian) * v).sum() - 2 * (v * w_cross).sum()) + den
+            out.append(max(num, 0.0) / den if den > 0 else 0.0)
+        return out
 
 
 def dense_target(obs: HessianObserver) -> DenseTarget:

@@ -55,14 +55,14 @@ class HessianObserver:
         if token_mask is not None and tuple(token_mask.shape) == tuple(x.shape[:-1]):
             flat = flat[token_mask.reshape(-1).to(device=flat.device, dtype=torch.bool)]
         flat = flat.float()
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError(
-                f"{self.name}: its input activations contain NaN or Inf; check the model (or the layers "
-                "pruned before it) and the calibration inputs"
-            )
         if self.hessian is None:
             self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=flat.device)
         self.hessian.addmm_(flat.T, flat.to(self.hessian.device))
+        if not _finite_diagonal(self.hessian):
+            raise ValueError(
+                f"{self.name}: its input activations contain NaN or Inf (or values whose squares overflow "
+                "float32); check the model (or the layers pruned before it) and the calibration inputs"
+            )
         self.tokens += flat.shape[0]
 
     def add_pair(self, x: Tensor, x_dense: Tensor, token_mask: Tensor | None = None) -> None:
@@ -84,26 +84,35 @@ class HessianObserver:
             flat, dense = flat[keep], dense[keep]
         self.add_batch(flat)
         dense = dense.float().to(self.hessian.device)
-        if not bool(torch.isfinite(dense).all()):
-            raise ValueError(f"{self.name}: the dense model's input activations contain NaN or Inf")
         if self.cross is None:
             self.cross = torch.zeros_like(self.hessian)
             self.dense_hessian = torch.zeros_like(self.hessian)
         self.cross.addmm_(flat.float().to(dense.device).T, dense)
         self.dense_hessian.addmm_(dense.T, dense)
+        if not _finite_diagonal(self.dense_hessian):  # (the cross moment's entries are bounded by H's and this one's)
+            raise ValueError(f"{self.name}: the dense model's input activations contain NaN or Inf")
+
+
+def _finite_diagonal(h: Tensor) -> bool:
+    """Whether the diagonal of a second moment H = Σ xᵀx is finite: O(in), instead of a pass over the
+    activations or all of H. A NaN or Inf activation x_tj makes H_jj = Σ x_tj² NaN or Inf, and it stays so
+    in every later sum (its terms are never negative), as does a square that overflows; every other entry
+    is bounded by the diagonal, |H_jk| <= sqrt(H_jj H_kk) (Cauchy-Schwarz), up to rounding at the very top
+    of the float32 range."""
+    return bool(torch.isfinite(h.diagonal()).all())
 
 
 def damped_hessian(hessian: Tensor, damp: float = 0.01, name: str = "layer") -> Tensor:
-    """H + λ·I in float32 with λ = ``damp`` x mean(diag H) (and a tiny floor when H is all zeros).
+    """H + λ·I in float32 (float64 for a float64 H) with λ = ``damp`` x mean(diag H) (1 when H is all zeros).
 
     Also warns when H has fewer calibration tokens behind it than its width
     would need to be full rank; that case relies on the dampening.
     """
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"{name}: H must be a square matrix, got shape {tuple(hessian.shape)}")
-    if not bool(torch.isfinite(hessian).all()):
+    if not _finite_diagonal(hessian):
         raise ValueError(f"{name}: H contains NaN or Inf (overflow in the calibration activations?)")
-    h = hessian.float().clone()
+    h = hessian.to(torch.promote_types(hessian.dtype, torch.float32), copy=True)
     diag = h.diagonal()
     dead = diag <= 0
     mean = float(diag.mean()) if h.numel() else 0.0

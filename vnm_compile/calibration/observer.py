@@ -40,10 +40,12 @@ class ChannelObserver:
             raise ValueError("activations are on the meta device (no data): load the model's weights first")
         # (an explicit row count: reshape(-1, 0) is ambiguous for a layer with no input features)
         flat = x.detach().reshape(math.prod(x.shape[:-1]), self.in_features)
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError("activations contain NaN or Inf; check the model and calibration inputs")
         # float64 sums: squares of large fp32 activations (> 1.8e19) overflow float32
         sq = flat.double().square().sum(0)
+        # A NaN or Inf activation makes its channel's sum NaN or Inf (the squares of finite float32 values
+        # cannot overflow float64), so checking the (in,) sums finds it without a pass over the activations.
+        if not bool(torch.isfinite(sq).all()):
+            raise ValueError("activations contain NaN or Inf; check the model and calibration inputs")
         self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq.to(self.sum_sq.device)
         self.tokens += flat.shape[0]
 

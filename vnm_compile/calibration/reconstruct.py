@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import vnm_mask
+from ..masks import _mask_whole_blocks, block_rows, vnm_mask
 from ..pattern import VNMPattern, as_pattern
 from .hessian import damped_hessian
 
@@ -51,6 +51,8 @@ __all__ = [
     "Reconstruction",
     "obs_saliency",
     "inverse_diagonal",
+    "inverse_cholesky",
+    "HessianFactors",
     "output_error",
     "prune_second_order",
     "sparsegpt_prune",
@@ -95,22 +97,82 @@ def _cholesky(h: Tensor, name: str, upper: bool = False) -> Tensor | None:
     return None
 
 
+def _inverse(h_damped: Tensor, name: str) -> Tensor | None:
+    """H⁻¹ of the dampened H through its Cholesky factor, or None when H cannot be factored."""
+    low = _cholesky(h_damped, name)
+    return None if low is None else torch.cholesky_inverse(low)
+
+
+def _inverse_diagonal(h_damped: Tensor, hinv: Tensor | None, name: str) -> Tensor:
+    if hinv is None:
+        logger.warning("%s: H could not be factored; the OBS saliency uses 1 / diag(H) instead of diag(H^-1)", name)
+        return 1.0 / h_damped.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
+    return hinv.diagonal().clone()
+
+
 def inverse_cholesky(h_damped: Tensor, name: str = "layer") -> Tensor | None:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), or None when H cannot be factored."""
-    low = _cholesky(h_damped, name)
-    if low is None:
-        return None
-    hinv = torch.cholesky_inverse(low)
-    return _cholesky(hinv, name, upper=True)
+    hinv = _inverse(h_damped, name)
+    return None if hinv is None else _cholesky(hinv, name, upper=True)
 
 
 def inverse_diagonal(h_damped: Tensor, name: str = "layer") -> Tensor:
     """diag(H⁻¹) of the dampened H; 1 / diag(H) when H cannot be factored (documented fallback)."""
-    low = _cholesky(h_damped, name)
-    if low is None:
-        logger.warning("%s: H could not be factored; the OBS saliency uses 1 / diag(H) instead of diag(H^-1)", name)
-        return 1.0 / h_damped.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.cholesky_inverse(low).diagonal().clone()
+    return _inverse_diagonal(h_damped, _inverse(h_damped, name), name)
+
+
+class HessianFactors:
+    """H + λI of one input factored once, for every linear that reads the input (q/k/v, gate/up).
+
+    Factoring costs O(in³) and is the same for each linear of a group, so it is done here at most
+    once: the dampened H, its inverse (one Cholesky factorisation) and, per input permutation, the
+    permuted dampened H and the upper Cholesky factor of the permuted H⁻¹ (SparseGPT's). Each is
+    computed on first use.
+
+    Args:
+        hessian: H = XᵀX (in, in), undampened, on the device the solves run on (float32, or float64
+            kept as float64).
+        damp: dampening, a fraction of mean(diag H) (``damped_hessian``).
+        name: the layer (or group) name for messages.
+    """
+
+    def __init__(self, hessian: Tensor, damp: float = 0.01, name: str = "layer") -> None:
+        self.hessian = hessian.to(torch.promote_types(hessian.dtype, torch.float32))
+        self.damped = damped_hessian(self.hessian, damp, name)
+        self.name = name
+        self._inverse: Tensor | None = None
+        self._inverted = False
+        self._permuted: list[tuple[Tensor | None, dict[str, Tensor | None]]] = []
+
+    def inverse(self) -> Tensor | None:
+        """H⁻¹ of the dampened H, or None when H cannot be factored even with more dampening."""
+        if not self._inverted:
+            self._inverse, self._inverted = _inverse(self.damped, self.name), True
+        return self._inverse
+
+    def inverse_diagonal(self) -> Tensor:
+        """diag(H⁻¹) (``inverse_diagonal``, with its fallback)."""
+        return _inverse_diagonal(self.damped, self.inverse(), self.name)
+
+    def _entry(self, perm: Tensor | None) -> dict[str, Tensor | None]:
+        for known, entry in self._permuted:
+            if known is perm or (known is not None and perm is not None and torch.equal(known, perm)):
+                return entry
+        entry = {"damped": _permute(self.damped, perm, perm)}
+        self._permuted.append((perm, entry))
+        return entry
+
+    def damped_in(self, perm: Tensor | None) -> Tensor:
+        """The dampened H with rows and columns in the order ``perm`` (None: as is)."""
+        return self._entry(perm)["damped"]
+
+    def inverse_upper(self, perm: Tensor | None) -> Tensor | None:
+        """Upper Cholesky factor U of the permuted H⁻¹ (= UᵀU), or None when H cannot be factored."""
+        entry = self._entry(perm)
+        if "upper" not in entry:
+            hinv = self.inverse()
+            entry["upper"] = None if hinv is None else _cholesky(_permute(hinv, perm, perm), self.name, upper=True)
+        return entry["upper"]
 
 
 def obs_saliency(weight: Tensor, hinv_diag: Tensor) -> Tensor:
@@ -134,6 +196,17 @@ def _block_width(pattern: VNMPattern, blocksize: int) -> int:
     return max(pattern.m, blocksize // pattern.m * pattern.m)
 
 
+def _mask_no_sync(saliency: Tensor, pattern: VNMPattern) -> Tensor:
+    """``vnm_mask`` of non-negative scores without waiting for the device (SparseGPT's column loop):
+    no NaN/Inf check, a NaN counts as 0."""
+    rows, cols = saliency.shape
+    v, pad_cols = block_rows(pattern), -cols % pattern.m
+    x = torch.nn.functional.pad(torch.nan_to_num(saliency, nan=0.0), (0, pad_cols, 0, -rows % v))
+    out = torch.zeros((rows, cols), dtype=torch.bool, device=saliency.device)
+    _mask_whole_blocks(x, out, pattern, v, nonneg=True, pad_cols=pad_cols, check=False)
+    return out
+
+
 def sparsegpt_prune(
     weight: Tensor,
     hinv_upper: Tensor,
@@ -144,8 +217,14 @@ def sparsegpt_prune(
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT with a V:N:M mask, in the coordinates the pattern holds in (permute first).
 
+    Columns are fixed left to right; each one's pruning error is spread over the later columns
+    through ``hinv_upper``, lazily at two levels: inside a group of M columns column by column, then
+    onto the rest of the block by one (out x M) @ (M x width) product per group, and onto the
+    columns after the block by one product per block. The same updates as column by column,
+    in another order of summation.
+
     Args:
-        weight: (out, in) float32 weight (not modified).
+        weight: (out, in) weight, float32 or float64 (not modified).
         hinv_upper: upper Cholesky factor of the dampened H⁻¹ (``inverse_cholesky``).
         pattern: the V:N:M pattern.
         mask: a fixed mask, or None to choose it block by block from the OBS saliency.
@@ -156,33 +235,37 @@ def sparsegpt_prune(
     Returns:
         (pruned weight, mask).
     """
-    w = weight.float().clone()
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+    hinv_upper = hinv_upper.to(w.dtype)
     rows, cols = w.shape
     chosen = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.bool()
     width = _block_width(pattern, blocksize)
     step = pattern.m if mask_blocksize is None else min(width, _block_width(pattern, mask_blocksize))
     for i1 in range(0, cols, width):
         i2 = min(i1 + width, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2]  # a view: updated in place
         hinv1 = hinv_upper[i1:i2, i1:i2]
-        keep = chosen[:, i1:i2].to(w1.dtype)
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
+        d = hinv1.diagonal()
+        err1 = torch.empty_like(w1)
+        for g1 in range(0, i2 - i1, pattern.m):
+            g2 = min(g1 + pattern.m, i2 - i1)
             # 1. The next columns' mask, from the saliency of the weights as updated so far.
-            if mask is None and i % step == 0:
-                j = min(i + step, i2 - i1)
-                saliency = w1[:, i:j].square() / hinv1.diagonal()[i:j].square().unsqueeze(0)
-                chosen[:, i1 + i : i1 + j] = vnm_mask(saliency, pattern)
-                keep[:, i:j] = chosen[:, i1 + i : i1 + j].to(w1.dtype)
-            # 2. Fix the column, spreading its error over the later ones.
-            col = w1[:, i]
-            err = col * (1 - keep[:, i]) / hinv1[i, i]
-            w1[:, i:].sub_(err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = err
-        w[:, i1:i2] = w1 * keep  # the kept entries were updated; the pruned ones are exactly 0
-        # 3. The lazy update of every column after the block.
+            if mask is None and g1 % step == 0:
+                j = min(g1 + step, i2 - i1)
+                chosen[:, i1 + g1 : i1 + j] = _mask_no_sync(w1[:, g1:j].square() / d[g1:j].square(), pattern)
+            drop = ~chosen[:, i1 + g1 : i1 + g2]
+            # 2. Fix the group's columns one by one, each one's error spread over the group's later ones.
+            for i in range(g1, g2):
+                err = w1[:, i] * drop[:, i - g1] / d[i]
+                w1[:, i + 1 : g2].addr_(err, hinv1[i, i + 1 : g2], alpha=-1)
+                err1[:, i] = err
+            # 3. The group's errors onto the rest of the block.
+            if g2 < i2 - i1:
+                w1[:, g2:].addmm_(err1[:, g1:g2], hinv1[g1:g2, g2:], alpha=-1)
+        w1.mul_(chosen[:, i1:i2])  # the kept entries were updated; the pruned ones are exactly 0
+        # 4. The block's errors onto every column after it.
         if i2 < cols:
-            w[:, i2:].sub_(err1 @ hinv_upper[i1:i2, i2:])
+            w[:, i2:].addmm_(err1, hinv_upper[i1:i2, i2:], alpha=-1)
     return w, chosen
 
 
@@ -234,24 +317,28 @@ def refine_cg(
     keep = mask.to(torch.float32)
     w = weight.float()
     x = start.float() * keep
-    inv_diag = 1.0 / h_damped.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
-    r = ((w - x) @ h_damped) * keep  # minus half the gradient, on the support
+    tiny = torch.finfo(torch.float32).tiny
+    inv_diag = h_damped.diagonal().clamp_min(tiny).reciprocal_()
+    # Every (out x in) buffer allocated once: r (minus half the gradient, on the support), z = r / diag H,
+    # p the search direction, ap = (p H) on the support.
+    r = torch.sub(w, x).matmul(h_damped).mul_(keep)
     z = r * inv_diag
     p = z.clone()
-    rz = (r * z).sum(1, keepdim=True)
+    ap = torch.empty_like(p)
+    rz = torch.linalg.vecdot(r, z).unsqueeze(1)
     start_norm = rz.clone()
     for _ in range(iters):
-        ap = (p @ h_damped) * keep
-        pap = (p * ap).sum(1, keepdim=True)
-        alpha = torch.where(pap > 0, rz / pap.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        x.add_(alpha * p)
-        r.sub_(alpha * ap)
-        z = r * inv_diag
-        rz_new = (r * z).sum(1, keepdim=True)
+        torch.mm(p, h_damped, out=ap).mul_(keep)
+        pap = torch.linalg.vecdot(p, ap).unsqueeze(1)
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(tiny), 0.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1)
+        torch.mul(r, inv_diag, out=z)
+        rz_new = torch.linalg.vecdot(r, z).unsqueeze(1)
         if bool((rz_new <= tol * start_norm).all()):
             break
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        p = z + beta * p
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), 0.0)
+        p.mul_(beta).add_(z)
         rz = rz_new
     return x
 
@@ -287,6 +374,7 @@ def prune_second_order(
     mask_blocksize: int | None = None,
     cg_iters: int = 25,
     name: str = "layer",
+    factors: HessianFactors | None = None,
 ) -> Reconstruction:
     """Prune one linear to ``pattern`` and re-solve its kept weights from H.
 
@@ -305,6 +393,8 @@ def prune_second_order(
         blocksize: SparseGPT's columns per block.
         mask_blocksize: columns whose mask the SparseGPT pass chooses at once (``sparsegpt_prune``).
         name: the layer name for messages.
+        factors: ``HessianFactors`` of ``hessian`` (with this ``damp``) shared with the other linears
+            reading the same input; None factors H here.
     Returns:
         Reconstruction with the weight (the input's dtype) and mask in original coordinates.
     """
@@ -312,16 +402,17 @@ def prune_second_order(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     w = weight.detach().float()
-    h = hessian.float().to(w.device)
-    h_d = damped_hessian(h, damp, name)
+    if factors is None:
+        factors = HessianFactors(hessian.float().to(w.device), damp, name)
+    h = factors.hessian
     notes, used = [], "none"
     # 1. In the coordinates where the pattern holds: rows by out_perm (V-row blocks), columns by in_perm.
-    wp, hp = _permute(w, out_perm, in_perm), _permute(h_d, in_perm, in_perm)
+    wp, hp = _permute(w, out_perm, in_perm), factors.damped_in(in_perm)
     mask_p = None if mask is None else _permute(mask.bool(), out_perm, in_perm)
     # 2. The mask: given, or chosen by the SparseGPT pass from the OBS saliency (its weights are a start).
     new_p = None
     if mask_p is None or method == "sparsegpt":
-        hinv_u = inverse_cholesky(hp, name)
+        hinv_u = factors.inverse_upper(in_perm)
         if hinv_u is not None:
             new_p, mask_p = sparsegpt_prune(wp, hinv_u, pattern, mask_p, blocksize, mask_blocksize)
             used = "sparsegpt"

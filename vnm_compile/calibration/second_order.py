@@ -33,9 +33,9 @@ from torch import nn
 
 from ..state import LinearSparsity, set_sparsity
 from .dense_target import dense_target
-from .hessian import HessianObserver, damped_hessian
+from .hessian import HessianObserver
 from .importance import importance
-from .reconstruct import inverse_diagonal, obs_saliency, output_error, prune_second_order
+from .reconstruct import HessianFactors, obs_saliency, output_error, prune_second_order
 from .sequential import run_layerwise
 
 __all__ = ["sparsify_second_order"]
@@ -43,10 +43,10 @@ __all__ = ["sparsify_second_order"]
 logger = logging.getLogger(__name__)
 
 
-def _scores(w: torch.Tensor, h: torch.Tensor, config, name: str) -> torch.Tensor:
+def _scores(w: torch.Tensor, factors: HessianFactors, config) -> torch.Tensor:
     if config.score == "obs":
-        return obs_saliency(w, inverse_diagonal(damped_hessian(h, config.damp, name), name))
-    norm = h.diagonal().clamp_min(0).sqrt()
+        return obs_saliency(w, factors.inverse_diagonal())
+    norm = factors.hessian.diagonal().clamp_min(0).sqrt()
     return importance(w, config.score, None if config.score == "abs" else norm, config.alpha)
 
 
@@ -70,7 +70,9 @@ def sparsify_second_order(
             for name in names:
                 reports[name].skipped = "no calibration data (layer never called on the calibration batches)"
             return
-        h = obs.hessian
+        # H + λI factored once for the whole group (every linear of it reads this input).
+        factors = HessianFactors(obs.hessian.to(eligible[names[0]].weight.device), config.damp, names[0])
+        h = factors.hessian
         if obs.tokens < obs.in_features:
             logger.warning(
                 "%s: %d calibration tokens for a %d-wide input, so H is rank-deficient; the dampening "
@@ -85,7 +87,7 @@ def sparsify_second_order(
             target = dense_target(obs)
             fitted = {name: (target, target.fit(eligible[name].weight, config.damp, name)) for name in names}
         targets = {n: fitted[n][1] if n in fitted else eligible[n].weight.detach() for n in names}
-        scores = {name: _scores(targets[name], h, config, name) for name in names}
+        scores = {name: _scores(targets[name], factors, config) for name in names}
         configs = {name: config.for_pattern(config.pattern_for(name)) for name in names}
         perms = {}
         for pattern in dict.fromkeys(c.pattern for c in configs.values()):  # one input permutation per pattern
@@ -98,15 +100,15 @@ def sparsify_second_order(
             if cfg.reconstruct:
                 fixed = None if cfg.score == "obs" else _choose_mask(scores[name], perms[name], cfg.pattern)
                 rec = prune_second_order(
-                    targets[name], h.to(weight.device), cfg.pattern, mask=fixed, in_perm=in_perm,
-                    out_perm=out_perm, method=cfg.reconstruct_method, damp=cfg.damp,
-                    mask_blocksize=cfg.mask_blocksize, name=name,
+                    targets[name], h, cfg.pattern, mask=fixed, in_perm=in_perm, out_perm=out_perm,
+                    method=cfg.reconstruct_method, damp=cfg.damp, mask_blocksize=cfg.mask_blocksize, name=name,
+                    factors=factors,
                 )  # fmt: skip
                 mask, r.error_masked, r.error = rec.mask, rec.error_masked, rec.error
                 new = rec.weight
                 if name in fitted:  # errors against the dense outputs; never above the plain masked weight's
                     target = fitted[name][0]
-                    r.error_masked, r.error = target.error(weight, weight * mask), target.error(weight, new)
+                    r.error_masked, r.error = target.errors(weight, [weight * mask, new])
                     if not r.error <= r.error_masked:
                         logger.warning("%s: fitting the dense outputs did not lower the error; kept the masked weight",
                                        name)  # fmt: skip
@@ -116,7 +118,7 @@ def sparsify_second_order(
                 mask = _choose_mask(scores[name], perms[name], cfg.pattern)
                 dense = weight.detach().float().clone()
                 weight.mul_(mask.to(weight.dtype))
-                r.error_masked = r.error = output_error(dense, weight, h.to(weight.device))
+                r.error_masked = r.error = output_error(dense, weight, h)
             set_sparsity(module, LinearSparsity(cfg.pattern, mask, in_perm, out_perm, cfg.score))
             total = float(scores[name].sum())
             r.pattern, r.density = cfg.pattern, float(mask.float().mean())

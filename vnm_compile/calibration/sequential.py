@@ -26,15 +26,16 @@ one block whose inputs are the batches themselves.
 
 Only one block's second moments are alive at a time (one per stage in
 sequential mode), plus the stored block inputs and outputs (2 x tokens x
-hidden). Device placement stays with the caller: ``before_block(index, name,
-block)`` may move a block onto the GPU and ``after_block`` move it off (or
-compress it); stored inputs follow the block's device.
+hidden; with dense targets the dense model's too and, per block, each stage
+leader's dense input until its stage is pruned). Device placement stays with
+the caller: ``before_block(index, name, block)`` may move a block onto the
+GPU and ``after_block`` move it off (or compress it); stored inputs follow
+the block's device.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -246,42 +247,76 @@ def _collect(
     return observers, outputs
 
 
+def _dense_inputs(
+    block: nn.Module,
+    dense_calls: list[_Call],
+    leaders: Mapping[str, nn.Linear],
+    whole_model: bool,
+    want_outputs: bool,
+) -> tuple[dict[str, list[Tensor | None]], list]:
+    """One pass of the still-dense ``block`` over the dense model's inputs: per leader, its input on each
+    call (None where it is not called; the first call of a forward counts), and the block's outputs if
+    ``want_outputs`` (else the pass stops once every leader has been seen)."""
+    seen: dict[str, list[Tensor | None]] = {name: [] for name in leaders}
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            got = seen[name]
+            if got[-1] is None:
+                got[-1] = args[0].detach().clone()  # later ops of the block may write into it in place
+                if not want_outputs and all(v[-1] is not None for v in seen.values()):
+                    raise _Stop
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in leaders.items()]
+    outputs = []
+    try:
+        for call in dense_calls:
+            for got in seen.values():
+                got.append(None)
+            try:
+                out = run_batch(block, call.args[0]) if whole_model else _run(block, call)
+            except _Stop:
+                continue
+            if want_outputs:
+                outputs.append(out)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, outputs
+
+
 def _collect_pairs(
     block: nn.Module,
-    dense_block: nn.Module,
     calls: list[_Call],
-    dense_calls: list[_Call],
     leader: tuple[str, nn.Linear],
-    prefix: str,
+    dense_inputs: list[Tensor | None],
     whole_model: bool,
     token_masks: list[Tensor | None],
 ) -> HessianObserver:
-    """One observer fed, call by call, the leader's input in ``block`` (pruned so far) and in
-    ``dense_block`` (the dense copy, on the dense model's inputs) for the same tokens."""
+    """One observer fed, call by call, the leader's input in ``block`` (pruned so far) and the dense
+    block's input of the leader for the same tokens (``_dense_inputs``)."""
     name, module = leader
     obs = HessianObserver(module.in_features, name)
-    dense_module = dense_block.get_submodule(name if whole_model else name[len(prefix) + 1 :])
     seen: list[Tensor] = []
 
     def hook(_module, args):
         seen.append(args[0])
         raise _Stop
 
-    for call, dense_call, token_mask in zip(calls, dense_calls, token_masks, strict=True):
-        for mod, blk, c in ((module, block, call), (dense_module, dense_block, dense_call)):
-            handle = mod.register_forward_pre_hook(hook)
-            try:
-                run_batch(blk, c.args[0]) if whole_model else _run(blk, c)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-        if not seen:
-            continue  # the leader is not called on this input (as _collect)
-        if len(seen) != 2:
-            raise RuntimeError(f"{name} was called in only one of the pruned and the dense block")
-        obs.add_pair(seen[0], seen[1], token_mask)
-        seen.clear()
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for call, dense, token_mask in zip(calls, dense_inputs, token_masks, strict=True):
+            with contextlib.suppress(_Stop):
+                run_batch(block, call.args[0]) if whole_model else _run(block, call)
+            if not seen and dense is None:
+                continue  # the leader is not called on this input (as _collect)
+            if not seen or dense is None:
+                raise RuntimeError(f"{name} was called in only one of the pruned and the dense block")
+            obs.add_pair(seen.pop(), dense, token_mask)
+    finally:
+        handle.remove()
     return obs
 
 
@@ -310,10 +345,11 @@ def run_layerwise(
         before_block, after_block: ``(index, name, block)`` callbacks around each block
             (e.g. move it to the GPU and back, or compress it).
         progress: tqdm bar over the blocks.
-        dense_target: (sequential only) also run a dense copy of each block on the dense model's
+        dense_target: (sequential only) also run each block, before it is pruned, on the dense model's
             inputs, so each observer holds the pruned and the dense activations of the same tokens
             (``HessianObserver.add_pair``): the layer can then be fitted to the dense model's
-            outputs. Costs a second forward pass per stage and one block's weights twice.
+            outputs. Costs one dense forward pass per block (run before the block is pruned) and,
+            until its stage is pruned, each stage leader's dense input for every token.
     """
     from tqdm.auto import tqdm
 
@@ -344,21 +380,25 @@ def run_layerwise(
         own = {n: m for n, m in linears.items() if whole_model or n.startswith(name + ".")}
         stages = _stages(block, name, own, calls[0], whole_model) if own else []
         if sequential:
-            dense_block = copy.deepcopy(block) if dense_target and stages else None
+            last = index == len(blocks) - 1
+            if dense_target and stages:  # the dense block's side, once per block, before anything in it is pruned
+                leaders = {s[0]: own[s[0]] for s in stages}
+                dense_in, dense_outputs = _dense_inputs(block, dense_calls, leaders, whole_model, not last)
+            elif dense_target and not last:
+                dense_outputs = [_run(block, c) for c in dense_calls]
+            if dense_target and not last:  # the dense model's inputs of the next block
+                dense_calls = [_next_call(c, o) for c, o in zip(dense_calls, dense_outputs, strict=True)]
+                del dense_outputs
             for stage in stages:
-                if dense_block is not None:
+                if dense_target:
                     leader = (stage[0], own[stage[0]])
-                    obs = _collect_pairs(block, dense_block, calls, dense_calls, leader, name, whole_model, token_masks)
+                    obs = _collect_pairs(block, calls, leader, dense_in.pop(stage[0]), whole_model, token_masks)
                 else:
                     obs = _collect(block, calls, {stage[0]: own[stage[0]]}, whole_model, True, token_masks)[0][stage[0]]
                 prune_group(stage, obs)
                 del obs
-            last = index == len(blocks) - 1
-            outputs = [] if last else [_run(block, c) for c in calls]
-            if dense_target and not last:
-                dense_outputs = [_run(dense_block or block, c) for c in dense_calls]
-                dense_calls = [_next_call(c, o) for c, o in zip(dense_calls, dense_outputs, strict=True)]
-            del dense_block
+            # (the last block's outputs stand in for the blocks when the linears after them are calibrated)
+            outputs = [] if last and not rest else [_run(block, c) for c in calls]
         else:
             leaders = {s[0]: own[s[0]] for s in stages}
             observers, outputs = _collect(block, calls, leaders, whole_model, False, token_masks)
@@ -370,15 +410,79 @@ def run_layerwise(
             after_block(index, name, block)
     if rest:
         if sequential:
-            rest_obs = _collect_rest(model, batches, rest, progress)
+            rest_obs = _collect_rest(model, batches, rest, progress, None if whole_model else (blocks, outputs))
         for group, obs in rest_obs:
             prune_group(group, obs)
 
 
-def _collect_rest(model: nn.Module, batches: list, rest: Mapping[str, nn.Linear], progress: bool) -> list:
-    """(group, observer) for the linears outside the blocks, from whole-model passes over the batches."""
+class _Replay(nn.Module):
+    """Stands in for a block: returns the given outputs, one per call, in order (the block does not run)."""
+
+    def __init__(self, outputs: list) -> None:
+        super().__init__()
+        self._outputs = iter(outputs)
+
+    def forward(self, *_args, **_kwargs):
+        out = next(self._outputs, None)
+        if out is None:
+            raise RuntimeError("a block stand-in was called more often than the block's recorded outputs")
+        return out
+
+
+@contextlib.contextmanager
+def _standing_in(model: nn.Module, blocks: list[tuple[str, nn.Module]], outputs: list):
+    """Every block of ``model`` replaced by a ``_Replay`` of ``outputs`` (the last block's), restored after."""
+    saved = []
+    try:
+        for name, block in blocks:
+            parent, _, key = name.rpartition(".")
+            parent = model.get_submodule(parent)
+            saved.append((parent, key, block))
+            setattr(parent, key, _Replay(outputs))
+        yield
+    finally:
+        for parent, key, block in saved:
+            setattr(parent, key, block)
+
+
+def _collect_replayed(model, calls, leaders, token_masks, blocks, outputs) -> dict[str, HessianObserver] | None:
+    """The observers of ``_collect`` over the whole model with its blocks replaced by the last block's
+    ``outputs``, or None unless that gives the first batch's H exactly as the whole model does."""
+    first = _collect(model, calls[:1], leaders, True, False, token_masks[:1])[0]
+    try:
+        with _standing_in(model, blocks, outputs[:1]):
+            replayed = _collect(model, calls[:1], leaders, True, False, token_masks[:1])[0]
+        for name, obs in first.items():
+            ref, got = obs.hessian, replayed[name].hessian
+            if (ref is None) != (got is None) or (ref is not None and not torch.allclose(got, ref, 1e-5, 1e-7)):
+                logger.info("the linears after the blocks see other inputs with the blocks replayed; running them all")
+                return None
+        with _standing_in(model, blocks, outputs):
+            return _collect(model, calls, leaders, True, False, token_masks)[0]
+    except (RuntimeError, TypeError, AttributeError, IndexError, KeyError, ValueError) as e:
+        logger.info("replaying the blocks' outputs failed (%s); running them all", e)
+        return None
+
+
+def _collect_rest(
+    model: nn.Module,
+    batches: list,
+    rest: Mapping[str, nn.Linear],
+    progress: bool,
+    replay: tuple[list[tuple[str, nn.Module]], list] | None = None,
+) -> list:
+    """(group, observer) for the linears outside the blocks, from whole-model passes over the batches.
+
+    ``replay`` = (the blocks, the last block's outputs on every batch): the blocks are replaced by
+    those outputs, so only the model's code before and after them runs, when that gives the first
+    batch's H exactly as the whole model does (not, e.g., for a model that changes its hidden
+    states between blocks or reads its blocks' attributes, which run in full).
+    """
     stages = _stages(model, "", rest, _Call((batches[0],), {}), whole_model=True)
     leaders = {s[0]: rest[s[0]] for s in stages}
     calls = [_Call((b,), {}) for b in batches]
-    observers, _ = _collect(model, calls, leaders, True, False, [_token_mask(b) for b in batches])
+    token_masks = [_token_mask(b) for b in batches]
+    observers = None if replay is None else _collect_replayed(model, calls, leaders, token_masks, *replay)
+    if observers is None:
+        observers, _ = _collect(model, calls, leaders, True, False, token_masks)
     return [(s, observers[s[0]]) for s in stages]
