@@ -224,8 +224,9 @@ def _build_big(args, cfg, pattern: str):
 def _decode_ms(args, model, cfg) -> float:
     """Median ms of one decode step (batch 1, --kv-len cached tokens) replayed as a CUDA graph."""
     import torch
-    import triton
     from transformers import StaticCache
+
+    from vnm_compile.kernels.benchmark import time_model_ms
 
     cache = StaticCache(config=cfg, max_cache_len=args.kv_len + 8)
     ids = torch.randint(0, cfg.vocab_size, (1, 1), device=args.device)
@@ -239,14 +240,15 @@ def _decode_ms(args, model, cfg) -> float:
         return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
 
     step()
-    return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median")
+    return time_model_ms(step)
 
 
 def _dense_layer_ms(args, model, cfg) -> float:
     """Median ms of one dense decoder layer of the same shapes at the same decode step."""
     import torch
-    import triton
     from transformers import StaticCache
+
+    from vnm_compile.kernels.benchmark import time_model_ms
 
     layer = type(model.layers[0])(cfg, 0).to(device=args.device, dtype=args.dtype).eval()
     hidden = torch.randn(1, 1, cfg.hidden_size, device=args.device, dtype=args.dtype)
@@ -258,7 +260,7 @@ def _dense_layer_ms(args, model, cfg) -> float:
         return layer(hidden, position_embeddings=emb, past_key_values=cache, cache_position=pos)
 
     step()
-    return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median")
+    return time_model_ms(step)
 
 
 @torch_no_grad_decorator

@@ -18,7 +18,7 @@ device lease; every layer has the same shapes, so the per-layer speed-up is what
 count scales.
 
 Every variant is compiled with fullgraph=True in inductor's default mode and timed under CUDA
-graphs (triton.testing.do_bench_cudagraph, median). Sparse V:N:M variants run what a user runs:
+graphs (kernels.benchmark.time_model_ms: do_bench_cudagraph, median). Sparse V:N:M variants run what a user runs:
 --permute random (default) prunes a copy of the model with the real sparsify_ path (permute=True, the
 input groups and MLP chains traced on one batch) whose permutation search is replaced by random
 permutations (shared by siblings, as the search returns them; random weights give a search nothing
@@ -61,7 +61,7 @@ import sys
 import time
 from pathlib import Path
 
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES  # hidden, intermediate, heads, KV heads, vocab
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, time_model_ms  # hidden, intermediate, heads, KV heads, vocab
 
 log = logging.getLogger("bench_e2e")
 
@@ -299,7 +299,6 @@ def _cslt_model(model, tokens: int):
 def _time(fn, smoke: bool = False) -> tuple[float, float]:
     """(first call seconds = compile, median ms under a CUDA graph)."""
     import torch
-    import triton
 
     sync = (lambda: None) if smoke else torch.cuda.synchronize
     t0 = time.perf_counter()
@@ -312,7 +311,7 @@ def _time(fn, smoke: bool = False) -> tuple[float, float]:
         t0 = time.perf_counter()
         fn()
         return first, (time.perf_counter() - t0) * 1e3
-    ms = triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
+    ms = time_model_ms(fn, rep_ms=300)
     return first, ms
 
 

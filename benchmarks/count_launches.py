@@ -15,7 +15,7 @@ Variants (the same random fp16 weights; V:N:M ones pruned by sparsify_ with ABS)
 Each is compiled with fullgraph=True (options force nothing else). "kernels" counts the CUDA kernels one
 call launches (torch.profiler, outside CUDA graphs: the nodes a captured graph replays); "index" the
 launches whose name says gather/index (an unfused permutation); "ms" the median of CUDA-graph replays
-(triton.testing.do_bench_cudagraph). The lowered layers' permutations column is the compile report's.
+(kernels.benchmark.time_model_ms). The lowered layers' permutations column is the compile report's.
 Writes launches.json / launches.md to --out (default benchmarks/results/<gpu>/).
 """
 
@@ -102,9 +102,9 @@ def time_ms(fn, smoke: bool) -> float:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-    import triton
+    from vnm_compile.kernels.benchmark import time_model_ms
 
-    return triton.testing.do_bench_cudagraph(fn, rep=100)
+    return time_model_ms(fn, rep_ms=100)
 
 
 def main(argv: list[str] | None = None) -> int:

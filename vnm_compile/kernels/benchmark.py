@@ -175,6 +175,15 @@ def time_graph(calls: Sequence[Callable[[], object]], replays: int = 30) -> floa
     return 1000.0 * times[len(times) // 2] / len(calls)
 
 
+def time_model_ms(fn: Callable[[], object], rep_ms: int = 200) -> float:
+    """Median milliseconds of one call of a whole-model step (decode step, prefill, forward): ``fn``
+    captured in a CUDA graph and replayed for about ``rep_ms`` ms (``triton.testing.do_bench_cudagraph``).
+    Call ``fn`` once before (compile, autotune). Per-kernel timings use time_graph."""
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
 def measure_bandwidth(device: torch.device) -> float:
     """HBM bandwidth (bytes/s, read + write) of a large device-to-device copy."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
