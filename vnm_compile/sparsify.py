@@ -70,8 +70,8 @@ class VNMConfig:
         mask_blocksize: with score "obs" and reconstruct, the columns whose mask is chosen at once on
             the updated weights (None: M, each group of M columns; 128: SparseGPT's lazy-update block).
         dense_target: with reconstruct and sequential, fit each layer to the dense model's outputs
-            from the pruned model's inputs (calibration/dense_target.py; a second, dense, forward
-            pass per block and that block's weights held twice).
+            from the pruned model's inputs (calibration/dense_target.py; one dense forward pass per
+            block, before it is pruned, and each stage's dense input held until the stage is pruned).
     """
 
     pattern: VNMPattern | str = "64:2:5"

@@ -54,6 +54,7 @@ __all__ = [
     "inverse_cholesky",
     "HessianFactors",
     "output_error",
+    "output_errors",
     "prune_second_order",
     "sparsegpt_prune",
     "exact_reconstruct",
@@ -184,11 +185,19 @@ def obs_saliency(weight: Tensor, hinv_diag: Tensor) -> Tensor:
 
 def output_error(weight: Tensor, pruned: Tensor, hessian: Tensor) -> float:
     """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` on the data behind H (0 when W H Wᵀ is 0)."""
+    return output_errors(weight, [pruned], hessian)[0]
+
+
+def output_errors(weight: Tensor, pruned: list[Tensor], hessian: Tensor) -> list[float]:
+    """``output_error`` of each of ``pruned`` against one ``weight`` (tr(W H Wᵀ) computed once)."""
     w = weight.float()
-    delta = w - pruned.float()
-    num = float(((delta @ hessian) * delta).sum())
     den = float(((w @ hessian) * w).sum())
-    return max(num, 0.0) / den if den > 0 else 0.0
+    out = []
+    for p in pruned:
+        delta = w - p.float()
+        num = float(((delta @ hessian) * delta).sum())
+        out.append(max(num, 0.0) / den if den > 0 else 0.0)
+    return out
 
 
 def _block_width(pattern: VNMPattern, blocksize: int) -> int:
@@ -437,8 +446,10 @@ def prune_second_order(
     mask_o = _unpermute(mask_p, out_perm, in_perm)
     # 4. Never worse than the plain masked weight (and never NaN).
     masked = w * mask_o
-    err_masked = output_error(w, masked, h)
-    err = output_error(w, new, h) if bool(torch.isfinite(new).all()) else float("inf")
+    if bool(torch.isfinite(new).all()):
+        err_masked, err = output_errors(w, [masked, new], h)
+    else:
+        err_masked, err = output_error(w, masked, h), float("inf")
     if not err <= err_masked:
         logger.warning("%s: reconstruction did not lower the output error (%.3g vs %.3g); kept the masked weight",
                        name, err, err_masked)  # fmt: skip
