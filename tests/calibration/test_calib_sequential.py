@@ -52,16 +52,25 @@ def test_find_blocks_and_capture():
     assert calls[0].kwargs["past_key_values"] is None and calls[0].kwargs["use_cache"] is False
 
 
+def _half_pruner(linears, record):
+    """A stand-in prune_group: ``record(names, obs)``, then each linear of the group keeps its weights above
+    their median magnitude."""
+
+    def prune_group(names, obs: HessianObserver):
+        record(names, obs)
+        for n in names:
+            w = linears[n].weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+    return prune_group
+
+
 def _record(model, sequential):
     """Run the driver with a prune_group that records H and masks half the weights (a stand-in pruner)."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed"}
     seen: list[tuple[tuple[str, ...], torch.Tensor, int]] = []
 
-    def prune_group(names, obs: HessianObserver):
-        seen.append((names, obs.hessian.clone(), obs.tokens))
-        for n in names:
-            w = linears[n].weight
-            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+    prune_group = _half_pruner(linears, lambda names, obs: seen.append((names, obs.hessian.clone(), obs.tokens)))
 
     run_layerwise(model, _batches(), linears, prune_group, sequential=sequential, progress=False)
     return seen
@@ -148,11 +157,7 @@ def test_dense_target_pairs_the_pruned_and_dense_inputs_of_each_token():
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed"}
     seen = {}
 
-    def prune_group(names, obs: HessianObserver):
-        seen[names[0]] = obs
-        for n in names:
-            w = linears[n].weight
-            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+    prune_group = _half_pruner(linears, lambda names, obs: seen.__setitem__(names[0], obs))
 
     run_layerwise(model, _batches(), linears, prune_group, progress=False, dense_target=True)
     batches = _batches()
@@ -184,11 +189,7 @@ def test_dense_targets_run_each_block_once_per_batch():
     model.layers[1].register_forward_pre_hook(lambda _m, _a: calls.append(1))
     seen = {}
 
-    def prune_group(names, obs: HessianObserver):
-        seen[names[0]] = obs
-        for n in names:
-            w = linears[n].weight
-            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+    prune_group = _half_pruner(linears, lambda names, obs: seen.__setitem__(names[0], obs))
 
     run_layerwise(model, batches, linears, prune_group, progress=False, dense_target=True)
     assert len(calls) == 6 * len(batches) + 1  # + 1: tracing the stages on the first batch
@@ -224,11 +225,7 @@ def test_dense_targets_of_a_model_without_blocks():
     model[5].register_forward_pre_hook(lambda _m, _a: after_last.append(1))
     seen = {}
 
-    def prune_group(names, obs: HessianObserver):
-        seen[names[0]] = obs
-        for n in names:
-            w = linears[n].weight
-            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+    prune_group = _half_pruner(linears, lambda names, obs: seen.__setitem__(names[0], obs))
 
     run_layerwise(model, _batches(), linears, prune_group, progress=False, dense_target=True)
     assert list(seen) == ["0", "2", "4"]
@@ -264,11 +261,7 @@ def test_linears_after_the_blocks_calibrate_on_replayed_block_outputs(cls):
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed"}
     seen = {}
 
-    def prune_group(names, obs: HessianObserver):
-        seen[names[0]] = obs.hessian.clone()
-        for n in names:
-            w = linears[n].weight
-            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+    prune_group = _half_pruner(linears, lambda names, obs: seen.__setitem__(names[0], obs.hessian.clone()))
 
     batches = _batches(n=4)
     run_layerwise(model, batches, linears, prune_group, progress=False)
