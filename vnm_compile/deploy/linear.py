@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..format import VNMWeight, _unpack_meta, groups_per_word
-from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC, LAYOUT_TC_COMPACT, LAYOUTS, OP, unpack
+from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC, LAYOUT_TC_COMPACT, LAYOUTS, OP, CompressedSpec, unpack
 from ..masks import block_rows
 from ..pattern import VNMPattern, as_pattern
 
@@ -382,7 +382,7 @@ class VNMLinear(nn.Module):
     def _convert_entries(self, state_dict, prefix: str, saved: str) -> None:
         """Replace the saved layout's entries with this module's layout (rows <-> tc)."""
         tensors = [state_dict.pop(prefix + k) for k in _KEYS[LAYOUTS[saved]]]
-        spec = [LAYOUTS[saved], *self._spec[1:]]
+        spec = CompressedSpec(*self._spec).with_(layout=LAYOUTS[saved])
         w = unpack(tensors, spec, self.in_features, self.weight_dtype)
         if self.layout != "rows":
             from ..kernels.sparse_tc import pack_sparse_tc

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,16 +60,31 @@ LAYOUTS = {"rows": LAYOUT_ROWS, "tc": LAYOUT_TC, "tc-compact": LAYOUT_TC_COMPACT
 DECODE_TOKENS = 32  # up to this many rows of x the sparse kernels always run (sparse_tc.DECODE_MAX_TOKENS)
 
 
-def _check(weight: list[Tensor], spec: list[int]) -> tuple[int, int, int, int, int]:
+class CompressedSpec(NamedTuple):
+    """vnm::compressed_linear's ``spec`` by name: ``[layout, V, n, M, out_features]``."""
+
+    layout: int
+    v: int
+    n: int
+    m: int
+    out_features: int
+
+    def with_(self, **fields) -> list[int]:
+        """The op's spec (a list of ints) with ``fields`` replaced."""
+        return list(self._replace(**fields))
+
+
+def read_spec(weight: list, spec: list[int]) -> CompressedSpec:
+    """The spec checked against the layout's tensor count (clear errors for a malformed call)."""
     if len(spec) != 5:
         raise ValueError(f"vnm::compressed_linear: spec must be [layout, V, n, M, out_features], got {spec}")
-    layout, v, n, m, out = (int(s) for s in spec)
-    expected = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2}.get(layout)
+    out = CompressedSpec(*(int(s) for s in spec))
+    expected = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2}.get(out.layout)
     if expected is None:
-        raise ValueError(f"vnm::compressed_linear: unknown layout {layout} ({LAYOUTS})")
+        raise ValueError(f"vnm::compressed_linear: unknown layout {out.layout} ({LAYOUTS})")
     if len(weight) != expected:
-        raise ValueError(f"vnm::compressed_linear: layout {layout} takes {expected} tensors, got {len(weight)}")
-    return layout, v, n, m, out
+        raise ValueError(f"vnm::compressed_linear: layout {out.layout} takes {expected} tensors, got {len(weight)}")
+    return out
 
 
 def _pattern(v: int, n: int, m: int) -> VNMPattern:
@@ -97,7 +113,7 @@ def _tc_weight(weight: list[Tensor], v: int, m: int, out: int, in_features: int,
 
 def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> VNMWeight:
     """The row-major VNMWeight of either layout."""
-    layout, v, n, m, out = _check(weight, spec)
+    layout, v, n, m, out = read_spec(weight, spec)
     pattern = _pattern(v, n, m)
     if layout == LAYOUT_ROWS:
         values, columns, meta = weight
@@ -109,7 +125,7 @@ def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch
 
 def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
     """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates."""
-    layout, v, n, m, out = _check(weight, spec)
+    layout, v, n, m, out = read_spec(weight, spec)
     if layout != LAYOUT_ROWS:
         from .tc_dense import tc_to_dense
 
@@ -128,7 +144,7 @@ def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int]
 
 
 def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
-    layout, v, n, m, out = _check(weight, spec)
+    layout, v, n, m, out = read_spec(weight, spec)
     if layout != LAYOUT_ROWS:
         from .sparse_tc import sparse_tc_linear
 
@@ -248,7 +264,7 @@ def prewarm_paths(
             from .sparse_tc import pack_sparse_tc
 
             packed = pack_sparse_tc(w)
-            weight, spec = [packed.records, packed.columns], [LAYOUT_TC, *spec[1:]]
+            weight, spec = [packed.records, packed.columns], CompressedSpec(*spec).with_(layout=LAYOUT_TC)
         x = torch.randn(bucket, in_f, device=device, dtype=dtype, generator=gen)
         # 2. time both paths, the table's prediction first (kept unless the other is > 3 % faster)
         seed = _seed(layout, out, in_f, pattern, bucket, device)
@@ -271,7 +287,7 @@ def prewarm_paths(
 
 def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> str:
     """ "sparse" or "dense" for this call (module docstring)."""
-    layout, v, n, m, out = _check(weight, spec)
+    layout, v, n, m, out = read_spec(weight, spec)
     if not x.is_cuda:
         return "sparse" if layout == LAYOUT_ROWS else "dense"  # the sparse-TC kernels run on CUDA only
     tokens = x.numel() // max(x.shape[-1], 1)
@@ -312,7 +328,7 @@ def _compressed_linear_op(x: Tensor, weight: list[Tensor], spec: list[int], bias
 
 @_compressed_linear_op.register_fake
 def _(x, weight, spec, bias):
-    return x.new_empty((*x.shape[:-1], int(spec[4])))
+    return x.new_empty((*x.shape[:-1], read_spec(weight, spec).out_features))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import fx
 
-from ..kernels.compressed import LAYOUT_ROWS
+from ..kernels.compressed import LAYOUT_ROWS, read_spec
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
 from .fuse_siblings import _slices_ok
@@ -90,8 +90,8 @@ class _Inputs:
         return (base, len(self.perms) - 1)
 
 
-def _rows(spec, weights: list[torch.Tensor]) -> int:
-    return weights[0].shape[0] * (1 if int(spec[0]) == LAYOUT_ROWS else 64)  # tc layouts: 64-row records
+def _rows(layout: int, weights: list[torch.Tensor]) -> int:
+    return weights[0].shape[0] * (1 if layout == LAYOUT_ROWS else 64)  # tc layouts: 64-row records
 
 
 def _adjacent(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -125,9 +125,12 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         x, weights, spec, bias = op_args(node).values()
         key = inputs.key(x)
         tensors = [_value(w, values, gm) for w in weights]
-        if key is None or any(t is None for t in tensors) or not _slices_ok(node, int(spec[4])):
+        if key is None or any(t is None for t in tensors):
             continue
-        groups.setdefault((*key, *map(int, spec[:4]), tensors[0].dtype, bias is None), []).append(node)
+        s = read_spec(tensors, spec)
+        if not _slices_ok(node, s.out_features):
+            continue
+        groups.setdefault((*key, s.layout, s.v, s.n, s.m, tensors[0].dtype, bias is None), []).append(node)
     index = fresh_prefix(gm)
     fused = 0
     for members in groups.values():
@@ -144,10 +147,10 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
 def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bool:
     graph = gm.graph
     calls = [op_args(node) for node in members]
-    specs = [[int(s) for s in call["spec"]] for call in calls]
     weights = [[_value(w, values, gm) for w in call["weight"]] for call in calls]
-    sizes = [s[4] for s in specs]
-    if any(_rows(s, w) != s[4] for s, w in zip(specs[:-1], weights[:-1], strict=True)):
+    specs = [read_spec(w, call["spec"]) for w, call in zip(weights, calls, strict=True)]
+    sizes = [s.out_features for s in specs]
+    if any(_rows(s.layout, w) != s.out_features for s, w in zip(specs[:-1], weights[:-1], strict=True)):
         return False  # padding rows between members: their outputs would not be contiguous slices
     stacked = []
     for k in range(len(weights[0])):
@@ -165,7 +168,7 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
         tensors = [constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(stacked)]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
         call = graph.call_function(COMPRESSED_OP, ())
-        set_op_args(call, x=x, weight=tensors, spec=[*specs[0][:4], sum(sizes)], bias=bias)
+        set_op_args(call, x=x, weight=tensors, spec=specs[0].with_(out_features=sum(sizes)), bias=bias)
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     call.meta = dict(first.meta)

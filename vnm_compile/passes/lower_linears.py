@@ -55,15 +55,15 @@ def _dense_weight(gm: fx.GraphModule, graph: fx.Graph, site: LinearSite, prefix:
 def _layout_tensors(w) -> tuple[list[torch.Tensor], list[int]]:
     """The compressed weight in the layout vnm::compressed_linear runs best on its device, and the op's spec."""
     from ..deploy.linear import tc_layout_supported
-    from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC
+    from ..kernels.compressed import LAYOUT_ROWS, LAYOUT_TC, CompressedSpec
 
-    spec = [LAYOUT_ROWS, w.block_rows, w.pattern.n, w.pattern.m, w.out_features]
+    spec = CompressedSpec(LAYOUT_ROWS, w.block_rows, w.pattern.n, w.pattern.m, w.out_features)
     if tc_layout_supported(w.pattern, w.dtype, w.in_features, w.device):
         from ..kernels.sparse_tc import pack_sparse_tc
 
         packed = pack_sparse_tc(w)
-        return [packed.records, packed.columns], [LAYOUT_TC, *spec[1:]]
-    return [w.values, w.columns, w.meta], spec
+        return [packed.records, packed.columns], spec.with_(layout=LAYOUT_TC)
+    return [w.values, w.columns, w.meta], spec.with_()
 
 
 def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, selects: dict) -> int:
