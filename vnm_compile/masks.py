@@ -76,24 +76,29 @@ def vnm_mask(scores: Tensor, pattern: VNMPattern | str) -> Tensor:
     if scores.is_meta:
         raise ValueError("scores are on the meta device (no data): materialise the weights before choosing masks")
     s = (scores if scores.is_floating_point() else scores.float()).contiguous()
+    if s.numel() == 0:
+        return torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    # Non-negative scores (every importance measure) need no abs() copy for the norms.
+    return _vnm_mask(s, p, nonneg=bool(s.min() >= 0))
+
+
+def _vnm_mask(s: Tensor, p: VNMPattern, nonneg: bool, check: bool = True) -> Tensor:
+    """vnm_mask of contiguous floating-point scores ``s`` (``nonneg``: all >= 0). ``check=False``: no
+    NaN/Inf check, so nothing waits for the device (the caller's scores are finite by construction)."""
     rows, cols = s.shape
     v, m = block_rows(p), p.m
     mask = torch.zeros((rows, cols), dtype=torch.bool, device=s.device)
-    if s.numel() == 0:
-        return mask
-    # Non-negative scores (every importance measure) need no abs() copy for the norms.
-    nonneg = bool(s.min() >= 0)
     # The whole V x M blocks are used in place; only the (thin) ragged edges are padded copies.
     r0, c0 = rows - rows % v, cols - cols % m
     if r0 and c0:
-        _mask_whole_blocks(s[:r0, :c0], mask[:r0, :c0], p, v, nonneg)
+        _mask_whole_blocks(s[:r0, :c0], mask[:r0, :c0], p, v, nonneg, check=check)
     if r0 and c0 < cols:  # last column group, all whole row blocks
         edge = torch.nn.functional.pad(s[:r0, c0:], (0, c0 + m - cols))
-        _mask_whole_blocks(edge, mask[:r0, c0:], p, v, nonneg, pad_cols=c0 + m - cols)
+        _mask_whole_blocks(edge, mask[:r0, c0:], p, v, nonneg, pad_cols=c0 + m - cols, check=check)
     if r0 < rows:  # last row block, all columns
         cols_p = -(-cols // m) * m
         edge = torch.nn.functional.pad(s[r0:], (0, cols_p - cols, 0, r0 + v - rows))
-        _mask_whole_blocks(edge, mask[r0:], p, v, nonneg, pad_cols=cols_p - cols)
+        _mask_whole_blocks(edge, mask[r0:], p, v, nonneg, pad_cols=cols_p - cols, check=check)
     return mask
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import _mask_whole_blocks, block_rows, vnm_mask
+from ..masks import _vnm_mask, vnm_mask
 from ..pattern import VNMPattern, as_pattern
 from .hessian import damped_hessian
 
@@ -208,12 +208,7 @@ def _block_width(pattern: VNMPattern, blocksize: int) -> int:
 def _mask_no_sync(saliency: Tensor, pattern: VNMPattern) -> Tensor:
     """``vnm_mask`` of non-negative scores without waiting for the device (SparseGPT's column loop):
     no NaN/Inf check, a NaN counts as 0."""
-    rows, cols = saliency.shape
-    v, pad_cols = block_rows(pattern), -cols % pattern.m
-    x = torch.nn.functional.pad(torch.nan_to_num(saliency, nan=0.0), (0, pad_cols, 0, -rows % v))
-    out = torch.zeros((rows, cols), dtype=torch.bool, device=saliency.device)
-    _mask_whole_blocks(x, out, pattern, v, nonneg=True, pad_cols=pad_cols, check=False)
-    return out
+    return _vnm_mask(torch.nan_to_num(saliency, nan=0.0).contiguous(), pattern, nonneg=True, check=False)
 
 
 def sparsegpt_prune(
