@@ -63,7 +63,8 @@ class DenseTarget:
         return torch.cholesky_solve(rhs, low).T.float().to(weight.device)
 
     def _factor(self, damp: float, name: str) -> tuple[Tensor | None, float]:
-        """(lower Cholesky factor of H + λI, λ), with λ raised 10x per failed try; (None, λ) when it never factors."""
+        """(lower Cholesky factor of H + λI, λ), with λ raised 10x per failed try; (None, λ) when it
+        never factors."""
         h_d = damped_hessian(self.hessian.float(), damp, name).double()
         lam = float(h_d.diagonal().mean() - self.hessian.diagonal().mean())
         eye = torch.eye(h_d.shape[0], dtype=h_d.dtype, device=h_d.device)
