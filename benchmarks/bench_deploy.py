@@ -256,7 +256,12 @@ def _dense_layer_ms(args, model, cfg) -> float:
     emb = model.rotary_emb(hidden, pos.view(1, 1))
     cache = StaticCache(config=cfg, max_cache_len=args.kv_len + 8)
 
-    def step():
+    layer(hidden, position_embeddings=emb, past_key_values=cache, cache_position=pos)
+    counters = [c.cumulative_length for c in cache.layers if hasattr(c, "cumulative_length")]
+
+    def step():  # the cache's write position reset each replay, as in _decode_ms
+        for c in counters:
+            c.fill_(args.kv_len)
         return layer(hidden, position_embeddings=emb, past_key_values=cache, cache_position=pos)
 
     step()
@@ -285,6 +290,7 @@ def run_big(args) -> dict:
                "layer_build_s_median": sorted(layer_s)[len(layer_s) // 2], "weights_bytes": torch.cuda.memory_allocated(),
                "build_peak_bytes": torch.cuda.max_memory_allocated()}  # fmt: skip
         ms = _decode_ms(args, model, cfg)
+        log.warning("%s: decode %.3f ms per token, peak %.1f GB", pattern, ms, torch.cuda.max_memory_allocated() / 1e9)
         rec.update(decode_peak_bytes=torch.cuda.max_memory_allocated(), decode_ms=ms, tokens_per_s=1e3 / ms,
                    per_layer_ms=ms / args.layers, dense_layer_ms=_dense_layer_ms(args, model, cfg))  # fmt: skip
         log.warning("%s", rec)
@@ -322,9 +328,10 @@ def _prepared(base, variant: str, cache: dict, layout: str = "auto"):
     return cache[(pattern, form)]
 
 
-def _kernel_launches(fn) -> int:
+def _kernel_launches(fn, top: int = 0) -> tuple[int, list[dict]]:
     """GPU kernels one call launches (torch.profiler, outside a CUDA graph: what a capture records),
-    memcpy and memset included."""
+    memcpy and memset included; with ``top``, also the ``top`` kernel names by total GPU time
+    ({name, calls, us}: where a step's time goes)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -332,7 +339,13 @@ def _kernel_launches(fn) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name[:120], []).append(e.device_time if hasattr(e, "device_time") else e.cuda_time)
+    table = [{"name": n, "calls": len(t), "us": round(sum(t), 2)} for n, t in by_name.items()]
+    table.sort(key=lambda r: -r["us"])
+    return len(events), table[:top]
 
 
 @torch_no_grad_decorator
@@ -378,11 +391,10 @@ def run_speed(args) -> dict:
                 if getattr(call, "overhead", None) is not None:
                     rec["overhead_ms"] = e2e._time(call.overhead)[1]
                     ms -= rec["overhead_ms"]
-            rec.update(
-                ms=ms,
-                compile_s=compile_s,
-                kernels=_kernel_launches(lambda compiled=compiled, call=call: call(compiled)),
-            )
+            kernels, top = _kernel_launches(lambda compiled=compiled, call=call: call(compiled), args.profile)
+            rec.update(ms=ms, compile_s=compile_s, kernels=kernels)
+            if top:
+                rec["kernel_profile"] = top
             log.warning("%s", rec)
             records.append(rec)
             del compiled
@@ -428,6 +440,10 @@ def _md(result: dict) -> str:
                 continue
             lines.append(f"| {r['phase']} | {r['batch']} | {r['tokens']} | {r['variant']} | {r['ms']:.3f} | "
                          f"{r.get('speedup', float('nan')):.2f}x | {r.get('kernels', '')} |")  # fmt: skip
+        for r in (r for r in recs if r.get("kernel_profile")):
+            lines += ["", f"### {r['phase']} {r['tokens']} tokens, {r['variant']}: kernels by GPU time (one call, "
+                      "outside CUDA graphs)", "", "| kernel | calls | us |", "|---|---:|---:|"]  # fmt: skip
+            lines += [f"| `{k['name'][:90]}` | {k['calls']} | {k['us']:.1f} |" for k in r["kernel_profile"]]
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         "--unpermuted", action="store_true", help="speed: also the masked form pruned without permutations"
     )
     parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speed: record each variant's K kernels with the most GPU time (one profiled call)",
+    )
     parser.add_argument("--tmp", default=None, help="folder for the checkpoint (default: the system's temp)")
     parser.add_argument("--layout", default="auto", choices=["auto", "tc", "tc-compact", "rows"],
                         help="compress_'s layout (tc-compact: the sparse-tensor-core records without the dense "
