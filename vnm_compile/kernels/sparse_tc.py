@@ -742,9 +742,12 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
         raise RuntimeError("sparse_tc_linear needs compute capability >= 8.0 and PyTorch's NVRTC helpers")
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
-    y = torch.empty(tokens, w.out_features, device=x.device, dtype=x.dtype)
+    # allocated in x's leading shape and written through a 2-D view: the tensor returned is not a view (a
+    # custom op returning a view pays a copy: vnm::compressed_linear clones such outputs)
+    result = torch.empty((*x.shape[:-1], w.out_features), device=x.device, dtype=x.dtype)
+    y = result.view(tokens, w.out_features)
     if tokens == 0:
-        return y.reshape(*x.shape[:-1], w.out_features)
+        return result
     with torch.cuda.device(x.device):
         _check_device(x.device)
         cfg = config or default_config(w, tokens)
@@ -758,7 +761,7 @@ def sparse_tc_linear(x: Tensor, w: SparseTCWeight, bias: Tensor | None = None, c
             if config is None:
                 cfg = _tuned_gemm(x2, w, y, b)
             launch(feature_major(x2, w, cfg), tokens, w, y, b, cfg)
-    return y.reshape(*x.shape[:-1], w.out_features)
+    return result
 
 
 def decode_candidates(tokens: int) -> list[dict]:
