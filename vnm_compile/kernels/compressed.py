@@ -12,7 +12,11 @@ them (``[layout, V, n, M, out_features]``). Two layouts, one held per weight:
 
 The weights are stored in the coordinates in which they obey the pattern (permutations are applied by
 the module around the op), so every block's kept columns lie inside its own M-column group: the
-kernels read contiguous columns.
+kernels read contiguous columns. Either layout may carry one more tensor, ``row_index`` ((stored rows,)
+int32: the output row of each stored row, -1 for padding): the kernels then store each output row at its
+place (the output permutation applied in the store, no index op after the op; the backend's
+``store_out_permutations`` pass adds it where every call is a decode step), and a bias is read in output
+coordinates.
 
 Dense or sparse is decided per call from the token count: up to ``DECODE_TOKENS`` the sparse kernels
 (decode is memory-bound: rebuilding the dense weight would read more than dense itself); above it the
@@ -27,6 +31,7 @@ measured choices; the shipped tables only seed the first measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -48,6 +53,7 @@ __all__ = [
     "LAYOUTS",
     "OP",
     "rebuild_dense",
+    "row_index",
     "compressed_linear_reference",
     "choose_path",
     "prewarm_paths",
@@ -79,12 +85,29 @@ def read_spec(weight: list, spec: list[int]) -> CompressedSpec:
     if len(spec) != 5:
         raise ValueError(f"vnm::compressed_linear: spec must be [layout, V, n, M, out_features], got {spec}")
     out = CompressedSpec(*(int(s) for s in spec))
-    expected = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2}.get(out.layout)
+    expected = _TENSORS.get(out.layout)
     if expected is None:
         raise ValueError(f"vnm::compressed_linear: unknown layout {out.layout} ({LAYOUTS})")
-    if len(weight) != expected:
-        raise ValueError(f"vnm::compressed_linear: layout {out.layout} takes {expected} tensors, got {len(weight)}")
+    if len(weight) not in (expected, expected + 1):
+        raise ValueError(
+            f"vnm::compressed_linear: layout {out.layout} takes {expected} tensors (and optionally a row_index), "
+            f"got {len(weight)}"
+        )
     return out
+
+
+_TENSORS = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2}  # per layout, without the optional row_index
+
+
+def row_index(weight: list, spec: list[int]) -> Tensor | None:
+    """The weight's optional row_index (output row of each stored row; module docstring), or None."""
+    expected = _TENSORS[int(spec[0])]
+    return weight[expected] if len(weight) > expected else None
+
+
+def _stored(weight: list, spec: list[int]) -> list:
+    """The layout's own tensors, without the optional row_index."""
+    return weight[: _TENSORS[int(spec[0])]]
 
 
 def _pattern(v: int, n: int, m: int) -> VNMPattern:
@@ -102,11 +125,12 @@ def _identity_rows(rows: int, in_features: int, device: torch.device) -> Tensor:
 def _tc_weight(weight: list[Tensor], v: int, m: int, out: int, in_features: int, dtype: torch.dtype):
     from .sparse_tc import SparseTCWeight
 
-    records, columns = weight
+    records, columns = weight[:2]
+    rows_out = weight[2] if len(weight) > 2 else None
     identity = 8 * m <= 256 and records.shape[-1] == RECORD  # compact records have no dense-kernel rows
     rows = _identity_rows(records.shape[1] * 8 * m, in_features, records.device) if identity else None
     return SparseTCWeight(
-        records, columns, None, out, in_features, dtype, rows, m if rows is not None else 0, rows is not None,
+        records, columns, rows_out, out, in_features, dtype, rows, m if rows is not None else 0, rows is not None,
         block_rows=v,
     )  # fmt: skip
 
@@ -116,23 +140,30 @@ def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch
     layout, v, n, m, out = read_spec(weight, spec)
     pattern = _pattern(v, n, m)
     if layout == LAYOUT_ROWS:
-        values, columns, meta = weight
-        return VNMWeight(values, columns, meta, None, pattern, (out, in_features))
+        values, columns, meta = weight[:3]
+        return VNMWeight(values, columns, meta, row_index(weight, spec), pattern, (out, in_features))
     from .sparse_tc import unpack_sparse_tc
 
     return unpack_sparse_tc(_tc_weight(weight, v, m, out, in_features, dtype), pattern)
 
 
 def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
-    """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates."""
+    """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates
+    (with a row_index: each stored row at its output row)."""
     layout, v, n, m, out = read_spec(weight, spec)
+    rows = row_index(weight, spec)
     if layout != LAYOUT_ROWS:
         from .tc_dense import tc_to_dense
 
-        return tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
-    from .rows_dense import rows_to_dense
+        dense = tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
+    else:
+        from .rows_dense import rows_to_dense
 
-    return rows_to_dense(unpack(weight, spec, in_features, dtype))
+        dense = rows_to_dense(unpack(_stored(weight, spec), spec, in_features, dtype))
+    if rows is None:
+        return dense
+    # stored row r goes to output row rows[r] (a permutation of 0..out-1 over the first out stored rows)
+    return torch.empty_like(dense).index_copy_(0, rows[:out].long(), dense)
 
 
 def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
@@ -151,7 +182,9 @@ def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | Non
         return sparse_tc_linear(x, _tc_weight(weight, v, m, out, x.shape[-1], x.dtype), bias)
     from .vnm_linear import OpWeight, _sparse_linear
 
-    return _sparse_linear(x, OpWeight.unpack(weight, spec), bias)  # vnm::linear's spec starts with this one
+    w = OpWeight.unpack(_stored(weight, spec), spec)  # vnm::linear's spec starts with this one
+    rows = row_index(weight, spec)
+    return _sparse_linear(x, w if rows is None else dataclasses.replace(w, row_index=rows), bias)
 
 
 def _dense(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
