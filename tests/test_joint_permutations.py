@@ -4,6 +4,8 @@ producers and the consumer, and both equal the eager sparsified model. (The same
 v_proj -> o_proj, per head: tests/test_joint_attention.py; the counts here include those links.)
 
 Tiny Llama (gated MLP), BERT and ViT (fc1 -> GELU -> fc2) from transformers configs with random weights.
+Their inputs hold more than 32 tokens: at decode sizes the remaining output index ops go into the kernels'
+store (store_out_permutations, tests/passes/test_pass_store_permutations.py).
 """
 
 import copy
@@ -44,7 +46,7 @@ def _llama(dtype=torch.float32):
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-    return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 7))
+    return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 12))
 
 
 def _bert(dtype=torch.float32):
@@ -52,7 +54,7 @@ def _bert(dtype=torch.float32):
     cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
     model = transformers.BertModel(cfg, add_pooling_layer=False).to(dtype).eval()
-    return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 7))
+    return model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], torch.randint(0, 96, (3, 12))
 
 
 def _vit(dtype=torch.float32):

@@ -23,6 +23,7 @@ from .keep_dense_off_gpu import keep_dense_off_gpu
 from .lower_linears import lower_linears
 from .prune_linears import prune_linears
 from .sparse_tc_weights import sparse_tc_weights
+from .store_permutations import store_out_permutations
 
 __all__ = [
     "PASSES",
@@ -38,6 +39,7 @@ __all__ = [
     "expand_weights",
     "interleave_rows",
     "sparse_tc_weights",
+    "store_out_permutations",
     "permutation_nodes",
     "CompileContext",
     "CompileOptions",
@@ -58,7 +60,8 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # that read the same input (q/k/v, gate/up); 7. with the expand_weights option, the expanded
 # weights for the gather GEMM; 8. with the interleave_rows option, the decode kernel's layout;
 # 9. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
-# kernels' packed weights; 10. one launch for sibling vnm::compressed_linear calls (compressed models).
+# kernels' packed weights; 10. in a decode-only graph, vnm::compressed_linear's output permutations in its
+# kernels' store instead of an index op; 11. one launch for sibling vnm::compressed_linear calls.
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,
@@ -70,6 +73,7 @@ PASSES: list[Pass] = [
     expand_weights,
     interleave_rows,
     sparse_tc_weights,
+    store_out_permutations,
     fuse_compressed,
 ]
 

@@ -210,6 +210,7 @@ class LinearSite:
     in_perm_readers: list[str] = field(default_factory=list)  # the layers reading its input index op (itself too)
     in_perm_cancelled: tuple[str, ...] = ()  # input permutation cancelled with these producers' output ones
     out_perm_cancelled: tuple[str, ...] = ()  # output permutation cancelled with these consumers' input one
+    out_perm_stored: bool = False  # output permutation applied in the kernel's store (store_out_permutations)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -249,7 +250,7 @@ class LayerCompileReport:
         if not self.lowered:
             return "dense"
         if self.index_perms:
-            return "compressed (dense or sparse per call), permutations as index ops"
+            return "compressed (dense or sparse per call)" + (", permutations as index ops" if self.permuted else "")
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""
@@ -403,6 +404,8 @@ def _permutations_applied(site: LinearSite) -> str:
     if state.out_perm is not None:
         if site.out_perm_cancelled:
             parts.append(f"out: cancelled with {', '.join(map(_short, site.out_perm_cancelled))}")
+        elif site.out_perm_stored:
+            parts.append("out: in the kernel's store")
         else:
             parts.append("out: index op on y")
     return ", ".join(parts)

@@ -313,11 +313,30 @@ def _tc_decode(site: LinearSite, device: torch.device, pattern, option, opts) ->
 
 
 def index_lowered(site: LinearSite, opts) -> bool:
-    """Whether the layer's permutations run as index ops around vnm::compressed_linear (option permutations)."""
+    """Whether the layer runs vnm::compressed_linear: a permuted layer, its permutations as index ops around it
+    (option permutations "index"), or an unpermuted one in a decode graph on a GPU (_decode_compressed)."""
     state = site.state
-    return (
-        opts.permutations == "index" and state is not None and (state.in_perm is not None or state.out_perm is not None)
-    )
+    if opts.permutations != "index" or state is None:
+        return False
+    return state.in_perm is not None or state.out_perm is not None or _decode_compressed(site, opts)
+
+
+def _decode_compressed(site: LinearSite, opts) -> bool:
+    """An unpermuted sparsified layer whose every call is a decode step (at most DECODE_TOKENS rows, fixed in
+    the graph) on a GPU where the sparse tensor cores run it, with the default options: it runs
+    vnm::compressed_linear, as a permuted layer does (the decode kernel, autotuned on this GPU), instead of
+    the shipped table's prediction for vnm::linear (on an H100 the table predates these kernels and kept
+    20 of 28 Llama-3-8B linears dense at 1 token). Options that ask for the table path's layouts
+    (expand_weights, interleave_rows, sparse_tensor_cores other than "auto", dense_fallback off) keep it."""
+    from ..kernels.compressed import DECODE_TOKENS
+
+    device = site.weight.device
+    if device.type != "cuda" or opts.sparse_tensor_cores != "auto" or opts.expand_weights or opts.interleave_rows:
+        return False
+    if not opts.dense_fallback or tc_option("auto", device) is not True or not _tc_eligible(site, site.state.pattern):
+        return False
+    static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
+    return None not in static and max(static) <= DECODE_TOKENS
 
 
 def _dispatch_index(site: LinearSite, ctx: CompileContext) -> None:

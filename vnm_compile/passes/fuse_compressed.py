@@ -12,7 +12,10 @@ without a copy when they are adjacent views of one storage (``share_storage_`` l
 compressed model out that way: the graph then reads one view spanning them); weights this compile created
 (get_attr constants) are concatenated. Anything else stays unfused. Each member but the last must have
 no padding rows (out_features a multiple of V), so that the members' outputs are contiguous slices.
-Users must accept a column slice (fuse_siblings._slices_ok). Option ``fuse_siblings`` turns it off.
+Users must accept a column slice (fuse_siblings._slices_ok). Members that store their output rows through a
+row_index (store_out_permutations) fuse with each other and with members without one (given the identity),
+the row indices shifted to each member's slice.
+Option ``fuse_siblings`` turns it off.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import operator
 import torch
 from torch import fx
 
-from ..kernels.compressed import LAYOUT_ROWS, read_spec
+from ..kernels.compressed import LAYOUT_ROWS, _stored, read_spec
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
 from .fuse_siblings import _slices_ok
@@ -108,6 +111,14 @@ def _adjacent(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
+def _rows_of(weight: list[torch.Tensor], own: int, spec) -> torch.Tensor:
+    """A member's row_index, or the identity one (its stored rows in order, -1 for padding)."""
+    if len(weight) > own:
+        return weight[own]
+    rows = torch.arange(_rows(spec.layout, weight), dtype=torch.int32, device=weight[0].device)
+    return rows.masked_fill(rows >= spec.out_features, -1)
+
+
 def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     """Replace groups of sibling vnm::compressed_linear calls with one call. True if the graph changed."""
     graph = gm.graph
@@ -153,7 +164,8 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
     if any(_rows(s.layout, w) != s.out_features for s, w in zip(specs[:-1], weights[:-1], strict=True)):
         return False  # padding rows between members: their outputs would not be contiguous slices
     stacked = []
-    for k in range(len(weights[0])):
+    own = len(_stored(weights[0], calls[0]["spec"]))  # the layout's tensors; a row_index may follow
+    for k in range(own):
         parts = [w[k] for w in weights]
         view = _adjacent(parts)
         if view is None:
@@ -161,6 +173,10 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
                 return False  # model buffers in separate storages: fusing would copy the weights
             view = torch.cat(parts)
         stacked.append(view)
+    if any(len(w) > own for w in weights):  # each member's output rows (identity where it has none), shifted
+        starts = [sum(sizes[:i]) for i in range(len(weights))]
+        parts = [_rows_of(w, own, s) for w, s in zip(weights, specs, strict=True)]
+        stacked.append(torch.cat([torch.where(p >= 0, p + start, p) for p, start in zip(parts, starts, strict=True)]))
     first = members[0]
     x = calls[0]["x"]
     biases = [call["bias"] for call in calls]

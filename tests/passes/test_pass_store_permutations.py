@@ -1,0 +1,162 @@
+"""store_out_permutations: in a decode-only graph, each permuted layer's output index op goes into the
+kernels' store (vnm::compressed_linear's row_index), siblings fused with it; prefill graphs and dynamic
+graphs keep their index ops. Compiled == eager throughout (masked and compressed forms, tiny Llama and BERT
+from transformers configs, random permutations from calibration).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from vnm_compile import VNMConfig, calibrate, compress_, sparsify_
+from vnm_compile.backend import vnm_backend
+from vnm_compile.kernels.compressed import OP as COMPRESSED_OP
+from vnm_compile.kernels.compressed import row_index
+from vnm_compile.passes.lower_linears import LAYER_META, PERM_META
+
+transformers = pytest.importorskip("transformers")
+
+INDEX = (torch.index_select, torch.ops.aten.index_select.default)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+
+
+class Recorder:
+    def __init__(self, **options):
+        self.options = {"inductor": False, "force_sparse": True, **options}
+        self.graphs, self.reports = [], []
+
+    def __call__(self, gm, example_inputs):
+        from vnm_compile.backend import last_report
+
+        fn = vnm_backend(gm, example_inputs, options=self.options)
+        self.graphs.append(gm)
+        self.reports.append(last_report())
+        return fn
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return transformers.LlamaModel(cfg).eval()
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def _sparsified(build):
+    model = build()
+    stats = calibrate(model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], progress=False)
+    sparsify_(model, VNMConfig("16:2:8", min_numel=0), stats, progress=False)
+    return model
+
+
+def _calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is COMPRESSED_OP]
+
+
+def _run(model, ids, **options):
+    rec = Recorder(**options)
+    compiled = torch.compile(model, backend=rec, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids).last_hidden_state
+        ref = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    return rec
+
+
+@pytest.mark.parametrize("build", [_llama, _bert], ids=["llama", "bert"])
+def test_decode_graph_stores_the_output_permutations(build):
+    model = _sparsified(build)
+    rec = _run(model, torch.randint(0, 96, (4, 1)))  # 4 tokens: a decode step of 4 sequences
+    gm, report = rec.graphs[-1], rec.reports[-1]
+    out_index = [n for n in gm.graph.nodes if n.target in INDEX and (n.meta.get(PERM_META) or ("",))[0] == "out"]
+    assert not out_index, gm.code
+    calls = _calls(gm)
+    weights = {c: [getattr(gm, w.target) for w in c.args[1]] for c in calls}
+    permuted = {r.name: r for r in report.lowered if r.permuted}
+    stored = {name for name, r in permuted.items() if "out: in the kernel's store" in r.permutations}
+    assert stored and not any("out: index op" in r.permutations for r in permuted.values())
+    for call in calls:  # the CPU layout (values, columns, meta), and a row_index where the layers' outputs move
+        names = set(call.meta[LAYER_META].split("+"))
+        has_rows = row_index(weights[call], call.args[2]) is not None
+        assert has_rows or not names & stored, names  # (a fused call may carry identity rows for a sibling)
+    # q/k/v and gate/up still fuse (their row indices shifted to each member's slice): fewer calls than layers
+    assert len(calls) < len(permuted)
+
+
+def test_prefill_and_dynamic_graphs_keep_the_index_ops():
+    model = _sparsified(_llama)
+    rec = _run(model, torch.randint(0, 96, (3, 12)))  # 36 tokens: above the decode range
+    gm, report = rec.graphs[-1], rec.reports[-1]
+    assert any(n.target in INDEX and (n.meta.get(PERM_META) or ("",))[0] == "out" for n in gm.graph.nodes)
+    weights = [[getattr(gm, w.target) for w in c.args[1]] for c in _calls(gm)]
+    assert not any(row_index(w, c.args[2]) is not None for w, c in zip(weights, _calls(gm), strict=True))
+    assert not any("kernel's store" in r.permutations for r in report.lowered)
+    torch._dynamo.reset()
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        ids = torch.randint(0, 96, (2, 3))
+        torch.testing.assert_close(
+            compiled(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4
+        )
+    assert not any("kernel's store" in r.permutations for r in rec.reports[-1].lowered)
+
+
+def test_compressed_model_decode_graph_drops_the_output_index_ops():
+    model = _sparsified(_llama)
+    compressed = compress_(copy.deepcopy(model), progress=False)
+    ids = torch.randint(0, 96, (2, 1))
+    rec = Recorder()
+    compiled = torch.compile(compressed, backend=rec, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(got, model(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, compressed(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+    gm = rec.graphs[-1]
+    calls = _calls(gm)
+    # every call's output is read as it is (split into siblings at most), never through an index op
+    for call in calls:
+        users = [u for v in call.users for u in ([v] if v.target is not torch.split else v.users)]
+        assert not any(u.target in INDEX or (u.op == "call_method" and u.target == "index_select") for u in users)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("permute", [True, False], ids=["permuted", "unpermuted"])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_gpu_decode_graph_runs_compressed_linear(permute, tokens):
+    """On a GPU with the sparse tensor cores: a decode graph runs every sparsified layer through
+    vnm::compressed_linear (permuted ones with their output permutations in the kernels' store, unpermuted ones
+    too, instead of the shipped table's prediction), and matches eager with the real kernels."""
+    from vnm_compile.kernels.sparse_tc import sparse_tc_available
+
+    if not torch.cuda.is_available() or not sparse_tc_available():
+        pytest.skip("needs a CUDA GPU with the sparse tensor cores")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = transformers.LlamaModel(cfg).cuda().half().eval()
+    batches = [torch.randint(0, 96, (2, 11), device="cuda") for _ in range(2)]
+    stats = calibrate(model, batches, progress=False)
+    sparsify_(model, VNMConfig("64:2:8", min_numel=0, permute=permute), stats, progress=False)
+    rec = Recorder(inductor=True, force_sparse=False)
+    compiled = torch.compile(model, backend=rec, fullgraph=True)
+    ids = torch.randint(0, 96, (tokens, 1), device="cuda")
+    with torch.no_grad():
+        got = compiled(input_ids=ids, use_cache=False).last_hidden_state
+        ref = model(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    report = rec.reports[-1]
+    assert len(report.lowered) == 14 and all(r.mode.startswith("compressed") for r in report.lowered)
+    if permute:
+        assert any("out: in the kernel's store" in r.permutations for r in report.lowered)
