@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     args.llama_layers = args.layers
     result = {"memory": run_memory, "speed": run_speed, "big": run_big}[args.mode](args)
     result.update(gpu=torch.cuda.get_device_name(), versions=e2e._versions(), command=command_line("python "),
-                  shapes=args.shapes, wall_s=time.perf_counter() - args.t0, layout=args.layout)  # fmt: skip
+                  shapes="llama2-70b" if args.mode == "big" else args.shapes, wall_s=time.perf_counter() - args.t0, layout=args.layout)  # fmt: skip
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     stem = f"deploy_{args.mode}" + ("" if args.shapes == "llama2-7b" or args.mode == "big" else f"_{args.shapes}")
