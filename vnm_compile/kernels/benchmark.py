@@ -45,6 +45,7 @@ __all__ = [
     "environment",
     "git_commit",
     "run_benchmark",
+    "versions",
     "write_results",
 ]
 
@@ -252,6 +253,15 @@ def read_floor_us(nbytes: int, device: torch.device) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------- weights
+# The versions the model-level results keep under "versions" (their markdown prints them): a subset of environment().
+VERSION_KEYS = ("torch", "triton", "transformers", "cuda", "python")
+
+
+def versions(env: dict) -> dict:
+    """The VERSION_KEYS of ``env`` (an environment()) that it has."""
+    return {k: env[k] for k in VERSION_KEYS if k in env}
+
+
 def environment(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict:
     """The header every benchmark result records: what ran it (GPU or "cpu", versions, machine, CPUs,
     threads, load average), the commit, the date and the command line.
