@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import vnm_compile  # noqa: F401
-    from vnm_compile.kernels.benchmark import command_line
+    from vnm_compile.kernels.benchmark import command_line, environment, versions
     from vnm_compile.kernels.dispatch import gpu_slug
 
     if not torch.cuda.is_available():
@@ -491,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     args.device, args.dtype, args.smoke = "cuda", torch.float16, False
     args.layers = args.layers or {"memory": 32, "speed": 2, "big": 80}[args.mode]
     args.llama_layers = args.layers
+    env = environment(args.device, args.dtype)  # the commit when the run starts (it takes minutes)
     result = {"memory": run_memory, "speed": run_speed, "big": run_big}[args.mode](args)
-    result.update(gpu=torch.cuda.get_device_name(), versions=e2e._versions(), command=command_line("python "),
-                  shapes="llama2-70b" if args.mode == "big" else args.shapes, wall_s=time.perf_counter() - args.t0, layout=args.layout)  # fmt: skip
+    result.update(gpu=torch.cuda.get_device_name(), versions=versions(env), command=command_line("python "),
+                  environment=env, shapes="llama2-70b" if args.mode == "big" else args.shapes,
+                  wall_s=time.perf_counter() - args.t0, layout=args.layout)  # fmt: skip
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     stem = f"deploy_{args.mode}" + ("" if args.shapes == "llama2-7b" or args.mode == "big" else f"_{args.shapes}")

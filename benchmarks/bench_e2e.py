@@ -56,7 +56,6 @@ import contextlib
 import gc
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -86,20 +85,6 @@ EXTRA_VARIANTS = (
 # Decode batch 1 also runs the V:N:M variants without sibling fusion (fuse_siblings=False): the
 # same kernels with q/k/v and gate/up as separate launches, to show what the fusion pass buys.
 SEPARATE = ("64:2:8 separate", "64:2:5 separate")
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-    import triton
-
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-    }
 
 
 def _compile(model, variant: str, smoke: bool = False):
@@ -654,8 +639,9 @@ def run_dynamic(args) -> dict:
 
     from vnm_compile import VNMConfig, sparsify_
     from vnm_compile.backend import clear_reports, reports
-    from vnm_compile.kernels.benchmark import command_line
+    from vnm_compile.kernels.benchmark import command_line, environment, versions
 
+    env = environment(args.device, args.dtype)  # the commit when the run starts (it takes minutes)
     pattern = next(v.split()[0] for v in args.variants if v not in ("dense", CSLT))
     model = build_llama(args)
     report = sparsify_(model, VNMConfig(pattern, score="abs", permute=False), progress=False)
@@ -686,8 +672,9 @@ def run_dynamic(args) -> dict:
             )  # fmt: skip
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
-        "versions": _versions(),
+        "versions": versions(env),
         "command": command_line("python "),
+        "environment": env,
         "config": {
             "layers": args.llama_layers,
             "pattern": pattern,
@@ -737,12 +724,14 @@ def _dynamic_md(result: dict) -> str:
 def _result(args, records: list[dict]) -> dict:
     import torch
 
-    from vnm_compile.kernels.benchmark import command_line
+    from vnm_compile.kernels.benchmark import command_line, environment, versions
 
+    env = environment(args.device, args.dtype)
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
-        "versions": _versions(),
+        "versions": versions(env),
         "command": command_line("python "),
+        "environment": env,
         "config": {
             "llama_layers": args.llama_layers,
             "deit_layers": args.deit_layers,

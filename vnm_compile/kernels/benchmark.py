@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,17 @@ from .sparse_tc import SparseTCWeight, pack_sparse_tc, sparse_tc_available, unsu
 from .vnm_linear import expand_weights, interleave_rows, vnm_linear
 from .vnm_triton import autotune_cache
 
-__all__ = ["GRIDS", "BenchGrid", "custom_grid", "run_benchmark", "write_results"]
+__all__ = [
+    "GRIDS",
+    "BenchGrid",
+    "command_line",
+    "custom_grid",
+    "environment",
+    "git_commit",
+    "run_benchmark",
+    "versions",
+    "write_results",
+]
 
 log = logging.getLogger(__name__)
 
@@ -242,20 +253,81 @@ def read_floor_us(nbytes: int, device: torch.device) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------- weights
-def environment(device: torch.device, dtype: torch.dtype) -> dict:
-    """GPU, versions and the command line: the header every benchmark result records."""
+# The versions the model-level results keep under "versions" (their markdown prints them): a subset of environment().
+VERSION_KEYS = ("torch", "triton", "transformers", "cuda", "python")
+
+
+def versions(env: dict) -> dict:
+    """The VERSION_KEYS of ``env`` (an environment()) that it has."""
+    return {k: env[k] for k in VERSION_KEYS if k in env}
+
+
+def environment(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict:
+    """The header every benchmark result records: what ran it (GPU or "cpu", versions, machine, CPUs,
+    threads, load average), the commit, the date and the command line.
+
+    Args:
+        device: the device timed; None: the current CUDA device if there is one, else the CPU.
+        dtype: recorded as "dtype" when given.
+
+    Returns:
+        gpu (name, or "cpu"), gpu_slug (CUDA only), torch, triton, transformers (when importable), cuda,
+        python, machine, cpus, threads, load_average (1, 5, 15 minutes; where the OS has one), commit
+        (git_commit()), date_utc (when this is called: a script that runs long may overwrite it at its end),
+        command (command_line()), dtype (when given).
+    """
     import triton
 
-    return {
-        "gpu": torch.cuda.get_device_name(device),
-        "gpu_slug": gpu_slug(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "command": command_line(),
-    }
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    env: dict = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        env["gpu_slug"] = gpu_slug(device)
+    env.update(torch=torch.__version__, triton=triton.__version__)
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # an optional dependency: the model-level benchmarks need it, the kernel ones do not
+        pass
+    processor = platform.processor()
+    env.update(
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        machine=", ".join(dict.fromkeys(x for x in (platform.machine(), processor) if x)),
+        # the CPUs this process may run on (a container or taskset may allow fewer than the machine has)
+        cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        threads=torch.get_num_threads(),
+    )
+    if hasattr(os, "getloadavg"):  # not on Windows
+        env["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    env.update(commit=git_commit(), date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), command=command_line())
+    if dtype is not None:
+        env["dtype"] = str(dtype).replace("torch.", "")
+    return env
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """Short hash of the git commit checked out at ``path`` (default: the source tree this package runs
+    from, which is the benchmarks' repository), plus " (with uncommitted changes)" when tracked files differ
+    from it; "unknown" when git or the repository is missing (nothing printed)."""
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            run = subprocess.run(
+                ["git", "-C", str(path), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):  # no git, path gone, git hangs
+            return None
+        return run.stdout.strip() if run.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return commit + (" (with uncommitted changes)" if dirty else "")
 
 
 _COMMAND_ENV = ("VNM_AUTOTUNE", "VNM_BENCH_RESULTS", "TRITON_INTERPRET")
