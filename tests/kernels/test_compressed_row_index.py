@@ -33,7 +33,7 @@ def _module(layout: str, dtype, device="cpu", pattern="64:2:5"):
     mod._to_layout(layout)
     mod = mod.to(device)
     tensors = mod._weight_tensors()
-    stored_rows = tensors[0].shape[0] * (1 if layout == "rows" else 64)
+    stored_rows = tensors[0].shape[0] * (1 if mod.layout == "rows" else 64)  # (moved to a GPU: its layout)
     rows = torch.full((stored_rows,), -1, dtype=torch.int32, device=device)
     rows[:ROWS] = out_perm.to(device=device, dtype=torch.int32)  # stored row r is output row out_perm[r]
     return mod, tensors, rows, bias.to(device), (stored * mask).to(dtype), out_perm
