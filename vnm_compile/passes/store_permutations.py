@@ -17,14 +17,14 @@ cancel_permutations removed are gone already; a call whose output has other user
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import fx
 
-from ..kernels.compressed import DECODE_TOKENS, LAYOUT_ROWS, read_spec, row_index
+from ..kernels.compressed import DECODE_TOKENS, read_spec, row_index
 from .context import CompileContext
-from .fuse_compressed import COMPRESSED_TARGETS, _index_select, _value
+from .find_linears import _static_tokens
+from .fuse_compressed import COMPRESSED_TARGETS, _index_select, _rows, _value
 from .graph import PREFIX, constant, finish, fresh_prefix, op_args, set_op_args
 from .lower_linears import LAYER_META
 
@@ -33,22 +33,12 @@ __all__ = ["store_out_permutations"]
 logger = logging.getLogger(__name__)
 
 
-def _static_tokens(x) -> int | None:
-    """Rows of x (all dims but the last) when fixed in the graph, else None (an input index op the passes
-    added has no recorded value: its input's shape is read)."""
+def _tokens(x) -> int | None:
+    """Rows of x when fixed in the graph, else None (an input index op the passes added has no recorded value:
+    its input's shape is read)."""
     while isinstance(x, fx.Node) and "example_value" not in x.meta and "val" not in x.meta and _index_select(x):
         x = _index_select(x)[0]
-    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() == 0:
-        return None
-    dims = val.shape[:-1]
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    return math.prod(dims)
-
-
-def _stored_rows(layout: int, weights: list[torch.Tensor]) -> int:
-    return weights[0].shape[0] * (1 if layout == LAYOUT_ROWS else 64)  # tc layouts: 64-row records
+    return _static_tokens(x)
 
 
 def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
@@ -63,7 +53,7 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         if node.op != "call_function" or node.target not in COMPRESSED_TARGETS or len(node.users) != 1:
             continue
         args = op_args(node)
-        tokens = _static_tokens(args["x"])
+        tokens = _tokens(args["x"])
         if tokens is None or tokens > DECODE_TOKENS:
             continue
         user = next(iter(node.users))
@@ -79,7 +69,7 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         if row_index(tensors, args["spec"]) is not None or inverse.shape != (out,) or inverse.is_floating_point():
             continue
         # y[..., j] = stored[..., inverse[j]]: stored row inverse[j] is output row j
-        rows = torch.full((_stored_rows(spec.layout, tensors),), -1, dtype=torch.int32, device=inverse.device)
+        rows = torch.full((_rows(spec.layout, tensors),), -1, dtype=torch.int32, device=inverse.device)
         rows[inverse.long()] = torch.arange(out, dtype=torch.int32, device=inverse.device)
         with graph.inserting_before(node):
             rows_node = constant(gm, graph, f"{PREFIX}{index}_row_index", rows)
