@@ -94,3 +94,31 @@ def test_gpu_row_index_store_matches_float64(layout, tokens):
         floor = torch.nn.functional.linear(x.float(), original.float().cuda(), bias.float()).to(dtype).double() - ref
         err = (y.double() - ref).abs().max()
         assert torch.isfinite(y).all() and err <= 2 * floor.abs().max() + 1e-3, f"error {err:.3g}"
+
+
+def test_held_dense_weights_run_the_dense_path_without_a_rebuild(monkeypatch):
+    """dense_weights: a masked model's own weights, stacked (two here, as for fused siblings); where the dense
+    path runs (the sparse-tensor-core layout on the CPU), cuBLAS runs on them and nothing is rebuilt."""
+    from vnm_compile.kernels import compressed as C
+
+    mod, tensors, _, bias, stored, _ = _module("tc", torch.float16)
+    held = [stored[:64].clone(), stored[64:].clone()]
+    x = torch.randn(2, 7, COLS, dtype=torch.float16)
+    expected = OP(x, tensors, mod._spec, bias)  # rebuilds the same weight
+    monkeypatch.setattr(C, "rebuild_dense", lambda *a, **k: pytest.fail("rebuilt with held dense weights"))
+    got = OP(x, tensors, mod._spec, bias, held)
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # float32 accumulation vs the CPU fp16 matmul
+    xg = x.float().requires_grad_(True)
+    monkeypatch.undo()
+    grad = torch.randn(2, 7, ROWS)
+    (OP(xg.half(), tensors, mod._spec, None, held).float() * grad).sum().backward()
+    torch.testing.assert_close(xg.grad, (grad.half() @ stored).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_held_dense_weights_are_checked():
+    mod, tensors, rows, _, stored, _ = _module("tc", torch.float16)
+    x = torch.randn(2, COLS, dtype=torch.float16)
+    with pytest.raises(ValueError, match="stack to 131 rows"):
+        OP(x, tensors, mod._spec, None, [stored[:100]])
+    with pytest.raises(ValueError, match="exclude each other"):
+        OP(x, [*tensors, rows], mod._spec, None, [stored])

@@ -133,11 +133,12 @@ def test_compressed_model_decode_graph_drops_the_output_index_ops():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("permute", [True, False], ids=["permuted", "unpermuted"])
-@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("tokens", [1, 16, 48])
 def test_gpu_decode_graph_runs_compressed_linear(permute, tokens):
-    """On a GPU with the sparse tensor cores: a decode graph runs every sparsified layer through
-    vnm::compressed_linear (permuted ones with their output permutations in the kernels' store, unpermuted ones
-    too, instead of the shipped table's prediction), and matches eager with the real kernels."""
+    """On a GPU with the sparse tensor cores: every sparsified layer runs vnm::compressed_linear (permuted ones
+    with their output permutations in the kernels' store at decode, unpermuted ones with their own weight
+    held for the dense path, instead of the shipped table's prediction), and matches eager with the real
+    kernels (48 tokens: the measured choice between the sparse GEMM and cuBLAS)."""
     from vnm_compile.kernels.sparse_tc import sparse_tc_available
 
     if not torch.cuda.is_available() or not sparse_tc_available():
@@ -158,5 +159,42 @@ def test_gpu_decode_graph_runs_compressed_linear(permute, tokens):
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
     report = rec.reports[-1]
     assert len(report.lowered) == 14 and all(r.mode.startswith("compressed") for r in report.lowered)
-    if permute:
+    if permute and tokens <= 32:
         assert any("out: in the kernel's store" in r.permutations for r in report.lowered)
+    if not permute:
+        assert all("dense on its own weight" in r.mode for r in report.lowered)
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (3, 12), "dynamic"])
+def test_unpermuted_layers_run_compressed_linear_on_their_own_weight(monkeypatch, shape):
+    """On a GPU with the sparse tensor cores (simulated: the CPU runs the row-major reference), an unpermuted
+    sparsified layer runs vnm::compressed_linear with its own masked weight held for the dense path (no copy:
+    the graph's weight input), at decode, prefill and in a dynamic graph; q/k/v and gate/up fuse with their
+    weights listed; compiled == eager."""
+    import importlib
+
+    F = importlib.import_module("vnm_compile.passes.find_linears")
+    monkeypatch.setattr(F, "_sparse_tc_gpu", lambda device: True)
+    monkeypatch.setattr(F, "_tc_eligible", lambda site, pattern: True)  # fp32 on the CPU: not a kernel dtype
+    model = _llama()
+    stats = calibrate(model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], progress=False)
+    sparsify_(model, VNMConfig("16:2:8", min_numel=0, permute=False), stats, progress=False)
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec, fullgraph=True, dynamic=shape == "dynamic")
+    with torch.no_grad():
+        for ids in (
+            [torch.randint(0, 96, (2, 3)), torch.randint(0, 96, (5, 2))]
+            if shape == "dynamic"
+            else [torch.randint(0, 96, shape)]
+        ):
+            got = compiled(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(got, model(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+    gm, report = rec.graphs[-1], rec.reports[-1]
+    assert len(report.lowered) == 14
+    assert all(r.mode == "compressed (dense or sparse per call, dense on its own weight)" for r in report.lowered)
+    calls = _calls(gm)
+    held = [c.args[4] for c in calls]
+    assert all(isinstance(h, list) and h for h in held)
+    assert all(d.op == "placeholder" for h in held for d in h)  # the model's own Parameters, not copies
+    assert sorted(len(h) for h in held) == [1, 1, 1, 1, 2, 2, 3, 3]  # o, down; gate/up; q/k/v (2 layers)
+    assert not any(n.target in INDEX for n in gm.graph.nodes)

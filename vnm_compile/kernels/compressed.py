@@ -187,7 +187,13 @@ def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | Non
     return _sparse_linear(x, w if rows is None else dataclasses.replace(w, row_index=rows), bias)
 
 
-def _dense(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
+def _dense(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None, held=None) -> Tensor:
+    """cuBLAS on the held dense weights (a masked model's own, stacked for fused siblings), else on the dense
+    weight rebuilt into a temporary."""
+    if held:
+        from .vnm_linear import _dense_linear
+
+        return _dense_linear(x, held, bias, read_spec(weight, spec).out_features)
     return torch.nn.functional.linear(x, rebuild_dense(weight, spec, x.shape[-1], x.dtype), bias)
 
 
@@ -222,9 +228,12 @@ def _remember(path: Path, key: str, choice: str) -> None:
         log.debug("cannot write %s: %s", path, err)
 
 
-def _path_key(device: torch.device, layout: int, dtype, out: int, in_f: int, v: int, n: int, m: int, bucket: int):
-    """The in-memory key of a dense-or-sparse choice (its tail, ``_disk_key``, is the cache file's key)."""
-    return ("vnm_path", device.index, layout, dtype, out, in_f, v, n, m, bucket)
+def _path_key(
+    device: torch.device, layout: int, dtype, out: int, in_f: int, v: int, n: int, m: int, bucket: int, held=False
+):
+    """The in-memory key of a dense-or-sparse choice (its tail, ``_disk_key``, is the cache file's key).
+    ``held``: the dense side is cuBLAS on held dense weights, not on a rebuilt one (another choice)."""
+    return ("vnm_path", device.index, layout, dtype, out, in_f, v, n, m, bucket) + (("held",) if held else ())
 
 
 def _disk_key(key: tuple) -> str:
@@ -318,8 +327,9 @@ def prewarm_paths(
     return done
 
 
-def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> str:
-    """ "sparse" or "dense" for this call (module docstring)."""
+def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None, held=None) -> str:
+    """ "sparse" or "dense" for this call (module docstring; ``held``: the dense weights the dense path runs,
+    else it rebuilds one)."""
     layout, v, n, m, out = read_spec(weight, spec)
     if not x.is_cuda:
         return "sparse" if layout == LAYOUT_ROWS else "dense"  # the sparse-TC kernels run on CUDA only
@@ -328,7 +338,7 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
         return "sparse"
     from .vnm_triton import _AUTOTUNE_CACHE, _choose, _token_bucket
 
-    key = _path_key(x.device, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens))
+    key = _path_key(x.device, layout, x.dtype, out, x.shape[-1], v, n, m, _token_bucket(tokens), bool(held))
     known = _AUTOTUNE_CACHE.get(key)  # 1. decided earlier in this process: nothing else on the hot path
     if known is not None:
         return known
@@ -342,7 +352,7 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
     seed = _seed(layout, out, x.shape[-1], _pattern(v, n, m), tokens, x.device)
     cands = [seed, "dense" if seed == "sparse" else "sparse"]
     x2 = x.reshape(-1, x.shape[-1])
-    paths = {"sparse": _sparse, "dense": _dense}
+    paths = {"sparse": _sparse, "dense": functools.partial(_dense, held=held)}
     measured = not torch.cuda.is_current_stream_capturing() and os.environ.get("VNM_AUTOTUNE") != "0"
     choice = _choose(key, cands, lambda path: paths[path](x2, weight, spec, bias))
     if measured:
@@ -350,9 +360,36 @@ def choose_path(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor |
     return choice
 
 
-@torch.library.custom_op("vnm::compressed_linear", mutates_args=())
-def _compressed_linear_op(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:
-    path = choose_path(x, weight, spec, bias)
+def _check_held(weight: list[Tensor], spec: list[int], held: list[Tensor] | None) -> None:
+    """Held dense weights must stack to the weight's rows, in its (stored = output) order."""
+    if not held:
+        return
+    s = read_spec(weight, spec)
+    if row_index(weight, spec) is not None:
+        raise ValueError("vnm::compressed_linear: dense_weights and a row_index exclude each other")
+    rows = sum(d.shape[0] for d in held)
+    if rows != s.out_features or any(d.dim() != 2 for d in held):
+        raise ValueError(
+            f"vnm::compressed_linear: dense_weights must be 2-D and stack to {s.out_features} rows, got shapes "
+            f"{[tuple(d.shape) for d in held]}"
+        )
+
+
+@torch.library.custom_op(
+    "vnm::compressed_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weight, int[] spec, Tensor? bias, Tensor[]? dense_weights=None) -> Tensor",
+)
+def _compressed_linear_op(
+    x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None, dense_weights: list[Tensor] | None = None
+) -> Tensor:
+    """``dense_weights`` (optional): the layer's own dense (masked) weights, stacked along the rows as the
+    compressed weight holds them (siblings fused into one call each bring theirs); where dense wins, cuBLAS
+    runs on them instead of on a rebuilt weight (a sparsified model compiled by the "vnm" backend)."""
+    _check_held(weight, spec, dense_weights)
+    path = choose_path(x, weight, spec, bias, dense_weights)
+    if path == "dense" and dense_weights:
+        return _dense(x, weight, spec, bias, dense_weights)
     if path == "dense" and not x.is_cuda:
         return compressed_linear_reference(x, weight, spec, bias)
     y = (_sparse if path == "sparse" else _dense)(x, weight, spec, bias)
@@ -360,22 +397,25 @@ def _compressed_linear_op(x: Tensor, weight: list[Tensor], spec: list[int], bias
 
 
 @_compressed_linear_op.register_fake
-def _(x, weight, spec, bias):
+def _(x, weight, spec, bias, dense_weights=None):
+    _check_held(weight, spec, dense_weights)
     return x.new_empty((*x.shape[:-1], read_spec(weight, spec).out_features))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, spec, bias = inputs
+    x, weight, spec, bias, *rest = inputs
     ctx.save_for_backward(*weight)
     ctx.spec, ctx.in_features, ctx.has_bias = list(spec), x.shape[-1], bias is not None
+    # the gradient structure of what reached autograd: the dispatcher drops dense_weights=None (its default)
+    ctx.held = [[None] * len(d) for d in rest if d is not None]
 
 
 def _backward(ctx, grad):
-    """Gradients for x and bias (the compressed weight is a constant)."""
+    """Gradients for x and bias (the compressed weight and the held dense weights are constants)."""
     dense = rebuild_dense(list(ctx.saved_tensors), ctx.spec, ctx.in_features, grad.dtype)
     grad_x = grad @ dense.to(grad.dtype) if ctx.needs_input_grad[0] else None
     grad_b = grad.reshape(-1, dense.shape[0]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad_x, [None] * len(ctx.saved_tensors), None, grad_b
+    return grad_x, [None] * len(ctx.saved_tensors), None, grad_b, *ctx.held
 
 
 _compressed_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -70,9 +70,11 @@ class CompileOptions:
             the decode kernel (the compressed bytes once more; passes/interleave_rows.py): faster
             at 1-4 tokens.
         sparse_tensor_cores: the mma.sp / wgmma.sp kernels (kernels/sparse_tc.py) for eligible layers
-            (n = 2, V a multiple of 64, fp16/bf16). "auto" (default): as True on a CUDA device where
-            they run (compute capability >= 8.0, PyTorch's NVRTC; kernels.sparse_tc.sparse_tc_available),
-            off elsewhere. True: for each eligible layer the token count from which the measured table
+            (n = 2, V a multiple of 64, fp16/bf16). "auto" (default): on a CUDA device where they run
+            (compute capability >= 8.0, PyTorch's NVRTC; kernels.sparse_tc.sparse_tc_available) each
+            eligible layer sparsified in place runs vnm::compressed_linear, which decides dense or sparse
+            per call by measurement on that GPU (find_linears.measured_compressed; a layer with recorded
+            permutations does so under either value), and the rest as True; off elsewhere. True: for each eligible layer the token count from which the measured table
             says the sparse tensor cores beat dense (dispatch.sparse_tc_token_floor), and the few-token
             counts at which their decode kernel beats dense and the Triton kernels
             (dispatch.sparse_tc_decode_window); an int T: from T tokens for every eligible layer. Such
@@ -207,6 +209,7 @@ class LinearSite:
     aliases: tuple[str, ...] = ()  # other names of the weight (a tied weight: the calling module, the owner)
     masked_copy: bool = False  # kept dense on a masked copy of the weight (compile-time pruning off the GPU)
     index_perms: bool = False  # permutations run as index ops around vnm::compressed_linear (option)
+    held_dense: bool = False  # vnm::compressed_linear holds the model's masked weight for its dense path
     in_perm_readers: list[str] = field(default_factory=list)  # the layers reading its input index op (itself too)
     in_perm_cancelled: tuple[str, ...] = ()  # input permutation cancelled with these producers' output ones
     out_perm_cancelled: tuple[str, ...] = ()  # output permutation cancelled with these consumers' input one
@@ -237,6 +240,7 @@ class LayerCompileReport:
     tc_min_tokens: int | None = None
     tc_decode: tuple[int, int] | None = None
     index_perms: bool = False
+    held_dense: bool = False
     permutations: str = "none"  # how the input and output permutations were applied (CompileContext.report)
 
     @property
@@ -250,7 +254,13 @@ class LayerCompileReport:
         if not self.lowered:
             return "dense"
         if self.index_perms:
-            return "compressed (dense or sparse per call)" + (", permutations as index ops" if self.permuted else "")
+            held = ", dense on its own weight" if self.held_dense else ""
+            return (
+                "compressed (dense or sparse per call"
+                + held
+                + ")"
+                + (", permutations as index ops" if self.permuted else "")
+            )
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""
@@ -370,6 +380,7 @@ class CompileContext:
             r.tc_min_tokens = s.tc_min_tokens if r.tc_bytes else None
             r.tc_decode = s.tc_decode if r.tc_bytes else None
             r.index_perms = s.index_perms and r.lowered
+            r.held_dense = s.held_dense and r.lowered
             r.dense_bytes = s.weight.numel() * s.weight.element_size()
             if r.lowered and s.state is not None:
                 r.pattern, r.origin = s.state.pattern, s.origin

@@ -318,45 +318,49 @@ def index_lowered(site: LinearSite, opts) -> bool:
     state = site.state
     if opts.permutations != "index" or state is None:
         return False
-    return state.in_perm is not None or state.out_perm is not None or _decode_compressed(site, opts)
+    return state.in_perm is not None or state.out_perm is not None or measured_compressed(site, opts)
 
 
-def _decode_compressed(site: LinearSite, opts) -> bool:
-    """An unpermuted sparsified layer whose every call is a decode step (at most DECODE_TOKENS rows, fixed in
-    the graph) on a GPU where the sparse tensor cores run it, with the default options: it runs
-    vnm::compressed_linear, as a permuted layer does (the decode kernel, autotuned on this GPU), instead of
-    the shipped table's prediction for vnm::linear (on an H100 the table predates these kernels and kept
-    20 of 28 Llama-3-8B linears dense at 1 token). Options that ask for the table path's layouts
+def _sparse_tc_gpu(device: torch.device) -> bool:
+    """A CUDA device where the sparse tensor cores run."""
+    return device.type == "cuda" and tc_option("auto", device) is True
+
+
+def measured_compressed(site: LinearSite, opts) -> bool:
+    """An unpermuted sparsified layer on a GPU where the sparse tensor cores run it, with the default options:
+    it runs vnm::compressed_linear with its own masked weight held for the dense path. Up to DECODE_TOKENS
+    rows the decode kernel runs (autotuned on this GPU); above, the sparse GEMM is timed against cuBLAS on
+    that weight once per shape and token bucket on this GPU, and the faster kept (kernels/compressed.py).
+    That replaces the shipped table's prediction for vnm::linear (on an H100 the table predates these kernels
+    and kept 20 of 28 Llama-3-8B linears dense at 1 token). Options that ask for the table path's layouts
     (expand_weights, interleave_rows, sparse_tensor_cores other than "auto", dense_fallback off) keep it."""
-    from ..kernels.compressed import DECODE_TOKENS
-
-    device = site.weight.device
-    if device.type != "cuda" or opts.sparse_tensor_cores != "auto" or opts.expand_weights or opts.interleave_rows:
+    if site.state is None or site.state.in_perm is not None or site.state.out_perm is not None:
         return False
-    if not opts.dense_fallback or tc_option("auto", device) is not True or not _tc_eligible(site, site.state.pattern):
+    if opts.sparse_tensor_cores != "auto" or opts.expand_weights or opts.interleave_rows or not opts.dense_fallback:
         return False
-    static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
-    return None not in static and max(static) <= DECODE_TOKENS
+    return _sparse_tc_gpu(site.weight.device) and _tc_eligible(site, site.state.pattern)
 
 
 def _dispatch_index(site: LinearSite, ctx: CompileContext) -> None:
     """A permuted layer with recorded state runs vnm::compressed_linear (dense or sparse per call, by
     measurement) -- except where every call's token count is fixed in the graph above the decode range and
     the measured table gives the sparse tensor cores no win there: the model holds its own dense (masked)
-    weight, so such a layer runs it, as a dense layer (no rebuild of the dense weight per call)."""
+    weight, so such a layer runs it, as a dense layer (no rebuild of the dense weight per call). An
+    unpermuted layer (measured_compressed) always runs the op, its own weight held for the dense path."""
     from ..kernels import dispatch
     from ..kernels.compressed import DECODE_TOKENS
 
     static = [_static_tokens(_arg(node, 0, "input")) for node in site.nodes]
     device = site.weight.device
-    if device.type == "cuda" and None not in static and min(static) > DECODE_TOKENS:
+    held = measured_compressed(site, ctx.options)  # the op holds the model's own weight: it measures both
+    if device.type == "cuda" and not held and None not in static and min(static) > DECODE_TOKENS:
         floor = dispatch.sparse_tc_token_floor(site.shape[0], site.shape[1], site.state.pattern, device)
         if floor is None or min(static) < floor:
             where = "no measured sparse win" if floor is None else f"the sparse tensor cores win from {floor}"
             return ctx.keep_dense(
                 site, f"its own masked weight runs dense at {min(static)} tokens ({where} on {device.type})"
             )
-    site.index_perms = True
+    site.index_perms, site.held_dense = True, held
     return None
 
 

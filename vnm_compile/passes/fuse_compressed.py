@@ -12,7 +12,9 @@ without a copy when they are adjacent views of one storage (``share_storage_`` l
 compressed model out that way: the graph then reads one view spanning them); weights this compile created
 (get_attr constants) are concatenated. Anything else stays unfused. Each member but the last must have
 no padding rows (out_features a multiple of V), so that the members' outputs are contiguous slices.
-Users must accept a column slice (fuse_siblings._slices_ok). Members that store their output rows through a
+Users must accept a column slice (fuse_siblings._slices_ok). Members holding their dense weights (an
+unpermuted layer's own, for the op's dense path) fuse with each other: the fused call holds the list of
+them, one per member, which its dense path runs as column slices of one output (no concatenation). Members that store their output rows through a
 row_index (store_out_permutations) fuse with each other and with members without one (given the identity),
 the row indices shifted to each member's slice.
 Option ``fuse_siblings`` turns it off.
@@ -133,7 +135,8 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in COMPRESSED_TARGETS:
             continue
-        x, weights, spec, bias = op_args(node).values()
+        args = op_args(node)
+        x, weights, spec, bias, held = args["x"], args["weight"], args["spec"], args["bias"], args["dense_weights"]
         key = inputs.key(x)
         tensors = [_value(w, values, gm) for w in weights]
         if key is None or any(t is None for t in tensors):
@@ -141,7 +144,9 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         s = read_spec(tensors, spec)
         if not _slices_ok(node, s.out_features):
             continue
-        groups.setdefault((*key, s.layout, s.v, s.n, s.m, tensors[0].dtype, bias is None), []).append(node)
+        groups.setdefault((*key, s.layout, s.v, s.n, s.m, tensors[0].dtype, bias is None, held is None), []).append(
+            node
+        )
     index = fresh_prefix(gm)
     fused = 0
     for members in groups.values():
@@ -184,7 +189,9 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
         tensors = [constant(gm, graph, f"{prefix}_w{k}", t) for k, t in enumerate(stacked)]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
         call = graph.call_function(COMPRESSED_OP, ())
-        set_op_args(call, x=x, weight=tensors, spec=specs[0].with_(out_features=sum(sizes)), bias=bias)
+        held = None if calls[0]["dense_weights"] is None else [d for c in calls for d in c["dense_weights"]]
+        set_op_args(call, x=x, weight=tensors, spec=specs[0].with_(out_features=sum(sizes)), bias=bias,
+                    dense_weights=held)  # fmt: skip
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     call.meta = dict(first.meta)

@@ -85,6 +85,8 @@ def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, s
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.numel(), device=device)
             out_inv = constant(gm, graph, f"{prefix}_out_inv", inverse)
+        # an unpermuted layer's own masked weight, for the op's dense path (measured against the sparse one)
+        dense = _dense_weight(gm, graph, site, prefix) if site.held_dense else None
     for node in site.nodes:
         x = node.args[0] if node.args else node.kwargs["input"]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -100,7 +102,8 @@ def _lower_with_index_perms(gm: fx.GraphModule, site: LinearSite, prefix: str, s
                 if site.name not in readers:
                     readers.append(site.name)
                 site.in_perm_readers = readers  # one list per index op: every layer reading it
-            y = graph.call_function(COMPRESSED_OP, (x, weights, spec, bias if out_inv is None else None))
+            args = (x, weights, spec, bias if out_inv is None else None)
+            y = graph.call_function(COMPRESSED_OP, (*args, [dense]) if dense is not None else args)
             y.meta[LAYER_META] = site.name
             if out_inv is not None:
                 y = graph.call_function(torch.index_select, (y, -1, out_inv))

@@ -53,6 +53,8 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         if node.op != "call_function" or node.target not in COMPRESSED_TARGETS or len(node.users) != 1:
             continue
         args = op_args(node)
+        if args["dense_weights"] is not None:  # held dense weights are in output order: nothing to move
+            continue
         tokens = _tokens(args["x"])
         if tokens is None or tokens > DECODE_TOKENS:
             continue
