@@ -78,7 +78,8 @@ def _lower_and_compile(
         # Inductor may make Dynamo trace the frame again (e.g. to turn Python float scalars of a
         # dynamic graph into tensors): the exception leaves here and this attempt's report is dropped,
         # the next attempt's kept.
-        fn = compile_fx(gm, inputs, config_patches=patches)
+        with torch.compiler.config.patch(cache_key_tag=_cache_key_tag()):
+            fn = compile_fx(gm, inputs, config_patches=patches)
     else:
         fn = gm.forward
     report = ctx.report(next(_GRAPH_IDS))
@@ -86,6 +87,21 @@ def _lower_and_compile(
     logger.info("%s", report.summary())
     logger.debug("\n%s", report.table())
     return fn, ctx
+
+
+def _cache_key_tag() -> str:
+    """Inductor's cache key tag for graphs holding vnm ops: the user's tag plus the ops' schemas, so that a
+    compiled graph cached by another version of vnm_compile (whose generated code calls the ops with other
+    arguments) is never loaded by this one."""
+    import hashlib
+
+    from .kernels.compressed import OP as COMPRESSED_OP
+    from .kernels.vnm_linear import HYBRID_OP, OP
+
+    schemas = "|".join(str(op._schema) for op in (OP, HYBRID_OP, COMPRESSED_OP))
+    tag = "vnm-" + hashlib.sha256(schemas.encode()).hexdigest()[:16]
+    user = torch.compiler.config.cache_key_tag
+    return f"{user}+{tag}" if user else tag
 
 
 class _Snapshot:
