@@ -42,15 +42,17 @@ def test_prewarm_writes_the_keys_choose_path_reads(cache):
     done = prewarm_paths(shapes, ["16:2:8"], [1, 16, 33, 64, 200, 256], cpu, torch.float32, timer=timer, progress=False)
     # decode counts (<= 32) are never measured; 33 and 64 share a bucket, 200 and 256 too
     assert {b for _, b in timer.calls} == {64, 256}
-    assert len(timer.calls) == 2 * 2 * 2  # shapes x buckets x both paths
+    assert len(timer.calls) == 2 * 2 * 2 * 2  # shapes x buckets x (rebuilt, held dense weight) x both paths
     file = path_cache_file(cpu)
     assert file == cache / "fake-gpu" / file.name and file.name.startswith("paths-torch")
     on_disk = json.loads(file.read_text())
-    assert on_disk == done and len(done) == 4
+    assert on_disk == done and len(done) == 8
     for out, in_f in shapes:
         for bucket, want in ((64, "sparse"), (256, "dense")):
-            key = _path_key(cpu, compressed.LAYOUT_ROWS, torch.float32, out, in_f, 16, 2, 8, bucket)
-            assert on_disk[_disk_key(key)] == want and _AUTOTUNE_CACHE[key] == want
+            for held in (False, True):
+                key = _path_key(cpu, compressed.LAYOUT_ROWS, torch.float32, out, in_f, 16, 2, 8, bucket, held)
+                assert on_disk[_disk_key(key)] == want and _AUTOTUNE_CACHE[key] == want
+    assert sum(k.endswith("|held") for k in on_disk) == 4
 
 
 def test_prewarm_keeps_what_is_cached_and_prefers_the_table_on_a_near_tie(cache):
@@ -65,7 +67,7 @@ def test_prewarm_keeps_what_is_cached_and_prefers_the_table_on_a_near_tie(cache)
 
     seed = compressed._seed(compressed.LAYOUT_ROWS, 40, 96, compressed.VNMPattern.parse("16:2:8"), 64, cpu)
     done = prewarm_paths([(40, 96)], ["16:2:8"], [64], cpu, torch.float32, timer=tie, progress=False)
-    assert list(done.values()) == [seed]
+    assert list(done.values()) == [seed, seed]  # the rebuilt and the held dense weight
 
 
 def test_model_shapes_include_fused_siblings():

@@ -274,7 +274,9 @@ def prewarm_paths(
         timer: ``timer(path, fn) -> ms`` for path "sparse" or "dense" (default: fn timed as a CUDA-graph
             replay, vnm_triton._replay_ms); tests pass a fake one to check the cache logic without a GPU.
     Each (shape, pattern, bucket) is measured in the layout compress_ holds on ``device``: the sparse
-    tensor cores' packing where they run, else the row-major one. The cache file is
+    tensor cores' packing where they run, else the row-major one; twice, the dense side once on a rebuilt
+    weight (a compressed model's layers) and once on a held one (a sparsified model's own weight, the
+    "vnm" backend's ``dense_weights``). The cache file is
     ``path_cache_file(device)``, the one choose_path reads.
     """
     from tqdm.auto import tqdm
@@ -288,19 +290,21 @@ def prewarm_paths(
     file = path_cache_file(device)
     done: dict[str, str] = {}
     buckets = sorted({_token_bucket(int(t)) for t in tokens if int(t) > DECODE_TOKENS})
-    cases = [(int(o), int(i), VNMPattern.parse(str(p)), b) for o, i in shapes for p in patterns for b in buckets]
-    for out, in_f, pattern, bucket in tqdm(cases, desc="prewarm paths", disable=not progress, leave=False):
+    cases = [(int(o), int(i), VNMPattern.parse(str(p)), b, held)
+             for o, i in shapes for p in patterns for b in buckets for held in (False, True)]  # fmt: skip
+    for out, in_f, pattern, bucket, held in tqdm(cases, desc="prewarm paths", disable=not progress, leave=False):
         tc = tc_layout_supported(pattern, dtype, in_f, device)
         layout = LAYOUT_TC if tc else LAYOUT_ROWS
         v = block_rows(pattern)
-        key = _path_key(device, layout, dtype, out, in_f, v, pattern.n, pattern.m, bucket)
+        key = _path_key(device, layout, dtype, out, in_f, v, pattern.n, pattern.m, bucket, held)
         disk_key = _disk_key(key)
         if disk_key in _disk_choices(str(file)):
             continue
         # 1. a random weight of this shape in that layout, and x of the bucket's token count
         gen = torch.Generator(device=device).manual_seed(out * 7 + in_f)
         dense = torch.randn(out, in_f, device=device, dtype=dtype, generator=gen)
-        w = VNMWeight.from_dense(dense, vnm_mask(dense.abs().float(), pattern), pattern)
+        mask = vnm_mask(dense.abs().float(), pattern)
+        w = VNMWeight.from_dense(dense, mask, pattern)
         weight, spec = [w.values, w.columns, w.meta], [LAYOUT_ROWS, w.block_rows, pattern.n, pattern.m, out]
         if tc:
             from .sparse_tc import pack_sparse_tc
@@ -308,9 +312,10 @@ def prewarm_paths(
             packed = pack_sparse_tc(w)
             weight, spec = [packed.records, packed.columns], CompressedSpec(*spec).with_(layout=LAYOUT_TC)
         x = torch.randn(bucket, in_f, device=device, dtype=dtype, generator=gen)
-        # 2. time both paths, the table's prediction first (kept unless the other is > 3 % faster)
+        # 2. time both paths, the table's prediction first (kept unless the other is > 3 % faster); the dense
+        # one on a held (masked) weight for a sparsified model's layers, on a rebuilt one for compressed models
         seed = _seed(layout, out, in_f, pattern, bucket, device)
-        paths = {"sparse": _sparse, "dense": _dense}
+        paths = {"sparse": _sparse, "dense": functools.partial(_dense, held=[dense * mask] if held else None)}
         best, best_ms = seed, float("inf")
         for path in (seed, "dense" if seed == "sparse" else "sparse"):
             try:
