@@ -14,7 +14,9 @@ Variants (the same random fp16 weights; V:N:M ones pruned by sparsify_ with ABS)
 - folded: permuted, compiled with permutations="fold" (the kept columns scattered in the kernels' indices).
 Each is compiled with fullgraph=True (options force nothing else). "kernels" counts the CUDA kernels one
 call launches (torch.profiler, outside CUDA graphs: the nodes a captured graph replays); "index" the
-launches whose name says gather/index (an unfused permutation); "ms" the median of CUDA-graph replays
+launches whose name says gather/index: an unfused permutation, but also a norm or activation kernel with a
+gather fused in, which dense runs anyway (compare the "kernels" totals for the launches permutations add;
+bench_deploy.py --profile lists the kernels by time); "ms" the median of CUDA-graph replays
 (kernels.benchmark.time_model_ms). The lowered layers' permutations column is the compile report's.
 Writes launches.json / launches.md to --out (default benchmarks/results/<gpu>/).
 """
