@@ -16,7 +16,9 @@ kernels read contiguous columns. Either layout may carry one more tensor, ``row_
 int32: the output row of each stored row, -1 for padding): the kernels then store each output row at its
 place (the output permutation applied in the store, no index op after the op; the backend's
 ``store_out_permutations`` pass adds it where every call is a decode step), and a bias is read in output
-coordinates.
+coordinates. The optional ``dense_weights`` argument holds a sparsified model's own masked weights (one per
+fused sibling, stacked along the rows): where dense wins, cuBLAS runs on them instead of on a rebuilt weight,
+and the choice is measured as such (the "vnm" backend passes them for unpermuted layers).
 
 Dense or sparse is decided per call from the token count: up to ``DECODE_TOKENS`` the sparse kernels
 (decode is memory-bound: rebuilding the dense weight would read more than dense itself); above it the
