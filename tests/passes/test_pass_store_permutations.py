@@ -1,7 +1,8 @@
 """store_out_permutations: in a decode-only graph, each permuted layer's output index op goes into the
 kernels' store (vnm::compressed_linear's row_index), siblings fused with it; prefill graphs and dynamic
 graphs keep their index ops. Compiled == eager throughout (masked and compressed forms, tiny Llama and BERT
-from transformers configs, random permutations from calibration).
+from transformers configs, random permutations from calibration). Unpermuted layers on a GPU with the sparse
+tensor cores (simulated on the CPU) run the op with their own weight held for its dense path.
 """
 
 import copy
@@ -10,12 +11,13 @@ import pytest
 import torch
 
 from vnm_compile import VNMConfig, calibrate, compress_, sparsify_
-from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels.compressed import OP as COMPRESSED_OP
 from vnm_compile.kernels.compressed import row_index
 from vnm_compile.passes.lower_linears import LAYER_META, PERM_META
 
 transformers = pytest.importorskip("transformers")
+
+from test_joint_permutations import Recorder  # noqa: E402  (tests/ is on sys.path under pytest)
 
 INDEX = (torch.index_select, torch.ops.aten.index_select.default)
 
@@ -23,20 +25,6 @@ INDEX = (torch.index_select, torch.ops.aten.index_select.default)
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
-
-
-class Recorder:
-    def __init__(self, **options):
-        self.options = {"inductor": False, "force_sparse": True, **options}
-        self.graphs, self.reports = [], []
-
-    def __call__(self, gm, example_inputs):
-        from vnm_compile.backend import last_report
-
-        fn = vnm_backend(gm, example_inputs, options=self.options)
-        self.graphs.append(gm)
-        self.reports.append(last_report())
-        return fn
 
 
 def _llama():

@@ -292,15 +292,16 @@ def prewarm_paths(
     file = path_cache_file(device)
     done: dict[str, str] = {}
     buckets = sorted({_token_bucket(int(t)) for t in tokens if int(t) > DECODE_TOKENS})
-    cases = [(int(o), int(i), VNMPattern.parse(str(p)), b, held)
-             for o, i in shapes for p in patterns for b in buckets for held in (False, True)]  # fmt: skip
-    for out, in_f, pattern, bucket, held in tqdm(cases, desc="prewarm paths", disable=not progress, leave=False):
+    cases = [(int(o), int(i), VNMPattern.parse(str(p)), b) for o, i in shapes for p in patterns for b in buckets]
+    for out, in_f, pattern, bucket in tqdm(cases, desc="prewarm paths", disable=not progress, leave=False):
         tc = tc_layout_supported(pattern, dtype, in_f, device)
         layout = LAYOUT_TC if tc else LAYOUT_ROWS
         v = block_rows(pattern)
-        key = _path_key(device, layout, dtype, out, in_f, v, pattern.n, pattern.m, bucket, held)
-        disk_key = _disk_key(key)
-        if disk_key in _disk_choices(str(file)):
+        # the dense side on a rebuilt weight (compressed models) and on a held one (a sparsified model's own)
+        keys = {held: _path_key(device, layout, dtype, out, in_f, v, pattern.n, pattern.m, bucket, held)
+                for held in (False, True)}  # fmt: skip
+        keys = {held: key for held, key in keys.items() if _disk_key(key) not in _disk_choices(str(file))}
+        if not keys:
             continue
         # 1. a random weight of this shape in that layout, and x of the bucket's token count
         gen = torch.Generator(device=device).manual_seed(out * 7 + in_f)
@@ -314,23 +315,24 @@ def prewarm_paths(
             packed = pack_sparse_tc(w)
             weight, spec = [packed.records, packed.columns], CompressedSpec(*spec).with_(layout=LAYOUT_TC)
         x = torch.randn(bucket, in_f, device=device, dtype=dtype, generator=gen)
-        # 2. time both paths, the table's prediction first (kept unless the other is > 3 % faster); the dense
-        # one on a held (masked) weight for a sparsified model's layers, on a rebuilt one for compressed models
         seed = _seed(layout, out, in_f, pattern, bucket, device)
-        paths = {"sparse": _sparse, "dense": functools.partial(_dense, held=[dense * mask] if held else None)}
-        best, best_ms = seed, float("inf")
-        for path in (seed, "dense" if seed == "sparse" else "sparse"):
-            try:
-                ms = timer(path, functools.partial(paths[path], x, weight, spec, None))
-            except (RuntimeError, ValueError) as err:
-                log.debug("prewarm %s %s: %s", disk_key, path, err)
-                continue
-            if ms < 0.97 * best_ms:
-                best, best_ms = path, ms
-        # 3. stored where choose_path looks: this process's cache and the GPU's cache file
-        _AUTOTUNE_CACHE[key] = best
-        _remember(file, disk_key, best)
-        done[disk_key] = best
+        for held, key in keys.items():
+            # 2. time both paths, the table's prediction first (kept unless the other is > 3 % faster)
+            disk_key = _disk_key(key)
+            paths = {"sparse": _sparse, "dense": functools.partial(_dense, held=[dense * mask] if held else None)}
+            best, best_ms = seed, float("inf")
+            for path in (seed, "dense" if seed == "sparse" else "sparse"):
+                try:
+                    ms = timer(path, functools.partial(paths[path], x, weight, spec, None))
+                except (RuntimeError, ValueError) as err:
+                    log.debug("prewarm %s %s: %s", disk_key, path, err)
+                    continue
+                if ms < 0.97 * best_ms:
+                    best, best_ms = path, ms
+            # 3. stored where choose_path looks: this process's cache and the GPU's cache file
+            _AUTOTUNE_CACHE[key] = best
+            _remember(file, disk_key, best)
+            done[disk_key] = best
     return done
 
 

@@ -74,9 +74,10 @@ class CompileOptions:
             (compute capability >= 8.0, PyTorch's NVRTC; kernels.sparse_tc.sparse_tc_available) each
             eligible layer sparsified in place runs vnm::compressed_linear, which decides dense or sparse
             per call by measurement on that GPU (find_linears.measured_compressed; a layer with recorded
-            permutations does so under either value), and the rest as True; off elsewhere. True: for each eligible layer the token count from which the measured table
-            says the sparse tensor cores beat dense (dispatch.sparse_tc_token_floor), and the few-token
-            counts at which their decode kernel beats dense and the Triton kernels
+            permutations does so under either value), and the rest as True; off elsewhere. True: for
+            each eligible layer the token count from which the measured table says the sparse tensor
+            cores beat dense (dispatch.sparse_tc_token_floor), and the few-token counts at which their
+            decode kernel beats dense and the Triton kernels
             (dispatch.sparse_tc_decode_window); an int T: from T tokens for every eligible layer. Such
             a layer also holds its weight packed for them (about the compressed bytes once more;
             passes/sparse_tc_weights.py) and on CUDA runs inputs of those many rows on them; a layer
@@ -255,12 +256,8 @@ class LayerCompileReport:
             return "dense"
         if self.index_perms:
             held = ", dense on its own weight" if self.held_dense else ""
-            return (
-                "compressed (dense or sparse per call"
-                + held
-                + ")"
-                + (", permutations as index ops" if self.permuted else "")
-            )
+            perms = ", permutations as index ops" if self.permuted else ""
+            return f"compressed (dense or sparse per call{held}){perms}"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
         fused += ", interleaved" if self.interleaved_bytes else ""

@@ -7,8 +7,7 @@ block's 4 kept columns per group, 4/M of the dense weight's bytes) become one mo
 passed as the ``expanded`` field of the op's weight (``kernels.op_weight.OpWeight``). The gather
 GEMM then streams them from 2 tokens up instead of rebuilding them on every call; find_linears chose
 the token limits from the timings measured that way (``dispatch.sparse_token_limit(...,
-expanded=True)``). A recompile that sees the
-same compressed tensors reuses their expanded weights.
+expanded=True)``). A recompile that sees the same compressed tensors reuses their expanded weights.
 
 ``attach_constants`` is the machinery this pass shares with interleave_rows (pass 7) and
 sparse_tc_weights (pass 8).
@@ -83,8 +82,8 @@ def attach_constants(
     """For every vnm op call on constant compressed tensors with n = 2: ``build`` the values of
     the ``OpWeight`` fields ``names`` once per weight, hold the tensors among them as graph
     constants, pass them in the op's weight (None results stay None) and record their bytes on the
-    layers' sites (attribute ``record``). ``per_call(node)`` (optional) gives per-call values for some of ``names`` (non-tensor ones), or None to skip that
-    call. Returns how many calls now take them."""
+    layers' sites (attribute ``record``). ``per_call(node)`` (optional) gives per-call values for some of
+    ``names`` (non-tensor ones), or None to skip that call. Returns how many calls now take them."""
     graph = gm.graph
     sites = {s.name: s for s in ctx.sites}
     added = 0

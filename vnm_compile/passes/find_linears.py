@@ -314,7 +314,7 @@ def _tc_decode(site: LinearSite, device: torch.device, pattern, option, opts) ->
 
 def index_lowered(site: LinearSite, opts) -> bool:
     """Whether the layer runs vnm::compressed_linear: a permuted layer, its permutations as index ops around it
-    (option permutations "index"), or an unpermuted one in a decode graph on a GPU (_decode_compressed)."""
+    (option permutations "index"), or an unpermuted one on a GPU with the sparse tensor cores (measured_compressed)."""
     state = site.state
     if opts.permutations != "index" or state is None:
         return False

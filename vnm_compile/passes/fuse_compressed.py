@@ -14,9 +14,9 @@ compressed model out that way: the graph then reads one view spanning them); wei
 no padding rows (out_features a multiple of V), so that the members' outputs are contiguous slices.
 Users must accept a column slice (fuse_siblings._slices_ok). Members holding their dense weights (an
 unpermuted layer's own, for the op's dense path) fuse with each other: the fused call holds the list of
-them, one per member, which its dense path runs as column slices of one output (no concatenation). Members that store their output rows through a
-row_index (store_out_permutations) fuse with each other and with members without one (given the identity),
-the row indices shifted to each member's slice.
+them, one per member, which its dense path runs as column slices of one output (no concatenation).
+Members that store their output rows through a row_index (store_out_permutations) fuse with each other
+and with members without one (given the identity), the row indices shifted to each member's slice.
 Option ``fuse_siblings`` turns it off.
 """
 

@@ -46,7 +46,7 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, ctx.example_inputs, strict=False))
-    sites = {site.name: site for site in getattr(ctx, "sites", [])}
+    sites = {site.name: site for site in ctx.sites}
     index = fresh_prefix(gm)
     moved = 0
     for node in list(graph.nodes):
@@ -80,10 +80,9 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         user.replace_all_uses_with(node)
         graph.erase_node(user)
         moved += 1
-        layer = node.meta.get(LAYER_META)
-        for name in [layer] if isinstance(layer, str) else list(layer or []):
-            if name in sites:
-                sites[name].out_perm_stored = True
+        site = sites.get(node.meta.get(LAYER_META))  # one layer per call: siblings fuse after this pass
+        if site is not None:
+            site.out_perm_stored = True
     if moved:
         finish(gm)
     logger.debug("store_out_permutations: %d output permutations applied in the kernels' store", moved)
