@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, is_vnm, sparsify_
-from vnm_compile.data import calibration_and_eval_texts, docstring_texts
+from vnm_compile.data import EVALUATION_MODULES, calibration_and_eval_texts, docstring_texts
 from vnm_compile.models import embed, load_minilm, minilm_path
 from vnm_compile.recovery import DistillLoss, RecoveryConfig, length_bucketed_batches, recover_
 
@@ -86,6 +86,65 @@ def importable(modules: tuple[str, ...]) -> tuple[str, ...]:
             return False
 
     return tuple(m for m in modules if found(m))
+
+
+# Modules --train-text stdlib never imports: side effects on import (a browser, printed text), GUI
+# toolkits, platform-only and build-time packages, tests.
+_STDLIB_SKIP = (
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data", "lib2to3", "ensurepip",
+    "venv", "msvcrt", "winreg", "winsound", "msilib", "nt", "test", "__main__",
+)  # fmt: skip
+
+
+def stdlib_texts(exclude: tuple[str, ...]) -> list[str]:
+    """Paragraphs of every public standard-library module's docstrings (--train-text stdlib): the modules
+    in ``sys.stdlib_module_names``, their packages' submodules, their public members and the public
+    attributes of the classes they define; modules in ``exclude`` (and their submodules) are left out."""
+    import contextlib
+    import inspect
+    import io
+    import pkgutil
+    import warnings
+
+    from vnm_compile.data import _paragraphs
+
+    def skipped(name: str) -> bool:
+        parts = name.split(".")
+        return any(p in _STDLIB_SKIP or p.startswith("_") or p.startswith("test") for p in parts) or any(
+            name == e or name.startswith(e + ".") for e in exclude
+        )
+
+    def load(name: str):
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                return importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - a module this platform lacks, or one failing on import
+            return None
+
+    names = [n for n in sorted(sys.stdlib_module_names) if not skipped(n)]
+    modules = [m for m in map(load, names) if m is not None]
+    for mod in list(modules):
+        if hasattr(mod, "__path__"):
+            subs = (i.name for i in pkgutil.walk_packages(mod.__path__, mod.__name__ + ".", onerror=lambda _: None))
+            modules += [m for m in map(load, (s for s in subs if not skipped(s))) if m is not None]
+    seen: set[str] = set()
+    texts: list[str] = []
+    for mod in modules:
+        objs = [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]
+        for obj in list(objs):
+            if inspect.isclass(obj) and getattr(obj, "__module__", None) == mod.__name__:
+                objs += [getattr(obj, a, None) for a in sorted(vars(obj)) if not a.startswith("_")]
+        for obj in objs:
+            try:
+                doc = inspect.getdoc(obj)
+            except Exception:  # noqa: BLE001 - some members raise on attribute access
+                continue
+            for para in _paragraphs(doc):
+                if para[:600] not in seen:
+                    seen.add(para[:600])
+                    texts.append(para[:600])
+    return texts
 
 
 def merged_is_vnm(linear: torch.nn.Linear) -> bool:
@@ -250,8 +309,9 @@ def main() -> int:
     p.add_argument("--model-dir", default=None, help="MiniLM folder (tools/export_minilm_fp16.py); default: package")
     p.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 16 on CPU")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--train-text", choices=["calibration", "wide"], default="wide",
-                   help="calibration: the demo's calibration modules (~980 paragraphs); wide: ~3000 paragraphs")  # fmt: skip
+    p.add_argument("--train-text", choices=["calibration", "wide", "stdlib"], default="wide",
+                   help="calibration: the demo's calibration modules (~980 paragraphs); wide: ~3000 paragraphs; "
+                   "stdlib: every standard-library module but the evaluation ones (~8000)")  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="full fine-tune peak LR (default: RecoveryConfig's)")
     p.add_argument("--lora-lr", type=float, default=None, help="LoRA peak LR (default: RecoveryConfig's)")
     p.add_argument("--stage-fractions", type=float, nargs=3, default=[0.025, 0.025, 0.95])
@@ -288,9 +348,13 @@ def main() -> int:
     dense, tok = load_minilm(device=device, model_dir=args.model_dir)
     train_texts, eval_texts = calibration_and_eval_texts(None, args.n_eval)
     calib_texts = train_texts[: args.n_calibration]
-    if args.train_text == "wide":
-        seen, held = set(train_texts), set(eval_texts)
-        train_texts += [t for t in docstring_texts(importable(WIDE_MODULES)) if t not in seen and t not in held]
+    if args.train_text in ("wide", "stdlib"):
+        # Paragraphs of any evaluation module's docstrings never train (inherited docstrings repeat them).
+        seen, held = set(train_texts), set(docstring_texts(EVALUATION_MODULES)) | set(eval_texts)
+        extra = (
+            docstring_texts(importable(WIDE_MODULES)) if args.train_text == "wide" else stdlib_texts(EVALUATION_MODULES)
+        )
+        train_texts += [t for t in extra if t not in seen and t not in held]
     train = to_device(length_bucketed_batches(tok, train_texts, args.batch_size, args.max_length), device)
     held_out = to_device(length_bucketed_batches(tok, eval_texts, 64, args.max_length), device)
     calib = to_device(length_bucketed_batches(tok, calib_texts, 32, args.max_length), device)

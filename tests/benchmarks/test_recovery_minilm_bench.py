@@ -67,3 +67,18 @@ def test_results_render(tmp_path):
     assert "| 64:2:5 | ria | three_stage@0.1,0.1,0.8 [0.1, 0.1, 0.8] | 20 | 0.002 | 0.8100 |" in md
     assert "20/2s: 0.800" in md
     assert stem.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_stdlib_texts_leave_out_the_excluded_modules():
+    import inspect
+    import textwrap
+
+    from vnm_compile.data import _paragraphs
+
+    everything = rm.stdlib_texts(())
+    texts = rm.stdlib_texts(("textwrap",))
+    assert len(texts) > 4000 and len(set(texts)) == len(texts)
+    assert all(40 <= len(t) <= 600 for t in texts)
+    own = _paragraphs(inspect.getdoc(textwrap.TextWrapper))  # defined in textwrap, documented nowhere else
+    assert own and own[0][:600] in everything and own[0][:600] not in texts
+    assert not set(rm.stdlib_texts(("textwrap", "json"))) - set(texts)  # excluding more only removes text
