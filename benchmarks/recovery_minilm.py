@@ -106,7 +106,7 @@ def stdlib_texts(exclude: tuple[str, ...]) -> list[str]:
     import pkgutil
     import warnings
 
-    from vnm_compile.data import _paragraphs
+    from vnm_compile.data import add_paragraphs
 
     def skipped(name: str) -> bool:
         parts = name.split(".")
@@ -135,15 +135,7 @@ def stdlib_texts(exclude: tuple[str, ...]) -> list[str]:
         for obj in list(objs):
             if inspect.isclass(obj) and getattr(obj, "__module__", None) == mod.__name__:
                 objs += [getattr(obj, a, None) for a in sorted(vars(obj)) if not a.startswith("_")]
-        for obj in objs:
-            try:
-                doc = inspect.getdoc(obj)
-            except Exception:  # noqa: BLE001 - some members raise on attribute access
-                continue
-            for para in _paragraphs(doc):
-                if para[:600] not in seen:
-                    seen.add(para[:600])
-                    texts.append(para[:600])
+        add_paragraphs(objs, texts, seen)
     return texts
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 import importlib
 import inspect
 
-__all__ = ["CALIBRATION_MODULES", "EVALUATION_MODULES", "docstring_texts", "calibration_and_eval_texts"]
+__all__ = [
+    "CALIBRATION_MODULES",
+    "EVALUATION_MODULES",
+    "docstring_texts",
+    "add_paragraphs",
+    "calibration_and_eval_texts",
+]
 
 CALIBRATION_MODULES = (
     "collections", "json", "re", "os", "itertools", "functools", "subprocess", "argparse",
@@ -43,19 +49,29 @@ def docstring_texts(modules: tuple[str, ...], limit: int | None = None, max_char
     for mod_name in modules:
         mod = importlib.import_module(mod_name)
         objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
-        for obj in objs:
-            try:
-                doc = inspect.getdoc(obj)
-            except Exception:  # noqa: BLE001 - some members raise on attribute access
-                continue
-            for para in _paragraphs(doc):
-                para = para[:max_chars]
-                if para not in seen:
-                    seen.add(para)
-                    texts.append(para)
-                    if limit is not None and len(texts) >= limit:
-                        return texts
+        if add_paragraphs(objs, texts, seen, max_chars, limit):
+            break
     return texts
+
+
+def add_paragraphs(
+    objs: list, texts: list[str], seen: set[str], max_chars: int = 600, limit: int | None = None
+) -> bool:
+    """Append the docstring paragraphs of ``objs`` not in ``seen`` to ``texts`` (cut to ``max_chars``;
+    ``seen`` updated). True when ``texts`` reached ``limit``."""
+    for obj in objs:
+        try:
+            doc = inspect.getdoc(obj)
+        except Exception:  # noqa: BLE001 - some members raise on attribute access
+            continue
+        for para in _paragraphs(doc):
+            para = para[:max_chars]
+            if para not in seen:
+                seen.add(para)
+                texts.append(para)
+                if limit is not None and len(texts) >= limit:
+                    return True
+    return False
 
 
 def calibration_and_eval_texts(
