@@ -88,7 +88,29 @@ def test_group_step_ties_go_to_the_lower_column(case):
     _check_group(*case, "cpu", integer=True)
 
 
-def _prune_both(pattern, rows, cols, device, mask_kind, blocksize=32):
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's numpy on Inf / NaN
+def test_group_step_non_finite_saliency():
+    """Saliency +Inf (w² overflows, or d = 0) counts as the largest float, NaN (0 / 0) as 0, as
+    ``torch.nan_to_num``: in rows 0-63, columns 0-2 and 4 (two saliencies of 0.6x the largest float each)
+    have Inf norms and beat column 3 (one Inf saliency, so the largest float), which would win a tie."""
+    p = VNMPattern.parse("64:2:8")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 12, generator=gen)
+    hinv = torch.randn(12, 12, generator=gen).triu(1) / 8 + torch.eye(12)
+    big = (0.6 * torch.finfo(torch.float32).max) ** 0.5
+    w[:2, [0, 1, 2, 4]], w[2, 3], w[:, 5] = big, 1e20, 0.0
+    w[60:, 5] = 2.0
+    hinv[5, 5] = 0.0  # column 5: 0 / 0 (NaN) in rows 0-59, Inf in the rest
+    poison = torch.rand(70, 12, generator=gen) < 0.5
+    ref = _run(sparsegpt_group_reference_, w, hinv, poison, 0, 8, p, True, "cpu")
+    got = _run(sparsegpt_group_, w, hinv, poison, 0, 8, p, True, "cpu")
+    assert ref[2][:64, :8].any(0).tolist() == [True, True, True, False, True, False, False, False]
+    assert torch.equal(got[2], ref[2])
+    torch.testing.assert_close(got[0], ref[0], equal_nan=True)
+    torch.testing.assert_close(got[1][:, 3:11], ref[1][:, 3:11], equal_nan=True)
+
+
+def _prune_both(pattern, rows, cols, device, mask_kind, monkeypatch, blocksize=32):
     p = VNMPattern.parse(pattern)
     gen = torch.Generator().manual_seed(rows + cols)
     w = torch.randn(rows, cols, generator=gen)
@@ -97,7 +119,10 @@ def _prune_both(pattern, rows, cols, device, mask_kind, blocksize=32):
     mask_blocksize = 2 * p.m if mask_kind == "wide" else None
     args = (w.to(device), hinv.to(device), p, None if mask is None else mask.to(device), blocksize, mask_blocksize)
     ref_w, ref_mask = sparsegpt_prune(*args, kernel=False)
-    got_w, got_mask = sparsegpt_prune(*args, kernel=True)
+    with monkeypatch.context() as m:  # the pass never waits on the device
+        for attr in ("__bool__", "item", "__float__", "__int__"):
+            m.setattr(torch.Tensor, attr, lambda *a, attr=attr: pytest.fail(f"the pass waited on the device: {attr}"))
+        got_w, got_mask = sparsegpt_prune(*args, kernel=True)
     assert torch.equal(got_mask, ref_mask) and is_vnm(got_mask.cpu(), p)
     if mask is not None:
         assert torch.equal(got_mask.cpu(), mask)
@@ -110,10 +135,10 @@ def _prune_both(pattern, rows, cols, device, mask_kind, blocksize=32):
     [("64:2:5", 96, 73, "chosen"), ("64:2:5", 70, 53, "fixed"), ("8:2:8", 37, 70, "chosen"),
      ("2:4", 70, 50, "chosen"), ("16:2:6", 40, 45, "wide")],
 )  # fmt: skip
-def test_sparsegpt_prune_kernel_path_matches_torch_path(pattern, rows, cols, mask_kind):
+def test_sparsegpt_prune_kernel_path_matches_torch_path(pattern, rows, cols, mask_kind, monkeypatch):
     """The whole pass: ragged rows and columns, several blocks (width 30 / 32), the mask chosen per group, fixed,
     or chosen two groups at a time in torch (``mask_blocksize``) with the kernel reading it."""
-    _prune_both(pattern, rows, cols, "cpu", mask_kind)
+    _prune_both(pattern, rows, cols, "cpu", mask_kind, monkeypatch)
 
 
 def test_kernel_refused_where_it_cannot_run(monkeypatch):
@@ -135,5 +160,5 @@ def test_group_step_matches_torch_gpu(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["2:4", "64:2:5", "64:2:8", "64:2:16", "8:2:8"])
 @pytest.mark.parametrize("mask_kind", ["chosen", "fixed"])
-def test_sparsegpt_prune_kernel_path_matches_torch_path_gpu(pattern, mask_kind):
-    _prune_both(pattern, 300, 517, "cuda", mask_kind, blocksize=128)
+def test_sparsegpt_prune_kernel_path_matches_torch_path_gpu(pattern, mask_kind, monkeypatch):
+    _prune_both(pattern, 300, 517, "cuda", mask_kind, monkeypatch, blocksize=128)
