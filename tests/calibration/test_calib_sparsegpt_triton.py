@@ -16,7 +16,7 @@ from vnm_compile.calibration.sparsegpt_triton import sparsegpt_group_, sparsegpt
 pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/conftest.py
 
 # (pattern, rows, cols, first column of the group, its width): partial V blocks, groups narrower than M at the
-# matrix's right edge (fewer than 4 columns too), several V blocks per program (8:2:8, 16:1:6), one row.
+# matrix's right edge (fewer than 4 columns too), several V blocks per program (8:2:8, 16:1:6, 24:2:6), V not a power of two (24, 48), one row.
 GROUPS = [
     ("2:4", 70, 22, 8, 4),
     ("2:4", 70, 22, 20, 2),
@@ -30,6 +30,8 @@ GROUPS = [
     ("8:2:8", 45, 20, 16, 4),
     ("16:1:6", 50, 13, 12, 1),
     ("16:3:7", 33, 14, 7, 7),
+    ("24:2:6", 77, 20, 6, 6),
+    ("48:1:5", 100, 9, 5, 4),
 ]
 
 
@@ -133,7 +135,7 @@ def _prune_both(pattern, rows, cols, device, mask_kind, monkeypatch, blocksize=3
 @pytest.mark.parametrize(
     "pattern, rows, cols, mask_kind",
     [("64:2:5", 96, 73, "chosen"), ("64:2:5", 70, 53, "fixed"), ("8:2:8", 37, 70, "chosen"),
-     ("2:4", 70, 50, "chosen"), ("16:2:6", 40, 45, "wide")],
+     ("2:4", 70, 50, "chosen"), ("16:2:6", 40, 45, "wide"), ("24:2:6", 61, 40, "chosen")],
 )  # fmt: skip
 def test_sparsegpt_prune_kernel_path_matches_torch_path(pattern, rows, cols, mask_kind, monkeypatch):
     """The whole pass: ragged rows and columns, several blocks (width 30 / 32), the mask chosen per group, fixed,
