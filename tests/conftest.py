@@ -3,6 +3,8 @@
 ``@pytest.mark.gpu``: needs a CUDA GPU. ``@pytest.mark.gpu(sparse_tc=True)``: needs one that runs the
 sparse tensor-core kernels (kernels.sparse_tc: compute capability >= 8.0 and PyTorch's NVRTC helpers).
 Run only the GPU tests with ``pytest -m gpu``.
+
+The ``interpret_unless_gpu`` fixture runs Triton kernels on CPU tensors under the interpreter.
 """
 
 from __future__ import annotations
@@ -38,3 +40,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = _missing(bool(marker.kwargs.get("sparse_tc")))
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def interpret_unless_gpu(monkeypatch, request):
+    """Run the Triton kernels under the interpreter (CPU tensors), except in ``gpu`` tests, which compile them
+    for CUDA tensors; skip when Triton was imported without TRITON_INTERPRET=1."""
+    if request.node.get_closest_marker("gpu"):
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from vnm_compile.kernels.vnm_triton import interpreter_ready
+
+    if not interpreter_ready():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter cannot run here")

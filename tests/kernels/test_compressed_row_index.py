@@ -15,7 +15,7 @@ from vnm_compile.kernels.compressed import OP, rebuild_dense, row_index
 from vnm_compile.masks import vnm_mask
 from vnm_compile.pattern import VNMPattern
 
-pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/kernels/conftest.py
+pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/conftest.py
 
 ROWS, COLS = 131, 203  # not multiples of V or M: padded stored rows and a ragged last group
 

@@ -11,7 +11,7 @@ import torch
 from vnm_compile import VNMPattern, VNMWeight, vnm_mask
 from vnm_compile.kernels.rows_dense import rows_to_dense
 
-pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/kernels/conftest.py
+pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/conftest.py
 
 
 def _weight(rows, cols, pattern, dtype, *, thin=0.0, seed=0):

@@ -13,7 +13,7 @@ from vnm_compile import VNMPattern, VNMWeight, vnm_mask
 from vnm_compile.kernels.sparse_tc import pack_sparse_tc
 from vnm_compile.kernels.tc_dense import tc_to_dense, tc_to_dense_reference
 
-pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/kernels/conftest.py
+pytestmark = pytest.mark.usefixtures("interpret_unless_gpu")  # tests/conftest.py
 
 
 def _packed(rows, cols, pattern, dtype, *, thin=0.0, seed=0, compact=False):
