@@ -47,7 +47,6 @@ from torch import Tensor
 from ..masks import vnm_mask
 from ..pattern import VNMPattern, as_pattern
 from .hessian import damped_hessian
-from .sparsegpt_triton import _mask_no_sync, group_kernel_available, sparsegpt_group_, sparsegpt_group_reference_
 
 __all__ = [
     "Reconstruction",
@@ -239,6 +238,9 @@ def sparsegpt_prune(
     Returns:
         (pruned weight, mask).
     """
+    # Imported here: the kernel module imports Triton, and ``import vnm_compile`` stays light.
+    from .sparsegpt_triton import _mask_no_sync, group_kernel_available, sparsegpt_group_, sparsegpt_group_reference_
+
     w = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
     hinv_upper = hinv_upper.to(w.dtype)
     rows, cols = w.shape
