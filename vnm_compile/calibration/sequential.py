@@ -219,8 +219,6 @@ def _collect(
 ) -> tuple[dict[str, HessianObserver], list]:
     """Run ``block`` on every call with an H observer on each leader; returns (observers, outputs or [])."""
     observers = {name: HessianObserver(m.in_features, name) for name, m in leaders.items()}
-    outputs = []
-
     current: list[Tensor | None] = [None]  # the token mask of the call being run
 
     def make_hook(obs: HessianObserver):
@@ -231,20 +229,35 @@ def _collect(
 
         return hook
 
+    if len(token_masks) != len(calls):
+        raise ValueError(f"{len(calls)} calls but {len(token_masks)} token masks")
     handles = [m.register_forward_pre_hook(make_hook(observers[n])) for n, m in leaders.items()]
+
+    def before(i: int) -> None:
+        current[0] = token_masks[i]
+
+    return observers, _run_hooked(block, calls, handles, whole_model, not stop, before)
+
+
+def _run_hooked(
+    block: nn.Module, calls: list[_Call], handles: list, whole_model: bool, keep_outputs: bool, before
+) -> list:
+    """Run ``block`` on each call (``before(i)`` first; a hook raising _Stop ends that call early),
+    remove the hooks ``handles`` afterwards, and return the outputs if ``keep_outputs`` (else [])."""
+    outputs = []
     try:
-        for call, token_mask in zip(calls, token_masks, strict=True):
-            current[0] = token_mask
+        for i, call in enumerate(calls):
+            before(i)
             try:
                 out = run_batch(block, call.args[0]) if whole_model else _run(block, call)
             except _Stop:
                 continue
-            if not stop:
+            if keep_outputs:
                 outputs.append(out)
     finally:
         for h in handles:
             h.remove()
-    return observers, outputs
+    return outputs
 
 
 def _dense_inputs(
@@ -270,21 +283,12 @@ def _dense_inputs(
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in leaders.items()]
-    outputs = []
-    try:
-        for call in dense_calls:
-            for got in seen.values():
-                got.append(None)
-            try:
-                out = run_batch(block, call.args[0]) if whole_model else _run(block, call)
-            except _Stop:
-                continue
-            if want_outputs:
-                outputs.append(out)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen, outputs
+
+    def before(_i: int) -> None:
+        for got in seen.values():
+            got.append(None)
+
+    return seen, _run_hooked(block, dense_calls, handles, whole_model, want_outputs, before)
 
 
 def _collect_pairs(
