@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import resource
 import sys
@@ -482,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import vnm_compile  # noqa: F401
-    from vnm_compile.kernels.benchmark import command_line, environment, versions
-    from vnm_compile.kernels.dispatch import gpu_slug
+    from vnm_compile.kernels.benchmark import command_line, environment, save_results, versions
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     if not torch.cuda.is_available():
         print("bench_deploy needs a CUDA GPU", file=sys.stderr)
@@ -496,13 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     result.update(gpu=torch.cuda.get_device_name(), versions=versions(env), command=command_line("python "),
                   environment=env, shapes="llama2-70b" if args.mode == "big" else args.shapes,
                   wall_s=time.perf_counter() - args.t0, layout=args.layout)  # fmt: skip
-    out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out or results_dir() / gpu_slug()
     stem = f"deploy_{args.mode}" + ("" if args.shapes == "llama2-7b" or args.mode == "big" else f"_{args.shapes}")
     stem += "" if args.layout == "auto" else f"_{args.layout}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(_md(result))
-    print(_md(result))
+    save_results(out, stem, result, _md(result))
     return 0
 
 

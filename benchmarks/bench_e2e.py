@@ -54,13 +54,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES, time_model_ms  # hidden, intermediate, heads, KV heads, vocab
+# LLAMA_SHAPES: hidden, intermediate, heads, KV heads, vocab
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, save_results, time_model_ms
 
 log = logging.getLogger("bench_e2e")
 
@@ -750,8 +750,7 @@ def _result(args, records: list[dict]) -> dict:
 
 
 def _save_partial(args, records: list[dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e.partial.json").write_text(json.dumps(_result(args, list(records)), indent=1))
+    save_results(args.out, "e2e.partial", _result(args, list(records)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -800,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import vnm_compile  # noqa: F401  (registers the backend)
-    from vnm_compile.kernels.dispatch import gpu_slug
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     if args.smoke:
         args.device, args.dtype = "cpu", torch.float32
@@ -815,28 +814,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     else:
         args.device, args.dtype = "cuda", torch.float16
-    args.out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
+    args.out = args.out or results_dir() / gpu_slug()
     if args.dynamic:
         if not any(v not in ("dense", CSLT) for v in args.variants):
             parser.error("--dynamic needs a V:N:M pattern in --variants")
         if args.smoke:
             args.tokens = [min(t, 32) for t in args.tokens]
         result = run_dynamic(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dynamic.json").write_text(json.dumps(result, indent=1))
-        (args.out / "dynamic.md").write_text(_dynamic_md(result))
-        print(_dynamic_md(result))
+        save_results(args.out, "dynamic", result, _dynamic_md(result))
         return 0
     records = run_cases(args)
     result = _result(args, records)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
-    (args.out / "e2e.md").write_text(_md(result))
+    markdown = _md(result)
+    save_results(args.out, "e2e", result, markdown, echo=False)
     _plot(result, args.out / "e2e.png")
     partial = args.out / "e2e.partial.json"
     if partial.exists():
         partial.unlink()
-    print(_md(result))
+    print(markdown)
     return 0
 
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vnm_compile.kernels.dispatch import gpu_slug
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     if args.from_json:
         import json
@@ -61,16 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_linear needs a CUDA GPU", file=sys.stderr)
         return 1
     if args.configs:
-        import json
-
-        from vnm_compile.kernels.benchmark import LLAMA2_7B, config_report
+        from vnm_compile.kernels.benchmark import LLAMA2_7B, config_report, save_results
 
         rows = config_report([s[:2] for s in LLAMA2_7B], [1, 16, 2048], ["64:2:5", "64:2:8", "64:2:16"])
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "configs.json").write_text(json.dumps(rows, indent=1))
+            save_results(args.out, "configs", rows)
         return 0
-    out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
+    out = args.out or results_dir() / gpu_slug()
     results = run_benchmark(grid, checkpoint=out / "linear.json", permute=args.permute)
     for p in write_results(results, out):
         print(f"wrote {p}")

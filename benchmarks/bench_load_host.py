@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from vnm_compile.kernels.benchmark import command_line
+    from vnm_compile.kernels.benchmark import command_line, save_results
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         args.ckpt = tmp
@@ -172,15 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         date=time.strftime("%Y-%m-%d"),
     )  # fmt: skip
     if args.out is None:
-        from vnm_compile.kernels.dispatch import gpu_slug
+        from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
         where = "cpu" if torch.device(args.device).type == "cpu" else gpu_slug(torch.device(args.device))
-        args.out = Path(__file__).resolve().parent / "results" / where
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"load_host_{args.device}.json").write_text(json.dumps(result, indent=1))
-    (out / f"load_host_{args.device}.md").write_text(_md(result))
-    print(_md(result))
+        args.out = results_dir() / where
+    save_results(args.out, f"load_host_{args.device}", result, _md(result))
     return 0
 
 

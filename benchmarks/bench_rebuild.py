@@ -13,7 +13,6 @@ benchmarks/results/<gpu>/).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -83,19 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from vnm_compile.kernels.benchmark import environment
-    from vnm_compile.kernels.dispatch import gpu_slug
+    from vnm_compile.kernels.benchmark import environment, save_results
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     if not torch.cuda.is_available():
         print("bench_rebuild needs a CUDA GPU", file=sys.stderr)
         return 1
     env = environment(torch.device("cuda"), torch.float16)
     result = {"environment": env, "commit": env["commit"], "tokens": args.tokens, "records": run(args)}
-    out = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rebuild.json").write_text(json.dumps(result, indent=1))
-    (out / "rebuild.md").write_text(_md(result))
-    print(_md(result))
+    save_results(args.out or results_dir() / gpu_slug(), "rebuild", result, _md(result))
     return 0
 
 

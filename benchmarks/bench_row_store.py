@@ -14,7 +14,6 @@ weight is the reference. Writes row_store.json / .md to --out (default benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from vnm_compile.format import VNMWeight
     from vnm_compile.kernels import compressed as C
-    from vnm_compile.kernels.benchmark import LLAMA_SHAPES, command_line, environment, time_graph
-    from vnm_compile.kernels.dispatch import gpu_slug
+    from vnm_compile.kernels.benchmark import LLAMA_SHAPES, command_line, environment, save_results, time_graph
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
     from vnm_compile.kernels.sparse_tc import pack_sparse_tc
     from vnm_compile.masks import vnm_mask
     from vnm_compile.pattern import VNMPattern
@@ -78,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec.update({k: time_graph([fn]) for k, fn in cases.items()})
                 print(rec, flush=True)
                 rows.append(rec)
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / gpu_slug()
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(dev, dtype), "command": command_line("python "), "rows": rows}
-    (out_dir / "row_store.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Output permutation: index op or the kernels' store ({result['environment']['gpu']})", "",
              f"`{result['command']}`", "",
              "| layer | pattern | tokens | cuBLAS us | sparse us | + index op us | row store us | store vs index op |",
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['layer']} {r['out']}x{r['in']} | {r['pattern']} | {r['tokens']} | {r['cublas_us']:.1f} | "
                      f"{r['sparse_us']:.1f} | {r['sparse_index_op_us']:.1f} | {r['sparse_row_store_us']:.1f} | "
                      f"{r['sparse_index_op_us'] / r['sparse_row_store_us']:.2f}x |")  # fmt: skip
-    (out_dir / "row_store.md").write_text("\n".join(lines) + "\n")
+    save_results(args.out or results_dir() / gpu_slug(), "row_store", result, "\n".join(lines) + "\n", echo=False)
     print("\n".join(lines))
     return 0
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import time
@@ -314,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vnm_compile.kernels.benchmark import environment
+    from vnm_compile.kernels.benchmark import environment, save_results
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_tc needs a CUDA GPU")
@@ -344,23 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         peak_tflops=peaks, worst_relative_error=worst,
         correctness_cases=cases_run, metadata_map={f"{k[0]},{k[1]}": v for k, v in meta_map.items()},
     )  # fmt: skip
-    write_results(args.out, "sparse_tc", {"meta": meta, "records": records}, to_markdown)
+    results = {"meta": meta, "records": records}
+    save_results(args.out or results_dir() / gpu_slug(torch.device("cuda")), "sparse_tc", results, to_markdown(results))
     return 0
-
-
-def write_results(out: Path | None, stem: str, results: dict, markdown) -> None:
-    """``stem``.json and ``stem``.md (``markdown(results)``, also printed) into ``out`` (default
-    benchmarks/results/<gpu>/)."""
-    import torch
-
-    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
-
-    out = out or results_dir() / gpu_slug(torch.device("cuda"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (out / f"{stem}.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

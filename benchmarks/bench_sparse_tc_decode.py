@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vnm_compile.kernels.benchmark import environment, measure_bandwidth, read_floor_us
+    from vnm_compile.kernels.benchmark import environment, measure_bandwidth, read_floor_us, save_results
     from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     t0 = time.time()
@@ -224,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth_gbs=bandwidth / 1e9,
     )  # fmt: skip
     results = {"meta": meta, "records": records}
-    out = args.out or results_dir() / gpu_slug(dev)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_tc_decode.json").write_text(json.dumps(results, indent=1))
-    (out / "sparse_tc_decode.md").write_text(to_markdown(results))
-    print(to_markdown(results))
+    save_results(args.out or results_dir() / gpu_slug(dev), "sparse_tc_decode", results, to_markdown(results))
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -124,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args.device, args.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
     import vnm_compile  # noqa: F401  (registers the backend)
     from vnm_compile.backend import last_report
-    from vnm_compile.kernels.benchmark import command_line
-    from vnm_compile.kernels.dispatch import gpu_slug
+    from vnm_compile.kernels.benchmark import command_line, save_results
+    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
     model = build(args)
     rows = []
@@ -152,18 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                              "kernels": kernels, "index_kernels": index, "ms": ms,
                              "lowered": len(report.lowered) if report else 0, "permutations": perms})  # fmt: skip
                 print(rows[-1], flush=True)
-    out = args.out or (Path("/tmp/count_launches_smoke") if args.smoke else
-                       Path(__file__).resolve().parent / "results" / gpu_slug())  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out or (Path("/tmp/count_launches_smoke") if args.smoke else results_dir() / gpu_slug())
     result = {"command": command_line("python "), "torch": torch.__version__, "layers": args.layers, "rows": rows,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"}  # fmt: skip
-    (out / "launches.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Kernels per decode step, {result['gpu']}", "", f"`{result['command']}`", "",
              "| pattern | variant | tokens | kernels | index kernels | ms | lowered |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['pattern']} | {r['variant']} | {r['tokens']} | {r['kernels']} | {r['index_kernels']} | "
                      f"{r['ms']:.4f} | {r['lowered']} |")  # fmt: skip
-    (out / "launches.md").write_text("\n".join(lines) + "\n")
+    save_results(out, "launches", result, "\n".join(lines) + "\n", echo=False)
     print("\n".join(lines))
     return 0
 

@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vnm_compile import VNMPattern, VNMWeight, vnm_mask  # noqa: E402
 from vnm_compile.kernels import vnm_triton  # noqa: E402
+from vnm_compile.kernels.benchmark import save_results  # noqa: E402
 
 PRIMES = [2, 3, 5, 7, 11, 13, 17, 31, 61, 67, 97, 127, 131, 251, 257, 509, 521, 1021, 1031, 2039, 2053, 4093]
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
@@ -436,9 +437,7 @@ def run_dynamic(device, seconds: float, calls: int, token_cap: int) -> dict:
 
 # ------------------------------------------------------------------------------------ reports
 def write(summary: Summary, out_dir: Path, command: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(summary) | {"command": command}
-    (out_dir / "fuzz_kernels.json").write_text(json.dumps(data, indent=1, default=str))
     lines = [
         "# Kernel fuzz (tools/fuzz_kernels.py)",
         "",
@@ -475,7 +474,7 @@ def write(summary: Summary, out_dir: Path, command: str) -> None:
         lines += ["", "## Failures (first 20)", ""]
         for c in summary.failed_cases[:20]:
             lines.append(f"- `{json.dumps({k: c[k] for k in c if k != 'note'})}` {c['note'][:300]}")
-    (out_dir / "fuzz_kernels.md").write_text("\n".join(lines) + "\n")
+    save_results(out_dir, "fuzz_kernels", data, "\n".join(lines) + "\n", echo=False)
 
 
 def main(argv: list[str] | None = None) -> int:

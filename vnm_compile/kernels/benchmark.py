@@ -45,6 +45,7 @@ __all__ = [
     "environment",
     "git_commit",
     "run_benchmark",
+    "save_results",
     "versions",
     "write_results",
 ]
@@ -338,6 +339,32 @@ def command_line(program: str = "") -> str:
     front (VNM_AUTOTUNE=0: the Triton kernels' first candidate config instead of the autotuned one)."""
     env = [f"{k}={os.environ[k]}" for k in _COMMAND_ENV if k in os.environ]
     return " ".join([*env, program + shlex.join(sys.argv)])
+
+
+def save_results(
+    out_dir: Path, stem: str, result: dict | list, markdown: str | None = None, echo: bool = True
+) -> list[Path]:
+    """Write a benchmark's result: ``stem``.json (``json.dumps(result, indent=1)``, the format of every file
+    under benchmarks/results) and, when ``markdown`` is given, ``stem``.md; the folder is created.
+
+    Args:
+        echo: print ``markdown`` too (a script's stdout is its report); nothing is printed without markdown.
+
+    Returns:
+        The paths written: the JSON file, then the markdown file when there is one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json"]
+    # default=str: a value JSON cannot hold (a dtype, a device) is written as its string rather than losing a
+    # long run's numbers; everything JSON can hold is written as before
+    paths[0].write_text(json.dumps(result, indent=1, default=str))
+    if markdown is not None:
+        paths.append(out_dir / f"{stem}.md")
+        paths[1].write_text(markdown)
+        if echo:
+            print(markdown)
+    return paths
 
 
 def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, torch.Tensor]:
@@ -691,10 +718,8 @@ def _plot(results: dict, path: Path) -> None:
 
 def write_results(results: dict, out_dir: Path) -> list[Path]:
     """Write linear.json, linear.md, linear.png and speedups.json into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "linear.json", out_dir / "linear.md", out_dir / "speedups.json"]
-    paths[0].write_text(json.dumps(results, indent=1))
-    paths[1].write_text(_md(results))
+    paths = save_results(out_dir, "linear", results, _md(results), echo=False)
+    paths.append(out_dir / "speedups.json")
     speedups = _speedups_for_sweep(results)
     if not speedups:  # no sweep: use the main grid's records
         per: dict[str, list[float]] = {}
