@@ -290,11 +290,11 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
     if args.out:
         out = Path(args.out)
     else:
-        from vnm_compile.kernels.dispatch import gpu_slug
+        from vnm_compile.kernels.dispatch import gpu_slug, results_dir
 
         slug = gpu_slug(device) if device.type == "cuda" else "cpu"
         slug += f"-x{world}" if world > 1 else ""
-        out = Path(__file__).parent / "results" / slug / f"recovery_fsdp_{args.layers}l"
+        out = results_dir() / slug / f"recovery_fsdp_{args.layers}l"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
     mem = ", ".join(f"{m:.1f}" for m in r["peak_mem_gib_per_gpu"] if m is not None) or "n/a (CPU)"
