@@ -50,3 +50,23 @@ def test_a_wrong_or_unwritten_output_is_a_mismatch(interpret, tmp_path, monkeypa
     data = json.loads((tmp_path / "fuzz_kernels.json").read_text())
     assert rc == 1 and data["by_path"]["triton"]["failures"] == 1
     assert "NaN/Inf outputs" in data["failed_cases"][0]["note"]
+
+
+def test_worker_processes_run_the_same_cases(interpret, tmp_path, monkeypatch):
+    """--jobs splits the random cases over processes; case i comes from (seed, i) alone, so the cases (and
+    their results) are the ones a single process runs."""
+    monkeypatch.syspath_prepend(str(TOOL.parent))  # spawned workers import the tool by its module name
+    tool = _tool()
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        args = ["--out", str(out), "--cases", "6", "--seconds", "120", "--dynamic-calls", "1", "--seed", "3"]
+        assert tool.main([*args, "--jobs", str(jobs)]) == 0
+        runs[jobs] = json.loads((out / "fuzz_kernels.json").read_text())
+    assert runs[1]["cases"] == runs[2]["cases"] == 6
+    strip = ("worst_ratio",)
+    assert {p: {k: v for k, v in s.items() if k not in strip} for p, s in runs[1]["by_path"].items()} == {
+        p: {k: v for k, v in s.items() if k not in strip} for p, s in runs[2]["by_path"].items()
+    }
+    with pytest.raises(SystemExit):
+        tool.main(["--out", str(tmp_path), "--jobs", "0"])

@@ -35,6 +35,8 @@ and ``<out>/fuzz_kernels.md``; exits 1 on any mismatch. On CPU (``TRITON_INTERPR
 paths run, on small shapes: a check of the harness itself.
 
 Usage (GPU):  python tools/fuzz_kernels.py --out benchmarks/results/<gpu>/fuzz --seconds 300
+All 1000 cases in one 10-minute call (compiles dominate; 8 workers):
+              python tools/fuzz_kernels.py --out benchmarks/results/<gpu>/fuzz --seconds 540 --jobs 8
 Quick:        python tools/fuzz_kernels.py --out /tmp/fuzz --quick
 CPU harness:  TRITON_INTERPRET=1 python tools/fuzz_kernels.py --out /tmp/fuzz --quick --seconds 60
 """
@@ -477,6 +479,56 @@ def write(summary: Summary, out_dir: Path, command: str) -> None:
     save_results(out_dir, "fuzz_kernels", data, "\n".join(lines) + "\n", echo=False)
 
 
+def _case_rng(seed: int, i: int) -> random.Random:
+    """Case i's own random stream: a case is reproduced from (seed, i) alone, whichever worker ran it."""
+    return random.Random(seed * 1_000_003 + i)
+
+
+def _run_cases(seed: int, indices: list[int], deadline: float, device: str, interpret: bool) -> list[Case]:
+    """The cases ``indices`` (in order) until the wall-clock ``deadline`` (time.time())."""
+    device = torch.device(device)
+    paths = _paths(device, interpret)
+    done = []
+    for i in indices:
+        if time.time() > deadline:
+            break
+        done.append(_one_case(i, _case_rng(seed, i), paths[i % len(paths)], device, interpret))
+    return done
+
+
+def _cases(seed: int, n: int, deadline: float, device: torch.device, interpret: bool, jobs: int):
+    """Cases 0..n-1 run in this process (jobs 1) or split over ``jobs`` worker processes (case i on worker
+    i mod jobs; each compiles its own kernels, so compile-bound runs go that many times faster)."""
+    if jobs <= 1:
+        yield from _run_cases(seed, list(range(n)), deadline, str(device), interpret)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn (CUDA cannot be forked); a worker that dies raises BrokenProcessPool here instead of hanging
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = [list(range(k, n, jobs)) for k in range(jobs)]
+        futures = [pool.submit(_run_cases, seed, part, deadline, str(device), interpret) for part in parts]
+        for f in futures:
+            yield from f.result()
+
+
+def _tally(summary: Summary, case: Case) -> None:
+    summary.cases += 1
+    s = summary.by_path.setdefault(
+        case.path, {"cases": 0, "failures": 0, "worst_ratio": 0.0, "tokens": [10**9, 0], "max_out": 0, "max_in": 0}
+    )
+    s["cases"] += 1
+    s["tokens"] = [min(s["tokens"][0], case.tokens), max(s["tokens"][1], case.tokens)]
+    s["max_out"], s["max_in"] = max(s["max_out"], case.out_features), max(s["max_in"], case.in_features)
+    if case.tol:
+        s["worst_ratio"] = max(s["worst_ratio"], case.err / case.tol)
+    if not case.ok:
+        s["failures"] += 1
+        summary.failures += 1
+        summary.failed_cases.append(asdict(case))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for fuzz_kernels.json and fuzz_kernels.md")
@@ -484,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=300.0, help="total time budget (default 300)")
     ap.add_argument("--quick", action="store_true", help="few cases, short stream and dynamic runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes for the random cases (compiles dominate: 8 on a 16-core GPU host)")  # fmt: skip
     ap.add_argument("--dynamic-calls", type=int, default=None, help="calls of the dynamic run (default 3000)")
     args = ap.parse_args(argv)
 
@@ -492,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not interpret:
         print("no CUDA device: run with TRITON_INTERPRET=1 to check the harness on the CPU", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     n_cases = args.cases if args.cases is not None else (60 if args.quick else 1000)
     dyn_calls = args.dynamic_calls if args.dynamic_calls is not None else (200 if args.quick else 3000)
     if interpret:
@@ -504,26 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary(name, torch.__version__, triton.__version__)
     start = time.monotonic()
     # budget: 70 % random cases, 10 % streams, 20 % dynamic shapes
-    case_deadline = start + 0.7 * args.seconds
-    rng = random.Random(args.seed)
-    paths = _paths(device, interpret)
-    for i in range(n_cases):
-        if time.monotonic() > case_deadline:
-            break
-        case = _one_case(i, rng, paths[i % len(paths)], device, interpret)
-        summary.cases += 1
-        s = summary.by_path.setdefault(
-            case.path, {"cases": 0, "failures": 0, "worst_ratio": 0.0, "tokens": [10**9, 0], "max_out": 0, "max_in": 0}
-        )
-        s["cases"] += 1
-        s["tokens"] = [min(s["tokens"][0], case.tokens), max(s["tokens"][1], case.tokens)]
-        s["max_out"], s["max_in"] = max(s["max_out"], case.out_features), max(s["max_in"], case.in_features)
-        if case.tol:
-            s["worst_ratio"] = max(s["worst_ratio"], case.err / case.tol)
+    case_deadline = time.time() + 0.7 * args.seconds
+    for i, case in enumerate(_cases(args.seed, n_cases, case_deadline, device, interpret, args.jobs)):
+        _tally(summary, case)
         if not case.ok:
-            s["failures"] += 1
-            summary.failures += 1
-            summary.failed_cases.append(asdict(case))
             print(f"MISMATCH {json.dumps(asdict(case))[:600]}", flush=True)
         if (i + 1) % 50 == 0:
             print(f"{i + 1} cases, {summary.failures} mismatches, {time.monotonic() - start:.0f} s", flush=True)
