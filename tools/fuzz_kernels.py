@@ -35,7 +35,7 @@ and ``<out>/fuzz_kernels.md``; exits 1 on any mismatch. On CPU (``TRITON_INTERPR
 paths run, on small shapes: a check of the harness itself.
 
 Usage (GPU):  python tools/fuzz_kernels.py --out benchmarks/results/<gpu>/fuzz --seconds 300
-All 1000 cases in one 10-minute call (compiles dominate; 8 workers):
+More cases per call (the cases' compiles run in 8 worker processes at once):
               python tools/fuzz_kernels.py --out benchmarks/results/<gpu>/fuzz --seconds 540 --jobs 8
 Quick:        python tools/fuzz_kernels.py --out /tmp/fuzz --quick
 CPU harness:  TRITON_INTERPRET=1 python tools/fuzz_kernels.py --out /tmp/fuzz --quick --seconds 60
