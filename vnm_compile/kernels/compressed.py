@@ -397,11 +397,9 @@ def _compressed_linear_op(
     runs on them instead of on a rebuilt weight (a sparsified model compiled by the "vnm" backend)."""
     _check_held(weight, spec, dense_weights)
     path = choose_path(x, weight, spec, bias, dense_weights)
-    if path == "dense" and dense_weights:
-        return _dense(x, weight, spec, bias, dense_weights)
-    if path == "dense" and not x.is_cuda:
+    if path == "dense" and not dense_weights and not x.is_cuda:
         return compressed_linear_reference(x, weight, spec, bias)
-    y = (_sparse if path == "sparse" else _dense)(x, weight, spec, bias)
+    y = _sparse(x, weight, spec, bias) if path == "sparse" else _dense(x, weight, spec, bias, dense_weights)
     return y.clone() if y._base is not None else y  # a custom op's output must not be a view
 
 
