@@ -102,6 +102,12 @@ def _vnm_mask(s: Tensor, p: VNMPattern, nonneg: bool, check: bool = True) -> Ten
     return mask
 
 
+def _vnm_mask_no_sync(saliency: Tensor, pattern: VNMPattern) -> Tensor:
+    """``vnm_mask`` of non-negative scores without waiting for the device (SparseGPT's column loop):
+    no NaN/Inf check, a NaN counts as 0."""
+    return _vnm_mask(torch.nan_to_num(saliency, nan=0.0).contiguous(), pattern, nonneg=True, check=False)
+
+
 def _mask_whole_blocks(
     x: Tensor, out: Tensor, p: VNMPattern, v: int, nonneg: bool, pad_cols: int = 0, check: bool = True
 ) -> None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import vnm_mask
+from ..masks import _vnm_mask_no_sync, vnm_mask
 from ..pattern import VNMPattern, as_pattern
 from .hessian import damped_hessian
 
@@ -239,7 +239,7 @@ def sparsegpt_prune(
         (pruned weight, mask).
     """
     # Imported here: the kernel module imports Triton, and ``import vnm_compile`` stays light.
-    from .sparsegpt_triton import _mask_no_sync, group_kernel_available, sparsegpt_group_, sparsegpt_group_reference_
+    from .sparsegpt_triton import group_kernel_available, sparsegpt_group_, sparsegpt_group_reference_
 
     w = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
     hinv_upper = hinv_upper.to(w.dtype)
@@ -266,7 +266,7 @@ def sparsegpt_prune(
             #    own in the group step, several groups' at once here.
             if mask is None and step != pattern.m and g1 % step == 0:
                 j = min(g1 + step, i2 - i1)
-                chosen[:, i1 + g1 : i1 + j] = _mask_no_sync(w1[:, g1:j].square() / d[g1:j].square(), pattern)
+                chosen[:, i1 + g1 : i1 + j] = _vnm_mask_no_sync(w1[:, g1:j].square() / d[g1:j].square(), pattern)
             # 2. Fix the group's columns one by one, each one's error spread over the group's later ones.
             group_step_(w, hinv_upper, err1, chosen, i1 + g1, i1 + g2, g1, pattern, mask is None and step == pattern.m)
             # 3. The group's errors onto the rest of the block.

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.vnm_triton import HAS_TRITON, interpret_mode, interpreter_ready
-from ..masks import _vnm_mask, block_rows
+from ..masks import _vnm_mask_no_sync, block_rows
 from ..pattern import KEPT_COLUMNS, VNMPattern
 
 __all__ = ["group_kernel_available", "sparsegpt_group_", "sparsegpt_group_reference_"]
@@ -118,12 +118,6 @@ def group_kernel_available(w: Tensor) -> bool:
     return w.is_cuda or (w.device.type == "cpu" and interpret_mode() and interpreter_ready())
 
 
-def _mask_no_sync(saliency: Tensor, pattern: VNMPattern) -> Tensor:
-    """``vnm_mask`` of non-negative scores without waiting for the device (SparseGPT's column loop):
-    no NaN/Inf check, a NaN counts as 0."""
-    return _vnm_mask(torch.nan_to_num(saliency, nan=0.0).contiguous(), pattern, nonneg=True, check=False)
-
-
 def sparsegpt_group_reference_(
     w: Tensor, hinv_upper: Tensor, err1: Tensor, chosen: Tensor, c1: int, c2: int, e1: int, pattern: VNMPattern,
     choose: bool,
@@ -142,7 +136,7 @@ def sparsegpt_group_reference_(
     d = hg.diagonal()
     # 1. The group's mask, from the saliency of the weights as updated so far.
     if choose:
-        chosen[:, c1:c2] = _mask_no_sync(wg.square() / d.square(), pattern)
+        chosen[:, c1:c2] = _vnm_mask_no_sync(wg.square() / d.square(), pattern)
     drop = ~chosen[:, c1:c2]
     # 2. Fix the group's columns one by one, each one's error spread over the group's later ones.
     for i in range(c2 - c1):
