@@ -342,7 +342,7 @@ def main() -> int:
     calib_texts = train_texts[: args.n_calibration]
     if args.train_text in ("wide", "stdlib"):
         # Paragraphs of any evaluation module's docstrings never train (inherited docstrings repeat them).
-        seen, held = set(train_texts), set(docstring_texts(EVALUATION_MODULES)) | set(eval_texts)
+        seen, held = set(train_texts), set(docstring_texts(EVALUATION_MODULES))  # the eval texts are among them
         extra = (
             docstring_texts(importable(WIDE_MODULES)) if args.train_text == "wide" else stdlib_texts(EVALUATION_MODULES)
         )
