@@ -48,6 +48,7 @@ from torch import nn
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
 from vnm_compile.recovery import RecoveryConfig, recover_
+from vnm_compile.recovery.distributed import exit_rank
 from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, sparse_linears
 
 # NVLink multicast stays off on the shared GPU hosts (a program using it can take their GPUs out of
@@ -349,10 +350,4 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Leave without the interpreter's teardown: under torchrun with gloo on CPU a rank that had finished
-    # (process group destroyed, results written) once aborted in a C++ destructor at exit ("terminate called
-    # without an active exception", SIGABRT), which failed the run after its work was done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_rank(main())  # no interpreter teardown: a finished gloo rank has aborted in it (exit_rank)

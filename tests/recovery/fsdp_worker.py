@@ -23,6 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from vnm_compile import VNMConfig, get_sparsity, is_vnm, sparsify_
 from vnm_compile.recovery import recover_
+from vnm_compile.recovery.distributed import exit_rank
 from vnm_compile.recovery.masking import dense_weight, mask_like, sparse_linears
 
 PATTERN = "8:2:5"
@@ -101,3 +102,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # no interpreter teardown: a finished gloo rank has aborted in it (exit_rank)

@@ -136,3 +136,20 @@ def test_unsupported_methods_refuse_sharded_models(method, world_of_one):
     model = sharded_mlp()
     with pytest.raises(NotImplementedError, match=f"method='{method}'.*supported sharded: \\('fixed',\\)"):
         recover_(model, [torch.randn(4, 16)], method=method, steps=2, loss=lambda m, b: m(b).square().mean())
+
+
+def test_exit_rank_flushes_and_skips_the_teardown(tmp_path):
+    """exit_rank ends the process with the code given, its buffered output written, and no atexit handler run."""
+    marker = tmp_path / "atexit_ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from vnm_compile.recovery.distributed import exit_rank\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('ran'))\n"
+        "print('results written', end='')\n"
+        "sys.stderr.write('done')\n"
+        "exit_rank(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "results written", "done")
+    assert not marker.exists()

@@ -24,14 +24,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
 
 from .masking import mask_like, set_mask_, sparse_linears, sparsity_of
 
-__all__ = ["SHARDED_METHODS", "check_sharded_method", "latest_checkpoint", "save_sharded", "load_sharded"]
+__all__ = [
+    "SHARDED_METHODS",
+    "check_sharded_method",
+    "exit_rank",
+    "latest_checkpoint",
+    "save_sharded",
+    "load_sharded",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,16 @@ def check_sharded_method(method: str) -> None:
         "reduced over the ranks so that every rank picks the same mask. Run them before sharding "
         "(a model that fits one device), or use method='fixed'."
     )
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End a torchrun rank whose work is done (results written, process group destroyed) without the
+    interpreter's teardown: with gloo on CPU a finished rank has aborted in a C++ destructor at exit
+    ("terminate called without an active exception", SIGABRT), failing a run after its work was done.
+    Standard streams are flushed first; nothing else runs (no atexit handlers, no finalizers)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _rank() -> int:
