@@ -37,16 +37,16 @@ vnm backend's Triton kernel on N:4 storage.
 Writes e2e.json, e2e.md and e2e.png to --out (default benchmarks/results/<gpu>/).
 
 --dynamic (formerly benchmarks/bench_dynamic.py): one dynamic-shape "vnm" graph serving decode and prefill
-sizes (the runtime dense/sparse switch). The Llama stack, pruned in place with sparsify_ to the first V:N:M
-pattern of --variants (default 64:2:8; ABS, no permutation), compiled three ways with dynamic=True: dense
-inductor (on the pruned weights), the vnm backend (default dense_fallback=True: each linear runs sparse up
-to the token count where the measured table says V:N:M wins, dense cuBLAS on its masked weight above it,
-decided inside the op at run time) and the vnm backend with dense_fallback=False (the choice made once per
-compiled graph from its example token count). No KV cache: each call is a forward over --tokens positions
-at batch 1, the counts visited in the order given; the number of vnm graphs compiled shows whether new
-sizes recompile. Reports median ms under CUDA graphs and the relative difference between each vnm variant
-and the dense one (all three compute the same pruned model, so only rounding differs). Writes
-dynamic.json/.md to --out.
+sizes (the runtime dense/sparse switch). The Llama stack, pruned to the first V:N:M pattern of --variants
+(default 64:2:8, ABS), compiled with dynamic=True as dense inductor and as the --dynamic-variants: "permuted"
+(what users run: sparsify_(permute=True) as --permute says, default options, dense_fallback=True: each linear
+runs sparse up to the token count where its measured choice says V:N:M wins, dense above it, decided inside the
+op at run time), "compressed" (the permuted model after compress_: no dense weight held), "unpermuted" (the same
+pattern with sparsify_(permute=False): what permutations cost) and "pergraph" (unpermuted with
+dense_fallback=False: the choice made once per compiled graph from its example token count). No KV cache: each
+call is a forward over --tokens positions at batch 1, the counts visited in the order given; the number of vnm
+graphs compiled shows whether new sizes recompile. Reports median ms under CUDA graphs and each variant's
+relative difference to the same pruned weights run eagerly. Writes dynamic.json/.md to --out.
 """
 
 from __future__ import annotations
@@ -633,42 +633,77 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+DYNAMIC_VARIANTS = ("permuted", "compressed", "unpermuted", "pergraph")
+
+
+def _dynamic_models(args, model, pattern: str) -> dict:
+    """The --dynamic variants' pruned models, each with the module its outputs are checked against (the same
+    pruned weights run eagerly, masked): {name: (model, options, reference module)}."""
+    import copy
+
+    from vnm_compile import VNMConfig, compress_, sparsify_
+
+    wanted = set(args.dynamic_variants)
+    out = {}
+    if wanted & {"unpermuted", "pergraph"}:
+        plain = copy.deepcopy(model)
+        report = sparsify_(plain, VNMConfig(pattern, score="abs", permute=False), progress=False)
+        log.warning("unpermuted: %s", report.summary())
+        if "unpermuted" in wanted:
+            out["unpermuted"] = (plain, {}, plain)
+        if "pergraph" in wanted:
+            out["pergraph"] = (plain, {"dense_fallback": False}, plain)
+    if wanted & {"permuted", "compressed"}:
+        if args.permute == "none":
+            raise SystemExit("--dynamic-variants permuted / compressed need --permute random or calibrated")
+        permuted, info = sparsified(args, "llama", model, pattern)
+        args.sparsify_info = info
+        if "permuted" in wanted:
+            out["permuted"] = (permuted, {}, permuted)
+        if "compressed" in wanted:
+            out["compressed"] = (compress_(copy.deepcopy(permuted)), {}, permuted)
+    return {name: out[name] for name in args.dynamic_variants}
+
+
 def run_dynamic(args) -> dict:
     """The --dynamic case (module docstring): the result dict dynamic.json holds."""
     import torch
 
-    from vnm_compile import VNMConfig, sparsify_
     from vnm_compile.backend import clear_reports, reports
     from vnm_compile.kernels.benchmark import command_line, environment, versions
 
     env = environment(args.device, args.dtype)  # the commit when the run starts (it takes minutes)
     pattern = next(v.split()[0] for v in args.variants if v not in ("dense", CSLT))
+    args.sparsified, args.sparsify_info = {}, None
     model = build_llama(args)
-    report = sparsify_(model, VNMConfig(pattern, score="abs", permute=False), progress=False)
-    log.warning("%s", report.summary())
+    variants = _dynamic_models(args, model, pattern)
     dense = torch.compile(model, backend="eager" if args.smoke else "inductor", dynamic=True, fullgraph=True)
     clear_reports()
-    options = {"inductor": False, "force_sparse": True} if args.smoke else {}  # smoke: the op runs on the CPU
-    hybrid = torch.compile(model, backend="vnm", options=options, dynamic=True, fullgraph=True)
-    pergraph = torch.compile(
-        model, backend="vnm", options={**options, "dense_fallback": False}, dynamic=True, fullgraph=True
-    )
+    smoke = {"inductor": False, "force_sparse": True} if args.smoke else {}  # smoke: the op runs on the CPU
+    compiled = {
+        name: torch.compile(m, backend="vnm", options={**smoke, **opts}, dynamic=True, fullgraph=True)
+        for name, (m, opts, _) in variants.items()
+    }
     rows = []
     with torch.no_grad():
         for t in args.tokens:
             ids = torch.randint(0, model.config.vocab_size, (1, t), device=args.device)
-            fns = {name: (lambda c=c, ids=ids: c(input_ids=ids, use_cache=False).last_hidden_state)
-                   for name, c in (("dense", dense), ("hybrid", hybrid), ("pergraph", pergraph))}  # fmt: skip
-            timed = {name: _time(fn, args.smoke) for name, fn in fns.items()}  # (first call s, ms)
-            outs = {name: fn().float() for name, fn in fns.items()}
-            ref = outs["dense"]
-            diff = {k: ((outs[k] - ref).norm() / ref.norm()).item() for k in ("hybrid", "pergraph")}
+
+            def call(c, ids=ids):
+                return c(input_ids=ids, use_cache=False).last_hidden_state
+
+            timed = {"dense": _time(lambda: call(dense), args.smoke)}  # (first call s, ms)
+            diff = {}
+            for name, c in compiled.items():
+                timed[name] = _time(lambda c=c: call(c), args.smoke)
+                ref = call(variants[name][2]).float()  # eager, the masked weights through F.linear
+                diff[name] = ((call(c).float() - ref).norm() / ref.norm()).item()
             ms = {name: v[1] for name, v in timed.items()}
             rows.append({"tokens": t, "ms": ms, "first_call_s": {name: v[0] for name, v in timed.items()},
-                         "rel_diff_vs_dense": diff, "vnm_graphs_so_far": len(reports())})  # fmt: skip
+                         "rel_diff_vs_eager": diff, "vnm_graphs_so_far": len(reports())})  # fmt: skip
             log.warning(
-                "tokens %5d: dense %.3f ms, hybrid %.3f ms (%.2fx), per-graph %.3f ms (%.2fx), rel. diff %s",
-                t, ms["dense"], ms["hybrid"], ms["dense"] / ms["hybrid"], ms["pergraph"], ms["dense"] / ms["pergraph"], diff,
+                "tokens %5d: dense %.3f ms, %s", t, ms["dense"],
+                ", ".join(f"{n} {ms[n]:.3f} ms ({ms['dense'] / ms[n]:.2f}x)" for n in compiled),
             )  # fmt: skip
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
@@ -680,6 +715,10 @@ def run_dynamic(args) -> dict:
             "pattern": pattern,
             "tokens": list(args.tokens),
             "shapes": args.shapes,
+            "variants": list(compiled),
+            "permute": args.permute,
+            "joint_permutations": args.joint_permutations,
+            "sparsify": args.sparsify_info,
             "out": str(args.out),
         },
         "vnm_graphs": len(reports()),
@@ -689,34 +728,48 @@ def run_dynamic(args) -> dict:
     }
 
 
+_DYNAMIC_NOTES = {
+    "permuted": "permuted = the weights as sparsify_(permute=True) leaves them ({how}), vnm backend, default "
+    "options (dense_fallback=True: sparse or dense decided in the op at run time)",
+    "compressed": "compressed = the permuted model after compress_ (no dense weights), vnm backend, default options",
+    "unpermuted": "unpermuted = the same pattern pruned by sparsify_(permute=False), vnm backend, default options",
+    "pergraph": "pergraph = unpermuted with dense_fallback=False (sparse or dense decided once per compiled graph)",
+}
+
+
 def _dynamic_md(result: dict) -> str:
     cfg = result["config"]
     v = result["versions"]
+    names = cfg["variants"]
+    how = {"random": "random input and output permutations, shared by siblings",
+           "calibrated": "the permutation search on calibration batches"}.get(cfg.get("permute"), "")  # fmt: skip
+    if cfg.get("joint_permutations"):
+        how += ", joint permutations"
+    notes = "; ".join(_DYNAMIC_NOTES[n].format(how=how) for n in names if n in _DYNAMIC_NOTES)
     lines = [
         f"# One dynamic-shape graph, decode to prefill, on {result['gpu']}",
         "",
         f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}, CUDA {v['cuda']}. "
         f"Command: `{result['command']}`",
         "",
-        f"{cfg['shapes']}-shaped LlamaModel, {cfg['layers']} layers, fp16, batch 1, no KV cache; every variant "
-        f"compiled once with dynamic=True, then called at each token count in this order. Pruned in place "
-        f"to {cfg['pattern']} (ABS) before compiling, so every variant computes the same model. hybrid = vnm "
-        "backend default (dense_fallback=True: sparse or dense decided in the op at run time); per-graph = "
-        "dense_fallback=False (decided once per compiled graph). Median ms of CUDA-graph replays; rel. diff = "
-        "||y - y_dense|| / ||y_dense|| (fp16 rounding only).",
+        f"{cfg['shapes']}-shaped LlamaModel, {cfg['layers']} layers, fp16, batch 1, no KV cache, {cfg['pattern']} "
+        "(ABS); every variant compiled once with dynamic=True, then called at each token count in this order. "
+        f"dense = inductor. {notes}. Median ms of CUDA-graph replays; speed-up = dense ms / variant ms; rel. "
+        "diff = ||y - y_eager|| / ||y_eager||, y_eager the same pruned weights run eagerly (masked, F.linear).",
         "",
-        "| tokens | dense ms | hybrid ms | hybrid speed-up | per-graph ms | per-graph speed-up "
-        "| rel. diff hybrid / per-graph | vnm graphs so far |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens | dense ms | " + " | ".join(f"{n} ms | {n} speed-up" for n in names) + " | rel. diff | vnm graphs |",
+        "| ---: | ---: | " + " | ".join("---: | ---:" for _ in names) + " | ---: | ---: |",
     ]
     for r in result["rows"]:
         ms = r["ms"]
+        diff = r["rel_diff_vs_eager"]
+        cells = " | ".join(f"{ms[n]:.3f} | {ms['dense'] / ms[n]:.2f}x" for n in names)
         lines.append(
-            f"| {r['tokens']} | {ms['dense']:.3f} | {ms['hybrid']:.3f} | {ms['dense'] / ms['hybrid']:.2f}x "
-            f"| {ms['pergraph']:.3f} | {ms['dense'] / ms['pergraph']:.2f}x "
-            f"| {r['rel_diff_vs_dense']['hybrid']:.1e} / {r['rel_diff_vs_dense']['pergraph']:.1e} "
+            f"| {r['tokens']} | {ms['dense']:.3f} | {cells} | {' / '.join(f'{diff[n]:.1e}' for n in names)} "
             f"| {r['vnm_graphs_so_far']} |"
         )
+    if cfg.get("sparsify"):
+        lines += ["", f"sparsify_: {cfg['sparsify']}"]
     lines += ["", "Compile reports:", "", "```", *result["reports"], "```"]
     return "\n".join(lines) + "\n"
 
@@ -786,6 +839,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tokens", type=int, nargs="+", default=[1, 16, 2048, 7, 300], help="--dynamic: token counts, in order"
+    )
+    parser.add_argument(
+        "--dynamic-variants",
+        nargs="+",
+        choices=DYNAMIC_VARIANTS,
+        default=["permuted", "compressed", "unpermuted"],
+        help="--dynamic: the vnm variants compiled beside dense (module docstring)",
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
