@@ -11,7 +11,7 @@ row_index (the kernels store each output row at its place: store_out_permutation
 two ways: ``index_select`` of x with a random permutation before the op on the weight held in permuted
 coordinates (the index op lower_linears emits, unfused here: in a model inductor fuses it into the op
 producing x), and folded into the kernels' column indices (the same weight with absolute columns: the
-kernels gather x's kept columns through it, no index op). cuBLAS on the dense weight is the reference.
+kernels gather x's kept columns through it, no index op; compact records, which tell the op so). cuBLAS on the dense weight is the reference.
 Writes row_store.json / .md to --out (default benchmarks/results/<gpu>/).
 """
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             orig = torch.empty_like(dense)  # the same layer in original input order: W[:, inverse(in_perm)]
             orig[:, in_perm] = dense * mask
             fw = VNMWeight.from_dense(orig, orig != 0, pattern, in_perm=in_perm)
-            fpacked = pack_sparse_tc(fw)
+            fpacked = pack_sparse_tc(fw, compact=True)  # compact records: the op then knows the columns are absolute
             folded = [fpacked.records, fpacked.columns]
             row_index = torch.full((packed.records.shape[0] * 64,), -1, dtype=torch.int32, device=dev)
             row_index[:out] = perm.to(torch.int32)
