@@ -188,3 +188,41 @@ def test_deit_fullgraph_matches_eager_sparsified_and_eager_for_dense_layers():
         assert torch.equal(dict(model.named_modules())[name].weight, dict(ref.named_modules())[name].weight)
     assert len(report.layers) == len(names)
     check_graph(rec, model, lowered=len(names) - len(dense_names), dense=len(dense_names))
+
+
+def _two_sparsified_llamas():
+    model, _ = tiny_llama()
+    models = [copy.deepcopy(model.model) for _ in range(2)]
+    sparsify_(models[0], VNMConfig("16:2:8", score="abs", permute=False), progress=False)
+    sparsify_(models[1], VNMConfig("16:2:8", score="abs"), progress=False)
+    return models
+
+
+def test_two_sparsified_models_of_one_class_share_a_dynamic_graph():
+    # Dynamo runs one compiled graph for every instance of a class (parameters are graph inputs); the backend
+    # lowers it again for the second model's weights, outside Dynamo. In a dynamic graph inductor's
+    # aot_autograd then asked for float scalars to be specialized by a restart of Dynamo's analysis that
+    # nobody ran (TensorifyScalarRestartAnalysis escaped to the caller).
+    models = _two_sparsified_llamas()
+    compiled = [
+        torch.compile(m, backend="vnm", options={"force_sparse": True}, dynamic=True, fullgraph=True) for m in models
+    ]
+    with torch.no_grad():
+        for seq in (3, 7):
+            ids = torch.randint(0, 96, (1, seq))
+            for c, m in zip(compiled, models, strict=True):
+                got = c(input_ids=ids, use_cache=False).last_hidden_state
+                torch.testing.assert_close(got, m(input_ids=ids, use_cache=False).last_hidden_state, **TOL)
+
+
+def test_a_graph_that_cannot_be_lowered_again_says_what_to_do():
+    # without fullgraph the dynamic graph reads the models' float attributes (RMSNorm eps, rotary scaling)
+    # through .item() of tensors, which a compile outside Dynamo cannot trace: a clear error, not fake-tensor
+    # internals
+    models = _two_sparsified_llamas()
+    compiled = [torch.compile(m, backend="vnm", options={"force_sparse": True}, dynamic=True) for m in models]
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        compiled[0](input_ids=ids, use_cache=False)
+        with pytest.raises(RuntimeError, match=r"fullgraph=True, or call torch._dynamo.reset\(\)"):
+            compiled[1](input_ids=ids, use_cache=False)

@@ -14,6 +14,7 @@ Every call's CompileReport is logged and kept (``last_report()``, ``reports()``)
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 import logging
@@ -122,6 +123,20 @@ class _Snapshot:
         return gm
 
 
+@contextlib.contextmanager
+def _own_float_specializations():
+    """Dynamo's record of the float inputs aot_autograd asked it to specialize (a global set, cleared after each
+    frame), as it was before: what a compile outside Dynamo adds to it does not leak into the next frame."""
+    state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+    names = getattr(state, "force_specializations", set())
+    before = set(names)
+    try:
+        yield
+    finally:
+        names.clear()
+        names |= before
+
+
 def _version(t: Any) -> int:
     try:
         return t._version
@@ -167,8 +182,26 @@ class _WeightGuard:
         inputs = list(self.inputs)
         for i in self.watched:
             inputs[i] = args[i]
-        with torch._guards.tracing(self.pristine.tracing):
-            fn, _ = _lower_and_compile(self.pristine.fresh(), inputs, self.opts, self.mode)
+        # In a dynamic graph aot_autograd may ask Dynamo to restart the frame's analysis with some float
+        # scalars specialized (floats the first compile specialized after its check). No Dynamo frame is
+        # running here: the request has marked them specialized, so the snapshot is compiled again.
+        restart = torch._dynamo.exc.TensorifyScalarRestartAnalysis
+        with torch._guards.tracing(self.pristine.tracing), _own_float_specializations():
+            for attempt in range(3):
+                try:
+                    fn, _ = _lower_and_compile(self.pristine.fresh(), inputs, self.opts, self.mode)
+                    break
+                except restart:
+                    if attempt == 2:
+                        raise
+                    logger.debug("vnm: aot_autograd asked to specialize float scalars; compiling again")
+                except torch._subclasses.fake_tensor.DataDependentOutputException as err:
+                    raise RuntimeError(
+                        "vnm: a compiled graph met weights other than those it was compiled with (another model "
+                        "of the same class, or weights replaced in place) and cannot be lowered again outside "
+                        "Dynamo: this dynamic graph reads Python float attributes as tensors. Compile it with "
+                        "fullgraph=True, or call torch._dynamo.reset() before compiling the other model."
+                    ) from err
         self.variants.append((self._key(args), fn))
         if len(self.variants) > self.MAX_VARIANTS:
             logger.warning("vnm: more than %d weight sets seen by one graph; dropping the oldest", self.MAX_VARIANTS)
