@@ -636,15 +636,16 @@ def _plot(result: dict, path: Path) -> None:
 DYNAMIC_VARIANTS = ("permuted", "compressed", "unpermuted", "pergraph")
 
 
-def _dynamic_models(args, model, pattern: str) -> dict:
+def _dynamic_models(args, model, pattern: str) -> tuple[dict, dict | None]:
     """The --dynamic variants' pruned models, each with the module its outputs are checked against (the same
-    pruned weights run eagerly, masked): {name: (model, options, reference module)}."""
+    pruned weights run eagerly, masked): {name: (model, options, reference module)}, and what sparsify_ with
+    permutations took (``sparsified``'s info; None without a permuted variant)."""
     import copy
 
     from vnm_compile import VNMConfig, compress_, sparsify_
 
     wanted = set(args.dynamic_variants)
-    out = {}
+    out, info = {}, None
     if wanted & {"unpermuted", "pergraph"}:
         plain = copy.deepcopy(model)
         report = sparsify_(plain, VNMConfig(pattern, score="abs", permute=False), progress=False)
@@ -657,12 +658,11 @@ def _dynamic_models(args, model, pattern: str) -> dict:
         if args.permute == "none":
             raise SystemExit("--dynamic-variants permuted / compressed need --permute random or calibrated")
         permuted, info = sparsified(args, "llama", model, pattern)
-        args.sparsify_info = info
         if "permuted" in wanted:
             out["permuted"] = (permuted, {}, permuted)
         if "compressed" in wanted:
             out["compressed"] = (compress_(copy.deepcopy(permuted)), {}, permuted)
-    return {name: out[name] for name in args.dynamic_variants}
+    return {name: out[name] for name in args.dynamic_variants}, info
 
 
 def run_dynamic(args) -> dict:
@@ -674,9 +674,9 @@ def run_dynamic(args) -> dict:
 
     env = environment(args.device, args.dtype)  # the commit when the run starts (it takes minutes)
     pattern = next(v.split()[0] for v in args.variants if v not in ("dense", CSLT))
-    args.sparsified, args.sparsify_info = {}, None
+    args.sparsified = {}
     model = build_llama(args)
-    variants = _dynamic_models(args, model, pattern)
+    variants, sparsify_info = _dynamic_models(args, model, pattern)
     dense = torch.compile(model, backend="eager" if args.smoke else "inductor", dynamic=True, fullgraph=True)
     clear_reports()
     smoke = {"inductor": False, "force_sparse": True} if args.smoke else {}  # smoke: the op runs on the CPU
@@ -693,10 +693,13 @@ def run_dynamic(args) -> dict:
                 return c(input_ids=ids, use_cache=False).last_hidden_state
 
             timed = {"dense": _time(lambda: call(dense), args.smoke)}  # (first call s, ms)
-            diff = {}
+            diff, eager = {}, {}  # eager: the masked weights through F.linear, once per reference module
             for name, c in compiled.items():
                 timed[name] = _time(lambda c=c: call(c), args.smoke)
-                ref = call(variants[name][2]).float()  # eager, the masked weights through F.linear
+                module = variants[name][2]
+                if id(module) not in eager:
+                    eager[id(module)] = call(module).float()
+                ref = eager[id(module)]
                 diff[name] = ((call(c).float() - ref).norm() / ref.norm()).item()
             ms = {name: v[1] for name, v in timed.items()}
             rows.append({"tokens": t, "ms": ms, "first_call_s": {name: v[0] for name, v in timed.items()},
@@ -718,7 +721,7 @@ def run_dynamic(args) -> dict:
             "variants": list(compiled),
             "permute": args.permute,
             "joint_permutations": args.joint_permutations,
-            "sparsify": args.sparsify_info,
+            "sparsify": sparsify_info,
             "out": str(args.out),
         },
         "vnm_graphs": len(reports()),
