@@ -140,7 +140,8 @@ def _weight(rng: random.Random, out_f: int, in_f: int, p: VNMPattern, dtype, dev
 def _check(y: torch.Tensor, x: torch.Tensor, cw: VNMWeight, bias, case: Case) -> None:
     """Fill case.err / torch_err / tol / ok: kernel vs float64 and PyTorch (same precision) vs float64."""
     dense = cw.to_dense()
-    ref = torch.nn.functional.linear(x.double(), dense.double(), None if bias is None else bias.double())
+    x64, dense64 = x.double(), dense.double()
+    ref = torch.nn.functional.linear(x64, dense64, None if bias is None else bias.double())
     same = torch.nn.functional.linear(x, dense.to(x.dtype), bias)
     y64 = y.double()
     finite = bool(torch.isfinite(y64).all())
@@ -153,7 +154,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, cw: VNMWeight, bias, case: Case) ->
     # bfloat16, or one dropped term, would give.
     if y.numel():
         terms = int((dense != 0).sum(1).max())
-        absdot = float((x.double().abs() @ dense.double().abs().t()).max())
+        absdot = float((x64.abs() @ dense64.abs().t()).max())
         order = 4 * math.sqrt(terms) * 2.0**-24 * absdot
     else:
         order = 0.0
