@@ -186,3 +186,77 @@ def test_unpermuted_layers_run_compressed_linear_on_their_own_weight(monkeypatch
     assert all(d.op == "placeholder" for h in held for d in h)  # the model's own Parameters, not copies
     assert sorted(len(h) for h in held) == [1, 1, 1, 1, 2, 2, 3, 3]  # o, down; gate/up; q/k/v (2 layers)
     assert not any(n.target in INDEX for n in gm.graph.nodes)
+
+
+def _tc_on_cpu(monkeypatch):
+    """The sparse-tensor-core packing on the CPU (the op then runs its plain-PyTorch reference on it)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("vnm_compile.deploy.linear"), "tc_layout_supported", lambda *a: True)
+
+
+def _fp16_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = transformers.LlamaModel(cfg).half().eval()
+    stats = calibrate(model, [torch.randint(0, 96, (2, 11)) for _ in range(2)], progress=False)
+    sparsify_(model, VNMConfig("64:2:8", min_numel=0), stats, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("form", ["sparsified", "compressed"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_single_token_graph_folds_the_input_permutations_into_the_columns(monkeypatch, form, tokens):
+    """In a graph whose every call is one token, each permuted layer's input index op goes into the
+    sparse-TC packing's columns (LAYOUT_TC_FOLDED: absolute input features), siblings fused first; at more
+    tokens the index op stays. The function is unchanged (compiled == eager, fp16, random permutations from
+    the real search) and the report says where each input permutation went."""
+    from vnm_compile.kernels.compressed import LAYOUT_TC_FOLDED, read_spec
+
+    _tc_on_cpu(monkeypatch)
+    model = _fp16_llama()
+    if form == "compressed":
+        model = compress_(model, progress=False)
+    ids = torch.randint(0, 96, (tokens, 1))
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):  # outputs poisoned between runs: the second call must write every element again
+            got = compiled(input_ids=ids).last_hidden_state.float()
+            torch.testing.assert_close(got, model(input_ids=ids).last_hidden_state.float(), rtol=2e-3, atol=2e-3)
+    gm, report = rec.graphs[-1], rec.reports[-1]
+    calls = _calls(gm)
+    # calls reading x through an index op (the sparsified form's own, or the one VNMLinear's forward traced)
+    fed = [c for c in calls if c.args[0].target in INDEX or c.args[0].target == "index_select"]
+    layouts = [read_spec([_tensor(gm, w) for w in c.args[1]], c.args[2]).layout for c in calls]
+    assert len(calls) == 8  # q/k/v and gate/up one launch each, folded or not
+    # the compile report has a line per layer for the sparsified form (a compressed model's VNMLinear calls
+    # are counted only)
+    permuted = [r for r in report.lowered if r.permuted]
+    assert len(permuted) == (14 if form == "sparsified" else 0)
+    if tokens == 1:
+        assert not fed, gm.code
+        assert all(layout == LAYOUT_TC_FOLDED for layout in layouts)
+        assert all("in: in the kernel's columns" in r.permutations for r in permuted)
+    else:
+        assert len(fed) == 8 and LAYOUT_TC_FOLDED not in layouts
+        assert not any("kernel's columns" in r.permutations for r in permuted)
+
+
+def _tensor(gm, node):
+    """The tensor a get_attr node reads, or the example value of a placeholder (a compressed model's buffer)."""
+    return getattr(gm, node.target) if node.op == "get_attr" else node.meta["example_value"]
+
+
+def test_folded_columns_are_the_permuted_features():
+    """perm[columns] over the whole unsigned 16-bit range the packing stores as int16."""
+    from vnm_compile.passes.store_permutations import folded_columns
+
+    gen = torch.Generator().manual_seed(3)
+    perm = torch.randperm(60000, generator=gen)
+    local = torch.randint(0, 60000, (2, 3, 32), generator=gen)
+    stored = torch.where(local >= 1 << 15, local - (1 << 16), local).to(torch.int16)
+    got = folded_columns(stored, perm)
+    assert got.dtype == torch.int16 and got.shape == local.shape
+    assert torch.equal(got.to(torch.int64) & 0xFFFF, perm[local])

@@ -8,10 +8,15 @@ them (``[layout, V, n, M, out_features]``). Two layouts, one held per weight:
 - ``LAYOUT_TC`` (records, columns): ``SparseTCWeight``'s packing for the sparse tensor cores (mma.sp /
   wgmma.sp decode kernel and GEMMs), on GPUs where they run (fp16/bf16, n = 2, V a multiple of 64);
   ``LAYOUT_TC_COMPACT`` the same packing without the dense mma.sp GEMM's local rows and k-step padding
-  (``pack_sparse_tc(compact=True)``: fewer bytes, that GEMM not among the candidates).
+  (``pack_sparse_tc(compact=True)``: fewer bytes, that GEMM not among the candidates);
+  ``LAYOUT_TC_FOLDED`` either packing with an input permutation folded into its columns (absolute input
+  features: x is read in its original order, no index op before the op). Only the compiler makes it, for
+  graphs whose every call is a single-token decode step (``store_permutations.fold_in_permutations``): the
+  decode kernel, the gather and wgmma GEMMs read it; the dense mma.sp GEMM and the Triton dense rebuild do
+  not (its dense path rebuilds through the plain-PyTorch reference).
 
 The weights are stored in the coordinates in which they obey the pattern (permutations are applied by
-the module around the op), so every block's kept columns lie inside its own M-column group: the
+the module around the op; ``LAYOUT_TC_FOLDED`` excepted), so every block's kept columns lie inside its own M-column group: the
 kernels read contiguous columns. Either layout may carry one more tensor, ``row_index`` ((stored rows,)
 int32: the output row of each stored row, -1 for padding): the kernels then store each output row at its
 place (the output permutation applied in the store, no index op after the op; the backend's
@@ -52,6 +57,7 @@ __all__ = [
     "LAYOUT_ROWS",
     "LAYOUT_TC",
     "LAYOUT_TC_COMPACT",
+    "LAYOUT_TC_FOLDED",
     "LAYOUTS",
     "OP",
     "rebuild_dense",
@@ -63,8 +69,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LAYOUT_ROWS, LAYOUT_TC, LAYOUT_TC_COMPACT = 0, 1, 2
-LAYOUTS = {"rows": LAYOUT_ROWS, "tc": LAYOUT_TC, "tc-compact": LAYOUT_TC_COMPACT}
+LAYOUT_ROWS, LAYOUT_TC, LAYOUT_TC_COMPACT, LAYOUT_TC_FOLDED = 0, 1, 2, 3
+LAYOUTS = {"rows": LAYOUT_ROWS, "tc": LAYOUT_TC, "tc-compact": LAYOUT_TC_COMPACT}  # what a VNMLinear holds
 DECODE_TOKENS = 32  # up to this many rows of x the sparse kernels always run (sparse_tc.DECODE_MAX_TOKENS)
 
 
@@ -98,7 +104,8 @@ def read_spec(weight: list, spec: list[int]) -> CompressedSpec:
     return out
 
 
-_TENSORS = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2}  # per layout, without the optional row_index
+# per layout, without the optional row_index
+_TENSORS = {LAYOUT_ROWS: 3, LAYOUT_TC: 2, LAYOUT_TC_COMPACT: 2, LAYOUT_TC_FOLDED: 2}
 
 
 def row_index(weight: list, spec: list[int]) -> Tensor | None:
@@ -124,12 +131,13 @@ def _identity_rows(rows: int, in_features: int, device: torch.device) -> Tensor:
     return table.masked_fill(table >= in_features, -1)
 
 
-def _tc_weight(weight: list[Tensor], v: int, m: int, out: int, in_features: int, dtype: torch.dtype):
+def _tc_weight(weight: list[Tensor], layout: int, v: int, m: int, out: int, in_features: int, dtype: torch.dtype):
     from .sparse_tc import SparseTCWeight
 
     records, columns = weight[:2]
     rows_out = weight[2] if len(weight) > 2 else None
-    identity = 8 * m <= 256 and records.shape[-1] == RECORD  # compact records have no dense-kernel rows
+    # the dense mma.sp GEMM's x^T rows: only for full records (compact ones have no local rows) on local columns
+    identity = layout == LAYOUT_TC and 8 * m <= 256 and records.shape[-1] == RECORD
     rows = _identity_rows(records.shape[1] * 8 * m, in_features, records.device) if identity else None
     return SparseTCWeight(
         records, columns, rows_out, out, in_features, dtype, rows, m if rows is not None else 0, rows is not None,
@@ -146,7 +154,7 @@ def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch
         return VNMWeight(values, columns, meta, row_index(weight, spec), pattern, (out, in_features))
     from .sparse_tc import unpack_sparse_tc
 
-    return unpack_sparse_tc(_tc_weight(weight, v, m, out, in_features, dtype), pattern)
+    return unpack_sparse_tc(_tc_weight(weight, layout, v, m, out, in_features, dtype), pattern)
 
 
 def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
@@ -154,7 +162,11 @@ def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype
     (with a row_index: each stored row at its output row)."""
     layout, v, n, m, out = read_spec(weight, spec)
     rows = row_index(weight, spec)
-    if layout != LAYOUT_ROWS:
+    if layout == LAYOUT_TC_FOLDED:  # absolute columns: the Triton rebuild writes each group's own columns only
+        from .tc_dense import tc_to_dense_reference
+
+        dense = tc_to_dense_reference(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
+    elif layout != LAYOUT_ROWS:
         from .tc_dense import tc_to_dense
 
         dense = tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
@@ -181,7 +193,7 @@ def _sparse(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | Non
     if layout != LAYOUT_ROWS:
         from .sparse_tc import sparse_tc_linear
 
-        return sparse_tc_linear(x, _tc_weight(weight, v, m, out, x.shape[-1], x.dtype), bias)
+        return sparse_tc_linear(x, _tc_weight(weight, layout, v, m, out, x.shape[-1], x.dtype), bias)
     from .vnm_linear import OpWeight, _sparse_linear
 
     w = OpWeight.unpack(_stored(weight, spec), spec)  # vnm::linear's spec starts with this one

@@ -23,7 +23,7 @@ from .keep_dense_off_gpu import keep_dense_off_gpu
 from .lower_linears import lower_linears
 from .prune_linears import prune_linears
 from .sparse_tc_weights import sparse_tc_weights
-from .store_permutations import store_out_permutations
+from .store_permutations import fold_in_permutations, store_out_permutations
 
 __all__ = [
     "PASSES",
@@ -40,6 +40,7 @@ __all__ = [
     "interleave_rows",
     "sparse_tc_weights",
     "store_out_permutations",
+    "fold_in_permutations",
     "permutation_nodes",
     "CompileContext",
     "CompileOptions",
@@ -61,7 +62,8 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # weights for the gather GEMM; 8. with the interleave_rows option, the decode kernel's layout;
 # 9. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
 # kernels' packed weights; 10. in a decode-only graph, vnm::compressed_linear's output permutations in its
-# kernels' store instead of an index op; 11. one launch for sibling vnm::compressed_linear calls.
+# kernels' store instead of an index op; 11. one launch for sibling vnm::compressed_linear calls; 12. in a
+# single-token graph, their input permutations in the kernels' column indices instead of an index op.
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,
@@ -75,6 +77,7 @@ PASSES: list[Pass] = [
     sparse_tc_weights,
     store_out_permutations,
     fuse_compressed,
+    fold_in_permutations,
 ]
 
 

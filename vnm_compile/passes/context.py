@@ -215,6 +215,7 @@ class LinearSite:
     in_perm_cancelled: tuple[str, ...] = ()  # input permutation cancelled with these producers' output ones
     out_perm_cancelled: tuple[str, ...] = ()  # output permutation cancelled with these consumers' input one
     out_perm_stored: bool = False  # output permutation applied in the kernel's store (store_out_permutations)
+    in_perm_folded: bool = False  # input permutation folded into the kernel's columns (fold_in_permutations)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -406,6 +407,8 @@ def _permutations_applied(site: LinearSite) -> str:
     if state.in_perm is not None:
         if site.in_perm_cancelled:
             parts.append(f"in: cancelled with {', '.join(map(_short, site.in_perm_cancelled))}")
+        elif site.in_perm_folded:
+            parts.append("in: in the kernel's columns")
         else:
             n = len(site.in_perm_readers)
             parts.append("in: index op on x" + (f" shared by {n}" if n > 1 else ""))

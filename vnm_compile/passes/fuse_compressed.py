@@ -33,6 +33,7 @@ from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
 from .fuse_siblings import _slices_ok
 from .graph import PREFIX, constant, finish, fresh_prefix, op_args, set_op_args
+from .lower_linears import LAYER_META
 
 __all__ = ["fuse_compressed", "COMPRESSED_TARGETS"]
 
@@ -195,6 +196,9 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], values, prefix: str) -> bo
         parts = graph.call_function(torch.split, (call, sizes, -1))
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     call.meta = dict(first.meta)
+    names = [str(node.meta[LAYER_META]) for node in members if LAYER_META in node.meta]
+    if names:
+        call.meta[LAYER_META] = "+".join(names)  # every member's layer (as fuse_siblings writes it)
     selects = [c["x"] for c in calls[1:]]  # (read before erase_node clears the members' args)
     for node, out in zip(members, outs, strict=True):
         node.replace_all_uses_with(out)

@@ -1,4 +1,6 @@
-"""Apply a vnm::compressed_linear call's output permutation in the kernel's store, at decode.
+"""Apply a vnm::compressed_linear call's permutations inside its kernels, at decode: the output permutation
+in the kernel's store (``store_out_permutations``) and, at one token, the input permutation in its column
+indices (``fold_in_permutations``).
 
 A permuted layer runs as ``op(x[..., P_in])[..., P_out^-1]`` (lower_linears; VNMLinear does the same in
 eager mode). Inductor fuses the output index op into whatever reads it (a residual add and the next
@@ -12,6 +14,17 @@ Only where every call of the graph is a decode step (a static token count of at 
 ``kernels.compressed.DECODE_TOKENS``): at prefill a scattered store of a (tokens x features) tile is
 uncoalesced, and the op's dense path would reorder the rows of the rebuilt weight. Output index ops that
 cancel_permutations removed are gone already; a call whose output has other users keeps its index op.
+
+The input permutation ``x[..., P_in]`` is an index op that inductor fuses into the op producing x (the
+RMSNorm, the residual add), where it is a gather too: an H100 RMSNorm with it took 5-7 us at one token
+against 2-3 us without. On the sparse-tensor-core packing it can instead go into the kernels' column
+indices (``P_in[columns]``: each kept column read at its place in the original x, ``LAYOUT_TC_FOLDED``).
+Measured per layer on the H100 (``benchmarks/results/nvidia-h100-80gb-hbm3/row_store.md``, Llama-3-8B
+shapes): at one token the decode kernel is as fast on those absolute columns as on local ones, at 16
+tokens it is 1.5-3x slower (its x^T tiles then gather from scattered sectors). So only graphs whose every
+call is at most ``FOLD_TOKENS`` tokens fold, after sibling fusion (one folded copy of the columns per
+fused call: 32 int16 per 64 rows and k-step, about 2.7 % of a 64:2:8 weight's bytes, held beside the
+local columns the model's other graphs read).
 """
 
 from __future__ import annotations
@@ -21,16 +34,18 @@ import logging
 import torch
 from torch import fx
 
-from ..kernels.compressed import DECODE_TOKENS, read_spec, row_index
+from ..kernels.compressed import DECODE_TOKENS, LAYOUT_TC, LAYOUT_TC_COMPACT, LAYOUT_TC_FOLDED, read_spec, row_index
 from .context import CompileContext
 from .find_linears import _static_tokens
 from .fuse_compressed import COMPRESSED_TARGETS, _index_select, _rows, _value
 from .graph import PREFIX, constant, finish, fresh_prefix, op_args, set_op_args
 from .lower_linears import LAYER_META
 
-__all__ = ["store_out_permutations"]
+__all__ = ["store_out_permutations", "fold_in_permutations", "FOLD_TOKENS"]
 
 logger = logging.getLogger(__name__)
+
+FOLD_TOKENS = 1  # fold input permutations in graphs of at most this many tokens per call (module docstring)
 
 
 def _tokens(x) -> int | None:
@@ -87,3 +102,53 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         finish(gm)
     logger.debug("store_out_permutations: %d output permutations applied in the kernels' store", moved)
     return moved > 0
+
+
+def folded_columns(columns: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The sparse-TC packing's kept columns (int16 read as unsigned) of a weight in permuted coordinates,
+    as absolute input features of x before its permutation ``x[..., perm]``: ``perm[columns]``."""
+    absolute = perm.to(device=columns.device, dtype=torch.int64)[columns.to(torch.int64) & 0xFFFF]
+    return torch.where(absolute >= 1 << 15, absolute - (1 << 16), absolute).to(torch.int16)
+
+
+def fold_in_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
+    """Fold each single-token compressed call's input index op into its columns. True if the graph changed."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, ctx.example_inputs, strict=False))
+    sites = {site.name: site for site in ctx.sites}
+    index = fresh_prefix(gm)
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in COMPRESSED_TARGETS:
+            continue
+        args = op_args(node)
+        sel = _index_select(args["x"])
+        tokens = _tokens(args["x"])
+        if sel is None or args["dense_weights"] is not None or tokens is None or tokens > FOLD_TOKENS:
+            continue
+        tensors = [_value(w, values, gm) for w in args["weight"]]
+        perm = _value(sel[1], values, gm)
+        if any(t is None for t in tensors) or perm is None or perm.is_floating_point():
+            continue
+        spec = read_spec(tensors, args["spec"])
+        source = sel[0].meta.get("example_value", sel[0].meta.get("val")) if isinstance(sel[0], fx.Node) else None
+        width = source.shape[-1] if isinstance(source, torch.Tensor) else None
+        if spec.layout not in (LAYOUT_TC, LAYOUT_TC_COMPACT) or perm.shape != (width,):
+            continue  # (a permutation of x's own width: folded columns stay below the kernels' 65536 limit)
+        with graph.inserting_before(node):
+            columns = constant(gm, graph, f"{PREFIX}{index}_folded_columns", folded_columns(tensors[1], perm))
+        index += 1
+        select = args["x"]
+        set_op_args(node, x=sel[0], weight=[args["weight"][0], columns, *args["weight"][2:]],
+                    spec=spec.with_(layout=LAYOUT_TC_FOLDED))  # fmt: skip
+        if not select.users:
+            graph.erase_node(select)
+        folded += 1
+        for name in str(node.meta.get(LAYER_META, "")).split("+"):
+            if name in sites:
+                sites[name].in_perm_folded = True
+    if folded:
+        finish(gm)
+    logger.debug("fold_in_permutations: %d input permutations folded into the kernels' columns", folded)
+    return folded > 0
