@@ -563,7 +563,7 @@ def _md(result: dict) -> str:
         f"transformers {result['versions']['transformers']}, CUDA {result['versions']['cuda']}. "
         f"Command: `{result['command']}`",
         "",
-        f"Llama-2-7B-shaped decoder stack, {cfg['llama_layers']} of 32 layers (LlamaModel, no lm_head), fp16; "
+        f"{cfg.get('shapes', 'llama2-7b')}-shaped decoder stack, {cfg['llama_layers']} layers (LlamaModel, no lm_head), fp16; "
         f"decode against a {cfg['kv_len']}-token static KV cache, prefill {cfg['prefill']} tokens. "
         f"DeiT-base shapes, {cfg['deit_layers']} of 12 layers, batch {cfg['deit_batch']}, 224 px, fp16. "
         "All compiled fullgraph in inductor's default mode; median of CUDA-graph replays. Decode times "
@@ -789,6 +789,7 @@ def _result(args, records: list[dict]) -> dict:
         "command": command_line("python "),
         "environment": env,
         "config": {
+            "shapes": args.shapes,
             "llama_layers": args.llama_layers,
             "deit_layers": args.deit_layers,
             "kv_len": args.kv_len,

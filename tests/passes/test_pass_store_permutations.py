@@ -126,7 +126,8 @@ def test_gpu_decode_graph_runs_compressed_linear(permute, tokens):
     """On a GPU with the sparse tensor cores: every sparsified layer runs vnm::compressed_linear (permuted ones
     with their output permutations in the kernels' store at decode, unpermuted ones with their own weight
     held for the dense path, instead of the shipped table's prediction), and matches eager with the real
-    kernels (48 tokens: the measured choice between the sparse GEMM and cuBLAS)."""
+    kernels (48 tokens: the measured choice between the sparse GEMM and cuBLAS, which may keep a layer dense on
+    its own masked weight: an H100 did for every layer of this small model)."""
     from vnm_compile.kernels.sparse_tc import sparse_tc_available
 
     if not torch.cuda.is_available() or not sparse_tc_available():
@@ -146,7 +147,10 @@ def test_gpu_decode_graph_runs_compressed_linear(permute, tokens):
         ref = model(input_ids=ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
     report = rec.reports[-1]
-    assert len(report.lowered) == 14 and all(r.mode.startswith("compressed") for r in report.lowered)
+    # at 48 tokens a layer may stay dense on its own masked weight where this GPU measured no sparse win
+    dense = [r for r in report.layers if not r.lowered and "runs dense at 48 tokens" in (r.reason or "")]
+    assert len(report.lowered) + (len(dense) if tokens == 48 else 0) == 14
+    assert all(r.mode.startswith("compressed") for r in report.lowered)
     if permute and tokens <= 32:
         assert any("out: in the kernel's store" in r.permutations for r in report.lowered)
     if not permute:
@@ -206,13 +210,14 @@ def _fp16_llama():
 
 
 @pytest.mark.parametrize("form", ["sparsified", "compressed"])
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_single_token_graph_folds_the_input_permutations_into_the_columns(monkeypatch, form, tokens):
-    """In a graph whose every call is one token, each permuted layer's input index op goes into the
-    sparse-TC packing's columns (LAYOUT_TC_FOLDED: absolute input features), siblings fused first; at more
-    tokens the index op stays. The function is unchanged (compiled == eager, fp16, random permutations from
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_few_token_graph_folds_the_input_permutations_into_the_columns(monkeypatch, form, tokens):
+    """In a graph whose every call is at most FOLD_TOKENS (4) tokens, each permuted layer's input index op
+    goes into the sparse-TC packing's columns (LAYOUT_TC_FOLDED: absolute input features), siblings fused
+    first; at more tokens the index op stays. The function is unchanged (compiled == eager, fp16, random permutations from
     the real search) and the report says where each input permutation went."""
     from vnm_compile.kernels.compressed import LAYOUT_TC_FOLDED, read_spec
+    from vnm_compile.passes.store_permutations import FOLD_TOKENS
 
     _tc_on_cpu(monkeypatch)
     model = _fp16_llama()
@@ -235,7 +240,7 @@ def test_single_token_graph_folds_the_input_permutations_into_the_columns(monkey
     # are counted only)
     permuted = [r for r in report.lowered if r.permuted]
     assert len(permuted) == (14 if form == "sparsified" else 0)
-    if tokens == 1:
+    if tokens <= FOLD_TOKENS:
         assert not fed, gm.code
         assert all(layout == LAYOUT_TC_FOLDED for layout in layouts)
         assert all("in: in the kernel's columns" in r.permutations for r in permuted)

@@ -11,7 +11,7 @@ them (``[layout, V, n, M, out_features]``). Two layouts, one held per weight:
   (``pack_sparse_tc(compact=True)``: fewer bytes, that GEMM not among the candidates);
   ``LAYOUT_TC_FOLDED`` either packing with an input permutation folded into its columns (absolute input
   features: x is read in its original order, no index op before the op). Only the compiler makes it, for
-  graphs whose every call is a single-token decode step (``store_permutations.fold_in_permutations``): the
+  graphs whose every call is a decode step of a few tokens (``store_permutations.fold_in_permutations``): the
   decode kernel, the gather and wgmma GEMMs read it; the dense mma.sp GEMM and the Triton dense rebuild do
   not (its dense path rebuilds through the plain-PyTorch reference).
 

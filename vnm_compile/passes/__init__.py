@@ -63,7 +63,7 @@ Pass = Callable[[fx.GraphModule, CompileContext], bool]
 # 9. with the sparse_tensor_cores option (default "auto": on a GPU where they run), the mma.sp
 # kernels' packed weights; 10. in a decode-only graph, vnm::compressed_linear's output permutations in its
 # kernels' store instead of an index op; 11. one launch for sibling vnm::compressed_linear calls; 12. in a
-# single-token graph, their input permutations in the kernels' column indices instead of an index op.
+# graph of at most 4 tokens per call, their input permutations in the kernels' column indices instead of an index op.
 PASSES: list[Pass] = [
     find_linears,
     prune_linears,

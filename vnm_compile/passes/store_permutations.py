@@ -1,6 +1,6 @@
 """Apply a vnm::compressed_linear call's permutations inside its kernels, at decode: the output permutation
-in the kernel's store (``store_out_permutations``) and, at one token, the input permutation in its column
-indices (``fold_in_permutations``).
+in the kernel's store (``store_out_permutations``) and, at a few tokens, the input permutation in its column
+indices (``fold_in_permutations``, up to ``FOLD_TOKENS``).
 
 A permuted layer runs as ``op(x[..., P_in])[..., P_out^-1]`` (lower_linears; VNMLinear does the same in
 eager mode). Inductor fuses the output index op into whatever reads it (a residual add and the next
@@ -19,12 +19,13 @@ The input permutation ``x[..., P_in]`` is an index op that inductor fuses into t
 RMSNorm, the residual add), where it is a gather too: an H100 RMSNorm with it took 5-7 us at one token
 against 2-3 us without. On the sparse-tensor-core packing it can instead go into the kernels' column
 indices (``P_in[columns]``: each kept column read at its place in the original x, ``LAYOUT_TC_FOLDED``).
-Measured per layer on the H100 (``benchmarks/results/nvidia-h100-80gb-hbm3/row_store.md``, Llama-3-8B
-shapes): at one token the decode kernel is as fast on those absolute columns as on local ones, at 16
-tokens it is 1.5-3x slower (its x^T tiles then gather from scattered sectors). So only graphs whose every
-call is at most ``FOLD_TOKENS`` tokens fold, after sibling fusion (one folded copy of the columns per
-fused call: 32 int16 per 64 rows and k-step, about 2.7 % of a 64:2:8 weight's bytes, held beside the
-local columns the model's other graphs read).
+Measured per layer on the H100 (``benchmarks/results/nvidia-h100-80gb-hbm3/row_store.md`` and
+``row_store_small.md``, Llama-3-8B shapes, 64:2:8 and 64:2:5): at 1, 2 and 4 tokens the decode kernel is as
+fast on those absolute columns as on local ones and every layer gains over "index op + kernel" (1.02-1.30x);
+at 8 tokens down_proj loses (0.88x / 0.69x), at 16 tokens most layers lose 1.5-3x (the kernel's x^T tiles
+then gather from scattered sectors). So only graphs whose every call is at most ``FOLD_TOKENS`` tokens fold,
+after sibling fusion (one folded copy of the columns per fused call: 32 int16 per 64 rows and k-step, about
+2.7 % of a 64:2:8 weight's bytes, held beside the local columns the model's other graphs read).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = ["store_out_permutations", "fold_in_permutations", "FOLD_TOKENS"]
 
 logger = logging.getLogger(__name__)
 
-FOLD_TOKENS = 1  # fold input permutations in graphs of at most this many tokens per call (module docstring)
+FOLD_TOKENS = 4  # fold input permutations in graphs of at most this many tokens per call (module docstring)
 
 
 def _tokens(x) -> int | None:
@@ -112,7 +113,8 @@ def folded_columns(columns: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def fold_in_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
-    """Fold each single-token compressed call's input index op into its columns. True if the graph changed."""
+    """Fold the input index op of each compressed call of at most FOLD_TOKENS tokens into its columns. True if
+    the graph changed."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, ctx.example_inputs, strict=False))
