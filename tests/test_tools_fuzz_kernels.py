@@ -31,7 +31,13 @@ def test_harness_runs_and_writes_its_results(interpret, tmp_path):
     rc = _tool().main(["--out", str(tmp_path), "--cases", "8", "--seconds", "60", "--dynamic-calls", "4"])
     data = json.loads((tmp_path / "fuzz_kernels.json").read_text())
     assert rc == 0 and data["failures"] == 0 and data["cases"] == 8
-    assert set(data["by_path"]) == {"triton", "triton+expanded", "triton+interleaved", "vnm_linear"}
+    assert set(data["by_path"]) == {
+        "triton",
+        "triton+expanded",
+        "triton+interleaved",
+        "compressed_linear",
+        "vnm_linear",
+    }
     assert data["dynamic"]["calls"] == 4 and data["dynamic"]["graphs"] >= 1
     assert "8 random cases, 0 mismatches" in (tmp_path / "fuzz_kernels.md").read_text()
 

@@ -15,7 +15,13 @@ Three parts, sharing one time budget (``--seconds``):
      XS 0/1/2, DP), ``mma.sp gather`` / ``mma.sp dense`` GEMMs and ``wgmma.sp`` (sm_90; random WGMMA
      configs, SHARE where V is a multiple of 128): kernels.sparse_tc's launchers, called directly;
    - ``vnm_linear``: the public entry point with random optional layouts and sparse-tensor-core
-     windows (the run-time dispatch itself).
+     windows (the run-time dispatch itself);
+   - ``compressed_linear``: ``vnm::compressed_linear``, what compressed models and permuted layers run (the
+     measured choice between the sparse kernels and cuBLAS on a rebuilt or held dense weight), on a random
+     layout (rows, the sparse-TC packing with full or compact records, or that packing with the input
+     permutation folded into its columns), with a random row_index (output permutation in the store) or
+     held dense weights; its output is allocated inside, so the freed block it reuses is filled with NaN
+     first.
 
    Every output the API lets us pass in is filled with NaN first (an element the kernel does not
    write shows up as NaN); outputs allocated inside are checked for NaN. The error against
@@ -118,6 +124,12 @@ def _tokens(rng: random.Random, cap: int) -> int:
 
 def _weight(rng: random.Random, out_f: int, in_f: int, p: VNMPattern, dtype, device, perms: tuple[bool, bool]):
     """A VNMWeight with a random mask that obeys ``p`` after random permutations (when asked)."""
+    return _masked(rng, out_f, in_f, p, dtype, device, perms)[0]
+
+
+def _masked(rng: random.Random, out_f: int, in_f: int, p: VNMPattern, dtype, device, perms: tuple[bool, bool]):
+    """(VNMWeight with the permutations folded in, the weight, its mask, in_perm, out_perm): a random mask that
+    obeys ``p`` after random permutations (when asked), in original coordinates."""
     g = torch.Generator(device="cpu").manual_seed(rng.randrange(2**31))
     w = torch.randn(out_f, in_f, generator=g)
     in_perm = torch.randperm(in_f, generator=g) if perms[0] else None
@@ -133,13 +145,13 @@ def _weight(rng: random.Random, out_f: int, in_f: int, p: VNMPattern, dtype, dev
     cols = in_perm if in_perm is not None else torch.arange(in_f)
     mask = torch.empty_like(mask_p)
     mask[rows.unsqueeze(1), cols.unsqueeze(0)] = mask_p
-    cw = VNMWeight.from_dense(w.to(dtype).to(device), mask.to(device), p, in_perm=in_perm, out_perm=out_perm)
-    return cw
+    w, mask = w.to(dtype).to(device), mask.to(device)
+    return VNMWeight.from_dense(w, mask, p, in_perm=in_perm, out_perm=out_perm), w, mask, in_perm, out_perm
 
 
-def _check(y: torch.Tensor, x: torch.Tensor, cw: VNMWeight, bias, case: Case) -> None:
-    """Fill case.err / torch_err / tol / ok: kernel vs float64 and PyTorch (same precision) vs float64."""
-    dense = cw.to_dense()
+def _check(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, bias, case: Case) -> None:
+    """Fill case.err / torch_err / tol / ok: kernel vs float64 and PyTorch (same precision) vs float64, for
+    ``y = x @ dense.T + bias`` (``dense``: zeros at pruned positions)."""
     x64, dense64 = x.double(), dense.double()
     ref = torch.nn.functional.linear(x64, dense64, None if bias is None else bias.double())
     same = torch.nn.functional.linear(x, dense.to(x.dtype), bias)
@@ -251,8 +263,71 @@ def _run_public(rng, x, cw, bias, case) -> torch.Tensor:
     return y
 
 
+def _poison_allocator(shape: tuple[int, int], dtype, device) -> None:
+    """Leave a freed block of this size full of NaN, so an output the op allocates next (the caching allocator
+    hands the block back) shows elements its kernel did not write."""
+    del_me = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    del del_me
+
+
+def _run_compressed(rng, x, w, mask, in_perm, out_perm, bias, case):
+    """vnm::compressed_linear (what compressed models and permuted layers run: the measured choice between the
+    sparse kernels and cuBLAS on a rebuilt or held dense weight) on the weight in a random layout: rows, the
+    sparse-TC packing (full or compact records) or that packing with the input permutation folded into its
+    columns; a random row_index (the output permutation in the store) or held dense weights (one or two
+    members). Returns (y, x as passed, the dense weight y comes from, the bias as passed)."""
+    from vnm_compile.kernels import compressed as C
+    from vnm_compile.kernels import sparse_tc as tc
+    from vnm_compile.masks import block_rows
+    from vnm_compile.passes.store_permutations import folded_columns
+
+    out_f, in_f = w.shape
+    p = VNMPattern.parse(case.pattern)
+    ip = in_perm if in_perm is not None else torch.arange(in_f)
+    op = out_perm if out_perm is not None else torch.arange(out_f)
+    ip, op = ip.to(w.device), op.to(w.device)
+    # the weight in the coordinates in which it obeys the pattern (stored rows op, stored columns ip)
+    local = VNMWeight.from_dense(w[op][:, ip], mask[op][:, ip], p)
+    layouts = ["rows"]
+    if tc.unsupported(p, w.dtype, in_f) is None:
+        layouts += ["tc", "tc-compact", "tc-folded"]
+    layout = rng.choice(layouts)
+    spec = C.CompressedSpec(C.LAYOUT_ROWS, block_rows(p), p.n, p.m, out_f)
+    if layout == "rows":
+        tensors = [local.values, local.columns, local.meta]
+    else:
+        packed = tc.pack_sparse_tc(local, compact=layout == "tc-compact" or rng.random() < 0.5 and layout != "tc")
+        tensors = [packed.records, packed.columns]
+        spec = spec._replace(layout=C.LAYOUT_TC if layout == "tc" else C.LAYOUT_TC_COMPACT)
+        if layout == "tc-folded":
+            tensors[1] = folded_columns(packed.columns, ip)
+            spec = spec._replace(layout=C.LAYOUT_TC_FOLDED)
+    stored = w * mask
+    # x as the op reads it: the input permutation applied, except where it is folded into the columns
+    x_in, dense = (x, stored) if layout == "tc-folded" else (x[:, ip], stored[:, ip])
+    held = None
+    if out_perm is not None and rng.random() < 0.7:  # each stored row written at its output row
+        stored_rows = tensors[0].shape[0] * (1 if layout == "rows" else 64)  # padded to whole V (TC: 64-row) blocks
+        rows = torch.full((stored_rows,), -1, dtype=torch.int32, device=w.device)
+        rows[:out_f] = op.to(torch.int32)
+        tensors.append(rows)
+        bias_in = bias
+    else:  # y in stored order
+        dense = dense[op]
+        bias_in = None if bias is None else bias[op]
+        if rng.random() < 0.4:  # the layer's own dense weights for the dense path (fused siblings: two)
+            cut = rng.randint(1, out_f - 1) if out_f > 1 and rng.random() < 0.5 else out_f
+            held = [dense[:cut], dense[cut:]] if cut < out_f else [dense]
+    case.config = (
+        f"layout={layout},row_index={len(tensors) > 2 + (layout == 'rows')},held={held is not None and len(held)}"
+    )
+    _poison_allocator((x.shape[0], out_f), x.dtype, x.device)
+    y = C.OP(x_in, tensors, list(spec), bias_in, held)
+    return y, x_in, dense, bias_in
+
+
 def _paths(device: torch.device, interpret: bool) -> list[str]:
-    paths = ["triton", "triton+expanded", "triton+interleaved"]
+    paths = ["triton", "triton+expanded", "triton+interleaved", "compressed_linear"]
     if interpret:
         return paths + ["vnm_linear"]
     from vnm_compile.kernels import sparse_tc as tc
@@ -269,12 +344,17 @@ def _one_case(i: int, rng: random.Random, path: str, device, interpret: bool) ->
     tc_path = path.startswith(("mma", "wgmma"))
     shape_cap = 96 if interpret else (4096 if rng.random() < 0.15 else 1536)
     token_cap = 40 if interpret else 8192
-    v = rng.choice([64, 128]) if tc_path else rng.choice([16, 32, 64, 128])
+    # (compressed_linear: mostly V the sparse-TC layouts hold, so that they get most of its cases)
+    v = (
+        rng.choice([64, 128])
+        if tc_path or (path == "compressed_linear" and rng.random() < 0.7)
+        else rng.choice([16, 32, 64, 128])
+    )
     m = rng.choice([4, 5, 6, 7, 8, 9, 12, 16])
     p = VNMPattern(v, 2, m)
     if path == "triton+interleaved" and p.is_nm:
         p = VNMPattern(v, 2, 5)
-    dtypes = [torch.float16, torch.bfloat16] + ([torch.float32] if path.startswith("triton") else [])
+    dtypes = [torch.float16, torch.bfloat16] + ([torch.float32] if path.startswith(("triton", "compressed")) else [])
     dtype = rng.choice(dtypes)
     out_f, in_f = _size(rng, shape_cap), _size(rng, shape_cap)
     tokens = _tokens(rng, tc_path_tokens(path, token_cap))
@@ -287,12 +367,15 @@ def _one_case(i: int, rng: random.Random, path: str, device, interpret: bool) ->
         perms = (False, perms[1])  # the dense kernel's x^T rows: kept columns of a group stay in its span
     has_bias = rng.random() < 0.5
     case = Case(i, path, str(p), out_f, in_f, tokens, str(dtype).removeprefix("torch."), has_bias, *perms)
-    cw = _weight(rng, out_f, in_f, p, dtype, device, perms)
+    cw, w, mask, in_perm, out_perm = _masked(rng, out_f, in_f, p, dtype, device, perms)
     g = torch.Generator(device="cpu").manual_seed(rng.randrange(2**31))
     x = torch.randn(tokens, in_f, generator=g).to(dtype).to(device)
     bias = torch.randn(out_f, generator=g).to(dtype).to(device) if has_bias else None
+    dense = None
     try:
-        if path.startswith("triton"):
+        if path == "compressed_linear":
+            y, x, dense, bias = _run_compressed(rng, x, w, mask, in_perm, out_perm, bias, case)
+        elif path.startswith("triton"):
             layout = path.partition("+")[2]
             y = _run_triton(rng, x, cw, bias, case, layout)
         elif path == "vnm_linear":
@@ -302,7 +385,7 @@ def _one_case(i: int, rng: random.Random, path: str, device, interpret: bool) ->
             y = _run_sparse_tc(rng, x, cw, bias, case, kind)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-        _check(y, x, cw, bias, case)
+        _check(y, x, cw.to_dense() if dense is None else dense, bias, case)
     except Exception as e:  # noqa: BLE001  (a crash is a failure of the case, recorded with its traceback)
         case.ok, case.note = False, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
     return case
@@ -375,7 +458,7 @@ def run_streams(device, seconds: float, iters: int = 200) -> dict:
                 for x, yy in zip(xs, ys, strict=True):
                     for y in yy:
                         case = Case(0, name, str(p), out_f, in_f, x.shape[0], str(dtype), True, False, True)
-                        _check(y, x, cw, bias, case)
+                        _check(y, x, cw.to_dense(), bias, case)
                         out["runs"] += 1
                         out["worst_ratio"] = max(out["worst_ratio"], case.err / case.tol if case.tol else 0.0)
                         if not case.ok:
