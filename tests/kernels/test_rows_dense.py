@@ -64,3 +64,19 @@ def test_every_element_written_on_the_gpu(pattern, dtype):
         out = torch.full((rows, cols + 3), float("nan"), dtype=dtype, device="cuda")[:, :cols]
         got = rows_to_dense(w.to("cuda"), out=out)
         assert not got.isnan().any() and torch.equal(got.cpu(), expected), f"{rows}x{cols} at {pattern}"
+
+
+@pytest.mark.parametrize("pattern, dtype", [("16:2:5", torch.float32), ("64:2:8", torch.float16)])
+def test_rows_out_places_each_stored_row_at_its_output_row(pattern, dtype):
+    """``rows_out`` (vnm::compressed_linear's row_index: the output permutation, -1 for padding rows): each
+    stored row written at its output row, every element once."""
+    for rows, cols in ((131, 203), (1, 37), (67, 1281)):
+        expected, w = _weight(rows, cols, pattern, dtype, seed=rows)
+        perm = torch.randperm(rows, generator=torch.Generator().manual_seed(cols))
+        table = torch.full((w.values.shape[0],), -1, dtype=torch.int32)
+        table[:rows] = perm.to(torch.int32)
+        out = torch.full((rows, cols), float("nan"), dtype=dtype)
+        got = rows_to_dense(w, out=out, rows_out=table)
+        want = torch.empty_like(expected)
+        want[perm] = expected
+        assert got is out and torch.equal(got, want), f"{rows}x{cols} at {pattern}"

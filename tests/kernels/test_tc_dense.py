@@ -134,3 +134,22 @@ def test_every_element_written_on_the_gpu(pattern, dtype, compact):
         got = tc_to_dense(records, columns, rows, cols, p, dtype, out=out)
         assert not got.isnan().any() and torch.equal(got.cpu(), expected), f"{rows}x{cols} at {pattern}"
         assert torch.equal(tc_to_dense(records, columns, rows, cols, p, dtype).cpu(), expected)
+
+
+@pytest.mark.parametrize("pattern", ["64:2:5", "128:2:8"])
+def test_rows_place_each_stored_row_at_its_output_row(pattern):
+    """With ``rows`` (vnm::compressed_linear's row_index: the output permutation, -1 for padding rows) each
+    stored row is written at its output row as the rebuild writes it; every element still written once."""
+    dtype = torch.float16
+    for rows, cols in SHAPES:
+        p, expected, packed = _packed(rows, cols, pattern, dtype, seed=rows)
+        perm = torch.randperm(rows, generator=torch.Generator().manual_seed(cols))
+        table = torch.full((packed.records.shape[0] * 64,), -1, dtype=torch.int32)
+        table[:rows] = perm.to(torch.int32)
+        out = _poisoned(rows, cols, dtype)
+        got = tc_to_dense(packed.records, packed.columns, rows, cols, p, dtype, out=out, rows=table)
+        want = torch.empty_like(expected)
+        want[perm] = expected
+        assert torch.equal(got, want), f"{rows}x{cols} at {pattern}"
+    with pytest.raises(ValueError, match="rows must be a 1-D int32 tensor"):
+        tc_to_dense(packed.records, packed.columns, rows, cols, p, dtype, rows=table[:3])

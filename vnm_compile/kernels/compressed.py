@@ -159,25 +159,21 @@ def unpack(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch
 
 def rebuild_dense(weight: list[Tensor], spec: list[int], in_features: int, dtype: torch.dtype) -> Tensor:
     """The dense (out_features, in_features) weight, zeros at pruned positions, in the stored coordinates
-    (with a row_index: each stored row at its output row)."""
+    (with a row_index: each stored row at its output row, placed as the rebuild writes it)."""
     layout, v, n, m, out = read_spec(weight, spec)
     rows = row_index(weight, spec)
     if layout == LAYOUT_TC_FOLDED:  # absolute columns: the Triton rebuild writes each group's own columns only
-        from .tc_dense import tc_to_dense_reference
+        from .tc_dense import _place_rows, tc_to_dense_reference
 
         dense = tc_to_dense_reference(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
-    elif layout != LAYOUT_ROWS:
+        return _place_rows(dense, rows, None)
+    if layout != LAYOUT_ROWS:
         from .tc_dense import tc_to_dense
 
-        dense = tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype)
-    else:
-        from .rows_dense import rows_to_dense
+        return tc_to_dense(weight[0], weight[1], out, in_features, _pattern(v, n, m), dtype, rows=rows)
+    from .rows_dense import rows_to_dense
 
-        dense = rows_to_dense(unpack(_stored(weight, spec), spec, in_features, dtype))
-    if rows is None:
-        return dense
-    # stored row r goes to output row rows[r] (a permutation of 0..out-1 over the first out stored rows)
-    return torch.empty_like(dense).index_copy_(0, rows[:out].long(), dense)
+    return rows_to_dense(unpack(_stored(weight, spec), spec, in_features, dtype), rows_out=rows)
 
 
 def compressed_linear_reference(x: Tensor, weight: list[Tensor], spec: list[int], bias: Tensor | None) -> Tensor:

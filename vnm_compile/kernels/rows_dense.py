@@ -13,7 +13,8 @@ of the output once, zeros included, so the temporary needs no memset.
 4. ``format.decompress`` is the reference (plain PyTorch).
 
 Only weights stored in the coordinates in which they obey the pattern (no permutation folded in: row_index
-None, each kept column inside its own M-column group, as ``VNMLinear`` stores them). A padding slot
+None, each kept column inside its own M-column group, as ``VNMLinear`` stores them); an output permutation
+(vnm::compressed_linear's row_index) is applied as the rows are written (``rows_out``). A padding slot
 (``from_dense`` points it at column 0 with a zero value) adds zero wherever it lands.
 References: the layout is ``format.VNMWeight``'s (``_pack_meta``: 2 bits per kept value, 16 / n groups a word).
 """
@@ -37,15 +38,15 @@ if HAS_TRITON:
     @triton.jit
     def _rows_to_dense_kernel(
         # pointers: kept values (rows_p, groups * N), kept columns (row blocks, groups, 4), metadata words
-        # (rows_p, words), output
-        val_ptr, col_ptr, meta_ptr, out_ptr,
+        # (rows_p, words), output, the output row of each stored row (read only with HAS_ROWS)
+        val_ptr, col_ptr, meta_ptr, out_ptr, rows_ptr,
         # sizes
         OUT, IN, GROUPS, V,
         # strides (elements)
         stride_v, stride_c0, stride_c1, stride_m, stride_o,
         # pattern (N kept per row and group, M columns per group, MP the next power of two) and tile
         N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GPW: tl.constexpr, BR: tl.constexpr,
-        GB: tl.constexpr,
+        GB: tl.constexpr, HAS_ROWS: tl.constexpr,
     ):  # fmt: skip
         r = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]  # (BR, 1) rows
         g = tl.program_id(1) * GB + tl.arange(0, GB)[None, :]  # (1, GB) groups
@@ -63,19 +64,26 @@ if HAS_TRITON:
             acc += tl.where(col == c[:, :, None], v[:, :, None], tl.zeros_like(acc))  # 2. zero elsewhere
         rr = r[:, :, None]
         ok = (rr < OUT) & (col < IN) & (j < M)
+        if HAS_ROWS:  # 3. stored row -> its output row (-1: a padding row, not written)
+            rr = tl.load(rows_ptr + rr, mask=rr < OUT, other=-1)
+            ok = ok & (rr >= 0)
         tl.store(out_ptr + rr.to(tl.int64) * stride_o + col, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def rows_to_dense(w: VNMWeight, out: Tensor | None = None) -> Tensor:
+def rows_to_dense(w: VNMWeight, out: Tensor | None = None, rows_out: Tensor | None = None) -> Tensor:
     """The dense (out_features, in_features) weight of ``w`` in its stored coordinates (``w.row_index`` None).
 
     ``out``: where to write it (every element is written; its contents do not matter), else a fresh
-    uninitialised tensor."""
+    uninitialised tensor. ``rows_out`` (int32): stored row r is written at output row ``rows_out[r]`` (as
+    ``tc_dense.tc_to_dense``'s ``rows``)."""
+    from .tc_dense import _check_rows, _place_rows
+
     if not isinstance(w, VNMWeight):
         raise TypeError(f"rows_to_dense takes a VNMWeight, got {type(w).__name__}")
     if w.row_index is not None:
         raise ValueError("rows_to_dense takes a weight in its stored coordinates (row_index None)")
     rows, cols = w.shape
+    _check_rows(rows_out, rows, w.device)
     if out is not None and (
         out.shape != (rows, cols) or out.dtype != w.dtype or out.device != w.device or out.stride(1) != 1
     ):
@@ -85,8 +93,7 @@ def rows_to_dense(w: VNMWeight, out: Tensor | None = None) -> Tensor:
         )
     on_cpu = w.device.type == "cpu" and interpret_mode() and interpreter_ready()
     if not (HAS_TRITON and (w.values.is_cuda or on_cpu)):
-        dense = decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape)
-        return dense if out is None else out.copy_(dense)
+        return _place_rows(decompress(w.values, w.columns, w.meta, None, w.pattern, w.shape), rows_out, out)
     if out is None:
         out = torch.empty(rows, cols, dtype=w.dtype, device=w.device)
     if out.numel() == 0:
@@ -96,9 +103,10 @@ def rows_to_dense(w: VNMWeight, out: Tensor | None = None) -> Tensor:
     values, columns, meta = (t if t.stride(-1) == 1 else t.contiguous() for t in (w.values, w.columns, w.meta))
     grid = (triton.cdiv(rows, BR), triton.cdiv(groups, GB))
     _rows_to_dense_kernel[grid](
-        values, columns, meta, out,
+        values, columns, meta, out, out if rows_out is None else rows_out,
         rows, cols, groups, w.block_rows,
         values.stride(0), columns.stride(0), columns.stride(1), meta.stride(0), out.stride(0),
         N=p.n, M=p.m, MP=triton.next_power_of_2(p.m), GPW=groups_per_word(p.n), BR=BR, GB=GB,
+        HAS_ROWS=rows_out is not None,
     )  # fmt: skip
     return out

@@ -39,14 +39,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _tc_to_dense_kernel(
-        # pointers: records as int32 and as 16-bit halves (the same memory), kept columns, index tables, output
-        rec_ptr, half_ptr, cols_ptr, a_off_ptr, e_word_ptr, e_shift_ptr, out_ptr,
+        # pointers: records as int32 and as 16-bit halves (the same memory), kept columns, index tables, output,
+        # the output row of each stored row (read only with HAS_ROWS)
+        rec_ptr, half_ptr, cols_ptr, a_off_ptr, e_word_ptr, e_shift_ptr, out_ptr, rows_ptr,
         # sizes (REC_W: int32 words per record)
         STEPS, OUT, IN, REC_W,
         # strides (elements) of the output rows
         stride_o,
-        # M of the pattern and the next power of two
-        M: tl.constexpr, MP: tl.constexpr,
+        # M of the pattern and the next power of two; whether stored rows go to the rows rows_ptr names
+        M: tl.constexpr, MP: tl.constexpr, HAS_ROWS: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         s = tl.program_id(1)
@@ -70,6 +71,9 @@ if HAS_TRITON:
         val += tl.where(col == c1[:, :, None], v1[:, :, None], zero)
         row = b * 64 + r[:, :, None]
         ok = (row < OUT) & (col < IN) & (j < M)
+        if HAS_ROWS:  # 3. stored row -> its output row (-1: a padding row, not written)
+            row = tl.load(rows_ptr + row, mask=row < OUT, other=-1)
+            ok = ok & (row >= 0)
         tl.store(out_ptr + row.to(tl.int64) * stride_o + col, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -104,11 +108,12 @@ def tc_to_dense_reference(records: Tensor, columns: Tensor, out_features: int, i
 
 
 def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features: int, pattern,
-                dtype: torch.dtype, out: Tensor | None = None) -> Tensor:  # fmt: skip
+                dtype: torch.dtype, out: Tensor | None = None, rows: Tensor | None = None) -> Tensor:  # fmt: skip
     """The dense (out_features, in_features) ``dtype`` weight of a packing in its stored coordinates.
 
     ``out``: where to write it (every element is written; its contents do not matter), else a fresh
-    uninitialised tensor."""
+    uninitialised tensor. ``rows`` (int32, at least out_features entries): stored row r is written at output
+    row ``rows[r]`` (-1: not written); the first out_features entries must be a permutation of the rows."""
     if records.dim() != 3 or records.shape[2] not in RECORDS or records.dtype != torch.int32:
         raise ValueError(
             f"records must be (blocks, steps, {RECORDS[0]} or {RECORDS[1]}) int32, got {tuple(records.shape)} "
@@ -134,12 +139,13 @@ def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features
             f"out must be a ({out_features}, {in_features}) {dtype} tensor on {records.device} with unit column "
             f"stride, got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}"
         )
+    _check_rows(rows, out_features, records.device)
     use_triton = HAS_TRITON and (
         records.is_cuda or (records.device.type == "cpu" and interpret_mode() and interpreter_ready())
     )
     if not use_triton:
         dense = tc_to_dense_reference(records, columns, out_features, in_features, pattern, dtype)
-        return dense if out is None else out.copy_(dense)
+        return _place_rows(dense, rows, out)
     if out is None:
         out = torch.empty(out_features, in_features, dtype=dtype, device=records.device)
     if out.numel() == 0:
@@ -155,6 +161,7 @@ def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features
         e_word,
         e_shift,
         out,
+        out if rows is None else rows,
         steps,
         out_features,
         in_features,
@@ -162,5 +169,24 @@ def tc_to_dense(records: Tensor, columns: Tensor, out_features: int, in_features
         out.stride(0),
         M=m,
         MP=triton.next_power_of_2(m),
+        HAS_ROWS=rows is not None,
     )
     return out
+
+
+def _check_rows(rows: Tensor | None, out_features: int, device: torch.device) -> None:
+    if rows is not None and (
+        rows.dim() != 1 or rows.dtype != torch.int32 or rows.numel() < out_features or rows.device != device
+    ):
+        raise ValueError(
+            f"rows must be a 1-D int32 tensor of at least {out_features} entries on {device}, got "
+            f"{tuple(rows.shape)} {rows.dtype} on {rows.device}"
+        )
+
+
+def _place_rows(dense: Tensor, rows: Tensor | None, out: Tensor | None) -> Tensor:
+    """``dense`` (stored rows) into ``out`` (or a new tensor), stored row r at row ``rows[r]`` when given."""
+    if rows is None:
+        return dense if out is None else out.copy_(dense)
+    out = torch.empty_like(dense) if out is None else out
+    return out.index_copy_(0, rows[: dense.shape[0]].long(), dense)
