@@ -29,6 +29,17 @@ def _missing(sparse_tc: bool) -> str | None:
     return None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Import every module holding Triton kernels now, under the environment the run started with: Triton
+    decides at decoration whether a kernel is interpreted, so a test that unsets TRITON_INTERPRET
+    (tests/passes) must not be the first to import one, or that module's kernels stay compiled ones, which
+    cannot run on CPU tensors, for the rest of the session."""
+    import importlib
+
+    for name in ("vnm_triton", "tc_dense", "rows_dense", "benchmark"):
+        importlib.import_module(f"vnm_compile.kernels.{name}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         marker = item.get_closest_marker("gpu")
