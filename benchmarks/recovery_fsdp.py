@@ -17,6 +17,8 @@ GPU, the loss curve and the checkpoint times.
 
     # one GPU, 8 layers (1.75 B parameters: full fine-tuning fits one H100, about 30 GB of states):
     torchrun --nproc-per-node 1 benchmarks/recovery_fsdp.py --layers 8 --steps 300
+    # the same with deterministic algorithms (is the GPU resume then bit for bit?):
+    torchrun --nproc-per-node 1 benchmarks/recovery_fsdp.py --layers 8 --steps 300 --deterministic
     # two GPUs, all 32 layers (issue 28; NVLink multicast stays off, see MULTICAST_OFF):
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         torchrun --nproc-per-node 2 benchmarks/recovery_fsdp.py --layers 32 --steps 300
@@ -213,7 +215,16 @@ def main() -> int:
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every decoder layer")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: a fresh one under /tmp)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/<gpu>[-x<world>]/...)")
+    p.add_argument(
+        "--deterministic", action="store_true",
+        help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace: whether the resumed run "
+        "is then bit for bit the uninterrupted one on a GPU (it is on the CPU without this)",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if args.tiny:
         args.seq = min(args.seq, 64)
     args.checkpoint_at = args.checkpoint_at or max(1, math.ceil(args.steps * 2 / 3))
@@ -271,6 +282,7 @@ def report(args, world, device, firsts, seconds, same_losses, same_weights) -> d
         "params": args.params, "pattern": args.pattern, "score": args.score, "method": "fixed",
         "steps": args.steps, "checkpoint_at": args.checkpoint_at, "batch_per_rank": args.batch, "seq": args.seq,
         "lr": args.lr, "grad_ckpt": args.grad_ckpt, "precision": "bf16 params/compute, fp32 reduce + AdamW state",
+        "deterministic": args.deterministic,
         "median_step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s,
         "peak_mem_gib_per_gpu": [f["peak_mem_gib"] for f in firsts],
         "peak_mem_gib_per_gpu_resumed": [s["peak_mem_gib"] for s in seconds],
@@ -306,7 +318,10 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
         f"Command: `{r['command']}`  ",
         f"Machine: {r['machine']['device']} x{r['machine']['world']}, torch {r['machine']['torch']}  ",
         f"Task: MSE to the dense model's last hidden states on {args.n_batches} fixed random token batches per rank "
-        f"({r['batch_per_rank']} x {r['seq']} tokens), AdamW lr {r['lr']:g}, {r['precision']}.",
+        f"({r['batch_per_rank']} x {r['seq']} tokens), AdamW lr {r['lr']:g}, {r['precision']}"
+        + (
+            "; deterministic algorithms (torch.use_deterministic_algorithms, warn only)." if r["deterministic"] else "."
+        ),
         "",
         "| steps | tokens/s per GPU | median step s | peak memory per GPU (GiB) | loss first -> last | save s "
         "| resume s | masks exact (every check, every rank) | resumed bit-for-bit (losses / weights) |",
