@@ -257,7 +257,7 @@ class LayerCompileReport:
             return "dense"
         if self.index_perms:
             held = ", dense on its own weight" if self.held_dense else ""
-            perms = ", permutations as index ops" if self.permuted else ""
+            perms = ", permuted" if self.permuted else ""  # (where each permutation runs: ``permutations``)
             return f"compressed (dense or sparse per call{held}){perms}"
         fused = f", fused x{len(self.fused_with)}" if self.fused_with else ""
         fused += ", expanded" if self.expanded_bytes else ""
