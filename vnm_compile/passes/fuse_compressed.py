@@ -32,7 +32,7 @@ from ..kernels.compressed import LAYOUT_ROWS, _stored, read_spec
 from ..kernels.compressed import OP as COMPRESSED_OP
 from .context import CompileContext
 from .fuse_siblings import _slices_ok
-from .graph import PREFIX, constant, finish, fresh_prefix, op_args, set_op_args
+from .graph import PREFIX, constant, finish, fresh_prefix, input_values, op_args, set_op_args
 from .lower_linears import LAYER_META
 
 __all__ = ["fuse_compressed", "COMPRESSED_TARGETS"]
@@ -129,8 +129,7 @@ def fuse_compressed(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     ctx.compressed_calls = ctx.compressed_launches = len(calls)
     if not ctx.options.fuse_siblings or len(calls) < 2:
         return False
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    values = dict(zip(placeholders, ctx.example_inputs, strict=False))
+    values = input_values(gm, ctx.example_inputs)
     inputs = _Inputs(values, gm)
     groups: dict[tuple, list[fx.Node]] = {}
     for node in graph.nodes:

@@ -25,6 +25,7 @@ __all__ = [
     "set_op_weight",
     "call_op",
     "attr_tensor",
+    "input_values",
     "constant",
     "fresh_prefix",
     "drop_unused_buffers",
@@ -112,6 +113,12 @@ def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
         return None
     value = getattr(gm, node.target, None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def input_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, Any]:
+    """Each placeholder of ``gm`` with its example input (``CompileContext.example_inputs``), in order."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, example_inputs, strict=False))
 
 
 def constant(gm: fx.GraphModule, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:

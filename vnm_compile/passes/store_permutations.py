@@ -39,7 +39,7 @@ from ..kernels.compressed import DECODE_TOKENS, LAYOUT_TC, LAYOUT_TC_COMPACT, LA
 from .context import CompileContext
 from .find_linears import _static_tokens
 from .fuse_compressed import COMPRESSED_TARGETS, _index_select, _rows, _value
-from .graph import PREFIX, constant, finish, fresh_prefix, op_args, set_op_args
+from .graph import PREFIX, constant, finish, fresh_prefix, input_values, op_args, set_op_args
 from .lower_linears import LAYER_META
 
 __all__ = ["store_out_permutations", "fold_in_permutations", "FOLD_TOKENS"]
@@ -57,11 +57,15 @@ def _tokens(x) -> int | None:
     return _static_tokens(x)
 
 
+def _sites_of(node: fx.Node, sites: dict) -> list:
+    """The LinearSites of the layers a vnm op call computes (``LAYER_META``: "name", or "a+b" once fused)."""
+    return [sites[name] for name in str(node.meta.get(LAYER_META, "")).split("+") if name in sites]
+
+
 def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     """Move each decode-only compressed call's output index op into its store. True if the graph changed."""
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    values = dict(zip(placeholders, ctx.example_inputs, strict=False))
+    values = input_values(gm, ctx.example_inputs)
     sites = {site.name: site for site in ctx.sites}
     index = fresh_prefix(gm)
     moved = 0
@@ -96,8 +100,7 @@ def store_out_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         user.replace_all_uses_with(node)
         graph.erase_node(user)
         moved += 1
-        site = sites.get(node.meta.get(LAYER_META))  # one layer per call: siblings fuse after this pass
-        if site is not None:
+        for site in _sites_of(node, sites):  # one layer per call: siblings fuse after this pass
             site.out_perm_stored = True
     if moved:
         finish(gm)
@@ -116,8 +119,7 @@ def fold_in_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
     """Fold the input index op of each compressed call of at most FOLD_TOKENS tokens into its columns. True if
     the graph changed."""
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    values = dict(zip(placeholders, ctx.example_inputs, strict=False))
+    values = input_values(gm, ctx.example_inputs)
     sites = {site.name: site for site in ctx.sites}
     index = fresh_prefix(gm)
     folded = 0
@@ -147,9 +149,8 @@ def fold_in_permutations(gm: fx.GraphModule, ctx: CompileContext) -> bool:
         if not select.users:
             graph.erase_node(select)
         folded += 1
-        for name in str(node.meta.get(LAYER_META, "")).split("+"):
-            if name in sites:
-                sites[name].in_perm_folded = True
+        for site in _sites_of(node, sites):  # every member of a fused call
+            site.in_perm_folded = True
     if folded:
         finish(gm)
     logger.debug("fold_in_permutations: %d input permutations folded into the kernels' columns", folded)
