@@ -116,3 +116,21 @@ def test_removed_scripts_that_results_quote_are_mapped():
     }
     unmapped = [f"{p} (quoted in {quoted[p]})" for p in _missing(quoted) if p not in note]
     assert not unmapped, f"docs/lean_core.md does not map: {unmapped}"
+
+
+def test_readme_options_cover_every_option_and_keep_developer_ones_apart():
+    """Every compile option and VNMConfig field is in the README's Options section; the developer options
+    (debugging and tests) are not rows of the user's table."""
+    from dataclasses import fields
+
+    from vnm_compile import VNMConfig
+    from vnm_compile.passes.context import CompileOptions
+
+    section = README.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = {m for line in section.splitlines() if line.startswith("| `") for m in re.findall(r"`(\w+)`", line)}
+    developer = {"inductor", "force_sparse"}
+    missing = [f.name for f in fields(CompileOptions) if f.name not in developer and f.name not in rows]
+    missing += [f.name for f in fields(VNMConfig) if not f.name.startswith("_") and f.name not in rows]
+    assert not missing, f"options without a row in the README's Options tables: {missing}"
+    assert not developer & {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert all(f"`{name}=" in section for name in developer), "the developer options' line"

@@ -55,7 +55,6 @@ class CompileOptions:
         min_numel: linears with fewer weights are left dense. Default: VNMConfig's (4096) for
             compile-time pruning; layers sparsify_ recorded are lowered at any size.
         strict: raise instead of leaving an eligible layer dense.
-        inductor: hand the rewritten graph to inductor (False: run the FX graph as is).
         dense_fallback: where the measured table says V:N:M beats dense only up to some token
             count T (kernels.dispatch.sparse_token_limit), lower to vnm::hybrid_linear, which runs
             dense above T tokens at run time (one graph for decode and prefill); False: decide once
@@ -83,10 +82,6 @@ class CompileOptions:
             passes/sparse_tc_weights.py) and on CUDA runs inputs of those many rows on them; a layer
             whose Triton kernels never beat dense is then lowered too, running dense at the other
             counts. False (or None): off, the Triton kernels only and no packed copy.
-        force_sparse: lower eligible layers on a device without fast V:N:M kernels too (the CPU: the
-            reference path, or the Triton kernels under TRITON_INTERPRET=1; for tests, far slower than
-            dense). Default False: there such layers run their masked weights as dense matmuls, and the
-            report says so.
         permutations: how a permuted layer (sparsify_ with permute=True) runs. "index" (default): its
             weight is held in the coordinates in which it obeys the pattern and the permutations become
             index ops on x and on the output (inductor fuses them into the ops producing x and consuming
@@ -94,6 +89,14 @@ class CompileOptions:
             vnm::compressed_linear, which picks sparse or dense per call by measurement (no dense weight
             copy). "fold": the permutations folded into the kernels' column indices and row store (the
             kept columns scattered over the whole input: slower from a few tokens up, measured).
+
+    Developer options (debugging and tests; the README lists them apart from the user's options):
+
+        inductor: hand the rewritten graph to inductor (False: run the FX graph as is).
+        force_sparse: lower eligible layers on a device without fast V:N:M kernels too (the CPU: the
+            reference path, or the Triton kernels under TRITON_INTERPRET=1; for tests, far slower than
+            dense). Default False: there such layers run their masked weights as dense matmuls, and the
+            report says so.
     """
 
     pattern: VNMPattern | str | None = None
