@@ -2,6 +2,7 @@
 against independent ones.
 
     python benchmarks/bench_joint_permutation.py minilm [--patterns 64:2:5 64:2:8] [--out FILE]
+    python benchmarks/bench_joint_permutation.py minilm --outputs [--score obs] [--out FILE]
     python benchmarks/bench_joint_permutation.py llama-mlp [--hidden 4096 --intermediate 11008] [--out FILE]
 
 Joint: the consumer's (down_proj / fc2) input permutation is searched first and used as the producers'
@@ -9,6 +10,11 @@ Joint: the consumer's (down_proj / fc2) input permutation is searched first and 
 permutations searched on their own (the input permutation still shared by layers reading one tensor).
 Attention: o_proj's input permutation, searched per head, is v_proj's output permutation ("attn kept": the
 mean over those layers).
+
+--outputs: also VNMConfig(permute_outputs=False) (input permutations only, no output permutation at
+inference; with joint permutations, only the linked ones) and no permutation at all. --score obs: the
+second-order path (score "obs", reconstruct=True, the calibration texts as data), which ignores joint
+permutations: independent, input-only and none.
 
 minilm: all-MiniLM-L6-v2 (real weights, the demo's model), RIA with calibration on the demo's docstrings;
 also the embedding cosine to the dense model on held-out docstrings. llama-mlp: one Llama MLP block of
@@ -51,24 +57,38 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _compare(model, stats, patterns, evaluate=None) -> list[str]:
-    """independent vs joint MLP chains only vs joint (MLP chains and attention v/o pairs, stats.attention);
-    attn kept: mean over the v_proj / o_proj layers of the attention pairs (v, o: each side alone)."""
+def _variants(attention, outputs: bool, score: str) -> list[tuple[str, dict, list | None]]:
+    """(label, VNMConfig fields, sparsify_'s attention argument) per row of the table."""
+    if score == "obs":  # the second-order path chooses its permutations block by block, never joint
+        rows = [("independent", {}, None), ("in-only", {"permute_outputs": False}, None)]
+        return rows + [("none", {"permute": False}, None)] if outputs else rows
+    rows = [("independent", {}, None), ("joint", {"joint_permutations": True}, None)]
+    if attention:
+        rows.insert(1, ("joint MLP", {"joint_permutations": True}, []))
+    if outputs:
+        rows += [("in-only", {"permute_outputs": False}, None),
+                 ("joint+in-only", {"joint_permutations": True, "permute_outputs": False}, None),
+                 ("none", {"permute": False}, None)]  # fmt: skip
+    return rows
+
+
+def _compare(model, stats, patterns, evaluate=None, outputs=False, score="ria", data=None) -> list[str]:
+    """independent vs joint MLP chains only vs joint (MLP chains and attention v/o pairs, stats.attention),
+    and with ``outputs`` input-only permutations and none (_variants); attn kept: mean over the v_proj /
+    o_proj layers of the attention pairs (v, o: each side alone)."""
     v_names = {link.v for link in getattr(stats, "attention", [])}
     o_names = {link.o for link in getattr(stats, "attention", [])}
     attention = v_names | o_names
-    variants = [("independent", False, None), ("joint", True, None)]
-    if attention:
-        variants.insert(1, ("joint MLP", True, []))
+    second_order = {"reconstruct": True} if score == "obs" else {}
     lines = [f"{'pattern':>8} {'permutations':>12} {'MLP kept':>9} {'attn kept':>9} {'v kept':>7} {'o kept':>7} "
              f"{'all kept':>9} {'linked':>6} {'cosine':>7} {'search s':>8}"]  # fmt: skip
     for pattern in patterns:
         base = None
-        for label, joint, links in variants:
+        for label, fields, links in _variants(attention, outputs, score):
             m = copy.deepcopy(model)
             start = time.perf_counter()
-            config = VNMConfig(pattern, score="ria", joint_permutations=joint)
-            report = sparsify_(m, config, stats, progress=False, attention=links)
+            config = VNMConfig(pattern, score=score, **second_order, **fields)
+            report = sparsify_(m, config, stats, data=data, progress=False, attention=links)
             seconds = time.perf_counter() - start
             mlp = _mean(r.importance_kept for r in _mlp_layers(report, attention))
             attn = _mean(r.importance_kept for r in _attention_layers(report, attention))
@@ -97,9 +117,11 @@ def bench_minilm(args) -> list[str]:
     def cosine(m) -> float:
         return float((embed(m, held_out) * dense).sum(-1).mean())
 
-    head = [f"all-MiniLM-L6-v2, RIA, {args.calibration} calibration docstrings; chains traced: {len(stats.chains)}, "
-            f"attention pairs proven: {len(stats.attention)}"]  # fmt: skip
-    return head + _compare(model, stats, args.patterns, cosine)
+    score = "OBS + reconstruct" if args.score == "obs" else "RIA"
+    head = [f"all-MiniLM-L6-v2, {score}, {args.calibration} calibration docstrings; chains traced: "
+            f"{len(stats.chains)}, attention pairs proven: {len(stats.attention)}"]  # fmt: skip
+    data = text_batches(tok, calib_texts) if args.score == "obs" else None
+    return head + _compare(model, stats, args.patterns, cosine, args.outputs, args.score, data)
 
 
 def bench_llama_mlp(args) -> list[str]:
@@ -114,7 +136,7 @@ def bench_llama_mlp(args) -> list[str]:
     stats = calibrate(mlp, batches, progress=False)
     head = [f"LlamaMLP {args.hidden}/{args.intermediate}, random weights, RIA on random tokens; "
             f"chains traced: {len(stats.chains)}"]  # fmt: skip
-    return head + _compare(mlp, stats, args.patterns)
+    return head + _compare(mlp, stats, args.patterns, outputs=args.outputs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name)
         p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
         p.add_argument("--out", help="also write the table (with the command and environment) to this file")
+        p.add_argument("--outputs", action="store_true", help="also input-only permutations and none")
         if name == "minilm":
             p.add_argument("--calibration", type=int, default=128)
+            p.add_argument("--score", choices=["ria", "obs"], default="ria")
         else:
             p.add_argument("--hidden", type=int, default=4096)
             p.add_argument("--intermediate", type=int, default=11008)
@@ -139,7 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         machine = (f"commit {env['commit']}, torch {env['torch']}, {env['machine']}, {env['cpus']} CPUs, "
                    f"{env['threads']} threads{load}")  # fmt: skip
         with open(args.out, "w") as f:
-            f.write(f"# joint vs independent MLP permutations\n\n    {command_line('python ')}\n\n{machine}\n\n")
+            title = (
+                "permutations: searched, joint, input-only, none"
+                if args.outputs
+                else "joint vs independent MLP permutations"
+            )
+            f.write(f"# {title}\n\n    {command_line('python ')}\n\n{machine}\n\n")
             f.write("```\n" + text + "\n```\n")
 
 
