@@ -28,7 +28,8 @@ batches and runs sparsify_(permute=True) with the real search (its seconds recor
 (options={"pattern": ..., "score": "abs"}), the earlier results' setting. --joint-permutations passes
 VNMConfig(joint_permutations=True) (gate/up's output permutation = down_proj's input one, and v_proj's
 output = o_proj's input one per head: no index op between them; not at decode with a KV cache, which
-keeps v_proj's output in original order). Timing does not depend on which weights are kept; it does on the permutations.
+keeps v_proj's output in original order). --no-output-permutations passes VNMConfig(permute_outputs=False)
+(input permutations only; with --joint-permutations the linked output ones stay). Timing does not depend on which weights are kept; it does on the permutations.
 V:N:M variants run q/k/v and gate/up as one launch each (the fuse_siblings pass); at decode
 batch 1 the "separate" variants (fuse_siblings=False) time the same kernels unfused.
 "2:4 cuSPARSELt" is PyTorch's 2:4 path: the same layers pruned 2:4 (ABS) in a copy of the model,
@@ -157,6 +158,11 @@ def _searched(mode: str, seed: int = 0):
         permutation.find_shared_permutation = real
 
 
+def _permutation_fields(args) -> dict:
+    """The VNMConfig fields --joint-permutations and --no-output-permutations set."""
+    return {"joint_permutations": args.joint_permutations, "permute_outputs": not args.no_output_permutations}
+
+
 def sparsified(args, name: str, model, pattern: str) -> tuple[object, dict]:
     """A copy of ``model`` pruned to ``pattern`` through sparsify_ as --permute says (cached per model and
     pattern), and what it took: {"sparsify_s", "search_s", "permuted", "linked"}."""
@@ -175,12 +181,12 @@ def sparsified(args, name: str, model, pattern: str) -> tuple[object, dict]:
     start = time.perf_counter()
     with torch_no_grad(), _searched(args.permute) as spent:
         if args.permute == "random":
-            config = VNMConfig(pattern, score="abs", joint_permutations=args.joint_permutations)
+            config = VNMConfig(pattern, score="abs", **_permutation_fields(args))
             groups, chains = find_input_groups(sparse, batch), find_chains(sparse, batch)
             attention = find_attention_links(sparse, batch) if args.joint_permutations else []
             report = sparsify_(sparse, config, groups=groups, chains=chains, attention=attention, progress=False)
         else:
-            config = VNMConfig(pattern, score="ria", joint_permutations=args.joint_permutations)
+            config = VNMConfig(pattern, score="ria", **_permutation_fields(args))
             stats = calibrate(sparse, [example_batch(args, name, seed=s) for s in range(4)], progress=False)
             report = sparsify_(sparse, config, stats, progress=False)
     info = {"sparsify_s": time.perf_counter() - start, "search_s": spent["search_s"],
@@ -551,6 +557,8 @@ def _permute_note(cfg: dict) -> str:
         return "V:N:M weights pruned at compile time, unpermuted. "
     how = "random permutations" if mode == "random" else "the permutation search on calibration batches"
     joint = " with joint MLP and attention permutations" if cfg.get("joint_permutations") else ""
+    if cfg.get("permute_outputs") is False:
+        joint += ", input permutations only (permute_outputs=False)"
     return f"V:N:M weights pruned by sparsify_(permute=True){joint}, {how} (--permute {mode}). "
 
 
@@ -721,6 +729,7 @@ def run_dynamic(args) -> dict:
             "variants": list(compiled),
             "permute": args.permute,
             "joint_permutations": args.joint_permutations,
+            "permute_outputs": not args.no_output_permutations,
             "sparsify": sparsify_info,
             "out": str(args.out),
         },
@@ -748,6 +757,8 @@ def _dynamic_md(result: dict) -> str:
            "calibrated": "the permutation search on calibration batches"}.get(cfg.get("permute"), "")  # fmt: skip
     if cfg.get("joint_permutations"):
         how += ", joint permutations"
+    if cfg.get("permute_outputs") is False:
+        how += ", input permutations only (no output permutation)"
     notes = "; ".join(_DYNAMIC_NOTES[n].format(how=how) for n in names if n in _DYNAMIC_NOTES)
     lines = [
         f"# One dynamic-shape graph, decode to prefill, on {result['gpu']}",
@@ -800,6 +811,7 @@ def _result(args, records: list[dict]) -> dict:
             "skip_masks": args.skip_masks,
             "permute": args.permute,
             "joint_permutations": args.joint_permutations,
+            "permute_outputs": not args.no_output_permutations,
         },
         "records": _with_speedups(records),
         "wall_s": time.perf_counter() - args.t0,
@@ -838,6 +850,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--joint-permutations", action="store_true", help="sparsify_ with VNMConfig(joint_permutations=True)"
     )
+    parser.add_argument(
+        "--no-output-permutations", action="store_true",
+        help="sparsify_ with VNMConfig(permute_outputs=False): input permutations only",
+    )  # fmt: skip
     parser.add_argument(
         "--dynamic", action="store_true", help="one dynamic-shape graph over --tokens (module docstring)"
     )

@@ -4,6 +4,7 @@ permutations, and the compiled model matches the eager one (CPU, reference op pa
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -35,3 +36,23 @@ def test_permuted_copy_records_random_permutations(monkeypatch):
     compiled = bench_e2e._compile(sparse, "64:2:8", smoke=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), sparse(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsified_random_permutations_with_and_without_output_permutations():
+    """--permute random prunes through sparsify_ with random permutations; --no-output-permutations
+    (VNMConfig(permute_outputs=False)) leaves every output permutation the identity and keeps the input ones."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    outs = {}
+    for no_out in (False, True):
+        args = SimpleNamespace(smoke=True, device="cpu", dtype=torch.float32, llama_layers=1, shapes="llama2-7b",
+                               permute="random", joint_permutations=False, no_output_permutations=no_out,
+                               sparsified={})  # fmt: skip
+        sparse, info = bench_e2e.sparsified(args, "llama", bench_e2e.build_llama(args), "64:2:8")
+        states = [get_sparsity(m) for m in sparse.modules() if isinstance(m, nn.Linear) and get_sparsity(m)]
+        assert len(states) == 7 and info["permuted"] == 7
+        assert all(s.in_perm is not None for s in states)
+        outs[no_out] = [s.out_perm for s in states]
+    assert all(p is not None for p in outs[False])
+    assert all(p is None for p in outs[True])
