@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from vnm_compile import VNMConfig, calibrate, sparsify_
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, environment_line, save_results
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results
 
 
 def _mlp_layers(report, attention=frozenset()) -> list:
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             else "joint vs independent MLP permutations"
         )
         out = Path(args.out)
-        markdown = (f"# {title}\n\n    {env['command']}\n\n{environment_line(env)}\n\n"
-                    f"```\n{text}\n```\n")  # fmt: skip
+        markdown = f"{markdown_header(title, env)}\n```\n{text}\n```\n"
         save_results(out.parent, out.with_suffix("").name, {"environment": env, "table": lines}, markdown, echo=False)
 
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vnm_compile.kernels.benchmark import environment_line, llama_linears
+from vnm_compile.kernels.benchmark import llama_linears, markdown_header
 
 _, _GATE_UP, _DOWN = (shape[:2] for shape in llama_linears())  # Llama-2-7B
 SHAPES = (_GATE_UP, _GATE_UP, _DOWN)
@@ -119,12 +119,10 @@ def child(args) -> dict:
 
 
 def _md(r: dict) -> str:
-    mb, env = 2**20, r["environment"]
+    mb = 2**20
     return (
-        f"# load_compressed peak host memory ({r['device']})\n\n"
-        f"Command: `{env['command']}`\n\n"
-        f"Machine: {environment_line(env)}; safetensors {r['versions']['safetensors']}.\n\n"
-        f"Checkpoint: {r['linears']} linears (gate/up {_GATE_UP[0]}x{_GATE_UP[1]}, down {_DOWN[0]}x{_DOWN[1]}) at "
+        markdown_header(f"load_compressed peak host memory ({r['device']})", r["environment"])
+        + f"\nCheckpoint (safetensors {r['versions']['safetensors']}): {r['linears']} linears (gate/up {_GATE_UP[0]}x{_GATE_UP[1]}, down {_DOWN[0]}x{_DOWN[1]}) at "
         f"{r['pattern']}, fp16, random permutations, {r['checkpoint_bytes'] / mb:.0f} MiB in {r['shards']} shard(s).\n\n"
         "| peak RSS growth MiB | model on host MiB | loader overhead MiB | load s | GB/s |\n|---|---|---|---|---|\n"
         f"| {r['peak_growth_bytes'] / mb:.0f} | {r['host_model_bytes'] / mb:.0f} | {r['overhead_bytes'] / mb:.0f} | "

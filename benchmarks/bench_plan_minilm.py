@@ -26,17 +26,15 @@ from pathlib import Path
 from vnm_compile import VNMConfig, calibrate, sparsify_
 from vnm_compile.calibration.plan import layer_costs, plan_patterns
 from vnm_compile.data import calibration_and_eval_texts
-from vnm_compile.kernels.benchmark import environment, environment_line, save_results
+from vnm_compile.kernels.benchmark import environment, markdown_header, save_results
 from vnm_compile.models import embed, load_minilm, text_batches
 
 
 def markdown(result: dict) -> str:
     """The table of ``result`` (main's), with the command and the environment."""
-    env = result["environment"]
     lines = [
-        "# One pattern per layer vs one for the model (MiniLM, `vnm demo` metric)", "",
-        f"Command: `{env['command']}`", "",
-        f"Machine: {environment_line(env)}. Token mix {result['token_mix']}. RIA"
+        markdown_header("One pattern per layer vs one for the model (MiniLM, `vnm demo` metric)", result["environment"]),
+        f"Token mix {result['token_mix']}. RIA"
         f"{' + permutations' if result['permute'] else ' (no permutations)'}; per-layer cost = importance lost. "
         "'expected' speed-ups are plan_patterns' time model on the speed table "
         f"`{result['table']}` (a linear.json: the nearest measured shape; a speedups.json: one speed-up per "

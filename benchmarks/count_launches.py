@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device, args.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
     import vnm_compile  # noqa: F401  (registers the backend)
     from vnm_compile.backend import last_report
-    from vnm_compile.kernels.benchmark import environment, environment_line, save_results, versions
+    from vnm_compile.kernels.benchmark import environment, markdown_header, save_results, versions
     from vnm_compile.kernels.dispatch import results_dir
 
     env = environment(args.device, args.dtype, program="python ")  # the commit when the run starts
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path("/tmp/count_launches_smoke") if args.smoke else results_dir() / env["gpu_slug"])
     result = {"gpu": "cpu (smoke)" if args.smoke else env["gpu"], "versions": versions(env), "command": env["command"],
               "environment": env, "layers": args.layers, "rows": rows}  # fmt: skip
-    lines = [f"# Kernels per decode step, {result['gpu']}", "", f"`{result['command']}`", "", environment_line(env), "",
+    lines = [markdown_header(f"Kernels per decode step, {result['gpu']}", env),
              "| pattern | variant | tokens | kernels | index kernels | ms | lowered |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['pattern']} | {r['variant']} | {r['tokens']} | {r['kernels']} | {r['index_kernels']} | "

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, environment_line, save_results
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results
 from vnm_compile.recovery import RecoveryConfig, recover_
 from vnm_compile.recovery.distributed import exit_rank
 from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, sparse_linears
@@ -309,12 +309,10 @@ def write(args, world: int, r: dict) -> None:
         slug = r["environment"].get("gpu_slug", "cpu") + (f"-x{world}" if world > 1 else "")
         out = results_dir() / slug / f"recovery_fsdp_{args.layers}l"
     mem = ", ".join(f"{m:.1f}" for m in r["peak_mem_gib_per_gpu"] if m is not None) or "n/a (CPU)"
+    title = (f"Recovery under FSDP2: {r['model']} ({r['params'] / 1e9:.2f} B parameters), {r['pattern']}, fixed masks, "
+             f"{r['machine']['world']} rank(s)")  # fmt: skip
     md = [
-        f"# Recovery under FSDP2: {r['model']} ({r['params'] / 1e9:.2f} B parameters), {r['pattern']}, fixed masks, "
-        f"{r['machine']['world']} rank(s)",
-        "",
-        f"Command: `{r['command']}`  ",
-        f"Machine: {environment_line(r['environment'])}; {r['machine']['world']} rank(s)  ",
+        markdown_header(title, r["environment"]),
         f"Task: MSE to the dense model's last hidden states on {args.n_batches} fixed random token batches per rank "
         f"({r['batch_per_rank']} x {r['seq']} tokens), AdamW lr {r['lr']:g}, {r['precision']}"
         + (

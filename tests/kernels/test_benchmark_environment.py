@@ -67,3 +67,9 @@ def test_environment_line_names_what_ran_the_versions_commit_and_date(no_cuda):
     gpu = {**env, "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.0"}
     line = benchmark.environment_line(gpu)
     assert line.startswith("NVIDIA H100 80GB HBM3; ") and "cuda 13.0" in line
+
+
+def test_markdown_header_is_the_title_command_and_environment_line(no_cuda):
+    env = benchmark.environment("cpu", program="python ")
+    head = benchmark.markdown_header("a result", env).split("\n\n")
+    assert head == ["# a result", f"Command: `{env['command']}`", f"Machine: {benchmark.environment_line(env)}\n"]

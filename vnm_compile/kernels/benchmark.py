@@ -45,6 +45,7 @@ __all__ = [
     "environment",
     "environment_line",
     "git_commit",
+    "markdown_header",
     "run_benchmark",
     "save_results",
     "versions",
@@ -324,6 +325,11 @@ def environment_line(env: dict) -> str:
         f"{ran}; {env['machine']}, {env['cpus']} CPUs, {env['threads']} threads{load}; {known}; "
         f"commit {env['commit']}, {env['date_utc']} UTC"
     )
+
+
+def markdown_header(title: str, env: dict) -> str:
+    """The top of a result's markdown, as paragraphs: ``# title``, the command, the environment_line."""
+    return f"# {title}\n\nCommand: `{env['command']}`\n\nMachine: {environment_line(env)}\n"
 
 
 def git_commit(path: str | Path | None = None) -> str:
