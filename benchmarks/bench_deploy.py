@@ -176,10 +176,8 @@ def run_memory(args) -> dict:
 
 
 def _llama70b_config(args):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                       num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
+    """LLAMA_SHAPES["llama2-70b"] with --layers decoder layers."""
+    return e2e.build_llama_config(argparse.Namespace(shapes="llama2-70b", smoke=False, llama_layers=args.layers))
 
 
 def _build_big(args, cfg, pattern: str):

@@ -5,6 +5,9 @@ against independent ones.
     python benchmarks/bench_joint_permutation.py minilm --outputs [--score obs] [--out FILE]
     python benchmarks/bench_joint_permutation.py llama-mlp [--hidden 4096 --intermediate 11008] [--out FILE]
 
+--out FILE.md: the table with the command and the environment (kernels.benchmark.save_results; the table and
+the environment also as FILE.json).
+
 Joint: the consumer's (down_proj / fc2) input permutation is searched first and used as the producers'
 (gate/up, fc1) output permutation, so no index op runs between them. Independent: every layer's
 permutations searched on their own (the input permutation still shared by layers reading one tensor).
@@ -29,11 +32,12 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
 from vnm_compile import VNMConfig, calibrate, sparsify_
-from vnm_compile.kernels.benchmark import command_line, environment
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results
 
 
 def _mlp_layers(report, attention=frozenset()) -> list:
@@ -145,31 +149,29 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("minilm", "llama-mlp"):
         p = sub.add_parser(name)
         p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
-        p.add_argument("--out", help="also write the table (with the command and environment) to this file")
+        p.add_argument("--out", help="also write the table (with the command and environment) to this .md file")
         p.add_argument("--outputs", action="store_true", help="also input-only permutations and none")
         if name == "minilm":
             p.add_argument("--calibration", type=int, default=128)
             p.add_argument("--score", choices=["ria", "obs"], default="ria")
         else:
-            p.add_argument("--hidden", type=int, default=4096)
-            p.add_argument("--intermediate", type=int, default=11008)
+            hidden, intermediate = LLAMA_SHAPES["llama2-7b"][:2]
+            p.add_argument("--hidden", type=int, default=hidden)
+            p.add_argument("--intermediate", type=int, default=intermediate)
     args = parser.parse_args(argv)
-    env = environment(torch.device("cpu"))  # the commit when the run starts: a run takes minutes
+    env = environment("cpu", program="python ")  # the commit when the run starts: a run takes minutes
     lines = bench_minilm(args) if args.what == "minilm" else bench_llama_mlp(args)
     text = "\n".join(lines)
     print(text)
     if args.out:
-        load = f", load average {env['load_average'][0]:.1f}" if "load_average" in env else ""
-        machine = (f"commit {env['commit']}, torch {env['torch']}, {env['machine']}, {env['cpus']} CPUs, "
-                   f"{env['threads']} threads{load}")  # fmt: skip
-        with open(args.out, "w") as f:
-            title = (
-                "permutations: searched, joint, input-only, none"
-                if args.outputs
-                else "joint vs independent MLP permutations"
-            )
-            f.write(f"# {title}\n\n    {command_line('python ')}\n\n{machine}\n\n")
-            f.write("```\n" + text + "\n```\n")
+        title = (
+            "permutations: searched, joint, input-only, none"
+            if args.outputs
+            else "joint vs independent MLP permutations"
+        )
+        out = Path(args.out)
+        markdown = f"{markdown_header(title, env)}\n```\n{text}\n```\n"
+        save_results(out.parent, out.with_suffix("").name, {"environment": env, "table": lines}, markdown, echo=False)
 
 
 if __name__ == "__main__":

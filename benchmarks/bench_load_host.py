@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from vnm_compile.kernels.benchmark import llama_linears
+from vnm_compile.kernels.benchmark import llama_linears, markdown_header
 
 _, _GATE_UP, _DOWN = (shape[:2] for shape in llama_linears())  # Llama-2-7B
 SHAPES = (_GATE_UP, _GATE_UP, _DOWN)
@@ -122,11 +121,9 @@ def child(args) -> dict:
 def _md(r: dict) -> str:
     mb = 2**20
     return (
-        f"# load_compressed peak host memory ({r['device']})\n\n"
-        f"Command: `{r['command']}`\n\n"
-        f"Machine: {r['machine']}; versions {r['versions']}; commit {r['commit']}; {r['date']}.\n\n"
-        f"Checkpoint: {r['linears']} linears (gate/up 11008x4096, down 4096x11008) at {r['pattern']}, fp16, "
-        f"random permutations, {r['checkpoint_bytes'] / mb:.0f} MiB in {r['shards']} shard(s).\n\n"
+        markdown_header(f"load_compressed peak host memory ({r['device']})", r["environment"])
+        + f"\nCheckpoint (safetensors {r['versions']['safetensors']}): {r['linears']} linears (gate/up {_GATE_UP[0]}x{_GATE_UP[1]}, down {_DOWN[0]}x{_DOWN[1]}) at "
+        f"{r['pattern']}, fp16, random permutations, {r['checkpoint_bytes'] / mb:.0f} MiB in {r['shards']} shard(s).\n\n"
         "| peak RSS growth MiB | model on host MiB | loader overhead MiB | load s | GB/s |\n|---|---|---|---|---|\n"
         f"| {r['peak_growth_bytes'] / mb:.0f} | {r['host_model_bytes'] / mb:.0f} | {r['overhead_bytes'] / mb:.0f} | "
         f"{r['load_s']:.2f} | {r['checkpoint_bytes'] / r['load_s'] / 1e9:.2f} |\n"
@@ -149,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         args.ckpt = args.ckpt_child
         print(json.dumps(child(args)))
         return 0
-    import torch
+    import safetensors
 
-    from vnm_compile.kernels.benchmark import command_line, save_results
+    from vnm_compile.kernels.benchmark import environment, save_results, versions
 
+    env = environment(args.device, program="python ")  # the commit when the run starts
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         args.ckpt = tmp
         size = build(args)
@@ -160,22 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", tmp, "--linears", str(args.linears), "--device", args.device]
         run = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(run.stdout.strip().splitlines()[-1])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "vnm_compile"], capture_output=True, text=True).stdout
     result.update(
         device=args.device, pattern=args.pattern, linears=args.linears, checkpoint_bytes=size, shards=shards,
-        command=command_line("python "), commit=commit + (" + uncommitted changes" if dirty.strip() else ""),
-        machine=f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPU cores"
-        + (f", {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""),
-        versions={"torch": torch.__version__, "safetensors": __import__("safetensors").__version__,
-                  "python": platform.python_version()},
-        date=time.strftime("%Y-%m-%d"),
+        versions={**versions(env), "safetensors": safetensors.__version__}, environment=env,
     )  # fmt: skip
     if args.out is None:
-        from vnm_compile.kernels.dispatch import gpu_slug, results_dir
+        from vnm_compile.kernels.dispatch import results_dir
 
-        where = "cpu" if torch.device(args.device).type == "cpu" else gpu_slug(torch.device(args.device))
-        args.out = results_dir() / where
+        args.out = results_dir() / env.get("gpu_slug", "cpu")
     save_results(args.out, f"load_host_{args.device}", result, _md(result))
     return 0
 

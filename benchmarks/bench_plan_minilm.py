@@ -11,6 +11,9 @@ measured one), so the expected speed-ups are a model, not a measurement; the cos
 
     python benchmarks/bench_plan_minilm.py --table vnm_compile/kernels/tables/nvidia-h100-80gb-hbm3.json \\
         --tokens 1:1 --out benchmarks/results/cpu/plan_minilm.md
+
+Writes the table (command and environment on top) to ``--out`` and the results (kernels.benchmark.save_results)
+beside it as a .json; prints the table.
 """
 
 from __future__ import annotations
@@ -18,21 +21,40 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-import torch
 
 from vnm_compile import VNMConfig, calibrate, sparsify_
 from vnm_compile.calibration.plan import layer_costs, plan_patterns
 from vnm_compile.data import calibration_and_eval_texts
+from vnm_compile.kernels.benchmark import environment, markdown_header, save_results
 from vnm_compile.models import embed, load_minilm, text_batches
 
 
-def main() -> None:
+def markdown(result: dict) -> str:
+    """The table of ``result`` (main's), with the command and the environment."""
+    lines = [
+        markdown_header("One pattern per layer vs one for the model (MiniLM, `vnm demo` metric)", result["environment"]),
+        f"Token mix {result['token_mix']}. RIA"
+        f"{' + permutations' if result['permute'] else ' (no permutations)'}; per-layer cost = importance lost. "
+        "'expected' speed-ups are plan_patterns' time model on the speed table "
+        f"`{result['table']}` (a linear.json: the nearest measured shape; a speedups.json: one speed-up per "
+        "pattern for every layer; not measured on MiniLM); the cosines are measured (mean embedding cosine to "
+        "the dense model on held-out docstrings). Every linear but none of the embeddings is a candidate.", "",
+        "| uniform | expected speed-up | plan's expected | cosine uniform | cosine per-layer | density uniform "
+        "| density per-layer | plan |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in result["rows"]:
+        if "plan_speedup" not in r:
+            lines.append(f"| {r['pattern']} | {r['expected_speedup']:.3f} | | | | | | {r['plan']} |")
+        else:
+            lines.append(f"| {r['pattern']} | {r['expected_speedup']:.3f} | {r['plan_speedup']:.3f} "
+                         f"| {r['cosine_uniform']:.4f} | {r['cosine_plan']:.4f} | {r['density_uniform']:.3f} "
+                         f"| {r['density_plan']:.3f} | {r['plan']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--table", required=True, help="a linear.json / shipped dispatch table, or a speedups.json")
     p.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "128:2:8", "64:2:16"])
@@ -40,8 +62,11 @@ def main() -> None:
     p.add_argument("--permute", action="store_true", help="RIA with channel permutations (slower)")
     p.add_argument("--calibration", type=int, default=256)
     p.add_argument("--eval", type=int, default=256)
-    p.add_argument("--out", default=None, help="write the markdown table here")
-    args = p.parse_args()
+    p.add_argument(
+        "--out", default=None, help="write the markdown table here (FILE.md; the results beside it, FILE.json)"
+    )
+    args = p.parse_args(argv)
+    env = environment("cpu", program="python ")  # the commit when the run starts
     mix = {int(t): float(w) for t, w in (item.split(":") for item in args.tokens)}
     speed = json.loads(Path(args.table).read_text())
     model, tokenizer = load_minilm()
@@ -68,7 +93,7 @@ def main() -> None:
         everything = sum(c[pattern] for c in costs.values()) + 1.0
         expected = plan_patterns(model, speed, only, max_cost=everything, token_mix=mix).speedup
         if expected <= 1.0:
-            rows.append((pattern, expected, None, None, None, None, None, "no expected speed-up"))
+            rows.append({"pattern": pattern, "expected_speedup": expected, "plan": "no expected speed-up"})
             continue
         plan = plan_patterns(model, speed, costs, target_speedup=expected, token_mix=mix)
         cos_u, dens_u = cosine(uniform)
@@ -78,37 +103,19 @@ def main() -> None:
             key = "dense" if r.pattern is None else str(r.pattern)
             chosen[key] = chosen.get(key, 0) + 1
         mixdesc = ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items()))
-        rows.append((pattern, expected, plan.speedup, cos_u, cos_p, dens_u, dens_p, mixdesc))
+        rows.append({"pattern": pattern, "expected_speedup": expected, "plan_speedup": plan.speedup,
+                     "cosine_uniform": cos_u, "cosine_plan": cos_p, "density_uniform": dens_u,
+                     "density_plan": dens_p, "plan": mixdesc, "layer_patterns": plan.layer_patterns})  # fmt: skip
         print(f"{pattern}: expected {expected:.3f}x; plan {plan.speedup:.3f}x; cosine {cos_u:.4f} -> {cos_p:.4f} "
               f"({mixdesc})", flush=True)  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import transformers
-
-    lines = [
-        "# One pattern per layer vs one for the model (MiniLM, `vnm demo` metric)", "",
-        f"Command: `python {' '.join(sys.argv)}`", "",
-        f"Machine: {platform.machine()}, CPU only, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, commit {commit or 'unknown'}, "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. Token mix {mix}. RIA"
-        f"{' + permutations' if args.permute else ' (no permutations)'}; per-layer cost = importance lost. "
-        "'expected' speed-ups are plan_patterns' time model on the speed table "
-        f"`{args.table}` (a linear.json: the nearest measured shape; a speedups.json: one speed-up per pattern "
-        "for every layer; not measured on MiniLM); the cosines are measured (mean embedding cosine to the "
-        "dense model on held-out docstrings). Every linear but none of the embeddings is a candidate.", "",
-        "| uniform | expected speed-up | plan's expected | cosine uniform | cosine per-layer | density uniform "
-        "| density per-layer | plan |",
-        "|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for pattern, exp, plan_s, cu, cp, du, dp, desc in rows:
-        if cu is None:
-            lines.append(f"| {pattern} | {exp:.3f} | | | | | | {desc} |")
-        else:
-            lines.append(f"| {pattern} | {exp:.3f} | {plan_s:.3f} | {cu:.4f} | {cp:.4f} | {du:.3f} | {dp:.3f} "
-                         f"| {desc} |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
+    result = {"environment": env, "table": args.table, "token_mix": mix, "permute": args.permute,
+              "calibration": len(calib_texts), "eval": len(eval_texts), "rows": rows}  # fmt: skip
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        save_results(out.parent, out.with_suffix("").name, result, markdown(result))
+    else:
+        print(markdown(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -24,28 +24,31 @@ CPU smoke run (small shapes, a 2-layer model):
     python benchmarks/bench_second_order.py --device cpu --shape 256 688 --layers 2 --hidden 128 \\
         --intermediate 344 --heads 4 --sequences 4 --seq-len 64 --batch 2
 
-Prints a table per part and writes nothing unless ``--json PATH`` is given.
+Prints the environment (kernels.benchmark.environment_line) and a table per part; writes nothing unless
+``--json PATH`` is given (save_results: PATH with its suffix made .json, the environment recorded).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import time
+from pathlib import Path
 
 import torch
 
 from vnm_compile import VNMConfig, sparsify_, vnm_mask
 from vnm_compile.calibration.importance import importance
 from vnm_compile.calibration.reconstruct import prune_second_order
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, environment_line, save_results
 
 log = logging.getLogger("bench_second_order")
 
-# Issue 26's speed targets (one GPU): the shapes they hold for and the most seconds allowed.
-LAYER_TARGET = dict(shape=(4096, 11008), seconds=2.0)
-MODEL_TARGET = dict(layers=32, hidden=4096, intermediate=11008, sequences=128, seq_len=2048, seconds=600.0)
+HIDDEN, INTERMEDIATE, HEADS, _, VOCAB = LLAMA_SHAPES["llama2-7b"]
+# Issue 26's speed targets (one GPU): the shapes they hold for (Llama-2-7B: its down_proj, the whole model)
+# and the most seconds allowed.
+LAYER_TARGET = dict(shape=(HIDDEN, INTERMEDIATE), seconds=2.0)
+MODEL_TARGET = dict(layers=32, hidden=HIDDEN, intermediate=INTERMEDIATE, sequences=128, seq_len=2048, seconds=600.0)
 
 
 def verdict(seconds: float, target: float, applies: bool, what: str) -> str:
@@ -98,7 +101,7 @@ def bench_model(args, device: torch.device) -> dict:
     built = min(args.build_layers or args.layers, args.layers)
     config = LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=built,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=32000,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=VOCAB,
         max_position_embeddings=max(4096, args.seq_len),
     )  # fmt: skip
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -142,29 +145,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--part", choices=["layer", "model", "both"], default="both")
-    parser.add_argument("--shape", type=int, nargs=2, default=[4096, 11008], metavar=("ROWS", "COLS"))
+    parser.add_argument("--shape", type=int, nargs=2, default=list(LAYER_TARGET["shape"]), metavar=("ROWS", "COLS"))
     parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8", "2:4"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--build-layers", type=int, default=None, metavar="K",
                         help="build and prune only K blocks; extrapolate the time to --layers")  # fmt: skip
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--sequences", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
     parser.add_argument("--model-pattern", default="64:2:8")
     parser.add_argument("--permute", action="store_true", help="also search channel permutations")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results to this .json file")
     args = parser.parse_args(argv)
     if args.build_layers is not None and args.build_layers < 1:
         parser.error(f"--build-layers must be >= 1, got {args.build_layers}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
-    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               threads=torch.get_num_threads(), load=os.getloadavg()[0])  # fmt: skip
-    print(f"torch {env['torch']} on {env['device']} ({env['threads']} threads, load {env['load']:.1f})\n")
+    env = environment(device, program="python ")  # the commit when the run starts
+    print(environment_line(env) + "\n")
     out: dict = {"environment": env}
     with torch.no_grad():
         if args.part in ("layer", "both"):
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.part in ("model", "both"):
             out["model"] = bench_model(args, device)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        path = Path(args.json)
+        save_results(path.parent, path.with_suffix("").name, out)
     return out
 
 

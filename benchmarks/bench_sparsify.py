@@ -12,12 +12,14 @@ means torch's default.
 permutation: ``find_permutation`` on RIA-like scores (|W| relative to its row and column sums, times a
 heavy-tailed per-input-channel activation norm ** 0.5); target (issue 3): a 4096 x 11008 layer in under
 2 minutes on a 2-core CPU, 2 rounds. The table gives the importance kept before and after, and the time.
+
+Both print the environment first (kernels.benchmark.environment_line: CPUs, threads, load, versions, commit,
+date) and write nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -25,15 +27,10 @@ import torch
 
 from vnm_compile.calibration.importance import importance
 from vnm_compile.calibration.permutation import find_permutation, kept_importance
-from vnm_compile.kernels.benchmark import llama_linears
+from vnm_compile.kernels.benchmark import environment, environment_line, llama_linears
 from vnm_compile.masks import is_vnm, vnm_mask
 
 LLAMA_MLP = [[out_f, in_f] for out_f, in_f, _ in llama_linears()[1:]]  # Llama-2-7B gate/up, down
-
-
-def _header(what: str) -> None:
-    print(f"{what}: torch {torch.__version__}, {torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()}), "
-          f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
 
 
 def time_mask(scores: torch.Tensor, pattern: str, repeats: int) -> list[float]:
@@ -48,7 +45,7 @@ def time_mask(scores: torch.Tensor, pattern: str, repeats: int) -> list[float]:
 
 def bench_mask(args: argparse.Namespace) -> None:
     default_threads = torch.get_num_threads()
-    _header(f"vnm_mask, {args.repeats} timed runs each")
+    print(f"vnm_mask, {args.repeats} timed runs each\n")
     print(f"{'shape':>13} {'pattern':>8} {'threads':>7} {'median s':>9} {'min s':>7}")
     for rows, cols in args.shape or LLAMA_MLP:
         scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(0))
@@ -72,7 +69,7 @@ def bench_permutation(args: argparse.Namespace) -> None:
     for rows, cols in args.shape or [LLAMA_MLP[1]]:
         scores = ria_like_scores(rows, cols)
         total = float(scores.sum(dtype=torch.float64))
-        _header(f"find_permutation, RIA-like {rows} x {cols}, rounds={args.rounds}")
+        print(f"find_permutation, RIA-like {rows} x {cols}, rounds={args.rounds}\n")
         print(f"{'pattern':>8} {'kept before':>12} {'kept after':>11} {'gain':>8} {'wall s':>8} {'CPU s':>8}")
         for pattern in args.patterns:
             before = kept_importance(scores, pattern) / total
@@ -101,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             p.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
+    print(environment_line(environment("cpu", program="python ")) + "\n")
     args.func(args)
 
 

@@ -16,8 +16,8 @@ a multiple of V = 128 (384 = 3 x 128); V = 256 leaves the 384-row layers with a 
 
     python benchmarks/bench_v_tradeoff.py --out benchmarks/results/cpu/v_tradeoff.json
 
-Rows are appended to the JSON as they finish (a rerun skips the rows already there); ``--md`` writes the
-table. CPU or GPU (``--device``).
+Rows are appended to the JSON as they finish (a rerun skips the rows already there); ``--md FILE.md`` writes
+the table (kernels.benchmark.save_results: the results also as FILE.json). CPU or GPU (``--device``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
 from vnm_compile.calibration.importance import importance
 from vnm_compile.data import calibration_and_eval_texts
-from vnm_compile.kernels.benchmark import command_line, environment
+from vnm_compile.kernels.benchmark import environment, save_results
 from vnm_compile.models import embed, load_minilm, text_batches
 
 METHODS = {
@@ -56,11 +56,11 @@ def _ria_kept(dense: torch.nn.Module, pruned: torch.nn.Module, stats) -> float:
 
 
 def run(args) -> dict:
-    out = Path(args.out)
+    out = Path(args.out).with_suffix(".json")
     results = json.loads(out.read_text()) if out.exists() else {"meta": {}, "rows": []}
     done = {(r["pattern"], r["method"]) for r in results["rows"]}
     device = torch.device(args.device)
-    env = {**environment(device), "command": command_line("python ")}  # the commit when the run starts
+    env = environment(device, program="python ")  # the commit when the run starts
     model, tokenizer = load_minilm(device=device)
     calib_texts, eval_texts = calibration_and_eval_texts(args.calibration, args.eval)
     calib, held_out = text_batches(tokenizer, calib_texts), text_batches(tokenizer, eval_texts)
@@ -90,8 +90,7 @@ def run(args) -> dict:
             print(f"{pattern:>9} {method:>4} cosine {cosine:.4f} kept {row['importance_kept']:.3f} "
                   f"RIA kept {row['ria_kept']:.3f} {seconds:.0f} s", flush=True)  # fmt: skip
             results["rows"].append(row)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1))
+            save_results(out.parent, out.stem, results)
     return results
 
 
@@ -136,12 +135,13 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=256, help="calibration paragraphs (the demo's default)")
     p.add_argument("--eval", type=int, default=256, help="held-out paragraphs (the demo's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results/cpu/v_tradeoff.json")
-    p.add_argument("--md", default=None, help="also write the table here (markdown)")
+    p.add_argument("--out", default="benchmarks/results/cpu/v_tradeoff.json", help="the results (.json)")
+    p.add_argument("--md", default=None, help="also write the table here (FILE.md; the results beside it, FILE.json)")
     args = p.parse_args()
     results = run(args)
     if args.md:
-        Path(args.md).write_text(markdown(results))
+        md = Path(args.md)
+        save_results(md.parent, md.with_suffix("").name, results, markdown(results), echo=False)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ launches whose name says gather/index: an unfused permutation, but also a norm o
 gather fused in, which dense runs anyway (compare the "kernels" totals for the launches permutations add;
 bench_deploy.py --profile lists the kernels by time); "ms" the median of CUDA-graph replays
 (kernels.benchmark.time_model_ms). The lowered layers' permutations column is the compile report's.
-Writes launches.json / launches.md to --out (default benchmarks/results/<gpu>/).
+Writes launches.json / launches.md (kernels.benchmark.save_results, environment() recorded) to --out (default
+benchmarks/results/<gpu>/; --smoke: /tmp/count_launches_smoke/).
 """
 
 from __future__ import annotations
@@ -123,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args.device, args.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
     import vnm_compile  # noqa: F401  (registers the backend)
     from vnm_compile.backend import last_report
-    from vnm_compile.kernels.benchmark import command_line, save_results
-    from vnm_compile.kernels.dispatch import gpu_slug, results_dir
+    from vnm_compile.kernels.benchmark import environment, markdown_header, save_results, versions
+    from vnm_compile.kernels.dispatch import results_dir
 
+    env = environment(args.device, args.dtype, program="python ")  # the commit when the run starts
     model = build(args)
     rows = []
     for pattern in args.patterns:
@@ -151,16 +153,15 @@ def main(argv: list[str] | None = None) -> int:
                              "kernels": kernels, "index_kernels": index, "ms": ms,
                              "lowered": len(report.lowered) if report else 0, "permutations": perms})  # fmt: skip
                 print(rows[-1], flush=True)
-    out = args.out or (Path("/tmp/count_launches_smoke") if args.smoke else results_dir() / gpu_slug())
-    result = {"command": command_line("python "), "torch": torch.__version__, "layers": args.layers, "rows": rows,
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"}  # fmt: skip
-    lines = [f"# Kernels per decode step, {result['gpu']}", "", f"`{result['command']}`", "",
+    out = args.out or (Path("/tmp/count_launches_smoke") if args.smoke else results_dir() / env["gpu_slug"])
+    result = {"gpu": "cpu (smoke)" if args.smoke else env["gpu"], "versions": versions(env), "command": env["command"],
+              "environment": env, "layers": args.layers, "rows": rows}  # fmt: skip
+    lines = [markdown_header(f"Kernels per decode step, {result['gpu']}", env),
              "| pattern | variant | tokens | kernels | index kernels | ms | lowered |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['pattern']} | {r['variant']} | {r['tokens']} | {r['kernels']} | {r['index_kernels']} | "
                      f"{r['ms']:.4f} | {r['lowered']} |")  # fmt: skip
-    save_results(out, "launches", result, "\n".join(lines) + "\n", echo=False)
-    print("\n".join(lines))
+    save_results(out, "launches", result, "\n".join(lines) + "\n")
     return 0
 
 

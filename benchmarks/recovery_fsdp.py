@@ -25,7 +25,8 @@ GPU, the loss curve and the checkpoint times.
     # CPU / gloo check of the whole flow with a tiny model:
     torchrun --nproc-per-node 2 benchmarks/recovery_fsdp.py --tiny --steps 12 --out /tmp/fsdp_tiny
 
-Writes benchmarks/results/<gpu>[-x<world>]/recovery_fsdp_<layers>l.{json,md,png}.
+Rank 0 records the environment (kernels.benchmark.environment) and writes (save_results, and the loss plot)
+benchmarks/results/<gpu>[-x<world>]/recovery_fsdp_<layers>l.{json,md,png}, or --out's stem .{json,md,png}.
 """
 
 from __future__ import annotations
@@ -33,13 +34,10 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results
 from vnm_compile.recovery import RecoveryConfig, recover_
 from vnm_compile.recovery.distributed import exit_rank
 from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, sparse_linears
@@ -56,8 +55,10 @@ from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, spa
 # NVLink multicast stays off on the shared GPU hosts (a program using it can take their GPUs out of
 # service); FSDP needs none of it. Set before NCCL starts, unless the environment already says.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000}
-TINY = {"hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4, "vocab_size": 1000}
+# LlamaConfig's names of LLAMA_SHAPES' fields: hidden, intermediate, attention heads, KV heads, vocab
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+LLAMA2_7B = dict(zip(SHAPE_KEYS, LLAMA_SHAPES["llama2-7b"], strict=True))
+TINY = dict(zip(SHAPE_KEYS, (128, 344, 4, 4, 1000), strict=True))
 
 
 class Stop(Exception):
@@ -81,8 +82,8 @@ def build(args, device: torch.device):
 
     t0 = time.perf_counter()
     shape = TINY if args.tiny else LLAMA2_7B
-    config = LlamaConfig(**shape, num_hidden_layers=args.layers, num_key_value_heads=shape["num_attention_heads"],
-                         max_position_embeddings=max(4096, args.seq), attn_implementation="sdpa")  # fmt: skip
+    config = LlamaConfig(**shape, num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.seq),
+                         attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)  # identical weights on every rank
     with torch.device(device):
         model = LlamaModel(config)
@@ -242,6 +243,8 @@ def main() -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    # rank 0 records the run (the commit when it starts); the other ranks write nothing
+    env = environment(device, program=f"torchrun --nproc-per-node {world} ") if rank == 0 else None
     root = Path(args.ckpt_dir or f"/tmp/vnm_recovery_fsdp_{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}")
     if rank == 0 and root.exists():
         shutil.rmtree(root)
@@ -258,16 +261,16 @@ def main() -> int:
     same_weights = [not names for names in differing]
     firsts, seconds = gather(first), gather(second)
     if rank == 0:
-        result = report(args, world, device, firsts, seconds, same_losses, all(same_weights))
+        result = report(args, env, world, firsts, seconds, same_losses, all(same_weights))
         result["resumed_weights_differing"] = sorted({n for names in differing for n in names})
-        write(args, world, device, result)
+        write(args, world, result)
         shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
-def report(args, world, device, firsts, seconds, same_losses, same_weights) -> dict:
+def report(args, env: dict, world: int, firsts, seconds, same_losses, same_weights) -> dict:
     tokens = args.batch * args.seq
     # Steady steps: no warm-up, none with a checkpoint or a mask check after it.
     steady = [
@@ -275,9 +278,7 @@ def report(args, world, device, firsts, seconds, same_losses, same_weights) -> d
     ][3:]
     step_s = statistics.median(steady) if steady else float("nan")
     return {
-        "command": f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "world": world, "torch": torch.__version__, "python": platform.python_version()},  # fmt: skip
+        "command": env["command"], "machine": {"device": env["gpu"], "world": world}, "environment": env,
         "model": ("tiny Llama" if args.tiny else "Llama-2-7B-shaped") + f", {args.layers} layers, random weights",
         "params": args.params, "pattern": args.pattern, "score": args.score, "method": "fixed",
         "steps": args.steps, "checkpoint_at": args.checkpoint_at, "batch_per_rank": args.batch, "seq": args.seq,
@@ -299,24 +300,19 @@ def report(args, world, device, firsts, seconds, same_losses, same_weights) -> d
     }  # fmt: skip
 
 
-def write(args, world: int, device: torch.device, r: dict) -> None:
+def write(args, world: int, r: dict) -> None:
     if args.out:
         out = Path(args.out)
     else:
-        from vnm_compile.kernels.dispatch import gpu_slug, results_dir
+        from vnm_compile.kernels.dispatch import results_dir
 
-        slug = gpu_slug(device) if device.type == "cuda" else "cpu"
-        slug += f"-x{world}" if world > 1 else ""
+        slug = r["environment"].get("gpu_slug", "cpu") + (f"-x{world}" if world > 1 else "")
         out = results_dir() / slug / f"recovery_fsdp_{args.layers}l"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
     mem = ", ".join(f"{m:.1f}" for m in r["peak_mem_gib_per_gpu"] if m is not None) or "n/a (CPU)"
+    title = (f"Recovery under FSDP2: {r['model']} ({r['params'] / 1e9:.2f} B parameters), {r['pattern']}, fixed masks, "
+             f"{r['machine']['world']} rank(s)")  # fmt: skip
     md = [
-        f"# Recovery under FSDP2: {r['model']} ({r['params'] / 1e9:.2f} B parameters), {r['pattern']}, fixed masks, "
-        f"{r['machine']['world']} rank(s)",
-        "",
-        f"Command: `{r['command']}`  ",
-        f"Machine: {r['machine']['device']} x{r['machine']['world']}, torch {r['machine']['torch']}  ",
+        markdown_header(title, r["environment"]),
         f"Task: MSE to the dense model's last hidden states on {args.n_batches} fixed random token batches per rank "
         f"({r['batch_per_rank']} x {r['seq']} tokens), AdamW lr {r['lr']:g}, {r['precision']}"
         + (
@@ -340,7 +336,7 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
     if r.get("resumed_weights_differing"):
         md += ["", "Parameters whose final shards differ between the two runs: "
                + ", ".join(f"`{n}`" for n in r["resumed_weights_differing"]) + "."]  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    save_results(out.parent, out.with_suffix("").name, r, "\n".join(md) + "\n")
     try:
         import matplotlib
 
@@ -361,7 +357,6 @@ def write(args, world: int, device: torch.device, r: dict) -> None:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     plt.close(fig)
-    print(out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ parts the kernels read today (each a kernel change): the records' 32 local x^T r
 "dense" GEMM, which Hopper's default wgmma path does not use), the kept columns as uint8 group-local indices
 instead of int16 absolute ones, the k-steps padded to a multiple of 1 instead of 2, and the permutations as
 int32 without the inverse output permutation kept beside them.
+
+--out FILE.md: the tables with the command and the environment on top (kernels.benchmark.save_results; the
+bytes also as FILE.json).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import torch
 
 from vnm_compile.deploy import VNMLinear
 from vnm_compile.format import compressed_nbytes
+from vnm_compile.kernels.benchmark import environment, llama_linears, markdown_header, save_results
 from vnm_compile.pattern import VNMPattern
 
+_QKVO, _GATE_UP, _DOWN = (shape[:2] for shape in llama_linears())  # (out, in); no GQA: k/v as wide as q
 # (name, out_features, in_features, input-permutation group): one Llama-2-7B decoder layer
-LAYER = [("q_proj", 4096, 4096, "qkv"), ("k_proj", 4096, 4096, "qkv"), ("v_proj", 4096, 4096, "qkv"),
-         ("o_proj", 4096, 4096, "o"), ("gate_proj", 11008, 4096, "gu"), ("up_proj", 11008, 4096, "gu"),
-         ("down_proj", 4096, 11008, "down")]  # fmt: skip
+LAYER = [("q_proj", *_QKVO, "qkv"), ("k_proj", *_QKVO, "qkv"), ("v_proj", *_QKVO, "qkv"), ("o_proj", *_QKVO, "o"),
+         ("gate_proj", *_GATE_UP, "gu"), ("up_proj", *_GATE_UP, "gu"), ("down_proj", *_DOWN, "down")]  # fmt: skip
 DENSE = sum(o * i * 2 for _, o, i, _ in LAYER)
 
 
@@ -81,12 +85,12 @@ def layer_rows(p: VNMPattern) -> list[tuple[str, int]]:
     return rows
 
 
-def table(patterns: list[str]) -> str:
+def table(rows: dict[str, list[tuple[str, int]]]) -> str:
+    """The markdown tables of ``rows`` (pattern -> layer_rows)."""
     lines = [f"Dense fp16 weights of one Llama-2-7B decoder layer (7 linears): {DENSE} bytes.", ""]
-    for name in patterns:
-        p = VNMPattern.parse(name)
-        lines += [f"### {p}", "", "| what is stored | bytes per layer | vs dense |", "|---|---|---|"]
-        lines += [f"| {what} | {b:,} | {b / DENSE:.4f}x |" for what, b in layer_rows(p)]
+    for name, pattern_rows in rows.items():
+        lines += [f"### {name}", "", "| what is stored | bytes per layer | vs dense |", "|---|---|---|"]
+        lines += [f"| {what} | {b:,} | {b / DENSE:.4f}x |" for what, b in pattern_rows]
         lines.append("")
     return "\n".join(lines)
 
@@ -96,10 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:8"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    text = table(args.patterns)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    rows = {str(p): layer_rows(p) for p in map(VNMPattern.parse, args.patterns)}
+    text = table(rows)
+    if args.out is None:
+        print(text)
+        return 0
+    env = environment("cpu", program="python ")  # the modules are built on the meta device: no GPU runs
+    title = "Bytes of a compressed Llama-2-7B decoder layer per layout (computed, not measured)"
+    markdown = f"{markdown_header(title, env)}\n{text}\n"
+    result = {"environment": env, "dense_bytes": DENSE, "layer_bytes": {k: dict(v) for k, v in rows.items()}}
+    save_results(args.out.parent, args.out.with_suffix("").name, result, markdown)
     return 0
 
 

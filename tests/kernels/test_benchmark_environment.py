@@ -52,3 +52,24 @@ def test_commit_without_git(no_cuda, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_git)
     assert benchmark.git_commit() == "unknown"
     assert benchmark.environment()["commit"] == "unknown"
+
+
+def test_environment_records_the_program_in_front_of_the_command(no_cuda):
+    assert benchmark.environment(program="python ")["command"] == benchmark.command_line("python ")
+
+
+def test_environment_line_names_what_ran_the_versions_commit_and_date(no_cuda):
+    env = benchmark.environment("cpu")
+    line = benchmark.environment_line(env)
+    assert line.startswith("CPU only; ") and f"{env['cpus']} CPUs, {env['threads']} threads" in line
+    assert f"torch {env['torch']}" in line and f"commit {env['commit']}" in line and env["date_utc"] in line
+    assert "cuda None" not in line  # a CPU build of torch has no CUDA version: left out, not printed as None
+    gpu = {**env, "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.0"}
+    line = benchmark.environment_line(gpu)
+    assert line.startswith("NVIDIA H100 80GB HBM3; ") and "cuda 13.0" in line
+
+
+def test_markdown_header_is_the_title_command_and_environment_line(no_cuda):
+    env = benchmark.environment("cpu", program="python ")
+    head = benchmark.markdown_header("a result", env).split("\n\n")
+    assert head == ["# a result", f"Command: `{env['command']}`", f"Machine: {benchmark.environment_line(env)}\n"]

@@ -43,7 +43,9 @@ __all__ = [
     "command_line",
     "custom_grid",
     "environment",
+    "environment_line",
     "git_commit",
+    "markdown_header",
     "run_benchmark",
     "save_results",
     "versions",
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 LLAMA_SHAPES = {
     "llama2-7b": (4096, 11008, 32, 32, 32000),
     "llama2-13b": (5120, 13824, 40, 40, 32000),
+    "llama2-70b": (8192, 28672, 64, 8, 32000),
     "llama3-8b": (4096, 14336, 32, 8, 128256),
 }
 
@@ -263,19 +266,20 @@ def versions(env: dict) -> dict:
     return {k: env[k] for k in VERSION_KEYS if k in env}
 
 
-def environment(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict:
+def environment(device: torch.device | str | None = None, dtype: torch.dtype | None = None, program: str = "") -> dict:
     """The header every benchmark result records: what ran it (GPU or "cpu", versions, machine, CPUs,
     threads, load average), the commit, the date and the command line.
 
     Args:
         device: the device timed; None: the current CUDA device if there is one, else the CPU.
         dtype: recorded as "dtype" when given.
+        program: what ran the script, in front of its command line (``"python "``, ``"torchrun ... "``).
 
     Returns:
         gpu (name, or "cpu"), gpu_slug (CUDA only), torch, triton, transformers (when importable), cuda,
         python, machine, cpus, threads, load_average (1, 5, 15 minutes; where the OS has one), commit
         (git_commit()), date_utc (when this is called: a script that runs long may overwrite it at its end),
-        command (command_line()), dtype (when given).
+        command (command_line(program)), dtype (when given).
     """
     import triton
 
@@ -303,10 +307,29 @@ def environment(device: torch.device | str | None = None, dtype: torch.dtype | N
     )
     if hasattr(os, "getloadavg"):  # not on Windows
         env["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    env.update(commit=git_commit(), date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), command=command_line())
+    env.update(
+        commit=git_commit(), date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), command=command_line(program)
+    )
     if dtype is not None:
         env["dtype"] = str(dtype).replace("torch.", "")
     return env
+
+
+def environment_line(env: dict) -> str:
+    """An environment() as the one line a result's markdown prints: what ran it (GPU or CPU only, machine,
+    CPUs, threads, load average), the versions (VERSION_KEYS), the commit and the date."""
+    ran = "CPU only" if env["gpu"] == "cpu" else env["gpu"]
+    load = f", load average {env['load_average'][0]:.1f}" if env.get("load_average") else ""
+    known = ", ".join(f"{k} {v}" for k, v in versions(env).items() if v is not None)  # no CUDA on a CPU build
+    return (
+        f"{ran}; {env['machine']}, {env['cpus']} CPUs, {env['threads']} threads{load}; {known}; "
+        f"commit {env['commit']}, {env['date_utc']} UTC"
+    )
+
+
+def markdown_header(title: str, env: dict) -> str:
+    """The top of a result's markdown, as paragraphs: ``# title``, the command, the environment_line."""
+    return f"# {title}\n\nCommand: `{env['command']}`\n\nMachine: {environment_line(env)}\n"
 
 
 def git_commit(path: str | Path | None = None) -> str:
