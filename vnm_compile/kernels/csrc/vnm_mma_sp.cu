@@ -223,32 +223,94 @@ __device__ __forceinline__ void start_pipeline(float (&acc)[MT][NT][4], int nste
     }
 }
 
-// The gather kernel's main loop: STAGES - 1 stages in flight, one __syncthreads per stage; `rows(baddr, s,
-// sub, as)` gives this warp's B row addresses.
+// How a stage's records arrive (the main loop's RECS): by cp.async with the stage's x^T rows (RECS_CP_ASYNC),
+// or by bulk copies completing on the stage's mbarrier (the dense kernel's BULK=1), waited for before the
+// stage's first k-step (RECS_BULK) or one k-step ahead, the fragments read during the previous k-step's
+// mma.sp (RECS_BULK_PF, PF=1).
+#define RECS_CP_ASYNC 0
+#define RECS_BULK 1
+#define RECS_BULK_PF 2
+// mbarrier helpers (sm_90; RECS_BULK*)
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+// The main loop of both mma.sp GEMMs, after start_pipeline: STAGES - 1 stages in flight, one __syncthreads per
+// stage. load_stage(st, ks) fills stage st (stage_bytes from sbase / smem) with k-steps ks * KSUB ..; this
+// warp's records sit at aofs in a stage, the stages' mbarriers (RECS_BULK*) at bars, 8 bytes each;
+// rows(baddr, s, sub, f) gives this warp's B row addresses for sub-step sub of the stage at shared address s;
+// f is that k-step's fragments where FRAGS_FIRST (the dense kernel's rows come from the record) or PF reads
+// them first, else (the gather kernel) not yet read.
+// A macro, so that each kernel keeps the code it had with a loop of its own: NVRTC's code for the loop depends
+// on whether a function holds it (the registers of the accumulators and loop counters come out otherwise, and
+// ptxas then allocates and schedules differently), and the gather kernel's loop was in one (main_loop, below),
+// the dense kernel's in the kernel itself.
+#define MMA_SP_MAIN_LOOP(RECS, FRAGS_FIRST, acc, nsteps, sbase, smem, stage_bytes, aofs, bars, load_stage, rows) \
+    {                                                                                                                 \
+        Frags cur;                                                                                                    \
+        if constexpr ((RECS) == RECS_BULK_PF) {                                                                       \
+            mbar_wait(bars, 0);                                                                                       \
+            load_frags(cur, smem + aofs);                                                                             \
+        }                                                                                                             \
+        int use = 0, fill = STAGES - 1; /* stage indices */                                                           \
+        for (int ks = 0; ks < nsteps; ++ks) {                                                                         \
+            asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));                                              \
+            __syncthreads();                                                                                          \
+            if (ks + STAGES - 1 < nsteps) load_stage(fill, ks + STAGES - 1);                                          \
+            asm volatile("cp.async.commit_group;\n");                                                                 \
+            fill = fill == STAGES - 1 ? 0 : fill + 1;                                                                 \
+            const u32 s = sbase + use * (stage_bytes);                                                                \
+            const unsigned char* sp = smem + use * (stage_bytes);                                                     \
+            if constexpr ((RECS) == RECS_BULK) mbar_wait(bars + 8 * use, (ks / STAGES) & 1);                          \
+            use = use == STAGES - 1 ? 0 : use + 1;                                                                    \
+            _Pragma("unroll") for (int sub = 0; sub < KSUB; ++sub) {                                                  \
+                const unsigned char* as = sp + aofs + sub * REC; /* this k-step's records */                          \
+                u32 baddr[NT];                                                                                        \
+                if constexpr ((RECS) == RECS_BULK_PF) {                                                               \
+                    Frags nxt; /* the next k-step's operands, read while this one's mma.sp run */                     \
+                    if (sub + 1 < KSUB) {                                                                             \
+                        load_frags(nxt, sp + aofs + (sub + 1) * REC);                                                 \
+                    } else if (ks + 1 < nsteps) {                                                                     \
+                        mbar_wait(bars + 8 * use, ((ks + 1) / STAGES) & 1);                                           \
+                        load_frags(nxt, smem + use * (stage_bytes) + aofs);                                           \
+                    }                                                                                                 \
+                    rows(baddr, s, sub, cur);                                                                         \
+                    mma_frags(acc, cur, baddr);                                                                       \
+                    cur = nxt;                                                                                        \
+                } else if constexpr (FRAGS_FIRST) {                                                                   \
+                    load_frags(cur, as);                                                                              \
+                    rows(baddr, s, sub, cur);                                                                         \
+                    mma_frags(acc, cur, baddr);                                                                       \
+                } else {                                                                                              \
+                    rows(baddr, s, sub, cur);                                                                         \
+                    mma_step(acc, as, baddr);                                                                         \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+        asm volatile("cp.async.wait_group 0;\n");                                                                     \
+        __syncthreads(); /* every bulk copy issued was waited for: the epilogue may reuse the pipeline's memory */    \
+    }
+
+// The gather kernel's pipeline: start_pipeline, then the main loop (in this function, as it always was).
 template <class Load, class Rows>
 __device__ __forceinline__ void main_loop(float (&acc)[MT][NT][4], int nsteps, u32 sbase, unsigned char* smem,
                                           int stage_bytes, u32 aofs, Load load_stage, Rows rows) {
     start_pipeline(acc, nsteps, load_stage);
-    int use = 0, fill = STAGES - 1;  // stage indices
-    for (int ks = 0; ks < nsteps; ++ks) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-        __syncthreads();
-        if (ks + STAGES - 1 < nsteps) load_stage(fill, ks + STAGES - 1);
-        asm volatile("cp.async.commit_group;\n");
-        fill = fill == STAGES - 1 ? 0 : fill + 1;
-        const u32 s = sbase + use * stage_bytes;
-        const unsigned char* sp = smem + use * stage_bytes;
-        use = use == STAGES - 1 ? 0 : use + 1;
-#pragma unroll
-        for (int sub = 0; sub < KSUB; ++sub) {
-            const unsigned char* as = sp + aofs + sub * REC;
-            u32 baddr[NT];
-            rows(baddr, s, sub, as);
-            mma_step(acc, as, baddr);
-        }
-    }
-    asm volatile("cp.async.wait_group 0;\n");
-    __syncthreads();
+    MMA_SP_MAIN_LOOP(RECS_CP_ASYNC, false, acc, nsteps, sbase, smem, stage_bytes, aofs, 0, load_stage, rows)
 }
 
 #if !defined(DECODE) && !defined(WGMMA)  // the mma.sp GEMMs (tiles need NT >= 2 WN ...); not with DECODE=1 or WGMMA=1
@@ -318,7 +380,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
     u32 bofs[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) bofs[nt] = wr * XB + lane * (TN * 2) + (((wn * NT + nt) ^ (lane & SWZ)) << 4);
-    auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, const unsigned char*) {
+    auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, const Frags&) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) baddr[nt] = s + bofs[nt] + sub * (32 * TN * 2);
     };
@@ -351,24 +413,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_gemm(
 #define DSTAGE_BYTES (DXB + WR * AB)
 #define EPI_BYTES (NTHREADS / 32 * 8 * NT * 144)
 #define BAR_OFFSET (STAGES * DSTAGE_BYTES > EPI_BYTES ? STAGES * DSTAGE_BYTES : EPI_BYTES)  // the mbarriers
-
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     const u16* __restrict__ xt, int ldx, int T, const u32x4* __restrict__ rec, int nb, int nkc,
@@ -433,8 +477,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
 #endif
     };
     // ldmatrix: lane -> kept column l, at row sub * KR + f.row of the stage's x^T rows
-    auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, int row) {
-        const int r = sub * KR + row;
+    auto rows = [&](u32 (&baddr)[NT], u32 s, int sub, const Frags& f) {
+        const int r = sub * KR + f.row;
         const u32 rb = s + r * (TN * 2);
         const int sw = r & SWZ;
 #pragma unroll
@@ -444,48 +488,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) vnm_mma_sp_dense(
     float acc[MT][NT][4];
     start_pipeline(acc, nsteps, load_stage);
     const u32 aofs = DXB + wr * AB;  // this warp's records in a stage
-#if BULK && PF
-    Frags cur;
-    mbar_wait(bars, 0);
-    load_frags(cur, smem + aofs);
-#endif
-    int use = 0, fill = STAGES - 1;  // stage indices
-    for (int ks = 0; ks < nsteps; ++ks) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-        __syncthreads();
-        if (ks + STAGES - 1 < nsteps) load_stage(fill, ks + STAGES - 1);
-        asm volatile("cp.async.commit_group;\n");
-        fill = fill == STAGES - 1 ? 0 : fill + 1;
-        const u32 s = sbase + use * DSTAGE_BYTES;
-        const unsigned char* sp = smem + use * DSTAGE_BYTES;
-#if BULK && !PF
-        mbar_wait(bars + 8 * use, (ks / STAGES) & 1);
-#endif
-        use = use == STAGES - 1 ? 0 : use + 1;
-#pragma unroll
-        for (int sub = 0; sub < KSUB; ++sub) {
-#if BULK && PF
-            Frags nxt;  // the next k-step's operands, read while this one's mma.sp run
-            if (sub + 1 < KSUB) {
-                load_frags(nxt, sp + aofs + (sub + 1) * REC);
-            } else if (ks + 1 < nsteps) {
-                mbar_wait(bars + 8 * use, ((ks + 1) / STAGES) & 1);
-                load_frags(nxt, smem + use * DSTAGE_BYTES + aofs);
-            }
+#if BULK
+    MMA_SP_MAIN_LOOP(PF ? RECS_BULK_PF : RECS_BULK, true, acc, nsteps, sbase, smem, DSTAGE_BYTES, aofs, bars,
+                     load_stage, rows)
 #else
-            Frags cur;
-            load_frags(cur, sp + aofs + sub * REC);
+    MMA_SP_MAIN_LOOP(RECS_CP_ASYNC, true, acc, nsteps, sbase, smem, DSTAGE_BYTES, aofs, 0, load_stage, rows)
 #endif
-            u32 baddr[NT];
-            rows(baddr, s, sub, cur.row);
-            mma_frags(acc, cur, baddr);
-#if BULK && PF
-            cur = nxt;
-#endif
-        }
-    }
-    asm volatile("cp.async.wait_group 0;\n");
-    __syncthreads();  // every bulk copy issued was waited for: the epilogue may reuse the pipeline's memory
 
     const int blk = blk0 + wr;
     if (blk >= nb) return;
