@@ -42,9 +42,10 @@ class VNMConfig:
         permute_outputs: with ``permute``, also search each linear's output permutation. False: input
             permutations only (and the output permutations ``joint_permutations`` links to a consumer's input),
             so no output permutation runs at inference: no index op after the layer and no scattered store.
-            Most of the search's gain is the input permutation's: on MiniLM (RIA) the importance kept is
-            0.6429 instead of 0.6456 at 64:2:5 and 0.4370 instead of 0.4411 at 64:2:8 (no permutation:
-            0.6300 / 0.4255), and the search is 2-2.5x faster (benchmarks/results/cpu/output_permutations_minilm.md).
+            The input permutation carries most of the search's gain, but not all: on MiniLM, one-shot OBS +
+            reconstruct, the embedding cosine is 0.7212 instead of 0.7261 at 64:2:5 and 0.5219 instead of
+            0.5422 at 64:2:8 (no permutation: 0.7022 / 0.5150); the RIA search ran 2-2.6x faster
+            (benchmarks/results/cpu/output_permutations_minilm.md).
         ignore: module names (exact, dotted suffix or glob) left dense.
         min_numel: linears with fewer weights than this are left dense.
         overwrite: re-prune linears that are already sparsified (from their current, masked weights);
