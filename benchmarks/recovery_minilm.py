@@ -22,7 +22,7 @@ than the dense teacher's: distilling towards the teacher from its own dense weig
 has nothing to learn (loss 0, so B stays 0) and its first stage-2 mask is the one-shot RIA mask again.
 
 ``--augment`` trains on variations of the training batches made on the fly (``AugmentedBatches``: tokens
-replaced by other training tokens, crops, windows of other paragraphs joined on), each labelled anew by the
+replaced by other training tokens, crops, windows of other paragraphs mixed in), each labelled anew by the
 teacher (no teacher cache); ``--eval-train N`` also reports the cosine on N training paragraphs, beside the
 held-out one (how much of the gain is fitting the training text). ``--steps`` replaces the time budget by a
 step count (equal-step comparisons); ``--n-train`` trains on a sample of the paragraphs (more epochs per step).
@@ -77,8 +77,8 @@ SPECS = {
 AUGMENTS = {
     "tokens": AugmentConfig(replace=0.15),
     "crop": AugmentConfig(replace=0.0, crop=0.5),
-    "concat": AugmentConfig(replace=0.0, concat=0.5),
-    "mixed": AugmentConfig(replace=0.1, crop=0.3, concat=0.3),
+    "mix": AugmentConfig(replace=0.0, mix=0.5),
+    "mixed": AugmentConfig(replace=0.1, crop=0.3, mix=0.3),
 }
 # Extra training text for --train-text wide: standard-library modules outside vnm_compile.data's
 # evaluation modules (paragraphs also in the evaluation set are dropped).
@@ -161,7 +161,7 @@ def stdlib_texts(exclude: tuple[str, ...]) -> list[str]:
 
 
 def augment_config(spec: str) -> AugmentConfig | None:
-    """The AugmentConfig of an --augment value: none, a preset, or fields ``replace=0.1,crop=0.3,concat=0.3``."""
+    """The AugmentConfig of an --augment value: none, a preset, or fields ``replace=0.1,crop=0.3,mix=0.3``."""
     if spec == "none":
         return None
     if spec in AUGMENTS:
@@ -364,7 +364,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--augment", default="none", metavar="SPEC",
                    help=f"edit the training batches on the fly (AugmentedBatches): none, one of {sorted(AUGMENTS)}, "
-                   "or AugmentConfig fields, e.g. replace=0.1,crop=0.3,concat=0.3")  # fmt: skip
+                   "or AugmentConfig fields, e.g. replace=0.1,crop=0.3,mix=0.3")  # fmt: skip
     p.add_argument("--train-embeddings", action="store_true", help="also train the (dense) embedding tables")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/<gpu|cpu>/recovery_minilm)")
     p.add_argument("--replot", metavar="JSON", help="only re-render the markdown and plot beside a results JSON")
@@ -406,8 +406,7 @@ def main() -> int:
     calib = to_device(length_bucketed_batches(tok, calib_texts, 32, args.max_length), device)
     n_batches = len(train)
     if augment is not None:
-        ids = dict(special_ids=tok.all_special_ids, pad_id=tok.pad_token_id, max_length=args.max_length)
-        train = AugmentedBatches(train, augment, **ids)
+        train = AugmentedBatches(train, augment, special_ids=tok.all_special_ids, pad_id=tok.pad_token_id)
     ref = embed(dense, held_out)
     sample_texts = random.Random(1).sample(train_texts, min(args.eval_train, len(train_texts)))
     sample = to_device(length_bucketed_batches(tok, sample_texts, 64, args.max_length), device) if sample_texts else []
@@ -474,8 +473,8 @@ def write(result: dict, out: Path) -> None:
 def augment_text(a: dict) -> str:
     edits = [f"{a['replace']:.0%} of the tokens replaced"] if a["replace"] else []
     edits += [f"{a['crop']:.0%} of the rows cropped"] if a["crop"] else []
-    edits += [f"{a['concat']:.0%} joined to another paragraph's window"] if a["concat"] else []
-    return ", ".join(edits) + (f"; windows >= {a['min_crop']:.0%}" if a["crop"] or a["concat"] else "")
+    edits += [f"{a['mix']:.0%} mixed with another paragraph's window"] if a["mix"] else []
+    return ", ".join(edits) + (f"; windows >= {a['min_crop']:.0%}" if a["crop"] or a["mix"] else "")
 
 
 def markdown(r: dict) -> str:

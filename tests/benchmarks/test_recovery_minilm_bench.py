@@ -33,8 +33,8 @@ def test_method_specs():
 def test_augment_specs():
     assert rm.augment_config("none") is None
     assert rm.augment_config("tokens") == rm.AugmentConfig(replace=0.15)
-    assert rm.augment_config("crop=0.3,concat=0.2") == rm.AugmentConfig(replace=0.0, crop=0.3, concat=0.2)
-    for bad in ("tokns", "crop=0.3,conca=0.2", "crop=", "crop=x", ""):
+    assert rm.augment_config("crop=0.3,mix=0.2") == rm.AugmentConfig(replace=0.0, crop=0.3, mix=0.2)
+    for bad in ("tokns", "crop=0.3,mx=0.2", "crop=", "crop=x", ""):
         with pytest.raises(SystemExit, match="none, one of"):
             rm.augment_config(bad)
     with pytest.raises(SystemExit, match="replace must be in"):
@@ -89,7 +89,7 @@ def test_results_render_train_cosine_and_augmentation():
               "model": "all-MiniLM-L6-v2", "train_text": "stdlib", "train_texts": 7600, "train_batches": 475,
               "eval_texts": 512, "eval_train_texts": 512, "batch_size": 16, "max_length": 64, "distill": "all",
               "seconds_per_method": 50, "steps_per_method": 20,
-              "augment": {"replace": 0.1, "crop": 0.3, "concat": 0.0, "min_crop": 0.5},
+              "augment": {"replace": 0.1, "crop": 0.3, "mix": 0.0, "min_crop": 0.5},
               "experiments": [{"pattern": "64:2:5", "prune": "obs",
                                "one_shot": {"cosine": 0.55, "nn_agreement": 0.5, "train_cosine": 0.6},
                                "runs": [run]}]}  # fmt: skip

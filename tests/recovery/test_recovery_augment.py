@@ -1,6 +1,7 @@
 """AugmentedBatches: special tokens, padding and masks kept, edits as configured, seeded, resumable in recover_."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -44,29 +45,36 @@ def contiguous_in(part: list[int], whole: list[int]) -> bool:
     return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
 
 
-def joined(new: list[int], old: list[int], rows: list[list[int]]) -> bool:
-    """``new`` is ``old`` with a window of one of ``rows`` after it, or before it (``old`` then cut short)."""
+def mixed_from(new: list[int], old: list[int], rows: list[list[int]], least: int) -> bool:
+    """``new`` is a window of ``old`` (at least ``least`` long) with a window of one of ``rows`` before or
+    after it, and no longer than ``old``."""
 
-    def window(part: list[int]) -> bool:
-        return bool(part) and any(contiguous_in(part, r) for r in rows)
+    def window(part: list[int], of: list[list[int]]) -> bool:
+        return not part or any(contiguous_in(part, r) for r in of)
 
-    after = new[: len(old)] == old and window(new[len(old) :])
-    return after or any(window(new[:k]) and new[k:] == old[: len(new) - k] for k in range(1, len(new)))
+    splits = ((new[:k], new[k:]) for k in range(len(new) + 1))
+    return len(new) <= len(old) and any(
+        (len(a) >= least and window(a, [old]) and window(b, rows))
+        or (len(b) >= least and window(b, [old]) and window(a, rows))
+        for a, b in splits
+    )
 
 
-ALL = AugmentConfig(replace=0.15, crop=0.5, concat=0.5)
+ALL = AugmentConfig(replace=0.15, crop=0.5, mix=0.5)
 
 
-@pytest.mark.parametrize("config", [AugmentConfig(), AugmentConfig(0.0, crop=1.0), AugmentConfig(0.0, concat=1.0), ALL])
+@pytest.mark.parametrize("config", [AugmentConfig(), AugmentConfig(0.0, crop=1.0), AugmentConfig(0.0, mix=1.0), ALL])
 def test_batches_keep_their_frame_and_vocabulary(config):
     src = [batch([5, 30, 17, 1], seed=0), batch([40, 40, 12], seed=1)]
     vocab = set(torch.cat([b["input_ids"].flatten() for b in src]).tolist())
-    stream = AugmentedBatches(src, config, special_ids=SPECIAL, pad_id=PAD, max_length=50)
+    stream = AugmentedBatches(src, config, special_ids=SPECIAL, pad_id=PAD)
     for b in itertools.islice(stream, 20):
         assert set(b) == {"input_ids", "attention_mask", "token_type_ids"}
         assert b["input_ids"].shape == b["attention_mask"].shape == b["token_type_ids"].shape
         assert b["input_ids"].dtype == torch.long and b["input_ids"].shape[0] in (3, 4)
-        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) <= 50  # as wide as the longest row
+        # As wide as its longest row, which is no longer than the plain batch's.
+        width = b["input_ids"].shape[1]
+        assert width == int(b["attention_mask"].sum(1).max()) <= (32 if b["input_ids"].shape[0] == 4 else 42)
         assert set(b["input_ids"].flatten().tolist()) <= vocab and not b["token_type_ids"].any()
         content(b["input_ids"], b["attention_mask"])
 
@@ -84,21 +92,26 @@ def test_replace_changes_only_content_at_the_given_rate():
     assert 800 < changed < 1100
 
 
-def test_crop_and_concat_take_contiguous_windows():
-    src = batch([30, 20, 25])
-    rows = content(src["input_ids"], src["attention_mask"])
-    crop = AugmentedBatches([src], AugmentConfig(0.0, crop=1.0, min_crop=0.5), special_ids=SPECIAL, pad_id=PAD)
+def test_crop_and_mix_take_contiguous_windows():
+    src = [batch([30, 20, 25]), batch([9, 14], seed=1)]
+    rows = content(src[0]["input_ids"], src[0]["attention_mask"])
+    every = rows + content(src[1]["input_ids"], src[1]["attention_mask"])
+    crop = AugmentedBatches([src[0]], AugmentConfig(0.0, crop=1.0, min_crop=0.5), special_ids=SPECIAL, pad_id=PAD)
+    shorter = 0
     for b in itertools.islice(crop, 10):
         for new, old in zip(content(b["input_ids"], b["attention_mask"]), rows, strict=True):
-            assert len(new) >= round(0.5 * len(old)) and contiguous_in(new, old)
-    cat = AugmentedBatches([src], AugmentConfig(0.0, concat=1.0), special_ids=SPECIAL, pad_id=PAD, max_length=40)
-    longer = 0
-    for b in itertools.islice(cat, 10):
+            assert math.ceil(0.5 * len(old)) <= len(new) <= len(old) and contiguous_in(new, old)
+            shorter += len(new) < len(old)
+    assert shorter > 20
+    mix = AugmentedBatches(src, AugmentConfig(0.0, mix=1.0, min_crop=0.5), special_ids=SPECIAL, pad_id=PAD)
+    foreign = 0
+    for b in itertools.islice(mix, 20):
+        if b["input_ids"].shape[0] != 3:
+            continue
         for new, old in zip(content(b["input_ids"], b["attention_mask"]), rows, strict=True):
-            assert len(new) <= 38  # max_length 40 minus [CLS], [SEP]
-            assert joined(new, old, rows)
-            longer += len(new) > len(old)
-    assert longer == 30  # every row got a window of some paragraph
+            assert mixed_from(new, old, every, least=math.ceil(0.5 * len(old)))
+            foreign += not contiguous_in(new, old)
+    assert foreign > 15  # most rows hold tokens of another paragraph
 
 
 def test_seeded_and_different_from_the_input():
@@ -133,6 +146,10 @@ def test_rejects_bad_input():
         AugmentedBatches([], AugmentConfig(), special_ids=SPECIAL, pad_id=PAD)
     with pytest.raises(ValueError, match="input_ids"):
         AugmentedBatches([{"input_ids": torch.ones(2, 3, dtype=torch.long)}], AugmentConfig(), special_ids=(), pad_id=0)
+    left = batch([2, 4])
+    left["input_ids"][0], left["attention_mask"][0] = left["input_ids"][0].roll(2), left["attention_mask"][0].roll(2)
+    with pytest.raises(ValueError, match="right-padded"):
+        AugmentedBatches([left], AugmentConfig(), special_ids=SPECIAL, pad_id=PAD)
     two_segments = batch([4, 4])
     two_segments["token_type_ids"][:, 3:] = 1
     with pytest.raises(ValueError, match="single-segment"):
@@ -176,3 +193,14 @@ def test_recover_resumes_an_augmented_stream_exactly(tmp_path):
     resumed = recover_(student(), stream, checkpoint_dir=tmp_path / "b", **kw)
     assert resumed.resumed_from == 4
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_rows_without_special_tokens():  # a GPT-2 style batch: every attended token is content
+    ids = torch.tensor([[1001, 1002, 1003, 1004, 1005, 1006], [1007, 1008, 1009, PAD, PAD, PAD]])
+    plain = {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+    stream = AugmentedBatches([plain], AugmentConfig(0.0, crop=1.0, min_crop=0.5), special_ids=(PAD,), pad_id=PAD)
+    rows = [[1001, 1002, 1003, 1004, 1005, 1006], [1007, 1008, 1009]]
+    for b in itertools.islice(stream, 5):
+        for r, m, old in zip(b["input_ids"], b["attention_mask"], rows, strict=True):
+            new = r[m.bool()].tolist()
+            assert math.ceil(0.5 * len(old)) <= len(new) and contiguous_in(new, old)
