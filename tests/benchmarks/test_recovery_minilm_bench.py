@@ -30,6 +30,17 @@ def test_method_specs():
         rm.method_spec("fixd", args)
 
 
+def test_augment_specs():
+    assert rm.augment_config("none") is None
+    assert rm.augment_config("tokens") == rm.AugmentConfig(replace=0.15)
+    assert rm.augment_config("crop=0.3,mix=0.2") == rm.AugmentConfig(replace=0.0, crop=0.3, mix=0.2)
+    for bad in ("tokns", "crop=0.3,mx=0.2", "crop=", "crop=x", ""):
+        with pytest.raises(SystemExit, match="none, one of"):
+            rm.augment_config(bad)
+    with pytest.raises(SystemExit, match="replace must be in"):
+        rm.augment_config("replace=2")
+
+
 def test_step_times_skip_warmup():
     clock = rm.TrainClock("cpu")
     times = iter([0.0, 5.0, 6.0, 7.0, 8.5, 10.0])  # two slow warm-up steps, then 1.0, 1.5, 1.5
@@ -67,6 +78,27 @@ def test_results_render(tmp_path):
     assert "| 64:2:5 | ria | three_stage@0.1,0.1,0.8 [0.1, 0.1, 0.8] | 20 | 0.002 | 0.8100 |" in md
     assert "20/2s: 0.800" in md
     assert stem.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_results_render_train_cosine_and_augmentation():
+    curve = [{"step": 20, "cosine": 0.8, "nn_agreement": 0.7, "train_cosine": 0.85, "train_s": 2.0}]
+    run = {"method": "fixed", "recover_method": "fixed", "lr": 1e-3, "steps": 20, "stage_fractions": None,
+           "probe_ms_per_step": None, "train_seconds": 2.1, "cosine": 0.81, "nn_agreement": 0.7, "train_cosine": 0.86,
+           "merged_weights_vnm": True, "curve": curve, "final_loss": 0.01}  # fmt: skip
+    result = {"command": "python x", "machine": {"cpu": "x86_64", "threads": 2, "torch": "2.13", "device": "cpu"},
+              "model": "all-MiniLM-L6-v2", "train_text": "stdlib", "train_texts": 7600, "train_batches": 475,
+              "eval_texts": 512, "eval_train_texts": 512, "batch_size": 16, "max_length": 64, "distill": "all",
+              "seconds_per_method": 50, "steps_per_method": 20,
+              "augment": {"replace": 0.1, "crop": 0.3, "mix": 0.0, "min_crop": 0.5},
+              "experiments": [{"pattern": "64:2:5", "prune": "obs",
+                               "one_shot": {"cosine": 0.55, "nn_agreement": 0.5, "train_cosine": 0.6},
+                               "runs": [run]}]}  # fmt: skip
+    md = rm.markdown(result)
+    assert "at equal training steps (20 steps per method)" in md
+    assert "10% of the tokens replaced, 30% of the rows cropped; windows >= 50%" in md
+    assert "| 64:2:5 | obs | one-shot | 0 | | 0.5500 | 0.5000 | 0.6000 | | |" in md
+    assert "| 64:2:5 | obs | fixed | 20 | 0.001 | 0.8100 | 0.7000 | 0.8600 | 2 | True |" in md
+    assert "20/2s: 0.800 (0.850)" in md
 
 
 def test_stdlib_texts_leave_out_the_excluded_modules():

@@ -3,10 +3,12 @@
 ``recover_(model, data, method="fixed" | "srste" | "three_stage", teacher=dense)``
 is the one-call entry point; the building blocks (``fix_masks_``, ``srste_``,
 ``lora_``, ``update_masks_``, ``merge_``, ``ThreeStageSchedule``) serve custom
-training loops. ``recover_`` also trains models sharded with FSDP2 (``fully_shard``) with fixed masks
-(``distributed.py``: shard-wise masks, ``torch.distributed.checkpoint`` checkpoints).
+training loops; ``AugmentedBatches`` feeds distillation new variations of its training text.
+``recover_`` also trains models sharded with FSDP2 (``fully_shard``) with fixed masks (``distributed.py``:
+shard-wise masks, ``torch.distributed.checkpoint`` checkpoints).
 """
 
+from .augment import AugmentConfig, AugmentedBatches
 from .data import length_bucketed_batches
 from .distributed import SHARDED_METHODS
 from .lora import LoRAHandle, LoRAWeight, lora_, lora_weight
@@ -57,4 +59,6 @@ __all__ = [
     "DistillLoss",
     "masked_mse",
     "length_bucketed_batches",
+    "AugmentConfig",
+    "AugmentedBatches",
 ]
