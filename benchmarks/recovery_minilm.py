@@ -45,7 +45,6 @@ import importlib.util
 import inspect
 import json
 import math
-import platform
 import random
 import sys
 import time
@@ -56,6 +55,7 @@ import torch
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, is_vnm, sparsify_
 from vnm_compile.data import EVALUATION_MODULES, calibration_and_eval_texts, docstring_texts
+from vnm_compile.kernels.benchmark import environment, environment_line, save_results
 from vnm_compile.models import embed, load_minilm, minilm_path
 from vnm_compile.recovery import (
     AugmentConfig,
@@ -387,6 +387,7 @@ def main() -> int:
         print("second-order pruning (VNMConfig(score='obs', reconstruct=True)) is not available: skipping --prune obs")
         args.prune = [h for h in args.prune if h != "obs"] or ["ria"]
 
+    env = environment(device, program="python ")  # the commit when the run starts: a run takes minutes
     # 1. Model, data (on the model's device: the embedding indexes with them), dense reference, statistics.
     t_setup = time.perf_counter()
     dense, tok = load_minilm(device=device, model_dir=args.model_dir)
@@ -422,19 +423,18 @@ def main() -> int:
         return out
 
     # 2. Per pattern and starting point: one-shot pruning, then every method for the same time budget.
-    slug = "cpu"
-    if device == "cuda":
-        from vnm_compile.kernels.dispatch import gpu_slug
-
-        slug = gpu_slug(torch.device("cuda"))
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / slug / "recovery_minilm"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / env.get("gpu_slug", "cpu") / "recovery_minilm"
+    )
     experiments: list[dict] = []
     result = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                    "python": platform.python_version()},  # fmt: skip
+        "command": env["command"],
+        # what markdown() and plot() print; the whole header is "environment" (results before it have "machine" only)
+        "machine": {"cpu": env["machine"], "threads": env["threads"], "torch": env["torch"], "device": env["gpu"],
+                    "python": env["python"]},  # fmt: skip
+        "environment": env,
         "model": "all-MiniLM-L6-v2", "model_dir": str(minilm_path(args.model_dir)), "permute": permute,
         "train_text": args.train_text, "train_texts": len(train_texts), "train_batches": n_batches,
         "eval_texts": len(eval_texts), "eval_train_texts": len(sample_texts), "batch_size": args.batch_size,
@@ -465,8 +465,7 @@ def main() -> int:
 
 def write(result: dict, out: Path) -> None:
     """JSON, markdown table and plot of what has run so far."""
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    save_results(out.parent, out.with_suffix("").name, result, markdown(result), echo=False)
     plot(result, out.with_suffix(".png"))
 
 
@@ -485,8 +484,12 @@ def markdown(r: dict) -> str:
         f"({budget} per method)",
         "",
         f"Command: `{r['command']}`  ",
-        f"Machine: {r['machine']['device']} ({r['machine']['cpu']}, {r['machine']['threads']} torch threads), "
-        f"torch {r['machine']['torch']}  ",
+        (
+            f"Machine: {environment_line(r['environment'])}  "
+            if "environment" in r
+            else f"Machine: {r['machine']['device']} ({r['machine']['cpu']}, {r['machine']['threads']} torch threads), "
+            f"torch {r['machine']['torch']}  "
+        ),  # fmt: skip
         f"Training: {r['train_texts']} docstring paragraphs ({r['train_text']}) in {r['train_batches']} "
         f"length-bucketed batches of <= {r['batch_size']} (max_length {r['max_length']}), distillation MSE to "
         f"the dense model's {'hidden states of every layer' if r['distill'] == 'all' else 'token embeddings'}"

@@ -99,6 +99,13 @@ def test_results_render_train_cosine_and_augmentation():
     assert "| 64:2:5 | obs | one-shot | 0 | | 0.5500 | 0.5000 | 0.6000 | | |" in md
     assert "| 64:2:5 | obs | fixed | 20 | 0.001 | 0.8100 | 0.7000 | 0.8600 | 2 | True |" in md
     assert "20/2s: 0.800 (0.850)" in md
+    assert "Machine: cpu (x86_64, 2 torch threads)" in md  # a result from before "environment"
+    # a result with the harness's environment prints its line (versions, commit, date)
+    from vnm_compile.kernels.benchmark import environment, environment_line
+
+    env = environment("cpu")
+    md = rm.markdown({**result, "command": env["command"], "environment": env})
+    assert f"Machine: {environment_line(env)}" in md and env["commit"] in md
 
 
 def test_stdlib_texts_leave_out_the_excluded_modules():
