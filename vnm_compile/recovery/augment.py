@@ -104,10 +104,11 @@ class AugmentedBatches:
         self.token_types = "token_type_ids" in batches[0]
         # 1. Every row of every batch in one padded table, with its frame; batch i is rows[i].
         width = max(b["input_ids"].shape[1] for b in batches)
-        pad = [torch.nn.functional.pad(b["input_ids"].cpu(), (0, width - b["input_ids"].shape[1])) for b in batches]
-        self.table = torch.cat(pad)
-        attention = torch.cat([torch.nn.functional.pad(b["attention_mask"].cpu(), (0, width - b["input_ids"].shape[1]))
-                               for b in batches])  # fmt: skip
+
+        def table(key: str) -> Tensor:  # every batch's ``key`` on the CPU, right-padded with 0 to ``width``
+            return torch.cat([torch.nn.functional.pad(b[key].cpu(), (0, width - b[key].shape[1])) for b in batches])
+
+        self.table, attention = table("input_ids"), table("attention_mask")
         self.head, self.length, self.tail = _frame(self.table, attention, torch.tensor(sorted(set(special_ids))))
         self.content = self.length - self.head - self.tail
         sizes = [b["input_ids"].shape[0] for b in batches]
@@ -148,7 +149,7 @@ class AugmentedBatches:
         k = torch.where(mixed, _randint(least(n), n, g), n)
         partner = self.partners[torch.randint(len(self.partners), (n_rows,), generator=g)]
         m = torch.where(mixed, (n - k).minimum(self.content[partner]), 0)
-        own_start = self.head[rows] + _randint(torch.zeros_like(k), content - k, g)
+        own_start = head + _randint(torch.zeros_like(k), content - k, g)
         partner_start = self.head[partner] + _randint(torch.zeros_like(m), self.content[partner] - m, g)
         own_first = ~mixed | (torch.rand(n_rows, generator=g) < 0.5)
         # 3. Gather: head | first window | second window | tail | padding, as (row, column) of the table.
