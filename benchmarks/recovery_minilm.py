@@ -55,7 +55,7 @@ import torch
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, is_vnm, sparsify_
 from vnm_compile.data import EVALUATION_MODULES, calibration_and_eval_texts, docstring_texts
-from vnm_compile.kernels.benchmark import environment, environment_line, save_results
+from vnm_compile.kernels.benchmark import environment, environment_line, save_results_at
 from vnm_compile.models import embed, load_minilm, minilm_path
 from vnm_compile.recovery import (
     AugmentConfig,
@@ -431,10 +431,7 @@ def main() -> int:
     experiments: list[dict] = []
     result = {
         "command": env["command"],
-        # what markdown() and plot() print; the whole header is "environment" (results before it have "machine" only)
-        "machine": {"cpu": env["machine"], "threads": env["threads"], "torch": env["torch"], "device": env["gpu"],
-                    "python": env["python"]},  # fmt: skip
-        "environment": env,
+        "environment": env,  # (results before it have a "machine" dict instead: _device, markdown)
         "model": "all-MiniLM-L6-v2", "model_dir": str(minilm_path(args.model_dir)), "permute": permute,
         "train_text": args.train_text, "train_texts": len(train_texts), "train_batches": n_batches,
         "eval_texts": len(eval_texts), "eval_train_texts": len(sample_texts), "batch_size": args.batch_size,
@@ -465,8 +462,13 @@ def main() -> int:
 
 def write(result: dict, out: Path) -> None:
     """JSON, markdown table and plot of what has run so far."""
-    save_results(out.parent, out.with_suffix("").name, result, markdown(result), echo=False)
+    save_results_at(out, result, markdown(result), echo=False)
     plot(result, out.with_suffix(".png"))
+
+
+def _device(r: dict) -> str:
+    """What a result ran on: its environment's GPU (or "cpu"), or, in results from before it, machine.device."""
+    return r["environment"]["gpu"] if "environment" in r else r["machine"]["device"]
 
 
 def augment_text(a: dict) -> str:
@@ -561,7 +563,7 @@ def plot(r: dict, path: Path) -> None:
             ax.set_ylim(max(0.0, math.floor(min(values) * 20) / 20), min(1.0, max(values) + 0.02))
         ax_step.legend(loc="lower right")
     budget = f"{r['steps_per_method']} steps" if r.get("steps_per_method") else f"{r['seconds_per_method']:g} s"
-    fig.suptitle(f"all-MiniLM-L6-v2 recovery on {r['machine']['device']}, {budget} per method")
+    fig.suptitle(f"all-MiniLM-L6-v2 recovery on {_device(r)}, {budget} per method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
