@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from vnm_compile import VNMConfig, calibrate, sparsify_
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results_at
 
 
 def _mlp_layers(report, attention=frozenset()) -> list:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         out = Path(args.out)
         markdown = f"{markdown_header(title, env)}\n```\n{text}\n```\n"
-        save_results(out.parent, out.with_suffix("").name, {"environment": env, "table": lines}, markdown, echo=False)
+        save_results_at(out, {"environment": env, "table": lines}, markdown, echo=False)
 
 
 if __name__ == "__main__":

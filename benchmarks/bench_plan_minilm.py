@@ -26,7 +26,7 @@ from pathlib import Path
 from vnm_compile import VNMConfig, calibrate, sparsify_
 from vnm_compile.calibration.plan import layer_costs, plan_patterns
 from vnm_compile.data import calibration_and_eval_texts
-from vnm_compile.kernels.benchmark import environment, markdown_header, save_results
+from vnm_compile.kernels.benchmark import environment, markdown_header, save_results_at
 from vnm_compile.models import embed, load_minilm, text_batches
 
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
               "calibration": len(calib_texts), "eval": len(eval_texts), "rows": rows}  # fmt: skip
     if args.out:
         out = Path(args.out)
-        save_results(out.parent, out.with_suffix("").name, result, markdown(result))
+        save_results_at(out, result, markdown(result))
     else:
         print(markdown(result))
     return result

@@ -40,7 +40,7 @@ import torch
 from vnm_compile import VNMConfig, sparsify_, vnm_mask
 from vnm_compile.calibration.importance import importance
 from vnm_compile.calibration.reconstruct import prune_second_order
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, environment_line, save_results
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, environment_line, save_results_at
 
 log = logging.getLogger("bench_second_order")
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["model"] = bench_model(args, device)
     if args.json:
         path = Path(args.json)
-        save_results(path.parent, path.with_suffix("").name, out)
+        save_results_at(path, out)
     return out
 
 

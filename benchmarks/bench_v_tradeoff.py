@@ -33,7 +33,7 @@ import torch
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
 from vnm_compile.calibration.importance import importance
 from vnm_compile.data import calibration_and_eval_texts
-from vnm_compile.kernels.benchmark import environment, save_results
+from vnm_compile.kernels.benchmark import environment, save_results_at
 from vnm_compile.models import embed, load_minilm, text_batches
 
 METHODS = {
@@ -90,7 +90,7 @@ def run(args) -> dict:
             print(f"{pattern:>9} {method:>4} cosine {cosine:.4f} kept {row['importance_kept']:.3f} "
                   f"RIA kept {row['ria_kept']:.3f} {seconds:.0f} s", flush=True)  # fmt: skip
             results["rows"].append(row)
-            save_results(out.parent, out.stem, results)
+            save_results_at(out, results)
     return results
 
 
@@ -141,7 +141,7 @@ def main() -> None:
     results = run(args)
     if args.md:
         md = Path(args.md)
-        save_results(md.parent, md.with_suffix("").name, results, markdown(results), echo=False)
+        save_results_at(md, results, markdown(results), echo=False)
 
 
 if __name__ == "__main__":

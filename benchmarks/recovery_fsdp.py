@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vnm_compile import VNMConfig, calibrate, get_sparsity, sparsify_
-from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results
+from vnm_compile.kernels.benchmark import LLAMA_SHAPES, environment, markdown_header, save_results_at
 from vnm_compile.recovery import RecoveryConfig, recover_
 from vnm_compile.recovery.distributed import exit_rank
 from vnm_compile.recovery.masking import dense_weight, mask_like, set_mask_, sparse_linears
@@ -336,7 +336,7 @@ def write(args, world: int, r: dict) -> None:
     if r.get("resumed_weights_differing"):
         md += ["", "Parameters whose final shards differ between the two runs: "
                + ", ".join(f"`{n}`" for n in r["resumed_weights_differing"]) + "."]  # fmt: skip
-    save_results(out.parent, out.with_suffix("").name, r, "\n".join(md) + "\n")
+    save_results_at(out, r, "\n".join(md) + "\n")
     try:
         import matplotlib
 

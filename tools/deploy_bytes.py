@@ -24,7 +24,7 @@ import torch
 
 from vnm_compile.deploy import VNMLinear
 from vnm_compile.format import compressed_nbytes
-from vnm_compile.kernels.benchmark import environment, llama_linears, markdown_header, save_results
+from vnm_compile.kernels.benchmark import environment, llama_linears, markdown_header, save_results_at
 from vnm_compile.pattern import VNMPattern
 
 _QKVO, _GATE_UP, _DOWN = (shape[:2] for shape in llama_linears())  # (out, in); no GQA: k/v as wide as q
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     title = "Bytes of a compressed Llama-2-7B decoder layer per layout (computed, not measured)"
     markdown = f"{markdown_header(title, env)}\n{text}\n"
     result = {"environment": env, "dense_bytes": DENSE, "layer_bytes": {k: dict(v) for k, v in rows.items()}}
-    save_results(args.out.parent, args.out.with_suffix("").name, result, markdown)
+    save_results_at(args.out, result, markdown)
     return 0
 
 

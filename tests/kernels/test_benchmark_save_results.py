@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from vnm_compile.kernels.benchmark import save_results
+from vnm_compile.kernels.benchmark import save_results, save_results_at
 
 RESULT = {"meta": {"gpu": "cpu", "load_average": [0.5, 0.25, 0.0]}, "records": [{"tokens": 16, "us": 12.5}]}
 
@@ -40,3 +40,10 @@ def test_an_existing_file_is_replaced_and_a_value_json_cannot_hold_is_written_as
     save_results(tmp_path, "bench", {"old": 1})
     save_results(tmp_path, "bench", {"dtype": torch.float16})
     assert json.loads((tmp_path / "bench.json").read_text()) == {"dtype": "torch.float16"}
+
+
+def test_save_results_at_names_the_files_by_the_path(tmp_path):
+    paths = save_results_at(tmp_path / "sub" / "table.md", {"a": 1}, "# t\n", echo=False)
+    assert paths == [tmp_path / "sub" / "table.json", tmp_path / "sub" / "table.md"]
+    assert json.loads(paths[0].read_text()) == {"a": 1} and paths[1].read_text() == "# t\n"
+    assert save_results_at(tmp_path / "r", [1]) == [tmp_path / "r.json"]

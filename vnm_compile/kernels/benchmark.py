@@ -48,6 +48,7 @@ __all__ = [
     "markdown_header",
     "run_benchmark",
     "save_results",
+    "save_results_at",
     "versions",
     "write_results",
 ]
@@ -388,6 +389,15 @@ def save_results(
         if echo:
             print(markdown)
     return paths
+
+
+def save_results_at(
+    path: str | Path, result: dict | list, markdown: str | None = None, echo: bool = True
+) -> list[Path]:
+    """save_results for a result named by a file path (a script's ``--out FILE.md`` or ``--json FILE.json``):
+    ``path``'s folder and its name without the suffix, so FILE.json (and FILE.md) are written."""
+    path = Path(path)
+    return save_results(path.parent, path.stem, result, markdown, echo)
 
 
 def _random_vnm(weight: torch.Tensor, pattern: VNMPattern) -> tuple[VNMWeight, torch.Tensor]:
