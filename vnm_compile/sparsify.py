@@ -44,7 +44,7 @@ class VNMConfig:
             so no output permutation runs at inference: no index op after the layer and no scattered store.
             The input permutation carries most of the search's gain, but not all: on MiniLM, one-shot OBS +
             reconstruct, the embedding cosine is 0.7212 instead of 0.7261 at 64:2:5 and 0.5219 instead of
-            0.5422 at 64:2:8 (no permutation: 0.7022 / 0.5150); the RIA search ran 2-2.6x faster
+            0.5422 at 64:2:8 (no permutation: 0.7022 / 0.5150)
             (benchmarks/results/cpu/output_permutations_minilm.md).
         ignore: module names (exact, dotted suffix or glob) left dense.
         min_numel: linears with fewer weights than this are left dense.
